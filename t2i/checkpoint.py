@@ -1,0 +1,145 @@
+"""Checkpoints in safetensors: model (+ null caption), EMA, optimizer, scheduler, RNG, data position.
+
+Layout of `<run>/checkpoints/step-0000100/`:
+  transformer/config.json   the PixArtTransformer2DModel config
+  model.safetensors         trained weights (transformer.* and null_caption)
+  ema.safetensors           EMA weights, same keys
+  optimizer.safetensors     AdamW state tensors; param groups in the metadata
+  rng.safetensors           torch CPU (and CUDA) generator states
+  trainer_state.json        step, data position, scheduler state, config
+A checkpoint is written into a temp directory and renamed into place, then `latest` is updated,
+so a crash never leaves a half-written checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shards.errors import UserError
+
+LATEST = "latest"
+
+
+def _contig(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{pid}.{k}"] = v.contiguous().cpu()
+            else:
+                scalars[f"state.{pid}.{k}"] = v
+    meta = {"param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars)}
+    return tensors, meta
+
+
+def optimizer_from_tensors(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in list(tensors.items()) + list(json.loads(meta["scalars"]).items()):
+        _, pid, name = k.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    return {"state": state, "param_groups": json.loads(meta["param_groups"])}
+
+
+def save_checkpoint(run_dir: Path, step: int, wrapper, ema_state: dict[str, torch.Tensor], optimizer, trainer_state: dict[str, Any], keep: int = 3) -> Path:
+    ckdir = Path(run_dir) / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / f"step-{step:07d}"
+    tmp = ckdir / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    wrapper.transformer.save_config(tmp / "transformer")
+    save_file(_contig(wrapper.state_dict()), tmp / "model.safetensors")
+    save_file(_contig(ema_state), tmp / "ema.safetensors")
+    ot, meta = optimizer_to_tensors(optimizer)
+    save_file(ot, tmp / "optimizer.safetensors", metadata=meta)
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    save_file(rng, tmp / "rng.safetensors")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = ckdir / f".{LATEST}.tmp"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, ckdir / LATEST)
+    old = sorted(p for p in ckdir.iterdir() if p.name.startswith("step-"))
+    for p in old[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint directory itself, or the latest one of a run directory, or None."""
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        return path
+    ptr = path / "checkpoints" / LATEST
+    if ptr.exists():
+        ck = path / "checkpoints" / ptr.read_text().strip()
+        if (ck / "model.safetensors").exists():
+            return ck
+    return None
+
+
+def require_checkpoint(path: str | Path) -> Path:
+    ck = latest_checkpoint(path)
+    if ck is None:
+        raise UserError(f"no checkpoint at {path}: pass a run directory of `t2i-data train` or one of its checkpoints/step-* directories")
+    return ck
+
+
+def load_matching(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str, allow_missing: tuple[str, ...] = ()) -> None:
+    """load_state_dict that names every missing, unexpected or wrongly shaped key in a UserError."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd and not k.startswith(allow_missing)]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatch: " + "; ".join(shapes[:6]) + (" ..." if len(shapes) > 6 else ""))
+        if missing:
+            parts.append("missing: " + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
+        if unexpected:
+            parts.append("unexpected: " + ", ".join(unexpected[:6]) + (" ..." if len(unexpected) > 6 else ""))
+        raise UserError(f"{what} does not fit this model ({'; '.join(parts)}): use the same preset, caption channels and settings it was trained with")
+    module.load_state_dict(sd, strict=False)
+
+
+def load_weights(ck: Path, which: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(str(Path(ck) / f"{which}.safetensors"))
+
+
+def load_transformer(ck: Path, which: str = "ema", **config_overrides):
+    """(PixArtTransformer2DModel, null_caption) from a checkpoint; `which` is "ema" or "model"."""
+    from diffusers import PixArtTransformer2DModel
+
+    ck = require_checkpoint(ck)
+    cfg = PixArtTransformer2DModel.load_config(ck / "transformer")
+    cfg.update(config_overrides)
+    model = PixArtTransformer2DModel.from_config(cfg)
+    sd = load_weights(ck, which)
+    inner = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
+    # a stage moving to 1024 px gains size/aspect embedders that the checkpoint lacks
+    new = ("adaln_single.emb.resolution_embedder", "adaln_single.emb.aspect_ratio_embedder") if config_overrides else ()
+    load_matching(model, inner, f"checkpoint {ck}", allow_missing=new)
+    return model.eval(), sd["null_caption"]

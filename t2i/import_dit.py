@@ -1,0 +1,270 @@
+"""Re-parameterise a class-conditional DiT into PixArt-alpha (the paper's initialisation).
+
+Sources: the facebookresearch/DiT `.pt` layout (a raw state dict, or a training checkpoint with
+"ema"/"model") and diffusers' `DiTTransformer2DModel` (a directory or a loaded model).
+
+What happens:
+- shared weights are copied: patch embedding, self-attention (qkv split into q/k/v), MLP,
+  timestep embedder, final projection;
+- the class embedder is dropped; cross-attention output projections are zero, so the new
+  cross-attention adds nothing at first;
+- adaLN-single: the global MLP f is initialised from block 0's adaLN MLP, and every block's
+  table is E(i) = adaLN_i(t_emb(500)) - f(t_emb_pixart(500)), the final layer's table likewise;
+  so at t = 500 (and only there) the PixArt model computes the DiT's function without a class
+  term. The table absorbs differences in timestep features (diffusers' DiT uses
+  downscale_freq_shift=1, PixArt 0) and per-block timestep embedders (diffusers' DiT has one
+  per block; the official DiT shares one).
+The official PixArt code for this was never released; this is our implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from shards.errors import UserError
+from t2i.models import PRESETS, LATENT_CHANNELS
+
+REPARAM_T = 500
+
+
+def official_timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10000) -> torch.Tensor:
+    """facebookresearch/DiT's sinusoidal timestep features: [cos, sin], frequency shift 0."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+@dataclass
+class DiTSource:
+    """A DiT reduced to what the import needs: weights in diffusers PixArt names, and the
+    modulation each block (and the final layer) produces at a timestep without the class term."""
+
+    hidden: int
+    depth: int
+    patch: int
+    in_channels: int
+    out_channels: int
+    latent_size: int
+    weights: dict[str, torch.Tensor]  # PixArt key -> tensor
+    global_linear: tuple[torch.Tensor, torch.Tensor]  # block 0's adaLN linear, seeds f
+    block_modulation: Callable[[int, torch.Tensor], torch.Tensor]  # (i, t) -> (B, 6h)
+    final_modulation: Callable[[torch.Tensor], torch.Tensor]  # t -> (B, 2h)
+    pos_embed: torch.Tensor | None = None
+    dropped: list[str] = field(default_factory=list)
+
+
+def _mlp(x, w0, b0, w2, b2):
+    return F.linear(F.silu(F.linear(x, w0, b0)), w2, b2)
+
+
+def _block_weights(i: int, qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b) -> dict[str, torch.Tensor]:
+    q, k, v = qkv_w.chunk(3, dim=0)
+    qb, kb, vb = qkv_b.chunk(3, dim=0)
+    pre = f"transformer_blocks.{i}."
+    return {
+        pre + "attn1.to_q.weight": q, pre + "attn1.to_q.bias": qb,
+        pre + "attn1.to_k.weight": k, pre + "attn1.to_k.bias": kb,
+        pre + "attn1.to_v.weight": v, pre + "attn1.to_v.bias": vb,
+        pre + "attn1.to_out.0.weight": proj_w, pre + "attn1.to_out.0.bias": proj_b,
+        pre + "ff.net.0.proj.weight": fc1_w, pre + "ff.net.0.proj.bias": fc1_b,
+        pre + "ff.net.2.weight": fc2_w, pre + "ff.net.2.bias": fc2_b,
+    }
+
+
+def source_from_official(sd: dict[str, torch.Tensor]) -> DiTSource:
+    """Read the facebookresearch/DiT state-dict layout."""
+    for wrapper in ("ema", "model", "state_dict"):
+        if wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+            break
+    sd = {k.removeprefix("module."): v.float() for k, v in sd.items()}
+    required = ["x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight", "blocks.0.attn.qkv.weight"]
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise UserError(f"not a facebookresearch/DiT checkpoint (missing {', '.join(missing)}): pass a DiT .pt or a diffusers DiTTransformer2DModel directory")
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    xw = sd["x_embedder.proj.weight"]
+    hidden, in_ch, patch = xw.shape[0], xw.shape[1], xw.shape[2]
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+    pos = sd.get("pos_embed")
+    latent_size = int(round(math.sqrt(pos.shape[1]))) * patch if pos is not None else 32
+    t_w = [sd[f"t_embedder.mlp.{j}.{n}"] for j in (0, 2) for n in ("weight", "bias")]
+
+    def t_emb(t):
+        return _mlp(official_timestep_embedding(t), *t_w)
+
+    weights = {
+        "pos_embed.proj.weight": xw, "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
+        "adaln_single.emb.timestep_embedder.linear_1.weight": t_w[0],
+        "adaln_single.emb.timestep_embedder.linear_1.bias": t_w[1],
+        "adaln_single.emb.timestep_embedder.linear_2.weight": t_w[2],
+        "adaln_single.emb.timestep_embedder.linear_2.bias": t_w[3],
+        "proj_out.weight": sd["final_layer.linear.weight"], "proj_out.bias": sd["final_layer.linear.bias"],
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        weights.update(_block_weights(i, *(sd[b + n] for n in (
+            "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+            "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"))))
+
+    def block_mod(i, t):
+        return F.linear(F.silu(t_emb(t)), sd[f"blocks.{i}.adaLN_modulation.1.weight"], sd[f"blocks.{i}.adaLN_modulation.1.bias"])
+
+    def final_mod(t):
+        return F.linear(F.silu(t_emb(t)), sd["final_layer.adaLN_modulation.1.weight"], sd["final_layer.adaLN_modulation.1.bias"])
+
+    return DiTSource(
+        hidden, depth, patch, in_ch, out_ch, latent_size, weights,
+        (sd["blocks.0.adaLN_modulation.1.weight"], sd["blocks.0.adaLN_modulation.1.bias"]),
+        block_mod, final_mod, pos_embed=pos,
+        dropped=[k for k in sd if k.startswith("y_embedder.")],
+    )
+
+
+def source_from_diffusers(dit) -> DiTSource:
+    """Read a diffusers `DiTTransformer2DModel` (each block carries its own timestep embedder)."""
+    cfg = dit.config
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    blocks = dit.transformer_blocks
+    sd = {k: v.detach().float() for k, v in dit.state_dict().items()}
+    emb0 = blocks[0].norm1.emb.timestep_embedder
+    weights = {
+        "pos_embed.proj.weight": sd["pos_embed.proj.weight"], "pos_embed.proj.bias": sd["pos_embed.proj.bias"],
+        "adaln_single.emb.timestep_embedder.linear_1.weight": emb0.linear_1.weight.detach().float(),
+        "adaln_single.emb.timestep_embedder.linear_1.bias": emb0.linear_1.bias.detach().float(),
+        "adaln_single.emb.timestep_embedder.linear_2.weight": emb0.linear_2.weight.detach().float(),
+        "adaln_single.emb.timestep_embedder.linear_2.bias": emb0.linear_2.bias.detach().float(),
+        "proj_out.weight": sd["proj_out_2.weight"], "proj_out.bias": sd["proj_out_2.bias"],
+    }
+    for i in range(len(blocks)):
+        b = f"transformer_blocks.{i}."
+        qkv_w = torch.cat([sd[b + f"attn1.to_{n}.weight"] for n in "qkv"])
+        qkv_b = torch.cat([sd[b + f"attn1.to_{n}.bias"] for n in "qkv"])
+        weights.update(_block_weights(i, qkv_w, qkv_b, *(sd[b + n] for n in (
+            "attn1.to_out.0.weight", "attn1.to_out.0.bias", "ff.net.0.proj.weight", "ff.net.0.proj.bias",
+            "ff.net.2.weight", "ff.net.2.bias"))))
+
+    @torch.no_grad()
+    def cond(i, t):
+        emb = blocks[i].norm1.emb  # CombinedTimestepLabelEmbeddings; the class term is left out
+        return emb.timestep_embedder(emb.time_proj(t).float())
+
+    @torch.no_grad()
+    def block_mod(i, t):
+        return blocks[i].norm1.linear(F.silu(cond(i, t))).float()
+
+    @torch.no_grad()
+    def final_mod(t):
+        return dit.proj_out_1(F.silu(cond(0, t))).float()
+
+    lin0 = blocks[0].norm1.linear
+    return DiTSource(
+        hidden, len(blocks), cfg.patch_size, cfg.in_channels, dit.out_channels, cfg.sample_size, weights,
+        (lin0.weight.detach().float(), lin0.bias.detach().float()), block_mod, final_mod,
+        dropped=[k for k in sd if "class_embedder" in k],
+    )
+
+
+def load_dit_source(src) -> DiTSource:
+    """A DiTSource from a `.pt`/`.pth`/`.safetensors` official checkpoint, a diffusers DiT
+    directory (or pipeline directory with `transformer/`), or a loaded `DiTTransformer2DModel`."""
+    from diffusers import DiTTransformer2DModel
+
+    if isinstance(src, DiTTransformer2DModel):
+        return source_from_diffusers(src)
+    path = Path(src)
+    if not path.exists():
+        raise UserError(f"DiT checkpoint {path} does not exist: pass a facebookresearch/DiT .pt or a diffusers DiT directory")
+    if path.is_dir():
+        sub = "transformer" if (path / "transformer" / "config.json").exists() else None
+        if sub is None and not (path / "config.json").exists():
+            raise UserError(f"{path} has no config.json: pass a diffusers DiTTransformer2DModel directory or a .pt file")
+        return source_from_diffusers(DiTTransformer2DModel.from_pretrained(path, subfolder=sub).float())
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return source_from_official(load_file(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files
+        raise UserError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}): pass a facebookresearch/DiT .pt") from e
+    return source_from_official(sd)
+
+
+def guess_heads(hidden: int, depth: int) -> int:
+    """DiT's preset head count for this shape (XL: 16, L: 16, B: 12, S: 6), else 64-d heads."""
+    for p in PRESETS.values():
+        if p.hidden == hidden and p.depth == depth:
+            return p.heads
+    return max(1, hidden // 64)
+
+
+@torch.no_grad()
+def import_dit(
+    src,
+    caption_channels: int = 4096,
+    num_heads: int | None = None,
+    latent_size: int | None = None,
+    seed: int = 0,
+):
+    """Build a `PixArtTransformer2DModel` from a class-conditional DiT (see module docstring).
+
+    Returns (model, info); info lists copied/dropped keys and the positional-embedding check.
+    """
+    from diffusers import PixArtTransformer2DModel
+
+    from t2i.models import initialize_weights
+
+    s = load_dit_source(src)
+    heads = num_heads or guess_heads(s.hidden, s.depth)
+    if s.hidden % heads:
+        raise UserError(f"DiT hidden size {s.hidden} is not divisible by {heads} heads: pass --heads")
+    if s.in_channels != LATENT_CHANNELS:
+        raise UserError(f"DiT has {s.in_channels} input channels, PixArt expects {LATENT_CHANNELS}: use a latent-space DiT")
+    torch.manual_seed(seed)
+    size = latent_size or s.latent_size
+    model = PixArtTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=s.hidden // heads,
+        in_channels=s.in_channels,
+        out_channels=s.out_channels,
+        num_layers=s.depth,
+        cross_attention_dim=s.hidden,
+        sample_size=size,
+        patch_size=s.patch,
+        caption_channels=caption_channels,
+        use_additional_conditions=False,  # size embeddings would break exactness at t=500
+        norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+    )
+    initialize_weights(model)  # cross-attention (zero out-proj) and caption projection start fresh
+    state = model.state_dict()
+    for k, v in s.weights.items():
+        if state[k].shape != v.shape:
+            raise UserError(f"DiT weight {k} has shape {tuple(v.shape)}, PixArt expects {tuple(state[k].shape)}")
+        state[k].copy_(v)
+    state["adaln_single.linear.weight"].copy_(s.global_linear[0])
+    state["adaln_single.linear.bias"].copy_(s.global_linear[1])
+    model.load_state_dict(state)
+
+    t = torch.tensor([REPARAM_T])
+    shared, t_emb = model.adaln_single(t, None, batch_size=1, hidden_dtype=torch.float32)
+    for i, block in enumerate(model.transformer_blocks):
+        block.scale_shift_table.copy_((s.block_modulation(i, t) - shared).view(6, s.hidden))
+    model.scale_shift_table.copy_(s.final_modulation(t).view(2, s.hidden) - t_emb)
+
+    info = {"copied": sorted(s.weights), "dropped": s.dropped, "heads": heads, "hidden": s.hidden, "depth": s.depth, "patch": s.patch}
+    if s.pos_embed is not None and s.pos_embed.shape == model.pos_embed.pos_embed.shape:
+        info["pos_embed_max_abs_diff"] = float((s.pos_embed - model.pos_embed.pos_embed).abs().max())
+    return model, info

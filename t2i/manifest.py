@@ -1,0 +1,149 @@
+"""Stage recipes in TOML (`manifests/*.toml`), validated with clear errors.
+
+    name = "tiny-cpu"
+    [defaults]                 # any TrainConfig key, applied to every stage
+    preset = "PixArt-tiny/2"
+    [[stages]]
+    name = "align"
+    init = "scratch"           # scratch | dit:PATH | pixart:DIR | checkpoint:DIR | previous
+    shards = "captions/"       # optional; else the --shards given on the command line
+    steps = 300
+
+Each stage trains into `<out>/<stage name>/`; `init = "previous"` starts from the previous
+stage's last checkpoint. Rerunning skips finished stages and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from shards.errors import UserError
+from t2i.train import TrainConfig
+
+TOP_KEYS = {"name", "description", "defaults", "stages"}
+STAGE_EXTRA = {"shards"}
+
+
+@dataclass
+class Stage:
+    config: TrainConfig
+    shards: str | None
+
+
+@dataclass
+class Manifest:
+    name: str
+    description: str
+    stages: list[Stage]
+
+
+def _check_keys(where: str, d: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}: allowed keys are {', '.join(sorted(allowed))}")
+
+
+def _check_types(where: str, d: dict[str, Any]) -> None:
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    for k, v in d.items():
+        want = types.get(k)
+        if want is None:
+            continue
+        ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            ok = True
+        if not ok:
+            raise UserError(f"{where}: {k} = {v!r} should be {want.__name__}: fix the value")
+
+
+def parse_manifest(text: str, source: str = "manifest") -> Manifest:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{source} is not valid TOML ({e}): fix the syntax") from e
+    _check_keys(source, raw, TOP_KEYS)
+    allowed = set(TrainConfig.field_names()) | STAGE_EXTRA
+    defaults = raw.get("defaults", {})
+    _check_keys(f"{source} [defaults]", defaults, allowed - {"name"})
+    _check_types(f"{source} [defaults]", defaults)
+    stages_raw = raw.get("stages")
+    if not stages_raw:
+        raise UserError(f"{source} has no [[stages]]: add at least one stage")
+    stages, seen = [], set()
+    for i, st in enumerate(stages_raw):
+        where = f"{source} stage {st.get('name', i)!r}"
+        _check_keys(where, st, allowed)
+        _check_types(where, st)
+        merged = {**defaults, **st}
+        merged.setdefault("name", f"stage{i}")
+        if merged["name"] in seen:
+            raise UserError(f"{where}: duplicate stage name: give each stage its own name")
+        seen.add(merged["name"])
+        if merged.get("init") == "previous" and i == 0:
+            raise UserError(f"{where}: init = \"previous\" on the first stage: use scratch or dit:PATH")
+        shards = merged.pop("shards", None)
+        cfg = TrainConfig(**merged)
+        if cfg.init != "previous":
+            cfg.validate()
+        stages.append(Stage(cfg, shards))
+    return Manifest(raw.get("name", source), raw.get("description", ""), stages)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    if not path.exists():
+        builtin = Path(__file__).resolve().parent.parent / "manifests" / f"{path.name}"
+        alt = builtin if builtin.exists() else builtin.with_suffix(".toml")
+        if not alt.exists():
+            raise UserError(f"manifest {path} not found: pass a TOML file (see manifests/)")
+        path = alt
+    return parse_manifest(path.read_text(), str(path))
+
+
+def _finished(stage_dir: Path, steps: int) -> bool:
+    from t2i.checkpoint import latest_checkpoint
+
+    ck = latest_checkpoint(stage_dir)
+    return ck is not None and json.loads((ck / "trainer_state.json").read_text())["step"] >= steps
+
+
+def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None = None, resume: bool = True,
+                 only: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True) -> list[dict]:
+    """Train every stage in order (or only stage `only`). Finished stages are skipped; an
+    interrupted one resumes from its checkpoint when `resume`."""
+    from t2i.checkpoint import latest_checkpoint
+    from t2i.train import train
+
+    out = Path(out)
+    results = []
+    prev: Path | None = None
+    names = [s.config.name for s in manifest.stages]
+    if only and only not in names:
+        raise UserError(f"no stage {only!r} in {manifest.name}: pick one of {', '.join(names)}")
+    for stage in manifest.stages:
+        cfg = TrainConfig(**{**stage.config.__dict__, **(overrides or {})})
+        sdir = out / cfg.name
+        if cfg.init == "previous":
+            if prev is None:
+                prev = out / names[names.index(cfg.name) - 1]
+            cfg.init = f"checkpoint:{prev}"
+        prev = sdir
+        if only and cfg.name != only:
+            continue
+        if _finished(sdir, cfg.steps):
+            results.append({"stage": cfg.name, "skipped": "finished"})
+            continue
+        src = stage.shards or shards
+        if src is None:
+            raise UserError(f"stage {cfg.name!r} has no shards: pass --shards or set shards in the manifest")
+        res = train(cfg, sdir, shards=src, resume=resume and latest_checkpoint(sdir) is not None, progress=progress)
+        results.append({"stage": cfg.name, **res})
+    return results

@@ -1,0 +1,176 @@
+"""Tiny local models for CPU and CI: a T5 encoder with a locally trained tokenizer, and a small VAE.
+
+Nothing here downloads anything. The T5 encoder is random (its word embeddings are distinct,
+which is all a tiny text-to-image model needs to tell "red" from "blue"); the VAE is briefly
+fitted to random coloured shapes so that decode(encode(x)) ~ x and generated latents decode to
+images whose colours an automatic checker can read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+
+
+def build_tiny_text_encoder(out_dir: str | Path, corpus: Iterable[str], seed: int = 0) -> Path:
+    """Learn a word-level Unigram vocabulary from `corpus` (log-frequency scores, single
+    characters as fallback pieces) and save it as a T5 tokenizer with a random tiny T5 encoder.
+
+    Layout (the diffusers pipeline layout): `out_dir/tokenizer/` and `out_dir/text_encoder/`.
+    Returns `out_dir`.
+    """
+    from collections import Counter
+
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    out_dir = Path(out_dir)
+    words = Counter(w for line in corpus for w in line.split())
+    chars = Counter(c for w in words for c in w)
+    total = sum(words.values()) + sum(chars.values())
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, math.log(n / total)) for w, n in words.most_common()]
+    # characters score far below words, so known words stay one piece and unseen words still split
+    vocab += [(c, math.log(n / total) - 10.0) for c, n in chars.most_common()]
+    vocab += [("▁" + c, math.log(n / total) - 10.0) for c, n in chars.most_common() if "▁" + c not in dict(vocab)]
+    tok = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    tok.model_max_length = 512
+    tok.save_pretrained(out_dir / "tokenizer")
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **TINY_T5)
+    T5EncoderModel(cfg).eval().save_pretrained(out_dir / "text_encoder")
+    return out_dir
+
+
+def random_shape_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """`n` images in [-1, 1]: a random background with one or two random coloured boxes/discs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        img = np.broadcast_to(rng.uniform(0, 1, (3, 1, 1)), (3, size, size)).copy()
+        for _ in range(rng.integers(1, 3)):
+            cx, cy = rng.uniform(0, size, 2)
+            r = rng.uniform(size / 8, size / 3)
+            if rng.random() < 0.5:
+                m = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+            else:
+                m = (abs(xx - cx) <= r) & (abs(yy - cy) <= r)
+            img[:, m] = rng.uniform(0, 1, (3, 1))
+        out[i] = img * 2 - 1
+    return torch.from_numpy(out)
+
+
+def build_tiny_vae(out_dir: str | Path, fit_steps: int = 300, size: int = 16, seed: int = 0) -> Path:
+    """A 2-level AutoencoderKL (4 latent channels, downsample x2), fitted `fit_steps` Adam steps on
+    random coloured shapes (reconstruction + a small KL term), saved to `out_dir`."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=size,
+    )
+    if fit_steps:
+        opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+        for step in range(fit_steps):
+            x = random_shape_images(32, size, seed=seed * 100003 + step)
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+            loss = torch.nn.functional.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        vae.eval()
+    with torch.no_grad():  # unit-variance latents, as SD's 0.18215 does for the SD VAE
+        std = vae.encode(random_shape_images(256, size, seed=seed + 7)).latent_dist.mean.std()
+    vae.register_to_config(scaling_factor=float(1.0 / std))
+    vae.save_pretrained(out_dir)
+    (Path(out_dir) / "t2i_tiny.json").write_text(json.dumps({"fit_steps": fit_steps, "size": size}))
+    return Path(out_dir)
+
+
+def build_tiny_models(out_dir: str | Path, corpus: Iterable[str], vae_fit_steps: int = 300) -> dict[str, str]:
+    """Build both tiny models under `out_dir`; returns {"vae": dir, "text_encoder": dir}."""
+    out_dir = Path(out_dir)
+    build_tiny_text_encoder(out_dir / "t5", corpus)
+    build_tiny_vae(out_dir / "vae", fit_steps=vae_fit_steps)
+    return {"vae": str(out_dir / "vae"), "text_encoder": str(out_dir / "t5")}
+
+
+# ---- a minimal synthetic captioned world (tests and benchmarks; demo/world.py is the full one) ----
+
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 60, 220)}
+POSITIONS = ("left", "right")
+SHAPES = ("square", "circle")
+BACKGROUND = (235, 235, 235)
+
+
+def draw_shape(color: str, position: str, shape: str, size: int = 16, jitter: int = 0, rng=None):
+    """A PIL image: one `color` `shape` in the `position` half of a light background."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    r = size // 4 - 1
+    cx = size // 4 if position == "left" else 3 * size // 4
+    cy = size // 2
+    if rng is not None and jitter:
+        cx += int(rng.integers(-jitter, jitter + 1))
+        cy += int(rng.integers(-jitter, jitter + 1))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    (d.rectangle if shape == "square" else d.ellipse)(box, fill=COLORS[color])
+    return img
+
+
+def judge_tiny(img) -> dict[str, str | None]:
+    """Read back colour and position of the object in an image (shape is not judged here)."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    dist = np.linalg.norm(arr - np.array(BACKGROUND, np.float32), axis=-1)
+    mask = dist > 60
+    if mask.sum() < 2:
+        return {"color": None, "position": None}
+    mean = arr[mask].mean(0)
+    color = min(COLORS, key=lambda c: np.linalg.norm(mean - np.array(COLORS[c], np.float32)))
+    xs = np.nonzero(mask)[1]
+    position = "left" if xs.mean() < arr.shape[1] / 2 else "right"
+    return {"color": color, "position": position}
+
+
+def write_tiny_world(out_dir: str | Path, n: int, size: int = 16, seed: int = 0, rows_per_shard: int = 256) -> list[str]:
+    """Caption shards (shards.CAPTION_SCHEMA, embedded PNGs) of `n` random shapes with captions
+    like "a red circle on the left". Returns the captions."""
+    import io
+
+    from shards import CaptionRow, ShardWriter
+
+    rng = np.random.default_rng(seed)
+    w = ShardWriter(out_dir, rows_per_shard=rows_per_shard, writer_id=f"{seed % 2**32:08x}")
+    captions = []
+    for i in range(n):
+        c, p, s = rng.choice(list(COLORS)), rng.choice(POSITIONS), rng.choice(SHAPES)
+        buf = io.BytesIO()
+        draw_shape(c, p, s, size, jitter=1, rng=rng).save(buf, format="PNG")
+        cap = f"a {c} {s} on the {p}"
+        captions.append(cap)
+        w.add(CaptionRow(key=f"tiny-{i:06d}", caption=cap, width=size, height=size, image=buf.getvalue(), model="synthetic"))
+    w.close()
+    return captions
+
+
+def tiny_corpus() -> list[str]:
+    return [f"a {c} {s} on the {p}" for c in COLORS for s in SHAPES for p in POSITIONS]
