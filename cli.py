@@ -47,13 +47,206 @@ def user_errors(fn: Callable) -> Callable:
 
 
 # --- stats (dataset_stats/) ------------------------------------------------------------------
-# (filled in by the stats work)
+
+
+@app.command("stats")
+@user_errors
+def stats_cmd(
+    datasets: List[str] = typer.Argument(
+        ..., help="Parquet file/dir/glob, caption shard dir, JSONL/JSON (COCO too), CSV/TSV or .txt; label with name=path."
+    ),
+    column: Optional[str] = typer.Option(None, "--column", "-c", help="Caption column (default: caption, TEXT, text, prompt, ...)."),
+    pos: str = typer.Option("noun+propn", "--pos", help="Which nouns: noun+propn (NN/NNS/NNP/NNPS, the paper's), noun (NN/NNS), propn (NNP/NNPS)."),
+    lemma: bool = typer.Option(False, "--lemma", help="Count lemmas (cats -> cat) instead of surface forms."),
+    tokens: str = typer.Option("alpha", "--tokens", help="Noun-tagged tokens kept: alpha (alphabetic only), letters (at least one letter: 3D, Mr.), all."),
+    valid_min: int = typer.Option(10, "--valid-min", help="VN: distinct nouns occurring MORE than this many times."),
+    sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Captions per subsample for size-matched VN/DN (default: smallest dataset)."),
+    repeats: int = typer.Option(5, "--repeats", help="Subsamples drawn for mean ± sd."),
+    seed: int = typer.Option(0, "--seed", help="Subsampling seed."),
+    top: int = typer.Option(20, "--top", help="Top nouns listed per dataset."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Tagging processes (default: one per core)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="spaCy nlp.pipe batch size."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of the table."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write report.md, report.json and PNG plots here."),
+    engine: str = typer.Option("local", "--engine", help="local (process pool) or ray (Ray Data map_batches)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Connect to this Ray cluster (--engine ray)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+) -> None:
+    """How informative are the captions, in the terms of PixArt-alpha's Table 1.
+
+    Noun: a token tagged NN, NNS, NNP or NNPS by spaCy en_core_web_sm (the paper counted NLTK nouns, proper nouns included), alphabetic, lowercased, surface form (--lemma: lemma).
+
+    DN: distinct nouns. VN: distinct nouns seen more than 10 times (--valid-min). VN/DN: the share of the vocabulary that is not long-tail.
+
+    VN/DN grows with sample size, so several datasets are also compared on random subsamples of equal size (mean ± sd).
+
+    Per-caption figures are over non-empty captions; null and empty ones are counted and reported.
+
+    Example: t2i-data stats laion=laion.parquet sam=out/ coco=captions_val2017.json --out report/
+    """
+    from dataset_stats.api import StatsOptions, run_stats
+    from dataset_stats.report import print_table, to_json, write_outputs
+
+    options = StatsOptions(
+        column=column, pos=pos, lemma=lemma, tokens=tokens, valid_min=valid_min, sample_size=sample_size, repeats=repeats,
+        seed=seed, top=top, workers=workers, batch_size=batch_size, engine=engine, ray_address=ray_address,
+        progress=not no_progress,
+    )
+    report = run_stats(datasets, options)
+    if out is not None:
+        written = write_outputs(report, out)
+        typer.echo(f"wrote {', '.join(p.name for p in written)} to {out}", err=True)
+    if json_out:
+        typer.echo(to_json(report))
+    else:
+        print_table(report)
+
 
 # --- caption (autolabel/) --------------------------------------------------------------------
 # (filled in by the caption work)
 
 # --- features / train / sample / export / import-dit (t2i/) ----------------------------------
-# (filled in by the trainer work)
+
+
+def _t2i_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@app.command("features")
+@user_errors
+def features_cmd(
+    shards: Path = typer.Option(..., "--shards", help="caption shard directory"),
+    out: Path = typer.Option(..., "--out", help="features root; shards go to OUT/<cache key>/"),
+    vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="VAE: HF id or local directory"),
+    text_encoder: str = typer.Option("google/t5-v1_1-xxl", "--text-encoder", help="T5: HF id or local directory"),
+    resolution: int = typer.Option(256),
+    buckets: bool = typer.Option(False, help="multi-aspect: PixArt's aspect-ratio bins (256/512/1024)"),
+    max_tokens: int = typer.Option(120, "--max-tokens"),
+    text_dtype: str = typer.Option("float16", "--text-dtype"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    threads: int = typer.Option(0, help="torch CPU threads (0: default)"),
+):
+    """Encode images once (VAE posterior mean/std, T5 features + mask) into feature shards.
+
+    Example: t2i-data features --shards out/ --out feats/ --vae tiny/vae --text-encoder tiny/t5 --resolution 16
+    """
+    from t2i.features import FeatureConfig, compute_features
+
+    _t2i_threads(threads)
+    cfg = FeatureConfig(vae=vae, text_encoder=text_encoder, resolution=resolution, buckets=buckets,
+                        max_tokens=max_tokens, text_dtype=text_dtype, batch_size=batch_size)
+    r = compute_features(shards, out, cfg)
+    typer.echo(f"{r['rows']} samples in {r['dir']} ({r['new']} new, {r['skipped_invalid']} rows without caption, {r['failed']} unreadable)")
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    shards: Optional[Path] = typer.Option(None, "--shards", help="caption shards (features are computed when missing)"),
+    out: Path = typer.Option(..., "--out", help="run directory (checkpoints/, log.jsonl, features/)"),
+    manifest: Optional[str] = typer.Option(None, "--manifest", help="TOML stage recipe (manifests/*.toml)"),
+    stage: Optional[str] = typer.Option(None, "--stage", help="run only this manifest stage"),
+    preset: Optional[str] = typer.Option(None, help="model preset, e.g. PixArt-XL/2 or PixArt-tiny/2"),
+    init: Optional[str] = typer.Option(None, help="scratch | dit:PATH | pixart:DIR | checkpoint:DIR"),
+    resolution: Optional[int] = typer.Option(None),
+    vae: Optional[str] = typer.Option(None),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder"),
+    steps: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
+    threads: int = typer.Option(0, help="torch CPU threads (0: default)"),
+):
+    """Train PixArt-alpha on caption shards (one stage from options, or all stages of a manifest).
+
+    Example: t2i-data train --manifest manifests/tiny-cpu.toml --shards out/ --out runs/tiny --vae tiny/vae --text-encoder tiny/t5
+    """
+    from t2i.train import TrainConfig, train
+
+    _t2i_threads(threads)
+    given = {k: v for k, v in dict(preset=preset, init=init, resolution=resolution, vae=vae, text_encoder=text_encoder,
+                                   steps=steps, batch_size=batch_size, lr=lr, mixed_precision=mixed_precision).items() if v is not None}
+    if manifest:
+        from t2i.manifest import load_manifest, run_manifest
+
+        for r in run_manifest(load_manifest(manifest), out, shards, resume=True, only=stage, overrides=given):
+            typer.echo(f"stage {r['stage']}: " + (r.get("skipped") or f"step {r['step']}, checkpoint {r['checkpoint']}"))
+        return
+    if shards is None and not resume:
+        raise UserError("no --shards given: pass caption shards (or --manifest with shards per stage)")
+    r = train(TrainConfig(**given), out, shards=shards, resume=resume)
+    typer.echo(f"trained to step {r['step']}; checkpoint {r['checkpoint']}; log {r['log']}")
+
+
+@app.command("sample")
+@user_errors
+def sample_cmd(
+    checkpoint: Path = typer.Argument(..., help="run directory or checkpoints/step-* directory"),
+    prompt: List[str] = typer.Option([], "--prompt", help="prompt (repeatable)"),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="one prompt per line"),
+    out: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid"),
+    steps: int = typer.Option(20, help="DPM-Solver++ steps"),
+    guidance: float = typer.Option(4.5, help="classifier-free guidance scale"),
+    seed: int = typer.Option(0),
+    weights: str = typer.Option("ema", help="ema | model"),
+    vae: Optional[str] = typer.Option(None, help="default: the VAE the features used"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder"),
+):
+    """Sample a PNG grid from a checkpoint (DPM-Solver++, learned null caption for guidance).
+
+    Example: t2i-data sample runs/tiny --prompt "a red circle on the left" --out grid.png
+    """
+    from t2i.sample import sample
+
+    prompts = list(prompt)
+    if prompts_file:
+        if not prompts_file.exists():
+            raise UserError(f"prompts file {prompts_file} not found: pass an existing text file")
+        prompts += [l.strip() for l in prompts_file.read_text().splitlines() if l.strip()]
+    path = sample(checkpoint, prompts, out, steps=steps, guidance=guidance, seed=seed, vae=vae, text_encoder=text_encoder, which=weights)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="run directory or checkpoints/step-* directory"),
+    out: Path = typer.Option(..., "--out", help="new directory for the diffusers pipeline"),
+    weights: str = typer.Option("ema", help="ema | model"),
+    vae: Optional[str] = typer.Option(None),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder"),
+):
+    """Export a checkpoint as a PixArtAlphaPipeline folder (+ its learned null caption).
+
+    Example: t2i-data export runs/tiny --out pipe/ && python -c "from diffusers import PixArtAlphaPipeline as P; P.from_pretrained('pipe')"
+    """
+    from t2i.export import export
+
+    typer.echo(f"wrote {export(checkpoint, out, which=weights, vae=vae, text_encoder=text_encoder)}")
+
+
+@app.command("import-dit")
+@user_errors
+def import_dit_cmd(
+    ckpt: Path = typer.Argument(..., help="facebookresearch/DiT .pt, or a diffusers DiTTransformer2DModel directory"),
+    out: Path = typer.Option(..., "--out", help="directory for the PixArtTransformer2DModel"),
+    caption_channels: int = typer.Option(4096, "--caption-channels", help="text encoder width (T5-XXL: 4096)"),
+    heads: Optional[int] = typer.Option(None, help="attention heads (default: the DiT preset's)"),
+):
+    """Re-parameterise a class-conditional DiT into PixArt-alpha (exact at t = 500).
+
+    Example: t2i-data import-dit DiT-XL-2-256x256.pt --out pixart-init/ && t2i-data train --init pixart:pixart-init ...
+    """
+    from t2i.import_dit import import_dit
+
+    model, info = import_dit(ckpt, caption_channels=caption_channels, num_heads=heads)
+    model.save_pretrained(out)
+    typer.echo(f"wrote {out}: depth {info['depth']}, hidden {info['hidden']}, {info['heads']} heads, {len(info['copied'])} tensors copied, dropped {', '.join(info['dropped']) or 'nothing'}")
+
 
 # --- demo ------------------------------------------------------------------------------------
 # (filled in by the demo work)

@@ -1,0 +1,211 @@
+"""`run_stats`: the whole `t2i-data stats` job, called by the CLI (and usable from Python)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from shards.errors import UserError
+
+from dataset_stats.metrics import DatasetCounts, NounAccumulator, size_matched
+from dataset_stats.nouns import NounConfig, TaggerPool, default_workers, model_name
+from dataset_stats.readers import CaptionSource, iter_caption_batches, resolve_source, validate
+
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class StatsOptions:
+    """Every knob of the stats job (CLI flags map 1:1)."""
+
+    column: Optional[str] = None
+    pos: str = "noun+propn"
+    lemma: bool = False
+    tokens: str = "alpha"  # which noun-tagged tokens count: alpha | letters | all
+    valid_min: int = 10  # VN: distinct nouns seen more than this many times
+    sample_size: Optional[int] = None  # size-matched comparison; default: the smallest dataset
+    repeats: int = 5
+    seed: int = 0
+    top: int = 20
+    workers: Optional[int] = None  # default: one per core
+    batch_size: int = 256  # spaCy nlp.pipe batch
+    chunk_size: int = 512  # captions per task sent to a worker (small: even load at the end)
+    engine: str = "local"
+    ray_address: Optional[str] = None
+    progress: bool = True
+
+
+def run_stats(
+    datasets: list[str],
+    options: StatsOptions = StatsOptions(),
+    on_counts: Optional[Callable[[str, dict[str, int]], None]] = None,
+) -> dict[str, Any]:
+    """Count nouns in each dataset and build the report (a JSON-ready dict). `on_counts`, if
+    given, receives each dataset's name and full noun -> count mapping (benchmarks, checks)."""
+    if not datasets:
+        raise UserError("no dataset given: pass at least one path, e.g. `t2i-data stats laion.parquet`")
+    if options.engine not in ENGINES:
+        raise UserError(f"unknown --engine {options.engine!r}: use local or ray")
+    if options.valid_min < 0 or options.repeats < 1 or (options.sample_size is not None and options.sample_size < 1):
+        raise UserError("--valid-min must be >= 0, --repeats >= 1 and --sample-size >= 1: fix the flag")
+    config = NounConfig(pos=options.pos, lemma=options.lemma, tokens=options.tokens, batch_size=options.batch_size)
+    sources = [resolve_source(d, options.column) for d in datasets]
+    _dedupe_names(sources)
+    for s in sources:
+        validate(s)
+    model = model_name()  # fail before any work if no model is installed
+    workers = options.workers or default_workers()
+
+    counted: list[DatasetCounts] = []
+    try:
+        for source in sources:
+            counted.append(_count(source, config, workers, options))
+            if on_counts is not None:
+                c = counted[-1]
+                on_counts(source.name, {w: int(n) for w, n in zip(c.words, c.counts) if n})
+        return _build_report(sources, counted, config, model, workers, options)
+    finally:
+        for c in counted:
+            c.close()
+
+
+def _dedupe_names(sources: list[CaptionSource]) -> None:
+    seen: dict[str, int] = {}
+    for s in sources:
+        if s.name in seen:
+            seen[s.name] += 1
+            s.name = f"{s.name}#{seen[s.name]}"
+        else:
+            seen[s.name] = 1
+
+
+def _count(source: CaptionSource, config: NounConfig, workers: int, options: StatsOptions) -> DatasetCounts:
+    acc = NounAccumulator()
+    try:
+        if options.engine == "ray":
+            from dataset_stats.engine_ray import count_with_ray  # ray only imported here
+
+            with _progress(source, options.progress) as advance:
+                count_with_ray(source, config, acc, workers, options.chunk_size, options.ray_address, advance)
+        else:
+            # the pool forks before the progress bar starts its thread
+            with TaggerPool(config, workers) as tagger, _progress(source, options.progress) as advance:
+                for result in tagger.map(_chunks(source, acc, options.chunk_size)):
+                    acc.add_result(result.nouns, result.lengths, result.words)
+                    advance(acc)
+        counts = acc.finish()
+    except BaseException:
+        acc.store.close()
+        raise
+    counts.extra = dict(source.extra)
+    if counts.rows == 0:
+        counts.close()
+        raise UserError(f"dataset {source.name!r} is empty (0 captions in {len(source.files)} file(s)): point it at files with captions")
+    if counts.captions == 0:
+        counts.close()
+        raise UserError(
+            f"dataset {source.name!r} has {counts.rows} rows but every caption is null or empty: "
+            f"check --column (now {source.column or 'auto-detected'})"
+        )
+    return counts
+
+
+def _chunks(source: CaptionSource, acc: NounAccumulator, chunk_size: int) -> Iterator[list[str]]:
+    """Non-empty captions in chunks of `chunk_size`; nulls and empties are counted on the way."""
+    pending: list[str] = []
+    for batch in iter_caption_batches(source, batch_rows=chunk_size):
+        pending.extend(acc.add_raw(batch))
+        while len(pending) >= chunk_size:
+            yield pending[:chunk_size]
+            pending = pending[chunk_size:]
+    if pending:
+        yield pending
+
+
+class _progress:
+    """A rich progress bar with captions/s on stderr; `advance(acc)` updates it."""
+
+    def __init__(self, source: CaptionSource, enabled: bool) -> None:
+        self.source, self.enabled = source, enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda acc: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} captions/s"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task(self.source.name, total=self.source.known_rows(), rate="-")
+
+        def advance(acc: NounAccumulator) -> None:
+            self.bar.update(task, completed=acc.rows)
+            speed = self.bar.tasks[task].speed
+            self.bar.update(task, rate=f"{speed:,.0f}" if speed else "-")
+
+        return advance
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def _build_report(
+    sources: list[CaptionSource],
+    counted: list[DatasetCounts],
+    config: NounConfig,
+    model: str,
+    workers: int,
+    options: StatsOptions,
+) -> dict[str, Any]:
+    from dataset_stats.report import PAPER_TABLE1
+
+    sample = options.sample_size
+    if sample is None and len(counted) > 1:
+        sample = min(c.captions for c in counted)
+    datasets = []
+    for source, c in zip(sources, counted):
+        entry = {"name": source.name, "files": [str(f) for f in source.files], "column": source.column or source.extra.get("column")}
+        entry.update(c.summary(valid_min=options.valid_min, top=options.top))
+        entry["rank_frequency"] = _rank_frequency(c)
+        if sample:
+            entry["size_matched"] = size_matched(c, sample, options.repeats, options.seed, options.valid_min)
+        datasets.append(entry)
+    return {
+        "definition": {
+            "noun": config.describe(),
+            "pos": config.pos,
+            "lemma": config.lemma,
+            "tokens": config.tokens,
+            "valid_noun": f"distinct noun occurring more than {options.valid_min} times",
+            "valid_min": options.valid_min,
+            "words": "whitespace-separated words",
+            "per_caption": "averages over non-empty captions; null and empty captions are counted, not analysed",
+            "model": model,
+        },
+        "engine": options.engine,
+        "workers": workers,
+        "sample_size": sample,
+        "datasets": datasets,
+        "paper_table1": PAPER_TABLE1,
+    }
+
+
+def _rank_frequency(c: DatasetCounts, points: int = 200) -> list[list[int]]:
+    """(rank, count) at ~`points` log-spaced ranks: enough for the long-tail plot, small in JSON."""
+    import numpy as np
+
+    freq = np.sort(c.counts[c.counts > 0])[::-1]
+    if len(freq) == 0:
+        return []
+    ranks = np.unique(np.geomspace(1, len(freq), num=min(points, len(freq))).astype(np.int64))
+    return [[int(r), int(freq[r - 1])] for r in ranks]

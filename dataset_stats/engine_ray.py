@@ -1,0 +1,138 @@
+"""`--engine ray`: noun tagging as a Ray Data `map_batches` over the captions.
+
+Each Ray worker process loads the spaCy model once (cached per process; plain tasks rather
+than an actor pool, because actors holding every CPU starve Ray's read tasks on a small
+machine and the job deadlocks) and returns, per row, its state
+(ok / null / empty), its nouns (space-joined: nouns are alphabetic, so the join is lossless)
+and its word count. The driver merges them, in order, into the same accumulator the local
+engine uses, so both engines give identical numbers. Imported only when `--engine ray` is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import pyarrow as pa
+
+from dataset_stats.metrics import NounAccumulator
+from dataset_stats.nouns import NounConfig, NounExtractor
+from dataset_stats.readers import CaptionSource, detect_format, iter_caption_batches, parquet_column
+
+OK, NULL, EMPTY = 0, 1, 2
+CAPTION = "caption"
+
+
+_extractors: dict[NounConfig, NounExtractor] = {}  # per Ray worker process: the model loads once
+
+
+def tag_batch(batch: pa.Table, config: NounConfig, column: str) -> pa.Table:
+    """The map_batches UDF: a table with the caption column in, per-row noun results out."""
+    extractor = _extractors.get(config)
+    if extractor is None:
+        extractor = _extractors[config] = NounExtractor(config)
+    values = batch.column(column).to_pylist()
+    states, texts = [], []
+    for v in values:
+        if v is None:
+            states.append(NULL)
+        elif not v.strip():
+            states.append(EMPTY)
+        else:
+            states.append(OK)
+            texts.append(v)
+    result = extractor.extract(texts)
+    nouns, words, pos, k = [], [], 0, 0
+    for state in states:
+        if state == OK:
+            n = result.lengths[k]
+            nouns.append(" ".join(result.nouns[pos : pos + n]))
+            words.append(result.words[k])
+            pos += n
+            k += 1
+        else:
+            nouns.append("")
+            words.append(0)
+    return pa.table({"state": pa.array(states, pa.int8()), "nouns": nouns, "words": pa.array(words, pa.int32())})
+
+
+def _dataset(source: CaptionSource, chunk_size: int, workers: int):
+    """Parquet inputs: ray.data.read_parquet (streamed by Ray). Other formats: our readers,
+    handed to Ray as Arrow blocks (these sit in Ray's object store)."""
+    import ray.data
+
+    if all(detect_format(f) == "parquet" for f in source.files):
+        columns = {parquet_column(f, source) for f in source.files}
+        if len(columns) == 1:
+            column = columns.pop()
+            # enough blocks that every worker gets some, even from a single-file input
+            blocks = max(workers * 2, min((source.known_rows() or 0) // chunk_size, 10_000))
+            ds = ray.data.read_parquet([str(f) for f in source.files], override_num_blocks=blocks)
+            if len(source.files) < workers:  # one row group cannot be split at read time
+                ds = ds.repartition(blocks)
+            return ds.select_columns([column]), column
+    blocks = [pa.table({CAPTION: pa.array(b, pa.string())}) for b in iter_caption_batches(source, chunk_size)]
+    if not blocks:
+        blocks = [pa.table({CAPTION: pa.array([], pa.string())})]
+    return ray.data.from_arrow(blocks), CAPTION
+
+
+def count_with_ray(
+    source: CaptionSource,
+    config: NounConfig,
+    acc: NounAccumulator,
+    workers: int,
+    chunk_size: int,
+    address: Optional[str] = None,
+    advance: Callable[[NounAccumulator], None] = lambda acc: None,
+) -> None:
+    """Tag `source` with Ray actors and merge the results into `acc`, in input order."""
+    import ray
+    import ray.data
+
+    started = False
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address else {"num_cpus": workers}
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
+        started = True
+    try:
+        ray.data.DataContext.get_current().execution_options.preserve_order = True  # growth curve = local engine's
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours is on screen
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        ds, column = _dataset(source, chunk_size, workers)
+        tagged = ds.map_batches(
+            tag_batch,
+            fn_kwargs={"config": config, "column": column},
+            batch_size=chunk_size,
+            batch_format="pyarrow",
+            compute=ray.data.TaskPoolStrategy(size=workers),
+            num_cpus=1,
+        )
+        for batch in tagged.iter_batches(batch_format="pyarrow", batch_size=None):
+            _merge(batch, acc)
+            advance(acc)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _merge(batch: pa.Table, acc: NounAccumulator) -> None:
+    states = batch.column("state").to_pylist()
+    joined = batch.column("nouns").to_pylist()
+    words = batch.column("words").to_pylist()
+    acc.rows += len(states)
+    flat: list[str] = []
+    lengths: list[int] = []
+    kept_words: list[int] = []
+    for state, j, w in zip(states, joined, words):
+        if state == NULL:
+            acc.null += 1
+        elif state == EMPTY:
+            acc.empty += 1
+        else:
+            nouns = j.split(" ") if j else []
+            flat.extend(nouns)
+            lengths.append(len(nouns))
+            kept_words.append(w)
+    if lengths:
+        acc.add_result(flat, lengths, kept_words)

@@ -1,0 +1,302 @@
+"""Caption sources: resolve `name=path` arguments, detect formats and the caption column, and
+stream captions in batches (never the whole dataset in memory, except a plain `.json` file,
+which JSON cannot stream).
+
+Every problem with the input becomes a one-line `UserError` naming the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards.errors import UserError
+from shards.reader import complete_shards
+from shards.writer import MANIFEST, SHARD_RE
+
+# Column names tried in this order (first exact, then case-insensitive): ours, LAION, others.
+CAPTION_COLUMNS = ("caption", "TEXT", "text", "prompt", "captions", "alt_text", "description", "sentence", "raw")
+
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".txt": "text",
+}
+SUPPORTED = ", ".join(sorted(FORMATS))
+
+Batch = list[Optional[str]]
+
+
+@dataclass
+class CaptionSource:
+    """One dataset to analyse: a label, its files, and the caption column (None: detect)."""
+
+    name: str
+    files: list[Path]
+    column: Optional[str] = None
+    # Filled while reading: facts some formats know (COCO: number of images).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def known_rows(self) -> Optional[int]:
+        """Row count from file metadata when every file is Parquet, else None (unknown up front)."""
+        if not all(detect_format(f) == "parquet" for f in self.files):
+            return None
+        return sum(_parquet_file(f).metadata.num_rows for f in self.files)
+
+
+# ---------------------------------------------------------------------------------------------
+# resolving arguments
+
+
+def parse_dataset_arg(arg: str) -> tuple[Optional[str], str]:
+    """Split `name=path` into (name, path); a plain path gives (None, path)."""
+    name, sep, path = arg.partition("=")
+    if sep and name and "/" not in name and not Path(arg).exists():
+        return name, path
+    return None, arg
+
+
+def resolve_source(arg: str, column: Optional[str] = None) -> CaptionSource:
+    """Turn one command-line dataset argument into a CaptionSource (files sorted, checked)."""
+    name, path_text = parse_dataset_arg(arg)
+    if any(ch in path_text for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(path_text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise UserError(f"no files match {path_text!r}: check the pattern (quote it so the shell does not expand it)")
+        default_name = path_text
+    else:
+        path = Path(path_text)
+        if not path.exists():
+            raise UserError(f"no such file or directory: {path_text}: check the path")
+        files = _files_in_dir(path) if path.is_dir() else [path]
+        default_name = path.name if path.is_dir() else path.stem
+        if path.is_dir() and _is_shard_dir(path) and column is None:
+            column = "caption"
+    for f in files:
+        detect_format(f)  # fail early on an unknown format
+    return CaptionSource(name=name or default_name, files=files, column=column)
+
+
+def _is_shard_dir(path: Path) -> bool:
+    return (path / MANIFEST).exists() or any(SHARD_RE.match(p.name) for p in path.iterdir())
+
+
+def _files_in_dir(path: Path) -> list[Path]:
+    """A `shards/` output dir gives its complete shards only; any other dir its supported files."""
+    if _is_shard_dir(path):
+        shards = complete_shards(path)
+        if not shards:
+            raise UserError(f"no complete shards in {path} (no .done markers): let `t2i-data caption` finish or rerun it")
+        return shards
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
+    if not files:
+        raise UserError(f"no caption files in directory {path}: it needs files ending in {SUPPORTED}")
+    return files
+
+
+def detect_format(path: Path) -> str:
+    """The reader for `path`, from its extension."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"unknown format for {path} (extension {path.suffix or 'none'!r}): use one of {SUPPORTED}")
+    return fmt
+
+
+def pick_column(available: list[str], wanted: Optional[str], where: str) -> str:
+    """The caption column: `wanted` if given, else the first known caption name present."""
+    if wanted is not None:
+        if wanted in available:
+            return wanted
+        raise UserError(f"{where} has no column {wanted!r}; columns are: {', '.join(map(str, available)) or 'none'}: pass one with --column")
+    for name in CAPTION_COLUMNS:
+        if name in available:
+            return name
+    lowered = {str(c).lower(): c for c in available}
+    for name in CAPTION_COLUMNS:
+        if name.lower() in lowered:
+            return lowered[name.lower()]
+    raise UserError(
+        f"{where}: no caption column found (tried {', '.join(CAPTION_COLUMNS)}); columns are: "
+        f"{', '.join(map(str, available)) or 'none'}: pass one with --column"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming
+
+
+def iter_caption_batches(source: CaptionSource, batch_rows: int = 1024) -> Iterator[Batch]:
+    """Stream the captions of every file of `source` as lists of str or None (null captions)."""
+    for path in source.files:
+        fmt = detect_format(path)
+        reader = _READERS[fmt]
+        try:
+            yield from reader(path, source, batch_rows)
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text: convert it to UTF-8") from None
+
+
+def _non_string(path: Path, column: str, row: int, value: Any) -> UserError:
+    return UserError(
+        f"{path}: column {column!r} holds a non-string value {value!r} ({type(value).__name__}) at row {row}: "
+        f"point --column at the text column"
+    )
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]}): re-export or re-download it") from None
+
+
+def parquet_column(path: Path, source: CaptionSource) -> str:
+    """Resolve and type-check the caption column of one Parquet file."""
+    schema = _parquet_file(path).schema_arrow
+    column = pick_column(schema.names, source.column, str(path))
+    source.extra.setdefault("column", column)
+    typ = schema.field(column).type
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ) or typ == pa.string_view()):
+        raise UserError(f"{path}: column {column!r} has type {typ}, not text: point --column at the text column")
+    return column
+
+
+def _read_parquet(path: Path, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
+    column = parquet_column(path, source)
+    try:
+        for rb in _parquet_file(path).iter_batches(batch_size=batch_rows, columns=[column]):
+            yield rb.column(0).cast(pa.string()).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path} is damaged and could not be read ({str(e).splitlines()[0]}): re-export or re-download it") from None
+
+
+def _check(values: list[Any], path: Path, column: str, first_row: int) -> Batch:
+    for i, v in enumerate(values):
+        if v is not None and not isinstance(v, str):
+            raise _non_string(path, column, first_row + i, v)
+    return values
+
+
+def _read_jsonl(path: Path, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
+    column: Optional[str] = None
+    batch: Batch = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or drop that line") from None
+            if isinstance(rec, dict):
+                if column is None:
+                    column = pick_column(list(rec), source.column, f"{path} (first record)")
+                    source.extra.setdefault("column", column)
+                value = rec.get(column)
+            else:
+                value = rec  # a bare JSON string per line
+            batch.append(_check([value], path, column or "line", lineno)[0])
+            if len(batch) >= batch_rows:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _read_json(path: Path, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
+    """A JSON file: COCO (`annotations[].caption`), a list of records, or a list of strings."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix the file or use .jsonl") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: convert it to UTF-8") from None
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        records = data["annotations"]
+        image_ids = {r.get("image_id") for r in records if isinstance(r, dict) and "image_id" in r}
+        if image_ids:
+            source.extra["images"] = source.extra.get("images", 0) + len(image_ids)
+    elif isinstance(data, list):
+        records = data
+    else:
+        raise UserError(f"{path}: expected a COCO file (with 'annotations') or a JSON list of captions or records: convert it")
+    column = None
+    if records and isinstance(records[0], dict):
+        column = pick_column(list(records[0]), source.column, f"{path} (first record)")
+        source.extra.setdefault("column", column)
+    for start in range(0, len(records), batch_rows):
+        chunk = records[start : start + batch_rows]
+        values = [r.get(column) if isinstance(r, dict) else r for r in chunk]
+        yield _check(values, path, column or "item", start)
+
+
+def _read_delimited(path: Path, source: CaptionSource, batch_rows: int, delimiter: str) -> Iterator[Batch]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long VLM captions exceed the 128 KiB default
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return  # empty file: no rows
+        column = pick_column(header, source.column, str(path))
+        source.extra.setdefault("column", column)
+        index = header.index(column)
+        batch: Batch = []
+        for row in reader:
+            batch.append(row[index] if index < len(row) else None)
+            if len(batch) >= batch_rows:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def _read_text(path: Path, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
+    """One caption per line; a blank line is an empty caption (counted, not analysed)."""
+    batch: Batch = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                batch.append(line.rstrip("\r\n"))
+                if len(batch) >= batch_rows:
+                    yield batch
+                    batch = []
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: convert it to UTF-8") from None
+    if batch:
+        yield batch
+
+
+_READERS = {
+    "parquet": _read_parquet,
+    "jsonl": _read_jsonl,
+    "json": _read_json,
+    "csv": lambda p, s, n: _read_delimited(p, s, n, ","),
+    "tsv": lambda p, s, n: _read_delimited(p, s, n, "\t"),
+    "text": _read_text,
+}
+
+
+def validate(source: CaptionSource) -> None:
+    """Cheap up-front checks (Parquet: readable, column present and text, not empty)."""
+    for path in source.files:
+        if detect_format(path) == "parquet":
+            parquet_column(path, source)
+    rows = source.known_rows()
+    if rows == 0:
+        raise UserError(f"dataset {source.name!r} is empty (0 rows in {len(source.files)} file(s)): point it at files with captions")
