@@ -2,7 +2,7 @@
 
 naive: the full en_core_web_sm pipeline (tok2vec, tagger, parser, attribute_ruler,
        lemmatizer, ner), one process, `nlp.pipe` with its default batch, counting from docs.
-ours:  `dataset_stats.run_stats`: tok2vec + tagger + attribute_ruler only, batch 256, one
+ours:  `dataset_stats.run_stats`: tok2vec + tagger only (+ attribute_ruler and lemmatizer with --lemma), batch 256, one
        worker process per core returning noun counts; the whole job (reading, pool start,
        model loads, metrics, size-matched subsample) is inside the timing.
 
