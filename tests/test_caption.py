@@ -1,0 +1,326 @@
+"""`t2i-data caption`: tiny random LLaVA, both backends, bad inputs, exactly-once resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from autolabel.api import run_caption
+from autolabel.backends import GenParams, TransformersCaptioner, VllmCaptioner
+from autolabel.hygiene import clean_caption, is_degenerate
+from autolabel.prepare import ImageError, prepare_image, target_size
+from autolabel.prompts import ALT_PROMPT, PAPER_PROMPT, family_template, question_for, render_prompt
+from autolabel.sources import iter_sources
+from autolabel.tiny_llava import build_tiny_llava
+from shards.reader import complete_shards
+from shards.schema import CAPTION_SCHEMA
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def jpeg_bytes(w=120, h=80, seed=0, mode="RGB", **save) -> bytes:
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def read_rows(out: Path) -> pl.DataFrame:
+    shards = complete_shards(out)
+    return pl.concat([pl.read_parquet(s) for s in shards]) if shards else pl.DataFrame()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_captioner(tiny_model):
+    return TransformersCaptioner(str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def vllm_captioner(tiny_model, tmp_path_factory):
+    pytest.importorskip("vllm")
+    return VllmCaptioner(str(tiny_model), run_dir=tmp_path_factory.mktemp("vllm-run"))
+
+
+def test_tiny_llava_loads_and_corpus_sets_vocabulary(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    d = build_tiny_llava(tmp_path / "m", corpus=["zebracorn stripes"] * 50 + ["USER: <image>\nASSISTANT:"], seed=1)
+    model = LlavaForConditionalGeneration.from_pretrained(d)
+    processor = AutoProcessor.from_pretrained(d)
+    tok = processor.tokenizer
+    assert len(tok.tokenize("zebracorn")) == 1  # the corpus word became one token
+    assert len(tok.tokenize("xylophone")) > 1  # words outside it still encode, byte by byte
+    assert {"<image>", "<pad>", "<s>", "</s>"} <= set(tok.get_vocab())
+    keys = load_file(d / "model.safetensors").keys()
+    vision = [k for k in keys if "vision_tower" in k]
+    assert vision and all(k.startswith("vision_tower.vision_model.") for k in vision)  # vLLM's layout
+    assert model.config.text_config.head_dim == 32
+    assert render_prompt(processor, str(d), "q") == "USER: <image>\nq\nASSISTANT:"
+
+
+def test_prompts():
+    assert question_for(None, "a dog", use_alt=False) == PAPER_PROMPT
+    assert question_for(None, 'a "dog"', use_alt=True) == ALT_PROMPT.format(alt="a 'dog'")
+    assert question_for("Say hi", None, use_alt=True) == "Say hi"
+    assert family_template("llava-hf/llava-v1.6-mistral-7b-hf").format(q="x") == "[INST] <image>\nx [/INST]"
+    assert family_template("llava-hf/llava-1.5-7b-hf").format(q="x") == "USER: <image>\nx\nASSISTANT:"
+
+    class NoTemplate:
+        chat_template = None
+        tokenizer = None
+
+    assert render_prompt(NoTemplate(), "llava-hf/llava-1.5-7b-hf", "q") == "USER: <image>\nq\nASSISTANT:"
+
+
+def test_hygiene():
+    assert clean_caption("  Describe it \n The  cat sits.  ", "Describe it") == "The cat sits."
+    assert clean_caption("ASSISTANT: A cat.") == "A cat."
+    assert is_degenerate("a red car " + "and the sky " * 10)
+    assert not is_degenerate("A red car parks near a tall tree under a grey sky with clouds.")
+    assert not is_degenerate("")
+
+
+def test_prepare_decodes_near_target_size_and_orients():
+    data = jpeg_bytes(1500, 1000)
+    p = prepare_image(data, 400, 800)
+    assert (p.width, p.height) == (1500, 1000) and p.image.size == target_size(1500, 1000, 400, 800) == (600, 400)
+    assert p.image.mode == "RGB"
+    # decoding only as far as the model needs: short side >= min_short, within the limits
+    big = jpeg_bytes(1600, 2400)
+    p = prepare_image(big, 400, 800, min_short=336)
+    assert 336 <= min(p.image.size) <= 400 and max(p.image.size) <= 800 and (p.width, p.height) == (1600, 2400)
+    # EXIF orientation 6 (rotate 90): a landscape file is a portrait image
+    im = Image.open(io.BytesIO(jpeg_bytes(300, 200)))
+    exif = im.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif)
+    p = prepare_image(buf.getvalue(), 400, 800)
+    assert (p.width, p.height) == (200, 300) and p.image.size == (200, 300)
+
+
+def bad_and_odd_inputs(root: Path) -> dict[str, bool]:
+    """Write every awkward input; returns file name -> readable?"""
+    root.mkdir(parents=True, exist_ok=True)
+    good = jpeg_bytes(160, 120)
+    (root / "good.jpg").write_bytes(good)
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("this is not an image\n")
+    (root / "corrupt.jpg").write_bytes(good[:20] + bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)))
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "cmyk.jpg").write_bytes(jpeg_bytes(90, 70, mode="CMYK"))
+    Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)).save(root / "sixteen.png")  # I;16
+    Image.new("RGBA", (50, 40), (255, 0, 0, 80)).save(root / "alpha.png")
+    frames = [Image.new("P", (40, 30), c) for c in (1, 2, 3)]
+    frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    Image.new("1", (10000, 9000)).save(root / "bomb.png")  # 90M pixels > PIL's limit, a few KB on disk
+    return {"good.jpg": True, "zero.jpg": False, "text.jpg": False, "corrupt.jpg": False, "truncated.jpg": False,
+            "cmyk.jpg": True, "sixteen.png": True, "alpha.png": True, "animated.gif": True, "bomb.png": False}  # fmt: skip
+
+
+def test_prepare_modes_and_bomb(tmp_path):
+    expected = bad_and_odd_inputs(tmp_path)
+    assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
+    for name, readable in expected.items():
+        data = (tmp_path / name).read_bytes()
+        if readable:
+            assert prepare_image(data).image.mode == "RGB", name
+        else:
+            with pytest.raises(ImageError):
+                prepare_image(data)
+    with pytest.raises(ImageError, match="bomb"):
+        prepare_image((tmp_path / "bomb.png").read_bytes())
+
+
+def make_tar(path: Path, n: int = 3, unsafe: bool = True) -> None:
+    with tarfile.open(path, "w") as tf:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+        for i in range(n):
+            add(f"sa_{i}.jpg", jpeg_bytes(90, 60, seed=i))
+            add(f"sa_{i}.json", json.dumps({"image": {"image_id": 100 + i, "width": 1500, "height": 1000,
+                                                      "file_name": f"sa_{i}.jpg"}, "annotations": []}).encode())  # fmt: skip
+        if unsafe:
+            add("../evil.jpg", jpeg_bytes(10, 10))
+            add("/abs/evil.jpg", jpeg_bytes(10, 10))
+
+
+def make_parquet(path: Path, n: int = 3, struct: bool = True) -> None:
+    images = [jpeg_bytes(70, 50, seed=10 + i) for i in range(n)]
+    col = pa.array([{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(images)]) if struct else pa.array(images, pa.binary())
+    pq.write_table(pa.table({"image": col, "TEXT": [f"alt {i}" for i in range(n)]}), path)
+
+
+def test_sources(tmp_path):
+    (tmp_path / "sam" / "sub").mkdir(parents=True)
+    (tmp_path / "sam" / "sub" / "sa_5.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "sam" / "sub" / "sa_5.json").write_text(json.dumps({"image": {"image_id": 5, "width": 120, "height": 80}}))
+    make_tar(tmp_path / "sa_000.tar")
+    make_parquet(tmp_path / "hf.parquet")
+    items = list(iter_sources([tmp_path / "sam", tmp_path / "sa_000.tar", tmp_path / "hf.parquet"]))
+    by_key = {it.key: it for it in items}
+    assert len(by_key) == len(items) == 1 + 3 + 2 + 3
+    assert by_key["sam/sub/sa_5.jpg"].image_id == 5
+    t = by_key["sa_000.tar/sa_1.jpg"]
+    assert (t.image_id, t.width, t.height, t.member, t.error) == (101, 1500, 1000, "sa_1.jpg", None) and t.data
+    unsafe = [it for it in items if "evil" in it.key]
+    assert len(unsafe) == 2 and all("unsafe" in it.error and it.data is None for it in unsafe)
+    p = by_key["hf.parquet/2"]
+    assert p.alt == "alt 2" and Image.open(io.BytesIO(p.data)).size == (70, 50)
+
+
+def test_bad_inputs_recorded_then_retry_replaces_them(tmp_path, hf_captioner):
+    src = tmp_path / "src"
+    expected = bad_and_odd_inputs(src)
+    out = tmp_path / "out"
+    kw = dict(max_new_tokens=4, temperature=0.0, batch_size=4, shard_size=4, progress=False, captioner=hf_captioner)
+    s = run_caption([src], out, **kw)
+    df = read_rows(out)
+    assert df["key"].n_unique() == df.height == len(expected)
+    for name, readable in expected.items():
+        row = df.filter(pl.col("key") == f"src/{name}").row(0, named=True)
+        assert (row["error"] is None) == readable, (name, row["error"])
+        assert (row["caption"] is not None) == readable
+    assert (s.captioned, s.failed) == (5, 5)
+    assert "bomb" in df.filter(pl.col("key") == "src/bomb.png")["error"][0]
+
+    # a rerun skips everything; --retry-failed re-reads only the failed ones, now fixed
+    assert run_caption([src], out, **kw).skipped == len(expected)
+    (src / "truncated.jpg").write_bytes(jpeg_bytes(100, 90, seed=3))
+    s = run_caption([src], out, retry_failed=True, **kw)
+    assert (s.retried, s.captioned, s.failed) == (5, 1, 4)
+    df = read_rows(out)
+    assert df["key"].n_unique() == df.height == len(expected)  # replaced, not duplicated
+    assert df.filter(pl.col("key") == "src/truncated.jpg")["error"][0] is None
+    assert not (out / "retry-journal.json").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == len(expected) and manifest["config"]["backend"] == "transformers"
+
+
+def test_transformers_rows_schema_and_readers(tmp_path, hf_captioner):
+    make_tar(tmp_path / "sa.tar", n=3, unsafe=False)
+    make_parquet(tmp_path / "p.parquet", n=2, struct=False)
+    out = tmp_path / "out"
+    run_caption([tmp_path / "sa.tar", tmp_path / "p.parquet"], out, max_new_tokens=3, temperature=0.0, seed=7,
+                batch_size=2, shard_size=2, embed_images=True, use_alt=True, progress=False, captioner=hf_captioner)  # fmt: skip
+    shards = complete_shards(out)
+    assert len(shards) == 3  # fixed-size shards of 2 rows
+    table = pa.concat_tables(pq.read_table(s) for s in shards)
+    assert table.schema.equals(CAPTION_SCHEMA, check_metadata=False)
+    df = read_rows(out)
+    assert df.height == 5 and df["error"].is_null().all()
+    assert set(df["backend"]) == {"transformers"} and set(df["seed"]) == {7} and set(df["max_new_tokens"]) == {3}
+    assert (df["finish_reason"] == "length").all() and df["truncated"].all() and (df["num_tokens"] == 3).all()
+    assert df.filter(pl.col("key") == "p.parquet/1")["prompt"][0] == ALT_PROMPT.format(alt="alt 1")
+    assert df.filter(pl.col("key") == "sa.tar/sa_0.jpg")["prompt"][0] == PAPER_PROMPT
+    assert df.filter(pl.col("key") == "sa.tar/sa_0.jpg")["width"][0] == 1500  # from the JSON sidecar
+    assert Image.open(io.BytesIO(df.filter(pl.col("key") == "p.parquet/0")["image"][0])).size == (70, 50)
+
+
+def test_vllm_matches_transformers_greedy_float32(tmp_path, hf_captioner, vllm_captioner):
+    images = [prepare_image(jpeg_bytes(120, 90, seed=s)).image for s in range(3)]
+    prompts = [hf_captioner.format_prompt(q) for q in (PAPER_PROMPT, "What is this?", ALT_PROMPT.format(alt="a cat"))]
+    assert prompts == [vllm_captioner.format_prompt(q) for q in (PAPER_PROMPT, "What is this?", ALT_PROMPT.format(alt="a cat"))]
+    params = GenParams(temperature=0.0, max_new_tokens=12, seed=0)
+    hf = hf_captioner.caption(images, prompts, params)
+    vl = vllm_captioner.caption(images, prompts, params)
+    assert [g.token_ids for g in hf] == [g.token_ids for g in vl]
+    assert [g.finish_reason for g in hf] == [g.finish_reason for g in vl]
+
+    # and the vLLM backend through the whole job
+    make_tar(tmp_path / "sa.tar", n=3)
+    out = tmp_path / "out"
+    s = run_caption([tmp_path / "sa.tar"], out, max_new_tokens=6, temperature=0.2, batch_size=2, shard_size=10,
+                    progress=False, captioner=vllm_captioner)  # fmt: skip
+    df = read_rows(out)
+    assert (s.captioned, s.failed) == (3, 2) and df.height == 5 and set(df["backend"]) == {"vllm"}
+    assert df.filter(pl.col("error").is_null())["caption"].str.len_chars().min() > 0
+
+
+def test_an_image_the_model_rejects_is_recorded_not_fatal(tmp_path, hf_captioner):
+    class Picky:  # a model that fails on one particular image (e.g. an odd size its processor rejects)
+        name, model_name = "transformers", hf_captioner.model_name
+        processor = hf_captioner.processor
+
+        def format_prompt(self, q):
+            return hf_captioner.format_prompt(q)
+
+        def caption(self, images, prompts, params):
+            if any(im.size == (77, 33) for im in images):
+                raise ValueError("unsupported image")
+            return hf_captioner.caption(images, prompts, params)
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, size in enumerate([(100, 80), (77, 33), (90, 60)]):
+        (src / f"{i}.jpg").write_bytes(jpeg_bytes(*size))
+    s = run_caption([src], tmp_path / "out", max_new_tokens=2, batch_size=3, progress=False, captioner=Picky())
+    df = read_rows(tmp_path / "out")
+    assert (s.captioned, s.failed, df.height) == (2, 1, 3)
+    assert "unsupported image" in df.filter(pl.col("key") == "src/1.jpg")["error"][0]
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "caption", "--src", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: --src") and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_exactly_once(tmp_path, tiny_model, hf_captioner):
+    src = tmp_path / "sam"
+    src.mkdir()
+    for i in range(48):
+        (src / f"sa_{i}.jpg").write_bytes(jpeg_bytes(200, 150, seed=i))
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "cli.py"), "caption", "--src", str(src), "--out", str(out), "--model",
+           str(tiny_model), "--backend", "transformers", "--max-new-tokens", "48", "--temperature", "0",
+           "--batch-size", "2", "--shard-size", "4", "--workers", "1", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(out.glob("*.done")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: give it more work"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = read_rows(out).height
+    assert 0 < before < 49
+
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"skipped as already done {before}" in r.stdout
+    resumed = read_rows(out)
+    assert resumed["key"].n_unique() == resumed.height == 49
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    reference = tmp_path / "reference"
+    run_caption([src], reference, max_new_tokens=4, temperature=0.0, progress=False, captioner=hf_captioner)
+    assert sorted(resumed["key"]) == sorted(read_rows(reference)["key"])
+    assert resumed.filter(pl.col("error").is_not_null())["key"].to_list() == ["sam/broken.jpg"]
