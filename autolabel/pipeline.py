@@ -5,10 +5,18 @@ keys in complete shards are skipped (shards.reader.done_keys). Rows only become 
 their shard's done-marker exists, so `kill -9` at any moment loses at most the unfinished shard,
 which the rerun redoes.
 
-`retry_failed`: rows whose `error` is set are captioned again; each shard holding such rows is
-rewritten as a new shard with the failed rows replaced, then the old shard is removed. A
-journal (`retry-journal.json`) written before the swap lets a rerun finish an interrupted swap,
-so readers end with exactly one row per key.
+`retry_failed` (exactly one row per key, by copy-on-write of whole shards): rows whose `error`
+is set are captioned again and held until the pass ends. Then each complete shard holding such
+keys is rewritten as a NEW shard (same rows, the retried ones replaced) and the old shard is
+deleted, one shard at a time, in this order:
+  1. `retry-journal.json` = {new shard name: [old shard]} (atomic write);
+  2. the new shard via ShardWriter (temp -> rename -> `.done`);
+  3. the old shard's `.done`, then the old shard; then the journal.
+A crash before 2 completes leaves the old shard (the rerun's clean_incomplete drops the partial
+new one, and the failed rows are simply retried again); a crash after 2 leaves both, and the
+next run of the job first finishes the swap from the journal (finish_interrupted_retry). Only in
+that crash window, or for the instant between steps 2 and 3 of a live run, can a reader see a
+key twice; at rest every key is in exactly one complete shard. Rows are never edited in place.
 """
 
 from __future__ import annotations
@@ -177,7 +185,8 @@ def caption_items(
             summary.captioned += 1
         else:
             summary.failed += 1
-        bar.advance(task)
+        done_now = summary.captioned + summary.failed
+        bar.update(task, advance=1, rate=f"{done_now / max(time.perf_counter() - start, 1e-9):.2f}")
 
     def generate(batch: list, questions: list[str]) -> list:
         """Captions for a batch; if the batch fails, image by image, so one bad image is
@@ -185,14 +194,14 @@ def caption_items(
         fails alone too, the problem is not the images: raise."""
         texts = [captioner.format_prompt(q) for q in questions]
         try:
-            return captioner.caption([p.image for _, p, _ in batch], texts, params)
+            return captioner.generate([p.image for _, p, _ in batch], texts, params)
         except Exception as batch_error:
             if len(batch) == 1:
                 raise
             results: list = []
             for one, text in zip(batch, texts):
                 try:
-                    results.append(captioner.caption([one[1].image], [text], params)[0])
+                    results.append(captioner.generate([one[1].image], [text], params)[0])
                 except Exception as e:  # noqa: BLE001 - recorded in the row
                     results.append(e)
             if all(isinstance(r, Exception) for r in results):
@@ -229,7 +238,6 @@ def caption_items(
             if len(batch) >= batch_size:
                 run_batch(batch)
                 batch = []
-                bar.update(task, rate=f"{summary.captioned / max(time.perf_counter() - start, 1e-9):.2f}")
         if batch:
             run_batch(batch)
     writer.flush()

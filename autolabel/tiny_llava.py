@@ -2,7 +2,8 @@
 
 Public API (kept stable; the demo fine-tunes what this builds):
 
-    build_tiny_llava(out_dir, corpus=None, image_size=32, seed=0) -> Path
+    build_tiny_llava(out_dir, corpus=None, image_size=32, seed=0, **sizes) -> Path
+    save_llava(model, processor, out_dir) -> Path   # save_pretrained both + fix_vllm_keys
     fix_vllm_keys(model_dir) -> None
     LLAVA_CHAT_TEMPLATE
 
@@ -118,6 +119,14 @@ def build_tiny_llava(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
     )  # fmt: skip
+    return save_llava(model, processor, out)
+
+
+def save_llava(model, processor, out_dir: str | Path) -> Path:
+    """Save a LLaVA model and its processor at `out_dir` in the layout both transformers and vLLM
+    load (`save_pretrained` of both, then `fix_vllm_keys`); returns the directory. Use it after
+    fine-tuning what `build_tiny_llava` made."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from autolabel.api import run_caption
+from autolabel.api import CaptionConfig, run_caption
 from autolabel.backends import GenParams, TransformersCaptioner, VllmCaptioner
 from autolabel.hygiene import clean_caption, is_degenerate
 from autolabel.prepare import ImageError, prepare_image, target_size
 from autolabel.prompts import ALT_PROMPT, PAPER_PROMPT, family_template, question_for, render_prompt
-from autolabel.sources import iter_sources
+from autolabel.sources import count_items, iter_sources
 from autolabel.tiny_llava import build_tiny_llava
 from shards.reader import complete_shards
 from shards.schema import CAPTION_SCHEMA
@@ -96,6 +96,8 @@ def test_prompts():
 def test_hygiene():
     assert clean_caption("  Describe it \n The  cat sits.  ", "Describe it") == "The cat sits."
     assert clean_caption("ASSISTANT: A cat.") == "A cat."
+    assert clean_caption("USER: <image>\nDescribe it\nASSISTANT: A  cat.\n") == "A cat."
+    assert clean_caption("[INST] <image>\nq [/INST] A dog.") == "A dog."
     assert is_degenerate("a red car " + "and the sky " * 10)
     assert not is_degenerate("A red car parks near a tall tree under a grey sky with clouds.")
     assert not is_degenerate("")
@@ -182,6 +184,7 @@ def test_sources(tmp_path):
     make_tar(tmp_path / "sa_000.tar")
     make_parquet(tmp_path / "hf.parquet")
     items = list(iter_sources([tmp_path / "sam", tmp_path / "sa_000.tar", tmp_path / "hf.parquet"]))
+    assert count_items([tmp_path / "sam", tmp_path / "sa_000.tar", tmp_path / "hf.parquet"]) == len(items)  # progress total
     by_key = {it.key: it for it in items}
     assert len(by_key) == len(items) == 1 + 3 + 2 + 3
     assert by_key["sam/sub/sa_5.jpg"].image_id == 5
@@ -225,8 +228,9 @@ def test_transformers_rows_schema_and_readers(tmp_path, hf_captioner):
     make_tar(tmp_path / "sa.tar", n=3, unsafe=False)
     make_parquet(tmp_path / "p.parquet", n=2, struct=False)
     out = tmp_path / "out"
-    run_caption([tmp_path / "sa.tar", tmp_path / "p.parquet"], out, max_new_tokens=3, temperature=0.0, seed=7,
-                batch_size=2, shard_size=2, embed_images=True, use_alt=True, progress=False, captioner=hf_captioner)  # fmt: skip
+    cfg = CaptionConfig(src=[tmp_path / "sa.tar", tmp_path / "p.parquet"], out=out, max_new_tokens=3, temperature=0.0,
+                        seed=7, batch_size=2, shard_size=2, embed_images=True, prompt_mode="alt", progress=False)  # fmt: skip
+    run_caption(cfg, captioner=hf_captioner)
     shards = complete_shards(out)
     assert len(shards) == 3  # fixed-size shards of 2 rows
     table = pa.concat_tables(pq.read_table(s) for s in shards)
@@ -246,8 +250,8 @@ def test_vllm_matches_transformers_greedy_float32(tmp_path, hf_captioner, vllm_c
     prompts = [hf_captioner.format_prompt(q) for q in (PAPER_PROMPT, "What is this?", ALT_PROMPT.format(alt="a cat"))]
     assert prompts == [vllm_captioner.format_prompt(q) for q in (PAPER_PROMPT, "What is this?", ALT_PROMPT.format(alt="a cat"))]
     params = GenParams(temperature=0.0, max_new_tokens=12, seed=0)
-    hf = hf_captioner.caption(images, prompts, params)
-    vl = vllm_captioner.caption(images, prompts, params)
+    hf = hf_captioner.generate(images, prompts, params)
+    vl = vllm_captioner.generate(images, prompts, params)
     assert [g.token_ids for g in hf] == [g.token_ids for g in vl]
     assert [g.finish_reason for g in hf] == [g.finish_reason for g in vl]
 
@@ -269,10 +273,10 @@ def test_an_image_the_model_rejects_is_recorded_not_fatal(tmp_path, hf_captioner
         def format_prompt(self, q):
             return hf_captioner.format_prompt(q)
 
-        def caption(self, images, prompts, params):
+        def generate(self, images, prompts, params):
             if any(im.size == (77, 33) for im in images):
                 raise ValueError("unsupported image")
-            return hf_captioner.caption(images, prompts, params)
+            return hf_captioner.generate(images, prompts, params)
 
     src = tmp_path / "src"
     src.mkdir()
@@ -284,11 +288,37 @@ def test_an_image_the_model_rejects_is_recorded_not_fatal(tmp_path, hf_captioner
     assert "unsupported image" in df.filter(pl.col("key") == "src/1.jpg")["error"][0]
 
 
-def test_cli_bad_input_is_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "caption", "--src", str(tmp_path / "nope"), "--out",
-                        str(tmp_path / "o")], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert r.returncode == 2
-    assert r.stderr.strip().startswith("error: --src") and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize(
+    "case, extra, expected",
+    [
+        ("missing src", [], "error: --src"),
+        ("empty src", [], "error: no images found"),
+        ("unknown backend", ["--backend", "onnx"], "error: unknown --backend"),
+        ("unknown prompt mode", ["--prompt-mode", "fancy"], "error: unknown --prompt-mode"),
+        ("missing model dir", ["--backend", "transformers", "--model", "./no/such/model"], "error: model directory"),
+    ],
+)
+def test_cli_bad_input_is_one_line_error(tmp_path, case, extra, expected):
+    src = tmp_path / "src"
+    if case != "missing src":
+        src.mkdir()
+    if case not in ("missing src", "empty src"):
+        (src / "a.jpg").write_bytes(jpeg_bytes())
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "caption", "--src", str(src), "--out", str(tmp_path / "o"),
+                        *extra], capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert err.startswith(expected) and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not list((tmp_path / "o").glob("*.parquet"))  # nothing written
+
+
+def test_from_loaded_wraps_a_loaded_model(tmp_path, hf_captioner):
+    cap = TransformersCaptioner.from_loaded(hf_captioner.model, hf_captioner.processor, "my-llava")
+    images = [prepare_image(jpeg_bytes(90, 70, seed=s)).image for s in range(2)]
+    prompts = [cap.format_prompt(PAPER_PROMPT)] * 2
+    params = GenParams(temperature=0.0, max_new_tokens=5)
+    assert [g.token_ids for g in cap.generate(images, prompts, params)] == [g.token_ids for g in hf_captioner.generate(images, prompts, params)]
+    assert cap.caption is not None and cap.model_name == "my-llava"
 
 
 @pytest.mark.slow
@@ -324,3 +354,27 @@ def test_kill_9_then_resume_is_exactly_once(tmp_path, tiny_model, hf_captioner):
     run_caption([src], reference, max_new_tokens=4, temperature=0.0, progress=False, captioner=hf_captioner)
     assert sorted(resumed["key"]) == sorted(read_rows(reference)["key"])
     assert resumed.filter(pl.col("error").is_not_null())["key"].to_list() == ["sam/broken.jpg"]
+
+
+def test_interrupted_retry_swap_is_finished_by_the_next_run(tmp_path):
+    """A crash between writing a retry's replacement shard and deleting the old one leaves both;
+    the next run finishes the swap from the journal, so every key is left exactly once."""
+    from autolabel.pipeline import JOURNAL, finish_interrupted_retry
+    from shards.writer import ShardWriter
+
+    out = tmp_path / "out"
+    w = ShardWriter(out, rows_per_shard=10)
+    old = w.write_table(pa.Table.from_pylist([{"key": "a", "error": "broken"}, {"key": "b", "caption": "x"}], CAPTION_SCHEMA))
+    new_name = f"{w.prefix}-{w._next_index:05d}-{w.writer_id}.parquet"
+    (out / JOURNAL).write_text(json.dumps({new_name: [old.name]}))
+    w.write_table(pa.Table.from_pylist([{"key": "a", "caption": "fixed"}, {"key": "b", "caption": "x"}], CAPTION_SCHEMA))
+    assert read_rows(out).height == 4  # the crash window: both shards complete
+    finish_interrupted_retry(out)
+    df = read_rows(out)
+    assert sorted(df["key"]) == ["a", "b"] and df.filter(pl.col("key") == "a")["caption"][0] == "fixed"
+    assert not (out / JOURNAL).exists() and not old.exists()
+
+    # a crash before the replacement was complete: the journal is dropped, the old shard stays
+    (out / JOURNAL).write_text(json.dumps({"part-00099-deadbeef.parquet": [complete_shards(out)[0].name]}))
+    finish_interrupted_retry(out)
+    assert read_rows(out).height == 2 and not (out / JOURNAL).exists()
