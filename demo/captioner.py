@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from autolabel import prompts as P
+from autolabel.tiny_llava import save_llava
 from demo import world as W
 
 DEFAULT_IMAGE_SIZE = 32  # the vision tower's input: 4x4 patches of 8 px
@@ -62,18 +63,6 @@ def build_captioner_model(
     from autolabel.tiny_llava import build_tiny_llava
 
     return Path(build_tiny_llava(out_dir, corpus=training_corpus(), image_size=image_size, seed=seed, vision_hidden=vision_hidden))
-
-
-def save_captioner(model, processor, out_dir: str | Path) -> Path:
-    """save_pretrained model + processor, with the vLLM key fix: the layout both backends load."""
-    from autolabel.tiny_llava import fix_vllm_keys
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    fix_vllm_keys(out)
-    return out
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -194,7 +183,7 @@ def train_captioner(
         bar.close()
     train_s = time.perf_counter() - t_train
     model.eval()
-    save_captioner(model, processor, out)
+    save_llava(model, processor, out)  # the layout both caption backends load
     metrics: dict[str, Any] = {
         "steps": steps, "batch_size": batch_size, "train_images": n, "seed": seed,
         "parameters": sum(p.numel() for p in model.parameters()),
