@@ -125,12 +125,17 @@ def caption_cmd(
     max_short: int = typer.Option(400, "--max-short", help="resize: short side at most this"),
     max_long: int = typer.Option(800, "--max-long", help="resize: long side at most this"),
     no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+    engine: str = typer.Option("local", "--engine", help="local (this process) | ray (Ray Data: model replicas in actors)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: connect to this Ray cluster (default: start a local Ray)"),
+    replicas: int = typer.Option(1, "--replicas", help="--engine ray: model replicas (one GPU each on a GPU cluster)"),
 ) -> None:
     """Dense VLM captions (LLaVA) for SA-1B-style images, into Parquet shards; resumable.
 
     Rerun the same command after a crash to resume (exactly one row per image). Unreadable images become rows with `error`; --retry-failed captions only those again.
 
     Example: t2i-data caption --src sa_000000.tar --out out/ --backend vllm --model llava-hf/llava-1.5-7b-hf
+
+    On Ray: t2i-data caption --src sa_000000.tar --out out/ --engine ray --ray-address auto --replicas 8
     """
     from autolabel.api import run_caption
 
@@ -138,7 +143,7 @@ def caption_cmd(
         src, out, model=model, backend=backend, prompt=prompt, prompt_mode=prompt_mode, temperature=temperature,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, shard_size=shard_size,
         embed_images=embed_images, retry_failed=retry_failed, workers=workers, max_short=max_short,
-        max_long=max_long, progress=not no_progress,
+        max_long=max_long, progress=not no_progress, engine=engine, ray_address=ray_address, replicas=replicas,
     )  # fmt: skip
     typer.echo(f"{summary.line()}; {len(summary.shards)} shards in {out}")
 

@@ -3,6 +3,7 @@
     run_caption(CaptionConfig(src=["sam/"], out="out", backend="vllm")) -> Summary
     run_caption(["sam/"], "out", backend="vllm", ...)      # same, keyword form
     run_caption(config, captioner=loaded)                  # reuse a loaded model across calls
+    run_caption(replace(config, engine="ray", replicas=4))  # Ray Data (autolabel.engine_ray)
 
 Summary has `captioned`, `failed`, `skipped` (already done), `retried`, `seconds`, `shards`
 (all complete shard names in `out`) and `line()` (the one-line summary the CLI prints).
@@ -11,6 +12,7 @@ Summary has `captioned`, `failed`, `skipped` (already done), `retried`, `seconds
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +25,7 @@ from autolabel.sources import count_items, iter_sources, validate_sources
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 PROMPT_MODES = ("plain", "alt")
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -34,6 +37,9 @@ class CaptionConfig:
     prompt_mode: "plain" asks `prompt` (default: the paper's) for every image; "alt" asks the
     caption-conditioned prompt for images with an alt-text and `prompt` for the others.
     backend_kwargs go to the backend's constructor (e.g. dtype, max_model_len, run_dir).
+    engine: "local" (this process) or "ray" (a Ray Data pipeline, autolabel.engine_ray: at
+    `ray_address`, or a local Ray when None; `replicas` model actors, one GPU each when the
+    cluster has GPUs).
     """
 
     src: Sequence[str | Path] = ()
@@ -55,6 +61,9 @@ class CaptionConfig:
     max_long: int = 800
     progress: bool = True
     backend_kwargs: dict[str, Any] = field(default_factory=dict)
+    engine: str = "local"
+    ray_address: str | None = None
+    replicas: int = 1
 
     @property
     def use_alt(self) -> bool:
@@ -89,6 +98,8 @@ def run_caption(
     out_dir = Path(cfg.out)
     params = GenParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     workers = cfg.workers or min(8, os.cpu_count() or 1)
+    if cfg.engine == "ray":
+        return _run_on_ray(cfg, out_dir, params, captioner)
     owns = captioner is None
     if captioner is None:
         captioner = make_captioner(cfg.backend, cfg.model, **cfg.backend_kwargs)
@@ -112,9 +123,33 @@ def run_caption(
             captioner.close()
 
 
+def _run_on_ray(cfg: CaptionConfig, out_dir: Path, params: GenParams, captioner: Captioner | None) -> Summary:
+    """The same job on Ray Data: model replicas in Ray actors (autolabel.engine_ray)."""
+    if captioner is not None:
+        raise UserError("a loaded captioner cannot be shipped to Ray actors: pass the model name (model=...) with engine='ray'")
+    from autolabel.engine_ray import caption_with_ray, import_ray  # Ray is imported only here
+
+    import_ray()  # the install hint before any work
+    recorded = {
+        "src": [str(s) for s in cfg.src], "model": cfg.model, "backend": cfg.backend,
+        "prompt": cfg.prompt or PAPER_PROMPT, "prompt_mode": cfg.prompt_mode, **asdict(params),
+        "batch_size": cfg.batch_size, "shard_size": cfg.shard_size, "embed_images": cfg.embed_images,
+        "max_short": cfg.max_short, "max_long": cfg.max_long, "engine": "ray", "replicas": cfg.replicas,
+    }  # fmt: skip
+    return caption_with_ray(
+        cfg.src, out_dir, model=cfg.model, backend=cfg.backend, backend_kwargs=cfg.backend_kwargs, params=params,
+        prompt=cfg.prompt, use_alt=cfg.use_alt, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
+        embed_images=cfg.embed_images, retry_failed=cfg.retry_failed,
+        prepare_opts=PrepareOptions(cfg.max_short, cfg.max_long), config=recorded,
+        replicas=cfg.replicas, address=cfg.ray_address, progress=cfg.progress,
+    )  # fmt: skip
+
+
 def _validate(cfg: CaptionConfig) -> None:
-    """UserError one-liners for bad settings, before the (slow) model load."""
-    validate_sources(cfg.src)
+    """UserError one-liners for bad settings, before the (slow) model load. (The Ray engine
+    checks its sources itself, as it lists them: they may be S3/GCS URIs.)"""
+    if cfg.engine != "ray":
+        validate_sources(cfg.src)
     for name, v in (("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size),
                     ("--max-new-tokens", cfg.max_new_tokens), ("--max-short", cfg.max_short), ("--max-long", cfg.max_long)):  # fmt: skip
         if v < 1:
@@ -123,10 +158,16 @@ def _validate(cfg: CaptionConfig) -> None:
         raise UserError(f"--temperature {cfg.temperature} is negative: pass 0 (greedy) or more")
     if cfg.prompt_mode not in PROMPT_MODES:
         raise UserError(f"unknown --prompt-mode {cfg.prompt_mode!r}: use plain or alt")
+    if cfg.engine not in ENGINES:
+        raise UserError(f"unknown --engine {cfg.engine!r}: use local or ray")
+    if cfg.replicas < 1:
+        raise UserError(f"--replicas {cfg.replicas} must be at least 1: pass a positive number")
     if cfg.backend not in ("vllm", "transformers"):
         raise UserError(f"unknown --backend {cfg.backend!r}: use vllm or transformers")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(cfg.out)):  # s3://, gs://; not C:/
+        raise UserError(f"--out {cfg.out}: shards are written to a local or mounted directory: pass a path (mount the bucket, e.g. s3fs/gcsfuse)")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a directory")
-    if next(iter_sources(cfg.src), None) is None:
+    if cfg.engine != "ray" and next(iter_sources(cfg.src), None) is None:
         raise UserError(f"no images found in --src {', '.join(map(str, cfg.src))}: pass folders, .tar or .parquet files with images")

@@ -1,0 +1,442 @@
+"""`t2i-data caption --engine ray`: the caption job as a Ray Data pipeline.
+
+    units (driver) -> read (CPU tasks) -> prepare (CPU tasks) -> CaptionActor (GPU/CPU actors)
+      -> driver: iter_batches -> ShardWriter (same atomic shards, done markers and manifest)
+
+- Units: the driver lists the sources the way `autolabel.sources` does (same keys): chunks of
+  plain image files (paths + sidecar info, no bytes), one unit per tar, one per Parquet file.
+  Read tasks expand a unit into image records with the sources' own readers (iter_tar,
+  iter_parquet), so bytes are read on the workers, not the driver.
+- Remote sources: `s3://`, `gs://` (and `file://`) URIs of folders of images and of Parquet
+  files are listed and read through pyarrow's filesystems (`pyarrow.fs.FileSystem.from_uri`;
+  credentials as pyarrow finds them: environment, instance role, ~/.aws). Remote tars are not
+  streamed yet: mount the bucket (s3fs, gcsfuse) or copy the tars to the nodes.
+- Resume: keys already in complete shards come back as `skip` rows (no bytes, no work); the
+  driver counts them. `--retry-failed` works as in the local engine (same copy-on-write swap).
+- Prepare: autolabel.prepare.prepare_image in CPU tasks; the RGB pixels travel losslessly
+  (raw bytes + size) to the actors, so the model sees exactly what the local engine feeds it.
+- Caption: `CaptionActor` wraps the project's own captioner (VllmCaptioner by default), so
+  prompt formatting, sampling, hygiene and the row fields are the local engine's. One actor per
+  replica; one GPU each when the cluster has GPUs, else one CPU.
+- Write: for a first version the driver collects the captioned rows in input order and writes
+  them with ShardWriter. Every shard is atomic (temp -> rename -> .done), so resume semantics
+  are the local engine's. The driver's writing is light next to the captioning, but it is one
+  process: a per-block writer in the workers would scale the writes further.
+
+Ray is imported only here, and this module only when `--engine ray` is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pyarrow as pa
+from PIL import Image
+
+from shards.errors import UserError
+from shards.reader import clean_incomplete, done_keys
+from shards.schema import CAPTION_SCHEMA
+from shards.writer import ShardWriter, write_manifest
+from autolabel.backends import GenParams, _load_processor, input_short_side
+from autolabel.pipeline import PrepareOptions, Summary, _replace_failed_rows, failed_keys, finish_interrupted_retry
+from autolabel.sources import IMAGE_EXTS, ImageItem, _is_tar, _sidecar_info, count_items, iter_parquet, iter_tar
+
+FILES_PER_UNIT = 256  # plain image files per read task
+RECORDS_PER_BLOCK = 64  # records per block a read task yields (bounds memory for big tars)
+
+# The records flowing from the read stage to the prepare stage.
+RECORD_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source", pa.string()), ("member", pa.string()), ("image_id", pa.int64()),
+    ("width", pa.int32()), ("height", pa.int32()), ("alt_text", pa.string()), ("error", pa.string()),
+    ("skip", pa.bool_()), ("path", pa.string()), ("data", pa.binary()),
+])  # fmt: skip
+# ...and from the prepare stage to the actors: prepared pixels instead of the file bytes.
+PREPARED_SCHEMA = pa.schema([
+    *[f for f in RECORD_SCHEMA if f.name not in ("path", "data")],
+    ("prep_width", pa.int32()), ("prep_height", pa.int32()),  # original size (after EXIF orientation)
+    ("pixels", pa.binary()), ("pixel_width", pa.int32()), ("pixel_height", pa.int32()),  # RGB, resized
+    ("data", pa.binary()),  # the original bytes, only kept with --embed-images
+])  # fmt: skip
+OUT_SCHEMA = pa.schema([*CAPTION_SCHEMA, pa.field("skip", pa.bool_())])
+
+
+def import_ray():
+    """`ray` and `ray.data`, or a one-line UserError saying how to install them."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise UserError(f'--engine ray needs Ray Data, which is not installed ({e}): pip install "t2i-data[ray]"') from None
+    return ray
+
+
+# --- units: the driver's listing, same keys as autolabel.sources ---------------------------------
+
+
+def is_uri(src) -> bool:
+    """A `scheme://` source, read through pyarrow's filesystems (S3, GCS, ...)."""
+    return "://" in str(src)
+
+
+def _remote_units(uri: str, add_file, add_container) -> None:
+    """List a remote folder (recursive, sorted) or file with pyarrow.fs, keyed like a local one."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(root)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UserError(f"--src {uri}: cannot open it through pyarrow's filesystems ({e}): check the URI and credentials") from None
+    scheme = uri.split("://", 1)[0]
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"--src {uri} does not exist: pass an existing folder or .parquet URI")
+    if info.type == pafs.FileType.Directory:
+        name = root.rstrip("/").rsplit("/", 1)[-1]
+        found = sorted((f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File),
+                       key=lambda f: f.path)  # fmt: skip
+        paths = {f.path for f in found}
+        for f in found:
+            rel = f"{name}/{f.path[len(root.rstrip('/')) + 1:]}"
+            full = f"{scheme}://{f.path}"
+            if _is_tar(Path(f.path)):
+                raise UserError(f"--src {full}: tars are not streamed from object stores yet: mount the bucket (s3fs, gcsfuse) or copy the tars to the nodes")
+            if f.path.endswith(".parquet"):
+                add_container("parquet", full, rel)
+            elif Path(f.path).suffix.lower() in IMAGE_EXTS:
+                side = str(Path(f.path).with_suffix(".json"))
+                info_ = _sidecar_info(fs.open_input_file(side).read()) if side in paths else {}
+                add_file(rel, full, info_)
+    elif uri.endswith(".parquet"):
+        add_container("parquet", uri, Path(root).name)  # keyed like a local file: <name>/<row>
+    elif Path(root).suffix.lower() in IMAGE_EXTS:
+        add_file(Path(root).name, uri, {})
+    else:
+        raise UserError(f"--src {uri}: not a folder, .parquet or image file (remote tars are not streamed yet): pass one of those")
+
+
+def list_units(srcs) -> list[dict]:
+    """Work units for the read tasks, in the order autolabel.sources.iter_sources yields items."""
+    units: list[dict] = []
+    files: list[dict] = []
+
+    def flush_files() -> None:
+        if files:
+            units.append({"kind": "files", "items": list(files)})
+            files.clear()
+
+    def add_file(key: str, p: Path | str, info: dict) -> None:
+        item = {"key": key, "source": str(p), "path": str(p), **info}
+        files.append(item)
+        if len(files) >= FILES_PER_UNIT:
+            flush_files()
+
+    def add_container(kind: str, p: Path, prefix: str | None) -> None:
+        flush_files()  # keep the input order
+        units.append({"kind": kind, "path": str(p), "prefix": prefix})
+
+    def sidecar(f: Path) -> dict:
+        side = f.with_suffix(".json")
+        return _sidecar_info(side.read_bytes()) if side.is_file() else {}
+
+    for src in srcs:
+        p = Path(src)
+        if is_uri(src):
+            _remote_units(str(src), add_file, add_container)
+        elif not p.exists():
+            raise UserError(f"--src {src} does not exist: pass an existing folder, .tar or .parquet")
+        elif p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if not f.is_file():
+                    continue
+                rel = f"{p.name}/{f.relative_to(p).as_posix()}"
+                if _is_tar(f):
+                    add_container("tar", f, rel)
+                elif f.suffix == ".parquet":
+                    add_container("parquet", f, rel)
+                elif f.suffix.lower() in IMAGE_EXTS:
+                    add_file(rel, f, sidecar(f))
+        elif _is_tar(p):
+            add_container("tar", p, None)
+        elif p.suffix == ".parquet":
+            add_container("parquet", p, None)
+        elif p.suffix.lower() in IMAGE_EXTS:
+            add_file(p.name, p, {})
+        else:
+            raise UserError(f"--src {src}: not a folder, .tar, .parquet or image file: pass one of those")
+    flush_files()
+    return units
+
+
+# --- stage 1: read (CPU tasks) -----------------------------------------------------------------
+
+
+def _unit_items(unit: dict) -> Iterator[ImageItem]:
+    if unit["kind"] == "files":
+        for d in unit["items"]:
+            item = ImageItem(**d)
+            if is_uri(item.path):  # remote: read here, through pyarrow's filesystems
+                yield _read_remote(item)
+            else:
+                yield item
+    elif unit["kind"] == "tar":
+        yield from iter_tar(Path(unit["path"]), key_prefix=unit["prefix"])
+    else:  # pq.ParquetFile opens local paths and URIs alike
+        yield from iter_parquet(unit["path"] if is_uri(unit["path"]) else Path(unit["path"]), key_prefix=unit["prefix"])
+
+
+def _read_remote(item: ImageItem) -> ImageItem:
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(item.path)
+        with fs.open_input_file(path) as f:
+            item.data = f.read()
+    except (OSError, pa.ArrowException) as e:
+        item.error = f"unreadable file: {e}"
+    item.path = None
+    return item
+
+
+_skip_sets: dict[str, frozenset] = {}  # per Ray worker process: the done keys, fetched once
+
+
+def _skip_set(skip_keys) -> frozenset:
+    """The done keys, passed once through Ray's object store (a resumed run may have millions)."""
+    if isinstance(skip_keys, frozenset):
+        return skip_keys
+    import ray
+
+    ref = skip_keys.hex()
+    if ref not in _skip_sets:
+        _skip_sets.clear()
+        _skip_sets[ref] = ray.get(skip_keys)
+    return _skip_sets[ref]
+
+
+def read_units(batch: pa.Table, skip_keys) -> Iterator[pa.Table]:
+    """map_batches UDF: units in, image records out (tar/Parquet bytes read here, files later).
+    `skip_keys`: keys already done (a frozenset, or an ObjectRef of one)."""
+    skip_keys = _skip_set(skip_keys)
+    for unit_json in batch.column("unit").to_pylist():
+        records: list[dict] = []
+        for it in _unit_items(json.loads(unit_json)):
+            skip = it.key in skip_keys
+            records.append(dict(
+                key=it.key, source=it.source, member=it.member, image_id=it.image_id, width=it.width,
+                height=it.height, alt_text=it.alt, error=it.error, skip=skip, path=None if skip else it.path,
+                data=None if skip else it.data,
+            ))  # fmt: skip
+            if len(records) >= RECORDS_PER_BLOCK:
+                yield pa.Table.from_pylist(records, RECORD_SCHEMA)
+                records = []
+        if records:
+            yield pa.Table.from_pylist(records, RECORD_SCHEMA)
+
+
+# --- stage 2: prepare (CPU tasks) --------------------------------------------------------------
+
+
+def prepare_records(batch: pa.Table, opts: PrepareOptions, embed_images: bool) -> pa.Table:
+    """map_batches UDF: decode + resize each image exactly as the local engine's workers do."""
+    from autolabel.pipeline import _prepare
+
+    out = []
+    for r in batch.to_pylist():
+        row = {k: r[k] for k in ("key", "source", "member", "image_id", "width", "height", "alt_text", "error", "skip")}
+        if not r["skip"]:
+            item = ImageItem(key=r["key"], source=r["source"], member=r["member"], data=r["data"], path=r["path"],
+                             alt=r["alt_text"], image_id=r["image_id"], width=r["width"], height=r["height"], error=r["error"])  # fmt: skip
+            _, prep, error, data = _prepare(item, opts)
+            row["error"] = error
+            if prep is not None:
+                row.update(prep_width=prep.width, prep_height=prep.height, pixels=prep.image.tobytes(),
+                           pixel_width=prep.image.width, pixel_height=prep.image.height)  # fmt: skip
+            row["data"] = data if embed_images else None
+        out.append(row)
+    return pa.Table.from_pylist(out, PREPARED_SCHEMA)
+
+
+# --- stage 3: caption (actors) -----------------------------------------------------------------
+
+
+class CaptionActor:
+    """One model replica: the project's own captioner, loaded once per actor."""
+
+    def __init__(self, backend: str, model: str, backend_kwargs: dict, params: GenParams, prompt: str | None,
+                 use_alt: bool, embed_images: bool) -> None:  # fmt: skip
+        from autolabel.backends import make_captioner
+
+        self.captioner = make_captioner(backend, model, **backend_kwargs)
+        self.params, self.prompt, self.use_alt, self.embed_images = params, prompt, use_alt, embed_images
+
+    def _generate(self, images: list, texts: list[str]) -> list:
+        """The local engine's rule: a failing batch is retried image by image, so one bad image
+        becomes an error row; if every image fails alone too, the problem is not the images."""
+        try:
+            return self.captioner.generate(images, texts, self.params)
+        except Exception as batch_error:
+            if len(images) == 1:
+                raise
+            results: list = []
+            for im, text in zip(images, texts):
+                try:
+                    results.append(self.captioner.generate([im], [text], self.params)[0])
+                except Exception as e:  # noqa: BLE001 - recorded in the row
+                    results.append(e)
+            if all(isinstance(r, Exception) for r in results):
+                raise batch_error
+            return results
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from autolabel.hygiene import clean_caption, is_degenerate
+        from autolabel.prompts import question_for
+
+        cap, p = self.captioner, self.params
+        rows = batch.to_pylist()
+        out: list[dict] = []
+        todo: list[tuple[dict, str, Image.Image]] = []
+        for r in rows:
+            if r["skip"]:
+                out.append({"key": r["key"], "skip": True})
+                continue
+            prepared = r["pixels"] is not None and r["error"] is None
+            row = dict(
+                key=r["key"], source=r["source"], member=r["member"], image_id=r["image_id"],
+                width=r["width"] or r["prep_width"], height=r["height"] or r["prep_height"], alt_text=r["alt_text"],
+                model=cap.model_name, prompt=None, backend=cap.name, temperature=p.temperature,
+                max_new_tokens=p.max_new_tokens, seed=p.seed, image=r["data"] if self.embed_images else None,
+                error=r["error"], skip=False,
+            )  # fmt: skip
+            out.append(row)
+            if prepared:
+                q = question_for(self.prompt, r["alt_text"], self.use_alt)
+                row["prompt"] = q
+                todo.append((row, q, Image.frombytes("RGB", (r["pixel_width"], r["pixel_height"]), r["pixels"])))
+        if todo:
+            gens = self._generate([im for _, _, im in todo], [cap.format_prompt(q) for _, q, _ in todo])
+            for (row, q, _), g in zip(todo, gens):
+                if isinstance(g, Exception):
+                    row["error"] = f"captioning failed: {type(g).__name__}: {g}"
+                    continue
+                caption = clean_caption(g.text, q)
+                row.update(caption=caption, num_tokens=g.num_tokens, finish_reason=g.finish_reason,
+                           truncated=g.finish_reason == "length", degenerate=is_degenerate(caption))  # fmt: skip
+        return pa.Table.from_pylist(out, OUT_SCHEMA)
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def _init_ray(ray, address: str | None) -> bool:
+    """Connect to `address`, or start a local Ray (no dashboard). True when we started it."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": os.cpu_count() or 1}
+    try:
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
+    except ConnectionError as e:
+        raise UserError(f"cannot connect to Ray at --ray-address {address} ({e}): start the cluster (ray start --head) or pass its address") from None
+    return True
+
+
+def _actor_resources(cluster: dict, replicas: int) -> dict:
+    """One GPU per replica on a GPU cluster. On CPUs, at most one CPU each and always half a CPU
+    left for the read/prepare tasks: actors holding every CPU would starve them and hang the job."""
+    if cluster.get("GPU", 0) > 0:
+        return {"num_gpus": 1}
+    cpus = cluster.get("CPU", 1)
+    return {"num_cpus": max(0.01, min(1.0, (cpus - 0.5) / replicas))}
+
+
+def caption_with_ray(
+    srcs, out_dir: Path, *, model: str, backend: str, backend_kwargs: dict, params: GenParams, prompt: str | None,
+    use_alt: bool, batch_size: int, shard_size: int, embed_images: bool, retry_failed: bool,
+    prepare_opts: PrepareOptions, config: dict, replicas: int, address: str | None, progress: bool,
+) -> Summary:  # fmt: skip
+    """Caption every not-yet-done image of `srcs` into shards in `out_dir` on Ray; see the module docstring."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    ray = import_ray()
+    if not srcs:
+        raise UserError("no --src given: pass a folder, SA-1B .tar or .parquet with images")
+    units = list_units(srcs)  # UserError for a missing or unreadable source, before any work
+    if not units:
+        raise UserError(f"no images found in --src {', '.join(map(str, srcs))}: pass folders, .tar or .parquet files with images")
+    total = count_items(srcs) if progress and not any(is_uri(s) for s in srcs) else None
+    # JPEGs are draft-decoded down to the model's input size, as in the local engine
+    processor = _load_processor(model)
+    prepare_opts = replace(prepare_opts, min_short=input_short_side(SimpleNamespace(processor=processor)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_retry(out_dir)
+    clean_incomplete(out_dir)
+    to_retry = failed_keys(out_dir) if retry_failed else set()
+    skip_keys = frozenset(done_keys(out_dir) - to_retry)
+    started = _init_ray(ray, address)
+    summary = Summary()
+    start = time.perf_counter()
+    writer = ShardWriter(out_dir, rows_per_shard=shard_size, config=config)
+    retried_rows: dict[str, dict] = {}
+    seen: set[str] = set()
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # rows in input order, as the local engine
+        ctx.enable_progress_bars = False  # ours is on screen
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        actor_resources = _actor_resources(ray.cluster_resources(), replicas)
+        # one block per unit (capped), so read tasks spread over the cluster
+        ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=min(len(units), 10_000))
+        ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+                            fn_kwargs={"skip_keys": ray.put(skip_keys) if skip_keys else skip_keys})  # fmt: skip
+        ds = ds.map_batches(prepare_records, batch_size=batch_size, batch_format="pyarrow",
+                            fn_kwargs={"opts": prepare_opts, "embed_images": embed_images}, num_cpus=0.5)  # fmt: skip
+        ds = ds.map_batches(
+            CaptionActor, batch_size=batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=replicas),
+            fn_constructor_kwargs=dict(backend=backend, model=model, backend_kwargs=backend_kwargs, params=params,
+                                       prompt=prompt, use_alt=use_alt, embed_images=embed_images),
+            **actor_resources,
+        )  # fmt: skip
+
+        columns = [TextColumn("captioning (ray)"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} img/s"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            task = bar.add_task("caption", total=total, rate="0.00")
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for row in batch.to_pylist():
+                    key = row["key"]
+                    if key in seen:
+                        continue  # the same key twice in the input: keep the first
+                    seen.add(key)
+                    if row.pop("skip"):
+                        summary.skipped += 1
+                        bar.advance(task)
+                        continue
+                    if key in to_retry:
+                        retried_rows[key] = row
+                        summary.retried += 1
+                    else:
+                        writer.add(row)
+                    if row["error"] is None:
+                        summary.captioned += 1
+                    else:
+                        summary.failed += 1
+                    done_now = summary.captioned + summary.failed
+                    bar.update(task, advance=1, rate=f"{done_now / max(time.perf_counter() - start, 1e-9):.2f}")
+    finally:
+        if started:
+            ray.shutdown()
+    writer.flush()
+    _replace_failed_rows(out_dir, writer, retried_rows)
+    summary.seconds = time.perf_counter() - start
+    manifest = write_manifest(out_dir, config=config, extra={"last_run": {
+        "captioned": summary.captioned, "failed": summary.failed, "skipped": summary.skipped,
+        "retried": summary.retried, "seconds": round(summary.seconds, 3)}})  # fmt: skip
+    summary.shards = [s["shard"] for s in manifest["shards"]]
+    return summary
