@@ -1,5 +1,6 @@
 """Feature-shard dataset: bucketed batches (one bucket per batch), a deterministic epoch order
-and a data position (epoch, batch) that a resumed run continues from exactly."""
+and a data position (epoch, batch) that a resumed run continues from exactly, on any number of
+processes with the same global batch (each rank reads only its slice of a global batch)."""
 
 from __future__ import annotations
 
@@ -45,22 +46,34 @@ class FeatureDataset:
     def __len__(self) -> int:
         return self.table.num_rows
 
-    def epoch_batches(self, epoch: int, seed: int, batch_size: int, world_size: int = 1) -> list[np.ndarray]:
-        """Global batches of one epoch (batch_size x world_size indices, one bucket each), in a
-        order fixed by (seed, epoch). With one process every sample appears exactly once; with
-        several, a bucket's incomplete last batch is dropped so every rank gets a full share."""
+    def global_batches(self, epoch: int, seed: int, global_batch: int, world_size: int = 1) -> list[np.ndarray]:
+        """The global batches of one epoch, one bucket each, in an order fixed by (seed, epoch,
+        global_batch) alone: the same list on any number of processes, so a data position (epoch,
+        batch index) means the same samples after a resume on another world size.
+
+        Each bucket's last, incomplete batch is cut to a multiple of `world_size` so every rank
+        gets an equal share (it may become empty: callers skip empty entries). With one process
+        every sample appears exactly once; with W, at most W-1 samples per bucket wait for the
+        next epoch's shuffle."""
         rng = np.random.default_rng([seed, epoch])
-        gb = batch_size * world_size
         batches = []
         for b, idx in self.buckets.items():
             idx = rng.permutation(idx)
-            for s in range(0, len(idx), gb):
-                chunk = idx[s : s + gb]
-                if world_size > 1 and len(chunk) < gb:
-                    continue
-                batches.append(chunk)
+            for s in range(0, len(idx), global_batch):
+                chunk = idx[s : s + global_batch]
+                batches.append(chunk[: len(chunk) - len(chunk) % world_size])
         order = rng.permutation(len(batches))
         return [batches[i] for i in order]
+
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int, world_size: int = 1) -> list[np.ndarray]:
+        """The non-empty global batches (batch_size x world_size indices) of `global_batches`."""
+        return [b for b in self.global_batches(epoch, seed, batch_size * world_size, world_size) if len(b)]
+
+    @staticmethod
+    def rank_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+        """Rank `rank`'s contiguous, equal share of a global batch (positions rank*share ...)."""
+        share = len(batch) // world_size
+        return batch[rank * share : (rank + 1) * share]
 
     def get(self, indices: np.ndarray) -> Batch:
         t = self.table.take(pa.array(indices))

@@ -43,7 +43,8 @@ class TrainConfig:
     text_encoder: str = DEFAULT_TEXT_ENCODER
     max_tokens: int = 120
     text_dtype: str = "float16"
-    batch_size: int = 64  # per process, per micro-batch
+    batch_size: int = 64  # per process, per micro-batch (ignored when global_batch is set)
+    global_batch: int = 0  # samples per micro-batch over all processes; 0: batch_size x processes
     grad_accum: int = 1
     steps: int = 1000  # optimizer steps
     lr: float = 2e-5
@@ -56,6 +57,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False
     compile: bool = False
+    fsdp: bool = False  # reserved: FSDP is refused with a clear error for now (see make_accelerator)
+    trace_keys: bool = False  # write <out>/trace/rank-<r>.jsonl: the sample keys each rank consumed
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -80,6 +83,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "steps", "checkpoint_every", "log_every", "max_tokens", "resolution"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}: fix the stage settings")
+        if self.global_batch < 0:
+            raise UserError(f"global_batch must be >= 0 (0: batch_size x processes), got {self.global_batch}")
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -156,15 +161,135 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(l + "\n" for l in keep))
 
 
+def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(per-process micro-batch, global micro-batch) for `world` processes.
+
+    The global batch is what fixes the data order, the noise and the resume position; a run may
+    resume on another number of processes as long as the global batch stays the same."""
+    if cfg.global_batch:
+        if cfg.global_batch % world:
+            raise UserError(f"global_batch {cfg.global_batch} is not divisible by {world} processes: pick a multiple of {world}")
+        return cfg.global_batch // world, cfg.global_batch
+    return cfg.batch_size, cfg.batch_size * world
+
+
+def sample_seed(seed: int, epoch: int, batch_pos: int, position: int) -> int:
+    """The noise seed of one sample: its position in the global batch, not the rank that trains it,
+    so a global batch gets the same noise on any number of processes (and after a resume)."""
+    return int(np.random.SeedSequence([seed, epoch, batch_pos, position]).generate_state(1)[0])
+
+
+def make_inputs(b, scaling: float, num_timesteps: int, caption_dropout: float, seeds: list[int]) -> dict[str, torch.Tensor]:
+    """CPU tensors of one micro-batch: x0 drawn from the stored posterior, noise, timesteps and
+    caption-drop flags, each sample from its own generator (seeds[i])."""
+    x0, noise, t, drop = [], [], [], []
+    shape = tuple(b.latent_mean.shape[1:])
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(s)
+        x0.append(b.latent_mean[i] + b.latent_std[i] * torch.randn(shape, generator=g))
+        noise.append(torch.randn(shape, generator=g))
+        t.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        drop.append(torch.rand(1, generator=g) < caption_dropout)
+    return {"x0": torch.stack(x0) * scaling, "noise": torch.stack(noise), "t": torch.cat(t), "drop": torch.cat(drop),
+            "text": b.text, "mask": b.mask}
+
+
+class TrainStep:
+    """The trainer's step, shared by `train()` and benchmarks/gpu_bench.py: `micro()` runs forward,
+    IDDPM loss and backward of one micro-batch; `update()` clips, steps AdamW + schedule + EMA.
+
+    Nothing here syncs with the host: losses and the grad norm stay device tensors until the
+    caller logs them."""
+
+    def __init__(self, accel, run_model, model, opt, sched, ema, diffusion, grad_accum: int = 1, grad_clip: float = 0.0) -> None:
+        self.accel, self.run_model, self.model = accel, run_model, model
+        self.opt, self.sched, self.ema, self.diffusion = opt, sched, ema, diffusion
+        self.grad_accum, self.grad_clip = grad_accum, grad_clip
+        self.use_added = model.transformer.use_additional_conditions
+
+    @classmethod
+    def prepare(cls, cfg: TrainConfig, accel, model, opt, sched, ema, diffusion, compile_backend: str = "inductor") -> "TrainStep":
+        """torch.compile (when cfg.compile) and accelerate.prepare (DDP, autocast) around `model`."""
+        run_model = torch.compile(model, backend=compile_backend) if cfg.compile else model
+        run_model, opt = accel.prepare(run_model, opt)
+        return cls(accel, run_model, model, opt, sched, ema, diffusion, cfg.grad_accum, cfg.grad_clip)
+
+    def micro(self, inp: dict[str, torch.Tensor], sync: bool = True, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Forward + loss + backward; `sync=False` skips the DDP all-reduce (inside grad accumulation).
+        Returns the detached per-micro-batch means [loss, mse, vb] (a device tensor)."""
+        dev = self.accel.device
+        x0, noise, t, drop = (inp[k].to(dev, non_blocking=True) for k in ("x0", "noise", "t", "drop"))
+        text, mask = inp["text"].to(dev, non_blocking=True), inp["mask"].to(dev, non_blocking=True)
+        x_t = self.diffusion.add_noise(x0, noise, t)
+        added = None
+        if self.use_added:
+            h, w = size
+            B = x0.shape[0]
+            added = {"resolution": torch.tensor([[h, w]] * B, device=dev, dtype=torch.float32),
+                     "aspect_ratio": torch.tensor([[h / w]] * B, device=dev, dtype=torch.float32)}
+        ctx = self.accel.no_sync(self.run_model) if not sync and self.accel.num_processes > 1 else _null()
+        with ctx:
+            with self.accel.autocast():
+                pred = self.run_model(x_t, t, text, mask, drop=drop, added_cond_kwargs=added)
+                losses = self.diffusion.loss(pred, x0, x_t, noise, t)
+                loss = losses["loss"].mean()
+            self.accel.backward(loss / self.grad_accum)
+        return torch.stack([losses[k].detach().mean() for k in ("loss", "mse", "vb")])
+
+    def update(self) -> torch.Tensor:
+        """Clip, optimizer step, LR schedule, EMA; returns the grad norm before clipping (device tensor)."""
+        if self.grad_clip > 0:
+            grad_norm = self.accel.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        else:
+            grad_norm = _grad_norm(self.model)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.model.parameters())
+        return grad_norm
+
+
+def setup_optimization(cfg: TrainConfig, model, device):
+    """Move `model` to `device` (gradient checkpointing on when asked) and build AdamW (fused on
+    CUDA), the constant-with-warmup schedule and the EMA (foreach: one kernel per tensor group)."""
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    if cfg.grad_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    model.to(device)
+    fused = torch.device(device).type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    return opt, sched, ema
+
+
+def make_accelerator(cfg: TrainConfig):
+    """accelerate's Accelerator: DDP when launched on several processes (torchrun / accelerate launch)."""
+    from accelerate import Accelerator
+
+    if cfg.fsdp:
+        # Not wired yet: under FSDP the EMA would track parameter shards and the rank-0 checkpoint
+        # needs a collective full-state-dict gather. PixArt-XL/2 (611M params, ~10 GB of weights,
+        # grads and AdamW state) fits one GPU, so DDP covers every preset here.
+        raise UserError("fsdp = true is not supported yet (EMA and checkpoints assume whole parameters on every rank): "
+                        "drop fsdp; DDP via torchrun / accelerate launch covers all presets (PixArt-XL/2 fits one GPU)")
+    # cpu=True on a machine without CUDA: only then does accelerate turn torchrun's
+    # LOCAL_RANK/WORLD_SIZE into gloo ranks (MULTI_CPU); otherwise each rank would run alone
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+
+
 def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, features: str | Path | None = None,
           resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Run one training stage. `shards`: caption shards (features are computed when missing);
     `features`: a features root (default `<out>/features`). `stop_after`: stop (with a
-    checkpoint) after that many optimizer steps, as if interrupted. Returns a summary."""
-    from accelerate import Accelerator
-    from diffusers.optimization import get_constant_schedule_with_warmup
-    from diffusers.training_utils import EMAModel
+    checkpoint) after that many optimizer steps, as if interrupted. Returns a summary.
 
+    On several processes (torchrun / accelerate launch) every rank takes its slice of each global
+    batch; rank 0 writes checkpoints and the log. A checkpoint resumes on any number of processes
+    that divides its global batch (set `global_batch`, or batch_size x processes equal to it)."""
     from t2i.data import FeatureDataset
     from t2i.diffusion import Diffusion
     from t2i.models import device_peak_flops, flops_per_image, preset_of
@@ -174,8 +299,9 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
         torch.set_num_threads(cfg.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    accel = Accelerator(mixed_precision=cfg.mixed_precision)
+    accel = make_accelerator(cfg)
     rank, world = accel.process_index, accel.num_processes
+    local_batch, global_batch = per_process_batch(cfg, world)
 
     factor = vae_scale_factor(cfg.vae)
     patch = _patch_of(cfg)
@@ -203,13 +329,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     p = tr.config.patch_size
     if cfg.resolution % (p * factor):
         raise UserError(f"resolution {cfg.resolution} is not divisible by patch x VAE factor ({p} x {factor} = {p * factor}): pick a multiple of {p * factor}")
-    if cfg.grad_checkpointing:
-        tr.enable_gradient_checkpointing()
-    model.to(accel.device)
-    fused = accel.device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
+    opt, sched, ema = setup_optimization(cfg, model, accel.device)
     names = [n for n, _ in model.named_parameters()]
     diffusion = Diffusion(learned_sigma=cfg.learned_sigma)
     scaling = _scaling_factor(cfg.vae)
@@ -221,41 +341,75 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
         ck = ckpt.latest_checkpoint(out)
         if ck is None:
             raise UserError(f"--resume but no checkpoint in {out}: drop --resume to start fresh")
+        st = json.loads((ck / "trainer_state.json").read_text())
+        saved_global = st.get("global_batch", st["config"]["batch_size"] * st.get("world_size", 1))
+        if saved_global != global_batch:
+            raise UserError(f"checkpoint {ck} was trained with a global batch of {saved_global} ({st.get('world_size', 1)} processes); "
+                            f"this run has {global_batch} ({world} x {local_batch}): set global_batch = {saved_global} "
+                            f"(a multiple of the number of processes) to resume on {world} processes")
         ckpt.load_matching(model, ckpt.load_weights(ck, "model"), f"checkpoint {ck}")
         ema_sd = ckpt.load_weights(ck, "ema")
         ema.shadow_params = [ema_sd[n].to(accel.device).clone() for n in names]
         opt.load_state_dict(ckpt.optimizer_from_tensors(ck / "optimizer.safetensors"))
-        st = json.loads((ck / "trainer_state.json").read_text())
         sched.load_state_dict(st["scheduler"])
         ema.optimization_step = st["ema_step"]
         rng = ckpt.load_weights(ck, "rng")
         torch.set_rng_state(rng["torch_cpu"])
         step, epoch, batch_pos = st["step"], st["epoch"], st["batch_in_epoch"]
-        _truncate_log(log_path, step)
+        if accel.is_main_process:
+            _truncate_log(log_path, step)
     elif log_path.exists() and accel.is_main_process:
         log_path.unlink()
 
-    run_model = torch.compile(model) if cfg.compile else model
-    run_model, opt = accel.prepare(run_model, opt)
+    stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, diffusion)
+    opt = stepper.opt
 
     hw = (probe.latent_mean.shape[-2], probe.latent_mean.shape[-1])
     flops_img = flops_per_image(preset_of(tr.config), hw, cfg.max_tokens, caption_channels)
     peak = device_peak_flops(accel.device)
     target = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    summary: dict[str, Any] = {"out": str(out), "features": str(fdir), "samples": len(data), "start_step": step}
+    summary: dict[str, Any] = {"out": str(out), "features": str(fdir), "samples": len(data), "start_step": step,
+                               "world_size": world, "global_batch": global_batch}
     last_ck: Path | None = ckpt.latest_checkpoint(out)
+    trace = None
+    if cfg.trace_keys:
+        (out / "trace").mkdir(exist_ok=True)
+        trace = out / "trace" / f"rank-{rank}.jsonl"
 
     def trainer_state() -> dict[str, Any]:
-        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_pos, "scheduler": sched.state_dict(),
-                "ema_step": ema.optimization_step, "config": asdict(cfg), "features": fcfg_saved,
-                "scaling_factor": scaling, "vae_scale_factor": factor}
+        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_pos, "global_batch": global_batch, "world_size": world,
+                "scheduler": sched.state_dict(), "ema_step": ema.optimization_step, "config": asdict(cfg),
+                "features": fcfg_saved, "scaling_factor": scaling, "vae_scale_factor": factor}
+
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, mse, vb] on device) not yet checked
+    window: list[torch.Tensor] = []  # checked per-step rows (averaged over ranks) since the last log line
+
+    def check_finite() -> None:
+        """One host sync (and one all-reduce) for all steps since the last check: raise on the
+        first non-finite loss of any rank."""
+        if not pending:
+            return
+        vals = torch.stack([v for _, v in pending])
+        if world > 1:
+            vals = accel.reduce(vals, reduction="mean")
+        vals = vals.cpu()
+        bad = (~torch.isfinite(vals[:, 0])).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            where = f"last good checkpoint: {last_ck}" if last_ck else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {float(vals[i, 0])} at step {pending[i][0]}; stopped without saving, {where}: lower lr or grad_clip, or use fp32/bf16, then --resume")
+        window.append(vals)
+        pending.clear()
 
     def save() -> Path:
         nonlocal last_ck
+        check_finite()
         accel.wait_for_everyone()
         if accel.is_main_process:
             ema_state = dict(zip(names, ema.shadow_params))
             last_ck = ckpt.save_checkpoint(out, step, model, ema_state, opt.optimizer if hasattr(opt, "optimizer") else opt, trainer_state(), cfg.keep_checkpoints)
+            if trace is not None:
+                _append_jsonl(trace, {"event": "checkpoint", "step": step, "rank": rank})
         accel.wait_for_everyone()
         return last_ck
 
@@ -264,69 +418,49 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not (progress and accel.is_main_process))
     task = bar.add_task(cfg.name, total=cfg.steps, completed=step, info="")
-    acc = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0, "images": 0}
+    images = 0
     t_last = time.perf_counter()
     model.train()
     with bar:
         while step < target:
-            batches = data.epoch_batches(epoch, cfg.seed, cfg.batch_size, world)
-            if not batches:
-                raise UserError(f"no full batch of {cfg.batch_size * world} samples in {fdir}: lower batch_size")
+            batches = data.global_batches(epoch, cfg.seed, global_batch, world)
+            if not any(len(b) for b in batches):
+                raise UserError(f"no full batch of {global_batch} samples in {fdir}: lower batch_size / global_batch")
             while batch_pos < len(batches) and step < target:
                 micro_losses = []
                 for micro in range(cfg.grad_accum):
+                    while batch_pos < len(batches) and not len(batches[batch_pos]):
+                        batch_pos += 1  # a bucket's tail smaller than the number of processes
                     if batch_pos >= len(batches):
                         break
-                    idx = batches[batch_pos][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+                    gb = batches[batch_pos]
+                    share = len(gb) // world
+                    idx = FeatureDataset.rank_slice(gb, rank, world)
                     b = data.get(idx)
-                    # one generator per (seed, epoch, batch, rank): the same noise after a resume
-                    g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, batch_pos, rank]).generate_state(1)[0]))
+                    seeds = [sample_seed(cfg.seed, epoch, batch_pos, rank * share + i) for i in range(share)]
+                    if trace is not None:
+                        _append_jsonl(trace, {"step": step + 1, "epoch": epoch, "batch": batch_pos, "rank": rank, "world": world, "keys": b.keys})
                     batch_pos += 1
-                    mean, std = b.latent_mean, b.latent_std
-                    x0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
-                    noise = torch.randn(x0.shape, generator=g)
-                    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g)
-                    drop = torch.rand(x0.shape[0], generator=g) < cfg.caption_dropout
-                    x0, noise, t, drop = (v.to(accel.device) for v in (x0, noise, t, drop))
-                    x_t = diffusion.add_noise(x0, noise, t)
-                    added = None
-                    if tr.use_additional_conditions:
-                        B = x0.shape[0]
-                        added = {"resolution": torch.tensor([[b.height, b.width]] * B, device=accel.device, dtype=torch.float32),
-                                 "aspect_ratio": torch.tensor([[b.height / b.width]] * B, device=accel.device, dtype=torch.float32)}
-                    sync = micro == cfg.grad_accum - 1 or batch_pos >= len(batches)
-                    ctx = accel.no_sync(run_model) if not sync and world > 1 else _null()
-                    with ctx, accel.autocast():
-                        pred = run_model(x_t, t, b.text.to(accel.device), b.mask.to(accel.device), drop=drop, added_cond_kwargs=added)
-                        losses = diffusion.loss(pred, x0, x_t, noise, t)
-                        loss = losses["loss"].mean()
-                    lv = accel.reduce(loss.detach(), reduction="mean") if world > 1 else loss.detach()
-                    if not torch.isfinite(lv):
-                        opt.zero_grad(set_to_none=True)
-                        where = f"last good checkpoint: {last_ck}" if last_ck else "no checkpoint was written yet"
-                        raise TrainingDiverged(f"loss became {lv.item()} at step {step + 1}; stopped without saving, {where}: lower lr or grad_clip, or use fp32/bf16, then --resume")
-                    accel.backward(loss / cfg.grad_accum)
-                    micro_losses.append({k: float(v.detach().mean()) for k, v in losses.items()})
-                    acc["images"] += x0.shape[0] * world
-                grad_norm = accel.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else _grad_norm(model)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                ema.step(model.parameters())
+                    inp = make_inputs(b, scaling, diffusion.num_timesteps, cfg.caption_dropout, seeds)
+                    last_micro = micro == cfg.grad_accum - 1 or batch_pos >= len(batches)
+                    micro_losses.append(stepper.micro(inp, sync=last_micro, size=(b.height, b.width)))
+                    images += share * world
+                grad_norm = stepper.update()
                 step += 1
-                for k in ("loss", "mse", "vb"):
-                    acc[k] += float(np.mean([m[k] for m in micro_losses]))
-                acc["n"] += 1
+                pending.append((step, torch.stack(micro_losses).mean(0)))
                 if step % cfg.log_every == 0 or step == target:
+                    check_finite()
+                    vals = torch.cat(window).mean(0).tolist()
                     now = time.perf_counter()
-                    ips = acc["images"] / max(now - t_last, 1e-9)
-                    rec = {"step": step, "epoch": epoch, "loss": acc["loss"] / acc["n"], "mse": acc["mse"] / acc["n"],
-                           "vb": acc["vb"] / acc["n"], "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                           "images_per_s": ips, "mfu": (ips * flops_img / peak) if peak else None, "time": time.time()}
+                    ips = images / max(now - t_last, 1e-9)
+                    rec = {"step": step, "epoch": epoch, "loss": vals[0], "mse": vals[1], "vb": vals[2], "lr": sched.get_last_lr()[0],
+                           "grad_norm": float(grad_norm), "images_per_s": ips, "mfu": (ips * flops_img / peak) if peak else None,
+                           "time": time.time()}
                     if accel.is_main_process:
                         _append_jsonl(log_path, rec)
                     bar.update(task, completed=step, info=f"loss {rec['loss']:.4f} {ips:.1f} img/s")
-                    acc = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0, "images": 0}
+                    window.clear()
+                    images = 0
                     t_last = now
                 else:
                     bar.update(task, completed=step)
