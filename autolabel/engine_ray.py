@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,11 +40,9 @@ import pyarrow as pa
 from PIL import Image
 
 from shards.errors import UserError
-from shards.reader import clean_incomplete, done_keys
 from shards.schema import CAPTION_SCHEMA
-from shards.writer import ShardWriter, write_manifest
 from autolabel.backends import GenParams, _load_processor, input_short_side
-from autolabel.pipeline import PrepareOptions, Summary, _replace_failed_rows, failed_keys, finish_interrupted_retry
+from autolabel.pipeline import PrepareOptions, RunRecorder, Summary
 from autolabel.sources import IMAGE_EXTS, ImageItem, _is_tar, _sidecar_info, count_items, iter_parquet, iter_tar
 
 FILES_PER_UNIT = 256  # plain image files per read task
@@ -373,17 +370,9 @@ def caption_with_ray(
     # JPEGs are draft-decoded down to the model's input size, as in the local engine
     processor = _load_processor(model)
     prepare_opts = replace(prepare_opts, min_short=input_short_side(SimpleNamespace(processor=processor)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    finish_interrupted_retry(out_dir)
-    clean_incomplete(out_dir)
-    to_retry = failed_keys(out_dir) if retry_failed else set()
-    skip_keys = frozenset(done_keys(out_dir) - to_retry)
+    rec = RunRecorder(out_dir, shard_size, config, retry_failed)
+    skip_keys = rec.skip_keys
     started = _init_ray(ray, address)
-    summary = Summary()
-    start = time.perf_counter()
-    writer = ShardWriter(out_dir, rows_per_shard=shard_size, config=config)
-    retried_rows: dict[str, dict] = {}
-    seen: set[str] = set()
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows in input order, as the local engine
@@ -410,33 +399,15 @@ def caption_with_ray(
             task = bar.add_task("caption", total=total, rate="0.00")
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for row in batch.to_pylist():
-                    key = row["key"]
-                    if key in seen:
+                    if not rec.first_sight(row["key"]):
                         continue  # the same key twice in the input: keep the first
-                    seen.add(key)
                     if row.pop("skip"):
-                        summary.skipped += 1
+                        rec.summary.skipped += 1
                         bar.advance(task)
                         continue
-                    if key in to_retry:
-                        retried_rows[key] = row
-                        summary.retried += 1
-                    else:
-                        writer.add(row)
-                    if row["error"] is None:
-                        summary.captioned += 1
-                    else:
-                        summary.failed += 1
-                    done_now = summary.captioned + summary.failed
-                    bar.update(task, advance=1, rate=f"{done_now / max(time.perf_counter() - start, 1e-9):.2f}")
+                    rec.emit(row)
+                    bar.update(task, advance=1, rate=rec.rate())
     finally:
         if started:
             ray.shutdown()
-    writer.flush()
-    _replace_failed_rows(out_dir, writer, retried_rows)
-    summary.seconds = time.perf_counter() - start
-    manifest = write_manifest(out_dir, config=config, extra={"last_run": {
-        "captioned": summary.captioned, "failed": summary.failed, "skipped": summary.skipped,
-        "retried": summary.retried, "seconds": round(summary.seconds, 3)}})  # fmt: skip
-    summary.shards = [s["shard"] for s in manifest["shards"]]
-    return summary
+    return rec.finish()

@@ -136,6 +136,62 @@ def _replace_failed_rows(out_dir: Path, writer: ShardWriter, retried: dict[str, 
         finish_interrupted_retry(out_dir)
 
 
+class RunRecorder:
+    """Where one caption run's rows go, for both engines (local and Ray).
+
+    At start: finish an interrupted retry swap, clean a crash's leftovers, and note the keys
+    already done and (with `retry_failed`) the failed keys to redo. During the run: `emit` each
+    row (retried keys are held back and swapped into their old shards at the end). At the end:
+    `finish` flushes, swaps, rewrites the manifest and returns the summary.
+    """
+
+    def __init__(self, out_dir: Path, shard_size: int, config: dict, retry_failed: bool) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        finish_interrupted_retry(out_dir)
+        clean_incomplete(out_dir)
+        self.out_dir, self.config = out_dir, config
+        self.to_retry = failed_keys(out_dir) if retry_failed else set()
+        self.skip_keys = frozenset(done_keys(out_dir) - self.to_retry)
+        self.summary = Summary()
+        self.start = time.perf_counter()
+        self.writer = ShardWriter(out_dir, rows_per_shard=shard_size, config=config)
+        self.retried_rows: dict[str, dict] = {}
+        self.seen: set[str] = set()
+
+    def first_sight(self, key: str) -> bool:
+        """False for a key seen before in this run's input (the first one is kept)."""
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+    def emit(self, row: dict) -> None:
+        if row["key"] in self.to_retry:
+            self.retried_rows[row["key"]] = row
+            self.summary.retried += 1
+        else:
+            self.writer.add(row)
+        if row["error"] is None:
+            self.summary.captioned += 1
+        else:
+            self.summary.failed += 1
+
+    def rate(self) -> str:
+        done = self.summary.captioned + self.summary.failed
+        return f"{done / max(time.perf_counter() - self.start, 1e-9):.2f}"
+
+    def finish(self) -> Summary:
+        s = self.summary
+        self.writer.flush()
+        _replace_failed_rows(self.out_dir, self.writer, self.retried_rows)
+        s.seconds = time.perf_counter() - self.start
+        manifest = write_manifest(self.out_dir, config=self.config, extra={"last_run": {
+            "captioned": s.captioned, "failed": s.failed, "skipped": s.skipped,
+            "retried": s.retried, "seconds": round(s.seconds, 3)}})  # fmt: skip
+        s.shards = [m["shard"] for m in manifest["shards"]]
+        return s
+
+
 def caption_items(
     items: Iterable[ImageItem], captioner: Captioner, out_dir: Path, params: GenParams, *, prompt: str | None,
     use_alt: bool, batch_size: int, shard_size: int, embed_images: bool, retry_failed: bool, workers: int,
@@ -144,24 +200,14 @@ def caption_items(
     """Caption every not-yet-done item into shards in `out_dir`; see the module docstring."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    finish_interrupted_retry(out_dir)
-    clean_incomplete(out_dir)
-    done = done_keys(out_dir)
-    to_retry = failed_keys(out_dir) if retry_failed else set()
-    summary = Summary()
-    start = time.perf_counter()
-    writer = ShardWriter(out_dir, rows_per_shard=shard_size, config=config)
-    retried_rows: dict[str, dict] = {}
-    seen: set[str] = set()
+    rec = RunRecorder(out_dir, shard_size, config, retry_failed)
 
     def todo() -> Iterator[ImageItem]:
         for item in items:
-            if item.key in seen:
+            if not rec.first_sight(item.key):
                 continue  # the same key twice in the input: keep the first
-            seen.add(item.key)
-            if item.key in done and item.key not in to_retry:
-                summary.skipped += 1
+            if item.key in rec.skip_keys:
+                rec.summary.skipped += 1
                 bar.advance(task)
                 continue
             yield item
@@ -176,17 +222,8 @@ def caption_items(
         )  # fmt: skip
 
     def emit(row: dict) -> None:
-        if row["key"] in to_retry:
-            retried_rows[row["key"]] = row
-            summary.retried += 1
-        else:
-            writer.add(row)
-        if row["error"] is None:
-            summary.captioned += 1
-        else:
-            summary.failed += 1
-        done_now = summary.captioned + summary.failed
-        bar.update(task, advance=1, rate=f"{done_now / max(time.perf_counter() - start, 1e-9):.2f}")
+        rec.emit(row)
+        bar.update(task, advance=1, rate=rec.rate())
 
     def generate(batch: list, questions: list[str]) -> list:
         """Captions for a batch; if the batch fails, image by image, so one bad image is
@@ -240,11 +277,4 @@ def caption_items(
                 batch = []
         if batch:
             run_batch(batch)
-    writer.flush()
-    _replace_failed_rows(out_dir, writer, retried_rows)
-    summary.seconds = time.perf_counter() - start
-    manifest = write_manifest(out_dir, config=config, extra={"last_run": {
-        "captioned": summary.captioned, "failed": summary.failed, "skipped": summary.skipped,
-        "retried": summary.retried, "seconds": round(summary.seconds, 3)}})  # fmt: skip
-    summary.shards = [s["shard"] for s in manifest["shards"]]
-    return summary
+    return rec.finish()
