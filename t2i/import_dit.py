@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from shards.errors import UserError
-from t2i.models import PRESETS, LATENT_CHANNELS
+from t2i.models import LATENT_CHANNELS, PRESETS, Preset, build_transformer
 
 REPARAM_T = 500
 
@@ -218,10 +218,6 @@ def import_dit(
 
     Returns (model, info); info lists copied/dropped keys and the positional-embedding check.
     """
-    from diffusers import PixArtTransformer2DModel
-
-    from t2i.models import initialize_weights
-
     s = load_dit_source(src)
     heads = num_heads or guess_heads(s.hidden, s.depth)
     if s.hidden % heads:
@@ -230,25 +226,12 @@ def import_dit(
         raise UserError(f"DiT has {s.in_channels} input channels, PixArt expects {LATENT_CHANNELS}: use a latent-space DiT")
     torch.manual_seed(seed)
     size = latent_size or s.latent_size
-    model = PixArtTransformer2DModel(
-        num_attention_heads=heads,
-        attention_head_dim=s.hidden // heads,
-        in_channels=s.in_channels,
-        out_channels=s.out_channels,
-        num_layers=s.depth,
-        cross_attention_dim=s.hidden,
-        sample_size=size,
-        patch_size=s.patch,
-        caption_channels=caption_channels,
-        use_additional_conditions=False,  # size embeddings would break exactness at t=500
-        norm_type="ada_norm_single",
-        num_embeds_ada_norm=1000,
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        activation_fn="gelu-approximate",
-        attention_bias=True,
-    )
-    initialize_weights(model)  # cross-attention (zero out-proj) and caption projection start fresh
+    if s.out_channels not in (s.in_channels, 2 * s.in_channels):
+        raise UserError(f"DiT has {s.out_channels} output channels: expected {s.in_channels} or {2 * s.in_channels} (learned sigma)")
+    # build_transformer initialises the new parts: cross-attention (zero out-proj), caption projection
+    model = build_transformer(Preset(depth=s.depth, hidden=s.hidden, heads=heads, patch=s.patch), size, caption_channels,
+                              in_channels=s.in_channels, learned_sigma=s.out_channels == 2 * s.in_channels,
+                              use_additional_conditions=False)  # size embeddings would break exactness at t=500
     state = model.state_dict()
     for k, v in s.weights.items():
         if state[k].shape != v.shape:

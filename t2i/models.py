@@ -41,7 +41,7 @@ def get_preset(name: str) -> Preset:
 
 
 def build_transformer(
-    preset: str,
+    preset: str | Preset,
     latent_size: int,
     caption_channels: int,
     in_channels: int = LATENT_CHANNELS,
@@ -55,7 +55,7 @@ def build_transformer(
     """
     from diffusers import PixArtTransformer2DModel
 
-    p = get_preset(preset)
+    p = get_preset(preset) if isinstance(preset, str) else preset
     if p.hidden % p.heads:
         raise UserError(f"preset {preset}: hidden {p.hidden} not divisible by heads {p.heads}")
     model = PixArtTransformer2DModel(
