@@ -63,7 +63,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     from demo import world as W
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would drown the stage log
-    hf_logging.set_verbosity_error()  # the tiny T5 keeps 16 tokens and says so for every batch
+    hf_logging.set_verbosity_error()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # the tiny T5 keeps 16 tokens and the pipeline says so per batch
     torch.set_num_threads(cfg.threads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     out = Path(cfg.out)
