@@ -42,7 +42,7 @@ from PIL import Image
 from shards.errors import UserError
 from shards.schema import CAPTION_SCHEMA
 from autolabel.backends import GenParams, _load_processor, input_short_side
-from autolabel.pipeline import PrepareOptions, RunRecorder, Summary
+from autolabel.pipeline import PrepareOptions, RunRecorder, Summary, generate_or_isolate
 from autolabel.sources import IMAGE_EXTS, ImageItem, _is_tar, _sidecar_info, count_items, iter_parquet, iter_tar
 
 FILES_PER_UNIT = 256  # plain image files per read task
@@ -273,24 +273,6 @@ class CaptionActor:
         self.captioner = make_captioner(backend, model, **backend_kwargs)
         self.params, self.prompt, self.use_alt, self.embed_images = params, prompt, use_alt, embed_images
 
-    def _generate(self, images: list, texts: list[str]) -> list:
-        """The local engine's rule: a failing batch is retried image by image, so one bad image
-        becomes an error row; if every image fails alone too, the problem is not the images."""
-        try:
-            return self.captioner.generate(images, texts, self.params)
-        except Exception as batch_error:
-            if len(images) == 1:
-                raise
-            results: list = []
-            for im, text in zip(images, texts):
-                try:
-                    results.append(self.captioner.generate([im], [text], self.params)[0])
-                except Exception as e:  # noqa: BLE001 - recorded in the row
-                    results.append(e)
-            if all(isinstance(r, Exception) for r in results):
-                raise batch_error
-            return results
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         from autolabel.hygiene import clean_caption, is_degenerate
         from autolabel.prompts import question_for
@@ -317,7 +299,7 @@ class CaptionActor:
                 row["prompt"] = q
                 todo.append((row, q, Image.frombytes("RGB", (r["pixel_width"], r["pixel_height"]), r["pixels"])))
         if todo:
-            gens = self._generate([im for _, _, im in todo], [cap.format_prompt(q) for _, q, _ in todo])
+            gens = generate_or_isolate(cap, [im for _, _, im in todo], [cap.format_prompt(q) for _, q, _ in todo], p)
             for (row, q, _), g in zip(todo, gens):
                 if isinstance(g, Exception):
                     row["error"] = f"captioning failed: {type(g).__name__}: {g}"

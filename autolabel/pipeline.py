@@ -136,6 +136,26 @@ def _replace_failed_rows(out_dir: Path, writer: ShardWriter, retried: dict[str, 
         finish_interrupted_retry(out_dir)
 
 
+def generate_or_isolate(captioner: Captioner, images: list, texts: list[str], params: GenParams) -> list:
+    """Captions for a batch (both engines). If the batch fails, image by image, so one bad image
+    becomes an error row (the exception in its place) instead of crashing every rerun at the same
+    place. If every image fails alone too, the problem is not the images: raise."""
+    try:
+        return captioner.generate(images, texts, params)
+    except Exception as batch_error:
+        if len(images) == 1:
+            raise
+        results: list = []
+        for image, text in zip(images, texts):
+            try:
+                results.append(captioner.generate([image], [text], params)[0])
+            except Exception as e:  # noqa: BLE001 - recorded in the row
+                results.append(e)
+        if all(isinstance(r, Exception) for r in results):
+            raise batch_error
+        return results
+
+
 class RunRecorder:
     """Where one caption run's rows go, for both engines (local and Ray).
 
@@ -225,29 +245,9 @@ def caption_items(
         rec.emit(row)
         bar.update(task, advance=1, rate=rec.rate())
 
-    def generate(batch: list, questions: list[str]) -> list:
-        """Captions for a batch; if the batch fails, image by image, so one bad image is
-        recorded as an error instead of crashing every rerun at the same place. If every image
-        fails alone too, the problem is not the images: raise."""
-        texts = [captioner.format_prompt(q) for q in questions]
-        try:
-            return captioner.generate([p.image for _, p, _ in batch], texts, params)
-        except Exception as batch_error:
-            if len(batch) == 1:
-                raise
-            results: list = []
-            for one, text in zip(batch, texts):
-                try:
-                    results.append(captioner.generate([one[1].image], [text], params)[0])
-                except Exception as e:  # noqa: BLE001 - recorded in the row
-                    results.append(e)
-            if all(isinstance(r, Exception) for r in results):
-                raise batch_error
-            return results
-
     def run_batch(batch: list) -> None:
         questions = [question_for(prompt, it.alt, use_alt) for it, _, _ in batch]
-        gens = generate(batch, questions)
+        gens = generate_or_isolate(captioner, [p.image for _, p, _ in batch], [captioner.format_prompt(q) for q in questions], params)
         for (item, prep, data), q, g in zip(batch, questions, gens):
             if isinstance(g, Exception):
                 row = base_row(item, prep, data, q)
