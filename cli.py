@@ -198,7 +198,10 @@ def train_cmd(
     vae: Optional[str] = typer.Option(None),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder"),
     steps: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="per process (ignored when --global-batch is set)"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="samples per micro-batch over all processes; keeps data order and noise fixed across world sizes"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp", help="shard weights, grads, AdamW state and EMA over the processes"),
     lr: Optional[float] = typer.Option(None),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
@@ -212,7 +215,8 @@ def train_cmd(
 
     _t2i_threads(threads)
     given = {k: v for k, v in dict(preset=preset, init=init, resolution=resolution, vae=vae, text_encoder=text_encoder,
-                                   steps=steps, batch_size=batch_size, lr=lr, mixed_precision=mixed_precision).items() if v is not None}
+                                   steps=steps, batch_size=batch_size, global_batch=global_batch, grad_accum=grad_accum, fsdp=fsdp,
+                                   lr=lr, mixed_precision=mixed_precision).items() if v is not None}
     if manifest:
         from t2i.manifest import load_manifest, run_manifest
 

@@ -31,8 +31,8 @@ def _contig(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    sd = opt.state_dict()
+def optimizer_to_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An optimizer state dict (whole tensors) as flat safetensors tensors + JSON metadata."""
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -57,17 +57,20 @@ def optimizer_from_tensors(path: Path) -> dict[str, Any]:
     return {"state": state, "param_groups": json.loads(meta["param_groups"])}
 
 
-def save_checkpoint(run_dir: Path, step: int, wrapper, ema_state: dict[str, torch.Tensor], optimizer, trainer_state: dict[str, Any], keep: int = 3) -> Path:
+def save_checkpoint(run_dir: Path, step: int, transformer, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any], trainer_state: dict[str, Any], keep: int = 3) -> Path:
+    """Write one checkpoint atomically and keep the newest `keep`. The states are whole (unsharded)
+    tensors, whatever the run's sharding, so any run shape can resume from it."""
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step-{step:07d}"
     tmp = ckdir / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    wrapper.transformer.save_config(tmp / "transformer")
-    save_file(_contig(wrapper.state_dict()), tmp / "model.safetensors")
+    transformer.save_config(tmp / "transformer")
+    save_file(_contig(model_state), tmp / "model.safetensors")
     save_file(_contig(ema_state), tmp / "ema.safetensors")
-    ot, meta = optimizer_to_tensors(optimizer)
+    ot, meta = optimizer_to_tensors(optimizer_state)
     save_file(ot, tmp / "optimizer.safetensors", metadata=meta)
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -25,6 +25,7 @@ import torch
 
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
+from t2i import sharding
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, compute_features, features_dir
 
 
@@ -57,7 +58,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False
     compile: bool = False
-    fsdp: bool = False  # reserved: FSDP is refused with a clear error for now (see make_accelerator)
+    fsdp: bool = False  # shard weights, grads, AdamW state and EMA over the processes (t2i.sharding)
     trace_keys: bool = False  # write <out>/trace/rank-<r>.jsonl: the sample keys each rank consumed
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
@@ -201,18 +202,23 @@ class TrainStep:
     Nothing here syncs with the host: losses and the grad norm stay device tensors until the
     caller logs them."""
 
-    def __init__(self, accel, run_model, model, opt, sched, ema, diffusion, grad_accum: int = 1, grad_clip: float = 0.0) -> None:
+    def __init__(self, accel, run_model, model, opt, sched, ema, diffusion, grad_accum: int = 1, grad_clip: float = 0.0,
+                 fsdp: bool = False) -> None:
         self.accel, self.run_model, self.model = accel, run_model, model
         self.opt, self.sched, self.ema, self.diffusion = opt, sched, ema, diffusion
-        self.grad_accum, self.grad_clip = grad_accum, grad_clip
+        self.grad_accum, self.grad_clip, self.fsdp = grad_accum, grad_clip, fsdp
         self.use_added = model.transformer.use_additional_conditions
 
     @classmethod
     def prepare(cls, cfg: TrainConfig, accel, model, opt, sched, ema, diffusion, compile_backend: str = "inductor") -> "TrainStep":
-        """torch.compile (when cfg.compile) and accelerate.prepare (DDP, autocast) around `model`."""
+        """torch.compile (when cfg.compile) and accelerate.prepare (DDP, autocast) around `model`;
+        a model already sharded by FSDP is not wrapped again, only the optimizer is prepared."""
         run_model = torch.compile(model, backend=compile_backend) if cfg.compile else model
-        run_model, opt = accel.prepare(run_model, opt)
-        return cls(accel, run_model, model, opt, sched, ema, diffusion, cfg.grad_accum, cfg.grad_clip)
+        if cfg.fsdp:
+            opt = accel.prepare(opt)
+        else:
+            run_model, opt = accel.prepare(run_model, opt)
+        return cls(accel, run_model, model, opt, sched, ema, diffusion, cfg.grad_accum, cfg.grad_clip, cfg.fsdp)
 
     def micro(self, inp: dict[str, torch.Tensor], sync: bool = True, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Forward + loss + backward; `sync=False` skips the DDP all-reduce (inside grad accumulation).
@@ -227,7 +233,11 @@ class TrainStep:
             B = x0.shape[0]
             added = {"resolution": torch.tensor([[h, w]] * B, device=dev, dtype=torch.float32),
                      "aspect_ratio": torch.tensor([[h / w]] * B, device=dev, dtype=torch.float32)}
-        ctx = self.accel.no_sync(self.run_model) if not sync and self.accel.num_processes > 1 else _null()
+        if self.fsdp:
+            sharding.set_gradient_sync(self.model, sync)
+            ctx = _null()
+        else:
+            ctx = self.accel.no_sync(self.run_model) if not sync and self.accel.num_processes > 1 else _null()
         with ctx:
             with self.accel.autocast():
                 pred = self.run_model(x_t, t, text, mask, drop=drop, added_cond_kwargs=added)
@@ -241,7 +251,10 @@ class TrainStep:
         if self.grad_clip > 0:
             grad_norm = self.accel.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         else:
-            grad_norm = _grad_norm(self.model)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.accel.device)
+        if sharding.is_sharded(grad_norm):
+            grad_norm = grad_norm.full_tensor()
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -251,14 +264,17 @@ class TrainStep:
 
 
 def setup_optimization(cfg: TrainConfig, model, device):
-    """Move `model` to `device` (gradient checkpointing on when asked) and build AdamW (fused on
-    CUDA), the constant-with-warmup schedule and the EMA (foreach: one kernel per tensor group)."""
+    """Move `model` to `device` (gradient checkpointing on when asked; sharded with FSDP when
+    cfg.fsdp) and build AdamW (fused on CUDA), the constant-with-warmup schedule and the EMA
+    (foreach: one kernel per tensor group). Under FSDP the optimizer and EMA see the shards."""
     from diffusers.optimization import get_constant_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
     if cfg.grad_checkpointing:
         model.transformer.enable_gradient_checkpointing()
     model.to(device)
+    if cfg.fsdp:
+        sharding.shard_model(model)
     fused = torch.device(device).type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
@@ -267,18 +283,20 @@ def setup_optimization(cfg: TrainConfig, model, device):
 
 
 def make_accelerator(cfg: TrainConfig):
-    """accelerate's Accelerator: DDP when launched on several processes (torchrun / accelerate launch)."""
+    """accelerate's Accelerator: DDP when launched on several processes (torchrun / accelerate
+    launch); with cfg.fsdp the model is sharded by t2i.sharding instead and not wrapped in DDP."""
     from accelerate import Accelerator
 
-    if cfg.fsdp:
-        # Not wired yet: under FSDP the EMA would track parameter shards and the rank-0 checkpoint
-        # needs a collective full-state-dict gather. PixArt-XL/2 (611M params, ~10 GB of weights,
-        # grads and AdamW state) fits one GPU, so DDP covers every preset here.
-        raise UserError("fsdp = true is not supported yet (EMA and checkpoints assume whole parameters on every rank): "
-                        "drop fsdp; DDP via torchrun / accelerate launch covers all presets (PixArt-XL/2 fits one GPU)")
+    if os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # `accelerate launch --use_fsdp`: shard with t2i.sharding (which keeps EMA and checkpoints
+        # right) rather than accelerate's plugin, which would wrap the model behind our back
+        cfg.fsdp = True
     # cpu=True on a machine without CUDA: only then does accelerate turn torchrun's
     # LOCAL_RANK/WORLD_SIZE into gloo ranks (MULTI_CPU); otherwise each rank would run alone
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    accel = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if accel.num_processes == 1:
+        cfg.fsdp = False  # nothing to shard over: one process trains as usual
+    return accel
 
 
 def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, features: str | Path | None = None,
@@ -329,14 +347,15 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     p = tr.config.patch_size
     if cfg.resolution % (p * factor):
         raise UserError(f"resolution {cfg.resolution} is not divisible by patch x VAE factor ({p} x {factor} = {p * factor}): pick a multiple of {p * factor}")
-    opt, sched, ema = setup_optimization(cfg, model, accel.device)
     names = [n for n, _ in model.named_parameters()]
     diffusion = Diffusion(learned_sigma=cfg.learned_sigma)
     scaling = _scaling_factor(cfg.vae)
 
-    # 3. resume
+    # 3. resume (whole tensors: the weights go in before FSDP shards the model, the EMA and
+    # optimizer state after, split the way their parameters are)
     step, epoch, batch_pos = 0, 0, 0
     log_path = out / "log.jsonl"
+    ck = None
     if resume:
         ck = ckpt.latest_checkpoint(out)
         if ck is None:
@@ -348,9 +367,11 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
                             f"this run has {global_batch} ({world} x {local_batch}): set global_batch = {saved_global} "
                             f"(a multiple of the number of processes) to resume on {world} processes")
         ckpt.load_matching(model, ckpt.load_weights(ck, "model"), f"checkpoint {ck}")
+    opt, sched, ema = setup_optimization(cfg, model, accel.device)
+    if ck is not None:
         ema_sd = ckpt.load_weights(ck, "ema")
-        ema.shadow_params = [ema_sd[n].to(accel.device).clone() for n in names]
-        opt.load_state_dict(ckpt.optimizer_from_tensors(ck / "optimizer.safetensors"))
+        ema.shadow_params = [sharding.shard_like(ema_sd[n].clone(), param) for n, param in zip(names, model.parameters())]
+        sharding.load_full_optimizer_state(opt, ckpt.optimizer_from_tensors(ck / "optimizer.safetensors"))
         sched.load_state_dict(st["scheduler"])
         ema.optimization_step = st["ema_step"]
         rng = ckpt.load_weights(ck, "rng")
@@ -368,8 +389,10 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     flops_img = flops_per_image(preset_of(tr.config), hw, cfg.max_tokens, caption_channels)
     peak = device_peak_flops(accel.device)
     target = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    # parameters this rank holds: all of them under DDP, about 1/world under FSDP
+    params_local = sum((q.to_local() if sharding.is_sharded(q) else q).numel() for q in model.parameters())
     summary: dict[str, Any] = {"out": str(out), "features": str(fdir), "samples": len(data), "start_step": step,
-                               "world_size": world, "global_batch": global_batch}
+                               "world_size": world, "global_batch": global_batch, "params_local": params_local}
     last_ck: Path | None = ckpt.latest_checkpoint(out)
     trace = None
     if cfg.trace_keys:
@@ -405,9 +428,12 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
         nonlocal last_ck
         check_finite()
         accel.wait_for_everyone()
+        if cfg.fsdp or accel.is_main_process:  # under FSDP every rank joins the gathers
+            weights = sharding.full_model_state(model)
+            ema_state = dict(zip(names, sharding.full_tensors(ema.shadow_params)))
+            opt_state = sharding.full_optimizer_state(opt.optimizer if hasattr(opt, "optimizer") else opt)
         if accel.is_main_process:
-            ema_state = dict(zip(names, ema.shadow_params))
-            last_ck = ckpt.save_checkpoint(out, step, model, ema_state, opt.optimizer if hasattr(opt, "optimizer") else opt, trainer_state(), cfg.keep_checkpoints)
+            last_ck = ckpt.save_checkpoint(out, step, model.transformer, weights, ema_state, opt_state, trainer_state(), cfg.keep_checkpoints)
             if trace is not None:
                 _append_jsonl(trace, {"event": "checkpoint", "step": step, "rank": rank})
         accel.wait_for_everyone()
@@ -455,7 +481,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
                     ips = images / max(now - t_last, 1e-9)
                     rec = {"step": step, "epoch": epoch, "loss": vals[0], "mse": vals[1], "vb": vals[2], "lr": sched.get_last_lr()[0],
                            "grad_norm": float(grad_norm), "images_per_s": ips, "mfu": (ips * flops_img / peak) if peak else None,
-                           "time": time.time()}
+                           "params_local": params_local, "time": time.time()}
                     if accel.is_main_process:
                         _append_jsonl(log_path, rec)
                     bar.update(task, completed=step, info=f"loss {rec['loss']:.4f} {ips:.1f} img/s")
@@ -479,11 +505,6 @@ class _null:
 
     def __exit__(self, *a):
         return False
-
-
-def _grad_norm(model) -> torch.Tensor:
-    grads = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
 
 
 def _scaling_factor(vae_spec: str) -> float:
