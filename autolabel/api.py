@@ -12,11 +12,11 @@ Summary has `captioned`, `failed`, `skipped` (already done), `retried`, `seconds
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from shards import fs as shard_fs
 from shards.errors import UserError
 from autolabel.backends import Captioner, GenParams, input_short_side, make_captioner
 from autolabel.pipeline import PrepareOptions, Summary, caption_items
@@ -95,7 +95,7 @@ def run_caption(
     if use_alt is not None:
         cfg = replace(cfg, prompt_mode="alt" if use_alt else "plain")
     _validate(cfg)
-    out_dir = Path(cfg.out)
+    out_dir = shard_fs.as_location(cfg.out)  # a Path, or an s3://, gs://, fsspec URI (shards.fs)
     params = GenParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     workers = cfg.workers or min(8, os.cpu_count() or 1)
     if cfg.engine == "ray":
@@ -123,7 +123,7 @@ def run_caption(
             captioner.close()
 
 
-def _run_on_ray(cfg: CaptionConfig, out_dir: Path, params: GenParams, captioner: Captioner | None) -> Summary:
+def _run_on_ray(cfg: CaptionConfig, out_dir: shard_fs.Location, params: GenParams, captioner: Captioner | None) -> Summary:
     """The same job on Ray Data: model replicas in Ray actors (autolabel.engine_ray)."""
     if captioner is not None:
         raise UserError("a loaded captioner cannot be shipped to Ray actors: pass the model name (model=...) with engine='ray'")
@@ -164,10 +164,10 @@ def _validate(cfg: CaptionConfig) -> None:
         raise UserError(f"--replicas {cfg.replicas} must be at least 1: pass a positive number")
     if cfg.backend not in ("vllm", "transformers"):
         raise UserError(f"unknown --backend {cfg.backend!r}: use vllm or transformers")
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(cfg.out)):  # s3://, gs://; not C:/
-        raise UserError(f"--out {cfg.out}: shards are written to a local or mounted directory: pass a path (mount the bucket, e.g. s3fs/gcsfuse)")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a directory")
+    out = shard_fs.as_location(cfg.out)
+    # a URI: unknown scheme, missing backend, bad credentials fail here, in one line, before any
+    # model loads (both engines write from this process; on Ray, the driver)
+    if shard_fs.is_file(out):
+        raise UserError(f"--out {cfg.out} is a file: pass a directory")
     if cfg.engine != "ray" and next(iter_sources(cfg.src), None) is None:
         raise UserError(f"no images found in --src {', '.join(map(str, cfg.src))}: pass folders, .tar or .parquet files with images")

@@ -19,7 +19,9 @@
   prompt formatting, sampling, hygiene and the row fields are the local engine's. One actor per
   replica; one GPU each when the cluster has GPUs, else one CPU.
 - Write: for a first version the driver collects the captioned rows in input order and writes
-  them with ShardWriter. Every shard is atomic (temp -> rename -> .done), so resume semantics
+  them with ShardWriter, to a local/mounted directory or straight to an object store (`--out
+  s3://...`, `gs://...`, any fsspec URI; shards.fs). Every shard commits with its `.done` marker
+  (locally temp -> rename -> .done; on object stores one PUT, then .done), so resume semantics
   are the local engine's. The driver's writing is light next to the captioning, but it is one
   process: a per-block writer in the workers would scale the writes further.
 
@@ -86,12 +88,13 @@ def _remote_units(uri: str, add_file, add_container) -> None:
     """List a remote folder (recursive, sorted) or file with pyarrow.fs, keyed like a local one."""
     import pyarrow.fs as pafs
 
+    from shards import fs as sfs
+
+    fs, root = sfs.resolve(uri)  # one client per bucket; fsspec schemes too
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(root)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise UserError(f"--src {uri}: cannot open it through pyarrow's filesystems ({e}): check the URI and credentials") from None
-    scheme = uri.split("://", 1)[0]
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"--src {uri} does not exist: pass an existing folder or .parquet URI")
     if info.type == pafs.FileType.Directory:
@@ -100,8 +103,8 @@ def _remote_units(uri: str, add_file, add_container) -> None:
                        key=lambda f: f.path)  # fmt: skip
         paths = {f.path for f in found}
         for f in found:
-            rel = f"{name}/{f.path[len(root.rstrip('/')) + 1:]}"
-            full = f"{scheme}://{f.path}"
+            inner = f.path[len(root.rstrip('/')) + 1:]
+            rel, full = f"{name}/{inner}", f"{uri.rstrip('/')}/{inner}"  # the scheme as the user gave it
             if _is_tar(Path(f.path)):
                 raise UserError(f"--src {full}: tars are not streamed from object stores yet: mount the bucket (s3fs, gcsfuse) or copy the tars to the nodes")
             if f.path.endswith(".parquet"):
@@ -189,13 +192,13 @@ def _unit_items(unit: dict) -> Iterator[ImageItem]:
 
 
 def _read_remote(item: ImageItem) -> ImageItem:
-    import pyarrow.fs as pafs
+    from shards import fs as sfs
 
     try:
-        fs, path = pafs.FileSystem.from_uri(item.path)
+        fs, path = sfs.resolve(item.path)  # cached per bucket: not a new S3 client per image
         with fs.open_input_file(path) as f:
             item.data = f.read()
-    except (OSError, pa.ArrowException) as e:
+    except (OSError, pa.ArrowException, UserError) as e:
         item.error = f"unreadable file: {e}"
     item.path = None
     return item
@@ -335,7 +338,7 @@ def _actor_resources(cluster: dict, replicas: int) -> dict:
 
 
 def caption_with_ray(
-    srcs, out_dir: Path, *, model: str, backend: str, backend_kwargs: dict, params: GenParams, prompt: str | None,
+    srcs, out_dir: str | Path, *, model: str, backend: str, backend_kwargs: dict, params: GenParams, prompt: str | None,
     use_alt: bool, batch_size: int, shard_size: int, embed_images: bool, retry_failed: bool,
     prepare_opts: PrepareOptions, config: dict, replicas: int, address: str | None, progress: bool,
 ) -> Summary:  # fmt: skip

@@ -17,12 +17,14 @@ new one, and the failed rows are simply retried again); a crash after 2 leaves b
 next run of the job first finishes the swap from the journal (finish_interrupted_retry). Only in
 that crash window, or for the instant between steps 2 and 3 of a live run, can a reader see a
 key twice; at rest every key is in exactly one complete shard. Rows are never edited in place.
+
+`out_dir` may be a local path or an object-store / fsspec URI: every file operation goes through
+shards.fs, and the commit points (done-markers, the journal) are single whole-object writes there.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +34,8 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from shards import fs
 from shards.reader import clean_incomplete, complete_shards, done_keys
 from shards.schema import CAPTION_SCHEMA, rows_to_table
 from shards.writer import ShardWriter, done_marker, write_manifest
@@ -97,42 +99,41 @@ def prefetch(items: Iterable[ImageItem], opts: PrepareOptions, workers: int, dep
             yield inflight.popleft().result()
 
 
-def finish_interrupted_retry(out_dir: Path) -> None:
+def finish_interrupted_retry(out_dir: str | Path) -> None:
     """Complete (or abandon) a retry swap a crash interrupted; see the module docstring."""
-    journal = out_dir / JOURNAL
-    if not journal.exists():
+    journal = fs.join(out_dir, JOURNAL)
+    if not fs.exists(journal):
         return
-    plan = json.loads(journal.read_text())
+    plan = json.loads(fs.read_text(journal))
     for new, olds in plan.items():
-        if done_marker(out_dir / new).exists():  # the replacement is complete: drop what it replaces
+        if fs.exists(done_marker(fs.join(out_dir, new))):  # the replacement is complete: drop what it replaces
             for old in olds:
-                done_marker(out_dir / old).unlink(missing_ok=True)
-                (out_dir / old).unlink(missing_ok=True)
-    journal.unlink()
+                fs.delete(done_marker(fs.join(out_dir, old)))  # the marker first: the old shard stops counting
+                fs.delete(fs.join(out_dir, old))
+    fs.delete(journal)
 
 
-def failed_keys(out_dir: Path) -> set[str]:
+def failed_keys(out_dir: str | Path) -> set[str]:
     return done_keys(out_dir) - done_keys(out_dir, where_ok=True)
 
 
-def _replace_failed_rows(out_dir: Path, writer: ShardWriter, retried: dict[str, dict]) -> None:
+def _replace_failed_rows(out_dir: str | Path, writer: ShardWriter, retried: dict[str, dict]) -> None:
     """Rewrite every complete shard holding a retried key, with the new rows in place."""
     if not retried:
         return
     keys = pa.array(list(retried), pa.string())
     for shard in complete_shards(out_dir):
-        table = pq.read_table(shard, schema=CAPTION_SCHEMA)
+        table = fs.read_table(shard, schema=CAPTION_SCHEMA)
         hit = pc.is_in(table.column("key"), value_set=keys)
         if not pc.any(hit).as_py():
             continue
         rows = table.to_pylist()
         new_rows = [retried[r["key"]] if r["key"] in retried else r for r in rows]
         name = f"{writer.prefix}-{writer._next_index:05d}-{writer.writer_id}.parquet"
-        tmp = out_dir / f".{JOURNAL}.tmp"
-        tmp.write_text(json.dumps({name: [shard.name]}))
-        os.replace(tmp, out_dir / JOURNAL)  # the journal exists before the replacement does
+        # the journal exists (written whole: temp + rename, or one PUT) before the replacement does
+        fs.write_text(fs.join(out_dir, JOURNAL), json.dumps({name: [fs.basename(shard)]}))
         path = writer.write_table(rows_to_table(new_rows))
-        assert path.name == name
+        assert fs.basename(path) == name
         finish_interrupted_retry(out_dir)
 
 
@@ -165,8 +166,9 @@ class RunRecorder:
     `finish` flushes, swaps, rewrites the manifest and returns the summary.
     """
 
-    def __init__(self, out_dir: Path, shard_size: int, config: dict, retry_failed: bool) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, out_dir: str | Path, shard_size: int, config: dict, retry_failed: bool) -> None:
+        out_dir = fs.as_location(out_dir)
+        fs.makedirs(out_dir)
         finish_interrupted_retry(out_dir)
         clean_incomplete(out_dir)
         self.out_dir, self.config = out_dir, config
@@ -213,7 +215,7 @@ class RunRecorder:
 
 
 def caption_items(
-    items: Iterable[ImageItem], captioner: Captioner, out_dir: Path, params: GenParams, *, prompt: str | None,
+    items: Iterable[ImageItem], captioner: Captioner, out_dir: str | Path, params: GenParams, *, prompt: str | None,
     use_alt: bool, batch_size: int, shard_size: int, embed_images: bool, retry_failed: bool, workers: int,
     prefetch_depth: int, prepare_opts: PrepareOptions, config: dict, total: int | None, progress: bool,
 ) -> Summary:  # fmt: skip

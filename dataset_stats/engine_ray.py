@@ -18,6 +18,7 @@ import pyarrow as pa
 from dataset_stats.metrics import NounAccumulator
 from dataset_stats.nouns import NounConfig, NounExtractor
 from dataset_stats.readers import CaptionSource, detect_format, iter_caption_batches, parquet_column
+from shards import fs as shard_fs
 
 OK, NULL, EMPTY = 0, 1, 2
 CAPTION = "caption"
@@ -56,18 +57,31 @@ def tag_batch(batch: pa.Table, config: NounConfig, column: str) -> pa.Table:
     return pa.table({"state": pa.array(states, pa.int8()), "nouns": nouns, "words": pa.array(words, pa.int32())})
 
 
+def _parquet_paths(source: CaptionSource) -> tuple[list[str], dict]:
+    """Paths and kwargs for ray.data.read_parquet. URIs (s3://, gs://, fsspec schemes) come with
+    the pyarrow filesystem shards.fs resolved for them, so fsspec-only schemes work too."""
+    uris = [f for f in source.files if isinstance(f, str)]
+    if not uris:
+        return [str(f) for f in source.files], {}
+    resolved = [shard_fs.resolve(f) for f in source.files]  # one source: one directory, one filesystem
+    return [path for _, path in resolved], {"filesystem": resolved[0][0]}
+
+
 def _dataset(source: CaptionSource, chunk_size: int, workers: int):
-    """Parquet inputs: ray.data.read_parquet (streamed by Ray). Other formats: our readers,
-    handed to Ray as Arrow blocks (these sit in Ray's object store)."""
+    """Parquet inputs: ray.data.read_parquet (streamed by Ray). Other formats, and files on a
+    filesystem only this process sees (memory://): our readers, handed to Ray as Arrow blocks
+    (these sit in Ray's object store)."""
     import ray.data
 
-    if all(detect_format(f) == "parquet" for f in source.files):
+    readable_by_workers = not any(shard_fs.is_process_local(f) for f in source.files if isinstance(f, str))
+    if readable_by_workers and all(detect_format(f) == "parquet" for f in source.files):
         columns = {parquet_column(f, source) for f in source.files}
         if len(columns) == 1:
             column = columns.pop()
             # enough blocks that every worker gets some, even from a single-file input
             blocks = max(workers * 2, min((source.known_rows() or 0) // chunk_size, 10_000))
-            ds = ray.data.read_parquet([str(f) for f in source.files], override_num_blocks=blocks)
+            paths, kwargs = _parquet_paths(source)
+            ds = ray.data.read_parquet(paths, override_num_blocks=blocks, **kwargs)
             if len(source.files) < workers:  # one row group cannot be split at read time
                 ds = ds.repartition(blocks)
             return ds.select_columns([column]), column

@@ -2,7 +2,9 @@
 stream captions in batches (never the whole dataset in memory, except a plain `.json` file,
 which JSON cannot stream).
 
-Every problem with the input becomes a one-line `UserError` naming the fix.
+Every problem with the input becomes a one-line `UserError` naming the fix. Files and shard
+directories may be local paths or URIs (s3://, gs://, any fsspec scheme), read through shards.fs;
+glob patterns are local only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Iterator, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shards import fs as shard_fs
 from shards.errors import UserError
 from shards.reader import complete_shards
 from shards.writer import MANIFEST, SHARD_RE
@@ -45,7 +48,7 @@ class CaptionSource:
     """One dataset to analyse: a label, its files, and the caption column (None: detect)."""
 
     name: str
-    files: list[Path]
+    files: list[shard_fs.Location]  # local Paths, or URI strings (shards.fs)
     column: Optional[str] = None
     # Filled while reading: facts some formats know (COCO: number of images).
     extra: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +75,10 @@ def parse_dataset_arg(arg: str) -> tuple[Optional[str], str]:
 def resolve_source(arg: str, column: Optional[str] = None) -> CaptionSource:
     """Turn one command-line dataset argument into a CaptionSource (files sorted, checked)."""
     name, path_text = parse_dataset_arg(arg)
+    location = shard_fs.as_location(path_text)
+    if isinstance(location, str):
+        return _resolve_remote(name, location, column)
+    path_text = str(location) if shard_fs.is_uri(path_text) else path_text  # file:// -> its path
     if any(ch in path_text for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(path_text, recursive=True) if Path(p).is_file())
         if not files:
@@ -90,28 +97,50 @@ def resolve_source(arg: str, column: Optional[str] = None) -> CaptionSource:
     return CaptionSource(name=name or default_name, files=files, column=column)
 
 
-def _is_shard_dir(path: Path) -> bool:
-    return (path / MANIFEST).exists() or any(SHARD_RE.match(p.name) for p in path.iterdir())
+def _resolve_remote(name: Optional[str], uri: str, column: Optional[str]) -> CaptionSource:
+    """A URI (s3://, gs://, fsspec): one file, a folder of caption files, or a shard directory."""
+    if any(ch in uri for ch in "*?["):
+        raise UserError(f"{uri}: glob patterns are not supported in URIs: pass the folder URI or one file")
+    if shard_fs.is_dir(uri):
+        files = _files_in_dir(uri)
+        if _is_shard_dir(uri) and column is None:
+            column = "caption"
+        default_name = shard_fs.basename(uri)
+    elif shard_fs.exists(uri):
+        files = [uri]
+        default_name = Path(shard_fs.basename(uri)).stem
+    else:
+        raise UserError(f"no such file or directory: {uri}: check the URI")
+    for f in files:
+        detect_format(f)
+    return CaptionSource(name=name or default_name, files=files, column=column)
 
 
-def _files_in_dir(path: Path) -> list[Path]:
+def _is_shard_dir(path: shard_fs.Location) -> bool:
+    names = shard_fs.list_names(path)
+    return MANIFEST in names or any(SHARD_RE.match(n) for n in names)
+
+
+def _files_in_dir(path: shard_fs.Location) -> list[shard_fs.Location]:
     """A `shards/` output dir gives its complete shards only; any other dir its supported files."""
     if _is_shard_dir(path):
         shards = complete_shards(path)
         if not shards:
             raise UserError(f"no complete shards in {path} (no .done markers): let `t2i-data caption` finish or rerun it")
         return shards
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
+    names = shard_fs.list_names(path, files_only=True)
+    files = [shard_fs.join(path, n) for n in sorted(names) if Path(n).suffix.lower() in FORMATS]
     if not files:
         raise UserError(f"no caption files in directory {path}: it needs files ending in {SUPPORTED}")
     return files
 
 
-def detect_format(path: Path) -> str:
-    """The reader for `path`, from its extension."""
-    fmt = FORMATS.get(path.suffix.lower())
+def detect_format(path: shard_fs.Location) -> str:
+    """The reader for `path` (a Path or a URI), from its extension."""
+    suffix = Path(shard_fs.basename(path)).suffix
+    fmt = FORMATS.get(suffix.lower())
     if fmt is None:
-        raise UserError(f"unknown format for {path} (extension {path.suffix or 'none'!r}): use one of {SUPPORTED}")
+        raise UserError(f"unknown format for {path} (extension {suffix or 'none'!r}): use one of {SUPPORTED}")
     return fmt
 
 
@@ -149,21 +178,21 @@ def iter_caption_batches(source: CaptionSource, batch_rows: int = 1024) -> Itera
             raise UserError(f"{path} is not UTF-8 text: convert it to UTF-8") from None
 
 
-def _non_string(path: Path, column: str, row: int, value: Any) -> UserError:
+def _non_string(path: shard_fs.Location, column: str, row: int, value: Any) -> UserError:
     return UserError(
         f"{path}: column {column!r} holds a non-string value {value!r} ({type(value).__name__}) at row {row}: "
         f"point --column at the text column"
     )
 
 
-def _parquet_file(path: Path) -> pq.ParquetFile:
+def _parquet_file(path: shard_fs.Location) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        return shard_fs.parquet_file(path)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]}): re-export or re-download it") from None
 
 
-def parquet_column(path: Path, source: CaptionSource) -> str:
+def parquet_column(path: shard_fs.Location, source: CaptionSource) -> str:
     """Resolve and type-check the caption column of one Parquet file."""
     schema = _parquet_file(path).schema_arrow
     column = pick_column(schema.names, source.column, str(path))
@@ -176,7 +205,7 @@ def parquet_column(path: Path, source: CaptionSource) -> str:
     return column
 
 
-def _read_parquet(path: Path, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
+def _read_parquet(path: shard_fs.Location, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
     column = parquet_column(path, source)
     try:
         for rb in _parquet_file(path).iter_batches(batch_size=batch_rows, columns=[column]):
@@ -185,17 +214,17 @@ def _read_parquet(path: Path, source: CaptionSource, batch_rows: int) -> Iterato
         raise UserError(f"{path} is damaged and could not be read ({str(e).splitlines()[0]}): re-export or re-download it") from None
 
 
-def _check(values: list[Any], path: Path, column: str, first_row: int) -> Batch:
+def _check(values: list[Any], path: shard_fs.Location, column: str, first_row: int) -> Batch:
     for i, v in enumerate(values):
         if v is not None and not isinstance(v, str):
             raise _non_string(path, column, first_row + i, v)
     return values
 
 
-def _read_jsonl(path: Path, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
+def _read_jsonl(path: shard_fs.Location, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
     column: Optional[str] = None
     batch: Batch = []
-    with open(path, encoding="utf-8") as f:
+    with shard_fs.open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -218,10 +247,10 @@ def _read_jsonl(path: Path, source: CaptionSource, batch_rows: int) -> Iterator[
         yield batch
 
 
-def _read_json(path: Path, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
+def _read_json(path: shard_fs.Location, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
     """A JSON file: COCO (`annotations[].caption`), a list of records, or a list of strings."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with shard_fs.open_text(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix the file or use .jsonl") from None
@@ -246,9 +275,9 @@ def _read_json(path: Path, source: CaptionSource, batch_rows: int) -> Iterator[B
         yield _check(values, path, column or "item", start)
 
 
-def _read_delimited(path: Path, source: CaptionSource, batch_rows: int, delimiter: str) -> Iterator[Batch]:
+def _read_delimited(path: shard_fs.Location, source: CaptionSource, batch_rows: int, delimiter: str) -> Iterator[Batch]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long VLM captions exceed the 128 KiB default
-    with open(path, encoding="utf-8", newline="") as f:
+    with shard_fs.open_text(path, newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
@@ -266,11 +295,11 @@ def _read_delimited(path: Path, source: CaptionSource, batch_rows: int, delimite
             yield batch
 
 
-def _read_text(path: Path, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
+def _read_text(path: shard_fs.Location, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
     """One caption per line; a blank line is an empty caption (counted, not analysed)."""
     batch: Batch = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with shard_fs.open_text(path) as f:
             for line in f:
                 batch.append(line.rstrip("\r\n"))
                 if len(batch) >= batch_rows:

@@ -1,7 +1,8 @@
 """The one Parquet shard format shared by `caption`, `stats` and `train`.
 
 `schema` defines the columns; `writer` writes shards atomically with a done-marker and a
-manifest; `reader` lists complete shards and streams their rows.
+manifest; `reader` lists complete shards and streams their rows; `fs` lets a shard directory be
+a local path or an object-store / fsspec URI (s3://, gs://, memory://, ...).
 """
 
 from shards.errors import UserError

@@ -1,4 +1,8 @@
-"""Reading shards: only complete ones (done-marker present), streamed in batches."""
+"""Reading shards: only complete ones (done-marker present), streamed in batches.
+
+`out_dir` is a local path or a URI (s3://, gs://, any fsspec scheme; see shards.fs). Shard paths
+come back as `Path` for local directories and as URI strings otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,34 +11,31 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from shards import fs
 from shards.errors import UserError
-from shards.writer import MANIFEST, SHARD_RE, done_marker
+from shards.writer import MANIFEST, SHARD_RE
 
 
 class ShardError(UserError):
     """A shard directory is missing, empty or damaged; the message says how to fix it."""
 
 
-def complete_shards(out_dir: str | Path) -> list[Path]:
-    """Shards in `out_dir` that have their done-marker, sorted by name."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return []
-    return sorted(p for p in out_dir.iterdir() if SHARD_RE.match(p.name) and done_marker(p).exists())
+def complete_shards(out_dir: str | Path) -> list[fs.Location]:
+    """Shards in `out_dir` that have their done-marker, sorted by name (one directory listing)."""
+    names = set(fs.list_names(out_dir))
+    return [fs.join(out_dir, n) for n in sorted(names) if SHARD_RE.match(n) and n + ".done" in names]
 
 
-def clean_incomplete(out_dir: str | Path) -> list[Path]:
+def clean_incomplete(out_dir: str | Path) -> list[fs.Location]:
     """Delete leftovers of a crashed run: temp files and shards without a done-marker."""
-    out_dir = Path(out_dir)
+    names = set(fs.list_names(out_dir))
     removed = []
-    if not out_dir.is_dir():
-        return removed
-    for p in out_dir.iterdir():
-        orphan = SHARD_RE.match(p.name) and not done_marker(p).exists()
-        if orphan or (p.name.startswith(".") and p.name.endswith(".tmp")):
-            p.unlink(missing_ok=True)
+    for n in sorted(names):
+        orphan = SHARD_RE.match(n) and n + ".done" not in names
+        if orphan or (n.startswith(".") and n.endswith(".tmp")):
+            p = fs.join(out_dir, n)
+            fs.delete(p)
             removed.append(p)
     return removed
 
@@ -44,7 +45,7 @@ def done_keys(out_dir: str | Path, where_ok: bool = False) -> set[str]:
     keys: set[str] = set()
     for shard in complete_shards(out_dir):
         cols = ["key", "error"] if where_ok else ["key"]
-        t = pq.read_table(shard, columns=cols)
+        t = fs.read_table(shard, columns=cols)
         if where_ok:
             mask = pa.compute.is_null(t.column("error"))
             t = t.filter(mask)
@@ -60,11 +61,11 @@ def iter_batches(
     if not shards:
         raise ShardError(f"no complete shards in {out_dir}: run `t2i-data caption --out {out_dir}` first")
     for shard in shards:
-        pf = pq.ParquetFile(shard)
+        pf = fs.parquet_file(shard)
         yield from pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
 
 
 def read_manifest(out_dir: str | Path) -> dict:
     """The manifest of a shard directory, or {} if none was written yet."""
-    path = Path(out_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {}
+    path = fs.join(out_dir, MANIFEST)
+    return json.loads(fs.read_text(path)) if fs.exists(path) else {}

@@ -1,8 +1,12 @@
-"""Atomic shard writing: temp file -> rename -> done-marker -> manifest, in that order.
+"""Atomic shard writing: shard -> done-marker -> manifest, in that order.
 
-A shard counts as complete only when its `.done` marker exists. The marker is written after
-the rename, so a crash at any moment leaves either a complete shard or something the reader
-ignores and the next run cleans up (img2dataset's `_stats.json` idea).
+A shard counts as complete only when its `.done` marker exists (img2dataset's `_stats.json`
+idea): the marker is the commit point. Locally the shard goes temp file -> fsync -> rename, then
+the marker. On an object store (`s3://`, `gs://`, any fsspec URI; see shards.fs) the shard is
+serialised in memory and uploaded in one PUT under its final name (an object appears whole or not
+at all; no rename, which object stores only emulate by copy + delete), then the marker is PUT.
+Either way a crash at any moment leaves complete shards plus, at worst, a shard without its
+marker, which readers ignore and the next run's clean_incomplete deletes.
 """
 
 from __future__ import annotations
@@ -19,32 +23,29 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shards import fs
 from shards.schema import CAPTION_SCHEMA, CaptionRow, rows_to_table
 
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})(?:-(?P<writer>[0-9a-f]{8}))?\.parquet$")
 MANIFEST = "manifest.json"
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file (local path or URI), read in 1 MiB blocks."""
+    return fs.sha256(path)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+def _write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Temp file + rename locally, one PUT on object stores (see shards.fs.write_bytes)."""
+    fs.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 class ShardWriter:
     """Buffers rows and writes fixed-size Parquet shards into `out_dir`, atomically.
 
     Several writers may share one directory (Ray workers, reruns): pass a distinct `writer_id`
-    (default: random) so shard names never collide.
+    (default: random) so shard names never collide. `out_dir` is a local path or a URI
+    (shards.fs); shard paths come back as `Path` for local directories, URI strings otherwise.
     """
 
     def __init__(
@@ -56,8 +57,8 @@ class ShardWriter:
         writer_id: str | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = fs.as_location(out_dir)
+        fs.makedirs(self.out_dir)
         self.rows_per_shard = rows_per_shard
         self.schema = schema
         self.prefix = prefix
@@ -68,7 +69,7 @@ class ShardWriter:
         self.written: list[dict[str, Any]] = []
 
     def _first_free_index(self) -> int:
-        used = [int(m["index"]) for p in self.out_dir.iterdir() if (m := SHARD_RE.match(p.name))]
+        used = [int(m["index"]) for name in fs.list_names(self.out_dir) if (m := SHARD_RE.match(name))]
         return max(used, default=-1) + 1
 
     def add(self, row: CaptionRow | dict[str, Any]) -> None:
@@ -81,7 +82,7 @@ class ShardWriter:
         for row in rows:
             self.add(row)
 
-    def flush(self) -> Path | None:
+    def flush(self) -> fs.Location | None:
         """Write whatever is buffered as one shard (fewer rows than a full shard is fine)."""
         if not self._buffer:
             return None
@@ -90,21 +91,30 @@ class ShardWriter:
         self._buffer = []
         return path
 
-    def write_table(self, table: pa.Table) -> Path:
-        """Write `table` as the next shard: temp name, fsync, rename, then the done-marker."""
+    def write_table(self, table: pa.Table) -> fs.Location:
+        """Write `table` as the next shard, then its done-marker (the commit point).
+        Local: temp name, fsync, rename. Object store: one PUT of the finished file."""
         name = f"{self.prefix}-{self._next_index:05d}-{self.writer_id}.parquet"
         self._next_index += 1
-        final = self.out_dir / name
-        tmp = self.out_dir / f".{name}.tmp"
-        pq.write_table(table.cast(self.schema), tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        final = fs.join(self.out_dir, name)
+        if isinstance(final, Path):
+            tmp = self.out_dir / f".{name}.tmp"
+            pq.write_table(table.cast(self.schema), tmp, compression="zstd")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            digest, nbytes = sha256_file(final), final.stat().st_size
+        else:  # serialised here, so the checksum needs no download; the PUT is all or nothing
+            buf = pa.BufferOutputStream()
+            pq.write_table(table.cast(self.schema), buf, compression="zstd")
+            data = buf.getvalue()  # a pyarrow Buffer: hashed and uploaded without a copy
+            fs.write_bytes(final, data)
+            digest, nbytes = hashlib.sha256(data).hexdigest(), data.size
         info = {
             "shard": name,
             "rows": table.num_rows,
-            "sha256": sha256_file(final),
-            "bytes": final.stat().st_size,
+            "sha256": digest,
+            "bytes": nbytes,
             "written_at": time.time(),
         }
         _write_json_atomic(done_marker(final), info)
@@ -117,19 +127,18 @@ class ShardWriter:
         return write_manifest(self.out_dir, config=self.config, extra=extra)
 
 
-def done_marker(shard: Path) -> Path:
-    """The marker whose existence says `shard` is complete."""
-    return shard.with_name(shard.name + ".done")
+def done_marker(shard: str | Path) -> fs.Location:
+    """The marker whose existence says `shard` is complete (a Path for local shards)."""
+    return fs.with_suffix_name(shard, ".done")
 
 
 def write_manifest(out_dir: str | Path, config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """(Re)build `manifest.json` from the done-markers in `out_dir`: shards, rows, checksums."""
     from shards.reader import complete_shards  # local: reader imports writer's helpers
 
-    out_dir = Path(out_dir)
     shards = []
     for shard in complete_shards(out_dir):
-        shards.append(json.loads(done_marker(shard).read_text()))
+        shards.append(json.loads(fs.read_text(done_marker(shard))))
     manifest = {
         "format": "t2i-data shards",
         "schema": CAPTION_SCHEMA.metadata[b"t2i_data.schema"].decode(),
@@ -142,7 +151,7 @@ def write_manifest(out_dir: str | Path, config: dict[str, Any] | None = None, ex
     }
     if extra:
         manifest.update(extra)
-    _write_json_atomic(out_dir / MANIFEST, manifest)
+    _write_json_atomic(fs.join(out_dir, MANIFEST), manifest)
     return manifest
 
 

@@ -191,12 +191,12 @@ def image_to_tensor(img, height: int, width: int) -> torch.Tensor:
 
 # ---- the step ----------------------------------------------------------------------------------
 
-def _caption_rows(shards_dir: Path) -> Iterator[dict[str, Any]]:
+def _caption_rows(shards_dir: str | Path) -> Iterator[dict[str, Any]]:
     cols = ["key", "caption", "error", "image", "source", "member", "width", "height"]
-    import pyarrow.parquet as pq
+    from shards import fs as shard_fs
 
     for shard in complete_shards(shards_dir):
-        names = pq.read_schema(shard).names
+        names = shard_fs.read_schema(shard).names  # a local path or a URI
         if "caption" not in names or "key" not in names:
             raise ShardError(f"{shard} has no caption/key column: pass caption shards written by `t2i-data caption`")
     for batch in iter_batches(shards_dir, columns=cols, batch_size=256):
@@ -212,7 +212,9 @@ def compute_features(shards_dir: str | Path, root: str | Path, cfg: FeatureConfi
 
     Returns {"dir", "rows" (total encoded), "new", "skipped_invalid", "failed"}.
     """
-    shards_dir = Path(shards_dir)
+    from shards import fs as shard_fs
+
+    shards_dir = shard_fs.as_location(shards_dir)  # caption shards may be on an object store (s3://, gs://, ...)
     if not complete_shards(shards_dir):
         raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
     out = features_dir(root, cfg)
