@@ -59,9 +59,9 @@ def cli_args(world, out: Path, steps: int, *extra: str) -> list[str]:
             "--vae", world["vae"], "--text-encoder", world["text_encoder"], "--steps", str(steps), *extra]
 
 
-def torchrun(args: list[str], nproc: int = 2) -> None:
+def torchrun(args: list[str], nproc: int = 2, **env_vars: str) -> None:
     """The real console script on `nproc` gloo ranks."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env_vars}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(Path(sys.executable).parent / "t2i-data"), *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -180,16 +180,18 @@ def test_fsdp_two_ranks_continue_the_one_process_run(world, reference, tmp_path)
 
 @pytest.mark.slow
 def test_fsdp_gradient_accumulation_matches_one_process(world, tmp_path):
-    """Two micro-batches per step: the first skips the FSDP reduce-scatter, the second does it."""
+    """Two micro-batches per step: the first skips the FSDP reduce-scatter, the second does it.
+    FSDP is asked for the way `accelerate launch --use_fsdp` asks (ACCELERATE_USE_FSDP=true)."""
     import cli
 
     args = ("--global-batch", "8", "--grad-accum", "2")
     r = CliRunner().invoke(cli.app, cli_args(world, tmp_path / "one", 4, *args, "--fsdp"))  # 1 process: nothing to shard
     assert r.exit_code == 0, r.output
-    torchrun(cli_args(world, tmp_path / "fsdp", 4, *args, "--fsdp"))
+    torchrun(cli_args(world, tmp_path / "fsdp", 4, *args), ACCELERATE_USE_FSDP="true")
     a = np.array([x["loss"] for x in log(tmp_path / "one")])
     b = np.array([x["loss"] for x in log(tmp_path / "fsdp")])
     assert len(a) == len(b) == 4
+    assert log(tmp_path / "fsdp")[0]["params_local"] < 0.55 * log(tmp_path / "one")[0]["params_local"]  # sharded
     np.testing.assert_allclose(b, a, rtol=RTOL)
 
 
