@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
-
-from moto import server as moto_server  # the dev extra installs moto[server]
 
 from autolabel.api import run_caption
 from cli import app
@@ -28,16 +30,37 @@ from test_caption import hf_captioner, jpeg_bytes, tiny_model  # noqa: F401 - fi
 
 
 
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server (the dev extra installs moto[server]) in its own process: its Flask app
+    must not live in the test process, where vLLM's kernel registration trips over Flask's proxies."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return proc, url
+        except urllib.error.HTTPError:  # it answers: up
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"moto server did not start on {url}")
+
+
 @pytest.fixture(scope="module")
 def s3():
     """A local S3 endpoint for this module: env vars as a user would set them, two buckets."""
     import boto3
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    server, url = start_moto()
     env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+           "AWS_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
@@ -49,7 +72,8 @@ def s3():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
 
 
 def rows(out) -> pl.DataFrame:
