@@ -80,8 +80,10 @@ def import_ray():
 
 
 def is_uri(src) -> bool:
-    """A `scheme://` source, read through pyarrow's filesystems (S3, GCS, ...)."""
-    return "://" in str(src)
+    """A `scheme://` source, read through shards.fs (pyarrow's filesystems: S3, GCS, ...)."""
+    from shards import fs as sfs
+
+    return sfs.is_uri(str(src))
 
 
 def _remote_units(uri: str, add_file, add_container) -> None:
@@ -187,7 +189,7 @@ def _unit_items(unit: dict) -> Iterator[ImageItem]:
                 yield item
     elif unit["kind"] == "tar":
         yield from iter_tar(Path(unit["path"]), key_prefix=unit["prefix"])
-    else:  # pq.ParquetFile opens local paths and URIs alike
+    else:  # iter_parquet opens local paths and URIs alike (shards.fs)
         yield from iter_parquet(unit["path"] if is_uri(unit["path"]) else Path(unit["path"]), key_prefix=unit["prefix"])
 
 
@@ -195,9 +197,7 @@ def _read_remote(item: ImageItem) -> ImageItem:
     from shards import fs as sfs
 
     try:
-        fs, path = sfs.resolve(item.path)  # cached per bucket: not a new S3 client per image
-        with fs.open_input_file(path) as f:
-            item.data = f.read()
+        item.data = sfs.read_bytes(item.path)  # one client per bucket, not one per image
     except (OSError, pa.ArrowException, UserError) as e:
         item.error = f"unreadable file: {e}"
     item.path = None

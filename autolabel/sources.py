@@ -140,10 +140,13 @@ def _pick(columns: Sequence[str], wanted: Sequence[str]) -> str | None:
     return next((lower[w.lower()] for w in wanted if w.lower() in lower), None)
 
 
-def iter_parquet(path: Path, key_prefix: str | None = None, batch_rows: int = 256) -> Iterator[ImageItem]:
-    """Rows of a Parquet file with encoded image bytes (img2dataset, HF datasets {bytes, path})."""
-    prefix = key_prefix or path.name
-    pf = pq.ParquetFile(path)
+def iter_parquet(path: Path | str, key_prefix: str | None = None, batch_rows: int = 256) -> Iterator[ImageItem]:
+    """Rows of a Parquet file with encoded image bytes (img2dataset, HF datasets {bytes, path}).
+    `path` may also be a URI (s3://, gs://, fsspec), opened through shards.fs."""
+    from shards import fs as shard_fs
+
+    prefix = key_prefix or shard_fs.basename(path)
+    pf = shard_fs.parquet_file(path)
     cols = pf.schema_arrow.names
     image_col = _pick(cols, IMAGE_COLUMNS)
     if image_col is None:
