@@ -211,9 +211,14 @@ class TrainStep:
 
     @classmethod
     def prepare(cls, cfg: TrainConfig, accel, model, opt, sched, ema, diffusion, compile_backend: str = "inductor") -> "TrainStep":
-        """torch.compile (when cfg.compile) and accelerate.prepare (DDP, autocast) around `model`;
-        a model already sharded by FSDP is not wrapped again, only the optimizer is prepared."""
-        run_model = torch.compile(model, backend=compile_backend) if cfg.compile else model
+        """Regional torch.compile of the blocks (when cfg.compile) and accelerate.prepare (DDP,
+        autocast) around `model`; a model already sharded by FSDP is not wrapped again, only the
+        optimizer is prepared."""
+        from t2i.models import compile_blocks
+
+        if cfg.compile:
+            compile_blocks(model, compile_backend)
+        run_model = model
         if cfg.fsdp:
             opt = accel.prepare(opt)
         else:

@@ -1,0 +1,339 @@
+"""The training side of the GPU benchmark (benchmarks/gpu_bench.py runs it): one PixArt training
+step timed on one device, its FLOP/byte floor, the largest batch that fits, a profiler table of
+the kernels that dominate, and the data path against what the step consumes.
+
+Everything here also runs on CPU with a tiny preset (`gpu_bench.py --cpu-smoke`), so the harness is
+checked before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from t2i.models import build_transformer, flops_per_image
+
+
+@dataclass
+class Setting:
+    preset: str = "PixArt-XL/2"
+    latent: int = 32  # 256 px / 8
+    tokens: int = 120
+    channels: int = 4096
+    batch: int = 64
+    warmup: int = 5  # steps before timing (compilation happens in the first)
+    steps: int = 20  # timed steps
+    max_batch_limit: int = 4096
+    compile_backend: str = "inductor"
+    device: str = "cuda"
+
+
+@dataclass
+class Result:
+    name: str
+    latent: int
+    batch: int
+    step_ms: float | None = None
+    images_per_s: float | None = None
+    mfu: float | None = None  # vs the datasheet peak
+    mfu_measured: float | None = None  # vs the matmul ceiling measured on this device
+    peak_mem_gib: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _event_median(fn: Callable[[], Any], reps: int = 20) -> float:
+    """Median seconds of `fn` on the current CUDA stream, timed with events after 3 warm-ups."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: str) -> dict[str, float]:
+    """The device's own ceilings: bf16 matmul FLOP/s (8192^3, random data) and copy bytes/s (read + write)."""
+    if device != "cuda":
+        return {}
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    x = torch.randn(256 * 2**20, device=device)  # 1 GiB fp32
+    y = torch.empty_like(x)
+    out = {"matmul_flops": 2 * n**3 / _event_median(lambda: a @ b),
+           "copy_bytes_per_s": 2 * x.numel() * 4 / _event_median(lambda: y.copy_(x))}
+    del a, b, x, y
+    free(device)
+    return out
+
+
+def count_params(st: Setting, latent: int) -> int:
+    """Trainable parameters (transformer + null caption), counted on the meta device."""
+    with torch.device("meta"):
+        m = build_transformer(st.preset, latent, st.channels)
+    return sum(p.numel() for p in m.parameters()) + st.tokens * st.channels
+
+
+def floor(st: Setting, latent: int, batch: int, ceilings: dict[str, float]) -> dict[str, float]:
+    """FLOPs and the fewest bytes of one step, and their times at the measured ceilings."""
+    n_params = count_params(st, latent)
+    flops = flops_per_image(st.preset, (latent, latent), st.tokens, st.channels) * batch
+    # AdamW reads p, g, m, v and writes p, m, v (fp32); EMA reads ema, p and writes ema; the bf16
+    # weight casts read fp32 and write bf16 for forward and again for backward. Inputs on top;
+    # activations (which a fused kernel could keep on chip) are not counted: this is a floor.
+    bytes_ = n_params * (7 * 4 + 3 * 4 + 2 * (4 + 2)) + batch * (latent * latent * 4 * 4 * 2 + st.tokens * st.channels * 4)
+    out = {"params": n_params, "flops_per_step": flops, "bytes_per_step": bytes_}
+    if ceilings:
+        out["t_flops_ms"] = flops / ceilings["matmul_flops"] * 1e3
+        out["t_bytes_ms"] = bytes_ / ceilings["copy_bytes_per_s"] * 1e3
+    return out
+
+
+def synthetic_inputs(st: Setting, latent: int, batch: int, sets: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Random (never zero) precomputed features, drawn on the device (seconds, not minutes, for
+    the large batches of the max-batch search); several sets, rotated per step."""
+    g = torch.Generator(st.device).manual_seed(0)
+    kw = {"generator": g, "device": st.device}
+    return [{"x0": torch.randn(batch, 4, latent, latent, **kw), "noise": torch.randn(batch, 4, latent, latent, **kw),
+             "t": torch.randint(0, 1000, (batch,), **kw), "drop": torch.rand(batch, **kw) < 0.1,
+             "text": torch.randn(batch, st.tokens, st.channels, **kw),
+             "mask": torch.ones(batch, st.tokens, dtype=torch.long, device=st.device)} for _ in range(sets)]
+
+
+def time_steps(step_fn, inputs, st: Setting, warmup: int | None = None, steps: int | None = None) -> tuple[list[float], float | None]:
+    """Per-step seconds (CUDA events; a synchronised host clock on CPU) and peak memory (GiB)."""
+    for i in range(st.warmup if warmup is None else warmup):
+        step_fn(inputs[i % len(inputs)])
+    sync(st.device)
+    if st.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(st.steps if steps is None else steps):
+        inp = inputs[i % len(inputs)]
+        if st.device == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            step_fn(inp)
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step_fn(inp)
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if st.device == "cuda" else None
+    return times, peak
+
+
+def reference_step(st: Setting, latent: int):
+    """The plain loop a first training script has: fp32 eager, MSE on epsilon, unfused AdamW."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    model = build_transformer(st.preset, latent, st.channels).to(st.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.03, foreach=False, fused=False)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+    def step(inp):
+        out = model(sched.add_noise(inp["x0"], inp["noise"], inp["t"]), encoder_hidden_states=inp["text"],
+                    encoder_attention_mask=inp["mask"], timestep=inp["t"],
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(out[:, :4], inp["noise"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, {"model": model, "opt": opt}
+
+
+def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool):
+    """t2i.train.TrainStep exactly as train() builds it (model, fused AdamW, EMA, autocast).
+    compile: None (eager), "blocks" (the trainer's regional compile) or "full" (whole model)."""
+    from t2i.diffusion import Diffusion
+    from t2i.train import TrainConfig, TrainStep, build_model, make_accelerator, setup_optimization
+
+    mp = "bf16" if st.device == "cuda" else "no"
+    cfg = TrainConfig(preset=st.preset, resolution=latent * 8, max_tokens=st.tokens, mixed_precision=mp,
+                      grad_checkpointing=ckpt, compile=compile == "blocks", lr=2e-5, warmup_steps=10, grad_clip=0.01)
+    accel = make_accelerator(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, latent, st.channels)
+    opt, sched, ema = setup_optimization(cfg, model, accel.device)
+    stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, Diffusion(learned_sigma=cfg.learned_sigma),
+                                compile_backend=st.compile_backend)
+    if compile == "full":
+        stepper.run_model = torch.compile(stepper.run_model, backend=st.compile_backend)
+    model.train()
+    state: dict[str, Any] = {"model": model, "stepper": stepper}
+
+    def step(inp):
+        state["loss"] = stepper.micro(inp)
+        state["grad_norm"] = stepper.update()
+
+    return step, state
+
+
+def build_step(name: str, st: Setting, latent: int):
+    if name.startswith("reference"):
+        return reference_step(st, latent)
+    compile = "full" if "compile-full" in name else ("blocks" if "compile" in name else None)
+    return ours_step(st, latent, compile=compile, ckpt="ckpt" in name)
+
+
+def run_variant(name: str, st: Setting, latent: int, batch: int, peak: float | None, measured: float | None,
+                keep: bool = False) -> tuple[Result, Any]:
+    """Time one variant. With keep=True the (step, state) pair is returned for later parts
+    (profiling, the data path); otherwise everything is freed before returning."""
+    res, held = Result(name, latent, batch), None
+    fn = state = None
+    try:
+        t0 = time.perf_counter()
+        fn, state = build_step(name, st, latent)
+        inputs = synthetic_inputs(st, latent, batch)
+        warm = 2 if name.startswith("reference") else None
+        steps = max(3, st.steps // 4) if name.startswith("reference") else None
+        times, mem = time_steps(fn, inputs, st, warmup=warm, steps=steps)
+        if "loss" in state:
+            loss = state["loss"]
+            if not torch.isfinite(loss).all():  # a fast step that computes garbage is no result
+                raise RuntimeError(f"non-finite loss {loss.tolist()}")
+            res.extra["loss"] = loss.tolist()
+        med = statistics.median(times)
+        flops = flops_per_image(st.preset, (latent, latent), st.tokens, st.channels) * batch
+        res.step_ms, res.images_per_s, res.peak_mem_gib = med * 1e3, batch / med, mem
+        res.mfu = flops / med / peak if peak else None
+        res.mfu_measured = flops / med / measured if measured else None
+        res.extra.update(spread_ms=(min(times) * 1e3, max(times) * 1e3), wall_s=time.perf_counter() - t0)
+        if keep:
+            held = (fn, state, inputs)
+    except torch.cuda.OutOfMemoryError:
+        res.note = "OOM"
+    finally:
+        if held is None:
+            fn = state = None  # noqa: F841
+            free(st.device)
+    return res, held
+
+
+def max_batch(st: Setting, latent: int, ckpt: bool, start: int) -> tuple[int, float | None]:
+    """Largest batch (doubling from `start`) for which the eager bf16 TrainStep runs 2 steps, and
+    its peak GiB. One model per search: only the inputs change between tries."""
+    best, best_mem, b = 0, None, start
+    fn, state = ours_step(st, latent, compile=None, ckpt=ckpt)
+    try:
+        while b <= st.max_batch_limit:
+            try:
+                inputs = synthetic_inputs(st, latent, b, sets=1)
+                if st.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                for _ in range(2):
+                    fn(inputs[0])
+                sync(st.device)
+                best, best_mem = b, (torch.cuda.max_memory_allocated() / 2**30 if st.device == "cuda" else None)
+            except torch.cuda.OutOfMemoryError:
+                break
+            finally:
+                inputs = None
+                state["stepper"].opt.zero_grad(set_to_none=True)  # an OOM mid-backward leaves gradients behind
+                free(st.device)
+            b *= 2
+    finally:
+        fn = state = None  # noqa: F841
+        free(st.device)
+    return best, best_mem
+
+
+def profile_table(fn, inputs, st: Setting, steps: int = 3, rows: int = 18) -> dict[str, Any]:
+    """torch.profiler over `steps` steps: the kernels that dominate device time, and the share of
+    device time in matmul/attention kernels versus everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if st.device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(steps):
+            fn(inputs[i % len(inputs)])
+        sync(st.device)
+    dev_attr = "self_device_time_total" if st.device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, dev_attr, 0) > 0]
+    total = sum(getattr(e, dev_attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, dev_attr), reverse=True)
+    mm_words = ("gemm", "matmul", "mm", "sm90", "cutlass", "flash", "fmha", "attention", "xmma", "nvjet")
+    matmul_share = sum(getattr(e, dev_attr) for e in events if any(w in e.key.lower() for w in mm_words)) / total
+    top = [{"kernel": e.key[:90], "ms_per_step": getattr(e, dev_attr) / 1e3 / steps, "share": getattr(e, dev_attr) / total,
+            "calls_per_step": e.count / steps} for e in events[:rows]]
+    return {"device_ms_per_step": total / 1e3 / steps, "matmul_attention_share": matmul_share, "top": top,
+            "kernels": len(events)}
+
+
+def write_synthetic_features(directory, n: int, st: Setting, seed: int = 0, rows_per_shard: int = 256) -> None:
+    """`n` feature rows in the real FEATURE_SCHEMA through the real ShardWriter: random,
+    incompressible posterior mean/std (4 x latent^2 float32) and T5-shaped text (tokens x
+    channels, float16) with random caption lengths."""
+    import numpy as np
+
+    from shards import ShardWriter
+    from t2i.features import FEATURE_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    w = ShardWriter(directory, rows_per_shard=rows_per_shard, schema=FEATURE_SCHEMA, prefix="features")
+    shape = [4, st.latent, st.latent]
+    for i in range(n):
+        n_tok = int(rng.integers(st.tokens // 4, st.tokens + 1))
+        w.add({"key": f"sa_{i:08d}", "caption": "synthetic", "height": st.latent * 8, "width": st.latent * 8,
+               "latent_shape": shape, "latent_mean": rng.standard_normal(shape, dtype=np.float32).tobytes(),
+               "latent_std": (rng.random(shape, dtype=np.float32) * 0.1).tobytes(),
+               "text_emb": rng.standard_normal((n_tok, st.channels)).astype(np.float16).tobytes(),
+               "text_len": n_tok, "text_channels": st.channels, "text_dtype": "float16"})
+    w.flush()
+
+
+def datapath(step_fn, batches, st: Setting, n_batches: int, pure_step_ms: float | None) -> dict[str, Any]:
+    """Samples/s a loader delivers to the device (batch assembly, make_inputs, copy), and the
+    same loader feeding the training step: ms per step against the step alone (`pure_step_ms`).
+    `batches` is an iterator of t2i.data.Batch."""
+    from t2i.train import make_inputs
+
+    def device_inputs(b):
+        inp = make_inputs(b, 0.18215, 1000, 0.1, list(range(len(b.keys))))
+        return {k: v.to(st.device, non_blocking=True) for k, v in inp.items()}
+
+    t0 = time.perf_counter()
+    got = 0
+    for _ in range(n_batches):
+        inp = device_inputs(next(batches))
+        got += inp["x0"].shape[0]
+    sync(st.device)
+    alone = got / (time.perf_counter() - t0)
+    step_fn(device_inputs(next(batches)))  # shapes seen once before timing the loop
+    sync(st.device)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        step_fn(device_inputs(next(batches)))
+    sync(st.device)
+    loop_ms = (time.perf_counter() - t0) / n_batches * 1e3
+    out = {"loader_samples_per_s": alone, "loop_step_ms": loop_ms, "pure_step_ms": pure_step_ms,
+           "loop_samples_per_s": got / n_batches / loop_ms * 1e3}
+    if pure_step_ms:
+        out["gpu_wait_fraction"] = max(0.0, 1 - pure_step_ms / loop_ms)
+    return out
