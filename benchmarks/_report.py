@@ -22,10 +22,11 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
 
 
-def write_section(name: str, body: str) -> Path:
-    """Replace (or append) the section delimited by markers for `name` in BENCHMARKS.md."""
+def write_section(name: str, body: str, where: str | None = None) -> Path:
+    """Replace (or append) the section delimited by markers for `name` in BENCHMARKS.md.
+    `where`: the machine the figures come from, when it is not this one (a GPU run's JSON)."""
     stamp = datetime.date.today().isoformat()
-    block = f"<!-- {name}:start -->\n## {name}\n\n_Run {stamp} on {machine()}._\n\n{body.strip()}\n<!-- {name}:end -->"
+    block = f"<!-- {name}:start -->\n## {name}\n\n_Run {stamp} on {where or machine()}._\n\n{body.strip()}\n<!-- {name}:end -->"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"

@@ -20,7 +20,7 @@ estimate; the JSON is rewritten after every part, so a run cut short keeps what 
 
     python benchmarks/gpu_bench.py --budget 420            # on a GPU: writes $OUT/gpu_bench.json
     python benchmarks/gpu_bench.py --cpu-smoke              # tiny preset on CPU: checks the harness
-    python benchmarks/gpu_bench.py --report results.json    # BENCHMARKS.md "gpu_bench" from a GPU run's JSON
+    python benchmarks/gpu_bench.py --report run1.json,run2.json  # BENCHMARKS.md "gpu_bench" from a GPU run's JSON
 
 A CPU run never writes BENCHMARKS.md (it would overwrite GPU figures with meaningless ones).
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -66,8 +67,9 @@ PREDICTIONS = {
 }
 
 # (part, estimated seconds on an H100) in priority order
-PARTS = [("ceilings", 10), ("ours-compile", 60), ("profile", 15), ("datapath", 30), ("ours-eager", 20),
-         ("reference", 30), ("ours-compile-ckpt", 50), ("max-batch", 60), ("features", 60), ("captioner", 100),
+PARTS = [("ceilings", 10), ("ours-compile", 60), ("profile", 15), ("datapath", 30), ("sdpa", 10), ("ours-eager", 20),
+         ("reference", 30), ("ours-compile-ckpt", 50), ("ours-compile-flash", 50), ("ours-compile-b128", 50),
+         ("max-batch", 60), ("features", 60), ("captioner", 100), ("captioner-decode", 40), ("captioner-static", 90),
          ("ours-compile-full", 120), ("ours-compile-512", 50)]
 
 
@@ -116,6 +118,8 @@ def part_ceilings(run: Run) -> None:
 def part_variant(run: Run, name: str) -> None:
     st = run.st
     latent, batch = (st.latent * 2, max(1, st.batch // 4)) if name.endswith("512") else (st.latent, st.batch)
+    if m := re.search(r"-b(\d+)$", name):
+        batch = int(m.group(1)) if not run.smoke else st.batch * 2
     measured = run.report.get("ceilings", {}).get("matmul_flops")
     from torch._dynamo.utils import counters
 
@@ -207,6 +211,29 @@ def part_captioner(run: Run) -> None:
     print(gpu_captioner.markdown(run.report["captioner"]), flush=True)
 
 
+def part_sdpa(run: Run) -> None:
+    run.report["sdpa"] = gt.bench_sdpa(run.st, run.st.batch, run.st.latent)
+    for row in run.report["sdpa"]:
+        print(f"  sdpa {row}", flush=True)
+
+
+def part_captioner_extra(run: Run, name: str) -> None:
+    """Decode profile, or static-cache generate, on one LLaVA-1.5-7B-shaped captioner."""
+    import tempfile
+
+    from benchmarks import gpu_captioner as gc_
+
+    size = (gc_.SMOKE if run.smoke else gc_.REAL)["image_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cap = gc_.build_captioner(run.st.device, run.smoke, Path(tmp))
+        if name == "captioner-decode":
+            run.report[name] = gc_.bench_decode(cap, run.st.device, size, batch_sizes=(1, 2) if run.smoke else (1, 64))
+        else:
+            run.report[name] = gc_.bench_static(cap, run.st.device, size, bs=2 if run.smoke else 64, tokens=8 if run.smoke else 64)
+        cap.close()
+    print(f"  {name}: {run.report[name]}", flush=True)
+
+
 def run_part(run: Run, name: str) -> None:
     if name == "ceilings":
         part_ceilings(run)
@@ -220,9 +247,14 @@ def run_part(run: Run, name: str) -> None:
         part_features(run)
     elif name == "captioner":
         part_captioner(run)
+    elif name == "sdpa":
+        part_sdpa(run)
+    elif name.startswith("captioner-"):
+        part_captioner_extra(run, name)
     else:
         part_variant(run, name)
-    if name == "datapath" or (name == "profile" and "datapath" not in run.wanted):
+    users = [p for p in ("profile", "datapath") if p in run.wanted]
+    if run.kept is not None and (not users or name == users[-1]):
         run.kept = None  # the kept compiled step is not needed any more
         gt.free(run.st.device)
 
@@ -235,12 +267,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=None, help="batch at 256 px (default 64)")
     ap.add_argument("--json", default=os.environ.get("OUT", "") and str(Path(os.environ["OUT"]) / "gpu_bench.json"),
                     help="write all numbers here (default $OUT/gpu_bench.json when $OUT is set)")
-    ap.add_argument("--report", default="", help="write BENCHMARKS.md 'gpu_bench' from this JSON of a GPU run, and exit")
+    ap.add_argument("--report", default="", help="write BENCHMARKS.md 'gpu_bench' from these JSONs of GPU runs (comma list), and exit")
     a = ap.parse_args(argv)
     if a.report:
         from benchmarks.gpu_report import write_report
 
-        write_report(json.loads(Path(a.report).read_text()))
+        write_report(*(json.loads(Path(p).read_text()) for p in a.report.split(",")))
         return {}
     smoke = a.cpu_smoke or not torch.cuda.is_available()
     if smoke:

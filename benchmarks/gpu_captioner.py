@@ -81,6 +81,8 @@ def bench_batches(cap, device: str, batch_sizes: list[int], max_new_tokens: int,
     prompt = cap.format_prompt("Describe this image and its style in a very detailed manner")
     rows = []
     for bs in batch_sizes:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         try:
             cap.caption([img] * bs, [prompt] * bs, warm)
             _sync(device)
@@ -96,6 +98,64 @@ def bench_batches(cap, device: str, batch_sizes: list[int], max_new_tokens: int,
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
         rows.append({"batch": bs, "images_per_s": bs / dt, "tokens_per_s": toks / dt, "seconds": dt, "peak_mem_gib": mem})
     return rows
+
+
+def _inputs(cap, bs: int, image_size: int) -> dict[str, torch.Tensor]:
+    from PIL import Image
+
+    img = Image.new("RGB", (image_size, image_size), (120, 80, 200))
+    prompt = cap.format_prompt("Describe this image and its style in a very detailed manner")
+    inputs = cap.processor(images=[img] * bs, text=[prompt] * bs, return_tensors="pt", padding=True)
+    return {k: (v.to(cap.device, cap.model.dtype) if v.is_floating_point() else v.to(cap.device)) for k, v in inputs.items()}
+
+
+@torch.inference_mode()
+def bench_decode(cap, device: str, image_size: int, batch_sizes=(1, 64), tokens: int = 16) -> list[dict[str, Any]]:
+    """Why decoding is slow: per generated token, the host's wall time against the time the GPU
+    spends in kernels (torch.profiler). Busy << wall means the GPU waits on Python/launches."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for bs in batch_sizes:
+        inputs = _inputs(cap, bs, image_size)
+        kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=cap.pad_id)
+        cap.model.generate(**inputs, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        _sync(device)
+        t = time.perf_counter()
+        with profile(activities=acts) as prof:
+            cap.model.generate(**inputs, **kw)
+            _sync(device)
+        wall = time.perf_counter() - t
+        kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        launches = sum(e.count for e in kernels)
+        rows.append({"batch": bs, "tokens": tokens, "wall_ms_per_token": wall / tokens * 1e3,
+                     "gpu_busy_ms_per_token": busy / tokens * 1e3, "kernels_per_token": launches / tokens,
+                     "note": "profiled (profiler overhead included in wall)"})
+    return rows
+
+
+@torch.inference_mode()
+def bench_static(cap, device: str, image_size: int, bs: int, tokens: int) -> dict[str, Any]:
+    """generate() with a static KV cache, which transformers compiles (CUDA graphs): the second call
+    is timed, against the default dynamic cache at the same batch and length."""
+    inputs = _inputs(cap, bs, image_size)
+    kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=cap.pad_id)
+    out = {"batch": bs, "tokens": tokens}
+    for name, extra in (("dynamic", {}), ("static", {"cache_implementation": "static"})):
+        t = time.perf_counter()
+        cap.model.generate(**inputs, **kw, **extra)  # warm-up; compiles for the static cache
+        _sync(device)
+        out[f"{name}_first_call_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cap.model.generate(**inputs, **kw, **extra)
+        _sync(device)
+        dt = time.perf_counter() - t
+        out[f"{name}_images_per_s"] = bs / dt
+        out[f"{name}_ms_per_token"] = dt / tokens * 1e3
+    return out
 
 
 def bench_host_wait(cap, device: str, n_images: int, batch_size: int, max_new_tokens: int, workdir: Path, sam_size: tuple[int, int]) -> dict[str, Any]:

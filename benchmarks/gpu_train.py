@@ -167,7 +167,7 @@ def reference_step(st: Setting, latent: int):
     return step, {"model": model, "opt": opt}
 
 
-def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool):
+def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attention: str = "auto"):
     """t2i.train.TrainStep exactly as train() builds it (model, fused AdamW, EMA, autocast).
     compile: None (eager), "blocks" (the trainer's regional compile) or "full" (whole model)."""
     from t2i.diffusion import Diffusion
@@ -175,7 +175,8 @@ def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool):
 
     mp = "bf16" if st.device == "cuda" else "no"
     cfg = TrainConfig(preset=st.preset, resolution=latent * 8, max_tokens=st.tokens, mixed_precision=mp,
-                      grad_checkpointing=ckpt, compile=compile == "blocks", lr=2e-5, warmup_steps=10, grad_clip=0.01)
+                      grad_checkpointing=ckpt, compile=compile == "blocks", lr=2e-5, warmup_steps=10, grad_clip=0.01,
+                      attention=attention)
     accel = make_accelerator(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, latent, st.channels)
@@ -195,10 +196,12 @@ def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool):
 
 
 def build_step(name: str, st: Setting, latent: int):
+    """The step a variant name describes: reference | ours-[eager|compile|compile-full][-ckpt][-flash|-cudnn|-efficient]."""
     if name.startswith("reference"):
         return reference_step(st, latent)
     compile = "full" if "compile-full" in name else ("blocks" if "compile" in name else None)
-    return ours_step(st, latent, compile=compile, ckpt="ckpt" in name)
+    attention = next((a for a in ("flash", "cudnn", "efficient") if f"-{a}" in name), "auto")
+    return ours_step(st, latent, compile=compile, ckpt="ckpt" in name, attention=attention)
 
 
 def run_variant(name: str, st: Setting, latent: int, batch: int, peak: float | None, measured: float | None,
@@ -264,26 +267,85 @@ def max_batch(st: Setting, latent: int, ckpt: bool, start: int) -> tuple[int, fl
     return best, best_mem
 
 
-def profile_table(fn, inputs, st: Setting, steps: int = 3, rows: int = 18) -> dict[str, Any]:
-    """torch.profiler over `steps` steps: the kernels that dominate device time, and the share of
-    device time in matmul/attention kernels versus everything else."""
+# kernel-name fragments per category, checked in order (cuDNN's attention kernels mention wgmma too)
+CATEGORIES = [("attention", ("sdpa", "flash", "fmha", "attention")),
+              ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "aten::mm", "aten::addmm", "aten::bmm")),
+              ("optimizer + EMA", ("multi_tensor_apply", "adam", "foreach")),
+              ("fused elementwise (triton)", ("triton_",)),
+              ("copies and casts", ("copy", "cast", "convert", "fill"))]
+
+
+def category(kernel: str) -> str:
+    k = kernel.lower()
+    return next((name for name, words in CATEGORIES if any(w in k for w in words)), "other elementwise / reductions")
+
+
+def profile_table(fn, inputs, st: Setting, steps: int = 3, rows: int = 15) -> dict[str, Any]:
+    """torch.profiler over `steps` steps: device time per step by kernel category and the kernels
+    that dominate. On CUDA only kernel events count (the aten ops that launch them would count
+    them twice); on CPU the aten ops' own time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if st.device == "cuda" else [])
+    cuda = st.device == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(st.device)
+    t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         for i in range(steps):
             fn(inputs[i % len(inputs)])
         sync(st.device)
-    dev_attr = "self_device_time_total" if st.device == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, dev_attr, 0) > 0]
-    total = sum(getattr(e, dev_attr) for e in events) or 1.0
-    events.sort(key=lambda e: getattr(e, dev_attr), reverse=True)
-    mm_words = ("gemm", "matmul", "mm", "sm90", "cutlass", "flash", "fmha", "attention", "xmma", "nvjet")
-    matmul_share = sum(getattr(e, dev_attr) for e in events if any(w in e.key.lower() for w in mm_words)) / total
-    top = [{"kernel": e.key[:90], "ms_per_step": getattr(e, dev_attr) / 1e3 / steps, "share": getattr(e, dev_attr) / total,
-            "calls_per_step": e.count / steps} for e in events[:rows]]
-    return {"device_ms_per_step": total / 1e3 / steps, "matmul_attention_share": matmul_share, "top": top,
-            "kernels": len(events)}
+    wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    if cuda:
+        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    else:
+        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages() if e.key.startswith("aten::")]
+    events = sorted((e for e in events if e[1] > 0), key=lambda e: e[1], reverse=True)
+    total = sum(e[1] for e in events) or 1.0
+    cats: dict[str, float] = {}
+    for key, us, _ in events:
+        cats[category(key)] = cats.get(category(key), 0.0) + us / 1e3 / steps
+    top = [{"kernel": k[:100], "category": category(k), "ms_per_step": us / 1e3 / steps, "share": us / total,
+            "calls_per_step": n / steps} for k, us, n in events[:rows]]
+    return {"device_ms_per_step": total / 1e3 / steps, "wall_ms_per_step_profiled": wall_ms,
+            "categories_ms_per_step": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "top": top, "kernels": len(events)}
+
+
+def bench_sdpa(st: Setting, batch: int, latent: int, heads: int = 16, head_dim: int = 72) -> list[dict[str, Any]]:
+    """Forward + backward of PixArt's two attentions (self over the patches, cross to the masked
+    caption) with each SDPA kernel forced: ms per call, or why it refused."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev, dt = st.device, torch.bfloat16 if st.device == "cuda" else torch.float32
+    t = (latent // 2) ** 2
+    q = torch.randn(batch, heads, t, head_dim, device=dev, dtype=dt, requires_grad=True)
+    kv_self = [torch.randn(batch, heads, t, head_dim, device=dev, dtype=dt, requires_grad=True) for _ in range(2)]
+    kv_cross = [torch.randn(batch, heads, st.tokens, head_dim, device=dev, dtype=dt, requires_grad=True) for _ in range(2)]
+    keep = torch.rand(batch, 1, 1, st.tokens, device=dev) > 0.3
+    bias = torch.zeros(batch, 1, 1, st.tokens, device=dev, dtype=dt).masked_fill(~keep, -10000.0)  # as diffusers builds it
+    rows = []
+    for kind, (k, v), mask in (("self", kv_self, None), ("cross (masked)", kv_cross, bias)):
+        for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+            def call():
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                out.sum().backward()
+            try:
+                ms = (_event_median(call, reps=10) if dev == "cuda" else _host_median(call)) * 1e3
+                rows.append({"attention": kind, "backend": backend, "ms_fwd_bwd": ms})
+            except RuntimeError as e:
+                rows.append({"attention": kind, "backend": backend, "refused": str(e).splitlines()[0][:120]})
+    return rows
+
+
+def _host_median(fn, reps: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def write_synthetic_features(directory, n: int, st: Setting, seed: int = 0, rows_per_shard: int = 256) -> None:

@@ -136,6 +136,30 @@ class PixArtWithNull(nn.Module):
         return emb, torch.ones(batch, emb.shape[1], dtype=torch.long, device=emb.device)
 
 
+# SDPA kernel orders for `TrainConfig.attention`: torch tries them in order and takes the first that
+# accepts the call (flash takes no attention mask, so masked cross-attention falls to the next one).
+ATTENTION_ORDERS = {
+    "auto": None,  # torch's own order
+    "flash": ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"],
+    "efficient": ["EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION", "MATH"],
+    "cudnn": ["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
+}
+
+
+def attention_kernels(name: str):
+    """A context manager that makes SDPA prefer the kernels of ATTENTION_ORDERS[name]."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name not in ATTENTION_ORDERS:
+        raise UserError(f"attention {name!r} is not one of {', '.join(ATTENTION_ORDERS)}: pick one")
+    order = ATTENTION_ORDERS[name]
+    if order is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel([getattr(SDPBackend, b) for b in order], set_priority=True)
+
+
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
     """Regional torch.compile: every transformer block is compiled in place. The blocks share one
     forward and one set of shapes, so dynamo traces one block and reuses the graph for all of

@@ -58,6 +58,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False
     compile: bool = False
+    attention: str = "auto"  # SDPA kernel order (t2i.models.ATTENTION_ORDERS): auto | flash | efficient | cudnn
     fsdp: bool = False  # shard weights, grads, AdamW state and EMA over the processes (t2i.sharding)
     trace_keys: bool = False  # write <out>/trace/rank-<r>.jsonl: the sample keys each rank consumed
     checkpoint_every: int = 1000
@@ -75,7 +76,7 @@ class TrainConfig:
                              buckets=self.buckets, max_tokens=self.max_tokens, text_dtype=self.text_dtype)
 
     def validate(self) -> None:
-        from t2i.models import get_preset
+        from t2i.models import ATTENTION_ORDERS, get_preset
 
         if self.init == "scratch":
             get_preset(self.preset)
@@ -84,6 +85,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "steps", "checkpoint_every", "log_every", "max_tokens", "resolution"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}: fix the stage settings")
+        if self.attention not in ATTENTION_ORDERS:
+            raise UserError(f"attention {self.attention!r} is not one of {', '.join(ATTENTION_ORDERS)}: pick one")
         if self.global_batch < 0:
             raise UserError(f"global_batch must be >= 0 (0: batch_size x processes), got {self.global_batch}")
         if not 0 <= self.caption_dropout < 1:
@@ -203,10 +206,10 @@ class TrainStep:
     caller logs them."""
 
     def __init__(self, accel, run_model, model, opt, sched, ema, diffusion, grad_accum: int = 1, grad_clip: float = 0.0,
-                 fsdp: bool = False) -> None:
+                 fsdp: bool = False, attention: str = "auto") -> None:
         self.accel, self.run_model, self.model = accel, run_model, model
         self.opt, self.sched, self.ema, self.diffusion = opt, sched, ema, diffusion
-        self.grad_accum, self.grad_clip, self.fsdp = grad_accum, grad_clip, fsdp
+        self.grad_accum, self.grad_clip, self.fsdp, self.attention = grad_accum, grad_clip, fsdp, attention
         self.use_added = model.transformer.use_additional_conditions
 
     @classmethod
@@ -223,7 +226,7 @@ class TrainStep:
             opt = accel.prepare(opt)
         else:
             run_model, opt = accel.prepare(run_model, opt)
-        return cls(accel, run_model, model, opt, sched, ema, diffusion, cfg.grad_accum, cfg.grad_clip, cfg.fsdp)
+        return cls(accel, run_model, model, opt, sched, ema, diffusion, cfg.grad_accum, cfg.grad_clip, cfg.fsdp, cfg.attention)
 
     def micro(self, inp: dict[str, torch.Tensor], sync: bool = True, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Forward + loss + backward; `sync=False` skips the DDP all-reduce (inside grad accumulation).
@@ -243,7 +246,9 @@ class TrainStep:
             ctx = _null()
         else:
             ctx = self.accel.no_sync(self.run_model) if not sync and self.accel.num_processes > 1 else _null()
-        with ctx:
+        from t2i.models import attention_kernels
+
+        with ctx, attention_kernels(self.attention):
             with self.accel.autocast():
                 pred = self.run_model(x_t, t, text, mask, drop=drop, added_cond_kwargs=added)
                 losses = self.diffusion.loss(pred, x0, x_t, noise, t)
