@@ -68,8 +68,11 @@ def _flops(fn) -> float:
 
 @torch.no_grad()
 def bench_features(device: str, smoke: bool, batch: int = 64, resolution: int = 256, tokens: int = 120,
-                   reps: int = 5, images_total: float = 10e6, peak: float | None = None) -> dict[str, Any]:
-    """Images/s of the VAE encoder and captions/s of the T5 encoder; GPU-hours for `images_total`."""
+                   reps: int = 5, images_total: float = 10e6, peak: float | None = None, profile: bool = True) -> dict[str, Any]:
+    """Images/s of the VAE encoder and captions/s of the T5 encoder; GPU-hours for `images_total`;
+    with `profile`, where each encoder's device time goes (kernel categories)."""
+    from benchmarks.gpu_train import profile_calls
+
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if smoke:
         batch, resolution, reps = 4, 64, 2
@@ -84,6 +87,8 @@ def bench_features(device: str, smoke: bool, batch: int = 64, resolution: int = 
     out["vae_gflop_per_image"] = _flops(encode_images) / batch / 1e9
     dt = _timed(encode_images, device, reps)
     out["vae_images_per_s"] = batch / dt
+    if profile:
+        out["vae_profile"] = profile_calls(encode_images, device, calls=2, rows=8)
     del vae, x
     enc = t5_xxl_encoder(device, dtype, tiny=smoke)
     out["t5_params"] = sum(p.numel() for p in enc.parameters())
@@ -93,6 +98,8 @@ def bench_features(device: str, smoke: bool, batch: int = 64, resolution: int = 
     out["t5_gflop_per_caption"] = _flops(encode_text) / batch / 1e9
     dt = _timed(encode_text, device, reps)
     out["t5_captions_per_s"] = batch / dt
+    if profile:
+        out["t5_profile"] = profile_calls(encode_text, device, calls=2, rows=8)
     del enc
     if device == "cuda":
         torch.cuda.empty_cache()

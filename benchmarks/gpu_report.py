@@ -62,7 +62,9 @@ def features_md(f: dict) -> list[str]:
             f"| T5-XXL encoder ({f['t5_params'] / 1e9:.2f}B), {f['tokens']} tokens | {f['t5_gflop_per_caption']:.0f} | "
             f"{f['t5_captions_per_s']:.0f} | {_f(f.get('t5_mfu'), '.0%')} |", "",
             f"Both encoders, one after the other, batch {f['batch']}, {f['dtype']}: **{f['gpu_hours_per_10m']:.1f} GPU-hours "
-            f"per 10M images** on this device."]
+            f"per 10M images** on this device."] + [
+            f"- {name} device time by kernel category: " + ", ".join(f"{c} {ms:.1f} ms" for c, ms in f[key]["categories_ms_per_step"].items())
+            for name, key in (("VAE encoder (batch)", "vae_profile"), ("T5 encoder (batch)", "t5_profile")) if key in f]
 
 
 def captioner_md(report: dict) -> list[str]:

@@ -281,21 +281,27 @@ def category(kernel: str) -> str:
 
 
 def profile_table(fn, inputs, st: Setting, steps: int = 3, rows: int = 15) -> dict[str, Any]:
-    """torch.profiler over `steps` steps: device time per step by kernel category and the kernels
-    that dominate. On CUDA only kernel events count (the aten ops that launch them would count
-    them twice); on CPU the aten ops' own time."""
+    """torch.profiler over `steps` training steps (see `profile_calls`)."""
+    it = iter(range(steps))
+    return profile_calls(lambda: fn(inputs[next(it) % len(inputs)]), st.device, steps, rows)
+
+
+def profile_calls(call: Callable[[], Any], device: str, calls: int = 3, rows: int = 15) -> dict[str, Any]:
+    """torch.profiler over `calls` calls of `call`: device time per call by kernel category and the
+    kernels that dominate. On CUDA only kernel events count (the aten ops that launch them would
+    count them twice); on CPU the aten ops' own time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = st.device == "cuda"
+    cuda = device == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sync(st.device)
+    sync(device)
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
-        for i in range(steps):
-            fn(inputs[i % len(inputs)])
-        sync(st.device)
-    wall_ms = (time.perf_counter() - t0) / steps * 1e3
+        for _ in range(calls):
+            call()
+        sync(device)
+    wall_ms = (time.perf_counter() - t0) / calls * 1e3
     if cuda:
         events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     else:
@@ -304,10 +310,10 @@ def profile_table(fn, inputs, st: Setting, steps: int = 3, rows: int = 15) -> di
     total = sum(e[1] for e in events) or 1.0
     cats: dict[str, float] = {}
     for key, us, _ in events:
-        cats[category(key)] = cats.get(category(key), 0.0) + us / 1e3 / steps
-    top = [{"kernel": k[:100], "category": category(k), "ms_per_step": us / 1e3 / steps, "share": us / total,
-            "calls_per_step": n / steps} for k, us, n in events[:rows]]
-    return {"device_ms_per_step": total / 1e3 / steps, "wall_ms_per_step_profiled": wall_ms,
+        cats[category(key)] = cats.get(category(key), 0.0) + us / 1e3 / calls
+    top = [{"kernel": k[:100], "category": category(k), "ms_per_step": us / 1e3 / calls, "share": us / total,
+            "calls_per_step": n / calls} for k, us, n in events[:rows]]
+    return {"device_ms_per_step": total / 1e3 / calls, "wall_ms_per_step_profiled": wall_ms,
             "categories_ms_per_step": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "top": top, "kernels": len(events)}
 
 
