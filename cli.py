@@ -148,6 +148,57 @@ def caption_cmd(
     typer.echo(f"{summary.line()}; {len(summary.shards)} shards in {out}")
 
 
+# --- score / select (curate/) ----------------------------------------------------------------
+
+
+@app.command("score")
+@user_errors
+def score_cmd(
+    shards: str = typer.Option(..., "--shards", help="caption shard directory to score"),
+    out: str = typer.Option("scores", "--out", help="score shard directory (rerun the same command to resume)"),
+    scorers: str = typer.Option("clip,aesthetic,dedup,nsfw,lang,image", "--scorers", help="comma-separated: clip,aesthetic,dedup,nsfw,lang,image"),
+    clip_model: str = typer.Option("openai/clip-vit-large-patch14", "--clip-model", help="CLIPModel: HF id or local directory"),
+    aesthetic_weights: Optional[str] = typer.Option(None, "--aesthetic-weights", help="LAION aesthetic v2 head: .pth/.safetensors file or HF id"),
+    fit_aesthetic: Optional[Path] = typer.Option(None, "--fit-aesthetic", help="ratings.parquet (key, rating): fit the aesthetic head on them first"),
+    dedup_threshold: float = typer.Option(0.95, "--dedup-threshold", help="CLIP image cosine at or above which images are near-duplicates"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    shard_size: int = typer.Option(1000, "--shard-size", help="rows per score shard"),
+    workers: int = typer.Option(2, "--workers", help="image decoding threads"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+) -> None:
+    """Score caption shards: CLIPScore + embeddings, aesthetic, duplicates, NSFW, caption language, image stats.
+
+    Example: t2i-data score --shards out/ --out scores/ --scorers clip,aesthetic,dedup,nsfw,lang,image --aesthetic-weights head.pth
+    """
+    from curate.api import ScoreConfig, run_score
+
+    summary = run_score(ScoreConfig(
+        shards=shards, out=out, scorers=scorers, clip_model=clip_model, aesthetic_weights=aesthetic_weights,
+        fit_aesthetic=fit_aesthetic, dedup_threshold=dedup_threshold, batch_size=batch_size, shard_size=shard_size,
+        workers=workers, progress=not no_progress,
+    ))  # fmt: skip
+    typer.echo(f"{summary.line()}; {len(summary.shards)} shards in {out}")
+
+
+@app.command("select")
+@user_errors
+def select_cmd(
+    shards: str = typer.Option(..., "--shards", help="caption shard directory"),
+    scores: str = typer.Option(..., "--scores", help="score shard directory (t2i-data score --out)"),
+    where: str = typer.Option(..., "--where", help="SQL condition over score and caption columns, e.g. \"aesthetic >= 5.5 and not near_duplicate\""),
+    out: str = typer.Option(..., "--out", help="new caption shard directory for the selected rows"),
+    shard_size: int = typer.Option(1000, "--shard-size", help="rows per shard"),
+) -> None:
+    """Write the caption rows whose scores pass --where as ordinary caption shards; says what each condition removed.
+
+    Example: t2i-data select --shards out/ --scores scores/ --where "aesthetic >= 5.5 and nsfw < 0.2 and not near_duplicate" --out captions/aesthetic
+    """
+    from curate.select import run_select
+
+    for line in run_select(shards, scores, where, out, shard_size=shard_size).lines():
+        typer.echo(line)
+
+
 # --- features / train / sample / export / import-dit (t2i/) ----------------------------------
 
 

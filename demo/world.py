@@ -85,6 +85,7 @@ class Scene:
     dx: float = 0.0  # offset from the position's anchor, fraction of the image side
     dy: float = 0.0
     texture_seed: int = 0  # seeds the background texture / gradient direction
+    quality: str = "high"  # "low": blurred, grainy and saved as a heavy JPEG (the aesthetic axis)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,7 +202,29 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     alpha = shape_mask(scene.shape, *object_box(scene, size), size)[..., None]
     color = np.array(COLORS[scene.color], np.float32)
     img = bg * (1 - alpha) + color * alpha
-    return Image.fromarray(np.round(img).astype(np.uint8), mode="RGB")
+    out = Image.fromarray(np.round(img).astype(np.uint8), mode="RGB")
+    return degrade(out, scene.texture_seed) if scene.quality == "low" else out
+
+
+LOW_QUALITY_JPEG = 12  # JPEG quality a low-quality scene is saved at (blocking artefacts)
+
+
+def degrade(img: Image.Image, seed: int) -> Image.Image:
+    """A low-quality version of `img`: out of focus (Gaussian blur) and grainy (sensor noise)."""
+    from PIL import ImageFilter
+
+    blurred = np.asarray(img.filter(ImageFilter.GaussianBlur(radius=img.size[0] / 24)), np.float32)
+    grain = np.random.default_rng([seed, 3]).normal(0, 14.0, blurred.shape)
+    return Image.fromarray(np.clip(np.round(blurred + grain), 0, 255).astype(np.uint8), mode="RGB")
+
+
+def with_low_quality(scenes: Sequence[Scene], fraction: float, seed: int) -> list[Scene]:
+    """`scenes` with about `fraction` of them marked low quality, chosen by their own rng (so the
+    scenes themselves, and worlds written without a quality axis, are unchanged)."""
+    import dataclasses
+
+    rng = np.random.default_rng([seed, 11])
+    return [dataclasses.replace(s, quality="low") if rng.uniform() < fraction else s for s in scenes]
 
 
 # --- text ----------------------------------------------------------------------------------------
@@ -441,6 +464,7 @@ def write_sam_folder(
     split: Split = "train",
     jpeg_quality: int = 92,
     meta_dir: str | Path | None = None,
+    low_quality: float = 0.0,
 ) -> list[Scene]:
     """Write `n` scenes of `split` as an SA-1B-style folder and return them.
 
@@ -452,6 +476,8 @@ def write_sam_folder(
     FIRST_ID[split], so train and held-out folders can be merged. Same arguments, same bytes.
     `meta_dir` puts the two ground-truth files elsewhere (keeps the image folder a pure SA-1B
     source for `t2i-data caption`); each record's `image` is the image path relative to it.
+    `low_quality`: the fraction of scenes rendered low quality (`degrade`, saved at JPEG quality
+    LOW_QUALITY_JPEG); each record's `quality` says which. 0 (default) writes the same bytes as before.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -461,13 +487,16 @@ def write_sam_folder(
     meta = Path(meta_dir) if meta_dir is not None else out
     meta.mkdir(parents=True, exist_ok=True)
     scenes = sample_scenes(n, seed, split)
+    if low_quality > 0:
+        scenes = with_low_quality(scenes, low_quality, seed)
     alt_rng = np.random.default_rng([seed, list(FIRST_ID).index(split), 7])
     records = []
     for i, scene in enumerate(scenes):
         image_id = FIRST_ID[split] + i
         key = f"sa_{image_id}"
         alt = alt_text(scene, alt_rng)
-        render(scene, image_size).save(out / f"{key}.jpg", quality=jpeg_quality)
+        quality = LOW_QUALITY_JPEG if scene.quality == "low" else jpeg_quality
+        render(scene, image_size).save(out / f"{key}.jpg", quality=quality)
         info = {"image_id": image_id, "width": image_size, "height": image_size, "file_name": f"{key}.jpg", "alt_text": alt}
         (out / f"{key}.json").write_text(json.dumps({"image": info, "annotations": []}))
         records.append(

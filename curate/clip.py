@@ -1,0 +1,69 @@
+"""The `clip` scorer: CLIP image and text embeddings and their cosine (CLIPScore).
+
+Any transformers `CLIPModel` directory or HF id (default openai/clip-vit-large-patch14, the
+embedding the LAION aesthetic predictor was trained on). Embeddings are L2-normalised and kept
+in the score shards, so the aesthetic head and near-duplicate search reuse them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+class ClipEmbedder:
+    """A loaded CLIP model with its tokenizer and image processor."""
+
+    def __init__(self, model: str = DEFAULT_CLIP, device: str = "cpu") -> None:
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+        self.name = model
+        self.device = device
+        self.model = CLIPModel.from_pretrained(model).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.processor = CLIPImageProcessor.from_pretrained(model)
+        self.max_tokens = self.model.config.text_config.max_position_embeddings
+        self.dim = self.model.config.projection_dim
+
+    @property
+    def input_size(self) -> int:
+        """The short side the vision tower sees (what decoding needs at least)."""
+        return int(self.model.config.vision_config.image_size)
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(n, dim) float32, unit length."""
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        out = self.model.get_image_features(pixel_values=pixels)
+        return _unit(_features(out))
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, dim) float32, unit length; long captions are cut at the model's token limit."""
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        out = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device))
+        return _unit(_features(out))
+
+
+def _features(out) -> torch.Tensor:
+    """get_*_features returns a tensor (older transformers) or an output with pooler_output."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _unit(x: torch.Tensor) -> np.ndarray:
+    x = x.float()
+    return (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
+
+
+def clip_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """Cosine of each image with its own caption (rows are unit length)."""
+    return np.einsum("nd,nd->n", image_emb, text_emb)
