@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from shards import fs
+from shards.errors import UserError
 from shards.reader import complete_shards
 
 EXACT_LIMIT = 200_000
@@ -40,14 +41,24 @@ def _iter_embeddings(score_dir: str | Path, batch: int = 8192) -> Iterator[tuple
             yield rb.column("key").to_pylist(), rb.column("content_sha256").to_pylist(), vecs, has
 
 
-def _make_index(dim: int, n: int, sample: np.ndarray):
-    import faiss
+def _make_index(score_dir: str | Path, dim: int, n: int):
+    """Exact search for up to EXACT_LIMIT rows; beyond, IVF (4 sqrt(n) lists, trained on the
+    first 40 vectors per list) over 8-bit quantised vectors, 16 lists probed per query."""
+    try:
+        import faiss
+    except ImportError:
+        raise UserError('the dedup scorer needs faiss: pip install "t2i-data[curate]"') from None
 
     if n <= EXACT_LIMIT:
         return faiss.IndexFlatIP(dim)
     nlist = int(4 * np.sqrt(n))
+    sample, have = [], 0
+    for _, _, vecs, _ in _iter_embeddings(score_dir):
+        if vecs is not None and have < 40 * nlist:
+            sample.append(vecs)
+            have += len(vecs)
     index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-    index.train(sample)
+    index.train(np.concatenate(sample))
     index.nprobe = 16
     return index
 
@@ -70,9 +81,10 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def find_duplicates(score_dir: str | Path, threshold: float = 0.95, n_rows: int | None = None) -> pa.Table:
+def find_duplicates(score_dir: str | Path, threshold: float = 0.95) -> pa.Table:
     """One row per score row in DEDUP_SCHEMA. `threshold`: the cosine at or above which two
     images are near-duplicates."""
+    n_rows = sum(fs.parquet_file(s).metadata.num_rows for s in complete_shards(score_dir))
     keys: list[str] = []
     first_by_sha: dict[str, int] = {}
     exact: list[bool] = []
@@ -91,7 +103,7 @@ def find_duplicates(score_dir: str | Path, threshold: float = 0.95, n_rows: int 
         if vecs is None:
             continue
         if index is None:
-            index = _make_index(vecs.shape[1], n_rows or EXACT_LIMIT, vecs)
+            index = _make_index(score_dir, vecs.shape[1], n_rows)
         index.add(vecs)
         rows_with_emb.append(base + has)
     uf = _UnionFind(len(keys))

@@ -49,7 +49,10 @@ class LanguageId:
     """py3langid with normalised probabilities."""
 
     def __init__(self) -> None:
-        from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
+        try:
+            from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
+        except ImportError:
+            raise UserError('the lang scorer needs py3langid: pip install "t2i-data[curate]"') from None
 
         self.identifier = LanguageIdentifier.from_modelpath(Path(MODEL_DIR) / MODEL_FILE, norm_probs=True)
 

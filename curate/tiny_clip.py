@@ -55,13 +55,13 @@ def build_tiny_clip(corpus: Sequence[str], image_size: int = 32, patch: int = 8,
 
 
 def augment(image, rng: np.random.Generator):
-    """A copy as the web makes them: slightly cropped, resized, re-encoded as JPEG."""
+    """A copy as the web makes them: cropped a little, resized, re-encoded as JPEG."""
     import io
 
     from PIL import Image
 
     w, h = image.size
-    c = int(rng.integers(0, max(2, w // 16)))
+    c = int(rng.integers(0, w // 10 + 1))  # up to ~10% of the side
     out = image.crop((c, c, w - c, h - c)).resize((int(w * rng.uniform(0.6, 1.0)),) * 2, Image.BICUBIC)
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=int(rng.integers(60, 95)))
@@ -118,7 +118,7 @@ def save_clip(model, tokenizer, processor, out_dir: str | Path) -> Path:
     return out
 
 
-def train_world_clip(out_dir: str | Path, n: int = 600, seed: int = 0, low_quality: float = 0.3, steps: int = 200) -> Path:
+def train_world_clip(out_dir: str | Path, n: int = 600, seed: int = 0, low_quality: float = 0.3, steps: int = 300) -> Path:
     """Build and fit a tiny CLIP on `n` rendered world scenes (train split, some low quality)
     and save it to `out_dir`. Deterministic for `seed`; a few seconds to a minute on CPU."""
     from demo.world import render, sample_scenes, with_low_quality

@@ -45,7 +45,7 @@ def plant_duplicates(world: Path, keys: list[str]) -> dict[str, str]:
 
 
 def write_caption_shards(world: Path, out: Path, planted: dict[str, str], languages: dict[str, str] | None = None,
-                         shard_size: int = 50) -> dict:
+                         shard_size: int = 50, keys: list[str] | None = None) -> dict:
     """Caption shards for every image of `world` (truthful world captions), its copies, a broken
     file and a missing one. Returns the ground truth: {key: record} with quality and scene."""
     from curate.tiny_clip import world_caption
@@ -54,6 +54,8 @@ def write_caption_shards(world: Path, out: Path, planted: dict[str, str], langua
     writer = ShardWriter(out, rows_per_shard=shard_size)
     for rec, scene in W.read_scenes(world):
         key = rec["key"]
+        if keys is not None and key not in keys:
+            continue
         caption = world_caption(scene)
         truth[key] = {"scene": scene, "quality": scene.quality, "original": key, "lang": "en"}
         writer.add({"key": key, "source": str(world / rec["file_name"]), "caption": caption})
@@ -78,12 +80,25 @@ def _reencode(path: Path, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def make_world(root: Path, n: int = 80, seed: int = 1, dup_keys: int = 10, low_quality: float = 0.4) -> tuple[Path, Path, dict]:
-    """(world folder, caption shard dir, truth)."""
+def distinct_keys(world: Path) -> list[str]:
+    """The first image of each (colour, shape): images the tiny CLIP should never merge.
+    (Two scenes of one colour and shape, moved or resized, are semantic near-duplicates to a
+    CLIP trained on 600 images of 32 px; at its scale they are what dedup should not merge.)"""
+    seen, keys = set(), []
+    for rec, scene in W.read_scenes(world):
+        if (scene.color, scene.shape) not in seen:
+            seen.add((scene.color, scene.shape))
+            keys.append(rec["key"])
+    return keys
+
+
+def make_world(root: Path, n: int = 80, seed: int = 1, dup_keys: int = 10, low_quality: float = 0.4,
+               distinct: bool = False) -> tuple[Path, Path, dict]:
+    """(world folder, caption shard dir, truth); `distinct`: only `distinct_keys` are captioned."""
     world = root / "world"
     W.write_sam_folder(world, n=n, seed=seed, image_size=64, split="any", low_quality=low_quality)
     (world / "dups").mkdir()
-    keys = [r["key"] for r, _ in W.read_scenes(world)][:dup_keys]
-    planted = plant_duplicates(world, keys)
-    truth = write_caption_shards(world, root / "captions", planted, NON_ENGLISH)
+    keys = distinct_keys(world) if distinct else [r["key"] for r, _ in W.read_scenes(world)]
+    planted = plant_duplicates(world, keys[:dup_keys])
+    truth = write_caption_shards(world, root / "captions", planted, NON_ENGLISH, keys=keys)
     return world, root / "captions", truth
