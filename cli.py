@@ -165,6 +165,9 @@ def score_cmd(
     shard_size: int = typer.Option(1000, "--shard-size", help="rows per score shard"),
     workers: int = typer.Option(2, "--workers", help="image decoding threads"),
     no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+    engine: str = typer.Option("local", "--engine", help="local (this process) | ray (Ray Data tasks, same per-batch function)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: connect to this Ray cluster (default: start a local Ray)"),
+    replicas: int = typer.Option(1, "--replicas", help="--engine ray: concurrent scoring tasks, each with its own models"),
 ) -> None:
     """Score caption shards: CLIPScore + embeddings, aesthetic, duplicates, NSFW, caption language, image stats.
 
@@ -175,7 +178,7 @@ def score_cmd(
     summary = run_score(ScoreConfig(
         shards=shards, out=out, scorers=scorers, clip_model=clip_model, aesthetic_weights=aesthetic_weights,
         fit_aesthetic=fit_aesthetic, dedup_threshold=dedup_threshold, batch_size=batch_size, shard_size=shard_size,
-        workers=workers, progress=not no_progress,
+        workers=workers, progress=not no_progress, engine=engine, ray_address=ray_address, replicas=replicas,
     ))  # fmt: skip
     typer.echo(f"{summary.line()}; {len(summary.shards)} shards in {out}")
 

@@ -38,6 +38,9 @@ class ScoreConfig:
     decode_short: int = 448
     workers: int = 2
     progress: bool = True
+    engine: str = "local"  # or "ray": the same per-batch function in Ray Data tasks
+    ray_address: str | None = None
+    replicas: int = 1  # --engine ray: concurrent scoring tasks (each loads the models once)
 
 
 @dataclass
@@ -55,11 +58,15 @@ class ScoreSummary:
         return s + (f"; {self.duplicates} near-duplicates" if self.duplicates is not None else "")
 
 
-def _input_batches(shards: str | Path, batch_size: int) -> Iterator[list[dict]]:
+def _input_columns(shards: str | Path) -> list[str]:
     if not complete_shards(shards):
         raise ShardError(f"no complete caption shards in {shards}: run `t2i-data caption --out {shards}` first")
     names = set(fs.read_schema(complete_shards(shards)[0]).names)
-    columns = [c for c in INPUT_COLUMNS if c in names]
+    return [c for c in INPUT_COLUMNS if c in names]
+
+
+def _input_batches(shards: str | Path, batch_size: int) -> Iterator[list[dict]]:
+    columns = _input_columns(shards)
     for shard in complete_shards(shards):
         for rb in fs.parquet_file(shard).iter_batches(batch_size=batch_size, columns=columns):
             yield rb.to_pylist()
@@ -75,18 +82,24 @@ def run_score(cfg: ScoreConfig) -> ScoreSummary:
     """Score every caption row of `cfg.shards` not yet in `cfg.out`; rerunning resumes."""
     names = parse_scorers(cfg.scorers)
     out = fs.as_location(cfg.out)
-    if cfg.batch_size < 1 or cfg.shard_size < 1:
-        raise UserError("--batch-size and --shard-size must be at least 1: pass positive numbers")
+    if cfg.batch_size < 1 or cfg.shard_size < 1 or cfg.replicas < 1:
+        raise UserError("--batch-size, --shard-size and --replicas must be at least 1: pass positive numbers")
+    if cfg.engine not in ("local", "ray"):
+        raise UserError(f"unknown --engine {cfg.engine!r}: use local or ray")
     fs.makedirs(out)
     _check_same_scorers(out, names)
     clean_incomplete(out)
+    _input_columns(cfg.shards)  # no caption shards: say so before any model loads
     head = _fit_head(cfg) if cfg.fit_aesthetic else None
-    scorers = Scorers.load(names, cfg.clip_model, cfg.aesthetic_weights, aesthetic_head=head,
-                           decode_short=cfg.decode_short, workers=cfg.workers)  # fmt: skip
     config = {"shards": str(cfg.shards), "scorers": names, "clip_model": cfg.clip_model,
               "aesthetic_weights": cfg.aesthetic_weights, "fit_aesthetic": str(cfg.fit_aesthetic or ""),
               "dedup_threshold": cfg.dedup_threshold}  # fmt: skip
-    summary = _score_rows(cfg, out, scorers, config)
+    if cfg.engine == "ray":
+        summary = _score_rows_ray(cfg, out, names, config)
+    else:
+        scorers = Scorers.load(names, cfg.clip_model, cfg.aesthetic_weights, aesthetic_head=head,
+                               decode_short=cfg.decode_short, workers=cfg.workers)  # fmt: skip
+        summary = _score_rows(cfg, out, scorers, config)
     if "dedup" in names:
         summary.duplicates = _dedup_pass(out, cfg.dedup_threshold, fresh=summary.scored + summary.failed > 0)
     manifest = write_manifest(out, config=config, extra={"schema": "scores", "last_run": {
@@ -125,6 +138,35 @@ def _score_rows(cfg: ScoreConfig, out: fs.Location, scorers: Scorers, config: di
         if pending is not None:
             _emit(pending, scorers, writer, summary)
     writer.flush()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _score_rows_ray(cfg: ScoreConfig, out: fs.Location, names: list[str], config: dict) -> ScoreSummary:
+    """The Ray engine: same per-batch function in Ray tasks, rows written here (one writer)."""
+    from curate.engine_ray import import_ray, score_with_ray
+    from curate.scorers import score_schema
+
+    import_ray()
+    weights = str(fs.join(out, "aesthetic-head.safetensors")) if cfg.fit_aesthetic else cfg.aesthetic_weights
+    if "aesthetic" in names and not weights:
+        raise UserError("the aesthetic scorer needs --aesthetic-weights FILE_OR_HF_ID or --fit-aesthetic ratings.parquet")
+    done = done_keys(out)
+    writer = ShardWriter(out, rows_per_shard=cfg.shard_size, schema=score_schema(names), config={**config, "engine": "ray"})
+    summary, start, seen = ScoreSummary(), time.perf_counter(), set(done)
+    total = sum(fs.parquet_file(s).metadata.num_rows for s in complete_shards(cfg.shards))
+    spec = (tuple(names), cfg.clip_model, weights, cfg.decode_short)
+    paths = [str(p) for p in complete_shards(cfg.shards)]
+    for rows in score_with_ray(paths, _input_columns(cfg.shards), spec, done, cfg.batch_size, cfg.replicas, cfg.ray_address):
+        for row in rows:
+            if row["key"] in seen:  # the same key twice in the input: the first is kept
+                continue
+            seen.add(row["key"])
+            writer.add(row)
+            summary.failed += row["error"] is not None
+            summary.scored += row["error"] is None
+    writer.flush()
+    summary.skipped = total - summary.scored - summary.failed
     summary.seconds = time.perf_counter() - start
     return summary
 

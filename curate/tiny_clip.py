@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
+QUALITY_PHRASE = {"high": "a sharp, clean, high quality photo", "low": "a blurry, grainy, low quality photo"}
 
 
 def world_caption(scene) -> str:
@@ -68,10 +69,14 @@ def augment(image, rng: np.random.Generator):
     return Image.open(buf).convert("RGB")
 
 
-def _info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    logits = scale * nn_normalize(a) @ nn_normalize(b).T
+def _info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, b_negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of matching rows of `a` and `b`; `b_negatives` are extra candidates
+    for each `a` (hard negatives: same caption, other quality)."""
+    a, b = nn_normalize(a), nn_normalize(b)
+    logits = scale * a @ b.T
     target = torch.arange(len(a))
-    return (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+    a_to_b = logits if b_negatives is None else torch.cat([logits, scale * a @ nn_normalize(b_negatives).T], dim=1)
+    return (torch.nn.functional.cross_entropy(a_to_b, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
 
 
 def nn_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -79,15 +84,23 @@ def nn_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def fit_on_world(model, tokenizer, processor, images: Sequence, texts: Sequence[str], steps: int = 200,
-                 batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """Contrastive training; returns the losses. Two terms: CLIP's symmetric image-text InfoNCE,
-    and an image-image InfoNCE between each image and a copy of it (`augment`), so that, like a
-    CLIP trained on web-scale data, the tiny one tells images apart and not only captions (what
-    near-duplicate search needs). Inputs are encoded once up front (the world is small)."""
+                 batch_size: int = 64, lr: float = 3e-3, seed: int = 0, hard_negatives: Sequence[str] | None = None,
+                 labels: Sequence[str] | None = None) -> list[float]:
+    """Contrastive training; returns the losses. Two terms: CLIP's symmetric image-text InfoNCE
+    (with `hard_negatives[i]`, a caption close to `texts[i]` but wrong, as an extra candidate
+    for image i), and an image-image InfoNCE between each image and a copy of it (`augment`), so
+    that, like a CLIP trained on web-scale data, the tiny one tells images apart and not only
+    captions (what near-duplicate search needs). `labels[i]`, a short phrase from a small set
+    ("a sharp photo", "a blurry photo"), adds CLIP's zero-shot classification as a third term:
+    image i against every distinct phrase. Inputs are encoded once up front."""
     rng = np.random.default_rng(seed)
     pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
     copies = processor(images=[augment(im, rng) for im in images], return_tensors="pt")["pixel_values"]
     tok = tokenizer(list(texts), padding=True, return_tensors="pt")
+    neg = tokenizer(list(hard_negatives), padding=True, return_tensors="pt") if hard_negatives else None
+    phrases = sorted(set(labels)) if labels else []
+    label_ids = torch.tensor([phrases.index(x) for x in labels]) if labels else None
+    phrase_tok = tokenizer(phrases, padding=True, return_tensors="pt") if labels else None
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -98,8 +111,15 @@ def fit_on_world(model, tokenizer, processor, images: Sequence, texts: Sequence[
         both = model.get_image_features(pixel_values=torch.cat([pixels[idx], copies[idx]])).pooler_output
         image, copy = both.split(len(idx))
         text = model.get_text_features(input_ids=tok["input_ids"][idx], attention_mask=tok["attention_mask"][idx]).pooler_output
+        negatives = None
+        if neg is not None:
+            negatives = model.get_text_features(input_ids=neg["input_ids"][idx], attention_mask=neg["attention_mask"][idx]).pooler_output
         scale = model.logit_scale.exp()
-        loss = _info_nce(image, text, scale) + _info_nce(image, copy, scale)
+        loss = _info_nce(image, text, scale, negatives) + _info_nce(image, copy, scale)
+        if phrase_tok is not None:
+            classes = model.get_text_features(**phrase_tok).pooler_output
+            logits = scale * nn_normalize(image) @ nn_normalize(classes).T
+            loss = loss + torch.nn.functional.cross_entropy(logits, label_ids[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -118,14 +138,20 @@ def save_clip(model, tokenizer, processor, out_dir: str | Path) -> Path:
     return out
 
 
-def train_world_clip(out_dir: str | Path, n: int = 600, seed: int = 0, low_quality: float = 0.3, steps: int = 300) -> Path:
+def train_world_clip(out_dir: str | Path, n: int = 600, seed: int = 0, low_quality: float = 0.4, steps: int = 450) -> Path:
     """Build and fit a tiny CLIP on `n` rendered world scenes (train split, some low quality)
     and save it to `out_dir`. Deterministic for `seed`; a few seconds to a minute on CPU."""
+    import dataclasses
+
     from demo.world import render, sample_scenes, with_low_quality
 
     scenes = with_low_quality(sample_scenes(n, seed), low_quality, seed)
     texts = [world_caption(s) for s in scenes]
-    images = [render(s, 32) for s in scenes]
-    model, tokenizer, processor = build_tiny_clip(texts, seed=seed)
-    fit_on_world(model, tokenizer, processor, images, texts, steps=steps, seed=seed)
+    other_quality = [world_caption(dataclasses.replace(s, quality="high" if s.quality == "low" else "low")) for s in scenes]
+    # rendered at twice the model's input: copies resized down to 60% are still down-sampled to
+    # the input, never blurred by up-sampling (which would teach the model to ignore blur)
+    images = [render(s, 64) for s in scenes]
+    model, tokenizer, processor = build_tiny_clip(texts + other_quality + list(QUALITY_PHRASE.values()), seed=seed)
+    labels = [QUALITY_PHRASE[s.quality] for s in scenes]
+    fit_on_world(model, tokenizer, processor, images, texts, steps=steps, seed=seed, hard_negatives=other_quality, labels=labels)
     return save_clip(model, tokenizer, processor, out_dir)

@@ -213,8 +213,8 @@ def degrade(img: Image.Image, seed: int) -> Image.Image:
     """A low-quality version of `img`: out of focus (Gaussian blur) and grainy (sensor noise)."""
     from PIL import ImageFilter
 
-    blurred = np.asarray(img.filter(ImageFilter.GaussianBlur(radius=img.size[0] / 24)), np.float32)
-    grain = np.random.default_rng([seed, 3]).normal(0, 14.0, blurred.shape)
+    blurred = np.asarray(img.filter(ImageFilter.GaussianBlur(radius=img.size[0] / 14)), np.float32)
+    grain = np.random.default_rng([seed, 3]).normal(0, 22.0, blurred.shape)
     return Image.fromarray(np.clip(np.round(blurred + grain), 0, 255).astype(np.uint8), mode="RGB")
 
 

@@ -1,0 +1,63 @@
+"""`--engine ray`: the score job as a Ray Data `map_batches` over the caption rows.
+
+Ray tasks read the caption shards (`ray.data.read_parquet`), and each worker process loads the
+scorers once (cached per process) and calls the same per-batch function as the local engine,
+`curate.scorers.score_batch`. Keys already scored are dropped inside the tasks. The driver is
+the single writer: rows come back in input order through `iter_batches` into the local engine's
+ShardWriter, so shards, done markers, resume and the dedup pass are the local engine's.
+Imported only when `--engine ray` is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shards.errors import UserError
+
+_loaded: dict[tuple, object] = {}  # per Ray worker process: models load once
+
+
+def score_block(batch: pa.Table, spec: tuple, done: pa.Array) -> pa.Table:
+    """The map_batches UDF: caption rows in, score rows (the scorers' schema) out."""
+    from curate.scorers import Scorers, score_batch
+    from shards.schema import rows_to_table
+
+    scorers = _loaded.get(spec)
+    if scorers is None:
+        names, clip_model, weights, decode_short = spec
+        scorers = _loaded[spec] = Scorers.load(list(names), clip_model, weights, decode_short=decode_short, workers=1)
+    if len(done):
+        batch = batch.filter(pc.invert(pc.is_in(batch.column("key"), value_set=done)))
+    return rows_to_table(score_batch(batch.to_pylist(), scorers), scorers.schema)
+
+
+def import_ray():
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UserError('--engine ray needs Ray: pip install "t2i-data[ray]"') from None
+
+
+def score_with_ray(paths: list[str], columns: list[str], spec: tuple, done: set[str], batch_size: int,
+                   replicas: int, address: str | None) -> Iterator[list[dict]]:
+    """Score rows of the caption shards at `paths` on Ray; yields lists of score rows in order."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address else {"num_cpus": max(1, replicas)}
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ds = ray.data.read_parquet(paths, columns=columns)
+    scored = ds.map_batches(score_block, fn_kwargs={"spec": spec, "done": pa.array(sorted(done), pa.string())},
+                            batch_size=batch_size, batch_format="pyarrow", concurrency=replicas)  # fmt: skip
+    for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if block.num_rows:
+            yield block.to_pylist()
