@@ -55,7 +55,9 @@ def score_with_ray(paths: list[str], columns: list[str], spec: tuple, done: set[
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    ds = ray.data.read_parquet(paths, columns=columns)
+    ds = ray.data.read_parquet(paths).select_columns(columns)
+    if len(paths) < 2 * replicas:  # one shard is one block: split it so every replica gets work
+        ds = ds.repartition(2 * replicas)
     scored = ds.map_batches(score_block, fn_kwargs={"spec": spec, "done": pa.array(sorted(done), pa.string())},
                             batch_size=batch_size, batch_format="pyarrow", concurrency=replicas)  # fmt: skip
     for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
