@@ -16,7 +16,7 @@ from shards import fs
 from shards.errors import UserError
 from shards.reader import ShardError, clean_incomplete, complete_shards, done_keys, read_manifest
 from shards.writer import ShardWriter, write_manifest
-from curate.scorers import Scorers, decode_row, parse_scorers, score_batch
+from curate.scorers import Scorers, decode_ahead, decode_row, parse_scorers, score_batch
 
 DEDUP_DIR = "dedup"  # scores/dedup/: the whole-dataset duplicate pass, rebuilt after new rows
 INPUT_COLUMNS = ("key", "source", "member", "caption", "alt_text", "image")
@@ -130,7 +130,7 @@ def _score_rows(cfg: ScoreConfig, out: fs.Location, scorers: Scorers, config: di
         task = bar.add_task("score", total=None)
         pending = None
         for rows in todo():
-            ahead = (rows, [pool.submit(decode_row, r, scorers) for r in rows])
+            ahead = (rows, decode_ahead(pool, rows, scorers))
             if pending is not None:
                 _emit(pending, scorers, writer, summary)
                 bar.advance(task, len(pending[0]))
@@ -173,7 +173,7 @@ def _score_rows_ray(cfg: ScoreConfig, out: fs.Location, names: list[str], config
 
 def _emit(pending, scorers: Scorers, writer: ShardWriter, summary: ScoreSummary) -> None:
     rows, loaded = pending
-    for row in score_batch(rows, scorers, [f.result() for f in loaded]):
+    for row in score_batch(rows, scorers, loaded()):
         writer.add(row)
         if row["error"] is None:
             summary.scored += 1

@@ -9,6 +9,10 @@ import numpy as np
 from PIL import Image
 
 # The IJG (libjpeg) standard luminance table at quality 50, in natural (row-major) order.
+# One OpenCV thread: the images are small, and the score job already decodes in parallel
+# threads; OpenCV's own pool on top only oversubscribes the cores.
+cv2.setNumThreads(1)
+
 _IJG_LUMA = np.array([
     16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,

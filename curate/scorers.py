@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -102,6 +103,20 @@ def decode_row(row: dict, scorers: Scorers) -> LoadedImage | str:
         return read_image(row, scorers.decode_short, 2 * scorers.decode_short)
     except ImageError as e:
         return str(e)
+
+
+def decode_ahead(pool, rows: list[dict], scorers: Scorers) -> Callable[[], list[LoadedImage | str]]:
+    """Start decoding `rows` in `pool`, one task per worker (few thread hand-offs); returns a
+    function that waits for the images, in row order. Without a model (clip, nsfw) the main
+    thread has nothing to overlap with (and would fight the decoders for the GIL): rows are then
+    decoded inline, when the images are asked for."""
+    if not scorers.needs_image:
+        return lambda: ["" for _ in rows]
+    if scorers.clip is None and scorers.nsfw is None:
+        return lambda: [decode_row(r, scorers) for r in rows]
+    step = -(-len(rows) // max(1, scorers.workers))
+    futures = [pool.submit(lambda chunk: [decode_row(r, scorers) for r in chunk], rows[i : i + step]) for i in range(0, len(rows), step)]
+    return lambda: [image for f in futures for image in f.result()]
 
 
 def score_batch(rows: list[dict], scorers: Scorers, loaded: list[LoadedImage | str] | None = None) -> list[dict]:

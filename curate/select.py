@@ -89,6 +89,7 @@ def _condition_flags(lf: pl.LazyFrame, conditions: list[str], where: str) -> pl.
         return flags.collect(engine="streaming")
     except Exception as e:  # noqa: BLE001 - polars parse/column/type errors: one line naming the columns
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = re.sub(r";\s*valid columns:.*", "", reason)  # the columns follow, once
         raise UserError(f"bad --where {where!r} ({reason}): use SQL over the columns {', '.join(columns)}") from None
 
 
