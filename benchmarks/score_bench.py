@@ -30,6 +30,9 @@ from benchmarks._report import write_section  # noqa: E402
 from curate.scorers import Scorers, decode_ahead, score_batch  # noqa: E402
 
 
+NOTE = '\n\n`image` and `lang` make no model call to amortise, so batching gains nothing there (below 1x: a batch of decoded images is held before its statistics run, and `lang` pays the batch bookkeeping); the job batches for the model scorers. Three other jobs shared the 2 cores during the run: single figures are noisy. Command: `python benchmarks/score_bench.py`.'
+
+
 def make_rows(folder: Path, n: int, size: int) -> list[dict]:
     from curate.tiny_clip import world_caption
     from demo.world import render, sample_scenes
@@ -103,7 +106,7 @@ def main() -> None:
         f"{args.images} demo-world JPEGs of {args.size}x{args.size} px, batch {args.batch_size}, "
         f"{torch.get_num_threads()} torch threads, decoding threads 2; both columns run `curate.scorers.score_batch` "
         "(decode included). Ratio > 1: batching is faster. `clip` = ViT-B/32 architecture with random weights "
-        "(ViT-L/14, the default, costs ~4.5x per image); `aesthetic` = clip + the LAION v2 head.\n\n" + "\n".join(lines)
+        "(ViT-L/14, the default, costs ~4.5x per image); `aesthetic` = clip + the LAION v2 head.\n\n" + "\n".join(lines) + NOTE
     )
     print(body)
     if not args.no_write:
