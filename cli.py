@@ -58,14 +58,16 @@ def stats_cmd(
     column: Optional[str] = typer.Option(None, "--column", "-c", help="Caption column (default: caption, TEXT, text, prompt, ...)."),
     pos: str = typer.Option("noun+propn", "--pos", help="Which nouns: noun+propn (NN/NNS/NNP/NNPS, the paper's), noun (NN/NNS), propn (NNP/NNPS)."),
     lemma: bool = typer.Option(False, "--lemma", help="Count lemmas (cats -> cat) instead of surface forms."),
-    tokens: str = typer.Option("alpha", "--tokens", help="Noun-tagged tokens kept: alpha (alphabetic only), letters (at least one letter: 3D, Mr.), all."),
+    tokens: str = typer.Option("letters", "--tokens", help="Noun-tagged tokens kept: letters (at least one letter: 3D, U.S.; the paper's 6.4 on LAION), alpha (alphabetic only), all."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="en: analyse only captions not identified (py3langid) as another language."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Count and skip malformed JSONL/CSV/TSV/TXT lines instead of failing."),
     valid_min: int = typer.Option(10, "--valid-min", help="VN: distinct nouns occurring MORE than this many times."),
     sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Captions per subsample for size-matched VN/DN (default: smallest dataset)."),
     repeats: int = typer.Option(5, "--repeats", help="Subsamples drawn for mean ± sd."),
     seed: int = typer.Option(0, "--seed", help="Subsampling seed."),
     top: int = typer.Option(20, "--top", help="Top nouns listed per dataset."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Tagging processes (default: one per core)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="spaCy nlp.pipe batch size."),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="spaCy tokens per tagging batch (bounds worker memory on long captions)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of the table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write report.md, report.json and PNG plots here."),
     engine: str = typer.Option("local", "--engine", help="local (process pool) or ray (Ray Data map_batches)."),
@@ -74,7 +76,9 @@ def stats_cmd(
 ) -> None:
     """How informative are the captions, in the terms of PixArt-alpha's Table 1.
 
-    Noun: a token tagged NN, NNS, NNP or NNPS by spaCy en_core_web_sm (the paper counted NLTK nouns, proper nouns included), alphabetic, lowercased, surface form (--lemma: lemma).
+    Noun: a token tagged NN, NNS, NNP or NNPS by spaCy en_core_web_sm (the paper counted NLTK nouns, proper nouns included), with at least one letter, lowercased, surface form (--lemma: lemma).
+
+    Inputs are opened and checked before tagging; .gz/.zst text inputs are read. The share of non-English captions is reported per dataset.
 
     DN: distinct nouns. VN: distinct nouns seen more than 10 times (--valid-min). VN/DN: the share of the vocabulary that is not long-tail.
 
@@ -89,7 +93,7 @@ def stats_cmd(
 
     options = StatsOptions(
         column=column, pos=pos, lemma=lemma, tokens=tokens, valid_min=valid_min, sample_size=sample_size, repeats=repeats,
-        seed=seed, top=top, workers=workers, batch_size=batch_size, engine=engine, ray_address=ray_address,
+        seed=seed, top=top, workers=workers, batch_tokens=batch_tokens, lang=lang, skip_bad_lines=skip_bad_lines, engine=engine, ray_address=ray_address,
         progress=not no_progress,
     )
     report = run_stats(datasets, options)

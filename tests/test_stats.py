@@ -81,9 +81,10 @@ def test_pos_and_lemma_options(tmp_path):
 def test_token_filter_changes_what_counts(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("3D printer | Mr. Smith\n")
-    alpha = stats([path])["datasets"][0]["total_nouns"]
+    alpha = stats([path], tokens="alpha")["datasets"][0]["total_nouns"]
     letters = stats([path], tokens="letters")["datasets"][0]["total_nouns"]
     assert alpha < letters
+    assert stats([path])["datasets"][0]["total_nouns"] == letters  # the default definition
 
 
 @pytest.mark.slow
