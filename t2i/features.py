@@ -78,14 +78,17 @@ def _subfolder(spec: str, name: str) -> str | None:
 def load_vae(spec: str, device="cpu", dtype=torch.float32):
     from diffusers import AutoencoderKL
 
+    from shards.hub import hub_kwargs
+
+    hub = hub_kwargs(spec, "the VAE")  # an unreachable hub id fails here in seconds
     try:
         sub = _subfolder(spec, "vae")
         try:
-            vae = AutoencoderKL.from_pretrained(spec, subfolder=sub)
+            vae = AutoencoderKL.from_pretrained(spec, subfolder=sub, **hub)
         except (OSError, EnvironmentError):
             if sub is None:
                 raise
-            vae = AutoencoderKL.from_pretrained(spec)
+            vae = AutoencoderKL.from_pretrained(spec, **hub)
     except (OSError, EnvironmentError, ValueError) as e:
         raise UserError(f"cannot load the VAE {spec!r} ({e.__class__.__name__}): pass a local AutoencoderKL directory or a reachable HF id") from e
     return vae.to(device, dtype).eval().requires_grad_(False)
@@ -95,16 +98,19 @@ def load_text_encoder(spec: str, device="cpu", dtype=torch.float32):
     """(tokenizer, T5 encoder) from a pipeline-layout or plain T5 directory / HF id."""
     from transformers import AutoTokenizer, T5EncoderModel
 
+    from shards.hub import hub_kwargs
+
+    hub = hub_kwargs(spec, "the text encoder")  # an unreachable hub id fails here in seconds
     try:
         tsub, msub = _subfolder(spec, "tokenizer"), _subfolder(spec, "text_encoder")
         try:
-            tok = AutoTokenizer.from_pretrained(spec, subfolder=tsub or "")
-            enc = T5EncoderModel.from_pretrained(spec, subfolder=msub or "")
+            tok = AutoTokenizer.from_pretrained(spec, subfolder=tsub or "", **hub)
+            enc = T5EncoderModel.from_pretrained(spec, subfolder=msub or "", **hub)
         except (OSError, EnvironmentError):
             if tsub is None and msub is None:
                 raise
-            tok = AutoTokenizer.from_pretrained(spec)
-            enc = T5EncoderModel.from_pretrained(spec)
+            tok = AutoTokenizer.from_pretrained(spec, **hub)
+            enc = T5EncoderModel.from_pretrained(spec, **hub)
     except (OSError, EnvironmentError, ValueError) as e:
         raise UserError(f"cannot load the text encoder {spec!r} ({e.__class__.__name__}): pass a local T5 directory or a reachable HF id") from e
     return tok, enc.to(device, dtype).eval().requires_grad_(False)
