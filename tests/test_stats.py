@@ -291,17 +291,26 @@ def test_ray_engine_matches_local(tmp_path, laion300):
     ray = pytest.importorskip("ray")
     caps = laion_captions(300)
     caps[5], caps[7] = None, "  "  # nulls and empties travel through Ray too
+    caps[9:9 + len(FOREIGN)] = FOREIGN  # so do language flags, and captions tagged in pieces
+    caps[20] = "A dog on a sofa. " * 700
     path = tmp_path / "l.parquet"
     pq.write_table(pa.table({"TEXT": caps}), path)
     local = stats([path], chunk_size=64)["datasets"][0]
+    local_en = stats([path], chunk_size=64, lang="en")["datasets"][0]
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         remote = stats([path], engine="ray", workers=2, chunk_size=64)["datasets"][0]
+        remote_en = stats([path], engine="ray", workers=2, chunk_size=64, lang="en")["datasets"][0]
     finally:
         ray.shutdown()
     assert remote.pop("rank_frequency") == local.pop("rank_frequency")
     assert remote == local
     assert local["null_captions"] == 1 and local["empty_captions"] == 1
+    assert local["split_captions"] == 1 and local["non_english_captions"] >= len(FOREIGN)
+    assert remote_en.pop("rank_frequency") == local_en.pop("rank_frequency")
+    assert remote_en == local_en
+    assert local_en["dropped_non_english"] == local["non_english_captions"] == local_en["non_english_captions"]
+    assert local_en["captions"] == local["captions"] - local_en["dropped_non_english"]
 
 
 # --- any caption set (issue 15) ---------------------------------------------------------------
