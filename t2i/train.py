@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from costs.ledger import Ledger
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
 from t2i import sharding
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, compute_features, features_dir
+from t2i.trackers import Trackers, check_report_to
 
 
 class TrainingDiverged(UserError):
@@ -66,6 +68,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    report_to: str = ""  # experiment trackers, comma-separated: tensorboard | wandb | mlflow (t2i.trackers)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -91,6 +94,7 @@ class TrainConfig:
             raise UserError(f"global_batch must be >= 0 (0: batch_size x processes), got {self.global_batch}")
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        check_report_to(self.report_to)
 
 
 def vae_scale_factor(vae_spec: str) -> int:
@@ -345,6 +349,8 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
             compute_features(shards, froot, fcfg, device=str(accel.device), progress=progress)
         accel.wait_for_everyone()
     data = FeatureDataset(fdir, cfg.max_tokens)
+    ledger = Ledger(out, "train", accel.device)  # from here: the features above record their own
+    trackers = Trackers(cfg.report_to, out, cfg.name, asdict(cfg), main=accel.is_main_process)
     probe = data.get(np.array([0]))
     latent_size = probe.latent_mean.shape[-1] if not cfg.buckets else cfg.resolution // factor
     caption_channels = probe.text.shape[-1]
@@ -494,6 +500,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
                            "params_local": params_local, "time": time.time()}
                     if accel.is_main_process:
                         _append_jsonl(log_path, rec)
+                    trackers.log(rec, step)
                     bar.update(task, completed=step, info=f"loss {rec['loss']:.4f} {ips:.1f} img/s")
                     window.clear()
                     images = 0
@@ -506,6 +513,9 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
                 epoch, batch_pos = epoch + 1, 0
     save()
     summary.update({"step": step, "epoch": epoch, "checkpoint": str(last_ck), "log": str(log_path)})
+    done = step - summary["start_step"]
+    summary["ledger"] = ledger.close(steps=done, images=done * global_batch * cfg.grad_accum)
+    trackers.finish(step, summary["ledger"])
     return summary
 
 
