@@ -514,7 +514,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     save()
     summary.update({"step": step, "epoch": epoch, "checkpoint": str(last_ck), "log": str(log_path)})
     done = step - summary["start_step"]
-    summary["ledger"] = ledger.close(steps=done, images=done * global_batch * cfg.grad_accum)
+    summary["ledger"] = ledger.close(steps=done, images=done * local_batch * cfg.grad_accum)  # this rank's share
     trackers.finish(step, summary["ledger"])
     return summary
 
