@@ -116,8 +116,9 @@ What the exact MFUs say about the original training:
 The same recipe on today's GPUs, captioning (LLaVA-7B, all 24M images) and features included (`--images {IMAGES}`),
 at this trainer's measured H100 efficiencies (`--gpu-bench benchmarks/results/gpu_bench_run1.json`: 34.5%
 MFU at 256 px, 33.5% at 512 px, also used at 1024 px; captioner 5.4 img/s on H100 scaled by memory bandwidth,
-a transformers-backend run at 128 new tokens, so captioning is likely overstated for vLLM and understated for
-longer captions) applied to every GPU as they are; energy at board power:
+a transformers-backend run at 128 new tokens, so its cost is likely too high for vLLM and too low for longer
+captions) applied to every GPU as they are, V100 included (at the paper's own 21% its training is the 1,549
+days above); energy at board power:
 
 {gpu_table()}
 """
