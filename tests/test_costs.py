@@ -253,3 +253,13 @@ def test_report_to_unknown_tracker_is_a_one_line_error(tmp_path):
     r = cli("train", "--shards", str(tmp_path), "--out", str(tmp_path / "o"), "--report-to", "neptune")
     assert r.exit_code == 2
     assert r.output.strip().splitlines() == ["error: unknown tracker neptune in report_to: use one or more of tensorboard, wandb, mlflow (comma-separated)"]
+
+
+def test_a_crashed_job_is_still_recorded(tmp_path):
+    import subprocess
+
+    code = f"from costs.ledger import Ledger\nLedger({str(tmp_path)!r}, 'train')\nraise RuntimeError('crash')"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "crash" in p.stderr
+    (rec,) = read_ledger(tmp_path)
+    assert rec["job"] == "train" and rec["status"] == "interrupted" and rec["wall_s"] > 0
