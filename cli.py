@@ -207,6 +207,7 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
     threads: int = typer.Option(0, help="torch CPU threads (0: default)"),
     report_to: Optional[str] = typer.Option(None, "--report-to", help="experiment trackers: tensorboard | wandb | mlflow (comma-separated)"),
+    sample_prompts: Optional[str] = typer.Option(None, "--sample-prompts", help="'|'-separated prompts sampled at every checkpoint into the trackers"),
 ):
     """Train PixArt-alpha on caption shards (one stage from options, or all stages of a manifest).
 
@@ -217,7 +218,8 @@ def train_cmd(
     _t2i_threads(threads)
     given = {k: v for k, v in dict(preset=preset, init=init, resolution=resolution, vae=vae, text_encoder=text_encoder,
                                    steps=steps, batch_size=batch_size, global_batch=global_batch, grad_accum=grad_accum, fsdp=fsdp,
-                                   lr=lr, mixed_precision=mixed_precision, report_to=report_to).items() if v is not None}
+                                   lr=lr, mixed_precision=mixed_precision, report_to=report_to,
+                                   sample_prompts=sample_prompts).items() if v is not None}
     if manifest:
         from t2i.manifest import load_manifest, run_manifest
 

@@ -1,6 +1,7 @@
 """Experiment trackers for `train --report-to`: accelerate's own tracker classes (TensorBoard, W&B,
-MLflow), fed the same rows as log.jsonl (loss, mse, vb, lr, grad norm, images/s, MFU) and, at the
-end, the run's ledger (device-hours, kWh, kgCO2e).
+MLflow), fed the same rows as log.jsonl (loss, mse, vb, lr, grad norm, images/s, MFU), a grid of
+samples at every checkpoint when `sample_prompts` is set ('|'-separated; also written to
+`<out>/samples/step-N.png`), and, at the end, the run's ledger (device-hours, kWh, kgCO2e).
 
 Where they write: TensorBoard event files in `<out>/trackers/<stage name>/` (works offline); MLflow a
 file store in `<out>/mlruns` unless MLFLOW_TRACKING_URI is set; W&B its project `<stage name>`,
@@ -62,6 +63,8 @@ class Trackers:
         check_report_to(report_to)
         names = parse_report_to(report_to)
         self.trackers = [_make(n, run_name, Path(out)) for n in names] if main else []
+        self.out = Path(out)
+        self.prompts = [p.strip() for p in str(config.get("sample_prompts", "")).split("|") if p.strip()]
         hparams = {k: v for k, v in config.items() if isinstance(v, (bool, str, int, float))}
         for t in self.trackers:
             t.start()
@@ -72,6 +75,33 @@ class Trackers:
         values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")}
         for t in self.trackers:
             t.log(values, step=step)
+
+    def samples(self, checkpoint: str | Path, step: int) -> None:
+        """Sample the prompts from `checkpoint` (EMA weights, 20 DPM-Solver steps) and log the grid.
+        On a GPU the pipeline is loaded in bf16 next to the training state and freed afterwards."""
+        if not self.trackers or not self.prompts:
+            return
+        import numpy as np
+        import torch
+
+        from t2i.sample import generate, image_grid, pipeline_from_checkpoint
+
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        pipe, null = pipeline_from_checkpoint(checkpoint, dtype=dtype)
+        grid = image_grid(generate(pipe, null, self.prompts)).convert("RGB")
+        del pipe, null
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        path = self.out / "samples" / f"step-{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        for t in self.trackers:
+            if t.name == "tensorboard":
+                t.log_images({"samples": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
+            elif t.name == "wandb":
+                t.log_images({"samples": [grid]}, step=step)
+            else:  # mlflow: the PNG as an artifact
+                t.log_artifact(str(path), "samples")
 
     def finish(self, step: int, ledger: dict[str, Any] | None = None) -> None:
         """Log the ledger's totals (as ledger/*) at the last step and close the trackers."""

@@ -69,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: leave torch's default)
     report_to: str = ""  # experiment trackers, comma-separated: tensorboard | wandb | mlflow (t2i.trackers)
+    sample_prompts: str = ""  # '|'-separated prompts sampled at every checkpoint for the trackers
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -450,6 +451,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
             opt_state = sharding.full_optimizer_state(opt.optimizer if hasattr(opt, "optimizer") else opt)
         if accel.is_main_process:
             last_ck = ckpt.save_checkpoint(out, step, model.transformer, weights, ema_state, opt_state, trainer_state(), cfg.keep_checkpoints)
+            trackers.samples(last_ck, step)
             if trace is not None:
                 _append_jsonl(trace, {"event": "checkpoint", "step": step, "rank": rank})
         accel.wait_for_everyone()

@@ -158,8 +158,8 @@ def test_train_and_features_write_ledgers_and_tensorboard_holds_the_scalars(worl
     from t2i.train import TrainConfig, train
 
     cfg = TrainConfig(preset="PixArt-tiny/2", resolution=16, vae=world["vae"], text_encoder=world["text_encoder"], max_tokens=16,
-                      text_dtype="float32", batch_size=16, steps=4, warmup_steps=1, checkpoint_every=100, log_every=2,
-                      report_to="tensorboard", name="tb")
+                      text_dtype="float32", batch_size=16, steps=4, warmup_steps=1, checkpoint_every=2, log_every=2,
+                      report_to="tensorboard", name="tb", sample_prompts="a red circle on the left|a blue square")
     out = tmp_path / "run"
     summary = train(cfg, out, shards=world["captions"], progress=False)
     (feat,) = read_ledger(Path(summary["features"]))
@@ -178,6 +178,9 @@ def test_train_and_features_write_ledgers_and_tensorboard_holds_the_scalars(worl
     assert [e.step for e in events] == [r["step"] for r in log] == [2, 4]
     assert [e.value for e in events] == pytest.approx([r["loss"] for r in log], rel=1e-6)
     assert acc.Scalars("ledger/device_hours")[0].value == pytest.approx(rec["device_hours"], rel=1e-5)
+    # a grid of the two prompts at each checkpoint (steps 2 and 4), in the event file and as PNGs
+    assert [e.step for e in acc.Images("samples")] == [2, 4]
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-0000002.png", "step-0000004.png"]
 
 
 def test_caption_writes_a_ledger_into_its_shards_and_manifest(tmp_path):
