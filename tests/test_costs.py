@@ -265,4 +265,4 @@ def test_a_crashed_job_is_still_recorded(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "crash" in p.stderr
     (rec,) = read_ledger(tmp_path)
-    assert rec["job"] == "train" and rec["status"] == "interrupted" and rec["wall_s"] > 0
+    assert rec["job"] == "train" and rec["status"] == "interrupted" and rec["device_hours"] > 0
