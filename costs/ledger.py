@@ -45,8 +45,22 @@ def grid_settings() -> tuple[float, float]:
 
 
 def _cpu_seconds() -> float:
+    """CPU time of this process, its finished children, and its live descendants (DataLoader
+    workers, vLLM's engine process), which getrusage only counts once they are reaped."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    total = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    try:
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                t = child.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:  # exited meanwhile
+                pass
+    except ImportError:
+        pass
+    return total
 
 
 class RaplCounter:
