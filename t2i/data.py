@@ -6,8 +6,8 @@ Only an index is held in memory: for every sample (in key order) its bucket, sha
 row, in numpy arrays (~12 bytes a sample, read from the key/height/width columns alone). Tensor
 columns are read on demand, one Parquet row group at a time (shards.ShardWriter keeps row groups
 near 1 MiB, about one sample of T5-XXL features), and copied straight from the Arrow binary
-buffers into the batch tensors: no Python object per row. `make_loader` runs the reads in
-torch DataLoader workers with prefetch and pinned memory.
+buffers into the batch tensors: no Python object per row. t2i.loader.make_loader runs the
+reads in torch DataLoader workers with prefetch and pinned memory.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -51,20 +51,22 @@ class Batch:
         return Batch(**{f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v) for f in fields(self)})
 
 
-class BatchRequest(NamedTuple):
-    """What the sampler hands a loader worker: one rank's slice of one global batch."""
+class RowLayout(NamedTuple):
+    """What the rows of one batch share: latent (C, h, w), text channels and dtype, pixel size."""
 
-    epoch: int
-    batch_pos: int
-    indices: np.ndarray
-    last_in_epoch: bool
+    latent_shape: tuple[int, ...]
+    channels: int
+    text_dtype: torch.dtype
+    height: int
+    width: int
 
 
 class StreamingFeatureDataset(torch.utils.data.Dataset):
     """All complete feature shards of one directory, indexed; rows are read on demand.
 
-    `ds[request]` (a BatchRequest or an index array) reads one batch: rows grouped by (shard,
-    row group), so a batch costs one read per distinct row group it touches."""
+    `ds[indices]` (= `get`) reads one batch: rows grouped by (shard, row group), so a batch
+    costs one read per distinct row group it touches. t2i.loader.make_loader runs the reads in
+    DataLoader workers."""
 
     def __init__(self, features_dir: str | Path, max_tokens: int) -> None:
         self.features_dir = features_dir
@@ -78,31 +80,31 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
 
     def _build_index(self) -> None:
         """shard/group/row of every sample in key order, and the samples of each bucket."""
-        keys, hs, ws, shard, group, row = [], [], [], [], [], []
-        for s, path in enumerate(self.shards):
-            pf = pq.ParquetFile(path, memory_map=True)
-            md = pf.metadata
-            sizes = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)], np.int64)
-            if md.num_rows > 1 and (md.num_row_groups == 1 and md.row_group(0).total_byte_size > BIG_ROW_GROUP):
-                warnings.warn(f"{path} is one {md.row_group(0).total_byte_size >> 20} MiB row group: every sample read decodes all of it; "
-                              "rewrite the features with this version (small row groups) for fast training", stacklevel=3)
-            t = pf.read(columns=INDEX_COLUMNS)
-            keys.append(t.column("key"))
-            hs.append(t.column("height").to_numpy())
-            ws.append(t.column("width").to_numpy())
-            shard.append(np.full(md.num_rows, s, np.int32))
-            group.append(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
-            starts = np.cumsum(sizes) - sizes
-            row.append((np.arange(md.num_rows) - np.repeat(starts, sizes)).astype(np.int32))
+        parts = [self._index_shard(s, path) for s, path in enumerate(self.shards)]
         # a stable order independent of shard write order: sort by key (Arrow, no Python strings)
-        order = pc.sort_indices(pa.chunked_array([c for k in keys for c in k.chunks], pa.string())).to_numpy()
-        self.shard = np.concatenate(shard)[order]
-        self.group = np.concatenate(group)[order]
-        self.row = np.concatenate(row)[order]
-        hw = np.stack([np.concatenate(hs)[order], np.concatenate(ws)[order]], 1)
-        self.buckets: dict[tuple[int, int], np.ndarray] = {}
-        for b in sorted({tuple(x) for x in np.unique(hw, axis=0).tolist()}):
-            self.buckets[b] = np.flatnonzero((hw[:, 0] == b[0]) & (hw[:, 1] == b[1]))
+        keys = pa.chunked_array([c for p in parts for c in p["key"].chunks], pa.string())
+        order = pc.sort_indices(keys).to_numpy()
+        del keys
+        self.shard, self.group, self.row = (np.concatenate([p[c] for p in parts])[order] for c in ("shard", "group", "row"))
+        hw = np.stack([np.concatenate([p[c] for p in parts])[order] for c in ("height", "width")], 1)
+        sizes, bucket_of = np.unique(hw, axis=0, return_inverse=True)  # sizes sorted as (h, w) tuples
+        members = np.split(np.argsort(bucket_of.ravel(), kind="stable"), np.cumsum(np.bincount(bucket_of.ravel()))[:-1])
+        self.buckets: dict[tuple[int, int], np.ndarray] = {(int(h), int(w)): m for (h, w), m in zip(sizes, members)}
+
+    def _index_shard(self, s: int, path: str) -> dict:
+        """The index columns of one shard (key, height, width: no tensor bytes read) and the
+        row group and row of each of its rows."""
+        pf = pq.ParquetFile(path, memory_map=True)
+        md = pf.metadata
+        sizes = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)], np.int64)
+        if any(md.row_group(g).num_rows > 1 and md.row_group(g).total_byte_size > BIG_ROW_GROUP for g in range(md.num_row_groups)):
+            warnings.warn(f"{path} has row groups over {BIG_ROW_GROUP >> 20} MiB: every sample read decodes its whole group; "
+                          "rewrite the features with this version (row groups of ~1 MiB) for fast training", stacklevel=4)
+        t = pf.read(columns=INDEX_COLUMNS)
+        starts = np.cumsum(sizes) - sizes
+        return {"key": t.column("key"), "height": t.column("height").to_numpy(), "width": t.column("width").to_numpy(),
+                "shard": np.full(md.num_rows, s, np.int32), "group": np.repeat(np.arange(len(sizes), dtype=np.int32), sizes),
+                "row": (np.arange(md.num_rows) - np.repeat(starts, sizes)).astype(np.int32)}
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -136,41 +138,50 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         share = len(batch) // world_size
         return batch[rank * share : (rank + 1) * share]
 
-    def __getitem__(self, request: BatchRequest | np.ndarray) -> Batch:
-        if isinstance(request, BatchRequest):
-            b = self.get(request.indices)
-            b.epoch, b.batch_pos, b.last_in_epoch = request.epoch, request.batch_pos, request.last_in_epoch
-            return b
-        return self.get(np.asarray(request))
+    def __getitem__(self, indices: np.ndarray) -> Batch:
+        return self.get(indices)
 
     def get(self, indices: np.ndarray) -> Batch:
         """The samples `indices` (positions in key order, all of one bucket) as one Batch."""
+        reads, layout = self.read(indices)
+        return self.get_from(reads, layout, len(indices))
+
+    def get_from(self, reads, layout: RowLayout, n: int) -> Batch:
+        """A Batch of fresh tensors (in shared memory inside a loader worker) from `read`'s output."""
+        means = _empty((n, *layout.latent_shape), torch.float32)
+        stds = _empty((n, *layout.latent_shape), torch.float32)
+        text = _empty((n, self.max_tokens, layout.channels), layout.text_dtype)
+        keys, lens = self.fill(reads, _raw(text), _raw(means), _raw(stds))
+        return Batch(keys=keys, latent_mean=means, latent_std=stds, text=text, mask=mask_of(lens, self.max_tokens),
+                     height=layout.height, width=layout.width)
+
+    def read(self, indices: np.ndarray) -> tuple[list[tuple[np.ndarray, pa.Table, np.ndarray]], RowLayout]:
+        """The row groups holding `indices` (one read per distinct shard and row group), and the
+        batch's layout (from its first row: one bucket shares it)."""
         indices = np.asarray(indices)
         if not len(indices):
             raise ValueError("an empty batch has no bucket")
         reads = self._read_groups(indices)
-        first, r0 = reads[0][1], reads[0][2][0]
-        shape = first.column("latent_shape")[r0].as_py()
-        channels = first.column("text_channels")[r0].as_py()
-        text_dtype = getattr(torch, first.column("text_dtype")[r0].as_py())
-        n = len(indices)
-        means = _empty((n, *shape), torch.float32)
-        stds = _empty((n, *shape), torch.float32)
-        text = _empty((n, self.max_tokens, channels), text_dtype)
+        t, r = reads[0][1], reads[0][2][0]
+        layout = RowLayout(tuple(t.column("latent_shape")[r].as_py()), t.column("text_channels")[r].as_py(),
+                           getattr(torch, t.column("text_dtype")[r].as_py()), t.column("height")[r].as_py(), t.column("width")[r].as_py())
+        return reads, layout
+
+    def fill(self, reads, text: np.ndarray, means: np.ndarray, stds: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Copy the rows of `reads` straight from their Arrow buffers into raw byte views of the
+        batch tensors: text (n, max_tokens, row bytes), zero-padded; means, stds (n, bytes).
+        Returns the keys and the kept token counts."""
+        n = len(text)
         lens = np.zeros(n, np.int64)
         keys: list[str] = [""] * n
-        row_bytes = channels * text.element_size()
-        text_raw = text.view(n, -1).view(torch.uint8).numpy().reshape(n, self.max_tokens, row_bytes)
         for positions, table, rows in reads:
-            _copy_rows(table.column("latent_mean"), rows, means.view(n, -1).view(torch.uint8).numpy(), positions)
-            _copy_rows(table.column("latent_std"), rows, stds.view(n, -1).view(torch.uint8).numpy(), positions)
+            _copy_rows(table.column("latent_mean"), rows, means, positions)
+            _copy_rows(table.column("latent_std"), rows, stds, positions)
             lens[positions] = np.minimum(table.column("text_len").to_numpy()[rows], self.max_tokens)
-            _copy_text(table.column("text_emb"), rows, lens[positions], text_raw, positions, row_bytes)
+            _copy_text(table.column("text_emb"), rows, lens[positions], text, positions)
             for p, k in zip(positions, table.column("key").take(pa.array(rows)).to_pylist()):
                 keys[p] = k
-        mask = (torch.arange(self.max_tokens) < torch.from_numpy(lens)[:, None]).long()
-        return Batch(keys=keys, latent_mean=means, latent_std=stds, text=text, mask=mask,
-                     height=first.column("height")[r0].as_py(), width=first.column("width")[r0].as_py())
+        return keys, lens
 
     def _read_groups(self, indices: np.ndarray) -> list[tuple[np.ndarray, pa.Table, np.ndarray]]:
         """(batch positions, row-group table, rows in it) for each distinct (shard, row group)."""
@@ -214,13 +225,26 @@ def _copy_rows(column: pa.ChunkedArray, rows: np.ndarray, out: np.ndarray, posit
         out[p] = data[offsets[r] : offsets[r + 1]]
 
 
-def _copy_text(column: pa.ChunkedArray, rows: np.ndarray, lens: np.ndarray, out: np.ndarray, positions: np.ndarray, row_bytes: int) -> None:
+def _copy_text(column: pa.ChunkedArray, rows: np.ndarray, lens: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
     """The first lens[i] token rows of each text embedding into out[positions[i]] (zero-padded)."""
     offsets, data = _binary_views(column)
+    row_bytes = out.shape[-1]
     for p, r, n in zip(positions, rows, lens):
         start = offsets[r]
         out[p, :n] = data[start : start + n * row_bytes].reshape(n, row_bytes)
         out[p, n:] = 0
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """A writable uint8 numpy view of a contiguous tensor: (n, max_tokens, row bytes) for
+    3-d text, (n, bytes) otherwise."""
+    raw = t.view(len(t), -1).view(torch.uint8).numpy()
+    return raw.reshape(t.shape[0], t.shape[1], -1) if t.dim() == 3 else raw
+
+
+def mask_of(lens: np.ndarray, max_tokens: int) -> torch.Tensor:
+    """(n, max_tokens) long: 1 on the first lens[i] tokens."""
+    return (torch.arange(max_tokens) < torch.from_numpy(np.asarray(lens, np.int64))[:, None]).long()
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -231,49 +255,3 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     numel = int(np.prod(shape))
     storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
     return torch.empty(0, dtype=dtype).new(storage).view(shape)
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """This rank's slices of the non-empty global batches, from (epoch, start_batch) on, for
-    `epochs` epochs (None: endlessly). The order is global_batches(): fixed by (seed, epoch,
-    global_batch), the same on any world size."""
-
-    def __init__(self, dataset: StreamingFeatureDataset, seed: int, global_batch: int, rank: int, world_size: int,
-                 epoch: int = 0, start_batch: int = 0, epochs: int | None = 1) -> None:
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
-        if all(len(idx) < world_size for idx in dataset.buckets.values()):
-            raise ShardError(f"no full batch of {global_batch} samples in {dataset.features_dir}: lower batch_size / global_batch")
-        self.dataset, self.seed, self.global_batch, self.rank, self.world_size = dataset, seed, global_batch, rank, world_size
-        self.epoch, self.start_batch, self.epochs = epoch, start_batch, epochs
-
-    def __iter__(self) -> Iterator[BatchRequest]:
-        epoch, start = self.epoch, self.start_batch
-        while self.epochs is None or epoch < self.epoch + self.epochs:
-            batches = self.dataset.global_batches(epoch, self.seed, self.global_batch, self.world_size)
-            todo = [p for p in range(start, len(batches)) if len(batches[p])]
-            for i, p in enumerate(todo):
-                idx = StreamingFeatureDataset.rank_slice(batches[p], self.rank, self.world_size)
-                yield BatchRequest(epoch, p, idx, i == len(todo) - 1)
-            epoch, start = epoch + 1, 0
-
-
-def make_loader(dataset: StreamingFeatureDataset, epoch: int, seed: int, global_batch: int, rank: int = 0, world_size: int = 1,
-                start_batch: int = 0, workers: int = 2, pin_memory: bool | None = None, epochs: int | None = 1,
-                prefetch: int = 2) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding this rank's Batch of each non-empty global batch, in order, from
-    (epoch, start_batch) on, for `epochs` epochs (None: endlessly). `workers` processes read
-    ahead (`prefetch` batches each; 0: read in this process); batches come in pinned memory when
-    `pin_memory` (default: when CUDA is available). Each Batch carries its epoch and batch_pos."""
-    sampler = GlobalBatchSampler(dataset, seed, global_batch, rank, world_size, epoch, start_batch, epochs)
-    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    return torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=None, num_workers=workers, pin_memory=pin,
-        prefetch_factor=prefetch if workers else None, collate_fn=_as_is,
-        # its own generator: creating the loader must not draw from torch's global RNG, which
-        # the training run's exact resume restores and depends on
-        generator=torch.Generator().manual_seed(seed))
-
-
-def _as_is(batch: Batch) -> Batch:
-    return batch

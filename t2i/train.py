@@ -13,7 +13,6 @@ continues from exactly: same data order, same noise, same losses.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -486,7 +485,7 @@ def train_loop(run: Run, data, target: int, latent_hw: tuple[int, int], caption_
     have fewer), from the loader's batches of this rank; logs, checks and checkpoints as it goes."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from t2i.data import make_loader
+    from t2i.loader import make_loader
     from t2i.models import device_peak_flops, flops_per_image, preset_of
 
     cfg, accel = run.cfg, run.accel
