@@ -27,7 +27,8 @@ import torch
 
 from shards import ShardError, complete_shards
 
-TENSOR_COLUMNS = ["key", "latent_shape", "latent_mean", "latent_std", "text_emb", "text_len", "text_channels", "text_dtype", "height", "width"]
+ROW_COLUMNS = ["key", "latent_mean", "latent_std", "text_emb", "text_len"]  # read per sample (each column costs a read)
+LAYOUT_COLUMNS = ["latent_shape", "text_channels", "text_dtype", "height", "width"]  # read once per bucket
 INDEX_COLUMNS = ["key", "height", "width"]
 OPEN_FILES = 64  # Parquet files kept open per process (footer parsed once, then reused)
 BIG_ROW_GROUP = 64 << 20  # uncompressed bytes: bigger groups make every random row read costly
@@ -76,6 +77,7 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         self.max_tokens = max_tokens
         self._build_index()
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self._layouts: dict[int, RowLayout] = {}
         self._pid = os.getpid()
 
     def _build_index(self) -> None:
@@ -90,6 +92,7 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         sizes, bucket_of = np.unique(hw, axis=0, return_inverse=True)  # sizes sorted as (h, w) tuples
         members = np.split(np.argsort(bucket_of.ravel(), kind="stable"), np.cumsum(np.bincount(bucket_of.ravel()))[:-1])
         self.buckets: dict[tuple[int, int], np.ndarray] = {(int(h), int(w)): m for (h, w), m in zip(sizes, members)}
+        self.bucket_of = bucket_of.ravel().astype(np.uint16 if len(sizes) < 1 << 16 else np.int32)
 
     def _index_shard(self, s: int, path: str) -> dict:
         """The index columns of one shard (key, height, width: no tensor bytes read) and the
@@ -161,11 +164,18 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         indices = np.asarray(indices)
         if not len(indices):
             raise ValueError("an empty batch has no bucket")
-        reads = self._read_groups(indices)
-        t, r = reads[0][1], reads[0][2][0]
-        layout = RowLayout(tuple(t.column("latent_shape")[r].as_py()), t.column("text_channels")[r].as_py(),
-                           getattr(torch, t.column("text_dtype")[r].as_py()), t.column("height")[r].as_py(), t.column("width")[r].as_py())
-        return reads, layout
+        return self._read_groups(indices), self._layout(int(indices[0]))
+
+    def _layout(self, i: int) -> RowLayout:
+        """The layout of sample i's bucket, read from sample i once per bucket and process."""
+        b = int(self.bucket_of[i])
+        if b not in self._layouts:
+            t = self._file(int(self.shard[i])).read_row_group(int(self.group[i]), columns=LAYOUT_COLUMNS)
+            r = int(self.row[i])
+            self._layouts[b] = RowLayout(tuple(t.column("latent_shape")[r].as_py()), t.column("text_channels")[r].as_py(),
+                                         getattr(torch, t.column("text_dtype")[r].as_py()), t.column("height")[r].as_py(),
+                                         t.column("width")[r].as_py())
+        return self._layouts[b]
 
     def fill(self, reads, text: np.ndarray, means: np.ndarray, stds: np.ndarray) -> tuple[list[str], np.ndarray]:
         """Copy the rows of `reads` straight from their Arrow buffers into raw byte views of the
@@ -190,7 +200,7 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         reads = []
         for u in np.unique(unit):
             positions = np.flatnonzero(unit == u)
-            table = self._file(int(u >> 32)).read_row_group(int(u & 0xFFFFFFFF), columns=TENSOR_COLUMNS)
+            table = self._file(int(u >> 32)).read_row_group(int(u & 0xFFFFFFFF), columns=ROW_COLUMNS)
             reads.append((positions, table.combine_chunks(), row[positions]))
         return reads
 
