@@ -90,7 +90,7 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         self.shard, self.group, self.row = (np.concatenate([p[c] for p in parts])[order] for c in ("shard", "group", "row"))
         hw = np.stack([np.concatenate([p[c] for p in parts])[order] for c in ("height", "width")], 1)
         sizes, bucket_of = np.unique(hw, axis=0, return_inverse=True)  # sizes sorted as (h, w) tuples
-        members = np.split(np.argsort(bucket_of.ravel(), kind="stable"), np.cumsum(np.bincount(bucket_of.ravel()))[:-1])
+        members = np.split(np.argsort(bucket_of.ravel(), kind="stable").astype(np.int32), np.cumsum(np.bincount(bucket_of.ravel()))[:-1])
         self.buckets: dict[tuple[int, int], np.ndarray] = {(int(h), int(w)): m for (h, w), m in zip(sizes, members)}
         self.bucket_of = bucket_of.ravel().astype(np.uint16 if len(sizes) < 1 << 16 else np.int32)
 

@@ -120,7 +120,7 @@ def test_opening_reads_only_the_index_columns(features, monkeypatch):
     assert reads and all(c == ["key", "height", "width"] for c in reads)
     # what stays in memory is numpy index arrays: a few bytes per sample, no tensor bytes
     held = [v for v in vars(ds).values() if isinstance(v, np.ndarray)] + list(ds.buckets.values())
-    assert sum(a.nbytes for a in held) <= 24 * len(ds)
+    assert sum(a.nbytes for a in held) <= 20 * len(ds)
     assert not any(isinstance(v, (bytes, list)) and v and isinstance(v[0], bytes) for v in vars(ds).values())
     reads.clear()
     ds.get(np.array([0]))
