@@ -39,10 +39,11 @@ GLOBAL_BATCH = 64
 ROW_BYTES = TOKENS * CHANNELS * 2 + 2 * 4 * int(np.prod(LATENT))  # ~1.02 MB of tensors a sample
 
 
-def write_synthetic_features(dir: str | Path, n_samples: int, seed: int = 0, rows_per_shard: int = 1000) -> Path:
+def write_synthetic_features(dir: str | Path, n_samples: int, seed: int = 0, rows_per_shard: int = 1000,
+                             tokens: int = TOKENS, channels: int = CHANNELS, latent: tuple[int, int, int] = LATENT) -> Path:
     """`n_samples` rows of random T5-XXL-shaped features (120 x 4096 fp16, no inf/NaN) and
-    256 px latents in FEATURE_SCHEMA, through shards.ShardWriter, into `dir`. Reuses a
-    complete set already there."""
+    256 px latents (other shapes through `tokens`, `channels`, `latent`) in FEATURE_SCHEMA,
+    through shards.ShardWriter, into `dir`. Reuses a complete set already there."""
     d = Path(dir)
     if read_manifest(d).get("rows") == n_samples:
         return d
@@ -52,11 +53,11 @@ def write_synthetic_features(dir: str | Path, n_samples: int, seed: int = 0, row
     w = ShardWriter(d, rows_per_shard=rows_per_shard, schema=FEATURE_SCHEMA, prefix="features")
     for i in range(n_samples):
         # random bits with fp16 exponent bit 14 cleared: finite values, as incompressible as noise
-        text = rng.integers(0, 1 << 16, TOKENS * CHANNELS, dtype=np.uint16) & 0xBFFF
-        w.add({"key": f"sa_{i:08d}", "caption": "synthetic", "height": 256, "width": 256, "latent_shape": list(LATENT),
-               "latent_mean": rng.standard_normal(LATENT, np.float32).tobytes(),
-               "latent_std": rng.random(LATENT, np.float32).tobytes(),
-               "text_emb": text.tobytes(), "text_len": TOKENS, "text_channels": CHANNELS, "text_dtype": "float16"})
+        text = rng.integers(0, 1 << 16, tokens * channels, dtype=np.uint16) & 0xBFFF
+        w.add({"key": f"sa_{i:08d}", "caption": "synthetic", "height": latent[1] * 8, "width": latent[2] * 8,
+               "latent_shape": list(latent), "latent_mean": rng.standard_normal(latent, np.float32).tobytes(),
+               "latent_std": rng.random(latent, np.float32).tobytes(),
+               "text_emb": text.tobytes(), "text_len": tokens, "text_channels": channels, "text_dtype": "float16"})
     w.close()
     return d
 
