@@ -64,6 +64,15 @@ PREDICTIONS = {
                          "but several times its compile time",
     "ours-compile-512": "4x the tokens: attention (2T^2h) grows to ~1/4 of the FLOPs but flash keeps it matmul-bound: "
                         "MFU equal or higher than at 256 px",
+    # written after run 1, before run 2
+    "sdpa": "torch picked cuDNN's attention (~21 ms/step, backward 3x forward, head dim 72 padded to 128): "
+            "FlashAttention-2 should be ~1.3x faster on the unmasked self-attention",
+    "ours-compile-flash": "flash first for self-attention, cuDNN/efficient for the masked cross-attention: -5 to -10 ms/step",
+    "ours-compile-flash-b128": "batch 128 halves the per-image cost of the optimizer + EMA + clipping passes (~12 ms/step): "
+                               "+3-5% images/s",
+    "captioner-diagnose": "decode launches ~1,000 kernels per token with tens of microseconds of Python each: the GPU is "
+                          "busy a small fraction of each token at batch 1; a static KV cache (compiled, CUDA graphs) "
+                          "should cut the per-token time severalfold",
 }
 
 # (part, estimated seconds on an H100) in priority order

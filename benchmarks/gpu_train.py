@@ -303,7 +303,10 @@ def profile_calls(call: Callable[[], Any], device: str, calls: int = 3, rows: in
         sync(device)
     wall_ms = (time.perf_counter() - t0) / calls * 1e3
     if cuda:
-        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        # record_function ranges (e.g. "Optimizer.step#AdamW.step") also appear on the device timeline,
+        # spanning kernels counted on their own: kernels only
+        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                  if e.device_type == DeviceType.CUDA and "#" not in e.key]
     else:
         events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages() if e.key.startswith("aten::")]
     events = sorted((e for e in events if e[1] > 0), key=lambda e: e[1], reverse=True)
