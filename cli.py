@@ -206,6 +206,7 @@ def train_cmd(
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
     threads: int = typer.Option(0, help="torch CPU threads (0: default)"),
+    loader_workers: Optional[int] = typer.Option(None, "--loader-workers", help="DataLoader processes reading feature rows ahead (default 2; 0: in the training process)"),
     report_to: Optional[str] = typer.Option(None, "--report-to", help="experiment trackers: tensorboard | wandb | mlflow (comma-separated)"),
     sample_prompts: Optional[str] = typer.Option(None, "--sample-prompts", help="'|'-separated prompts sampled at every checkpoint into the trackers"),
 ):
@@ -218,7 +219,7 @@ def train_cmd(
     _t2i_threads(threads)
     given = {k: v for k, v in dict(preset=preset, init=init, resolution=resolution, vae=vae, text_encoder=text_encoder,
                                    steps=steps, batch_size=batch_size, global_batch=global_batch, grad_accum=grad_accum, fsdp=fsdp,
-                                   lr=lr, mixed_precision=mixed_precision, report_to=report_to,
+                                   lr=lr, mixed_precision=mixed_precision, loader_workers=loader_workers, report_to=report_to,
                                    sample_prompts=sample_prompts).items() if v is not None}
     if manifest:
         from t2i.manifest import load_manifest, run_manifest
