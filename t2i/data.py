@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -82,7 +83,10 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
 
     def _build_index(self) -> None:
         """shard/group/row of every sample in key order, and the samples of each bucket."""
-        parts = [self._index_shard(s, path) for s, path in enumerate(self.shards)]
+        # Parquet decoding releases the GIL: shards are indexed in parallel threads (at 10M samples,
+        # 10k shards of ~0.2 s each)
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+            parts = list(pool.map(self._index_shard, range(len(self.shards)), self.shards))
         # a stable order independent of shard write order: sort by key (Arrow, no Python strings)
         keys = pa.chunked_array([c for p in parts for c in p["key"].chunks], pa.string())
         order = pc.sort_indices(keys).to_numpy()

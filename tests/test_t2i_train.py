@@ -81,6 +81,17 @@ def test_resume_continues_exactly(world, tmp_path, grad_accum):
     assert {"loss", "lr", "grad_norm", "images_per_s", "mfu"} <= rec.keys()
 
 
+def test_loader_workers_do_not_change_the_run(world, tmp_path):
+    """Reading in the training process (0 workers) or in 2 loader workers: the same batches in
+    the same order, so the same losses."""
+    from t2i.train import train
+
+    feats = tmp_path / "features"
+    for workers in (0, 2):
+        train(tiny_cfg(world, steps=4, loader_workers=workers), tmp_path / f"w{workers}", shards=world["captions"], features=feats, progress=False)
+    assert losses(tmp_path / "w0") == losses(tmp_path / "w2")
+
+
 def test_sample_export_and_diffusers_pipeline(world, tmp_path):
     from diffusers import PixArtAlphaPipeline
     from PIL import Image
