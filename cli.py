@@ -210,6 +210,9 @@ def train_cmd(
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
     threads: int = typer.Option(0, help="torch CPU threads (0: default)"),
+    loader_workers: Optional[int] = typer.Option(None, "--loader-workers", help="DataLoader processes reading feature rows ahead (default 2; 0: in the training process)"),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="experiment trackers: tensorboard | wandb | mlflow (comma-separated)"),
+    sample_prompts: Optional[str] = typer.Option(None, "--sample-prompts", help="'|'-separated prompts sampled at every checkpoint into the trackers"),
 ):
     """Train PixArt-alpha on caption shards (one stage from options, or all stages of a manifest).
 
@@ -220,7 +223,8 @@ def train_cmd(
     _t2i_threads(threads)
     given = {k: v for k, v in dict(preset=preset, init=init, resolution=resolution, vae=vae, text_encoder=text_encoder,
                                    steps=steps, batch_size=batch_size, global_batch=global_batch, grad_accum=grad_accum, fsdp=fsdp,
-                                   lr=lr, mixed_precision=mixed_precision).items() if v is not None}
+                                   lr=lr, mixed_precision=mixed_precision, loader_workers=loader_workers, report_to=report_to,
+                                   sample_prompts=sample_prompts).items() if v is not None}
     if manifest:
         from t2i.manifest import load_manifest, run_manifest
 
@@ -297,6 +301,62 @@ def import_dit_cmd(
     model, info = import_dit(ckpt, caption_channels=caption_channels, num_heads=heads)
     model.save_pretrained(out)
     typer.echo(f"wrote {out}: depth {info['depth']}, hidden {info['hidden']}, {info['heads']} heads, {len(info['copied'])} tensors copied, dropped {', '.join(info['dropped']) or 'nothing'}")
+
+
+# --- plan / cost (costs/) ----------------------------------------------------------------------
+
+
+@app.command("plan")
+@user_errors
+def plan_cmd(
+    manifest: str = typer.Argument(..., help="TOML stage recipe (manifests/*.toml); stages need steps, batch and gpus"),
+    gpu: str = typer.Option("A100-80GB", "--gpu", help="V100, A100-40GB, A100-80GB, H100, H100-PCIe, H200, L40S, RTX-4090"),
+    images: Optional[str] = typer.Option(None, "--images", help="images per dataset for captioning and features, e.g. sam=10M,aesthetic=14M (matched to the stages' shards paths)"),
+    price: Optional[float] = typer.Option(None, "--price", help="$ per GPU-hour"),
+    mfu: Optional[str] = typer.Option(None, "--mfu", help="training MFU: 0.3, or per resolution / stage: 0.3,1024=0.1,align-sam-256=0.35"),
+    gpu_bench: Optional[Path] = typer.Option(None, "--gpu-bench", help="a benchmarks/gpu_bench.py JSON: measured MFU, encoder and captioner rates"),
+    caption_rate: Optional[float] = typer.Option(None, "--caption-rate", help="captioner images/s per GPU (default: measured or the paper's, scaled)"),
+    captioned: Optional[str] = typer.Option(None, "--captioned", help="datasets to caption (default: all of --images)"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs for stages without gpus, and for captioning / features"),
+    grid_gco2_kwh: float = typer.Option(475.0, "--grid-gco2-kwh", help="grid carbon intensity (default: world average, IEA 2019)"),
+    pue: float = typer.Option(1.2, "--pue", help="data-centre power usage effectiveness"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write plan.json and plan.md here"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of Markdown"),
+) -> None:
+    """What a recipe costs before it runs: GPU-hours, $, kWh and kgCO2e per step (captioning, features, each stage).
+
+    Example: t2i-data plan manifests/pixart-alpha.toml --gpu A100-80GB --images sam=10M,aesthetic=14M --price 1.6
+    """
+    import json
+
+    from costs.plan import MfuRule, PlanOptions, load_gpu_bench, parse_images, plan, to_markdown, write_plan
+
+    opts = PlanOptions(gpu=gpu, images=parse_images(images), price=price, mfu=MfuRule.parse(mfu),
+                       gpu_bench=load_gpu_bench(gpu_bench) if gpu_bench else None, caption_rate=caption_rate,
+                       captioned=[c.strip() for c in captioned.split(",") if c.strip()] if captioned is not None else None,
+                       gpus=gpus, grid_gco2_kwh=grid_gco2_kwh, pue=pue)
+    result = plan(manifest, opts)
+    if out is not None:
+        typer.echo(f"wrote {', '.join(str(p) for p in write_plan(result, out))}", err=True)
+    typer.echo(json.dumps(result, indent=2) if json_out else to_markdown(result))
+
+
+@app.command("cost")
+@user_errors
+def cost_cmd(
+    run_dirs: List[str] = typer.Argument(..., help="run directories of caption, features or train (searched for ledger.jsonl)"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of Markdown"),
+) -> None:
+    """What finished runs cost: their ledgers (device-hours, kWh, kgCO2e) summed into one table.
+
+    Example: t2i-data cost out/ feats/ runs/pixart
+    """
+    import json
+
+    from costs.ledger import cost_markdown, sum_ledgers
+
+    result = sum_ledgers(run_dirs)
+    typer.echo(json.dumps(result, indent=2) if json_out else cost_markdown(result))
 
 
 # --- demo ------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from costs.ledger import Ledger
 from shards import fs
 from shards.reader import clean_incomplete, complete_shards, done_keys
 from shards.schema import CAPTION_SCHEMA, rows_to_table
@@ -176,6 +177,7 @@ class RunRecorder:
         self.skip_keys = frozenset(done_keys(out_dir) - self.to_retry)
         self.summary = Summary()
         self.start = time.perf_counter()
+        self.ledger = Ledger(out_dir, "caption")  # the driver's device; Ray actors' GPUs are not metered
         self.writer = ShardWriter(out_dir, rows_per_shard=shard_size, config=config)
         self.retried_rows: dict[str, dict] = {}
         self.seen: set[str] = set()
@@ -207,9 +209,10 @@ class RunRecorder:
         self.writer.flush()
         _replace_failed_rows(self.out_dir, self.writer, self.retried_rows)
         s.seconds = time.perf_counter() - self.start
+        ledger = self.ledger.close(images=s.captioned + s.failed)
         manifest = write_manifest(self.out_dir, config=self.config, extra={"last_run": {
             "captioned": s.captioned, "failed": s.failed, "skipped": s.skipped,
-            "retried": s.retried, "seconds": round(s.seconds, 3)}})  # fmt: skip
+            "retried": s.retried, "seconds": round(s.seconds, 3), "ledger": ledger}})  # fmt: skip
         s.shards = [m["shard"] for m in manifest["shards"]]
         return s
 

@@ -229,6 +229,9 @@ def compute_features(shards_dir: str | Path, root: str | Path, cfg: FeatureConfi
     (out / "config.json").write_text(json.dumps({**asdict(cfg), "cache_key": cfg.cache_key()}, indent=2))
     done = done_keys(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from costs.ledger import Ledger
+
+    ledger = Ledger(out, "features", device)
 
     from rich.progress import Progress
 
@@ -283,6 +286,7 @@ def compute_features(shards_dir: str | Path, root: str | Path, cfg: FeatureConfi
         raise ShardError(f"{shards_dir} has no rows with a caption (all null or errored): caption the images first")
     stats["failures"] = stats["failures"][:20]
     stats["rows"] = len(done_keys(out))
+    stats["ledger"] = ledger.close(images=stats["new"])
     write_manifest(out, config={**asdict(cfg), "cache_key": cfg.cache_key()}, extra={"schema": "features", "source": str(shards_dir)})
     return stats
 
