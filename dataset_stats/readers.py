@@ -2,9 +2,11 @@
 stream captions in batches (never the whole dataset in memory, except a plain `.json` file,
 which JSON cannot stream).
 
-Every problem with the input becomes a one-line `UserError` naming the fix. Files and shard
-directories may be local paths or URIs (s3://, gs://, any fsspec scheme), read through shards.fs;
-glob patterns are local only.
+Every problem with the input becomes a one-line `UserError` naming the fix; `validate` finds
+them before any tagging (line formats are read through once), and with `skip_bad_lines` a
+malformed line is counted and skipped instead. JSON/JSONL/CSV/TSV/TXT may be compressed (`.gz`,
+`.zst`: pyarrow's codecs). Files and shard directories may be local paths or URIs (s3://, gs://,
+any fsspec scheme), read through shards.fs; glob patterns are local only.
 """
 
 from __future__ import annotations
