@@ -132,6 +132,7 @@ def caption_cmd(
     engine: str = typer.Option("local", "--engine", help="local (this process) | ray (Ray Data: model replicas in actors)"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: connect to this Ray cluster (default: start a local Ray)"),
     replicas: int = typer.Option(1, "--replicas", help="--engine ray: model replicas (one GPU each on a GPU cluster)"),
+    static_cache: bool = typer.Option(False, "--static-cache", help="--backend transformers: fixed-size KV cache, compiled on GPU (1.5x on an H100; ~30 s compile)"),
 ) -> None:
     """Dense VLM captions (LLaVA) for SA-1B-style images, into Parquet shards; resumable.
 
@@ -148,8 +149,15 @@ def caption_cmd(
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, shard_size=shard_size,
         embed_images=embed_images, retry_failed=retry_failed, workers=workers, max_short=max_short,
         max_long=max_long, progress=not no_progress, engine=engine, ray_address=ray_address, replicas=replicas,
+        backend_kwargs=_static_cache_kwargs(static_cache, backend),
     )  # fmt: skip
     typer.echo(f"{summary.line()}; {len(summary.shards)} shards in {out}")
+
+
+def _static_cache_kwargs(static_cache: bool, backend: str) -> dict:
+    if static_cache and backend != "transformers":
+        raise UserError(f"--static-cache is a transformers-backend setting, not {backend}'s: drop it or use --backend transformers")
+    return {"static_cache": True} if static_cache else {}
 
 
 # --- features / train / sample / export / import-dit (t2i/) ----------------------------------
