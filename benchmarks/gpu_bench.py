@@ -250,23 +250,12 @@ def part_captioner_diagnose(run: Run) -> None:
 
 
 def run_part(run: Run, name: str) -> None:
-    if name == "ceilings":
-        part_ceilings(run)
-    elif name == "profile":
-        part_profile(run)
-    elif name == "datapath":
-        part_datapath(run)
-    elif name == "max-batch":
-        part_max_batch(run)
-    elif name == "features":
-        part_features(run)
-    elif name == "captioner":
-        part_captioner(run)
-    elif name == "sdpa":
-        part_sdpa(run)
-    elif name == "captioner-diagnose":
-        part_captioner_diagnose(run)
-    else:
+    parts = {"ceilings": part_ceilings, "profile": part_profile, "datapath": part_datapath, "max-batch": part_max_batch,
+             "features": part_features, "captioner": part_captioner, "sdpa": part_sdpa,
+             "captioner-diagnose": part_captioner_diagnose}
+    if name in parts:
+        parts[name](run)
+    else:  # a training-step variant
         part_variant(run, name)
     users = [p for p in ("profile", "datapath") if p in run.wanted]
     if run.kept is not None and (not users or name == users[-1]):
