@@ -173,7 +173,8 @@ class ImageReader:
         if isinstance(handle, _ForwardStream):
             with lock:
                 return handle.read(a.offset, a.size)
-        data = handle.read_at(a.size, a.offset).to_pybytes()  # RandomAccessFile.read_at is thread-safe
+        data = handle.read_at(a.size, a.offset)  # RandomAccessFile.read_at is thread-safe (pread)
+        data = data if isinstance(data, bytes) else data.to_pybytes()
         if len(data) != a.size:
             raise OSError(f"{a.location} ends inside the member at offset {a.offset}")
         return data
