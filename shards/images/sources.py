@@ -201,6 +201,8 @@ def iter_tar(location: str, prefix: str, max_pending: int = 64) -> Iterator[Imag
                         _apply(item, infos.pop(stem))
                         yield item
                     else:
+                        if stem in pending:  # the same name again: the earlier one's sidecar is not coming
+                            yield pending.pop(stem)
                         pending[stem] = item
                         if len(pending) > max_pending:  # its sidecar is not coming soon: don't hoard memory
                             yield pending.pop(next(iter(pending)))
