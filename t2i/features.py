@@ -245,7 +245,7 @@ class RowImages:
         if row.get("_error"):
             return row, None, row["_error"]
         try:
-            data = row["image"] or self.reader.read(row["_address"])
+            data = row.get("image") or self.reader.read(row["_address"])
         except (OSError, pa.ArrowException, UserError) as e:
             return row, None, f"unreadable: {e}"
         try:
@@ -324,13 +324,13 @@ def _caption_rows(shards_dir: str | Path) -> Iterator[dict[str, Any]]:
     """Every row of the caption shards (streamed), with the columns features needs; shards of
     caption schema 1 have no `address` (their rows are located by source + member)."""
     shards = complete_shards(shards_dir)
-    files = [shard_fs.parquet_file(s) for s in shards]  # a local path or a URI
-    for shard, pf in zip(shards, files):
-        if not {"caption", "key"} <= set(pf.schema_arrow.names):
+    names = [shard_fs.read_schema(s).names for s in shards]  # a local path or a URI; checked before any work
+    for shard, cols in zip(shards, names):
+        if not {"caption", "key"} <= set(cols):
             raise ShardError(f"{shard} has no caption/key column: pass caption shards written by `t2i-data caption`")
-    for pf in files:
-        cols = [c for c in CAPTION_COLUMNS if c in pf.schema_arrow.names]
-        for batch in pf.iter_batches(batch_size=256, columns=cols):
+    for shard, cols in zip(shards, names):  # one shard open at a time
+        wanted = [c for c in CAPTION_COLUMNS if c in cols]
+        for batch in shard_fs.parquet_file(shard).iter_batches(batch_size=256, columns=wanted):
             yield from batch.to_pylist()
 
 
