@@ -155,7 +155,7 @@ def prepare_records(batch: pa.Table, opts: PrepareOptions, embed_images: bool) -
 
     out = []
     for r in batch.to_pylist():
-        row = {k: r[k] for k in ("key", "source", "member", "image_id", "width", "height", "alt_text", "error", "skip")}
+        row = {k: r[k] for k in ("key", "source", "member", "address", "image_id", "width", "height", "alt_text", "error", "skip")}
         if not r["skip"]:
             item = ImageItem(key=r["key"], source=r["source"], member=r["member"], data=r["data"], address=r["address"],
                              alt=r["alt_text"], image_id=r["image_id"], width=r["width"], height=r["height"], error=r["error"])  # fmt: skip

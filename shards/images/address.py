@@ -4,7 +4,8 @@
     /abs/sa_000000.tar#tar:1536+804112      a tar member: data offset + size in the (uncompressed) archive
     /abs/laion.parquet#row:17               a Parquet row (file-wide row index)
 
-Addresses are absolute (or URIs), so a later job reads them from any working directory. Tar
+Addresses are absolute (or URIs; `file://` ones are spelled as the local paths they name), so a
+later job reads them from any working directory. Tar
 members are addressed by byte offset, never by name: two members with the same name are two
 addresses, and the bytes read are exactly the ones the lister saw.
 
@@ -40,6 +41,11 @@ def absolute(location: str | os.PathLike) -> str:
     """A URI as given (no trailing slash), or the absolute, normalised local path."""
     s = str(location)
     return s.rstrip("/") if fs.is_uri(s) else os.path.abspath(s)
+
+
+def canonical(location: str) -> str:
+    """The location as addresses spell it: `file://` URIs become the local paths they name."""
+    return str(fs.as_location(location)) if fs.scheme(location) == "file" else location
 
 
 def is_tar(name: str) -> bool:

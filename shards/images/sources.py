@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 from shards import fs
 from shards.errors import UserError
 from shards.images.address import (
-    IMAGE_COLUMNS, IMAGE_EXTS, Address, absolute, image_suffix, is_compressed_tar, is_tar, pick_column,
+    IMAGE_COLUMNS, IMAGE_EXTS, Address, absolute, canonical, image_suffix, is_compressed_tar, is_tar, pick_column,
 )  # fmt: skip
 
 ALT_COLUMNS = ("alt_text", "caption", "TEXT", "text", "alt", "txt")
@@ -194,7 +194,7 @@ def iter_tar(location: str, prefix: str, max_pending: int = 64) -> Iterator[Imag
                     else:
                         infos[stem] = info
                 elif is_image:
-                    address = str(Address(location, offset=m.offset_data, size=m.size))
+                    address = str(Address(canonical(location), offset=m.offset_data, size=m.size))
                     item = ImageItem(key=unique(f"{prefix}/{m.name}"), source=location, member=m.name, address=address,
                                      data=tf.extractfile(m).read())  # fmt: skip
                     if stem in infos:
@@ -233,7 +233,7 @@ def iter_parquet(location: str, prefix: str, batch_rows: int = 256) -> Iterator[
                 value = value.get("bytes")
             name = d[key_col][i] if key_col and d[key_col][i] is not None else row
             yield ImageItem(
-                key=unique(f"{prefix}/{name}"), source=location, member=str(row), address=str(Address(location, row=row)),
+                key=unique(f"{prefix}/{name}"), source=location, member=str(row), address=str(Address(canonical(location), row=row)),
                 data=value or b"", alt=d[alt_col][i] if alt_col else None,
             )  # fmt: skip
             row += 1
@@ -246,7 +246,7 @@ def iter_entry(entry: SourceEntry) -> Iterator[ImageItem]:
     elif entry.kind == "parquet":
         yield from iter_parquet(entry.location, entry.key)
     else:
-        item = ImageItem(key=entry.key, source=entry.location, address=entry.location)
+        item = ImageItem(key=entry.key, source=entry.location, address=canonical(entry.location))
         if entry.sidecar:
             _apply(item, sidecar_info(fs.read_bytes(entry.sidecar)))
         yield item
