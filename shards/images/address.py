@@ -5,9 +5,9 @@
     /abs/laion.parquet#row:17               a Parquet row (file-wide row index)
 
 Addresses are absolute (or URIs; `file://` ones are spelled as the local paths they name), so a
-later job reads them from any working directory. Tar
-members are addressed by byte offset, never by name: two members with the same name are two
-addresses, and the bytes read are exactly the ones the lister saw.
+later job reads them from any working directory. Tar members are addressed by byte offset, never
+by name: two members with the same name are two addresses, and the bytes read are exactly the
+ones the lister saw.
 
 ImageReader keeps what makes the next read cheap, so reading N images of one source costs O(N):
 one open handle per tar (`read_at`, thread-safe), the open ParquetFile and its last row groups
