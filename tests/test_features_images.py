@@ -240,6 +240,18 @@ def test_latent_dtype_stores_compact_latents(tmp_path, models):
         torch.testing.assert_close(y.float(), x, rtol=1e-2, atol=1e-2)
     with pytest.raises(UserError, match="latent-dtype"):
         fcfg(models, latent_dtype="int8").validate()
+    # the training loader hands them out in the stored dtype, in this process and from its workers
+    from t2i.data import StreamingFeatureDataset
+    from t2i.loader import make_loader
+
+    ds = StreamingFeatureDataset(tmp_path / "feats" / fcfg(models, latent_dtype="bfloat16").cache_key(), 16)
+    direct = ds.get(np.arange(4))
+    (loaded,) = list(make_loader(ds, 0, 0, 4, workers=1))
+    for b in (direct, loaded):
+        assert b.latent_mean.dtype == b.latent_std.dtype == torch.bfloat16
+        for i, key in enumerate(b.keys):
+            want = decode_raw(bf16[key]["latent_mean"], "bfloat16", bf16[key]["latent_shape"])
+            assert torch.equal(b.latent_mean[i], want)
 
 
 # --- data-parallel and resume -------------------------------------------------------------------
