@@ -180,21 +180,35 @@ def features_cmd(
     resolution: int = typer.Option(256),
     buckets: bool = typer.Option(False, help="multi-aspect: PixArt's aspect-ratio bins (256/512/1024)"),
     max_tokens: int = typer.Option(120, "--max-tokens"),
-    text_dtype: str = typer.Option("float16", "--text-dtype"),
+    text_dtype: str = typer.Option("float16", "--text-dtype", help="float32 | float16 | bfloat16"),
+    latent_dtype: str = typer.Option("float32", "--latent-dtype", help="stored latents: float32 | float16 | bfloat16"),
     batch_size: int = typer.Option(16, "--batch-size"),
+    shard_size: int = typer.Option(1000, "--shard-size", help="rows per feature shard"),
+    workers: int = typer.Option(0, "--workers", help="image decode threads (0: cores, at most 8)"),
     threads: int = typer.Option(0, help="torch CPU threads (0: default)"),
 ):
-    """Encode images once (VAE posterior mean/std, T5 features + mask) into feature shards.
+    """Encode images once (VAE posterior mean/std, T5 features + mask) into feature shards; resumable.
+
+    Data-parallel: run it under torchrun or accelerate launch; each process encodes its share of the keys.
 
     Example: t2i-data features --shards out/ --out feats/ --vae tiny/vae --text-encoder tiny/t5 --resolution 16
+
+    On 8 GPUs: torchrun --nproc_per_node 8 $(which t2i-data) features --shards out/ --out feats/ --latent-dtype bfloat16
     """
-    from t2i.features import FeatureConfig, compute_features
+    from t2i.features import FeatureConfig, compute_features, ranks_from_env
 
     _t2i_threads(threads)
-    cfg = FeatureConfig(vae=vae, text_encoder=text_encoder, resolution=resolution, buckets=buckets,
-                        max_tokens=max_tokens, text_dtype=text_dtype, batch_size=batch_size)
-    r = compute_features(shards, out, cfg)
-    typer.echo(f"{r['rows']} samples in {r['dir']} ({r['new']} new, {r['skipped_invalid']} rows without caption, {r['failed']} unreadable)")
+    cfg = FeatureConfig(vae=vae, text_encoder=text_encoder, resolution=resolution, buckets=buckets, max_tokens=max_tokens,
+                        text_dtype=text_dtype, latent_dtype=latent_dtype, batch_size=batch_size, rows_per_shard=shard_size,
+                        workers=workers)  # fmt: skip
+    ranks = ranks_from_env()
+    try:
+        r = compute_features(shards, out, cfg, ranks=ranks)
+    finally:
+        ranks.close()
+    if ranks.rank == 0:
+        typer.echo(f"{r['rows']} samples in {r['dir']} ({r['new']} new here, {r['skipped_invalid']} rows without caption, "
+                   f"{r['failed']} unreadable images skipped, listed in {r['dir']}/manifest.json)")  # fmt: skip
 
 
 @app.command("train")

@@ -38,7 +38,7 @@ BIG_ROW_GROUP = 64 << 20  # uncompressed bytes: bigger groups make every random 
 @dataclass
 class Batch:
     keys: list[str]
-    latent_mean: torch.Tensor  # (B, C, h, w) float32
+    latent_mean: torch.Tensor  # (B, C, h, w) in the stored latent dtype (float32 unless --latent-dtype)
     latent_std: torch.Tensor
     text: torch.Tensor  # (B, max_tokens, C) in the stored text dtype, zero-padded
     mask: torch.Tensor  # (B, max_tokens) long
@@ -61,6 +61,7 @@ class RowLayout(NamedTuple):
     text_dtype: torch.dtype
     height: int
     width: int
+    latent_dtype: torch.dtype = torch.float32  # features --latent-dtype; shards without the column: float32
 
 
 class StreamingFeatureDataset(torch.utils.data.Dataset):
@@ -155,8 +156,8 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
 
     def get_from(self, reads, layout: RowLayout, n: int) -> Batch:
         """A Batch of fresh tensors (in shared memory inside a loader worker) from `read`'s output."""
-        means = _empty((n, *layout.latent_shape), torch.float32)
-        stds = _empty((n, *layout.latent_shape), torch.float32)
+        means = _empty((n, *layout.latent_shape), layout.latent_dtype)
+        stds = _empty((n, *layout.latent_shape), layout.latent_dtype)
         text = _empty((n, self.max_tokens, layout.channels), layout.text_dtype)
         keys, lens = self.fill(reads, _raw(text), _raw(means), _raw(stds))
         return Batch(keys=keys, latent_mean=means, latent_std=stds, text=text, mask=mask_of(lens, self.max_tokens),
@@ -174,11 +175,14 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         """The layout of sample i's bucket, read from sample i once per bucket and process."""
         b = int(self.bucket_of[i])
         if b not in self._layouts:
-            t = self._file(int(self.shard[i])).read_row_group(int(self.group[i]), columns=LAYOUT_COLUMNS)
+            f = self._file(int(self.shard[i]))
+            extra = ["latent_dtype"] if "latent_dtype" in f.schema_arrow.names else []
+            t = f.read_row_group(int(self.group[i]), columns=LAYOUT_COLUMNS + extra)
             r = int(self.row[i])
+            latent_dtype = (t.column("latent_dtype")[r].as_py() if extra else None) or "float32"
             self._layouts[b] = RowLayout(tuple(t.column("latent_shape")[r].as_py()), t.column("text_channels")[r].as_py(),
                                          getattr(torch, t.column("text_dtype")[r].as_py()), t.column("height")[r].as_py(),
-                                         t.column("width")[r].as_py())
+                                         t.column("width")[r].as_py(), getattr(torch, latent_dtype))
         return self._layouts[b]
 
     def fill(self, reads, text: np.ndarray, means: np.ndarray, stds: np.ndarray) -> tuple[list[str], np.ndarray]:

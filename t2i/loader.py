@@ -108,7 +108,7 @@ class SlotRing:
             raw = raw.view(_Lease)
             weakref.finalize(raw, self.release, slot)
         row = layout.channels * layout.text_dtype.itemsize
-        latent = int(np.prod(layout.latent_shape)) * 4
+        latent = int(np.prod(layout.latent_shape)) * layout.latent_dtype.itemsize
         t_end, m_end = n * max_tokens * row, self.parts["text"] + n * latent
         return {"text": raw[:t_end].reshape(n, max_tokens, row), "mean": raw[self.parts["text"] : m_end].reshape(n, latent),
                 "std": raw[self.parts["text"] + self.parts["mean"] :][: n * latent].reshape(n, latent)}
@@ -140,8 +140,8 @@ class SlotBatch:
         n, lay = len(self.keys), self.layout
         v = _RINGS[self.ring_id].views(self.slot, n, self.max_tokens, lay, lease=True)
         text = torch.from_numpy(v["text"]).view(lay.text_dtype).view(n, self.max_tokens, lay.channels)
-        return Batch(keys=self.keys, latent_mean=torch.from_numpy(v["mean"]).view(torch.float32).view(n, *lay.latent_shape),
-                     latent_std=torch.from_numpy(v["std"]).view(torch.float32).view(n, *lay.latent_shape), text=text,
+        return Batch(keys=self.keys, latent_mean=torch.from_numpy(v["mean"]).view(lay.latent_dtype).view(n, *lay.latent_shape),
+                     latent_std=torch.from_numpy(v["std"]).view(lay.latent_dtype).view(n, *lay.latent_shape), text=text,
                      mask=mask_of(self.lens, self.max_tokens), height=lay.height, width=lay.width, epoch=self.request.epoch,
                      batch_pos=self.request.batch_pos, last_in_epoch=self.request.last_in_epoch)
 
@@ -210,7 +210,7 @@ def _ring_for(dataset: StreamingFeatureDataset, share: int, workers: int, per_wo
     """A ring whose slots fit `share` samples of the largest bucket (one row read per bucket)."""
     layouts = [dataset.read(idx[:1])[1] for idx in dataset.buckets.values() if len(idx)]
     row = max(lay.channels * lay.text_dtype.itemsize for lay in layouts)
-    latent = max(int(np.prod(lay.latent_shape)) * 4 for lay in layouts)
+    latent = max(int(np.prod(lay.latent_shape)) * lay.latent_dtype.itemsize for lay in layouts)
     return SlotRing(workers, per_worker, share, dataset.max_tokens * row, latent)
 
 

@@ -45,6 +45,7 @@ class TrainConfig:
     text_encoder: str = DEFAULT_TEXT_ENCODER
     max_tokens: int = 120
     text_dtype: str = "float16"
+    latent_dtype: str = "float32"  # how features store latents (t2i.features.FeatureConfig)
     batch_size: int = 64  # per process, per micro-batch (ignored when global_batch is set)
     global_batch: int = 0  # samples per micro-batch over all processes; 0: batch_size x processes
     grad_accum: int = 1
@@ -77,7 +78,8 @@ class TrainConfig:
 
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(vae=self.vae, text_encoder=self.text_encoder, resolution=self.resolution,
-                             buckets=self.buckets, max_tokens=self.max_tokens, text_dtype=self.text_dtype)
+                             buckets=self.buckets, max_tokens=self.max_tokens, text_dtype=self.text_dtype,
+                             latent_dtype=self.latent_dtype)
 
     def validate(self) -> None:
         from t2i.models import ATTENTION_ORDERS, get_preset
@@ -197,7 +199,7 @@ def make_inputs(b, scaling: float, num_timesteps: int, caption_dropout: float, s
     shape = tuple(b.latent_mean.shape[1:])
     for i, s in enumerate(seeds):
         g = torch.Generator().manual_seed(s)
-        x0.append(b.latent_mean[i] + b.latent_std[i] * torch.randn(shape, generator=g))
+        x0.append(b.latent_mean[i].float() + b.latent_std[i].float() * torch.randn(shape, generator=g))  # stored maybe in 16 bits
         noise.append(torch.randn(shape, generator=g))
         t.append(torch.randint(0, num_timesteps, (1,), generator=g))
         drop.append(torch.rand(1, generator=g) < caption_dropout)
