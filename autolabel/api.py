@@ -21,7 +21,7 @@ from shards.errors import UserError
 from autolabel.backends import Captioner, GenParams, input_short_side, make_captioner
 from autolabel.pipeline import PrepareOptions, Summary, caption_items
 from autolabel.prompts import PAPER_PROMPT
-from autolabel.sources import count_items, iter_sources, validate_sources
+from shards.images.sources import count_items, iter_sources, validate_sources
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 PROMPT_MODES = ("plain", "alt")

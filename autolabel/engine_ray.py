@@ -3,14 +3,13 @@
     units (driver) -> read (CPU tasks) -> prepare (CPU tasks) -> CaptionActor (GPU/CPU actors)
       -> driver: iter_batches -> ShardWriter (same atomic shards, done markers and manifest)
 
-- Units: the driver lists the sources the way `autolabel.sources` does (same keys): chunks of
-  plain image files (paths + sidecar info, no bytes), one unit per tar, one per Parquet file.
-  Read tasks expand a unit into image records with the sources' own readers (iter_tar,
-  iter_parquet), so bytes are read on the workers, not the driver.
-- Remote sources: `s3://`, `gs://` (and `file://`) URIs of folders of images and of Parquet
-  files are listed and read through pyarrow's filesystems (`pyarrow.fs.FileSystem.from_uri`;
-  credentials as pyarrow finds them: environment, instance role, ~/.aws). Remote tars are not
-  streamed yet: mount the bucket (s3fs, gcsfuse) or copy the tars to the nodes.
+- Units: the driver lists the sources with the image layer (shards.images.iter_entries: the
+  local engine's keys and addresses): chunks of plain image files (addresses, no bytes), one unit
+  per tar, one per Parquet file. Read tasks expand a unit with the same layer (iter_entry), so
+  bytes are read on the workers, not the driver.
+- Remote sources: `s3://`, `gs://` (and `file://`) URIs of folders, tars and Parquet files are
+  listed and read through shards.fs (pyarrow's filesystems; credentials as pyarrow finds them:
+  environment, instance role, ~/.aws).
 - Resume: keys already in complete shards come back as `skip` rows (no bytes, no work); the
   driver counts them. `--retry-failed` works as in the local engine (same copy-on-write swap).
 - Prepare: autolabel.prepare.prepare_image in CPU tasks; the RGB pixels travel losslessly
@@ -33,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -45,7 +44,7 @@ from shards.errors import UserError
 from shards.schema import CAPTION_SCHEMA
 from autolabel.backends import GenParams, _load_processor, input_short_side
 from autolabel.pipeline import PrepareOptions, RunRecorder, Summary, generate_or_isolate
-from autolabel.sources import IMAGE_EXTS, ImageItem, _is_tar, _sidecar_info, count_items, iter_parquet, iter_tar
+from shards.images.sources import ImageItem, SourceEntry, count_items, iter_entries, iter_entry
 
 FILES_PER_UNIT = 256  # plain image files per read task
 RECORDS_PER_BLOCK = 64  # records per block a read task yields (bounds memory for big tars)
@@ -54,11 +53,11 @@ RECORDS_PER_BLOCK = 64  # records per block a read task yields (bounds memory fo
 RECORD_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("member", pa.string()), ("image_id", pa.int64()),
     ("width", pa.int32()), ("height", pa.int32()), ("alt_text", pa.string()), ("error", pa.string()),
-    ("skip", pa.bool_()), ("path", pa.string()), ("data", pa.binary()),
+    ("skip", pa.bool_()), ("address", pa.string()), ("data", pa.binary()),
 ])  # fmt: skip
 # ...and from the prepare stage to the actors: prepared pixels instead of the file bytes.
 PREPARED_SCHEMA = pa.schema([
-    *[f for f in RECORD_SCHEMA if f.name not in ("path", "data")],
+    *[f for f in RECORD_SCHEMA if f.name != "data"],
     ("prep_width", pa.int32()), ("prep_height", pa.int32()),  # original size (after EXIF orientation)
     ("pixels", pa.binary()), ("pixel_width", pa.int32()), ("pixel_height", pa.int32()),  # RGB, resized
     ("data", pa.binary()),  # the original bytes, only kept with --embed-images
@@ -76,103 +75,27 @@ def import_ray():
     return ray
 
 
-# --- units: the driver's listing, same keys as autolabel.sources ---------------------------------
-
-
-def is_uri(src) -> bool:
-    """A `scheme://` source, read through shards.fs (pyarrow's filesystems: S3, GCS, ...)."""
-    from shards import fs as sfs
-
-    return sfs.is_uri(str(src))
-
-
-def _remote_units(uri: str, add_file, add_container) -> None:
-    """List a remote folder (recursive, sorted) or file with pyarrow.fs, keyed like a local one."""
-    import pyarrow.fs as pafs
-
-    from shards import fs as sfs
-
-    fs, root = sfs.resolve(uri)  # one client per bucket; fsspec schemes too
-    try:
-        info = fs.get_file_info(root)
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise UserError(f"--src {uri}: cannot open it through pyarrow's filesystems ({e}): check the URI and credentials") from None
-    if info.type == pafs.FileType.NotFound:
-        raise UserError(f"--src {uri} does not exist: pass an existing folder or .parquet URI")
-    if info.type == pafs.FileType.Directory:
-        name = root.rstrip("/").rsplit("/", 1)[-1]
-        found = sorted((f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File),
-                       key=lambda f: f.path)  # fmt: skip
-        paths = {f.path for f in found}
-        for f in found:
-            inner = f.path[len(root.rstrip('/')) + 1:]
-            rel, full = f"{name}/{inner}", f"{uri.rstrip('/')}/{inner}"  # the scheme as the user gave it
-            if _is_tar(Path(f.path)):
-                raise UserError(f"--src {full}: tars are not streamed from object stores yet: mount the bucket (s3fs, gcsfuse) or copy the tars to the nodes")
-            if f.path.endswith(".parquet"):
-                add_container("parquet", full, rel)
-            elif Path(f.path).suffix.lower() in IMAGE_EXTS:
-                side = str(Path(f.path).with_suffix(".json"))
-                info_ = _sidecar_info(fs.open_input_file(side).read()) if side in paths else {}
-                add_file(rel, full, info_)
-    elif uri.endswith(".parquet"):
-        add_container("parquet", uri, Path(root).name)  # keyed like a local file: <name>/<row>
-    elif Path(root).suffix.lower() in IMAGE_EXTS:
-        add_file(Path(root).name, uri, {})
-    else:
-        raise UserError(f"--src {uri}: not a folder, .parquet or image file (remote tars are not streamed yet): pass one of those")
+# --- units: the driver's listing, from the image layer (shards.images) ----------------------------
 
 
 def list_units(srcs) -> list[dict]:
-    """Work units for the read tasks, in the order autolabel.sources.iter_sources yields items."""
+    """Work units for the read tasks, in the order shards.images.iter_sources yields items:
+    chunks of plain image files, one unit per tar, one per Parquet file (same keys, same
+    addresses as the local engine: both come from shards.images.iter_entries)."""
     units: list[dict] = []
     files: list[dict] = []
-
-    def flush_files() -> None:
-        if files:
-            units.append({"kind": "files", "items": list(files)})
-            files.clear()
-
-    def add_file(key: str, p: Path | str, info: dict) -> None:
-        item = {"key": key, "source": str(p), "path": str(p), **info}
-        files.append(item)
-        if len(files) >= FILES_PER_UNIT:
-            flush_files()
-
-    def add_container(kind: str, p: Path, prefix: str | None) -> None:
-        flush_files()  # keep the input order
-        units.append({"kind": kind, "path": str(p), "prefix": prefix})
-
-    def sidecar(f: Path) -> dict:
-        side = f.with_suffix(".json")
-        return _sidecar_info(side.read_bytes()) if side.is_file() else {}
-
-    for src in srcs:
-        p = Path(src)
-        if is_uri(src):
-            _remote_units(str(src), add_file, add_container)
-        elif not p.exists():
-            raise UserError(f"--src {src} does not exist: pass an existing folder, .tar or .parquet")
-        elif p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if not f.is_file():
-                    continue
-                rel = f"{p.name}/{f.relative_to(p).as_posix()}"
-                if _is_tar(f):
-                    add_container("tar", f, rel)
-                elif f.suffix == ".parquet":
-                    add_container("parquet", f, rel)
-                elif f.suffix.lower() in IMAGE_EXTS:
-                    add_file(rel, f, sidecar(f))
-        elif _is_tar(p):
-            add_container("tar", p, None)
-        elif p.suffix == ".parquet":
-            add_container("parquet", p, None)
-        elif p.suffix.lower() in IMAGE_EXTS:
-            add_file(p.name, p, {})
-        else:
-            raise UserError(f"--src {src}: not a folder, .tar, .parquet or image file: pass one of those")
-    flush_files()
+    for entry in iter_entries(srcs):  # UserError for a missing or unknown source, before any work
+        if entry.kind == "file":
+            files.append(asdict(entry))
+            if len(files) < FILES_PER_UNIT:
+                continue
+        if files:  # keep the input order
+            units.append({"kind": "files", "entries": files})
+            files = []
+        if entry.kind != "file":
+            units.append({"kind": "entry", "entry": asdict(entry)})
+    if files:
+        units.append({"kind": "files", "entries": files})
     return units
 
 
@@ -180,28 +103,11 @@ def list_units(srcs) -> list[dict]:
 
 
 def _unit_items(unit: dict) -> Iterator[ImageItem]:
-    if unit["kind"] == "files":
-        for d in unit["items"]:
-            item = ImageItem(**d)
-            if is_uri(item.path):  # remote: read here, through pyarrow's filesystems
-                yield _read_remote(item)
-            else:
-                yield item
-    elif unit["kind"] == "tar":
-        yield from iter_tar(Path(unit["path"]), key_prefix=unit["prefix"])
-    else:  # iter_parquet opens local paths and URIs alike (shards.fs)
-        yield from iter_parquet(unit["path"] if is_uri(unit["path"]) else Path(unit["path"]), key_prefix=unit["prefix"])
-
-
-def _read_remote(item: ImageItem) -> ImageItem:
-    from shards import fs as sfs
-
-    try:
-        item.data = sfs.read_bytes(item.path)  # one client per bucket, not one per image
-    except (OSError, pa.ArrowException, UserError) as e:
-        item.error = f"unreadable file: {e}"
-    item.path = None
-    return item
+    """A unit's items; tar members and Parquet rows come with their bytes, plain files are read
+    by address in the prepare stage."""
+    entries = unit["entries"] if unit["kind"] == "files" else [unit["entry"]]
+    for d in entries:
+        yield from iter_entry(SourceEntry(**d))
 
 
 _skip_sets: dict[str, frozenset] = {}  # per Ray worker process: the done keys, fetched once
@@ -230,7 +136,7 @@ def read_units(batch: pa.Table, skip_keys) -> Iterator[pa.Table]:
             skip = it.key in skip_keys
             records.append(dict(
                 key=it.key, source=it.source, member=it.member, image_id=it.image_id, width=it.width,
-                height=it.height, alt_text=it.alt, error=it.error, skip=skip, path=None if skip else it.path,
+                height=it.height, alt_text=it.alt, error=it.error, skip=skip, address=it.address,
                 data=None if skip else it.data,
             ))  # fmt: skip
             if len(records) >= RECORDS_PER_BLOCK:
@@ -249,9 +155,9 @@ def prepare_records(batch: pa.Table, opts: PrepareOptions, embed_images: bool) -
 
     out = []
     for r in batch.to_pylist():
-        row = {k: r[k] for k in ("key", "source", "member", "image_id", "width", "height", "alt_text", "error", "skip")}
+        row = {k: r[k] for k in ("key", "source", "member", "address", "image_id", "width", "height", "alt_text", "error", "skip")}
         if not r["skip"]:
-            item = ImageItem(key=r["key"], source=r["source"], member=r["member"], data=r["data"], path=r["path"],
+            item = ImageItem(key=r["key"], source=r["source"], member=r["member"], data=r["data"], address=r["address"],
                              alt=r["alt_text"], image_id=r["image_id"], width=r["width"], height=r["height"], error=r["error"])  # fmt: skip
             _, prep, error, data = _prepare(item, opts)
             row["error"] = error
@@ -290,7 +196,7 @@ class CaptionActor:
                 continue
             prepared = r["pixels"] is not None and r["error"] is None
             row = dict(
-                key=r["key"], source=r["source"], member=r["member"], image_id=r["image_id"],
+                key=r["key"], source=r["source"], member=r["member"], address=r["address"], image_id=r["image_id"],
                 width=r["width"] or r["prep_width"], height=r["height"] or r["prep_height"], alt_text=r["alt_text"],
                 model=cap.model_name, prompt=None, backend=cap.name, temperature=p.temperature,
                 max_new_tokens=p.max_new_tokens, seed=p.seed, image=r["data"] if self.embed_images else None,
@@ -351,7 +257,7 @@ def caption_with_ray(
     units = list_units(srcs)  # UserError for a missing or unreadable source, before any work
     if not units:
         raise UserError(f"no images found in --src {', '.join(map(str, srcs))}: pass folders, .tar or .parquet files with images")
-    total = count_items(srcs) if progress and not any(is_uri(s) for s in srcs) else None
+    total = count_items(srcs) if progress else None
     # JPEGs are draft-decoded down to the model's input size, as in the local engine
     processor = _load_processor(model)
     prepare_opts = replace(prepare_opts, min_short=input_short_side(SimpleNamespace(processor=processor)))

@@ -35,7 +35,9 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from costs.ledger import Ledger
 from shards import fs
+from shards.errors import UserError
 from shards.reader import clean_incomplete, complete_shards, done_keys
 from shards.schema import CAPTION_SCHEMA, rows_to_table
 from shards.writer import ShardWriter, done_marker, write_manifest
@@ -43,7 +45,7 @@ from autolabel.backends import Captioner, GenParams
 from autolabel.hygiene import clean_caption, is_degenerate
 from autolabel.prepare import ImageError, Prepared, prepare_image
 from autolabel.prompts import question_for
-from autolabel.sources import ImageItem
+from shards.images.sources import ImageItem
 
 JOURNAL = "retry-journal.json"
 
@@ -78,8 +80,8 @@ def _prepare(item: ImageItem, opts: PrepareOptions) -> tuple[ImageItem, Prepared
     if item.error:
         return item, None, item.error, None
     try:
-        data = item.read_bytes()
-    except OSError as e:
+        data = item.read_bytes()  # plain files by address (a path or a URI: shards.fs)
+    except (OSError, pa.ArrowException, UserError) as e:
         return item, None, f"unreadable file: {e}", None
     try:
         return item, prepare_image(data, opts.max_short, opts.max_long, opts.max_pixels, opts.min_short), None, data
@@ -176,6 +178,7 @@ class RunRecorder:
         self.skip_keys = frozenset(done_keys(out_dir) - self.to_retry)
         self.summary = Summary()
         self.start = time.perf_counter()
+        self.ledger = Ledger(out_dir, "caption")  # the driver's device; Ray actors' GPUs are not metered
         self.writer = ShardWriter(out_dir, rows_per_shard=shard_size, config=config)
         self.retried_rows: dict[str, dict] = {}
         self.seen: set[str] = set()
@@ -207,9 +210,10 @@ class RunRecorder:
         self.writer.flush()
         _replace_failed_rows(self.out_dir, self.writer, self.retried_rows)
         s.seconds = time.perf_counter() - self.start
+        ledger = self.ledger.close(images=s.captioned + s.failed)
         manifest = write_manifest(self.out_dir, config=self.config, extra={"last_run": {
             "captioned": s.captioned, "failed": s.failed, "skipped": s.skipped,
-            "retried": s.retried, "seconds": round(s.seconds, 3)}})  # fmt: skip
+            "retried": s.retried, "seconds": round(s.seconds, 3), "ledger": ledger}})  # fmt: skip
         s.shards = [m["shard"] for m in manifest["shards"]]
         return s
 
@@ -236,7 +240,7 @@ def caption_items(
 
     def base_row(item: ImageItem, prep: Prepared | None, data: bytes | None, question: str | None) -> dict:
         return dict(
-            key=item.key, source=item.source, member=item.member, image_id=item.image_id,
+            key=item.key, source=item.source, member=item.member, address=item.address, image_id=item.image_id,
             width=item.width or (prep.width if prep else None), height=item.height or (prep.height if prep else None),
             alt_text=item.alt, model=captioner.model_name, prompt=question, backend=captioner.name,
             temperature=params.temperature, max_new_tokens=params.max_new_tokens, seed=params.seed,

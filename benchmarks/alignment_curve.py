@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import write_section  # noqa: E402
-from t2i.alignment import corpus, evaluate, write_world_shards  # noqa: E402
+from demo.alignment import corpus, evaluate, write_world_shards  # noqa: E402
 from t2i.sample import pipeline_from_checkpoint  # noqa: E402
 from t2i.tiny import build_tiny_models  # noqa: E402
 from t2i.train import TrainConfig, train  # noqa: E402

@@ -64,6 +64,15 @@ PREDICTIONS = {
                          "but several times its compile time",
     "ours-compile-512": "4x the tokens: attention (2T^2h) grows to ~1/4 of the FLOPs but flash keeps it matmul-bound: "
                         "MFU equal or higher than at 256 px",
+    # written after run 1, before run 2
+    "sdpa": "torch picked cuDNN's attention (~21 ms/step, backward 3x forward, head dim 72 padded to 128): "
+            "FlashAttention-2 should be ~1.3x faster on the unmasked self-attention",
+    "ours-compile-flash": "flash first for self-attention, cuDNN/efficient for the masked cross-attention: -5 to -10 ms/step",
+    "ours-compile-flash-b128": "batch 128 halves the per-image cost of the optimizer + EMA + clipping passes (~12 ms/step): "
+                               "+3-5% images/s",
+    "captioner-diagnose": "decode launches ~1,000 kernels per token with tens of microseconds of Python each: the GPU is "
+                          "busy a small fraction of each token at batch 1; a static KV cache (compiled, CUDA graphs) "
+                          "should cut the per-token time severalfold",
 }
 
 # (part, estimated seconds on an H100) in priority order
@@ -146,46 +155,47 @@ def part_profile(run: Run) -> None:
 
 
 def part_datapath(run: Run) -> None:
-    """The feature loader(s) of t2i.data feeding the kept ours-compile step."""
+    """The trainer's loader (and the old in-memory dataset, as the baseline) feeding the kept
+    ours-compile step, on synthetic T5-XXL-shaped feature shards (benchmarks/data_bench.py)."""
     import tempfile
 
-    import t2i.data as data_mod
+    from benchmarks.data_bench import write_synthetic_features
 
     st = run.st
     fn = run.kept[0]
     pure = next((r["step_ms"] for r in run.report["results"] if r["name"] == "ours-compile"), None)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        n = st.batch * 10
+        n = st.batch * 12
         t = time.perf_counter()
-        gt.write_synthetic_features(tmp, n, st)
+        directory = str(write_synthetic_features(Path(tmp) / "features", n, tokens=st.tokens, channels=st.channels,
+                                                 latent=(4, st.latent, st.latent)))
         out["rows"], out["write_s"] = n, time.perf_counter() - t
-        for name, batches in _loaders(data_mod, tmp, st):
+        for name, batches in _loaders(directory, st):
             t = time.perf_counter()
-            it = batches()
-            out[name] = gt.datapath(fn, it, st, n_batches=6, pure_step_ms=pure)
+            out[name] = gt.datapath(fn, batches(), st, n_batches=8, pure_step_ms=pure)
             out[name]["wall_s"] = time.perf_counter() - t
             print(f"  datapath {name}: {out[name]}", flush=True)
-    run.report["datapath"] = out
+            run.report["datapath"] = out
+            run.save()
 
 
-def _loaders(data_mod, directory: str, st: gt.Setting):
-    """(name, factory of an endless Batch iterator) for each loader the trainer has."""
+def _loaders(directory: str, st: gt.Setting):
+    """(name, factory of an endless Batch iterator): the old in-memory dataset, then the
+    streaming loader with 2 and 4 worker processes."""
     import itertools
 
-    if hasattr(data_mod, "FeatureDataset"):  # the in-memory dataset this project had before issue 11
-        def old():
-            ds = data_mod.FeatureDataset(directory, st.tokens)
-            return (ds.get(idx) for e in itertools.count() for idx in ds.epoch_batches(e, 0, st.batch))
-        yield "FeatureDataset (in memory, main thread)", old
-    try:
-        from t2i.loader import make_loader
-    except ImportError:
-        return
+    from benchmarks.data_bench import OldFeatureDataset
+    from t2i.data import StreamingFeatureDataset
+    from t2i.loader import make_loader
+
+    def old():
+        ds = OldFeatureDataset(directory, st.tokens)
+        return (ds.get(idx) for e in itertools.count() for idx in ds.global_batches(e, 0, st.batch))
+    yield "old FeatureDataset (in memory, main thread)", old
     for workers in (2, 4):
         def new(workers=workers):
-            ds = data_mod.StreamingFeatureDataset(directory, st.tokens)
-            return iter(make_loader(ds, 0, 0, st.batch, workers=workers, epochs=None))
+            return iter(make_loader(StreamingFeatureDataset(directory, st.tokens), 0, 0, st.batch, workers=workers, epochs=None))
         yield f"streaming loader, {workers} workers", new
 
 
@@ -240,23 +250,12 @@ def part_captioner_diagnose(run: Run) -> None:
 
 
 def run_part(run: Run, name: str) -> None:
-    if name == "ceilings":
-        part_ceilings(run)
-    elif name == "profile":
-        part_profile(run)
-    elif name == "datapath":
-        part_datapath(run)
-    elif name == "max-batch":
-        part_max_batch(run)
-    elif name == "features":
-        part_features(run)
-    elif name == "captioner":
-        part_captioner(run)
-    elif name == "sdpa":
-        part_sdpa(run)
-    elif name == "captioner-diagnose":
-        part_captioner_diagnose(run)
-    else:
+    parts = {"ceilings": part_ceilings, "profile": part_profile, "datapath": part_datapath, "max-batch": part_max_batch,
+             "features": part_features, "captioner": part_captioner, "sdpa": part_sdpa,
+             "captioner-diagnose": part_captioner_diagnose}
+    if name in parts:
+        parts[name](run)
+    else:  # a training-step variant
         part_variant(run, name)
     users = [p for p in ("profile", "datapath") if p in run.wanted]
     if run.kept is not None and (not users or name == users[-1]):

@@ -303,7 +303,10 @@ def profile_calls(call: Callable[[], Any], device: str, calls: int = 3, rows: in
         sync(device)
     wall_ms = (time.perf_counter() - t0) / calls * 1e3
     if cuda:
-        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        # record_function ranges (e.g. "Optimizer.step#AdamW.step") also appear on the device timeline,
+        # spanning kernels counted on their own: kernels only
+        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                  if e.device_type == DeviceType.CUDA and "#" not in e.key]
     else:
         events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages() if e.key.startswith("aten::")]
     events = sorted((e for e in events if e[1] > 0), key=lambda e: e[1], reverse=True)
@@ -354,28 +357,6 @@ def _host_median(fn, reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def write_synthetic_features(directory, n: int, st: Setting, seed: int = 0, rows_per_shard: int = 256) -> None:
-    """`n` feature rows in the real FEATURE_SCHEMA through the real ShardWriter: random,
-    incompressible posterior mean/std (4 x latent^2 float32) and T5-shaped text (tokens x
-    channels, float16) with random caption lengths."""
-    import numpy as np
-
-    from shards import ShardWriter
-    from t2i.features import FEATURE_SCHEMA
-
-    rng = np.random.default_rng(seed)
-    w = ShardWriter(directory, rows_per_shard=rows_per_shard, schema=FEATURE_SCHEMA, prefix="features")
-    shape = [4, st.latent, st.latent]
-    for i in range(n):
-        n_tok = int(rng.integers(st.tokens // 4, st.tokens + 1))
-        w.add({"key": f"sa_{i:08d}", "caption": "synthetic", "height": st.latent * 8, "width": st.latent * 8,
-               "latent_shape": shape, "latent_mean": rng.standard_normal(shape, dtype=np.float32).tobytes(),
-               "latent_std": (rng.random(shape, dtype=np.float32) * 0.1).tobytes(),
-               "text_emb": rng.standard_normal((n_tok, st.channels)).astype(np.float16).tobytes(),
-               "text_len": n_tok, "text_channels": st.channels, "text_dtype": "float16"})
-    w.flush()
-
-
 def datapath(step_fn, batches, st: Setting, n_batches: int, pure_step_ms: float | None) -> dict[str, Any]:
     """Samples/s a loader delivers to the device (batch assembly, make_inputs, copy), and the
     same loader feeding the training step: ms per step against the step alone (`pure_step_ms`).
@@ -386,6 +367,8 @@ def datapath(step_fn, batches, st: Setting, n_batches: int, pure_step_ms: float 
         inp = make_inputs(b, 0.18215, 1000, 0.1, list(range(len(b.keys))))
         return {k: v.to(st.device, non_blocking=True) for k, v in inp.items()}
 
+    device_inputs(next(batches))  # worker processes start on the first batch: not part of the rate
+    sync(st.device)
     t0 = time.perf_counter()
     got = 0
     for _ in range(n_batches):

@@ -52,7 +52,7 @@ class LanguageId:
         try:
             from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
         except ImportError:
-            raise UserError('the lang scorer needs py3langid: pip install "t2i-data[curate]"') from None
+            raise UserError("the lang scorer needs py3langid: pip install py3langid") from None
 
         self.identifier = LanguageIdentifier.from_modelpath(Path(MODEL_DIR) / MODEL_FILE, norm_probs=True)
 

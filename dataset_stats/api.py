@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Optional
 from shards.errors import UserError
 
 from dataset_stats.metrics import DatasetCounts, NounAccumulator, size_matched
-from dataset_stats.nouns import NounConfig, TaggerPool, default_workers, model_name
+from dataset_stats.nouns import DEFAULT_BATCH_TOKENS, NounConfig, TaggerPool, default_workers, model_name
 from dataset_stats.readers import CaptionSource, iter_caption_batches, resolve_source, validate
 
 ENGINES = ("local", "ray")
@@ -22,14 +22,16 @@ class StatsOptions:
     column: Optional[str] = None
     pos: str = "noun+propn"
     lemma: bool = False
-    tokens: str = "alpha"  # which noun-tagged tokens count: alpha | letters | all
+    tokens: str = "letters"  # which noun-tagged tokens count: letters (the paper's 6.4) | alpha | all
     valid_min: int = 10  # VN: distinct nouns seen more than this many times
     sample_size: Optional[int] = None  # size-matched comparison; default: the smallest dataset
     repeats: int = 5
     seed: int = 0
     top: int = 20
     workers: Optional[int] = None  # default: one per core
-    batch_size: int = 256  # spaCy nlp.pipe batch
+    batch_tokens: int = DEFAULT_BATCH_TOKENS  # spaCy tokens per tagging batch (bounds worker memory)
+    lang: Optional[str] = None  # "en": analyse only captions not identified as another language
+    skip_bad_lines: bool = False  # count and skip malformed lines instead of failing
     chunk_size: int = 512  # captions per task sent to a worker (small: even load at the end)
     engine: str = "local"
     ray_address: Optional[str] = None
@@ -49,10 +51,10 @@ def run_stats(
         raise UserError(f"unknown --engine {options.engine!r}: use local or ray")
     if options.valid_min < 0 or options.repeats < 1 or (options.sample_size is not None and options.sample_size < 1):
         raise UserError("--valid-min must be >= 0, --repeats >= 1 and --sample-size >= 1: fix the flag")
-    config = NounConfig(pos=options.pos, lemma=options.lemma, tokens=options.tokens, batch_size=options.batch_size)
-    sources = [resolve_source(d, options.column) for d in datasets]
+    config = NounConfig(pos=options.pos, lemma=options.lemma, tokens=options.tokens, batch_tokens=options.batch_tokens, lang=options.lang)
+    sources = [resolve_source(d, options.column, options.skip_bad_lines) for d in datasets]
     _dedupe_names(sources)
-    for s in sources:
+    for s in sources:  # every input opened and checked before any tagging
         validate(s)
     model = model_name()  # fail before any work if no model is installed
     workers = options.workers or default_workers()
@@ -93,6 +95,7 @@ def _count(source: CaptionSource, config: NounConfig, workers: int, options: Sta
             with TaggerPool(config, workers) as tagger, _progress(source, options.progress) as advance:
                 for result in tagger.map(_chunks(source, acc, options.chunk_size)):
                     acc.add_result(result.nouns, result.lengths, result.words)
+                    acc.add_flags(result.foreign, result.kept, result.split)
                     advance(acc)
         counts = acc.finish()
     except BaseException:
@@ -102,6 +105,9 @@ def _count(source: CaptionSource, config: NounConfig, workers: int, options: Sta
     if counts.rows == 0:
         counts.close()
         raise UserError(f"dataset {source.name!r} is empty (0 captions in {len(source.files)} file(s)): point it at files with captions")
+    if counts.captions == 0 and counts.dropped:
+        counts.close()
+        raise UserError(f"dataset {source.name!r}: all {counts.dropped} non-empty captions are identified as not English: drop --lang en")
     if counts.captions == 0:
         counts.close()
         raise UserError(
@@ -167,6 +173,8 @@ def _build_report(
     workers: int,
     options: StatsOptions,
 ) -> dict[str, Any]:
+    from dataset_stats.language import DESCRIPTION as LANGUAGE_ID
+    from dataset_stats.nouns import PIECE_CHARS
     from dataset_stats.report import PAPER_TABLE1
 
     sample = options.sample_size
@@ -186,6 +194,10 @@ def _build_report(
             "pos": config.pos,
             "lemma": config.lemma,
             "tokens": config.tokens,
+            "lang": config.lang,
+            "language_id": LANGUAGE_ID,
+            "batch_tokens": config.batch_tokens,
+            "long_captions": f"captions longer than {PIECE_CHARS:,} characters are tagged in pieces (split_captions)",
             "valid_noun": f"distinct noun occurring more than {options.valid_min} times",
             "valid_min": options.valid_min,
             "words": "whitespace-separated words",

@@ -3,8 +3,9 @@
 Each Ray worker process loads the spaCy model once (cached per process; plain tasks rather
 than an actor pool, because actors holding every CPU starve Ray's read tasks on a small
 machine and the job deadlocks) and returns, per row, its state
-(ok / null / empty), its nouns (space-joined: nouns are alphabetic, so the join is lossless)
-and its word count. The driver merges them, in order, into the same accumulator the local
+(ok / null / empty / dropped by --lang en), its nouns (space-joined: a noun token never holds
+whitespace, so the join is lossless), its word count, and whether it is non-English and was
+split into pieces. The driver merges them, in order, into the same accumulator the local
 engine uses, so both engines give identical numbers. Imported only when `--engine ray` is used.
 """
 
@@ -20,7 +21,7 @@ from dataset_stats.nouns import NounConfig, NounExtractor
 from dataset_stats.readers import CaptionSource, detect_format, iter_caption_batches, parquet_column
 from shards import fs as shard_fs
 
-OK, NULL, EMPTY = 0, 1, 2
+OK, NULL, EMPTY, DROPPED = 0, 1, 2, 3
 CAPTION = "caption"
 
 
@@ -43,18 +44,32 @@ def tag_batch(batch: pa.Table, config: NounConfig, column: str) -> pa.Table:
             states.append(OK)
             texts.append(v)
     result = extractor.extract(texts)
-    nouns, words, pos, k = [], [], 0, 0
-    for state in states:
-        if state == OK:
+    nouns, words, foreign, split = [], [], [], []
+    pos, k, t = 0, 0, 0  # position in result.nouns, kept caption, input text
+    for i, state in enumerate(states):
+        if state != OK:
+            nouns.append("")
+            words.append(0)
+            foreign.append(False)
+            split.append(False)
+            continue
+        foreign.append(result.foreign[t])
+        split.append(result.split[t])
+        if result.kept[t]:
             n = result.lengths[k]
             nouns.append(" ".join(result.nouns[pos : pos + n]))
             words.append(result.words[k])
             pos += n
             k += 1
         else:
+            states[i] = DROPPED
             nouns.append("")
             words.append(0)
-    return pa.table({"state": pa.array(states, pa.int8()), "nouns": nouns, "words": pa.array(words, pa.int32())})
+        t += 1
+    return pa.table({
+        "state": pa.array(states, pa.int8()), "nouns": nouns, "words": pa.array(words, pa.int32()),
+        "foreign": pa.array(foreign, pa.bool_()), "split": pa.array(split, pa.bool_()),
+    })  # fmt: skip
 
 
 def _parquet_paths(source: CaptionSource) -> tuple[list[str], dict]:
@@ -134,7 +149,15 @@ def _merge(batch: pa.Table, acc: NounAccumulator) -> None:
     states = batch.column("state").to_pylist()
     joined = batch.column("nouns").to_pylist()
     words = batch.column("words").to_pylist()
+    foreign = batch.column("foreign").to_pylist()
+    split = batch.column("split").to_pylist()
     acc.rows += len(states)
+    analysed = [s in (OK, DROPPED) for s in states]
+    acc.add_flags(
+        [f for f, a in zip(foreign, analysed) if a],
+        [s == OK for s, a in zip(states, analysed) if a],
+        [x for x, a in zip(split, analysed) if a],
+    )
     flat: list[str] = []
     lengths: list[int] = []
     kept_words: list[int] = []
@@ -143,7 +166,7 @@ def _merge(batch: pa.Table, acc: NounAccumulator) -> None:
             acc.null += 1
         elif state == EMPTY:
             acc.empty += 1
-        else:
+        elif state == OK:
             nouns = j.split(" ") if j else []
             flat.extend(nouns)
             lengths.append(len(nouns))

@@ -94,6 +94,9 @@ class NounAccumulator:
         self.rows = 0
         self.null = 0
         self.empty = 0
+        self.non_english = 0  # non-empty captions identified as another language
+        self.dropped = 0  # of those, left out by --lang en
+        self.split = 0  # captions longer than the tagger's piece size, tagged in pieces
         self.words_hist = np.zeros(0, np.int64)
         self.growth: list[tuple[int, int]] = []
         self._checkpoints = growth_checkpoints()
@@ -112,6 +115,12 @@ class NounAccumulator:
             else:
                 keep.append(c)
         return keep
+
+    def add_flags(self, foreign: list[bool], kept: list[bool], split: list[bool]) -> None:
+        """Count a chunk's non-English, dropped and split captions (one flag per caption)."""
+        self.non_english += sum(foreign)
+        self.dropped += len(kept) - sum(kept)
+        self.split += sum(split)
 
     def add_result(self, nouns: list[str], lengths: list[int], words: list[int]) -> None:
         """Add the nouns of a chunk of non-empty captions (flat list + nouns per caption)."""
@@ -156,6 +165,9 @@ class NounAccumulator:
             rows=self.rows,
             null=self.null,
             empty=self.empty,
+            non_english=self.non_english,
+            dropped=self.dropped,
+            split=self.split,
             words=vocab_words,
             counts=counts,
             store=self.store,
@@ -171,6 +183,9 @@ class DatasetCounts:
     rows: int
     null: int
     empty: int
+    non_english: int
+    dropped: int
+    split: int
     words: list[str]  # noun by id
     counts: np.ndarray  # occurrences by id
     store: NounStore
@@ -197,6 +212,11 @@ class DatasetCounts:
             "null_captions": self.null,
             "empty_captions": self.empty,
             "captions": self.captions,
+            "non_english_captions": self.non_english,
+            "non_english_share": self.non_english / (self.captions + self.dropped) if self.captions + self.dropped else 0.0,
+            "dropped_non_english": self.dropped,
+            "split_captions": self.split,
+            "bad_lines": int(self.extra.get("bad_lines", 0)),
             "total_nouns": total,
             "distinct_nouns": dn,
             "valid_nouns": vn,

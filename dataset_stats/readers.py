@@ -2,18 +2,21 @@
 stream captions in batches (never the whole dataset in memory, except a plain `.json` file,
 which JSON cannot stream).
 
-Every problem with the input becomes a one-line `UserError` naming the fix. Files and shard
-directories may be local paths or URIs (s3://, gs://, any fsspec scheme), read through shards.fs;
-glob patterns are local only.
+Every problem with the input becomes a one-line `UserError` naming the fix; `validate` finds
+them before any tagging (line formats are read through once), and with `skip_bad_lines` a
+malformed line is counted and skipped instead. JSON/JSONL/CSV/TSV/TXT may be compressed (`.gz`,
+`.zst`: pyarrow's codecs). Files and shard directories may be local paths or URIs (s3://, gs://,
+any fsspec scheme), read through shards.fs; glob patterns are local only.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -38,7 +41,8 @@ FORMATS = {
     ".tsv": "tsv",
     ".txt": "text",
 }
-SUPPORTED = ", ".join(sorted(FORMATS))
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}  # JSON/JSONL/CSV/TSV/TXT may be compressed
+SUPPORTED = ", ".join(sorted(FORMATS)) + " (text formats also as .gz or .zst)"
 
 Batch = list[Optional[str]]
 
@@ -50,11 +54,17 @@ class CaptionSource:
     name: str
     files: list[shard_fs.Location]  # local Paths, or URI strings (shards.fs)
     column: Optional[str] = None
+    skip_bad_lines: bool = False  # count and skip malformed lines instead of failing
+    # Filled by `validate` (rows of every file; line formats are read through once).
+    checked_rows: Optional[int] = None
     # Filled while reading: facts some formats know (COCO: number of images).
     extra: dict[str, Any] = field(default_factory=dict)
 
     def known_rows(self) -> Optional[int]:
-        """Row count from file metadata when every file is Parquet, else None (unknown up front)."""
+        """Row count from file metadata when every file is Parquet, or once `validate` has read
+        the files, else None (unknown up front)."""
+        if self.checked_rows is not None:
+            return self.checked_rows
         if not all(detect_format(f) == "parquet" for f in self.files):
             return None
         return sum(_parquet_file(f).metadata.num_rows for f in self.files)
@@ -72,12 +82,14 @@ def parse_dataset_arg(arg: str) -> tuple[Optional[str], str]:
     return None, arg
 
 
-def resolve_source(arg: str, column: Optional[str] = None) -> CaptionSource:
+def resolve_source(arg: str, column: Optional[str] = None, skip_bad_lines: bool = False) -> CaptionSource:
     """Turn one command-line dataset argument into a CaptionSource (files sorted, checked)."""
     name, path_text = parse_dataset_arg(arg)
     location = shard_fs.as_location(path_text)
     if isinstance(location, str):
-        return _resolve_remote(name, location, column)
+        source = _resolve_remote(name, location, column)
+        source.skip_bad_lines = skip_bad_lines
+        return source
     path_text = str(location) if shard_fs.is_uri(path_text) else path_text  # file:// -> its path
     if any(ch in path_text for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(path_text, recursive=True) if Path(p).is_file())
@@ -94,7 +106,7 @@ def resolve_source(arg: str, column: Optional[str] = None) -> CaptionSource:
             column = "caption"
     for f in files:
         detect_format(f)  # fail early on an unknown format
-    return CaptionSource(name=name or default_name, files=files, column=column)
+    return CaptionSource(name=name or default_name, files=files, column=column, skip_bad_lines=skip_bad_lines)
 
 
 def _resolve_remote(name: Optional[str], uri: str, column: Optional[str]) -> CaptionSource:
@@ -129,17 +141,33 @@ def _files_in_dir(path: shard_fs.Location) -> list[shard_fs.Location]:
             raise UserError(f"no complete shards in {path} (no .done markers): let `t2i-data caption` finish or rerun it")
         return shards
     names = shard_fs.list_names(path, files_only=True)
-    files = [shard_fs.join(path, n) for n in sorted(names) if Path(n).suffix.lower() in FORMATS]
+    files = [shard_fs.join(path, n) for n in sorted(names) if _format_of(n) is not None]
     if not files:
         raise UserError(f"no caption files in directory {path}: it needs files ending in {SUPPORTED}")
     return files
 
 
+def compression(path: shard_fs.Location) -> Optional[str]:
+    """"gzip" or "zstd" for a compressed file (from its last extension), else None."""
+    return COMPRESSIONS.get(Path(shard_fs.basename(path)).suffix.lower())
+
+
+def _format_of(name: str) -> Optional[str]:
+    """The format of a file name, looking through a .gz/.zst extension; None if unsupported."""
+    stem = Path(name)
+    if stem.suffix.lower() in COMPRESSIONS:
+        stem = stem.with_suffix("")
+        if FORMATS.get(stem.suffix.lower()) == "parquet":
+            return None  # Parquet compresses its pages itself
+    return FORMATS.get(stem.suffix.lower())
+
+
 def detect_format(path: shard_fs.Location) -> str:
-    """The reader for `path` (a Path or a URI), from its extension."""
-    suffix = Path(shard_fs.basename(path)).suffix
-    fmt = FORMATS.get(suffix.lower())
+    """The reader for `path` (a Path or a URI), from its extension (`.jsonl.gz`: jsonl)."""
+    name = shard_fs.basename(path)
+    fmt = _format_of(name)
     if fmt is None:
+        suffix = "".join(Path(name).suffixes[-2:]) if compression(path) else Path(name).suffix
         raise UserError(f"unknown format for {path} (extension {suffix or 'none'!r}): use one of {SUPPORTED}")
     return fmt
 
@@ -168,7 +196,9 @@ def pick_column(available: list[str], wanted: Optional[str], where: str) -> str:
 
 
 def iter_caption_batches(source: CaptionSource, batch_rows: int = 1024) -> Iterator[Batch]:
-    """Stream the captions of every file of `source` as lists of str or None (null captions)."""
+    """Stream the captions of every file of `source` as lists of str or None (null captions).
+    Malformed lines raise a UserError, or with `source.skip_bad_lines` are counted in
+    `source.extra["bad_lines"]` and skipped."""
     for path in source.files:
         fmt = detect_format(path)
         reader = _READERS[fmt]
@@ -176,6 +206,10 @@ def iter_caption_batches(source: CaptionSource, batch_rows: int = 1024) -> Itera
             yield from reader(path, source, batch_rows)
         except UnicodeDecodeError:
             raise UserError(f"{path} is not UTF-8 text: convert it to UTF-8") from None
+        except (pa.ArrowException, OSError, EOFError) as e:
+            if fmt == "parquet" or compression(path) is None:
+                raise
+            raise UserError(f"{path} is a damaged {compression(path)} file ({str(e).splitlines()[0]}): re-compress or re-download it") from None
 
 
 def _non_string(path: shard_fs.Location, column: str, row: int, value: Any) -> UserError:
@@ -221,25 +255,56 @@ def _check(values: list[Any], path: shard_fs.Location, column: str, first_row: i
     return values
 
 
+def _open_binary(path: shard_fs.Location) -> io.BufferedReader:
+    """`path` as a binary stream, decompressed when it ends in .gz or .zst (pyarrow's codecs)."""
+    if isinstance(path, Path):
+        return io.BufferedReader(pa.input_stream(str(path), compression="detect"))
+    return io.BufferedReader(shard_fs.open_input(path))  # pyarrow detects the codec from the name
+
+
+def _open_text(path: shard_fs.Location, newline: Optional[str] = None) -> io.TextIOWrapper:
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", newline=newline)
+
+
+def _bad_line(source: CaptionSource, where: str, problem: str) -> None:
+    """A malformed line: an error, or with --skip-bad-lines counted and skipped."""
+    if not source.skip_bad_lines:
+        raise UserError(f"{where} {problem}: fix or drop that line, or pass --skip-bad-lines to skip such lines")
+    source.extra["bad_lines"] = source.extra.get("bad_lines", 0) + 1
+
+
+def _jsonl_value(line: bytes, path: shard_fs.Location, lineno: int, source: CaptionSource, column: Optional[str]) -> tuple[Any, Optional[str]]:
+    """(caption, column) of one JSONL line; caption _BAD for a malformed line."""
+    try:
+        rec = json.loads(line)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        _bad_line(source, f"{path}:{lineno}", f"is not valid JSON ({getattr(e, 'msg', 'not UTF-8')})")
+        return _BAD, column
+    if isinstance(rec, dict):
+        if column is None:
+            column = pick_column(list(rec), source.column, f"{path} (first record)")
+            source.extra.setdefault("column", column)
+        rec = rec.get(column)
+    if rec is not None and not isinstance(rec, str):
+        _bad_line(source, f"{path}:{lineno}", f"holds a non-string value {rec!r} ({type(rec).__name__}) in column {column or 'line'!r}")
+        return _BAD, column
+    return rec, column
+
+
+_BAD = object()  # a skipped malformed line
+
+
 def _read_jsonl(path: shard_fs.Location, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
     column: Optional[str] = None
     batch: Batch = []
-    with shard_fs.open_text(path) as f:
+    with _open_binary(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or drop that line") from None
-            if isinstance(rec, dict):
-                if column is None:
-                    column = pick_column(list(rec), source.column, f"{path} (first record)")
-                    source.extra.setdefault("column", column)
-                value = rec.get(column)
-            else:
-                value = rec  # a bare JSON string per line
-            batch.append(_check([value], path, column or "line", lineno)[0])
+            value, column = _jsonl_value(line, path, lineno, source, column)
+            if value is _BAD:
+                continue
+            batch.append(value)
             if len(batch) >= batch_rows:
                 yield batch
                 batch = []
@@ -250,7 +315,7 @@ def _read_jsonl(path: shard_fs.Location, source: CaptionSource, batch_rows: int)
 def _read_json(path: shard_fs.Location, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
     """A JSON file: COCO (`annotations[].caption`), a list of records, or a list of strings."""
     try:
-        with shard_fs.open_text(path) as f:
+        with _open_text(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix the file or use .jsonl") from None
@@ -276,8 +341,10 @@ def _read_json(path: shard_fs.Location, source: CaptionSource, batch_rows: int) 
 
 
 def _read_delimited(path: shard_fs.Location, source: CaptionSource, batch_rows: int, delimiter: str) -> Iterator[Batch]:
+    """CSV/TSV with a header row; a row whose field count differs from the header's is malformed
+    (an unquoted delimiter inside a caption, a truncated line)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long VLM captions exceed the 128 KiB default
-    with shard_fs.open_text(path, newline="") as f:
+    with _open_text(path, newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
@@ -286,8 +353,18 @@ def _read_delimited(path: shard_fs.Location, source: CaptionSource, batch_rows: 
         source.extra.setdefault("column", column)
         index = header.index(column)
         batch: Batch = []
-        for row in reader:
-            batch.append(row[index] if index < len(row) else None)
+        while True:
+            try:
+                row = next(reader, None)
+            except csv.Error as e:
+                _bad_line(source, f"{path}:{reader.line_num}", f"is not valid {delimiter!r}-separated text ({e})")
+                continue
+            if row is None:
+                break
+            if len(row) != len(header):
+                _bad_line(source, f"{path}:{reader.line_num}", f"has {len(row)} fields, the header {len(header)}")
+                continue
+            batch.append(row[index])
             if len(batch) >= batch_rows:
                 yield batch
                 batch = []
@@ -296,17 +373,19 @@ def _read_delimited(path: shard_fs.Location, source: CaptionSource, batch_rows: 
 
 
 def _read_text(path: shard_fs.Location, source: CaptionSource, batch_rows: int) -> Iterator[Batch]:
-    """One caption per line; a blank line is an empty caption (counted, not analysed)."""
+    """One caption per line; a blank line is an empty caption (counted, not analysed); a line
+    that is not UTF-8 is malformed."""
     batch: Batch = []
-    try:
-        with shard_fs.open_text(path) as f:
-            for line in f:
-                batch.append(line.rstrip("\r\n"))
-                if len(batch) >= batch_rows:
-                    yield batch
-                    batch = []
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text: convert it to UTF-8") from None
+    with _open_binary(path) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                batch.append(line.decode("utf-8").rstrip("\r\n"))
+            except UnicodeDecodeError:
+                _bad_line(source, f"{path}:{lineno}", "is not UTF-8 text")
+                continue
+            if len(batch) >= batch_rows:
+                yield batch
+                batch = []
     if batch:
         yield batch
 
@@ -322,10 +401,18 @@ _READERS = {
 
 
 def validate(source: CaptionSource) -> None:
-    """Cheap up-front checks (Parquet: readable, column present and text, not empty)."""
+    """Open and check every file before any tagging: Parquet through its footer (readable, column
+    present and text); the other formats by reading them through once (every line parsed, so a
+    malformed line fails here, not hours into tagging; rows are counted for the progress bar).
+    Nothing is kept in memory; bad lines counted here are counted again by the real pass."""
     for path in source.files:
         if detect_format(path) == "parquet":
             parquet_column(path, source)
+    if not all(detect_format(f) == "parquet" for f in source.files):
+        probe = replace(source, extra=dict(source.extra))  # counts of this pass are thrown away
+        source.checked_rows = sum(len(b) for b in iter_caption_batches(probe, batch_rows=4096))
+        if probe.extra.get("column") is not None:
+            source.extra.setdefault("column", probe.extra["column"])
     rows = source.known_rows()
     if rows == 0:
         raise UserError(f"dataset {source.name!r} is empty (0 rows in {len(source.files)} file(s)): point it at files with captions")

@@ -61,6 +61,12 @@ def dataset_notes(d: dict[str, Any], top: bool = True) -> str:
     npc = d["nouns_per_caption"]
     parts = [f"{d['null_captions']:,} null + {d['empty_captions']:,} empty of {d['rows']:,} rows",
              f"nouns/caption sd {npc['sd']:.1f}, median {npc['median']}, p10-p90 {npc['p10']}-{npc['p90']}"]
+    parts.append(f"non-English {d['non_english_share']:.1%} ({d['non_english_captions']:,}"
+                 + (f", {d['dropped_non_english']:,} left out by --lang en)" if d["dropped_non_english"] else ")"))
+    if d["split_captions"]:
+        parts.append(f"{d['split_captions']:,} captions over the tagger's piece size, tagged in pieces")
+    if d["bad_lines"]:
+        parts.append(f"{d['bad_lines']:,} malformed lines skipped")
     if "images" in d:
         parts.append(f"{d['images']:,} images, {d['nouns_per_image']:.2f} nouns per image")
     if top:

@@ -104,6 +104,12 @@ def write_report(out_dir: Path, results: dict[str, Any], examples: list[dict[str
         j = s["judged"]
         h.append(f"<div class='s'>{_img_tag(s['image'], 96)}<br>{html.escape(s['prompt'])}<br>"
                  f"<i>{s['split']}; judged: {j.get('color')}, {j.get('position')}, {j.get('shape')}</i></div>")
+    if "cost" in results:
+        from costs.summary import PLAN_NOTE, cost_tables
+
+        (h1, r1), (h2, r2) = cost_tables(results["cost"], out_dir)
+        h += ["<h2>4. What it cost</h2><p>This run, from the ledgers its jobs wrote (<code>t2i-data cost</code>):</p>",
+              _table(h1, r1), f"<p>{html.escape(PLAN_NOTE)}</p>", _table(h2, r2)]
     h.append("<h2>Raw results</h2><pre>" + html.escape(json.dumps(results, indent=1, default=str)) + "</pre></body></html>")
 
     md = ["# t2i-data demo", "", f"Seed {results['config']['seed']}, {results['timing']['total_s']:.0f} s on {results['machine']}.", "",
@@ -112,7 +118,11 @@ def write_report(out_dir: Path, results: dict[str, Any], examples: list[dict[str
           "", "## Caption statistics", "", _md_table(stats["header"], stats["rows"]), "",
           "## Text-to-image alignment (generated images, judged)", "",
           _md_table(["prompts", "attribute", "accuracy", "chance", ""], [(split, *r) for split in t2i["score"] for r in score_rows(t2i["score"][split])]),
-          "", "See report.html for images and plots.", ""]
+          ""]
+    if "cost" in results:
+        (h1, r1), (h2, r2) = cost_tables(results["cost"], out_dir)
+        md += ["## What it cost", "", "This run, from its ledgers:", "", _md_table(h1, r1), "", PLAN_NOTE, "", _md_table(h2, r2), ""]
+    md += ["See report.html for images and plots.", ""]
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     for path, text in ((html_path, "\n".join(h)), (md_path, "\n".join(md))):
         tmp = path.with_suffix(path.suffix + ".tmp")

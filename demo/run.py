@@ -135,6 +135,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     # 6. report
     _stage(log, 6, "writing the report")
     timing["total_s"] = time.perf_counter() - t_start
+    from costs.summary import recipe_cost
+
     results = {
         "config": asdict(cfg),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -143,6 +145,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
                       "summary": summary.as_dict() if hasattr(summary, "as_dict") else asdict(summary)},
         "stats": {"header": header, "rows": data_rows, "datasets": report.get("datasets")},
         "t2i": t2i["results"],
+        "cost": recipe_cost(out),  # this run's ledgers, and the full-size recipe from `plan`
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     examples = _examples(records, captions, sam.parent, cfg.examples)

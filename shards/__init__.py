@@ -2,7 +2,9 @@
 
 `schema` defines the columns; `writer` writes shards atomically with a done-marker and a
 manifest; `reader` lists complete shards and streams their rows; `fs` lets a shard directory be
-a local path or an object-store / fsspec URI (s3://, gs://, memory://, ...).
+a local path or an object-store / fsspec URI (s3://, gs://, memory://, ...). `shards.images` is
+the image layer the jobs share: source listing (keys, absolute addresses), reads by address, and
+the one decode policy.
 """
 
 from shards.errors import UserError

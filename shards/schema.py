@@ -7,13 +7,17 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+# 2: `address` added (absolute; tar members by offset) and `source` made absolute. Version-1
+# shards stay readable: readers fill the missing column with nulls, and features falls back to
+# (source, member) for their rows (shards.images.legacy_address).
+SCHEMA_VERSION = 2
 
 CAPTION_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),  # stable, unique per image: resume matches on it
-        pa.field("source", pa.string()),  # file path, tar path or parquet path the image came from
+        pa.field("source", pa.string()),  # absolute path or URI of the file, tar or parquet the image came from
         pa.field("member", pa.string()),  # tar member name or parquet row index; null for plain files
+        pa.field("address", pa.string()),  # where later jobs read the bytes (shards.images.address)
         pa.field("image_id", pa.int64()),  # SA-1B image_id from the JSON sidecar, when present
         pa.field("width", pa.int32()),  # original image size (before any resize)
         pa.field("height", pa.int32()),
@@ -43,6 +47,7 @@ class CaptionRow:
     key: str
     source: str | None = None
     member: str | None = None
+    address: str | None = None
     image_id: int | None = None
     width: int | None = None
     height: int | None = None

@@ -28,6 +28,15 @@ from shards.schema import CAPTION_SCHEMA, CaptionRow, rows_to_table
 
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})(?:-(?P<writer>[0-9a-f]{8}))?\.parquet$")
 MANIFEST = "manifest.json"
+# Row groups of about this many uncompressed bytes (at least one row): a reader that wants one
+# row decodes its whole group, so rows of MiB-sized tensors (T5-XXL features) get a group each.
+ROW_GROUP_BYTES = 1 << 20
+
+
+def row_group_rows(table: pa.Table) -> int:
+    """Rows per Parquet row group for `table`: ~ROW_GROUP_BYTES of data, at least 1."""
+    per_row = table.nbytes / max(table.num_rows, 1)
+    return max(1, int(ROW_GROUP_BYTES // max(per_row, 1)))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -99,14 +108,14 @@ class ShardWriter:
         final = fs.join(self.out_dir, name)
         if isinstance(final, Path):
             tmp = self.out_dir / f".{name}.tmp"
-            pq.write_table(table.cast(self.schema), tmp, compression="zstd")
+            pq.write_table(table.cast(self.schema), tmp, compression="zstd", row_group_size=row_group_rows(table))
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
             digest, nbytes = sha256_file(final), final.stat().st_size
         else:  # serialised here, so the checksum needs no download; the PUT is all or nothing
             buf = pa.BufferOutputStream()
-            pq.write_table(table.cast(self.schema), buf, compression="zstd")
+            pq.write_table(table.cast(self.schema), buf, compression="zstd", row_group_size=row_group_rows(table))
             data = buf.getvalue()  # a pyarrow Buffer: hashed and uploaded without a copy
             fs.write_bytes(final, data)
             digest, nbytes = hashlib.sha256(data).hexdigest(), data.size

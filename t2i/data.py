@@ -1,50 +1,121 @@
-"""Feature-shard dataset: bucketed batches (one bucket per batch), a deterministic epoch order
-and a data position (epoch, batch) that a resumed run continues from exactly, on any number of
-processes with the same global batch (each rank reads only its slice of a global batch)."""
+"""Feature-shard dataset, streamed: bucketed batches (one bucket per batch), a deterministic epoch
+order and a data position (epoch, batch) that a resumed run continues from exactly, on any number
+of processes with the same global batch (each rank reads only its slice of a global batch).
+
+Only an index is held in memory: for every sample (in key order) its bucket, shard, row group and
+row, in numpy arrays (~12 bytes a sample, read from the key/height/width columns alone). Tensor
+columns are read on demand, one Parquet row group at a time (shards.ShardWriter keeps row groups
+near 1 MiB, about one sample of T5-XXL features), and copied straight from the Arrow binary
+buffers into the batch tensors: no Python object per row. t2i.loader.make_loader runs the
+reads in torch DataLoader workers with prefetch and pinned memory.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import warnings
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from shards import ShardError, complete_shards
 
+ROW_COLUMNS = ["key", "latent_mean", "latent_std", "text_emb", "text_len"]  # read per sample (each column costs a read)
+LAYOUT_COLUMNS = ["latent_shape", "text_channels", "text_dtype", "height", "width"]  # read once per bucket
+INDEX_COLUMNS = ["key", "height", "width"]
+OPEN_FILES = 64  # Parquet files kept open per process (footer parsed once, then reused)
+BIG_ROW_GROUP = 64 << 20  # uncompressed bytes: bigger groups make every random row read costly
+
 
 @dataclass
 class Batch:
     keys: list[str]
-    latent_mean: torch.Tensor  # (B, C, h, w)
+    latent_mean: torch.Tensor  # (B, C, h, w) in the stored latent dtype (float32 unless --latent-dtype)
     latent_std: torch.Tensor
-    text: torch.Tensor  # (B, max_tokens, C) float32, zero-padded
+    text: torch.Tensor  # (B, max_tokens, C) in the stored text dtype, zero-padded
     mask: torch.Tensor  # (B, max_tokens) long
     height: int  # pixel size of this bucket
     width: int
+    epoch: int = 0  # data position of the global batch this is a slice of (set by make_loader)
+    batch_pos: int = 0
+    last_in_epoch: bool = False  # no non-empty global batch follows in this epoch
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pin-memory thread: the tensors moved to page-locked memory."""
+        return Batch(**{f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v) for f in fields(self)})
 
 
-class FeatureDataset:
-    """All complete feature shards of one directory, memory-mapped."""
+class RowLayout(NamedTuple):
+    """What the rows of one batch share: latent (C, h, w), text channels and dtype, pixel size."""
+
+    latent_shape: tuple[int, ...]
+    channels: int
+    text_dtype: torch.dtype
+    height: int
+    width: int
+    latent_dtype: torch.dtype = torch.float32  # features --latent-dtype; shards without the column: float32
+
+
+class StreamingFeatureDataset(torch.utils.data.Dataset):
+    """All complete feature shards of one directory, indexed; rows are read on demand.
+
+    `ds[indices]` (= `get`) reads one batch: rows grouped by (shard, row group), so a batch
+    costs one read per distinct row group it touches. t2i.loader.make_loader runs the reads in
+    DataLoader workers."""
 
     def __init__(self, features_dir: str | Path, max_tokens: int) -> None:
-        shards = complete_shards(features_dir)
-        if not shards:
+        self.features_dir = features_dir
+        self.shards = [str(s) for s in complete_shards(features_dir)]
+        if not self.shards:
             raise ShardError(f"no complete feature shards in {features_dir}: run `t2i-data features` first")
-        self.table = pa.concat_tables([pq.read_table(s, memory_map=True) for s in shards])
-        # a stable order independent of shard write order: sort by key
-        order = np.argsort(np.asarray(self.table.column("key").to_pylist(), dtype=object), kind="stable")
-        self.table = self.table.take(pa.array(order))
         self.max_tokens = max_tokens
-        hw = np.stack([self.table.column("height").to_numpy(), self.table.column("width").to_numpy()], 1)
-        self.buckets: dict[tuple[int, int], np.ndarray] = {}
-        for b in sorted({tuple(x) for x in hw.tolist()}):
-            self.buckets[b] = np.flatnonzero((hw[:, 0] == b[0]) & (hw[:, 1] == b[1]))
+        self._build_index()
+        self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self._layouts: dict[int, RowLayout] = {}
+        self._pid = os.getpid()
+
+    def _build_index(self) -> None:
+        """shard/group/row of every sample in key order, and the samples of each bucket."""
+        # Parquet decoding releases the GIL: shards are indexed in parallel threads (at 10M samples,
+        # 10k shards of ~0.2 s each)
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+            parts = list(pool.map(self._index_shard, range(len(self.shards)), self.shards))
+        # a stable order independent of shard write order: sort by key (Arrow, no Python strings)
+        keys = pa.chunked_array([c for p in parts for c in p["key"].chunks], pa.string())
+        order = pc.sort_indices(keys).to_numpy()
+        del keys
+        self.shard, self.group, self.row = (np.concatenate([p[c] for p in parts])[order] for c in ("shard", "group", "row"))
+        hw = np.stack([np.concatenate([p[c] for p in parts])[order] for c in ("height", "width")], 1)
+        sizes, bucket_of = np.unique(hw, axis=0, return_inverse=True)  # sizes sorted as (h, w) tuples
+        members = np.split(np.argsort(bucket_of.ravel(), kind="stable").astype(np.int32), np.cumsum(np.bincount(bucket_of.ravel()))[:-1])
+        self.buckets: dict[tuple[int, int], np.ndarray] = {(int(h), int(w)): m for (h, w), m in zip(sizes, members)}
+        self.bucket_of = bucket_of.ravel().astype(np.uint16 if len(sizes) < 1 << 16 else np.int32)
+
+    def _index_shard(self, s: int, path: str) -> dict:
+        """The index columns of one shard (key, height, width: no tensor bytes read) and the
+        row group and row of each of its rows."""
+        pf = pq.ParquetFile(path, memory_map=True)
+        md = pf.metadata
+        sizes = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)], np.int64)
+        if any(md.row_group(g).num_rows > 1 and md.row_group(g).total_byte_size > BIG_ROW_GROUP for g in range(md.num_row_groups)):
+            warnings.warn(f"{path} has row groups over {BIG_ROW_GROUP >> 20} MiB: every sample read decodes its whole group; "
+                          "rewrite the features with this version (row groups of ~1 MiB) for fast training", stacklevel=4)
+        t = pf.read(columns=INDEX_COLUMNS)
+        starts = np.cumsum(sizes) - sizes
+        return {"key": t.column("key"), "height": t.column("height").to_numpy(), "width": t.column("width").to_numpy(),
+                "shard": np.full(md.num_rows, s, np.int32), "group": np.repeat(np.arange(len(sizes), dtype=np.int32), sizes),
+                "row": (np.arange(md.num_rows) - np.repeat(starts, sizes)).astype(np.int32)}
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return len(self.shard)
 
     def global_batches(self, epoch: int, seed: int, global_batch: int, world_size: int = 1) -> list[np.ndarray]:
         """The global batches of one epoch, one bucket each, in an order fixed by (seed, epoch,
@@ -75,25 +146,130 @@ class FeatureDataset:
         share = len(batch) // world_size
         return batch[rank * share : (rank + 1) * share]
 
+    def __getitem__(self, indices: np.ndarray) -> Batch:
+        return self.get(indices)
+
     def get(self, indices: np.ndarray) -> Batch:
-        t = self.table.take(pa.array(indices))
-        shape = t.column("latent_shape")[0].as_py()
-        means = np.stack([np.frombuffer(b, np.float32).reshape(shape) for b in t.column("latent_mean").to_pylist()])
-        stds = np.stack([np.frombuffer(b, np.float32).reshape(shape) for b in t.column("latent_std").to_pylist()])
-        ch = t.column("text_channels")[0].as_py()
-        text = torch.zeros(len(indices), self.max_tokens, ch)
-        mask = torch.zeros(len(indices), self.max_tokens, dtype=torch.long)
-        for i, (buf, n, dt) in enumerate(zip(t.column("text_emb").to_pylist(), t.column("text_len").to_pylist(), t.column("text_dtype").to_pylist())):
-            n = min(n, self.max_tokens)
-            arr = torch.frombuffer(bytearray(buf), dtype=getattr(torch, dt)).view(-1, ch)[:n]
-            text[i, :n] = arr.float()
-            mask[i, :n] = 1
-        return Batch(
-            keys=t.column("key").to_pylist(),
-            latent_mean=torch.from_numpy(means.copy()),
-            latent_std=torch.from_numpy(stds.copy()),
-            text=text,
-            mask=mask,
-            height=t.column("height")[0].as_py(),
-            width=t.column("width")[0].as_py(),
-        )
+        """The samples `indices` (positions in key order, all of one bucket) as one Batch."""
+        reads, layout = self.read(indices)
+        return self.get_from(reads, layout, len(indices))
+
+    def get_from(self, reads, layout: RowLayout, n: int) -> Batch:
+        """A Batch of fresh tensors (in shared memory inside a loader worker) from `read`'s output."""
+        means = _empty((n, *layout.latent_shape), layout.latent_dtype)
+        stds = _empty((n, *layout.latent_shape), layout.latent_dtype)
+        text = _empty((n, self.max_tokens, layout.channels), layout.text_dtype)
+        keys, lens = self.fill(reads, _raw(text), _raw(means), _raw(stds))
+        return Batch(keys=keys, latent_mean=means, latent_std=stds, text=text, mask=mask_of(lens, self.max_tokens),
+                     height=layout.height, width=layout.width)
+
+    def read(self, indices: np.ndarray) -> tuple[list[tuple[np.ndarray, pa.Table, np.ndarray]], RowLayout]:
+        """The row groups holding `indices` (one read per distinct shard and row group), and the
+        batch's layout (from its first row: one bucket shares it)."""
+        indices = np.asarray(indices)
+        if not len(indices):
+            raise ValueError("an empty batch has no bucket")
+        return self._read_groups(indices), self._layout(int(indices[0]))
+
+    def _layout(self, i: int) -> RowLayout:
+        """The layout of sample i's bucket, read from sample i once per bucket and process."""
+        b = int(self.bucket_of[i])
+        if b not in self._layouts:
+            f = self._file(int(self.shard[i]))
+            extra = ["latent_dtype"] if "latent_dtype" in f.schema_arrow.names else []
+            t = f.read_row_group(int(self.group[i]), columns=LAYOUT_COLUMNS + extra)
+            r = int(self.row[i])
+            latent_dtype = (t.column("latent_dtype")[r].as_py() if extra else None) or "float32"
+            self._layouts[b] = RowLayout(tuple(t.column("latent_shape")[r].as_py()), t.column("text_channels")[r].as_py(),
+                                         getattr(torch, t.column("text_dtype")[r].as_py()), t.column("height")[r].as_py(),
+                                         t.column("width")[r].as_py(), getattr(torch, latent_dtype))
+        return self._layouts[b]
+
+    def fill(self, reads, text: np.ndarray, means: np.ndarray, stds: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Copy the rows of `reads` straight from their Arrow buffers into raw byte views of the
+        batch tensors: text (n, max_tokens, row bytes), zero-padded; means, stds (n, bytes).
+        Returns the keys and the kept token counts."""
+        n = len(text)
+        lens = np.zeros(n, np.int64)
+        keys: list[str] = [""] * n
+        for positions, table, rows in reads:
+            _copy_rows(table.column("latent_mean"), rows, means, positions)
+            _copy_rows(table.column("latent_std"), rows, stds, positions)
+            lens[positions] = np.minimum(table.column("text_len").to_numpy()[rows], self.max_tokens)
+            _copy_text(table.column("text_emb"), rows, lens[positions], text, positions)
+            for p, k in zip(positions, table.column("key").take(pa.array(rows)).to_pylist()):
+                keys[p] = k
+        return keys, lens
+
+    def _read_groups(self, indices: np.ndarray) -> list[tuple[np.ndarray, pa.Table, np.ndarray]]:
+        """(batch positions, row-group table, rows in it) for each distinct (shard, row group)."""
+        shard, group, row = self.shard[indices], self.group[indices], self.row[indices]
+        unit = shard.astype(np.int64) << 32 | group
+        reads = []
+        for u in np.unique(unit):
+            positions = np.flatnonzero(unit == u)
+            table = self._file(int(u >> 32)).read_row_group(int(u & 0xFFFFFFFF), columns=ROW_COLUMNS)
+            reads.append((positions, table.combine_chunks(), row[positions]))
+        return reads
+
+    def _file(self, s: int) -> pq.ParquetFile:
+        """Shard `s`, opened lazily per process (a forked loader worker opens its own)."""
+        if self._pid != os.getpid():
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if s in self._files:
+            self._files.move_to_end(s)
+        else:
+            self._files[s] = pq.ParquetFile(self.shards[s], memory_map=True)
+            if len(self._files) > OPEN_FILES:
+                self._files.popitem(last=False)
+        return self._files[s]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": OrderedDict()}  # open files stay with their process
+
+
+def _binary_views(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, data) numpy views over a one-chunk binary column's Arrow buffers: no copy."""
+    (arr,) = column.chunks
+    _, offs, data = arr.buffers()
+    offsets = np.frombuffer(offs, np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    return offsets, np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+
+
+def _copy_rows(column: pa.ChunkedArray, rows: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
+    """out[positions[i]] = the bytes of row rows[i] (every row the same size as out's rows)."""
+    offsets, data = _binary_views(column)
+    for p, r in zip(positions, rows):
+        out[p] = data[offsets[r] : offsets[r + 1]]
+
+
+def _copy_text(column: pa.ChunkedArray, rows: np.ndarray, lens: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
+    """The first lens[i] token rows of each text embedding into out[positions[i]] (zero-padded)."""
+    offsets, data = _binary_views(column)
+    row_bytes = out.shape[-1]
+    for p, r, n in zip(positions, rows, lens):
+        start = offsets[r]
+        out[p, :n] = data[start : start + n * row_bytes].reshape(n, row_bytes)
+        out[p, n:] = 0
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """A writable uint8 numpy view of a contiguous tensor: (n, max_tokens, row bytes) for
+    3-d text, (n, bytes) otherwise."""
+    raw = t.view(len(t), -1).view(torch.uint8).numpy()
+    return raw.reshape(t.shape[0], t.shape[1], -1) if t.dim() == 3 else raw
+
+
+def mask_of(lens: np.ndarray, max_tokens: int) -> torch.Tensor:
+    """(n, max_tokens) long: 1 on the first lens[i] tokens."""
+    return (torch.arange(max_tokens) < torch.from_numpy(np.asarray(lens, np.int64))[:, None]).long()
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a loader worker, allocated in shared memory right away, so
+    handing it to the training process costs no copy (what default_collate does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)

@@ -78,9 +78,6 @@ class Diffusion:
             self._cache[key] = torch.from_numpy(self._tables[name]).float().to(t.device)
         return self._cache[key][t].view(-1, *([1] * (ndim - 1)))
 
-    def sample_timesteps(self, batch: int, generator: torch.Generator, device) -> torch.Tensor:
-        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=generator.device).to(device)
-
     def add_noise(self, x0, noise, t):
         return self.scheduler.add_noise(x0, noise, t)
 

@@ -1,31 +1,54 @@
 """Encode every captioned image once: VAE posterior mean + std and T5 features + mask.
 
-Output: feature shards (shards.ShardWriter, atomic + done markers) keyed by sample key, in
-`<root>/<cache key>/`. The cache key hashes everything that changes the features (VAE, text
-encoder, resolution, buckets, token count, dtype), so a different setting never reuses stale
-features, and a rerun skips keys already encoded (resume).
+    caption shards -> rows (this rank's keys, not yet done) -> decode workers (threads: read by
+    address + the shared decode policy + resize/crop) -> batches of one size -> VAE + T5 (bf16 on
+    GPU, fp32 on CPU) -> feature shards (ShardWriter: atomic, done markers) in `<root>/<cache key>/`
+
+- Images are read through the image layer (shards.images): by the absolute `address` each
+  caption row records (tar members by offset, Parquet rows by row group), decoded under the same
+  policy as `caption` (EXIF orientation, RGB, bomb guard, JPEG draft decode). Caption shards
+  written before addresses existed (schema 1) are read by (source, member).
+- The cache key hashes everything that changes the features (VAE, text encoder, resolution,
+  buckets, token count, dtypes, draft decode), so a different setting never reuses stale
+  features, and a rerun skips keys already encoded (resume; `kill -9` loses at most the rows
+  not yet in a complete shard).
+- Data-parallel: under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each rank takes the keys
+  whose crc32 falls in its residue class and writes its own shards (`features-r<rank>-...`);
+  rank 0 cleans up before and writes the manifest after (gloo barriers only). Any world size
+  resumes any other's directory.
+- An image that cannot be read or decoded is recorded (key + error) in `failures-<writer>.json`
+  and in the manifest's `failures`, skipped (not retried by reruns), and counted in the summary.
+- Latents are stored in `latent_dtype` (float32 | float16 | bfloat16, column `latent_dtype`;
+  shards without the column hold float32), text features in `text_dtype`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
+import math
+import os
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from shards import ShardError, UserError, clean_incomplete, complete_shards, done_keys, iter_batches
+from shards import ShardError, UserError, clean_incomplete, complete_shards, done_keys
+from shards import fs as shard_fs
+from shards.images import DEFAULT_MAX_PIXELS, Address, ImageError, ImageReader, decode_image, legacy_address
+from shards.images.address import is_compressed_tar
 from shards.writer import write_manifest
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: shared decode policy (EXIF, draft), latent_dtype
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_TEXT_ENCODER = "google/t5-v1_1-xxl"
+DTYPES = ("float32", "float16", "bfloat16")
 
 FEATURE_SCHEMA = pa.schema(
     [
@@ -34,12 +57,13 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),  # pixel size the image was resized/cropped to (its bucket)
         pa.field("width", pa.int32()),
         pa.field("latent_shape", pa.list_(pa.int32())),  # (C, h, w)
-        pa.field("latent_mean", pa.binary()),  # float32, raw posterior (not yet scaled)
-        pa.field("latent_std", pa.binary()),  # float32
+        pa.field("latent_mean", pa.binary()),  # raw posterior (not yet scaled), in `latent_dtype`
+        pa.field("latent_std", pa.binary()),  # in `latent_dtype`
         pa.field("text_emb", pa.binary()),  # (text_len, text_channels) in `text_dtype`
         pa.field("text_len", pa.int32()),  # tokens kept by the attention mask (incl. </s>)
         pa.field("text_channels", pa.int32()),
         pa.field("text_dtype", pa.string()),
+        pa.field("latent_dtype", pa.string()),  # float32 | float16 | bfloat16; null/absent: float32
     ],
     metadata={b"t2i_data.schema": b"features", b"t2i_data.schema_version": str(FEATURE_VERSION).encode()},
 )
@@ -53,16 +77,28 @@ class FeatureConfig:
     buckets: bool = False  # multi-aspect: the 256/512/1024 aspect-ratio bins of PixArt
     max_tokens: int = 120
     text_dtype: str = "float16"
+    latent_dtype: str = "float32"  # how latents are stored; float16/bfloat16 halve the disk
+    draft: bool = True  # JPEG DCT-scaled decoding down to what the resize needs
     batch_size: int = 16
     rows_per_shard: int = 1000
+    workers: int = 0  # decode threads (0: cores, at most 8)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # bomb guard: larger images are recorded as failures
 
     def cache_key(self) -> str:
-        ident = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "rows_per_shard")}
+        ident = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "rows_per_shard", "workers", "max_pixels")}
         for k in ("vae", "text_encoder"):  # a local directory is identified by its absolute path
             p = Path(ident[k])
             ident[k] = str(p.resolve()) if p.exists() else ident[k]
         ident["version"] = FEATURE_VERSION
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        for name in ("text_dtype", "latent_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(DTYPES)}: pick one")
+        for name in ("batch_size", "rows_per_shard", "resolution", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} {getattr(self, name)} must be at least 1: pass a positive number")
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -78,14 +114,17 @@ def _subfolder(spec: str, name: str) -> str | None:
 def load_vae(spec: str, device="cpu", dtype=torch.float32):
     from diffusers import AutoencoderKL
 
+    from shards.hub import hub_kwargs
+
+    hub = hub_kwargs(spec, "the VAE")  # an unreachable hub id fails here in seconds
     try:
         sub = _subfolder(spec, "vae")
         try:
-            vae = AutoencoderKL.from_pretrained(spec, subfolder=sub)
+            vae = AutoencoderKL.from_pretrained(spec, subfolder=sub, **hub)
         except (OSError, EnvironmentError):
             if sub is None:
                 raise
-            vae = AutoencoderKL.from_pretrained(spec)
+            vae = AutoencoderKL.from_pretrained(spec, **hub)
     except (OSError, EnvironmentError, ValueError) as e:
         raise UserError(f"cannot load the VAE {spec!r} ({e.__class__.__name__}): pass a local AutoencoderKL directory or a reachable HF id") from e
     return vae.to(device, dtype).eval().requires_grad_(False)
@@ -95,16 +134,19 @@ def load_text_encoder(spec: str, device="cpu", dtype=torch.float32):
     """(tokenizer, T5 encoder) from a pipeline-layout or plain T5 directory / HF id."""
     from transformers import AutoTokenizer, T5EncoderModel
 
+    from shards.hub import hub_kwargs
+
+    hub = hub_kwargs(spec, "the text encoder")  # an unreachable hub id fails here in seconds
     try:
         tsub, msub = _subfolder(spec, "tokenizer"), _subfolder(spec, "text_encoder")
         try:
-            tok = AutoTokenizer.from_pretrained(spec, subfolder=tsub or "")
-            enc = T5EncoderModel.from_pretrained(spec, subfolder=msub or "")
+            tok = AutoTokenizer.from_pretrained(spec, subfolder=tsub or "", **hub)
+            enc = T5EncoderModel.from_pretrained(spec, subfolder=msub or "", **hub)
         except (OSError, EnvironmentError):
             if tsub is None and msub is None:
                 raise
-            tok = AutoTokenizer.from_pretrained(spec)
-            enc = T5EncoderModel.from_pretrained(spec)
+            tok = AutoTokenizer.from_pretrained(spec, **hub)
+            enc = T5EncoderModel.from_pretrained(spec, **hub)
     except (OSError, EnvironmentError, ValueError) as e:
         raise UserError(f"cannot load the text encoder {spec!r} ({e.__class__.__name__}): pass a local T5 directory or a reachable HF id") from e
     return tok, enc.to(device, dtype).eval().requires_grad_(False)
@@ -146,34 +188,20 @@ def target_size(width: int, height: int, resolution: int, buckets: bool) -> tupl
     return int(h), int(w)
 
 
-def load_image(row: dict[str, Any]):
-    """PIL image from embedded bytes, a file path, a tar member, or a parquet path + row index."""
-    from PIL import Image
+def row_address(row: dict[str, Any], legacy: dict[str, dict]) -> Address:
+    """Where a caption row's image is: its `address`, or (schema-1 rows) its source + member."""
+    if row.get("address"):
+        return Address.parse(row["address"])
+    if not row.get("source"):
+        raise OSError("row has neither embedded image bytes nor a source")
+    return legacy_address(row["source"], row.get("member"), legacy)
 
-    if row.get("image"):
-        return Image.open(io.BytesIO(row["image"])).convert("RGB")
-    src, member = row.get("source"), row.get("member")
-    if not src:
-        raise ValueError("row has neither embedded image bytes nor a source path")
-    if member is None:
-        return Image.open(src).convert("RGB")
-    if src.endswith(".parquet"):
-        import pyarrow.parquet as pq
 
-        t = pq.read_table(src)
-        rec = t.slice(int(member), 1).to_pylist()[0]
-        for col in ("image", "jpg", "png", "bytes", "img"):
-            v = rec.get(col)
-            if isinstance(v, dict):
-                v = v.get("bytes")
-            if isinstance(v, (bytes, bytearray)):
-                return Image.open(io.BytesIO(v)).convert("RGB")
-        raise ValueError(f"{src} row {member} has no image bytes column")
-    with tarfile.open(src) as tf:
-        f = tf.extractfile(member)
-        if f is None:
-            raise ValueError(f"{member} not found in {src}")
-        return Image.open(io.BytesIO(f.read())).convert("RGB")
+def load_image(row: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS):
+    """One row's image, upright RGB at full size, under the decode policy features uses (for
+    inspection and tests; the job itself reads through RowImages' shared reader)."""
+    data = row.get("image") or ImageReader().read(row_address(row, {}))
+    return decode_image(data, max_pixels=max_pixels).image
 
 
 def image_to_tensor(img, height: int, width: int) -> torch.Tensor:
@@ -189,139 +217,281 @@ def image_to_tensor(img, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
+class RowImages:
+    """Caption row -> (row, pixel tensor at its bucket size, None) or (row, None, error).
+    `locate` runs in the producer thread (it reads compressed tars, which only stream forward);
+    `__call__` runs in the decode workers."""
+
+    def __init__(self, cfg: FeatureConfig) -> None:
+        self.cfg, self.reader, self.legacy = cfg, ImageReader(), {}
+
+    def locate(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row.get("image"):
+            return row
+        try:
+            a = row_address(row, self.legacy)
+            row["_address"] = a
+            if a.offset is not None and is_compressed_tar(a.location):
+                row["image"] = self.reader.read(a)
+        except (OSError, pa.ArrowException, UserError, ValueError) as e:
+            row["_error"] = f"unreadable: {e}"
+        return row
+
+    def _draft_short(self, width: int, height: int) -> int:
+        h, w = target_size(width, height, self.cfg.resolution, self.cfg.buckets)
+        return math.ceil(min(width, height) * max(h / height, w / width))
+
+    def __call__(self, row: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None, str | None]:
+        if row.get("_error"):
+            return row, None, row["_error"]
+        try:
+            data = row.get("image") or self.reader.read(row["_address"])
+        except (OSError, pa.ArrowException, UserError) as e:
+            return row, None, f"unreadable: {e}"
+        try:
+            img = decode_image(data, self._draft_short if self.cfg.draft else None, self.cfg.max_pixels).image
+        except ImageError as e:
+            return row, None, str(e)
+        h, w = target_size(img.width, img.height, self.cfg.resolution, self.cfg.buckets)
+        return row, image_to_tensor(img, h, w), None
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def prefetch(fn: Callable, items: Iterable, workers: int, depth: int) -> Iterator:
+    """fn(item) for every item, computed by `workers` threads at most `depth` ahead, in order."""
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+        inflight: deque = deque()
+        for item in items:
+            inflight.append(pool.submit(fn, item))
+            if len(inflight) >= depth:
+                yield inflight.popleft().result()
+        while inflight:
+            yield inflight.popleft().result()
+
+
+# ---- ranks -------------------------------------------------------------------------------------
+
+@dataclass
+class Ranks:
+    """This process's share of a data-parallel features run (rank 0 of 1 by default)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def mine(self, key: str) -> bool:
+        """Disjoint, fixed shares of the keys, independent of their order and of what is done."""
+        return self.world_size == 1 or zlib.crc32(key.encode()) % self.world_size == self.rank
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Leave the process group ranks_from_env joined (a clean exit under torchrun)."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def ranks_from_env() -> Ranks:
+    """Ranks from torchrun / accelerate launch's environment; joins a gloo group (barriers only,
+    so GPUs and CPUs alike) when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # ranks finish at different times: the last barrier waits long
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def default_device(ranks: Ranks) -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', ranks.rank)) % torch.cuda.device_count()}"
+    return "cpu"
+
+
 # ---- the step ----------------------------------------------------------------------------------
 
-def _caption_rows(shards_dir: str | Path) -> Iterator[dict[str, Any]]:
-    cols = ["key", "caption", "error", "image", "source", "member", "width", "height"]
-    from shards import fs as shard_fs
+CAPTION_COLUMNS = ("key", "caption", "error", "image", "source", "member", "address")
 
-    for shard in complete_shards(shards_dir):
-        names = shard_fs.read_schema(shard).names  # a local path or a URI
-        if "caption" not in names or "key" not in names:
+
+def _caption_rows(shards_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Every row of the caption shards (streamed), with the columns features needs; shards of
+    caption schema 1 have no `address` (their rows are located by source + member)."""
+    shards = complete_shards(shards_dir)
+    names = [shard_fs.read_schema(s).names for s in shards]  # a local path or a URI; checked before any work
+    for shard, cols in zip(shards, names):
+        if not {"caption", "key"} <= set(cols):
             raise ShardError(f"{shard} has no caption/key column: pass caption shards written by `t2i-data caption`")
-    for batch in iter_batches(shards_dir, columns=cols, batch_size=256):
-        yield from batch.to_pylist()
+    for shard, cols in zip(shards, names):  # one shard open at a time
+        wanted = [c for c in CAPTION_COLUMNS if c in cols]
+        for batch in shard_fs.parquet_file(shard).iter_batches(batch_size=256, columns=wanted):
+            yield from batch.to_pylist()
 
 
 def features_dir(root: str | Path, cfg: FeatureConfig) -> Path:
     return Path(root) / cfg.cache_key()
 
 
-def compute_features(shards_dir: str | Path, root: str | Path, cfg: FeatureConfig, device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Encode every valid caption row of `shards_dir` not yet in `root/<cache key>/`.
+def read_failures(out: Path) -> dict[str, str]:
+    """key -> error of every image recorded as unreadable in `out` (all ranks, all runs)."""
+    failures: dict[str, str] = {}
+    for p in sorted(out.glob("failures-*.json")):
+        failures.update(json.loads(p.read_text()))
+    return failures
 
-    Returns {"dir", "rows" (total encoded), "new", "skipped_invalid", "failed"}.
+
+def _todo(shards_dir, done: set[str], failed: dict[str, str], ranks: Ranks, stats: dict, advance: Callable) -> Iterator[dict]:
+    for r in _caption_rows(shards_dir):  # streamed: never all rows (and image bytes) in memory
+        advance()
+        if r["error"] is not None or not r["caption"]:
+            stats["skipped_invalid"] += 1
+            continue
+        stats["valid"] += 1
+        if r["key"] in done or r["key"] in failed or not ranks.mine(r["key"]):
+            continue
+        yield r
+
+
+def compute_features(
+    shards_dir: str | Path, root: str | Path, cfg: FeatureConfig, device: str | None = None, progress: bool = True,
+    ranks: Ranks | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Encode every valid caption row of `shards_dir` not yet in `root/<cache key>/`; this
+    process takes `ranks`' share (default: all). See the module docstring.
+
+    Returns {"dir", "rows" (total encoded), "new", "skipped_invalid", "failed" (images recorded
+    as unreadable in the directory), "failures" (the first 20, "key: error"), "valid"}.
     """
-    from shards import fs as shard_fs
-
-    shards_dir = shard_fs.as_location(shards_dir)  # caption shards may be on an object store (s3://, gs://, ...)
-    if not complete_shards(shards_dir):
-        raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
-    out = features_dir(root, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_incomplete(out)
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), "cache_key": cfg.cache_key()}, indent=2))
-    done = done_keys(out)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-
     from rich.progress import Progress
 
     from shards import read_manifest
 
+    cfg.validate()
+    ranks = ranks or Ranks()
+    shards_dir = shard_fs.as_location(shards_dir)  # caption shards may be on an object store (s3://, gs://, ...)
+    if not complete_shards(shards_dir):
+        raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
+    out = features_dir(root, cfg)
+    if ranks.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_incomplete(out)
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), "cache_key": cfg.cache_key()}, indent=2))
+    ranks.barrier()  # nobody writes before the leftovers of a crash are gone
+    device = device or default_device(ranks)
+    from costs.ledger import Ledger
+
+    ledger = Ledger(out, "features", device)  # one line per rank in ledger.jsonl
     stats = {"dir": str(out), "new": 0, "skipped_invalid": 0, "failed": 0, "failures": [], "valid": 0}
-    models = None
-    writer = None
-    pending: list[dict[str, Any]] = []
-
-    def encode(chunk: list[dict[str, Any]]) -> None:
-        nonlocal models, writer
-        if models is None:  # loaded lazily: a fully cached run never touches the VAE or T5
-            models = (load_vae(cfg.vae, device), *load_text_encoder(cfg.text_encoder, device))
-            writer = ShardWriterFeatures(out, cfg)
-        ok = []
-        for r in chunk:
-            try:
-                img = load_image(r)
-                h, w = target_size(img.width, img.height, cfg.resolution, cfg.buckets)
-                ok.append((r, image_to_tensor(img, h, w)))
-            except Exception as e:  # an unreadable image is recorded, not fatal
-                stats["failed"] += 1
-                stats["failures"].append(f"{r['key']}: {e}")
-        by_size: dict[tuple[int, int], list] = {}
-        for r, x in ok:
-            by_size.setdefault(tuple(x.shape[1:]), []).append((r, x))
-        for group in by_size.values():
-            writer.add_batch(group, models[0], models[1], models[2], device)
-            stats["new"] += len(group)
-
-    total = read_manifest(shards_dir).get("rows")
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task("features", total=total)
-        for r in _caption_rows(shards_dir):  # streamed: never all rows (and image bytes) in memory
-            bar.advance(task)
-            if r["error"] is not None or not r["caption"]:
-                stats["skipped_invalid"] += 1
-                continue
-            stats["valid"] += 1
-            if r["key"] in done:
-                continue
-            pending.append(r)
-            if len(pending) >= cfg.batch_size:
-                encode(pending)
-                pending = []
-        if pending:
-            encode(pending)
-    if writer is not None:
-        writer.close()
+    encoder = FeatureEncoder(out, cfg, device, ranks.rank)
+    images = RowImages(cfg)
+    with Progress(disable=not progress or ranks.rank != 0) as bar:
+        task = bar.add_task("features", total=read_manifest(shards_dir).get("rows"))
+        todo = _todo(shards_dir, done_keys(out), read_failures(out), ranks, stats, lambda: bar.advance(task))
+        workers = cfg.workers or min(8, os.cpu_count() or 1)
+        depth = max(2 * cfg.batch_size, 4 * workers)
+        for row, pixels, error in prefetch(images, map(images.locate, todo), workers, depth):
+            if error is not None:
+                encoder.record_failure(row["key"], error)
+            else:
+                stats["new"] += encoder.add(row, pixels)
+        stats["new"] += encoder.close()
+    images.close()
+    stats["ledger"] = ledger.close(images=stats["new"])
+    ranks.barrier()  # every rank's shards are complete
     if not stats["valid"]:
         raise ShardError(f"{shards_dir} has no rows with a caption (all null or errored): caption the images first")
-    stats["failures"] = stats["failures"][:20]
-    stats["rows"] = len(done_keys(out))
-    write_manifest(out, config={**asdict(cfg), "cache_key": cfg.cache_key()}, extra={"schema": "features", "source": str(shards_dir)})
+    failures = read_failures(out)
+    stats.update(failed=len(failures), failures=[f"{k}: {e}" for k, e in list(failures.items())[:20]], rows=len(done_keys(out)))
+    if ranks.rank == 0:
+        _write_manifest(out, cfg, shards_dir, failures)
     return stats
 
 
-class ShardWriterFeatures:
-    """Encodes groups of same-size images and hands rows to a ShardWriter in FEATURE_SCHEMA."""
+def _write_manifest(out: Path, cfg: FeatureConfig, shards_dir, failures: dict[str, str]) -> None:
+    write_manifest(out, config={**asdict(cfg), "cache_key": cfg.cache_key()}, extra={
+        "schema": "features", "schema_version": FEATURE_VERSION, "source": str(shards_dir),
+        "failed": len(failures), "failures": [{"key": k, "error": e} for k, e in failures.items()]})  # fmt: skip
 
-    def __init__(self, out: Path, cfg: FeatureConfig) -> None:
+
+class FeatureEncoder:
+    """Groups decoded images by size into batches, encodes them (VAE + T5, models loaded on the
+    first batch: a fully cached run never loads them) and writes FEATURE_SCHEMA rows to this
+    rank's shards. Unreadable images go to `failures-<writer id>.json`, rewritten whole at
+    every shard commit and at the end."""
+
+    def __init__(self, out: Path, cfg: FeatureConfig, device: str, rank: int) -> None:
         from shards import ShardWriter
 
-        self.cfg = cfg
-        self.writer = ShardWriter(out, rows_per_shard=cfg.rows_per_shard, schema=FEATURE_SCHEMA, prefix="features")
+        self.out, self.cfg, self.device = out, cfg, device
+        self.writer = ShardWriter(out, rows_per_shard=cfg.rows_per_shard, schema=FEATURE_SCHEMA, prefix=f"features-r{rank:03d}")
+        self.pending: dict[tuple[int, int], list] = {}
+        self.failures: dict[str, str] = {}
+        self.models = None
+        self.compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+    def add(self, row: dict[str, Any], pixels: torch.Tensor) -> int:
+        """Queue one image; returns how many rows were encoded (a full batch of its size, or 0)."""
+        group = self.pending.setdefault(tuple(pixels.shape[1:]), [])
+        group.append((row, pixels))
+        if len(group) < self.cfg.batch_size:
+            return 0
+        self.pending.pop(tuple(pixels.shape[1:]))
+        return self._encode(group)
+
+    def record_failure(self, key: str, error: str) -> None:
+        self.failures[key] = error
+
+    def close(self) -> int:
+        """Encode what is left, flush the last shard, write the failures; rows encoded here."""
+        n = sum(self._encode(group) for group in self.pending.values())
+        self.pending = {}
+        self.writer.flush()
+        self._write_failures()
+        return n
+
+    def _write_failures(self) -> None:
+        if self.failures:
+            shard_fs.write_text(self.out / f"failures-{self.writer.writer_id}.json", json.dumps(self.failures, indent=0))
 
     @torch.no_grad()
-    def add_batch(self, group, vae, tok, enc, device) -> None:
-        x = torch.stack([t for _, t in group]).to(device, vae.dtype)
+    def _encode(self, group: list) -> int:
+        if self.models is None:
+            self.models = (load_vae(self.cfg.vae, self.device, self.compute_dtype),
+                           *load_text_encoder(self.cfg.text_encoder, self.device, self.compute_dtype))  # fmt: skip
+        vae, tok, enc = self.models
+        x = torch.stack([t for _, t in group]).to(self.device, vae.dtype)
         post = vae.encode(x).latent_dist
-        mean, std = post.mean.float().cpu(), post.std.float().cpu()
+        latent_dtype = getattr(torch, self.cfg.latent_dtype)
+        mean, std = post.mean.to(latent_dtype).cpu(), post.std.to(latent_dtype).cpu()
         emb, mask = encode_text(tok, enc, [r["caption"] for r, _ in group], self.cfg.max_tokens)
         emb = emb.to(getattr(torch, self.cfg.text_dtype)).cpu()
         lens = mask.sum(1).cpu()
         for i, (r, img) in enumerate(group):
             n = int(lens[i])
-            self.writer.add(
-                {
-                    "key": r["key"],
-                    "caption": r["caption"],
-                    "height": img.shape[1],
-                    "width": img.shape[2],
-                    "latent_shape": list(mean.shape[1:]),
-                    "latent_mean": mean[i].numpy().tobytes(),
-                    "latent_std": std[i].numpy().tobytes(),
-                    "text_emb": emb[i, :n].contiguous().view(torch.uint8).numpy().tobytes(),
-                    "text_len": n,
-                    "text_channels": emb.shape[-1],
-                    "text_dtype": self.cfg.text_dtype,
-                }
-            )
-
-    def close(self) -> None:
-        self.writer.flush()
+            before = len(self.writer.written)
+            self.writer.add({
+                "key": r["key"], "caption": r["caption"], "height": img.shape[1], "width": img.shape[2],
+                "latent_shape": list(mean.shape[1:]), "latent_mean": _raw(mean[i]), "latent_std": _raw(std[i]),
+                "text_emb": _raw(emb[i, :n]), "text_len": n, "text_channels": emb.shape[-1],
+                "text_dtype": self.cfg.text_dtype, "latent_dtype": self.cfg.latent_dtype,
+            })  # fmt: skip
+            if len(self.writer.written) > before:  # a shard was committed: its failures go with it
+                self._write_failures()
+        return len(group)
 
 
-def read_feature_config(features: str | Path) -> dict[str, Any]:
-    p = Path(features) / "config.json"
-    if not p.exists():
-        raise UserError(f"{features} is not a feature directory (no config.json): run `t2i-data features` first")
-    return json.loads(p.read_text())
+def _raw(t: torch.Tensor) -> bytes:
+    """A tensor's bytes in its own dtype (bfloat16 too, which numpy lacks)."""
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def decode_raw(buf: bytes, dtype: str | None, shape: Iterable[int]) -> torch.Tensor:
+    """The inverse of how features stores tensors: `dtype` from the row (`latent_dtype` /
+    `text_dtype`; None, as in shards written before the column existed, is float32)."""
+    return torch.frombuffer(bytearray(buf), dtype=getattr(torch, dtype or "float32")).view(*shape)

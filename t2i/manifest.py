@@ -29,13 +29,15 @@ from shards.errors import UserError
 from t2i.train import TrainConfig
 
 TOP_KEYS = {"name", "description", "defaults", "stages"}
-STAGE_EXTRA = {"shards"}
+STAGE_EXTRA = {"shards", "gpus"}  # gpus: what `plan` prices the stage on (train uses the processes it runs on)
 
 
 @dataclass
 class Stage:
     config: TrainConfig
     shards: str | None
+    gpus: int | None = None
+    given: frozenset[str] = frozenset()  # keys the TOML set for this stage (its own or [defaults])
 
 
 @dataclass
@@ -89,11 +91,12 @@ def parse_manifest(text: str, source: str = "manifest") -> Manifest:
         seen.add(merged["name"])
         if merged.get("init") == "previous" and i == 0:
             raise UserError(f"{where}: init = \"previous\" on the first stage: use scratch or dit:PATH")
-        shards = merged.pop("shards", None)
+        given = frozenset(merged)
+        shards, gpus = merged.pop("shards", None), merged.pop("gpus", None)
         cfg = TrainConfig(**merged)
         if cfg.init != "previous":
             cfg.validate()
-        stages.append(Stage(cfg, shards))
+        stages.append(Stage(cfg, shards, gpus, given))
     return Manifest(raw.get("name", source), raw.get("description", ""), stages)
 
 

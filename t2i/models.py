@@ -130,11 +130,6 @@ class PixArtWithNull(nn.Module):
             return_dict=False,
         )[0]
 
-    def null_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeds, mask) of the null caption repeated `batch` times."""
-        emb = self.null_caption.detach()[None].expand(batch, -1, -1)
-        return emb, torch.ones(batch, emb.shape[1], dtype=torch.long, device=emb.device)
-
 
 # SDPA kernel orders for `TrainConfig.attention`: torch tries them in order and takes the first that
 # accepts the call (flash takes no attention mask, so masked cross-attention falls to the next one).

@@ -137,20 +137,6 @@ def draw_shape(color: str, position: str, shape: str, size: int = 16, jitter: in
     return img
 
 
-def judge_tiny(img) -> dict[str, str | None]:
-    """Read back colour and position of the object in an image (shape is not judged here)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
-    dist = np.linalg.norm(arr - np.array(BACKGROUND, np.float32), axis=-1)
-    mask = dist > 60
-    if mask.sum() < 2:
-        return {"color": None, "position": None}
-    mean = arr[mask].mean(0)
-    color = min(COLORS, key=lambda c: np.linalg.norm(mean - np.array(COLORS[c], np.float32)))
-    xs = np.nonzero(mask)[1]
-    position = "left" if xs.mean() < arr.shape[1] / 2 else "right"
-    return {"color": color, "position": position}
-
-
 def write_tiny_world(out_dir: str | Path, n: int, size: int = 16, seed: int = 0, rows_per_shard: int = 256) -> list[str]:
     """Caption shards (shards.CAPTION_SCHEMA, embedded PNGs) of `n` random shapes with captions
     like "a red circle on the left". Returns the captions."""

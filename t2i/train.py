@@ -13,20 +13,21 @@ continues from exactly: same data order, same noise, same losses.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from costs.ledger import Ledger
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
 from t2i import sharding
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, compute_features, features_dir
+from t2i.trackers import Trackers, check_report_to
 
 
 class TrainingDiverged(UserError):
@@ -44,6 +45,7 @@ class TrainConfig:
     text_encoder: str = DEFAULT_TEXT_ENCODER
     max_tokens: int = 120
     text_dtype: str = "float16"
+    latent_dtype: str = "float32"  # how features store latents (t2i.features.FeatureConfig)
     batch_size: int = 64  # per process, per micro-batch (ignored when global_batch is set)
     global_batch: int = 0  # samples per micro-batch over all processes; 0: batch_size x processes
     grad_accum: int = 1
@@ -61,11 +63,14 @@ class TrainConfig:
     attention: str = "auto"  # SDPA kernel order (t2i.models.ATTENTION_ORDERS): auto | flash | efficient | cudnn
     fsdp: bool = False  # shard weights, grads, AdamW state and EMA over the processes (t2i.sharding)
     trace_keys: bool = False  # write <out>/trace/rank-<r>.jsonl: the sample keys each rank consumed
+    loader_workers: int = 2  # DataLoader worker processes reading feature rows ahead (0: in the training process)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    report_to: str = ""  # experiment trackers, comma-separated: tensorboard | wandb | mlflow (t2i.trackers)
+    sample_prompts: str = ""  # '|'-separated prompts sampled at every checkpoint for the trackers
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -73,7 +78,8 @@ class TrainConfig:
 
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(vae=self.vae, text_encoder=self.text_encoder, resolution=self.resolution,
-                             buckets=self.buckets, max_tokens=self.max_tokens, text_dtype=self.text_dtype)
+                             buckets=self.buckets, max_tokens=self.max_tokens, text_dtype=self.text_dtype,
+                             latent_dtype=self.latent_dtype)
 
     def validate(self) -> None:
         from t2i.models import ATTENTION_ORDERS, get_preset
@@ -87,10 +93,13 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}: fix the stage settings")
         if self.attention not in ATTENTION_ORDERS:
             raise UserError(f"attention {self.attention!r} is not one of {', '.join(ATTENTION_ORDERS)}: pick one")
+        if self.loader_workers < 0:
+            raise UserError(f"loader_workers must be >= 0 (0: read in the training process), got {self.loader_workers}")
         if self.global_batch < 0:
             raise UserError(f"global_batch must be >= 0 (0: batch_size x processes), got {self.global_batch}")
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        check_report_to(self.report_to)
 
 
 def vae_scale_factor(vae_spec: str) -> int:
@@ -190,7 +199,7 @@ def make_inputs(b, scaling: float, num_timesteps: int, caption_dropout: float, s
     shape = tuple(b.latent_mean.shape[1:])
     for i, s in enumerate(seeds):
         g = torch.Generator().manual_seed(s)
-        x0.append(b.latent_mean[i] + b.latent_std[i] * torch.randn(shape, generator=g))
+        x0.append(b.latent_mean[i].float() + b.latent_std[i].float() * torch.randn(shape, generator=g))  # stored maybe in 16 bits
         noise.append(torch.randn(shape, generator=g))
         t.append(torch.randint(0, num_timesteps, (1,), generator=g))
         drop.append(torch.rand(1, generator=g) < caption_dropout)
@@ -233,7 +242,8 @@ class TrainStep:
         Returns the detached per-micro-batch means [loss, mse, vb] (a device tensor)."""
         dev = self.accel.device
         x0, noise, t, drop = (inp[k].to(dev, non_blocking=True) for k in ("x0", "noise", "t", "drop"))
-        text, mask = inp["text"].to(dev, non_blocking=True), inp["mask"].to(dev, non_blocking=True)
+        # text comes in its stored dtype (half the bytes through the loader for fp16)
+        text, mask = inp["text"].to(dev, non_blocking=True).float(), inp["mask"].to(dev, non_blocking=True)
         x_t = self.diffusion.add_noise(x0, noise, t)
         added = None
         if self.use_added:
@@ -318,9 +328,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     On several processes (torchrun / accelerate launch) every rank takes its slice of each global
     batch; rank 0 writes checkpoints and the log. A checkpoint resumes on any number of processes
     that divides its global batch (set `global_batch`, or batch_size x processes equal to it)."""
-    from t2i.data import FeatureDataset
     from t2i.diffusion import Diffusion
-    from t2i.models import device_peak_flops, flops_per_image, preset_of
 
     cfg.validate()
     if cfg.threads:
@@ -328,7 +336,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     accel = make_accelerator(cfg)
-    rank, world = accel.process_index, accel.num_processes
+    world = accel.num_processes
     local_batch, global_batch = per_process_batch(cfg, world)
 
     factor = vae_scale_factor(cfg.vae)
@@ -337,6 +345,51 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
         raise UserError(f"resolution {cfg.resolution} is not divisible by patch x VAE factor ({patch} x {factor} = {patch * factor}): pick a multiple of {patch * factor}")
 
     # 1. features (main process computes; the others wait)
+    data, fdir = open_features(cfg, accel, out, shards, features, progress)
+    ledger = Ledger(out, "train", accel.device)  # from here: the features above record their own
+    probe = data.get(np.array([0]))
+    latent_size = probe.latent_mean.shape[-1] if not cfg.buckets else cfg.resolution // factor
+    caption_channels = probe.text.shape[-1]
+
+    # 2. model, optimiser, EMA
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, latent_size, caption_channels)
+    p = model.transformer.config.patch_size
+    if cfg.resolution % (p * factor):
+        raise UserError(f"resolution {cfg.resolution} is not divisible by patch x VAE factor ({p} x {factor} = {p * factor}): pick a multiple of {p * factor}")
+    diffusion = Diffusion(learned_sigma=cfg.learned_sigma)
+
+    # 3. resume (whole tensors: the weights go in before FSDP shards the model, the EMA and
+    # optimizer state after, split the way their parameters are)
+    names = [n for n, _ in model.named_parameters()]
+    ck, st = load_resume_weights(out, model, global_batch, world, local_batch) if resume else (None, None)
+    opt, sched, ema = setup_optimization(cfg, model, accel.device)
+    run = Run(cfg, accel, out, model, names, sched, ema, global_batch,
+              {"features": json.loads((fdir / "config.json").read_text()), "scaling_factor": _scaling_factor(cfg.vae), "vae_scale_factor": factor})
+    if ck is not None:
+        restore_training_state(run, ck, st, opt)
+    elif run.log_path.exists() and accel.is_main_process:
+        run.log_path.unlink()
+    run.stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, diffusion)
+
+    # 4. the loop
+    target = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
+    summary: dict[str, Any] = {"out": str(out), "features": str(fdir), "samples": len(data), "start_step": run.step,
+                               "world_size": world, "global_batch": global_batch, "params_local": run.params_local}
+    train_loop(run, data, target, tuple(probe.latent_mean.shape[-2:]), caption_channels, progress)
+    run.save()
+    summary.update({"step": run.step, "epoch": run.epoch, "checkpoint": str(run.last_ck), "log": str(run.log_path)})
+    done = run.step - summary["start_step"]
+    summary["ledger"] = ledger.close(steps=done, images=done * local_batch * cfg.grad_accum)  # this rank's share
+    run.trackers.finish(run.step, summary["ledger"])
+    return summary
+
+
+def open_features(cfg: TrainConfig, accel, out: Path, shards: str | Path | None, features: str | Path | None,
+                  progress: bool):
+    """(StreamingFeatureDataset, its directory): features computed first from `shards` when given."""
+    from t2i.data import StreamingFeatureDataset
+
     fcfg = cfg.feature_config()
     froot = Path(features) if features else out / "features"
     fdir = features_dir(froot, fcfg)
@@ -344,169 +397,185 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
         if accel.is_main_process:
             compute_features(shards, froot, fcfg, device=str(accel.device), progress=progress)
         accel.wait_for_everyone()
-    data = FeatureDataset(fdir, cfg.max_tokens)
-    probe = data.get(np.array([0]))
-    latent_size = probe.latent_mean.shape[-1] if not cfg.buckets else cfg.resolution // factor
-    caption_channels = probe.text.shape[-1]
-    fcfg_saved = json.loads((fdir / "config.json").read_text())
+    return StreamingFeatureDataset(fdir, cfg.max_tokens), fdir
 
-    # 2. model, optimiser, EMA
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, latent_size, caption_channels)
-    tr = model.transformer
-    p = tr.config.patch_size
-    if cfg.resolution % (p * factor):
-        raise UserError(f"resolution {cfg.resolution} is not divisible by patch x VAE factor ({p} x {factor} = {p * factor}): pick a multiple of {p * factor}")
-    names = [n for n, _ in model.named_parameters()]
-    diffusion = Diffusion(learned_sigma=cfg.learned_sigma)
-    scaling = _scaling_factor(cfg.vae)
 
-    # 3. resume (whole tensors: the weights go in before FSDP shards the model, the EMA and
-    # optimizer state after, split the way their parameters are)
-    step, epoch, batch_pos = 0, 0, 0
-    log_path = out / "log.jsonl"
-    ck = None
-    if resume:
-        ck = ckpt.latest_checkpoint(out)
-        if ck is None:
-            raise UserError(f"--resume but no checkpoint in {out}: drop --resume to start fresh")
-        st = json.loads((ck / "trainer_state.json").read_text())
-        saved_global = st.get("global_batch", st["config"]["batch_size"] * st.get("world_size", 1))
-        if saved_global != global_batch:
-            raise UserError(f"checkpoint {ck} was trained with a global batch of {saved_global} ({st.get('world_size', 1)} processes); "
-                            f"this run has {global_batch} ({world} x {local_batch}): set global_batch = {saved_global} "
-                            f"(a multiple of the number of processes) to resume on {world} processes")
-        ckpt.load_matching(model, ckpt.load_weights(ck, "model"), f"checkpoint {ck}")
-    opt, sched, ema = setup_optimization(cfg, model, accel.device)
-    if ck is not None:
-        ema_sd = ckpt.load_weights(ck, "ema")
-        ema.shadow_params = [sharding.shard_like(ema_sd[n].clone(), param) for n, param in zip(names, model.parameters())]
-        sharding.load_full_optimizer_state(opt, ckpt.optimizer_from_tensors(ck / "optimizer.safetensors"))
-        sched.load_state_dict(st["scheduler"])
-        ema.optimization_step = st["ema_step"]
-        rng = ckpt.load_weights(ck, "rng")
-        torch.set_rng_state(rng["torch_cpu"])
-        step, epoch, batch_pos = st["step"], st["epoch"], st["batch_in_epoch"]
-        if accel.is_main_process:
-            _truncate_log(log_path, step)
-    elif log_path.exists() and accel.is_main_process:
-        log_path.unlink()
+def load_resume_weights(out: Path, model, global_batch: int, world: int, local_batch: int) -> tuple[Path, dict[str, Any]]:
+    """The latest checkpoint of `out` and its trainer state, its model weights loaded into `model`."""
+    ck = ckpt.latest_checkpoint(out)
+    if ck is None:
+        raise UserError(f"--resume but no checkpoint in {out}: drop --resume to start fresh")
+    st = json.loads((ck / "trainer_state.json").read_text())
+    saved_global = st.get("global_batch", st["config"]["batch_size"] * st.get("world_size", 1))
+    if saved_global != global_batch:
+        raise UserError(f"checkpoint {ck} was trained with a global batch of {saved_global} ({st.get('world_size', 1)} processes); "
+                        f"this run has {global_batch} ({world} x {local_batch}): set global_batch = {saved_global} "
+                        f"(a multiple of the number of processes) to resume on {world} processes")
+    ckpt.load_matching(model, ckpt.load_weights(ck, "model"), f"checkpoint {ck}")
+    return ck, st
 
-    stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, diffusion)
-    opt = stepper.opt
 
-    hw = (probe.latent_mean.shape[-2], probe.latent_mean.shape[-1])
-    flops_img = flops_per_image(preset_of(tr.config), hw, cfg.max_tokens, caption_channels)
-    peak = device_peak_flops(accel.device)
-    target = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    # parameters this rank holds: all of them under DDP, about 1/world under FSDP
-    params_local = sum((q.to_local() if sharding.is_sharded(q) else q).numel() for q in model.parameters())
-    summary: dict[str, Any] = {"out": str(out), "features": str(fdir), "samples": len(data), "start_step": step,
-                               "world_size": world, "global_batch": global_batch, "params_local": params_local}
-    last_ck: Path | None = ckpt.latest_checkpoint(out)
-    trace = None
-    if cfg.trace_keys:
-        (out / "trace").mkdir(exist_ok=True)
-        trace = out / "trace" / f"rank-{rank}.jsonl"
+def restore_training_state(run: "Run", ck: Path, st: dict[str, Any], opt) -> None:
+    """EMA, optimizer, schedule, torch RNG and data position from checkpoint `ck` (after the
+    model is on its device and, under FSDP, sharded)."""
+    ema_sd = ckpt.load_weights(ck, "ema")
+    run.ema.shadow_params = [sharding.shard_like(ema_sd[n].clone(), param) for n, param in zip(run.names, run.model.parameters())]
+    sharding.load_full_optimizer_state(opt, ckpt.optimizer_from_tensors(ck / "optimizer.safetensors"))
+    run.sched.load_state_dict(st["scheduler"])
+    run.ema.optimization_step = st["ema_step"]
+    rng = ckpt.load_weights(ck, "rng")
+    torch.set_rng_state(rng["torch_cpu"])
+    run.step, run.epoch, run.batch_pos = st["step"], st["epoch"], st["batch_in_epoch"]
+    if run.accel.is_main_process:
+        _truncate_log(run.log_path, run.step)
 
-    def trainer_state() -> dict[str, Any]:
-        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_pos, "global_batch": global_batch, "world_size": world,
-                "scheduler": sched.state_dict(), "ema_step": ema.optimization_step, "config": asdict(cfg),
-                "features": fcfg_saved, "scaling_factor": scaling, "vae_scale_factor": factor}
 
-    pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, mse, vb] on device) not yet checked
-    window: list[torch.Tensor] = []  # checked per-step rows (averaged over ranks) since the last log line
+class Run:
+    """One training stage in progress: its objects, its data position (step, epoch, batch_pos),
+    the losses not yet checked, and checkpointing."""
 
-    def check_finite() -> None:
+    def __init__(self, cfg: TrainConfig, accel, out: Path, model, names: list[str], sched, ema, global_batch: int,
+                 state_extra: dict[str, Any]) -> None:
+        self.cfg, self.accel, self.out, self.model, self.names = cfg, accel, out, model, names
+        self.sched, self.ema, self.global_batch, self.state_extra = sched, ema, global_batch, state_extra
+        self.rank, self.world = accel.process_index, accel.num_processes
+        self.stepper: TrainStep | None = None
+        self.step, self.epoch, self.batch_pos = 0, 0, 0
+        self.log_path = out / "log.jsonl"
+        self.last_ck: Path | None = ckpt.latest_checkpoint(out)
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, mse, vb] on device) not yet checked
+        self.window: list[torch.Tensor] = []  # checked per-step rows (averaged over ranks) since the last log line
+        # parameters this rank holds: all of them under DDP, about 1/world under FSDP
+        self.params_local = sum((q.to_local() if sharding.is_sharded(q) else q).numel() for q in model.parameters())
+        self.trackers = Trackers(cfg.report_to, out, cfg.name, asdict(cfg), main=accel.is_main_process)
+        self.trace: Path | None = None
+        if cfg.trace_keys:
+            (out / "trace").mkdir(exist_ok=True)
+            self.trace = out / "trace" / f"rank-{self.rank}.jsonl"
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_pos, "global_batch": self.global_batch,
+                "world_size": self.world, "scheduler": self.sched.state_dict(), "ema_step": self.ema.optimization_step,
+                "config": asdict(self.cfg), **self.state_extra}
+
+    def check_finite(self) -> None:
         """One host sync (and one all-reduce) for all steps since the last check: raise on the
         first non-finite loss of any rank."""
-        if not pending:
+        if not self.pending:
             return
-        vals = torch.stack([v for _, v in pending])
-        if world > 1:
-            vals = accel.reduce(vals, reduction="mean")
+        vals = torch.stack([v for _, v in self.pending])
+        if self.world > 1:
+            vals = self.accel.reduce(vals, reduction="mean")
         vals = vals.cpu()
         bad = (~torch.isfinite(vals[:, 0])).nonzero()
         if len(bad):
             i = int(bad[0])
-            where = f"last good checkpoint: {last_ck}" if last_ck else "no checkpoint was written yet"
-            raise TrainingDiverged(f"loss became {float(vals[i, 0])} at step {pending[i][0]}; stopped without saving, {where}: lower lr or grad_clip, or use fp32/bf16, then --resume")
-        window.append(vals)
-        pending.clear()
+            where = f"last good checkpoint: {self.last_ck}" if self.last_ck else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {float(vals[i, 0])} at step {self.pending[i][0]}; stopped without saving, {where}: lower lr or grad_clip, or use fp32/bf16, then --resume")
+        self.window.append(vals)
+        self.pending.clear()
 
-    def save() -> Path:
-        nonlocal last_ck
-        check_finite()
+    def save(self) -> Path:
+        accel, opt = self.accel, self.stepper.opt
+        self.check_finite()
         accel.wait_for_everyone()
-        if cfg.fsdp or accel.is_main_process:  # under FSDP every rank joins the gathers
-            weights = sharding.full_model_state(model)
-            ema_state = dict(zip(names, sharding.full_tensors(ema.shadow_params)))
+        if self.cfg.fsdp or accel.is_main_process:  # under FSDP every rank joins the gathers
+            weights = sharding.full_model_state(self.model)
+            ema_state = dict(zip(self.names, sharding.full_tensors(self.ema.shadow_params)))
             opt_state = sharding.full_optimizer_state(opt.optimizer if hasattr(opt, "optimizer") else opt)
         if accel.is_main_process:
-            last_ck = ckpt.save_checkpoint(out, step, model.transformer, weights, ema_state, opt_state, trainer_state(), cfg.keep_checkpoints)
-            if trace is not None:
-                _append_jsonl(trace, {"event": "checkpoint", "step": step, "rank": rank})
+            self.last_ck = ckpt.save_checkpoint(self.out, self.step, self.model.transformer, weights, ema_state, opt_state,
+                                                self.trainer_state(), self.cfg.keep_checkpoints)
+            self.trackers.samples(self.last_ck, self.step)
+            if self.trace is not None:
+                _append_jsonl(self.trace, {"event": "checkpoint", "step": self.step, "rank": self.rank})
         accel.wait_for_everyone()
-        return last_ck
+        return self.last_ck
 
+
+def train_loop(run: Run, data, target: int, latent_hw: tuple[int, int], caption_channels: int, progress: bool) -> None:
+    """Optimizer steps until `target`: grad_accum micro-batches each (an epoch's last step may
+    have fewer), from the loader's batches of this rank; logs, checks and checkpoints as it goes."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from t2i.loader import make_loader
+    from t2i.models import device_peak_flops, flops_per_image, preset_of
+
+    cfg, accel = run.cfg, run.accel
+    flops_img = flops_per_image(preset_of(run.model.transformer.config), latent_hw, cfg.max_tokens, caption_channels)
+    peak = device_peak_flops(accel.device)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not (progress and accel.is_main_process))
-    task = bar.add_task(cfg.name, total=cfg.steps, completed=step, info="")
-    images = 0
-    t_last = time.perf_counter()
-    model.train()
+    task = bar.add_task(cfg.name, total=cfg.steps, completed=run.step, info="")
+    images, t_last = 0, time.perf_counter()
+    if run.step >= target:
+        return
+    loader = make_loader(data, run.epoch, cfg.seed, run.global_batch, run.rank, run.world, start_batch=run.batch_pos,
+                         workers=cfg.loader_workers, pin_memory=accel.device.type == "cuda", epochs=None)
+    batches = iter(loader)
+    run.model.train()
     with bar:
-        while step < target:
-            batches = data.global_batches(epoch, cfg.seed, global_batch, world)
-            if not any(len(b) for b in batches):
-                raise UserError(f"no full batch of {global_batch} samples in {fdir}: lower batch_size / global_batch")
-            while batch_pos < len(batches) and step < target:
-                micro_losses = []
-                for micro in range(cfg.grad_accum):
-                    while batch_pos < len(batches) and not len(batches[batch_pos]):
-                        batch_pos += 1  # a bucket's tail smaller than the number of processes
-                    if batch_pos >= len(batches):
-                        break
-                    gb = batches[batch_pos]
-                    share = len(gb) // world
-                    idx = FeatureDataset.rank_slice(gb, rank, world)
-                    b = data.get(idx)
-                    seeds = [sample_seed(cfg.seed, epoch, batch_pos, rank * share + i) for i in range(share)]
-                    if trace is not None:
-                        _append_jsonl(trace, {"step": step + 1, "epoch": epoch, "batch": batch_pos, "rank": rank, "world": world, "keys": b.keys})
-                    batch_pos += 1
-                    inp = make_inputs(b, scaling, diffusion.num_timesteps, cfg.caption_dropout, seeds)
-                    last_micro = micro == cfg.grad_accum - 1 or batch_pos >= len(batches)
-                    micro_losses.append(stepper.micro(inp, sync=last_micro, size=(b.height, b.width)))
-                    images += share * world
-                grad_norm = stepper.update()
-                step += 1
-                pending.append((step, torch.stack(micro_losses).mean(0)))
-                if step % cfg.log_every == 0 or step == target:
-                    check_finite()
-                    vals = torch.cat(window).mean(0).tolist()
-                    now = time.perf_counter()
-                    ips = images / max(now - t_last, 1e-9)
-                    rec = {"step": step, "epoch": epoch, "loss": vals[0], "mse": vals[1], "vb": vals[2], "lr": sched.get_last_lr()[0],
-                           "grad_norm": float(grad_norm), "images_per_s": ips, "mfu": (ips * flops_img / peak) if peak else None,
-                           "params_local": params_local, "time": time.time()}
-                    if accel.is_main_process:
-                        _append_jsonl(log_path, rec)
-                    bar.update(task, completed=step, info=f"loss {rec['loss']:.4f} {ips:.1f} img/s")
-                    window.clear()
-                    images = 0
-                    t_last = now
-                else:
-                    bar.update(task, completed=step)
-                if step % cfg.checkpoint_every == 0 and step < target:
-                    save()
-            if batch_pos >= len(batches):
-                epoch, batch_pos = epoch + 1, 0
-    save()
-    summary.update({"step": step, "epoch": epoch, "checkpoint": str(last_ck), "log": str(log_path)})
-    return summary
+        while run.step < target:
+            last = train_step(run, batches)
+            images += last.samples
+            if run.step % cfg.log_every == 0 or run.step == target:
+                now = time.perf_counter()
+                ips = images / max(now - t_last, 1e-9)
+                loss = log_step(run, last.grad_norm, ips, flops_img, peak)
+                bar.update(task, completed=run.step, info=f"loss {loss:.4f} {ips:.1f} img/s")
+                images, t_last = 0, now
+            else:
+                bar.update(task, completed=run.step)
+            if run.step % cfg.checkpoint_every == 0 and run.step < target:
+                run.save()
+            if last.end_of_epoch:
+                run.epoch, run.batch_pos = run.epoch + 1, 0
+    del batches, loader  # stops the loader workers
+
+
+class StepResult(NamedTuple):
+    grad_norm: torch.Tensor
+    samples: int  # over all ranks
+    end_of_epoch: bool
+
+
+def train_step(run: Run, batches) -> StepResult:
+    """One optimizer step: up to grad_accum micro-batches (not past the epoch's last batch), each
+    with its per-sample noise from (seed, epoch, batch, position in the global batch)."""
+    cfg, stepper = run.cfg, run.stepper
+    micro_losses, samples = [], 0
+    for micro in range(cfg.grad_accum):
+        b = next(batches)
+        share = len(b.keys)
+        seeds = [sample_seed(cfg.seed, b.epoch, b.batch_pos, run.rank * share + i) for i in range(share)]
+        if run.trace is not None:
+            _append_jsonl(run.trace, {"step": run.step + 1, "epoch": b.epoch, "batch": b.batch_pos, "rank": run.rank,
+                                      "world": run.world, "keys": b.keys})
+        run.epoch, run.batch_pos = b.epoch, b.batch_pos + 1
+        inp = make_inputs(b, run.state_extra["scaling_factor"], stepper.diffusion.num_timesteps, cfg.caption_dropout, seeds)
+        last_micro = micro == cfg.grad_accum - 1 or b.last_in_epoch
+        micro_losses.append(stepper.micro(inp, sync=last_micro, size=(b.height, b.width)))
+        samples += share * run.world
+        if b.last_in_epoch:
+            break
+    grad_norm = stepper.update()
+    run.step += 1
+    run.pending.append((run.step, torch.stack(micro_losses).mean(0)))
+    return StepResult(grad_norm, samples, b.last_in_epoch)
+
+
+def log_step(run: Run, grad_norm: torch.Tensor, ips: float, flops_img: float, peak: float | None) -> float:
+    """Check the losses since the last line and append one log line (rank 0 writes); returns the loss."""
+    run.check_finite()
+    vals = torch.cat(run.window).mean(0).tolist()
+    rec = {"step": run.step, "epoch": run.epoch, "loss": vals[0], "mse": vals[1], "vb": vals[2], "lr": run.sched.get_last_lr()[0],
+           "grad_norm": float(grad_norm), "images_per_s": ips, "mfu": (ips * flops_img / peak) if peak else None,
+           "params_local": run.params_local, "time": time.time()}
+    if run.accel.is_main_process:
+        _append_jsonl(run.log_path, rec)
+    run.trackers.log(rec, run.step)
+    run.window.clear()
+    return rec["loss"]
 
 
 class _null:

@@ -8,7 +8,7 @@ import torch
 
 @pytest.mark.slow
 def test_tiny_model_follows_colour_and_position(tmp_path):
-    from t2i.alignment import corpus, evaluate, write_world_shards
+    from demo.alignment import corpus, evaluate, write_world_shards
     from t2i.sample import pipeline_from_checkpoint
     from t2i.tiny import build_tiny_models
     from t2i.train import TrainConfig, train

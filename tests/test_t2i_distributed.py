@@ -214,14 +214,14 @@ def test_resume_with_another_global_batch_is_refused(world, tmp_path):
 
 
 def test_global_batches_do_not_depend_on_world_size(tmp_path):
-    from t2i.data import FeatureDataset
+    from t2i.data import StreamingFeatureDataset
 
-    ds = FeatureDataset.__new__(FeatureDataset)
+    ds = StreamingFeatureDataset.__new__(StreamingFeatureDataset)
     ds.buckets = {(16, 16): np.arange(0, 37), (8, 32): np.arange(37, 50)}
     one, two = ds.global_batches(0, 7, 8, 1), ds.global_batches(0, 7, 8, 2)
     assert len(one) == len(two)
     for a, b in zip(one, two):
         assert b.tolist() == a[: len(a) - len(a) % 2].tolist()  # only a bucket's tail is cut to a multiple of 2
-    ranks = [FeatureDataset.rank_slice(b, r, 2) for b in two for r in (0, 1)]
+    ranks = [StreamingFeatureDataset.rank_slice(b, r, 2) for b in two for r in (0, 1)]
     flat = np.concatenate(ranks)
     assert len(flat) == len(set(flat.tolist())) == 50 - 1 - 1  # each bucket's odd sample waits

@@ -39,7 +39,7 @@ def losses(run: Path) -> list[float]:
 
 
 def test_features_are_cached_and_resumable(world, tmp_path):
-    from t2i.data import FeatureDataset
+    from t2i.data import StreamingFeatureDataset
     from t2i.features import FeatureConfig, compute_features
 
     cfg = FeatureConfig(vae=world["vae"], text_encoder=world["text_encoder"], resolution=16, max_tokens=16, text_dtype="float32")
@@ -49,7 +49,7 @@ def test_features_are_cached_and_resumable(world, tmp_path):
     assert r2["new"] == 0 and r2["dir"] == r1["dir"]  # cached: nothing re-encoded
     other = FeatureConfig(vae=world["vae"], text_encoder=world["text_encoder"], resolution=32, max_tokens=16)
     assert other.cache_key() != cfg.cache_key()  # resolution is part of the cache key
-    ds = FeatureDataset(r1["dir"], 16)
+    ds = StreamingFeatureDataset(r1["dir"], 16)
     b = ds.get(np.arange(4))
     assert b.latent_mean.shape == (4, 4, 8, 8) and b.text.shape == (4, 16, 32)
     assert b.mask.sum(1).tolist() == [7, 7, 7, 7]  # "a red circle on the left" + </s>
@@ -79,6 +79,17 @@ def test_resume_continues_exactly(world, tmp_path, grad_accum):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     rec = json.loads((tmp_path / "full" / "log.jsonl").read_text().splitlines()[-1])
     assert {"loss", "lr", "grad_norm", "images_per_s", "mfu"} <= rec.keys()
+
+
+def test_loader_workers_do_not_change_the_run(world, tmp_path):
+    """Reading in the training process (0 workers) or in 2 loader workers: the same batches in
+    the same order, so the same losses."""
+    from t2i.train import train
+
+    feats = tmp_path / "features"
+    for workers in (0, 2):
+        train(tiny_cfg(world, steps=4, loader_workers=workers), tmp_path / f"w{workers}", shards=world["captions"], features=feats, progress=False)
+    assert losses(tmp_path / "w0") == losses(tmp_path / "w2")
 
 
 def test_sample_export_and_diffusers_pipeline(world, tmp_path):
@@ -199,7 +210,7 @@ def test_images_from_recorded_sources(tmp_path):
 
 
 def test_aspect_ratio_buckets_one_bucket_per_batch(tmp_path):
-    from t2i.data import FeatureDataset
+    from t2i.data import StreamingFeatureDataset
     from t2i.features import FEATURE_SCHEMA, target_size
 
     assert target_size(1000, 1000, 256, buckets=False) == (256, 256)
@@ -213,7 +224,7 @@ def test_aspect_ratio_buckets_one_bucket_per_batch(tmp_path):
                 "latent_std": np.zeros((4, hh // 8, ww // 8), np.float32).tobytes(),
                 "text_emb": np.zeros((2, 8), np.float32).tobytes(), "text_len": 2, "text_channels": 8, "text_dtype": "float32"})
     w_.close()
-    ds = FeatureDataset(tmp_path, 4)
+    ds = StreamingFeatureDataset(tmp_path, 4)
     batches = ds.epoch_batches(0, seed=1, batch_size=4)
     assert sorted(np.concatenate(batches).tolist()) == list(range(50))
     for b in batches:

@@ -1,6 +1,7 @@
 """Does the trained model follow the prompt? Train on demo/world.py's synthetic scenes (coloured
 shapes at known positions, dense captions) and judge generated images automatically
-(`demo.world.judge_image`): accuracy of colour / position / shape against chance."""
+(`demo.world.judge_image`): accuracy of colour / position / shape against chance.
+(It lives in demo/, which uses t2i; t2i itself never imports demo.)"""
 
 from __future__ import annotations
 

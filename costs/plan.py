@@ -1,0 +1,348 @@
+"""`t2i-data plan`: what a manifest's recipe costs before it runs.
+
+One row per step: captioning (per dataset), features (per dataset and feature resolution), each
+training stage. Each row: images, FLOPs, GPU-hours/days, wall-clock hours on the stage's GPUs, $,
+kWh and kgCO2e. The model is the one MFU is defined by:
+
+    GPU-seconds = FLOPs / (peak FLOP/s x MFU)
+
+with FLOPs from `t2i.models.flops_per_image` (training: 3x the forward matmuls), the peak from
+`costs.gpus`, and the MFU measured (a `benchmarks/gpu_bench.py` JSON) or assumed (stated in the
+output). Energy = GPU-hours x board power x PUE; CO2e = energy x grid intensity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from costs.gpus import GPU, get_gpu, match_device_name
+from shards.errors import UserError
+
+# Default grid intensity: the world average, 475 gCO2e/kWh (IEA, Global Energy & CO2 Status Report
+# 2019; also codecarbon's world fallback). PUE 1.2: a GPU cloud / hyperscale data centre (Uptime
+# Institute's 2023 survey puts the all-data-centre average at 1.58).
+GRID_GCO2_KWH = 475.0
+PUE = 1.2
+
+# Default training MFU by architecture, used when neither --mfu nor --gpu-bench gives one.
+# Ampere and newer: this trainer measured 34.0% on an H100 (XL/2, 256 px, bf16, regional compile;
+# benchmarks/results/gpu_bench_run1.json), assumed to carry over. Volta (no bf16, no FlashAttention):
+# 21%, the PixArt-alpha paper's own aggregate over its stages (BENCHMARKS.md "plan").
+DEFAULT_MFU = {"volta": 0.21, "ampere": 0.34, "ada": 0.34, "hopper": 0.34}
+
+# Feature encoders (H100 gpu_bench run 1, bf16): SD-VAE encoder 272.7 GFLOP per 256 px image at 19.1% MFU,
+# T5-XXL encoder 1,117 GFLOP per 120-token caption at 33.3% MFU.
+FEATURES = {"resolution": 256, "tokens": 120, "vae_gflop_per_image": 272.72, "vae_mfu": 0.191,
+            "t5_gflop_per_caption": 1116.99, "t5_mfu": 0.333}
+
+# Captioning anchor: the paper captioned ~10M SAM images with LLaVA-7B in ~24 h on 64 V100s
+# (RECIPE.md): 1.81 img/s per V100. Decoding is memory-bound, so other GPUs scale by bandwidth.
+CAPTION_ANCHOR = {"gpu": "V100", "images_per_s": 10e6 / (64 * 24 * 3600), "source": "paper: ~10M SAM images, 24 h on 64 V100"}
+# LLaVA-1.5-7B: ~7.06e9 parameters x 2 FLOPs x ~900 tokens (576 image + ~70 prompt + ~250 generated)
+CAPTION_FLOPS_PER_IMAGE = 2 * 7.06e9 * 900
+
+VAE_FACTOR = 8  # SD VAE family: latent side = image side / 8
+
+
+@dataclass
+class MfuRule:
+    """`--mfu 0.3,1024=0.07,align=0.25`: a default, per-resolution and per-stage values."""
+
+    default: float | None = None
+    by_resolution: dict[int, float] = field(default_factory=dict)
+    by_stage: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str | None) -> "MfuRule":
+        rule = cls()
+        for part in filter(None, (p.strip() for p in (text or "").split(","))):
+            key, _, value = part.rpartition("=")
+            v = _fraction(value, f"--mfu {part!r}")
+            if not key:
+                rule.default = v
+            elif key.isdigit():
+                rule.by_resolution[int(key)] = v
+            else:
+                rule.by_stage[key] = v
+        return rule
+
+    def lookup(self, stage: str, resolution: int) -> float | None:
+        return self.by_stage.get(stage, self.by_resolution.get(resolution, self.default))
+
+
+def _fraction(value: str, where: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise UserError(f"{where}: {value!r} is not a number: give MFU as a fraction, e.g. 0.3") from None
+    if not 0 < v <= 1:
+        raise UserError(f"{where}: MFU {v} is not in (0, 1]: give it as a fraction, e.g. 0.3 for 30%")
+    return v
+
+
+def parse_count(text: str) -> float:
+    """'10M' -> 1e7, '14k' -> 14000, '2.5e6' -> 2.5e6."""
+    mult = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(t)
+    except ValueError:
+        raise UserError(f"image count {text!r} is not a number: write e.g. 10M, 500k or 1200") from None
+
+
+def parse_images(text: str | None) -> dict[str, float]:
+    """`sam=10M,aesthetic=14M` -> {"sam": 1e7, "aesthetic": 1.4e7}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, sep, count = part.partition("=")
+        if not sep or not name:
+            raise UserError(f"--images {part!r} is not NAME=COUNT: write e.g. sam=10M,aesthetic=14M")
+        out[name.strip()] = parse_count(count)
+    return out
+
+
+@dataclass
+class PlanOptions:
+    gpu: str = "A100-80GB"
+    images: dict[str, float] = field(default_factory=dict)  # dataset name -> images (captioning, features)
+    price: float | None = None  # $ per GPU-hour
+    mfu: MfuRule = field(default_factory=MfuRule)
+    gpu_bench: dict[str, Any] | None = None  # a benchmarks/gpu_bench.py report
+    caption_rate: float | None = None  # captioner images/s per GPU on the planned GPU
+    captioned: list[str] | None = None  # datasets to caption (default: all of `images`)
+    gpus: int | None = None  # GPUs for stages without `gpus`, and for captioning / features
+    grid_gco2_kwh: float = GRID_GCO2_KWH
+    pue: float = PUE
+
+
+@dataclass
+class Row:
+    step: str  # caption | features | train
+    name: str
+    images: float
+    flops: float
+    gpu_hours: float
+    gpus: int
+    basis: str  # the rate or MFU the hours come from
+    usd: float | None = None
+    kwh: float = 0.0
+    kg_co2e: float = 0.0
+
+    @property
+    def gpu_days(self) -> float:
+        return self.gpu_hours / 24
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "gpu_days": self.gpu_days, "wall_hours": self.gpu_hours / self.gpus}
+
+
+def bench_device(report: dict[str, Any]) -> GPU | None:
+    return match_device_name(str(report.get("device", "")))
+
+
+def bench_mfu(report: dict[str, Any], latent: int) -> tuple[float, int] | None:
+    """(best training MFU the bench measured at `latent`, or at the nearest latent it ran; that latent)."""
+    rows = [r for r in report.get("results", []) if r.get("mfu") and r.get("latent")]
+    if not rows:
+        return None
+    near = min({r["latent"] for r in rows}, key=lambda l: (abs(l - latent), -l))
+    return max(r["mfu"] for r in rows if r["latent"] == near), near
+
+
+def stage_mfu(stage, gpu: GPU, opts: PlanOptions) -> tuple[float, str]:
+    """The MFU a stage is priced at, and where it comes from."""
+    cfg = stage.config
+    given = opts.mfu.lookup(cfg.name, cfg.resolution)
+    if given is not None:
+        return given, "--mfu"
+    if opts.gpu_bench:
+        got = bench_mfu(opts.gpu_bench, cfg.resolution // VAE_FACTOR)
+        if got is not None:
+            where = "" if got[1] == cfg.resolution // VAE_FACTOR else f" at {got[1] * VAE_FACTOR} px (nearest run)"
+            return got[0], f"measured{where} on {opts.gpu_bench.get('device', '?')}"
+    return DEFAULT_MFU[gpu.arch], f"assumed ({gpu.arch} default)"
+
+
+def check_stage(stage, opts: PlanOptions, source: str) -> int:
+    """The stage's GPU count; a UserError naming the stage and what it lacks (steps, batch, gpus)."""
+    cfg, given = stage.config, stage.given
+    missing = [what for what, ok in (("steps", "steps" in given),
+                                     ("batch_size or global_batch", "batch_size" in given or "global_batch" in given)) if not ok]
+    if missing:
+        raise UserError(f"{source} stage {cfg.name!r} has no {' and no '.join(missing)}: set them in the stage or in [defaults] to plan it")
+    gpus = stage.gpus or opts.gpus
+    if gpus is None and not cfg.global_batch:
+        raise UserError(f"{source} stage {cfg.name!r} gives batch_size per GPU but no gpus: add gpus = N to the stage or pass --gpus N")
+    if gpus is not None and (not isinstance(gpus, int) or gpus < 1):
+        raise UserError(f"{source} stage {cfg.name!r}: gpus = {gpus!r} should be a whole number >= 1")
+    return gpus or 1
+
+
+def caption_channels(text_encoder: str) -> int:
+    """T5 v1.1 encoder width from its name (XXL: 4096, the paper's); 4096 when the name says nothing."""
+    name = text_encoder.lower()
+    for size, width in (("xxl", 4096), ("xl", 2048), ("large", 1024), ("base", 768), ("small", 512)):
+        if size in name:
+            return width
+    return 4096
+
+
+def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
+    from t2i.models import flops_per_image
+
+    cfg = stage.config
+    gpus = check_stage(stage, opts, source)
+    per_step = (cfg.global_batch or cfg.batch_size * gpus) * cfg.grad_accum
+    images = float(cfg.steps * per_step)
+    latent = cfg.resolution // VAE_FACTOR
+    flops = images * flops_per_image(cfg.preset, (latent, latent), cfg.max_tokens, caption_channels(cfg.text_encoder))
+    mfu, basis = stage_mfu(stage, gpu, opts)
+    return Row("train", cfg.name, images, flops, flops / (gpu.peak_flops * mfu) / 3600, gpus, f"MFU {mfu:.1%} {basis}")
+
+
+def dataset_of(stage, names: list[str]) -> str | None:
+    """The --images dataset a stage reads: the name found in its shards path (longest match)."""
+    path = (stage.shards or "").lower()
+    hits = [n for n in names if n.lower() in path]
+    return max(hits, key=len) if hits else None
+
+
+def feature_rows(manifest, gpu: GPU, opts: PlanOptions, gpus: int) -> list[Row]:
+    """One row per (dataset, feature resolution) the stages need: VAE at that size + T5 per caption."""
+    f = {**FEATURES, **((opts.gpu_bench or {}).get("features") or {})}
+    src = "measured" if (opts.gpu_bench or {}).get("features") else "assumed"
+    seen, rows = set(), []
+    for stage in manifest.stages:
+        cfg, ds = stage.config, dataset_of(stage, list(opts.images))
+        if ds is None or (ds, cfg.resolution, cfg.max_tokens) in seen:
+            continue
+        seen.add((ds, cfg.resolution, cfg.max_tokens))
+        vae = f["vae_gflop_per_image"] * 1e9 * (cfg.resolution / f["resolution"]) ** 2
+        t5 = f["t5_gflop_per_caption"] * 1e9 * cfg.max_tokens / f["tokens"]
+        seconds = vae / (gpu.peak_flops * f["vae_mfu"]) + t5 / (gpu.peak_flops * f["t5_mfu"])
+        n = opts.images[ds]
+        rows.append(Row("features", f"{ds} @ {cfg.resolution} px", n, n * (vae + t5), n * seconds / 3600, gpus,
+                        f"VAE MFU {f['vae_mfu']:.1%}, T5 MFU {f['t5_mfu']:.1%} ({src})"))
+    return rows
+
+
+def caption_rate(gpu: GPU, opts: PlanOptions) -> tuple[float, str]:
+    """Captioner images/s per GPU on `gpu`, and where it comes from."""
+    if opts.caption_rate:
+        return opts.caption_rate, "--caption-rate"
+    cap = (opts.gpu_bench or {}).get("captioner") or {}
+    batches = [b for b in cap.get("batches", []) if b.get("images_per_s")]
+    bench_gpu = bench_device(opts.gpu_bench or {})
+    if batches and bench_gpu:
+        best = max(batches, key=lambda b: b["images_per_s"])
+        rate = best["images_per_s"] * gpu.mem_gbps / bench_gpu.mem_gbps
+        return rate, (f"measured {best['images_per_s']:.2f} img/s on {bench_gpu.name} ({cap.get('model', '?')}, batch {best['batch']}, "
+                      f"{cap.get('max_new_tokens', '?')} new tokens), scaled by memory bandwidth")
+    anchor = get_gpu(CAPTION_ANCHOR["gpu"])
+    rate = CAPTION_ANCHOR["images_per_s"] * gpu.mem_gbps / anchor.mem_gbps
+    return rate, f"{CAPTION_ANCHOR['images_per_s']:.2f} img/s per V100 ({CAPTION_ANCHOR['source']}), scaled by memory bandwidth"
+
+
+def caption_rows(gpu: GPU, opts: PlanOptions, gpus: int) -> list[Row]:
+    names = opts.captioned if opts.captioned is not None else list(opts.images)
+    unknown = [n for n in names if n not in opts.images]
+    if unknown:
+        raise UserError(f"--captioned {', '.join(unknown)} not in --images: use one of {', '.join(opts.images) or '(none given)'}")
+    rate, basis = caption_rate(gpu, opts)
+    return [Row("caption", n, opts.images[n], opts.images[n] * CAPTION_FLOPS_PER_IMAGE, opts.images[n] / rate / 3600, gpus,
+                f"{rate:.2f} img/s per GPU: {basis}") for n in names]
+
+
+def price(row: Row, gpu: GPU, opts: PlanOptions) -> Row:
+    """Fill in $, kWh (board power x PUE) and kgCO2e."""
+    row.usd = row.gpu_hours * opts.price if opts.price is not None else None
+    row.kwh = row.gpu_hours * gpu.watts / 1000 * opts.pue
+    row.kg_co2e = row.kwh * opts.grid_gco2_kwh / 1000
+    return row
+
+
+def plan(manifest_path: str | Path, opts: PlanOptions) -> dict[str, Any]:
+    """The cost of every step of a manifest's recipe on `opts.gpu`; see the module docstring."""
+    from t2i.manifest import load_manifest
+
+    gpu = get_gpu(opts.gpu)
+    manifest = load_manifest(manifest_path)
+    source = str(manifest_path)
+    train = [train_row(s, gpu, opts, source) for s in manifest.stages]
+    job_gpus = opts.gpus or max(r.gpus for r in train)
+    rows = caption_rows(gpu, opts, job_gpus) + feature_rows(manifest, gpu, opts, job_gpus) + train
+    rows = [price(r, gpu, opts) for r in rows]
+    unused = [n for n in opts.images if not any(dataset_of(s, [n]) for s in manifest.stages)]
+    totals = {k: sum(getattr(r, k) for r in rows) for k in ("images", "flops", "gpu_hours", "kwh", "kg_co2e")}
+    totals["gpu_days"] = totals["gpu_hours"] / 24
+    totals["usd"] = sum(r.usd for r in rows) if opts.price is not None else None
+    totals["train_gpu_days"] = sum(r.gpu_hours for r in train) / 24
+    return {"manifest": manifest.name, "gpu": gpu.__dict__, "rows": [r.as_dict() for r in rows], "totals": totals,
+            "assumptions": assumptions(gpu, opts, unused)}
+
+
+def assumptions(gpu: GPU, opts: PlanOptions, unused: list[str]) -> list[str]:
+    out = [
+        f"{gpu.name}: {gpu.peak_flops / 1e12:.0f} TFLOP/s dense 16-bit peak, {gpu.watts:.0f} W board power (costs/gpus.py, vendor datasheets)",
+        "GPU-hours = FLOPs / (peak x MFU); training FLOPs = 3 x forward matmuls per image (t2i.models.flops_per_image; "
+        "activation recomputation with gradient checkpointing is not counted, it lowers the MFU instead)",
+        f"MFU per stage: as in each row (--mfu, else a --gpu-bench JSON, else {DEFAULT_MFU[gpu.arch]:.0%} for {gpu.arch})",
+        f"image side / latent side = {VAE_FACTOR} (SD VAE); multi-aspect buckets priced as square images of the stage resolution",
+        f"captioning: every image of {', '.join(opts.captioned if opts.captioned is not None else opts.images) or 'no dataset'}; "
+        f"FLOPs ~ 2 x 7.06e9 parameters x 900 tokens per image (LLaVA-1.5-7B)",
+        "features: VAE encoder at each stage resolution + T5 per caption, once per dataset and resolution (the features cache key)",
+        f"power: board power for the whole GPU-hour (an upper bound; busy training GPUs draw close to it), x PUE {opts.pue}",
+        f"grid intensity {opts.grid_gco2_kwh:.0f} gCO2e/kWh" + (" (world average, IEA 2019)" if opts.grid_gco2_kwh == GRID_GCO2_KWH else ""),
+        "$: " + (f"{opts.price} per GPU-hour" if opts.price is not None else "no --price given"),
+        "not counted: evaluation, sampling, failed runs, data download and storage, the DiT import (the paper's ImageNet stage)",
+    ]
+    if opts.gpu_bench and bench_device(opts.gpu_bench) and bench_device(opts.gpu_bench).name != gpu.name:
+        out.append(f"MFU and encoder efficiencies measured on {opts.gpu_bench.get('device')} are applied to {gpu.name} as they are")
+    if unused:
+        out.append(f"--images {', '.join(unused)}: no stage reads it (captioned only)")
+    return out
+
+
+def load_gpu_bench(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        report = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--gpu-bench {p}: cannot read it as JSON ({e}): pass a benchmarks/gpu_bench.py report") from None
+    if not isinstance(report, dict) or not isinstance(report.get("results", []), list):
+        raise UserError(f"--gpu-bench {p} has no results list: pass a benchmarks/gpu_bench.py report")
+    return report
+
+
+def _num(x: float | None, digits: int = 1) -> str:
+    if x is None:
+        return "—"
+    return f"{x:,.{digits}f}"
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The plan as a Markdown table with its totals and assumptions."""
+    t = result["totals"]
+    lines = [f"# Plan: {result['manifest']} on {result['gpu']['name']}", "",
+             "| step | name | images | PFLOP | GPU-hours | GPU-days | GPUs | wall hours | $ | kWh | kgCO2e | basis |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['step']} | {r['name']} | {r['images']:,.0f} | {_num(r['flops'] / 1e15, 0)} | {_num(r['gpu_hours'])} | "
+                     f"{_num(r['gpu_days'])} | {r['gpus']} | {_num(r['wall_hours'])} | {_num(r['usd'], 0)} | {_num(r['kwh'], 0)} | "
+                     f"{_num(r['kg_co2e'], 0)} | {r['basis']} |")
+    lines.append(f"| **total** | | | {_num(t['flops'] / 1e15, 0)} | {_num(t['gpu_hours'])} | {_num(t['gpu_days'])} | | | "
+                 f"{_num(t['usd'], 0)} | {_num(t['kwh'], 0)} | {_num(t['kg_co2e'], 0)} | |")
+    lines += ["", "Assumptions:", ""] + [f"- {a}" for a in result["assumptions"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_plan(result: dict[str, Any], out: str | Path) -> list[Path]:
+    """plan.json and plan.md in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(result, indent=2))
+    (out / "plan.md").write_text(to_markdown(result))
+    return [out / "plan.json", out / "plan.md"]
