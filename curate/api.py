@@ -19,7 +19,7 @@ from shards.writer import ShardWriter, write_manifest
 from curate.scorers import Scorers, decode_ahead, decode_row, parse_scorers, score_batch
 
 DEDUP_DIR = "dedup"  # scores/dedup/: the whole-dataset duplicate pass, rebuilt after new rows
-INPUT_COLUMNS = ("key", "source", "member", "caption", "alt_text", "image")
+INPUT_COLUMNS = ("key", "address", "source", "member", "caption", "alt_text", "image")
 
 
 @dataclass

@@ -58,7 +58,9 @@ def write_caption_shards(world: Path, out: Path, planted: dict[str, str], langua
             continue
         caption = world_caption(scene)
         truth[key] = {"scene": scene, "quality": scene.quality, "original": key, "lang": "en"}
-        writer.add({"key": key, "source": str(world / rec["file_name"]), "caption": caption})
+        # world images carry an address (caption schema 2); the copies below only a source (schema 1)
+        path = str((world / rec["file_name"]).resolve())
+        writer.add({"key": key, "source": path, "address": path, "caption": caption})
     for i, (code, text) in enumerate((languages or {}).items()):
         key = f"lang_{code}"
         src = next(iter(truth))
