@@ -94,10 +94,11 @@ def fit_head(embeddings: np.ndarray, ratings: np.ndarray, epochs: int = 200, lr:
     return head.eval()
 
 
-def save_head(head: AestheticMLP, path: str | Path) -> Path:
-    from safetensors.torch import save_file
+def save_head(head: AestheticMLP, path: str | Path) -> str | Path:
+    """Write the head as safetensors (a local path or an object-store URI, via shards.fs)."""
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path))
+    from shards import fs
+
+    fs.write_bytes(path, save({k: v.contiguous() for k, v in head.state_dict().items()}))
     return path
