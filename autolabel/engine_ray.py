@@ -30,12 +30,10 @@ Ray is imported only here, and this module only when `--engine ray` is asked for
 from __future__ import annotations
 
 import json
-import logging
-import os
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 from PIL import Image
@@ -44,6 +42,7 @@ from shards.errors import UserError
 from shards.schema import CAPTION_SCHEMA
 from autolabel.backends import GenParams, _load_processor, input_short_side
 from autolabel.pipeline import PrepareOptions, RunRecorder, Summary, generate_or_isolate
+from shards.ray_session import ray_session
 from shards.images.sources import ImageItem, SourceEntry, count_items, iter_entries, iter_entry
 
 FILES_PER_UNIT = 256  # plain image files per read task
@@ -222,18 +221,6 @@ class CaptionActor:
 # --- the driver --------------------------------------------------------------------------------
 
 
-def _init_ray(ray, address: str | None) -> bool:
-    """Connect to `address`, or start a local Ray (no dashboard). True when we started it."""
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": os.cpu_count() or 1}
-    try:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
-    except ConnectionError as e:
-        raise UserError(f"cannot connect to Ray at --ray-address {address} ({e}): start the cluster (ray start --head) or pass its address") from None
-    return True
-
-
 def _actor_resources(cluster: dict, replicas: int) -> dict:
     """One GPU per replica on a GPU cluster. On CPUs, at most one CPU each and always half a CPU
     left for the read/prepare tasks: actors holding every CPU would starve them and hang the job."""
@@ -263,12 +250,7 @@ def caption_with_ray(
     prepare_opts = replace(prepare_opts, min_short=input_short_side(SimpleNamespace(processor=processor)))
     rec = RunRecorder(out_dir, shard_size, config, retry_failed)
     skip_keys = rec.skip_keys
-    started = _init_ray(ray, address)
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # rows in input order, as the local engine
-        ctx.enable_progress_bars = False  # ours is on screen
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    with ray_session(address):
         actor_resources = _actor_resources(ray.cluster_resources(), replicas)
         # one block per unit (capped), so read tasks spread over the cluster
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=min(len(units), 10_000))
@@ -298,7 +280,4 @@ def caption_with_ray(
                         continue
                     rec.emit(row)
                     bar.update(task, advance=1, rate=rec.rate())
-    finally:
-        if started:
-            ray.shutdown()
     return rec.finish()

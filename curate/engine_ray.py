@@ -10,7 +10,6 @@ Imported only when `--engine ray` is used.
 
 from __future__ import annotations
 
-import logging
 from typing import Iterator
 
 import pyarrow as pa
@@ -46,20 +45,14 @@ def import_ray():
 def score_with_ray(paths: list[str], columns: list[str], spec: tuple, done: set[str], batch_size: int,
                    replicas: int, address: str | None) -> Iterator[list[dict]]:
     """Score rows of the caption shards at `paths` on Ray; yields lists of score rows in order."""
-    import ray
-    import ray.data
+    from shards.ray_session import ray_session
 
-    if not ray.is_initialized():
-        kwargs = {"address": address} if address else {"num_cpus": max(1, replicas)}
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ds = ray.data.read_parquet(paths).select_columns(columns)
-    if len(paths) < 2 * replicas:  # one shard is one block: split it so every replica gets work
-        ds = ds.repartition(2 * replicas)
-    scored = ds.map_batches(score_block, fn_kwargs={"spec": spec, "done": pa.array(sorted(done), pa.string())},
-                            batch_size=batch_size, batch_format="pyarrow", concurrency=replicas)  # fmt: skip
-    for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if block.num_rows:
-            yield block.to_pylist()
+    with ray_session(address, num_cpus=max(1, replicas)) as ray:
+        ds = ray.data.read_parquet(paths).select_columns(columns)
+        if len(paths) < 2 * replicas:  # one shard is one block: split it so every replica gets work
+            ds = ds.repartition(2 * replicas)
+        scored = ds.map_batches(score_block, fn_kwargs={"spec": spec, "done": pa.array(sorted(done), pa.string())},
+                                batch_size=batch_size, batch_format="pyarrow", concurrency=replicas)  # fmt: skip
+        for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if block.num_rows:
+                yield block.to_pylist()

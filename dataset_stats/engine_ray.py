@@ -11,7 +11,6 @@ engine uses, so both engines give identical numbers. Imported only when `--engin
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Optional
 
 import pyarrow as pa
@@ -116,18 +115,9 @@ def count_with_ray(
     advance: Callable[[NounAccumulator], None] = lambda acc: None,
 ) -> None:
     """Tag `source` with Ray actors and merge the results into `acc`, in input order."""
-    import ray
-    import ray.data
+    from shards.ray_session import ray_session
 
-    started = False
-    if not ray.is_initialized():
-        kwargs = {"address": address} if address else {"num_cpus": workers}
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
-        started = True
-    try:
-        ray.data.DataContext.get_current().execution_options.preserve_order = True  # growth curve = local engine's
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours is on screen
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    with ray_session(address, num_cpus=workers) as ray:
         ds, column = _dataset(source, chunk_size, workers)
         tagged = ds.map_batches(
             tag_batch,
@@ -140,9 +130,6 @@ def count_with_ray(
         for batch in tagged.iter_batches(batch_format="pyarrow", batch_size=None):
             _merge(batch, acc)
             advance(acc)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _merge(batch: pa.Table, acc: NounAccumulator) -> None:
