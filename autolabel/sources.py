@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards.errors import UserError
@@ -51,10 +52,13 @@ def _sidecar_info(raw: bytes | str) -> dict:
     """image_id/width/height from an SA-1B JSON sidecar ({"image": {...}, "annotations": [...]}),
     plus an alt-text when the sidecar carries one (`image.alt_text`; SA-1B itself has none)."""
     try:
-        info = json.loads(raw).get("image", {})
+        doc = json.loads(raw)
+        info = doc.get("image", {})
         out = {k: info.get(k) for k in ("image_id", "width", "height")}
         if isinstance(info.get("alt_text"), str):
             out["alt"] = info["alt_text"]
+        elif "image" not in doc and isinstance(doc.get("caption"), str):  # img2dataset's sidecar
+            out["alt"] = doc["caption"]
         return out
     except (ValueError, AttributeError):
         return {}
@@ -72,7 +76,8 @@ def iter_folder(root: Path) -> Iterator[ImageItem]:
         if _is_tar(p):
             yield from iter_tar(p, key_prefix=f"{root.name}/{p.relative_to(root).as_posix()}")
         elif p.suffix == ".parquet":
-            yield from iter_parquet(p, key_prefix=f"{root.name}/{p.relative_to(root).as_posix()}")
+            if has_image_column(p):  # else metadata next to the images (img2dataset's layout): not a source
+                yield from iter_parquet(p, key_prefix=f"{root.name}/{p.relative_to(root).as_posix()}")
         elif p.suffix.lower() in IMAGE_EXTS:
             item = ImageItem(key=f"{root.name}/{p.relative_to(root).as_posix()}", source=str(p), path=str(p))
             sidecar = p.with_suffix(".json")
@@ -146,7 +151,7 @@ def iter_parquet(path: Path | str, key_prefix: str | None = None, batch_rows: in
     from shards import fs as shard_fs
 
     prefix = key_prefix or shard_fs.basename(path)
-    pf = shard_fs.parquet_file(path)
+    pf = open_parquet(path)
     cols = pf.schema_arrow.names
     image_col = _pick(cols, IMAGE_COLUMNS)
     if image_col is None:
@@ -210,7 +215,7 @@ def count_items(srcs: Sequence[str | Path]) -> int | None:
                 total += n
                 continue
             if f.suffix == ".parquet":
-                total += pq.ParquetFile(f).metadata.num_rows
+                total += open_parquet(f).metadata.num_rows if (f == p or has_image_column(f)) else 0
             elif f.suffix.lower() in IMAGE_EXTS and f.is_file():
                 total += 1
     return total
@@ -223,4 +228,22 @@ def validate_sources(srcs: Sequence[str | Path]) -> None:
     for src in srcs:
         if not Path(src).exists():
             raise UserError(f"--src {src} does not exist: pass an existing folder, .tar or .parquet")
+        if Path(src).suffix == ".parquet":
+            open_parquet(src)  # a damaged file fails here, in one line, before any model loads
+
+
+def open_parquet(path: Path | str) -> pq.ParquetFile:
+    """The ParquetFile at `path` (a path or URI); UserError (one line) when it is not readable Parquet."""
+    from shards import fs as shard_fs
+
+    try:
+        return shard_fs.parquet_file(path)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        raise UserError(f"--src {path} is not a readable Parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                        "download it again or leave it out") from None
+
+
+def has_image_column(path: Path | str) -> bool:
+    """Whether a Parquet file holds images (one of IMAGE_COLUMNS), rather than only metadata."""
+    return _pick(open_parquet(path).schema_arrow.names, IMAGE_COLUMNS) is not None
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from shards import ShardError, UserError, clean_incomplete, complete_shards, done_keys, iter_batches
+from shards.lock import output_lock
 from shards.writer import write_manifest
 
 FEATURE_VERSION = 1
@@ -218,7 +219,12 @@ def compute_features(shards_dir: str | Path, root: str | Path, cfg: FeatureConfi
     if not complete_shards(shards_dir):
         raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
     out = features_dir(root, cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "features"):  # one writer per features directory, before any clean-up
+        return _compute_features_locked(shards_dir, out, cfg, device, progress)
+
+
+def _compute_features_locked(shards_dir, out: Path, cfg: FeatureConfig, device: str | None, progress: bool) -> dict[str, Any]:
+    """compute_features, run while this process holds `out`'s lock."""
     clean_incomplete(out)
     (out / "config.json").write_text(json.dumps({**asdict(cfg), "cache_key": cfg.cache_key()}, indent=2))
     done = done_keys(out)

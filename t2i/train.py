@@ -25,6 +25,7 @@ import torch
 
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
+from t2i import recovery
 from t2i import sharding
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, compute_features, features_dir
 
@@ -150,16 +151,12 @@ def build_model(cfg: TrainConfig, latent_size: int, caption_channels: int):
 
 
 def _append_jsonl(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    recovery.append_jsonl(path, rec)
 
 
 def _truncate_log(path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be redone)."""
-    if not path.exists():
-        return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    path.write_text("".join(l + "\n" for l in keep))
+    recovery.truncate_log(path, step)  # tolerates a half-written last line; rewrites atomically
 
 
 def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -299,6 +296,7 @@ def make_accelerator(cfg: TrainConfig):
     return accel
 
 
+@recovery.guard_run_dir  # one writer per run directory; no fresh run into an old one
 def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, features: str | Path | None = None,
           resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Run one training stage. `shards`: caption shards (features are computed when missing);
@@ -357,7 +355,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     log_path = out / "log.jsonl"
     ck = None
     if resume:
-        ck = ckpt.latest_checkpoint(out)
+        ck = recovery.resumable_checkpoint(out, set_aside=accel.is_main_process)  # verified; falls back, says so
         if ck is None:
             raise UserError(f"--resume but no checkpoint in {out}: drop --resume to start fresh")
         st = json.loads((ck / "trainer_state.json").read_text())
