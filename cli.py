@@ -41,7 +41,7 @@ def user_errors(fn: Callable) -> Callable:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
         except OSError as e:
-            err = resource_error(e)
+            err = resource_error(e, e.filename or kwargs.get("out"))
             if err is None:
                 raise
             typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
