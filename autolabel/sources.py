@@ -22,6 +22,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
 ALT_COLUMNS = ("alt_text", "caption", "TEXT", "text", "alt", "txt")
+TRUNCATED = "#truncated"  # key suffix of the error row of a tar that ended early
 
 
 @dataclass
@@ -136,7 +137,7 @@ def iter_tar(path: Path, key_prefix: str | None = None, max_pending: int = 64) -
                         if len(pending) > max_pending:  # its sidecar is not coming soon: don't hoard memory
                             yield pending.pop(next(iter(pending)))
         except (tarfile.TarError, OSError, EOFError) as e:
-            yield ImageItem(key=f"{prefix}#truncated", source=str(path), error=f"tar stream ended early: {e}")
+            yield ImageItem(key=f"{prefix}{TRUNCATED}", source=str(path), error=f"tar stream ended early: {e}")
     yield from pending.values()
 
 

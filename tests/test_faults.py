@@ -227,3 +227,40 @@ def test_img2dataset_folder_is_not_refused_for_its_metadata_parquet(tmp_path):
     assert [it.key for it in items] == [f"laion/00000/00000{i:04d}.jpg" for i in range(3)]
     assert [it.alt for it in items] == ["alt 0", "alt 1", "alt 2"]  # the img2dataset sidecar's caption
     assert count_items([root]) == 3
+
+
+def test_truncated_tar_error_row_goes_once_the_tar_is_whole(tmp_path, tiny_model):
+    import tarfile
+
+    from autolabel.api import run_caption
+    from autolabel.backends import TransformersCaptioner
+
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w") as tf:
+        for i in range(3):
+            data = jpeg_bytes(seed=i)
+            info = tarfile.TarInfo(f"sa_{i}.jpg")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    tar = tmp_path / "sa_000000.tar"
+    tar.write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])  # a download cut short
+    captioner = TransformersCaptioner(str(tiny_model))
+    kw = dict(max_new_tokens=2, shard_size=2, progress=False, captioner=captioner)
+    run_caption([tar], tmp_path / "out", **kw)
+    rows = read_rows(tmp_path / "out")
+    assert "sa_000000.tar#truncated" in rows["key"].to_list()
+    tar.write_bytes(whole.getvalue())  # downloaded again, whole
+    run_caption([tar], tmp_path / "out", retry_failed=True, **kw)
+    rows = read_rows(tmp_path / "out")
+    assert sorted(rows["key"]) == [f"sa_000000.tar/sa_{i}.jpg" for i in range(3)]
+    assert rows["error"].null_count() == 3
+
+
+def test_vllm_logs_to_stderr_and_its_temp_dir_goes_at_exit(tmp_path):
+    code = ("import os; from autolabel.backends import vllm_env; vllm_env(); "
+            "print(os.environ['VLLM_LOGGING_STREAM'], os.environ['VLLM_RPC_BASE_PATH'])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    stream, base = r.stdout.split()
+    assert stream == "ext://sys.stderr" and "t2i-vllm-" in base
+    assert not Path(base).exists()
