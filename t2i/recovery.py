@@ -134,14 +134,17 @@ def truncate_log(path: Path, step: int) -> None:
     a half-written line a crash left; rewritten atomically."""
     if not path.exists():
         return
-    keep = []
+    keep, broken = [], 0
     for line in path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
-            continue  # the line a kill cut short
+            broken += 1  # the line a kill cut short
+            continue
         if isinstance(rec, dict) and rec.get("step", 0) <= step:
             keep.append(line)
+    if broken:
+        warn(f"dropped {broken} half-written line(s) of {path}")
     write_text_atomic(path, "".join(l + "\n" for l in keep))
 
 

@@ -126,7 +126,7 @@ def test_no_valid_checkpoint_is_a_one_line_error(world, tmp_path):
         run(world, out, resume=True)
 
 
-def test_half_written_log_line_is_dropped_on_resume(world, tmp_path, reference):
+def test_half_written_log_line_is_dropped_on_resume(world, tmp_path, reference, capfd):
     """Finding 3: a kill in the middle of a log line gave a JSONDecodeError on resume."""
     out = tmp_path / "run"
     run(world, out, stop_after=8)
@@ -134,6 +134,7 @@ def test_half_written_log_line_is_dropped_on_resume(world, tmp_path, reference):
         f.write('{"step": 9, "epoch": 1, "lo')
     r = run(world, out, resume=True)
     assert r["start_step"] == 8
+    assert "warning: dropped 1 half-written line(s)" in capfd.readouterr().err
     assert_same_as_reference(out, r, reference)
 
 
