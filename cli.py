@@ -177,6 +177,7 @@ def features_cmd(
     max_tokens: int = typer.Option(120, "--max-tokens"),
     text_dtype: str = typer.Option("float16", "--text-dtype"),
     batch_size: int = typer.Option(16, "--batch-size"),
+    shard_size: int = typer.Option(1000, "--shard-size", help="rows per feature shard"),
     threads: int = typer.Option(0, help="torch CPU threads (0: default)"),
 ):
     """Encode images once (VAE posterior mean/std, T5 features + mask) into feature shards.
@@ -187,7 +188,7 @@ def features_cmd(
 
     _t2i_threads(threads)
     cfg = FeatureConfig(vae=vae, text_encoder=text_encoder, resolution=resolution, buckets=buckets,
-                        max_tokens=max_tokens, text_dtype=text_dtype, batch_size=batch_size)
+                        max_tokens=max_tokens, text_dtype=text_dtype, batch_size=batch_size, rows_per_shard=shard_size)
     r = compute_features(shards, out, cfg)
     typer.echo(f"{r['rows']} samples in {r['dir']} ({r['new']} new, {r['skipped_invalid']} rows without caption, {r['failed']} unreadable)")
 

@@ -130,12 +130,6 @@ def make_jobs(world: dict, reference: dict) -> list[Job]:
     import torch
 
     caption_keys = {f"images/sa_{i}.jpg" for i in range(N_IMAGES)} | {"images/broken.jpg"}
-    feature_code = (
-        "import sys; from t2i.features import FeatureConfig, compute_features; "
-        f"compute_features({str(world['captions'])!r}, sys.argv[1], FeatureConfig(vae={world['vae']!r}, "
-        f"text_encoder={world['text_encoder']!r}, resolution=16, max_tokens=16, text_dtype='float32', batch_size=8, "
-        "rows_per_shard=8), progress=False)"
-    )
 
     def train_check(out: Path) -> dict:
         steps = [r["step"] for r in _log(out / "s")]
@@ -149,7 +143,9 @@ def make_jobs(world: dict, reference: dict) -> list[Job]:
                                     "--backend", "transformers", "--max-new-tokens", "6", "--temperature", "0", "--batch-size", "2",
                                     "--shard-size", "2", "--workers", "1", "--no-progress"],
             lambda out: bool(list(out.glob("*.done"))), lambda out: _count(_keys(out), caption_keys)),
-        Job("features", lambda out: [sys.executable, "-c", feature_code, str(out)],
+        Job("features", lambda out: [*CLI, "features", "--shards", str(world["captions"]), "--out", str(out), "--vae", world["vae"],
+                                     "--text-encoder", world["text_encoder"], "--resolution", "16", "--max-tokens", "16",
+                                     "--text-dtype", "float32", "--batch-size", "8", "--shard-size", "8"],
             lambda out: bool(list(_features_dir(out).glob("*.done"))), lambda out: _count(_keys(_features_dir(out)), set(_keys(world["captions"])))),
         Job("train", lambda out: [*CLI, "train", "--manifest", str(world["manifest"]), "--shards", str(world["captions"]), "--out", str(out),
                                   "--vae", world["vae"], "--text-encoder", world["text_encoder"]],
