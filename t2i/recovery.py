@@ -170,7 +170,8 @@ def guard_run_dir(train_fn: Callable) -> Callable:
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         out, resume = Path(bound.arguments["out"]), bool(bound.arguments["resume"])
-        if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: the other ranks follow rank 0
+        if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: rank 0 holds the lock for all
+            refuse_fresh_run_into_old(out, resume)  # every rank stops alike (none waits on a rank that quit)
             return train_fn(*args, **kwargs)
         with output_lock(out, "train"):
             refuse_fresh_run_into_old(out, resume)
