@@ -40,8 +40,8 @@ def user_errors(fn: Callable) -> Callable:
         except UserError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
-        except OSError as e:
-            err = resource_error(e, e.filename or kwargs.get("out"))
+        except Exception as e:  # resource errors only (full disk, read-only, ...); anything else is a bug: re-raised
+            err = resource_error(e, getattr(e, "filename", None) or kwargs.get("out"))
             if err is None:
                 raise
             typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

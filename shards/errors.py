@@ -20,21 +20,19 @@ class UserError(Exception):
 
 
 def resource_errno(e: BaseException) -> int | None:
-    """The errno of a resource error (also for pyarrow's IOErrors, which may carry it only in
-    the message), or None for other errors."""
-    if not isinstance(e, OSError):
-        return None
-    if e.errno in RESOURCE_FIXES:
+    """The errno of a resource error, or None for other errors. Libraries that wrap the OS error
+    (pyarrow's IOErrors, safetensors' SafetensorError) may carry it only in the message."""
+    if isinstance(e, OSError) and e.errno in RESOURCE_FIXES:
         return e.errno
     text = str(e)
     return next((n for n, word in ((errno.ENOSPC, "No space left"), (errno.EROFS, "Read-only file system"),
                                    (errno.EDQUOT, "Disk quota exceeded")) if word in text), None)
 
 
-def resource_error(e: OSError, path: object = None, doing: str = "write") -> UserError | None:
+def resource_error(e: BaseException, path: object = None, doing: str = "write") -> UserError | None:
     """A one-line UserError naming the path for a resource OSError, or None for other errors."""
     n = resource_errno(e)
     if n is None:
         return None
-    where = path if path is not None else (e.filename or "the output")
+    where = path if path is not None else (getattr(e, "filename", None) or "the output")
     return UserError(f"cannot {doing} {where}: {RESOURCE_FIXES[n]}")

@@ -163,3 +163,36 @@ def test_cli_checkpoint_flags_and_refusal(world, tmp_path):
     assert r.exit_code == 2 and "--resume" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(cli.app, [*args[:-1], "12", "--resume", "--checkpoint-every", "2"])
     assert r.exit_code == 0 and "trained to step 12" in r.output, r.output
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_resumable(world, tmp_path, monkeypatch):
+    """ENOSPC in the middle of a checkpoint: one line, exit 2, the half-written checkpoint never
+    counts, and --resume continues from the last whole one."""
+    from safetensors import SafetensorError
+    from typer.testing import CliRunner
+
+    import cli
+    from t2i import checkpoint
+
+    real, calls = checkpoint.save_file, {"n": 0}
+
+    def fills_up(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 4:  # the first checkpoint's four files fit, the second one's do not
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+        return real(*a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_file", fills_up)
+    out = tmp_path / "run"
+    args = ["train", "--shards", str(world["captions"]), "--out", str(out), "--preset", "PixArt-tiny/2", "--resolution", "16",
+            "--vae", world["vae"], "--text-encoder", world["text_encoder"], "--batch-size", "32", "--steps", "6", "--checkpoint-every", "2"]
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write {out}: no space left on the device") and "Traceback" not in r.output
+    from t2i.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(out).name == "step-0000002"
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    r = CliRunner().invoke(cli.app, [*args, "--resume"])
+    assert r.exit_code == 0 and "trained to step 6" in r.output, r.output
