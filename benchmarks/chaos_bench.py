@@ -279,33 +279,39 @@ def specific_faults(world: dict, jobs: dict[str, Job], ref_run: Path, root: Path
 
 # ---- the whole suite ------------------------------------------------------------------------------
 
-def run_chaos(trials: int, root: Path, seed: int = 0, faults: bool = True, log: Callable[[str], None] = print) -> dict:
-    """{"jobs": {name: JobResult}, "faults": [(fault, ok, seen)]}."""
+def run_chaos(trials: int, root: Path, seed: int = 0, faults: bool = True, log: Callable[[str], None] = print,
+              deadline: float | None = None, on_round: Callable[[dict], None] | None = None) -> dict:
+    """{"jobs": {name: JobResult}, "faults": [(fault, ok, seen)]}. Trials go round-robin over the
+    jobs (so all have as many when time runs out); no new round starts after `deadline`
+    (time.time()); `on_round` sees the result so far after each round."""
     world = build_world(root)
     reference: dict = {}
     jobs = make_jobs(world, reference)
     rng = random.Random(seed)
-    results = {}
+    result: dict = {"jobs": {j.name: JobResult() for j in jobs}, "faults": []}
     for job in jobs:
-        res = JobResult()
-        clean_run(job, root / f"clean-{job.name}", res)
-        if job.name == "train":
-            run = root / "clean-train" / "s"
-            reference.update(ema=_ema(run), losses=[r["loss"] for r in _log(run)])
-        for i in range(trials):
-            trial(job, root / f"{job.name}-{i}", rng, res)
-            shutil.rmtree(root / f"{job.name}-{i}", ignore_errors=True)
-        log(f"{job.name}: {res}")
-        results[job.name] = res
-    out = {"jobs": results, "faults": []}
+        clean_run(job, root / f"clean-{job.name}", result["jobs"][job.name])
+    run = root / "clean-train" / "s"
+    reference.update(ema=_ema(run), losses=[r["loss"] for r in _log(run)])
     if faults:
-        out["faults"] = specific_faults(world, {j.name: j for j in jobs}, root / "clean-train", root)
-    return out
+        result["faults"] = specific_faults(world, {j.name: j for j in jobs}, root / "clean-train", root)
+    for i in range(trials):
+        if deadline is not None and time.time() > deadline:
+            log(f"deadline reached after {i} trials per job")
+            break
+        for job in jobs:
+            trial(job, root / f"{job.name}-{i}", rng, result["jobs"][job.name])
+            shutil.rmtree(root / f"{job.name}-{i}", ignore_errors=True)
+        log(f"round {i + 1}: " + "; ".join(f"{n}: lost {r.lost} dup {r.duplicated} unequal {r.unequal} failed {len(r.failed_reruns)}"
+                                           for n, r in result["jobs"].items()))
+        if on_round:
+            on_round(result)
+    return result
 
 
 def render(result: dict, trials: int) -> str:
     lines = [
-        f"Random `kill -9` trials ({trials} per job; a quarter kill the rerun too), then the same command run to the end.",
+        f"Random `kill -9` trials ({trials} per job; in about a quarter the rerun is killed too), then the same command run to the end.",
         "Kill moments: uniform from 80% of the time a clean run takes to its first durable output (shard, checkpoint)",
         "to the time it ends, so that most kills land while it writes. `lost`/`duplicated`: keys (caption, features) or",
         "log steps (train) missing / beyond one each after the rerun. Train: EMA weights and every logged loss compared",
@@ -321,7 +327,7 @@ def render(result: dict, trials: int) -> str:
         lines += ["", "| specific fault | handled | what the user sees |", "|---|---|---|"]
         for fault, ok, seen in result["faults"]:
             lines.append(f"| {fault} | {'yes' if ok else 'NO'} | `{seen.replace('|', '/')[:300]}` |")
-    lines += ["", "Run: `python benchmarks/chaos_bench.py --trials " + str(trials) + "`"]
+    lines += ["", f"Run: `python benchmarks/chaos_bench.py --trials {trials}` (trials go round-robin over the jobs)."]
     return "\n".join(lines)
 
 
@@ -329,16 +335,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20, help="random kills per job")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=None, help="start no new round of trials after this long")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        result = run_chaos(args.trials, Path(tmp), args.seed)
-    body = render(result, args.trials)
-    print(body)
-    if not args.no_write:
-        from benchmarks._report import write_section
+    deadline = time.time() + 60 * args.minutes if args.minutes else None
 
-        print(f"wrote {write_section('chaos_bench', body)}")
+    def record(result: dict) -> None:  # after every round: a stopped run still leaves its figures
+        body = render(result, min(r.trials for r in result["jobs"].values()))
+        if not args.no_write:
+            from benchmarks._report import write_section
+
+            write_section("chaos_bench", body)
+
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        result = run_chaos(args.trials, Path(tmp), args.seed, deadline=deadline, on_round=record)
+    record(result)
+    print(render(result, min(r.trials for r in result["jobs"].values())))
 
 
 if __name__ == "__main__":
