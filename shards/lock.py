@@ -129,7 +129,10 @@ def _lease(directory: str, me: dict, ttl: float) -> Iterator[None]:
 
     def beat() -> None:
         while not stop.wait(ttl / 3):
-            _write_lease(path, me, ttl)
+            try:
+                _write_lease(path, me, ttl)
+            except Exception:  # noqa: BLE001 - a network hiccup: the next beat tries again, well before expiry
+                pass
 
     thread = threading.Thread(target=beat, name="t2i-lease-heartbeat", daemon=True)
     thread.start()
