@@ -50,6 +50,7 @@ class Job:
     name: str
     command: Callable[[Path], list[str]]
     committed: Callable[[Path], bool]  # anything durable written yet (for the report)
+    progress: Callable[[Path], int]  # units written so far (shards, log lines): where kills are aimed
     check: Callable[[Path], dict]  # {"lost", "duplicated", "equal"}
 
 
@@ -65,6 +66,7 @@ class JobResult:
     failed_reruns: list[str] = field(default_factory=list)
     clean_s: float = 0.0
     first_commit_s: float = 0.0
+    units: int = 0  # progress units of a clean run
 
 
 # ---- the world ----------------------------------------------------------------------------------
@@ -142,16 +144,25 @@ def make_jobs(world: dict, reference: dict) -> list[Job]:
         Job("caption", lambda out: [*CLI, "caption", "--src", str(world["images"]), "--out", str(out), "--model", str(world["llava"]),
                                     "--backend", "transformers", "--max-new-tokens", "6", "--temperature", "0", "--batch-size", "2",
                                     "--shard-size", "2", "--workers", "1", "--no-progress"],
-            lambda out: bool(list(out.glob("*.done"))), lambda out: _count(_keys(out), caption_keys)),
+            lambda out: bool(list(out.glob("*.done"))), lambda out: _count(_keys(out), caption_keys),
+            lambda out: len(list(out.glob("*.done")))),
         Job("features", lambda out: [*CLI, "features", "--shards", str(world["captions"]), "--out", str(out), "--vae", world["vae"],
                                      "--text-encoder", world["text_encoder"], "--resolution", "16", "--max-tokens", "16",
                                      "--text-dtype", "float32", "--batch-size", "8", "--shard-size", "8"],
-            lambda out: bool(list(_features_dir(out).glob("*.done"))), lambda out: _count(_keys(_features_dir(out)), set(_keys(world["captions"])))),
+            lambda out: bool(list(_features_dir(out).glob("*.done"))), lambda out: _count(_keys(_features_dir(out)), set(_keys(world["captions"]))),
+            lambda out: len(list(_features_dir(out).glob("*.done")))),
         Job("train", lambda out: [*CLI, "train", "--manifest", str(world["manifest"]), "--shards", str(world["captions"]), "--out", str(out),
                                   "--vae", world["vae"], "--text-encoder", world["text_encoder"]],
             lambda out: (out / "s" / "checkpoints").is_dir() and any(p.name.startswith("step-") for p in (out / "s" / "checkpoints").iterdir()),
-            train_check),
+            train_check, lambda out: _lines(out / "s" / "log.jsonl")),
     ]
+
+
+def _lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
 
 
 # ---- trials -------------------------------------------------------------------------------------
@@ -160,11 +171,19 @@ def run_to_end(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProc
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def kill_at(cmd: list[str], delay: float) -> bool:
-    """Start `cmd`, SIGKILL it after `delay` s; False when it finished first."""
-    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_during(job: Job, out: Path, rng: random.Random, res: JobResult) -> bool:
+    """Start the job and SIGKILL it at a random point of its writing: after a random number u of
+    progress units (shards, log lines) are written, plus a random part of one unit's time; u = 0:
+    a random moment before its first unit. Aimed by progress, not by the clock, so the kills land
+    while it writes whatever the machine's load. False when it finished first."""
+    done = job.progress(out)
+    u = rng.randrange(done, max(res.units, done + 1))
+    unit_s = (res.clean_s - res.first_commit_s) / max(res.units, 1)
+    p = subprocess.Popen(job.command(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while u > done and p.poll() is None and job.progress(out) < u:
+        time.sleep(0.01)
     try:
-        p.wait(timeout=delay)
+        p.wait(timeout=rng.uniform(0, res.first_commit_s if u == done else unit_s))
         return False
     except subprocess.TimeoutExpired:
         os.kill(p.pid, signal.SIGKILL)
@@ -177,8 +196,7 @@ def trial(job: Job, out: Path, rng: random.Random, res: JobResult) -> None:
     res.trials += 1
     res.double_kills += kills == 2
     for _ in range(kills):
-        # while it writes: from just before its first durable output to its end
-        if not kill_at(job.command(out), rng.uniform(0.8 * res.first_commit_s, res.clean_s)):
+        if not kill_during(job, out, rng, res):
             res.finished_before_kill += 1
             break
     res.killed_after_commit += job.committed(out)
@@ -202,6 +220,7 @@ def clean_run(job: Job, out: Path, res: JobResult) -> None:
         time.sleep(0.02)
     res.clean_s = time.perf_counter() - t
     res.first_commit_s = res.first_commit_s or res.clean_s
+    res.units = job.progress(out)
     if p.returncode != 0:
         raise RuntimeError(f"clean {job.name} run failed: {p.stderr.read()[-2000:]}")
 
@@ -312,17 +331,18 @@ def run_chaos(trials: int, root: Path, seed: int = 0, faults: bool = True, log: 
 def render(result: dict, trials: int) -> str:
     lines = [
         f"Random `kill -9` trials ({trials} per job; in about a quarter the rerun is killed too), then the same command run to the end.",
-        "Kill moments: uniform from 80% of the time a clean run takes to its first durable output (shard, checkpoint)",
-        "to the time it ends, so that most kills land while it writes. `lost`/`duplicated`: keys (caption, features) or",
+        "Kill moments are aimed by progress: after a random number of written units (caption/features: shards of 2/8 rows,",
+        "train: log lines, one per step; checkpoint every 2 steps), plus a random part of one unit's time; or before the",
+        "first unit. `finished first`: the run ended before its kill (not counted as a kill). `lost`/`duplicated`: keys (caption, features) or",
         "log steps (train) missing / beyond one each after the rerun. Train: EMA weights and every logged loss compared",
         "with an uninterrupted run (`torch.equal`, bit for bit).", "",
-        "| job | trials | double kills | kills after first commit | lost | duplicated | resume equal | failed reruns | first commit s | clean run s |",
+        "| job | trials | double kills | finished first | kills after first commit | lost | duplicated | resume equal | failed reruns | clean run s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["jobs"].items():
         equal = f"{r.trials - r.unequal - len(r.failed_reruns)}/{r.trials}" if name == "train" else "n/a"
-        lines.append(f"| {name} | {r.trials} | {r.double_kills} | {r.killed_after_commit} | {r.lost} | {r.duplicated} | {equal} | "
-                     f"{len(r.failed_reruns)} | {r.first_commit_s:.1f} | {r.clean_s:.1f} |")
+        lines.append(f"| {name} | {r.trials} | {r.double_kills} | {r.finished_before_kill} | {r.killed_after_commit} | {r.lost} | "
+                     f"{r.duplicated} | {equal} | {len(r.failed_reruns)} | {r.clean_s:.1f} |")
     if result["faults"]:
         lines += ["", "| specific fault | handled | what the user sees |", "|---|---|---|"]
         for fault, ok, seen in result["faults"]:
