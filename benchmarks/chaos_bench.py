@@ -50,8 +50,8 @@ class Job:
     name: str
     command: Callable[[Path], list[str]]
     committed: Callable[[Path], bool]  # anything durable written yet (for the report)
-    progress: Callable[[Path], int]  # units written so far (shards, log lines): where kills are aimed
     check: Callable[[Path], dict]  # {"lost", "duplicated", "equal"}
+    progress: Callable[[Path], int]  # units written so far (shards, log lines): where kills are aimed
 
 
 @dataclass
@@ -312,8 +312,6 @@ def run_chaos(trials: int, root: Path, seed: int = 0, faults: bool = True, log: 
         clean_run(job, root / f"clean-{job.name}", result["jobs"][job.name])
     run = root / "clean-train" / "s"
     reference.update(ema=_ema(run), losses=[r["loss"] for r in _log(run)])
-    if faults:
-        result["faults"] = specific_faults(world, {j.name: j for j in jobs}, root / "clean-train", root)
     for i in range(trials):
         if deadline is not None and time.time() > deadline:
             log(f"deadline reached after {i} trials per job")
@@ -325,6 +323,8 @@ def run_chaos(trials: int, root: Path, seed: int = 0, faults: bool = True, log: 
                                            for n, r in result["jobs"].items()))
         if on_round:
             on_round(result)
+    if faults:
+        result["faults"] = specific_faults(world, {j.name: j for j in jobs}, root / "clean-train", root)
     return result
 
 
