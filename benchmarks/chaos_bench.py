@@ -245,7 +245,10 @@ def _second_run_refused(job: Job, out: Path) -> tuple[bool, str]:
     first.communicate(timeout=600)
     c = job.check(out)
     ok = second.returncode == 2 and "in use by another" in second.stderr and first.returncode == 0 and c["lost"] == c["duplicated"] == 0
-    return ok, second.stderr.strip().splitlines()[-1] if second.stderr.strip() else f"exit {second.returncode}"
+    seen = second.stderr.strip().splitlines()[-1] if second.stderr.strip() else f"exit {second.returncode}"
+    if not ok:  # say why: the first run's exit status and what its output holds
+        seen = f"first run: exit {first.returncode}, lost {c['lost']}, duplicated {c['duplicated']}; second: {seen}"
+    return ok, seen
 
 
 def _damaged_resume(job: Job, ref_run: Path, out: Path, damage: Callable[[Path], None]) -> tuple[bool, str]:
