@@ -6,13 +6,12 @@ Each command imports its package lazily so `t2i-data --help` stays fast.
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
 
-from shards.errors import UserError
+from shards.errors import UserError, resource_error
 
 app = typer.Typer(
     name="t2i-data",
@@ -30,7 +29,8 @@ app = typer.Typer(
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn UserError (bad input) into a one-line message and exit code 2, without a traceback."""
+    """Turn UserError (bad input) and resource errors (full disk, read-only, denied, a path under
+    a file) into a one-line message and exit code 2, without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -38,6 +38,12 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        except Exception as e:  # resource errors only (full disk, read-only, ...); anything else is a bug: re-raised
+            err = resource_error(e, getattr(e, "filename", None) or kwargs.get("out"))
+            if err is None:
+                raise
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.secho("interrupted; rerun the same command to resume", err=True)
@@ -285,6 +291,8 @@ def train_cmd(
     lr: Optional[float] = typer.Option(None),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="write a checkpoint every N optimizer steps (default 1000)"),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="keep the newest N checkpoints (default 3; 0: keep all)"),
     threads: int = typer.Option(0, help="torch CPU threads (0: default)"),
     loader_workers: Optional[int] = typer.Option(None, "--loader-workers", help="DataLoader processes reading feature rows ahead (default 2; 0: in the training process)"),
     report_to: Optional[str] = typer.Option(None, "--report-to", help="experiment trackers: tensorboard | wandb | mlflow (comma-separated)"),
@@ -300,7 +308,8 @@ def train_cmd(
     given = {k: v for k, v in dict(preset=preset, init=init, resolution=resolution, vae=vae, text_encoder=text_encoder,
                                    steps=steps, batch_size=batch_size, global_batch=global_batch, grad_accum=grad_accum, fsdp=fsdp,
                                    lr=lr, mixed_precision=mixed_precision, loader_workers=loader_workers, report_to=report_to,
-                                   sample_prompts=sample_prompts).items() if v is not None}
+                                   sample_prompts=sample_prompts, checkpoint_every=checkpoint_every,
+                                   keep_checkpoints=keep_checkpoints).items() if v is not None}
     if manifest:
         from t2i.manifest import load_manifest, run_manifest
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from shards import fs as shard_fs
 from shards.errors import UserError
+from shards.lock import output_lock
 from autolabel.backends import Captioner, GenParams, input_short_side, make_captioner
 from autolabel.pipeline import PrepareOptions, Summary, caption_items
 from autolabel.prompts import PAPER_PROMPT
@@ -96,6 +97,12 @@ def run_caption(
         cfg = replace(cfg, prompt_mode="alt" if use_alt else "plain")
     _validate(cfg)
     out_dir = shard_fs.as_location(cfg.out)  # a Path, or an s3://, gs://, fsspec URI (shards.fs)
+    with output_lock(out_dir, "caption"):  # one writer per --out, taken before any clean-up or model load
+        return _caption_locked(cfg, out_dir, captioner)
+
+
+def _caption_locked(cfg: CaptionConfig, out_dir: shard_fs.Location, captioner: Captioner | None) -> Summary:
+    """The caption job, run while this process holds `out_dir`'s lock."""
     params = GenParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     workers = cfg.workers or min(8, os.cpu_count() or 1)
     if cfg.engine == "ray":

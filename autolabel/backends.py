@@ -9,9 +9,11 @@ or a local directory and format prompts the same way (autolabel.prompts.render_p
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,10 +167,14 @@ def _as_list(x) -> list:
 
 def vllm_env(run_dir: str | Path | None = None) -> None:
     """Environment vLLM needs before import (values the user already set are kept): RPC sockets
-    and compile cache in this run's directory (default: a new temp dir); CPU: a 1 GiB KV cache
+    and compile cache in this run's directory (default: a new temp dir, removed when the process
+    exits); vLLM's log lines on stderr, so stdout keeps only the summary; CPU: a 1 GiB KV cache
     and the in-process engine."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if run_dir or not ("VLLM_RPC_BASE_PATH" in os.environ and "VLLM_CACHE_ROOT" in os.environ):
         base = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="t2i-vllm-"))
+        if not run_dir:
+            atexit.register(shutil.rmtree, base, ignore_errors=True)
         base.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("VLLM_RPC_BASE_PATH", str(base))
         os.environ.setdefault("VLLM_CACHE_ROOT", str(base / "cache"))

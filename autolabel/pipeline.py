@@ -45,7 +45,7 @@ from autolabel.backends import Captioner, GenParams
 from autolabel.hygiene import clean_caption, is_degenerate
 from autolabel.prepare import ImageError, Prepared, prepare_image
 from autolabel.prompts import question_for
-from shards.images.sources import ImageItem
+from shards.images.sources import TRUNCATED, ImageItem
 
 JOURNAL = "retry-journal.json"
 
@@ -119,8 +119,9 @@ def failed_keys(out_dir: str | Path) -> set[str]:
     return done_keys(out_dir) - done_keys(out_dir, where_ok=True)
 
 
-def _replace_failed_rows(out_dir: str | Path, writer: ShardWriter, retried: dict[str, dict]) -> None:
-    """Rewrite every complete shard holding a retried key, with the new rows in place."""
+def _replace_failed_rows(out_dir: str | Path, writer: ShardWriter, retried: dict[str, dict | None]) -> None:
+    """Rewrite every complete shard holding a retried key, with the new rows in place (a key
+    mapped to None loses its row)."""
     if not retried:
         return
     keys = pa.array(list(retried), pa.string())
@@ -131,6 +132,11 @@ def _replace_failed_rows(out_dir: str | Path, writer: ShardWriter, retried: dict
             continue
         rows = table.to_pylist()
         new_rows = [retried[r["key"]] if r["key"] in retried else r for r in rows]
+        new_rows = [r for r in new_rows if r is not None]
+        if not new_rows:  # every row of the shard is gone: the marker first, so it stops counting
+            fs.delete(done_marker(shard))
+            fs.delete(shard)
+            continue
         name = f"{writer.prefix}-{writer._next_index:05d}-{writer.writer_id}.parquet"
         # the journal exists (written whole: temp + rename, or one PUT) before the replacement does
         fs.write_text(fs.join(out_dir, JOURNAL), json.dumps({name: [fs.basename(shard)]}))
@@ -208,6 +214,9 @@ class RunRecorder:
     def finish(self) -> Summary:
         s = self.summary
         self.writer.flush()
+        for key in self.to_retry - self.retried_rows.keys():
+            if key.endswith(TRUNCATED):  # the tar reads to its end now: its "ended early" row goes
+                self.retried_rows[key] = None
         _replace_failed_rows(self.out_dir, self.writer, self.retried_rows)
         s.seconds = time.perf_counter() - self.start
         ledger = self.ledger.close(images=s.captioned + s.failed)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from shards.errors import UserError
 
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+STEP_RE = re.compile(r"^step-(?P<step>\d+)$")
 
 
 def _contig(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,12 +62,14 @@ def optimizer_from_tensors(path: Path) -> dict[str, Any]:
 
 def save_checkpoint(run_dir: Path, step: int, transformer, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], trainer_state: dict[str, Any], keep: int = 3) -> Path:
-    """Write one checkpoint atomically and keep the newest `keep`. The states are whole (unsharded)
-    tensors, whatever the run's sharding, so any run shape can resume from it."""
+    """Write one checkpoint atomically and keep the newest `keep` of this run's timeline. The
+    states are whole (unsharded) tensors, whatever the run's sharding, so any run shape can
+    resume from it. Order: files (fsynced) in a temp dir -> rename into place -> `latest` ->
+    rotation, so `latest` never names a directory that is not complete."""
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
-    final = ckdir / f"step-{step:07d}"
-    tmp = ckdir / f".tmp-step-{step:07d}"
+    final = ckdir / step_name(step)
+    tmp = ckdir / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     transformer.save_config(tmp / "transformer")
@@ -77,30 +82,81 @@ def save_checkpoint(run_dir: Path, step: int, transformer, model_state: dict[str
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"torch_cuda_{i}"] = s
     save_file(rng, tmp / "rng.safetensors")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = ckdir / f".{LATEST}.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, ckdir / LATEST)
-    old = sorted(p for p in ckdir.iterdir() if p.name.startswith("step-"))
-    for p in old[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, default=str))
+    _fsync_tree(tmp)
+    if final.exists():  # the same step again (a resumed run): set the old one aside, never leave a gap
+        old = ckdir / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    write_text_atomic(ckdir / LATEST, final.name)
+    rotate(ckdir, step, keep)
     return final
 
 
+def rotate(ckdir: Path, current_step: int, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, by step number, among those no newer than
+    `current_step`: a checkpoint from past this run's step (an older run's, set aside by a
+    fallback) is never what this run wrote, and is left alone."""
+    if keep <= 0:
+        return
+    mine = sorted((s, p) for p in ckdir.iterdir() if (s := parse_step(p.name)) is not None and s <= current_step)
+    for _, p in mine[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a `step-0000100` directory name, or None for anything else."""
+    m = STEP_RE.match(name)
+    return int(m["step"]) if m else None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file in the same directory, fsync, rename: `path` is old or new, never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """The run's `checkpoints/step-*` directories, newest step first."""
+    ckdir = Path(run_dir) / "checkpoints"
+    if not ckdir.is_dir():
+        return []
+    found = [(s, p) for p in ckdir.iterdir() if (s := parse_step(p.name)) is not None and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
 def latest_checkpoint(path: str | Path) -> Path | None:
-    """The checkpoint directory itself, or the latest one of a run directory, or None."""
+    """The checkpoint directory itself, or the latest one of a run directory, or None. `latest`
+    is trusted only when it names a checkpoint that exists; otherwise the directories are scanned."""
     path = Path(path)
     if (path / "model.safetensors").exists():
         return path
     ptr = path / "checkpoints" / LATEST
-    if ptr.exists():
+    if ptr.is_file():
         ck = path / "checkpoints" / ptr.read_text().strip()
-        if (ck / "model.safetensors").exists():
+        if parse_step(ck.name) is not None and (ck / "model.safetensors").exists():
             return ck
-    return None
+    return next((ck for ck in checkpoint_dirs(path) if (ck / "model.safetensors").exists()), None)
 
 
 def require_checkpoint(path: str | Path) -> Path:

@@ -43,6 +43,7 @@ from shards import ShardError, UserError, clean_incomplete, complete_shards, don
 from shards import fs as shard_fs
 from shards.images import DEFAULT_MAX_PIXELS, Address, ImageError, ImageReader, decode_image, legacy_address
 from shards.images.address import is_compressed_tar
+from shards.lock import output_lock
 from shards.writer import write_manifest
 
 FEATURE_VERSION = 2  # 2: shared decode policy (EXIF, draft), latent_dtype
@@ -368,9 +369,7 @@ def compute_features(
     Returns {"dir", "rows" (total encoded), "new", "skipped_invalid", "failed" (images recorded
     as unreadable in the directory), "failures" (the first 20, "key: error"), "valid"}.
     """
-    from rich.progress import Progress
-
-    from shards import read_manifest
+    import contextlib
 
     cfg.validate()
     ranks = ranks or Ranks()
@@ -378,6 +377,18 @@ def compute_features(
     if not complete_shards(shards_dir):
         raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
     out = features_dir(root, cfg)
+    # one writer per features directory, taken before any clean-up: rank 0 holds it for all ranks
+    with output_lock(out, "features") if ranks.rank == 0 else contextlib.nullcontext():
+        return _compute_features_locked(shards_dir, out, cfg, device, progress, ranks)
+
+
+def _compute_features_locked(shards_dir, out: Path, cfg: FeatureConfig, device: str | None, progress: bool,
+                             ranks: Ranks) -> dict[str, Any]:
+    """compute_features, run while rank 0 holds `out`'s lock."""
+    from rich.progress import Progress
+
+    from shards import read_manifest
+
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         clean_incomplete(out)

@@ -15,8 +15,6 @@ stage's last checkpoint. Rerunning skips finished stages and resumes an interrup
 
 from __future__ import annotations
 
-import json
-
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -113,16 +111,17 @@ def load_manifest(path: str | Path) -> Manifest:
 
 def _finished(stage_dir: Path, steps: int) -> bool:
     from t2i.checkpoint import latest_checkpoint
+    from t2i.recovery import checkpoint_step
 
-    ck = latest_checkpoint(stage_dir)
-    return ck is not None and json.loads((ck / "trainer_state.json").read_text())["step"] >= steps
+    done = checkpoint_step(latest_checkpoint(stage_dir))  # None for a damaged one: resume sorts it out
+    return done is not None and done >= steps
 
 
 def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None = None, resume: bool = True,
                  only: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True) -> list[dict]:
     """Train every stage in order (or only stage `only`). Finished stages are skipped; an
     interrupted one resumes from its checkpoint when `resume`."""
-    from t2i.checkpoint import latest_checkpoint
+    from t2i.recovery import has_checkpoints
     from t2i.train import train
 
     out = Path(out)
@@ -147,6 +146,6 @@ def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None 
         src = stage.shards or shards
         if src is None:
             raise UserError(f"stage {cfg.name!r} has no shards: pass --shards or set shards in the manifest")
-        res = train(cfg, sdir, shards=src, resume=resume and latest_checkpoint(sdir) is not None, progress=progress)
+        res = train(cfg, sdir, shards=src, resume=resume and has_checkpoints(sdir), progress=progress)
         results.append({"stage": cfg.name, **res})
     return results

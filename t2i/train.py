@@ -25,6 +25,7 @@ import torch
 from costs.ledger import Ledger
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
+from t2i import recovery
 from t2i import sharding
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, compute_features, features_dir
 from t2i.trackers import Trackers, check_report_to
@@ -162,16 +163,12 @@ def build_model(cfg: TrainConfig, latent_size: int, caption_channels: int):
 
 
 def _append_jsonl(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    recovery.append_jsonl(path, rec)
 
 
 def _truncate_log(path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be redone)."""
-    if not path.exists():
-        return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    path.write_text("".join(l + "\n" for l in keep))
+    recovery.truncate_log(path, step)  # tolerates a half-written last line; rewrites atomically
 
 
 def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -319,6 +316,7 @@ def make_accelerator(cfg: TrainConfig):
     return accel
 
 
+@recovery.guard_run_dir  # one writer per run directory; no fresh run into an old one
 def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, features: str | Path | None = None,
           resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Run one training stage. `shards`: caption shards (features are computed when missing);
@@ -362,7 +360,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     # 3. resume (whole tensors: the weights go in before FSDP shards the model, the EMA and
     # optimizer state after, split the way their parameters are)
     names = [n for n, _ in model.named_parameters()]
-    ck, st = load_resume_weights(out, model, global_batch, world, local_batch) if resume else (None, None)
+    ck, st = load_resume_weights(out, model, global_batch, world, local_batch, accel.is_main_process) if resume else (None, None)
     opt, sched, ema = setup_optimization(cfg, model, accel.device)
     run = Run(cfg, accel, out, model, names, sched, ema, global_batch,
               {"features": json.loads((fdir / "config.json").read_text()), "scaling_factor": _scaling_factor(cfg.vae), "vae_scale_factor": factor})
@@ -400,9 +398,11 @@ def open_features(cfg: TrainConfig, accel, out: Path, shards: str | Path | None,
     return StreamingFeatureDataset(fdir, cfg.max_tokens), fdir
 
 
-def load_resume_weights(out: Path, model, global_batch: int, world: int, local_batch: int) -> tuple[Path, dict[str, Any]]:
-    """The latest checkpoint of `out` and its trainer state, its model weights loaded into `model`."""
-    ck = ckpt.latest_checkpoint(out)
+def load_resume_weights(out: Path, model, global_batch: int, world: int, local_batch: int,
+                        set_aside: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of `out` that verifies (a damaged newer one is set aside, with a
+    warning, when `set_aside`) and its trainer state, its model weights loaded into `model`."""
+    ck = recovery.resumable_checkpoint(out, set_aside=set_aside)
     if ck is None:
         raise UserError(f"--resume but no checkpoint in {out}: drop --resume to start fresh")
     st = json.loads((ck / "trainer_state.json").read_text())

@@ -20,7 +20,7 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from shards import fs
 from shards.errors import UserError
@@ -28,7 +28,11 @@ from shards.images.address import (
     IMAGE_COLUMNS, IMAGE_EXTS, Address, absolute, canonical, image_suffix, is_compressed_tar, is_tar, pick_column,
 )  # fmt: skip
 
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
+
 ALT_COLUMNS = ("alt_text", "caption", "TEXT", "text", "alt", "txt")
+TRUNCATED = "#truncated"  # key suffix of the error row of a tar that ended early
 
 
 @dataclass
@@ -82,12 +86,16 @@ class _UniqueKeys:
 
 def sidecar_info(raw: bytes | str) -> dict:
     """image_id/width/height from an SA-1B JSON sidecar ({"image": {...}, "annotations": [...]}),
-    plus an alt-text when the sidecar carries one (`image.alt_text`; SA-1B itself has none)."""
+    plus an alt-text when the sidecar carries one (`image.alt_text`; SA-1B itself has none, an
+    img2dataset sidecar has a top-level `caption`)."""
     try:
-        info = json.loads(raw).get("image", {})
+        doc = json.loads(raw)
+        info = doc.get("image", {})
         out = {k: info.get(k) for k in ("image_id", "width", "height")}
         if isinstance(info.get("alt_text"), str):
             out["alt"] = info["alt_text"]
+        elif "image" not in doc and isinstance(doc.get("caption"), str):  # img2dataset's sidecar
+            out["alt"] = doc["caption"]
         return out
     except (ValueError, AttributeError):
         return {}
@@ -145,8 +153,8 @@ def iter_entries(srcs: Sequence[str | Path]) -> Iterator[SourceEntry]:
             present = set(rels)
             for rel in rels:
                 kind = _classify(rel)
-                if kind is None:
-                    continue
+                if kind is None or (kind == "parquet" and not has_image_column(f"{loc}/{rel}")):
+                    continue  # a Parquet file without images beside them is metadata (img2dataset's layout)
                 sidecar = rel.rsplit(".", 1)[0] + ".json"
                 has_sidecar = kind == "file" and sidecar in present
                 yield SourceEntry(kind, f"{loc}/{rel}", f"{name}/{rel}", f"{loc}/{sidecar}" if has_sidecar else None)
@@ -207,7 +215,7 @@ def iter_tar(location: str, prefix: str, max_pending: int = 64) -> Iterator[Imag
                         if len(pending) > max_pending:  # its sidecar is not coming soon: don't hoard memory
                             yield pending.pop(next(iter(pending)))
         except (tarfile.TarError, OSError, EOFError) as e:
-            yield ImageItem(key=f"{prefix}#truncated", source=location, error=f"tar stream ended early: {e}")
+            yield ImageItem(key=f"{prefix}{TRUNCATED}", source=location, error=f"tar stream ended early: {e}")
     yield from pending.values()
 
 
@@ -218,7 +226,7 @@ def _apply(item: ImageItem, info: dict) -> None:
 
 def iter_parquet(location: str, prefix: str, batch_rows: int = 256) -> Iterator[ImageItem]:
     """Rows of a Parquet file with encoded image bytes (img2dataset, HF datasets {bytes, path})."""
-    pf = fs.parquet_file(location)
+    pf = open_parquet(location)
     cols = pf.schema_arrow.names
     image_col = pick_column(cols, IMAGE_COLUMNS)
     if image_col is None:
@@ -283,7 +291,7 @@ def count_items(srcs: Sequence[str | Path]) -> int | None:
                 return None
             total += n
         elif entry.kind == "parquet":
-            total += fs.parquet_file(entry.location).metadata.num_rows
+            total += open_parquet(entry.location).metadata.num_rows
         else:
             total += 1
     return total
@@ -296,4 +304,22 @@ def validate_sources(srcs: Sequence[str | Path]) -> None:
     for src in srcs:
         if not fs.exists(absolute(src)):
             raise UserError(f"--src {src} does not exist: pass an existing folder, .tar or .parquet")
+        if str(src).endswith(".parquet"):
+            open_parquet(absolute(src))  # a damaged file fails here, in one line, before any model loads
     source_names(list(dict.fromkeys(absolute(s) for s in srcs)))
+
+
+def open_parquet(location: str) -> "pq.ParquetFile":
+    """The ParquetFile at `location` (a path or URI); UserError (one line) when it is not readable Parquet."""
+    import pyarrow as pa
+
+    try:
+        return fs.parquet_file(location)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        raise UserError(f"--src {location} is not a readable Parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                        "download it again or leave it out") from None
+
+
+def has_image_column(location: str) -> bool:
+    """Whether a Parquet file holds images (one of IMAGE_COLUMNS), rather than only metadata."""
+    return pick_column(open_parquet(location).schema_arrow.names, IMAGE_COLUMNS) is not None
