@@ -14,6 +14,7 @@ from typing import Iterator
 
 from shards import fs
 from shards.errors import UserError
+from shards.lock import output_lock
 from shards.reader import ShardError, clean_incomplete, complete_shards, done_keys, read_manifest
 from shards.writer import ShardWriter, write_manifest
 from curate.scorers import Scorers, decode_ahead, decode_row, parse_scorers, score_batch
@@ -86,7 +87,12 @@ def run_score(cfg: ScoreConfig) -> ScoreSummary:
         raise UserError("--batch-size, --shard-size and --replicas must be at least 1: pass positive numbers")
     if cfg.engine not in ("local", "ray"):
         raise UserError(f"unknown --engine {cfg.engine!r}: use local or ray")
-    fs.makedirs(out)
+    with output_lock(out, "score"):  # one writer per scores directory, taken before any clean-up
+        return _score_locked(cfg, out, names)
+
+
+def _score_locked(cfg: ScoreConfig, out: fs.Location, names: list[str]) -> ScoreSummary:
+    """run_score, while this process holds `out`'s lock."""
     _check_same_scorers(out, names)
     clean_incomplete(out)
     _input_columns(cfg.shards)  # no caption shards: say so before any model loads

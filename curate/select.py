@@ -22,9 +22,10 @@ import pyarrow.compute as pc
 
 from shards import fs
 from shards.errors import UserError
+from shards.lock import output_lock
 from shards.reader import ShardError, clean_incomplete, complete_shards, done_keys, read_manifest
 from shards.schema import CAPTION_SCHEMA
-from shards.writer import ShardWriter, write_manifest
+from shards.writer import ShardWriter
 
 EMBEDDINGS = ("clip_image_emb", "clip_text_emb")  # never needed by a condition: not loaded
 
@@ -113,7 +114,11 @@ def run_select(shards: str | Path, scores: str | Path, where: str, out: str | Pa
 
 def _write_rows(shards: str | Path, out: str | Path, keep: pa.Array, config: dict, shard_size: int) -> int:
     out = fs.as_location(out)
-    fs.makedirs(out)
+    with output_lock(out, "select"):  # one writer per selection directory, taken before any clean-up
+        return _write_rows_locked(shards, out, keep, config, shard_size)
+
+
+def _write_rows_locked(shards: str | Path, out: fs.Location, keep: pa.Array, config: dict, shard_size: int) -> int:
     before = read_manifest(out).get("config", {}).get("where")
     if complete_shards(out) and before is not None and before != config["where"]:
         raise UserError(f"{out} holds a selection by {before!r}: pass the same --where to resume, or a new --out")

@@ -208,6 +208,16 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, tiny
     assert rows.height == rows["key"].n_unique() == 5
 
 
+def test_score_refuses_an_output_another_run_holds(tmp_path):
+    from curate.api import ScoreConfig, run_score
+
+    out = tmp_path / "scores"
+    with output_lock(out, "score"):
+        with pytest.raises(OutputLocked, match=r"in use by another score run"):
+            run_score(ScoreConfig(shards=tmp_path / "no-captions", out=out, scorers="image"))
+    assert not list(out.glob("*.parquet"))
+
+
 # ---- small things -------------------------------------------------------------------------------
 
 def test_img2dataset_folder_is_not_refused_for_its_metadata_parquet(tmp_path):
