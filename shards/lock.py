@@ -82,6 +82,24 @@ def output_lock(out: str | Path, job: str) -> Iterator[dict]:
             yield me
 
 
+# lock descriptors this process holds. A forked child (a DataLoader worker, a decode process)
+# inherits them, and an flock lives until the last copy is closed: a worker that outlives its
+# killed parent by a few seconds would keep the output locked. So children close their copies.
+_HELD_FDS: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 @contextmanager
 def _flock(directory: Path, me: dict) -> Iterator[None]:
     import fcntl
@@ -101,8 +119,10 @@ def _flock(directory: Path, me: dict) -> Iterator[None]:
             raise OutputLocked(f"{directory} is in use by another {_read_holder(fd)}: wait for it to finish, or pass another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
+        _HELD_FDS.add(fd)
         yield
     finally:
+        _HELD_FDS.discard(fd)
         os.close(fd)  # closing releases the lock; the file stays (deleting it would race a newcomer)
 
 

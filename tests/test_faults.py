@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -206,6 +207,23 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, tiny
     assert r.exit_code == 0, r.output
     rows = read_rows(out)
     assert rows.height == rows["key"].n_unique() == 5
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """DataLoader workers are forked while the trainer holds its run directory; one that outlives
+    its killed parent for a few seconds must not keep the directory locked."""
+    out = tmp_path / "out"
+    with output_lock(out, "train"):
+        pid = os.fork()
+        if pid == 0:  # the child: sleeps holding whatever it inherited
+            time.sleep(30)
+            os._exit(0)
+    try:
+        with output_lock(out, "train"):  # the parent let go; the living child must not hold it
+            pass
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 def test_score_refuses_an_output_another_run_holds(tmp_path):
