@@ -213,11 +213,14 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     """DataLoader workers are forked while the trainer holds its run directory; one that outlives
     its killed parent for a few seconds must not keep the directory locked."""
     out = tmp_path / "out"
+    ready_r, ready_w = os.pipe()
     with output_lock(out, "train"):
         pid = os.fork()
-        if pid == 0:  # the child: sleeps holding whatever it inherited
+        if pid == 0:  # the child: its fork hooks have run; it says so, then sleeps holding what it kept
+            os.write(ready_w, b"1")
             time.sleep(30)
             os._exit(0)
+    assert os.read(ready_r, 1) == b"1"
     try:
         with output_lock(out, "train"):  # the parent let go; the living child must not hold it
             pass
