@@ -85,8 +85,8 @@ PARTS = [("ceilings", 10), ("ours-compile", 60), ("profile", 15), ("datapath", 3
 class Run:
     """The state of one benchmark run: settings, results so far, and the JSON it rewrites."""
 
-    def __init__(self, st: gt.Setting, smoke: bool, budget: float, json_path: str | None) -> None:
-        self.st, self.smoke, self.budget, self.json_path = st, smoke, budget, json_path
+    def __init__(self, st: gt.Setting, smoke: bool, budget: float, json_path: str | None, wanted: list[str]) -> None:
+        self.st, self.smoke, self.budget, self.json_path, self.wanted = st, smoke, budget, json_path, wanted
         self.t0 = time.perf_counter()
         self.peak = device_peak_flops(st.device) if st.device == "cuda" else None
         self.report: dict[str, Any] = {
@@ -291,8 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     wanted = [v for v in a.only.split(",") if v] or names
     if bad := [v for v in wanted if v not in names]:
         ap.error(f"unknown part(s) {bad}: pick from {names}")
-    run = Run(st, smoke, a.budget, a.json or None)
-    run.wanted = wanted
+    run = Run(st, smoke, a.budget, a.json or None, wanted)
     for name, estimate in PARTS:
         if name not in wanted:
             continue
