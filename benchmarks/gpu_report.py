@@ -105,7 +105,7 @@ def predictions_md(reports: list[dict], analysis: dict[str, str]) -> list[str]:
 
 def build(reports: list[dict], analysis: dict[str, str]) -> str:
     first = reports[0]
-    c, fl = first["ceilings"], first["floor"]
+    fl = first["floor"]
     out = [f"Device: **{first['device']}** (torch {first['torch']}), {len(reports)} runs on this kind of machine; "
            "each figure's run is named. PixArt-XL/2 ({:.0f}M parameters), random weights, synthetic features on the device, "
            "120 T5 tokens x 4096; median of 20 steps after 5 warm-up steps (the slow fp32 reference: 5 after 2), CUDA events.".format(fl["params"] / 1e6), "",
