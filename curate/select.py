@@ -130,7 +130,7 @@ def _write_rows_locked(shards: str | Path, out: fs.Location, keep: pa.Array, con
         for rb in fs.parquet_file(shard).iter_batches(batch_size=1024):
             table = pa.Table.from_batches([rb])
             hit = pc.and_(pc.is_in(table["key"], value_set=keep), pc.invert(pc.is_in(table["key"], value_set=done)))
-            rows = table.filter(hit).cast(CAPTION_SCHEMA).to_pylist()
+            rows = table.filter(hit).select(CAPTION_SCHEMA.names).cast(CAPTION_SCHEMA).to_pylist()  # extra columns (labels) dropped
             writer.add_many(rows)
             written += len(rows)
     writer.close(extra={"selected": len(keep)})

@@ -35,19 +35,30 @@ class DemoConfig:
     world_train: int = 1200  # images whose (colour, shape, position) may be seen in training
     world_heldout: int = 150  # images of combinations never seen in any training
     image_size: int = 64  # the world's "photos"
+    low_quality: float = 0.3  # share of degraded photos (blur, grain, heavy JPEG): the aesthetic axis
     captioner_steps: int = 1200
     caption_backend: str = "transformers"
     t2i_manifest: str = str(MANIFESTS / "tiny-cpu.toml")
-    t2i_steps: int = 3000
-    t2i_resolution: int = 16
-    samples_per_split: int = 60  # generated images judged per prompt split
+    t2i_resolution: int = 32
+    preset: str = "PixArt-tiny/2"
+    lr: float = 1e-3
+    vae_steps: int = 400  # the tiny VAE's fit (t2i.tiny.build_tiny_vae, shapes)
+    dit_steps: int = 600  # stage 1: the class-conditional DiT (labels: shape)
+    arm_steps: int = 1500  # arms a, b, c each (equal compute, same seed)
+    finetune_steps: int = 200  # arm d: stage 3 on the selected subset
+    curve_points: int = 5  # checkpoints judged per arm
+    curve_prompts: int = 48  # held-out prompts judged per checkpoint
+    sampler_steps: int = 14  # DPM-Solver++ steps per sample
+    rated: int = 300  # images "rated" by hand (ground truth) to fit the aesthetic head
+    clip_steps: int = 300  # the tiny CLIP's contrastive fit
     examples: int = 12  # images shown with alt-text and caption
     threads: int = 2
 
     @classmethod
     def quick(cls, out: str, seed: int = 0) -> "DemoConfig":
-        return cls(out=out, seed=seed, world_train=160, world_heldout=24, captioner_steps=60, t2i_steps=40,
-                   samples_per_split=8, examples=4)
+        return cls(out=out, seed=seed, world_train=160, world_heldout=24, captioner_steps=60, vae_steps=20, dit_steps=10,
+                   arm_steps=20, finetune_steps=10, curve_points=2, curve_prompts=8, sampler_steps=6, rated=80,
+                   clip_steps=30, examples=4)
 
 
 def _stage(log: Callable[[str], None], n: int, title: str) -> float:
@@ -80,7 +91,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     t0 = _stage(log, 1, "building the world")
     sam, truth = out / "world" / "sam", out / "world" / "truth"
     for split, n in (("train", cfg.world_train), ("heldout", cfg.world_heldout)):
-        W.write_sam_folder(sam / split, n, seed=cfg.seed, image_size=cfg.image_size, split=split, meta_dir=truth / split)
+        W.write_sam_folder(sam / split, n, seed=cfg.seed, image_size=cfg.image_size, split=split, meta_dir=truth / split,
+                           low_quality=cfg.low_quality)
     records = {f"sam/{split}/{r['file_name']}": (r, s) for split in ("train", "heldout") for r, s in W.read_scenes(truth / split)}
     timing["world_s"] = time.perf_counter() - t0
 
@@ -127,113 +139,149 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     header, data_rows, _ = table_rows(report)
     timing["stats_s"] = time.perf_counter() - t0
 
-    # 5. the text-to-image model, trained on the VLM captions of the train split only
-    t0 = _stage(log, 5, "training a tiny PixArt on the VLM captions")
-    t2i = _train_t2i(cfg, out, captions_dir, records, progress)
-    timing["t2i_s"] = time.perf_counter() - t0
+    # 5. the three decisions, each against its absence: arms a-d (the aesthetic subset by score + select)
+    _stage(log, 5, "training the arms: alt-texts, VLM captions, DiT import, aesthetic fine-tune")
+    t2i = _t2i(cfg, out, captions_dir, records, log, progress)
+    timing.update({f"t2i_{k}": v for k, v in t2i.pop("timing").items()})
 
     # 6. report
     _stage(log, 6, "writing the report")
     timing["total_s"] = time.perf_counter() - t_start
     from costs.summary import recipe_cost
 
+    figures = _figures(out, t2i)
     results = {
         "config": asdict(cfg),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "load_avg": os.getloadavg(),
         "timing": timing,
         "captioner": {"train": cap_train, "backend": cfg.caption_backend, "accuracy": accuracy,
                       "summary": summary.as_dict() if hasattr(summary, "as_dict") else asdict(summary)},
         "stats": {"header": header, "rows": data_rows, "datasets": report.get("datasets")},
-        "t2i": t2i["results"],
+        "t2i": {k: v for k, v in t2i.items() if k not in ("scenes",)} | {"arms": _strip_images(t2i["arms"])},
         "cost": recipe_cost(out),  # this run's ledgers, and the full-size recipe from `plan`
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     examples = _examples(records, captions, sam.parent, cfg.examples)
-    plots = {p.stem: p for p in (out / "stats").glob("*.png")}
-    plots["loss"] = t2i["loss_png"]
+    plots = {p.stem: p for p in (out / "stats").glob("*.png")} | figures
     from demo.report import write_report
 
-    html_path, _ = write_report(out, results, examples, t2i["samples"], plots)
+    html_path, _ = write_report(out, results, examples, plots)
     log(f"report: {html_path.resolve()}")
     return results
 
 
-def _t2i_shards(captions_dir: Path, records: dict, out_dir: Path) -> int:
-    """The VLM-captioned train-split images as their own shard set (held-out combos excluded)."""
-    from shards import ShardWriter, clean_incomplete, complete_shards, iter_batches
-
-    if complete_shards(out_dir) and (out_dir / "manifest.json").exists():
-        return json.loads((out_dir / "manifest.json").read_text())["rows"]
-    clean_incomplete(out_dir)
-    for p in out_dir.glob("*.parquet*"):
-        p.unlink()
-    w = ShardWriter(out_dir, rows_per_shard=2000, writer_id="00000000")
-    for batch in iter_batches(captions_dir):
-        for row in batch.to_pylist():
-            rec = records.get(row["key"])
-            if rec and rec[0]["split"] == "train" and row["error"] is None:
-                w.add(row)
-    return w.close()["rows"]
+def _strip_images(arms: dict) -> dict:
+    return {k: {kk: vv for kk, vv in v.items() if kk != "images"} for k, v in arms.items()}
 
 
-def _train_t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, progress: bool) -> dict[str, Any]:
+def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Callable[[str], None],
+         progress: bool) -> dict[str, Any]:
+    """Stages 5-6: the tiny models, the arm shards, the aesthetic subset (score + select), arms
+    a-c with their curves, arm d, and the aesthetic score of samples before and after."""
+    import time
+
     from demo import world as W
-    from t2i.checkpoint import latest_checkpoint
-    from t2i.manifest import load_manifest, run_manifest
-    from t2i.sample import generate, pipeline_from_checkpoint
-    from t2i.tiny import build_tiny_models
+    from demo.aesthetic_stage import WHERE, AestheticJudge, compare, ground_truth, run_finetune, select_subset
+    from demo.arms import ArmSettings, run_arms, steps_to_reach, write_arm_shards
+    from t2i.manifest import load_manifest
+    from t2i.tiny import build_tiny_text_encoder, build_tiny_vae
 
-    shards_dir = out / "t2i_shards"
-    n = _t2i_shards(captions_dir, records, shards_dir)
-    scenes_probe = W.sample_scenes(400, cfg.seed + 99, "any")
-    corpus = [W.dense_caption(s) for s in scenes_probe] + [W.dense_caption(s) for _, s in records.values()]
-    tiny = out / "tiny_models"
-    if not (tiny / "vae").exists() or not (tiny / "t5").exists():
-        build_tiny_models(tiny, corpus)
+    timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    manifest = load_manifest(cfg.t2i_manifest)
-    run_manifest(manifest, out / "t2i", shards_dir, resume=True, progress=progress,
-                 overrides={"vae": str(tiny / "vae"), "text_encoder": str(tiny / "t5"), "steps": cfg.t2i_steps,
-                            "resolution": cfg.t2i_resolution, "seed": cfg.seed})
-    train_s = time.perf_counter() - t0
-    stage_dir = out / "t2i" / manifest.stages[-1].config.name  # a finished stage is skipped on rerun
-    ck = latest_checkpoint(stage_dir)
-    log_path = stage_dir / "log.jsonl"
-    pipe, null = pipeline_from_checkpoint(ck)
+    shards = {text: out / f"t2i_shards_{text}" for text in ("vlm", "alt")}
+    rows = {text: write_arm_shards(captions_dir, records, d, text) for text, d in shards.items()}
+    corpus = [W.dense_caption(s) for s in W.sample_scenes(400, cfg.seed + 99, "any")]
+    corpus += [W.dense_caption(s) for _, s in records.values()] + [r["alt_text"] for r, _ in records.values()]
+    tiny = out / "tiny_models"
+    if not (tiny / "t5" / "text_encoder").exists():
+        build_tiny_text_encoder(tiny / "t5", corpus)
+    if not (tiny / "vae" / "t2i_tiny.json").exists():
+        build_tiny_vae(tiny / "vae", fit_steps=cfg.vae_steps, size=cfg.t2i_resolution, data="shapes")
+    timing["models_s"] = time.perf_counter() - t0
 
-    # prompts: dense captions of fresh scenes, of seen and of held-out (never trained) combinations
-    score, samples = {}, []
-    for split, name in (("train", "train-combos"), ("heldout", "heldout-combos")):
-        scenes = W.sample_scenes(cfg.samples_per_split, cfg.seed + 2024, split)
-        prompts = [W.dense_caption(s) for s in scenes]
-        images = generate(pipe, null, prompts, steps=20, guidance=4.5, seed=cfg.seed)
-        score[name] = W.score(list(zip(scenes, images)), attributes=("color", "position", "shape"))
-        for s, p, im in list(zip(scenes, prompts, images))[:8]:
-            samples.append({"image": im.resize((96, 96), 0), "prompt": p, "split": name, "judged": W.judge_image(im)})
-    loss_png = _plot_loss(log_path, out / "t2i_loss.png")
-    steps = max((json.loads(l)["step"] for l in log_path.read_text().splitlines() if l.strip()), default=0)
-    return {"results": {"steps": steps, "samples": n, "resolution": cfg.t2i_resolution, "seconds": train_s,
-                        "score": score, "checkpoint": str(ck)},
-            "samples": samples, "loss_png": loss_png}
+    log("      stage 3 data: scoring the training images and selecting the aesthetic subset (score + select)")
+    t0 = time.perf_counter()
+    subset = select_subset(out / "curate", shards["vlm"], records, cfg.seed, cfg.rated, cfg.clip_steps, progress)
+    timing["score_select_s"] = time.perf_counter() - t0
+
+    base = load_manifest(cfg.t2i_manifest).stages[0].config
+    base.vae, base.text_encoder, base.resolution, base.seed = str(tiny / "vae"), str(tiny / "t5"), cfg.t2i_resolution, cfg.seed
+    base.preset, base.lr, base.threads = cfg.preset, cfg.lr, cfg.threads
+    s = ArmSettings(base=base, steps=cfg.arm_steps, curve_every=max(cfg.arm_steps // cfg.curve_points, 1),
+                    sampler_steps=cfg.sampler_steps, guidance=4.5, progress=progress)
+    scenes = W.sample_scenes(cfg.curve_prompts, cfg.seed + 2024, "heldout")
+    prompts = [W.dense_caption(sc) for sc in scenes]
+    res = run_arms(s, out / "t2i", shards, cfg.dit_steps, scenes, prompts, cfg.seed, log)
+    timing.update(res["timing"])
+    arms = res["arms"]
+    t0 = time.perf_counter()
+    arms["d"] = run_finetune(s, out / "t2i", subset, out / "t2i" / "arm-c", cfg.finetune_steps, scenes, prompts, cfg.seed, log)
+    arms["d"]["label"] = "(c) + aesthetic fine-tune"
+    timing["finetune_s"] = time.perf_counter() - t0
+
+    judge = AestheticJudge(subset["clip"], subset["head"])
+    threshold = float(WHERE.split(">=")[1])
+    aesthetic = {"where": WHERE, "samples": compare(judge, arms["c"]["images"], arms["d"]["images"], threshold),
+                 "real_heldout": ground_truth(judge, records, cfg.t2i_resolution, out / "world"), "subset": subset}
+    b_final = arms["b"]["final"]["all"]
+    reach = steps_to_reach(arms["c"]["curve"], b_final)
+    claims = {
+        "captions_ratio": b_final / max(arms["a"]["final"]["all"], 1e-9) if arms["a"]["final"]["all"] else None,
+        "b_final_all": b_final, "a_final_all": arms["a"]["final"]["all"],
+        "c_steps_to_b_final": reach, "c_steps_fraction": (reach / cfg.arm_steps) if reach is not None else None,
+        "d_all_change": arms["d"]["final"]["all"] - arms["c"]["final"]["all"],
+    }
+    return {"arms": arms, "aesthetic": aesthetic, "claims": claims, "timing": timing, "rows": rows,
+            "resolution": cfg.t2i_resolution, "steps": cfg.arm_steps, "prompts": prompts, "scenes": scenes}
 
 
-def _plot_loss(log_path: Path, png: Path) -> Path:
+def _figures(out: Path, t2i: dict[str, Any]) -> dict[str, Path]:
+    """The curves (accuracy against steps per arm) and the side-by-side sample grid, as PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (MSE + VLB)")
-    ax.set_yscale("log")
-    ax.set_title("tiny PixArt on VLM captions")
+    from demo.arms import ATTRS
+
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), sharey=True)
+    for ax, attr in zip(axes, ATTRS):
+        for arm, run in t2i["arms"].items():
+            pts = run["curve"]
+            if arm == "d" and t2i["arms"]["c"]["curve"]:
+                pts = [t2i["arms"]["c"]["curve"][-1], *pts]
+            ax.plot([p["step"] for p in pts], [p[attr] for p in pts], marker="o", ms=3, label=f"({arm}) {run['label']}")
+        ax.set_title({"all": "all three right"}.get(attr, attr))
+        ax.set_xlabel("training step")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("held-out accuracy (judged)")
+    axes[-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    curves = fig_dir / "curves.png"
+    fig.savefig(curves, dpi=100)
     plt.close(fig)
-    return png
+    return {"curves": curves, **_grids(fig_dir, t2i)}
+
+
+def _grids(fig_dir: Path, t2i: dict[str, Any], cols: int = 10, scale: int = 3) -> dict[str, Path]:
+    """One row of final samples per arm, the same held-out prompts in each column."""
+    from PIL import Image
+
+    arms = [a for a in ("a", "b", "c", "d") if t2i["arms"].get(a, {}).get("images")]
+    if not arms:
+        return {}
+    side = t2i["arms"][arms[0]]["images"][0].size[0] * scale
+    n = min(cols, len(t2i["arms"][arms[0]]["images"]))
+    grid = Image.new("RGB", (n * (side + 2), len(arms) * (side + 2)), "white")
+    for r, arm in enumerate(arms):
+        for c, im in enumerate(t2i["arms"][arm]["images"][:n]):
+            grid.paste(im.resize((side, side), Image.NEAREST), (c * (side + 2), r * (side + 2)))
+    path = fig_dir / "samples.png"
+    grid.save(path)
+    return {"samples": path}
 
 
 def _examples(records: dict, captions: dict, world_root: Path, n: int) -> list[dict[str, Any]]:

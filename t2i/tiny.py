@@ -68,11 +68,65 @@ def random_shape_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def build_tiny_vae(out_dir: str | Path, fit_steps: int = 300, size: int = 16, seed: int = 0) -> Path:
-    """A 2-level AutoencoderKL (4 latent channels, downsample x2), fitted `fit_steps` Adam steps on
-    random coloured shapes (reconstruction + a small KL term), saved to `out_dir`."""
+def _outline(kind: str, cx: float, cy: float, h: float) -> list[tuple[float, float]]:
+    if kind == "box":
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if kind == "triangle":
+        return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    a = 0.4 * h  # a plus sign
+    return [(cx - a, cy - h), (cx + a, cy - h), (cx + a, cy - a), (cx + h, cy - a), (cx + h, cy + a), (cx + a, cy + a),
+            (cx + a, cy + h), (cx - a, cy + h), (cx - a, cy + a), (cx - h, cy + a), (cx - h, cy - a), (cx - a, cy - a)]
+
+
+def shape_images(n: int, size: int = 32, seed: int = 0, degraded: float = 0.25) -> torch.Tensor:
+    """`n` images in [-1, 1] of generic flat graphics: a plain, tilted or grainy background with
+    one or two anti-aliased discs, boxes, triangles or plus signs of random colour and size; a
+    share `degraded` blurred and grainy. What a VAE for illustration-like images should keep:
+    sharp edges and corners, flat colours, and blur and grain where the photo has them."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    ss = 4  # supersampling: anti-aliased edges
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        img = np.broadcast_to(rng.uniform(0, 1, 3), (size, size, 3)).copy()
+        style = rng.integers(0, 3)
+        if style == 1:
+            angle = rng.uniform(0, 2 * np.pi)
+            img += (0.15 * (np.cos(angle) * xx + np.sin(angle) * yy))[..., None]
+        elif style == 2:
+            img += rng.normal(0, 0.02, (size, size, 1))
+        for _ in range(rng.integers(1, 3)):
+            kind = str(rng.choice(["disc", "box", "triangle", "plus"]))
+            cx, cy = rng.uniform(0, size, 2)
+            h = rng.uniform(size / 12, size / 3.5)
+            mask = Image.new("L", (size * ss, size * ss), 0)
+            draw = ImageDraw.Draw(mask)
+            if kind == "disc":
+                draw.ellipse([(cx - h) * ss, (cy - h) * ss, (cx + h) * ss, (cy + h) * ss], fill=255)
+            else:
+                draw.polygon([(x * ss, y * ss) for x, y in _outline(kind, cx, cy, h)], fill=255)
+            alpha = np.asarray(mask.resize((size, size), Image.BOX), np.float32)[..., None] / 255
+            img = img * (1 - alpha) + rng.uniform(0, 1, 3) * alpha
+        img = np.clip(img, 0, 1)
+        if rng.uniform() < degraded:
+            pil = Image.fromarray((img * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(size / 28))
+            img = np.clip(np.asarray(pil, np.float32) / 255 + rng.normal(0, 0.08, (size, size, 3)), 0, 1)
+        out[i] = img.transpose(2, 0, 1) * 2 - 1
+    return torch.from_numpy(out)
+
+
+def build_tiny_vae(out_dir: str | Path, fit_steps: int = 300, size: int = 16, seed: int = 0, data: str = "boxes") -> Path:
+    """A 2-level AutoencoderKL (4 latent channels, downsample x2), fitted `fit_steps` Adam steps
+    (reconstruction + a small KL term), saved to `out_dir`. `data`: "boxes" (random boxes and
+    discs, constant lr 2e-3) or "shapes" (`shape_images`: polygons, textures, degradations; a
+    one-cycle lr up to 3e-3, for a VAE whose reconstructions keep shapes legible)."""
     from diffusers import AutoencoderKL
 
+    if data not in ("boxes", "shapes"):
+        raise ValueError(f"data must be boxes or shapes, not {data!r}")
+    images = random_shape_images if data == "boxes" else shape_images
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=3,
@@ -86,21 +140,26 @@ def build_tiny_vae(out_dir: str | Path, fit_steps: int = 300, size: int = 16, se
         sample_size=size,
     )
     if fit_steps:
-        opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+        lr = 2e-3 if data == "boxes" else 3e-3
+        opt = torch.optim.Adam(vae.parameters(), lr=lr)
+        sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=fit_steps, pct_start=0.1)
+                 if data == "shapes" else None)
         for step in range(fit_steps):
-            x = random_shape_images(32, size, seed=seed * 100003 + step)
+            x = images(32, size, seed=seed * 100003 + step)
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
             loss = torch.nn.functional.mse_loss(rec, x) + 1e-6 * post.kl().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
         vae.eval()
     with torch.no_grad():  # unit-variance latents, as SD's 0.18215 does for the SD VAE
-        std = vae.encode(random_shape_images(256, size, seed=seed + 7)).latent_dist.mean.std()
+        std = vae.encode(images(256, size, seed=seed + 7)).latent_dist.mean.std()
     vae.register_to_config(scaling_factor=float(1.0 / std))
     vae.save_pretrained(out_dir)
-    (Path(out_dir) / "t2i_tiny.json").write_text(json.dumps({"fit_steps": fit_steps, "size": size}))
+    (Path(out_dir) / "t2i_tiny.json").write_text(json.dumps({"fit_steps": fit_steps, "size": size, "data": data}))
     return Path(out_dir)
 
 

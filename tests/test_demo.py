@@ -36,17 +36,31 @@ def test_quick_demo_runs_every_stage(tmp_path):
     names = [row[0] for row in results["stats"]["rows"]]
     assert names == ["vlm-captions", "alt-texts"]
     assert {p.name for p in (out / "stats").glob("*.png")} >= {"rank_frequency.png"}
-    # 5. the T2I model trained only on the train split, sampled and judged for both prompt sets
+    # 5. the arms: a, b, c trained the same steps on the train split only, every kept checkpoint judged
     t2i = results["t2i"]
-    assert t2i["samples"] == cfg["world_train"] and t2i["steps"] == cfg["t2i_steps"]
-    assert set(t2i["score"]) == {"train-combos", "heldout-combos"}
-    assert all(t2i["score"][s]["n"] == cfg["samples_per_split"] for s in t2i["score"])
-    # 6. the report carries the measured numbers and inlined images
+    assert set(t2i["arms"]) == {"a", "b", "c", "d"}
+    assert t2i["rows"]["vlm"] == t2i["rows"]["alt"] == cfg["world_train"]
+    for arm in ("a", "b", "c"):
+        curve = t2i["arms"][arm]["curve"]
+        assert [p["step"] for p in curve] == [cfg["arm_steps"] * (i + 1) // cfg["curve_points"] for i in range(cfg["curve_points"])]
+        assert all(p["n"] == cfg["curve_prompts"] and 0 <= p["all"] <= p["color"] <= 1 for p in curve)
+    state = json.loads(next((out / "t2i" / "arm-c" / "checkpoints").glob("step-*/trainer_state.json")).read_text())
+    assert state["config"]["init"].startswith("dit:")  # arm c starts from the class-cond DiT
+    assert json.loads(next((out / "t2i" / "arm-a" / "checkpoints").glob("step-*/trainer_state.json")).read_text())["config"]["init"] == "scratch"
+    # arm d: (c)'s last checkpoint fine-tuned on the subset `select` wrote; its curve continues (c)'s steps
+    assert t2i["arms"]["d"]["curve"][0]["step"] > cfg["arm_steps"]
+    sub = t2i["aesthetic"]["subset"]
+    assert 0 < sub["selected"] <= sub["rows"] and sub["rows"] == cfg["world_train"]
+    assert pl.read_parquet(str(out / "curate" / "selected" / "*.parquet")).height == sub["selected"]
+    assert t2i["aesthetic"]["samples"]["n"] == cfg["curve_prompts"]
+    # 6. the report opens with the three claims, then the curves and the side-by-side samples
     html = (out / "report.html").read_text()
-    for heading in ("Captioner", "Caption statistics", "Text-to-image", "Samples per prompt"):
+    first = html.index("1. A pixel prior")
+    assert first < html.index("2. Dense VLM captions") < html.index("3. A short aesthetic fine-tune") < html.index("Captioner")
+    for heading in ("accuracy against steps", "Caption statistics", "score + select"):
         assert heading in html
     assert html.count("data:image/png;base64") >= cfg["examples"] + 2
-    assert (out / "report.md").exists()
+    assert (out / "report.md").exists() and (out / "figures" / "curves.png").exists() and (out / "figures" / "samples.png").exists()
     # 7. what it cost: the ledgers of its caption, features and train jobs, and the full-size plan
     assert {r["job"] for r in results["cost"]["run"]["rows"]} == {"caption", "features", "train"}
     assert "What it cost" in html and [f["gpu"] for f in results["cost"]["full_size"]][:3] == ["V100", "A100-80GB", "H100"]
@@ -56,3 +70,5 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert res.exit_code == 0, res.output
     again = json.loads((out / "results.json").read_text())
     assert again["captioner"]["summary"]["skipped"] == n_images and again["captioner"]["summary"]["captioned"] == 0
+    # ... and the same seed gives the same numbers (the arms are finished, their judgements cached or redone alike)
+    assert again["t2i"]["arms"] == results["t2i"]["arms"] and again["t2i"]["claims"] == results["t2i"]["claims"]

@@ -1,0 +1,101 @@
+"""The demo's three claims for several seeds, against the issue's targets: writes the "demo
+claims" section of BENCHMARKS.md from the results.json of `t2i-data demo` runs.
+
+    python benchmarks/demo_bench.py --seeds 0,1 --root demo_bench_out [--quick]
+
+Each seed runs the default demo into ROOT/seed-<n> (a finished run is reused: the demo resumes),
+so the section can be rewritten from runs made earlier with `--report-only`. Wall time and CPU
+time (user + system, all processes) are both recorded: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._report import write_section  # noqa: E402
+
+TARGETS = "arm (c) colour >= 90%, position >= 90%, shape >= 70%, all three >= 55%; (b)/(a) all-three >= 3x; " \
+          "(c) reaches (b)'s final all-three in <= 60% of the steps; (d) raises the aesthetic score, all-three drops <= 5 points"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def run_seed(root: Path, seed: int, quick: bool) -> dict:
+    from demo.run import DemoConfig, run_demo
+
+    out = root / f"seed-{seed}"
+    cfg = DemoConfig.quick(str(out), seed) if quick else DemoConfig(out=str(out), seed=seed)
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    results = run_demo(cfg, progress=False)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    results["bench"] = {"wall_s": time.perf_counter() - t0, "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)}
+    (out / "bench.json").write_text(json.dumps(results["bench"]))
+    return results
+
+
+def row(seed: int, r: dict) -> str:
+    t2i = r["t2i"]
+    arms, c, aes = t2i["arms"], t2i["claims"], t2i["aesthetic"]["samples"]
+    cf = arms["c"]["final"]
+    ratio = f"{c['captions_ratio']:.1f}x" if c["captions_ratio"] is not None else "a = 0"
+    bench = r.get("bench", {})
+    return (f"| {seed} | {_pct(cf['color'])} / {_pct(cf['position'])} / {_pct(cf['shape'])} / {_pct(cf['all'])} | "
+            f"{_pct(c['b_final_all'])} vs {_pct(c['a_final_all'])} ({ratio}) | {c['c_steps_to_b_final']} ({_pct(c['c_steps_fraction'])}) | "
+            f"{aes['before_mean']:.2f} → {aes['after_mean']:.2f} ({aes['margin']:+.2f} ± {aes['margin_se']:.2f}); "
+            f"{100 * c['d_all_change']:+.0f} pts | {r['timing']['total_s']:.0f} s wall"
+            + (f", {bench['cpu_s']:.0f} s CPU" if bench else "") + " |")
+
+
+def curves(seed: int, r: dict) -> str:
+    lines = [f"Seed {seed}, held-out accuracy (colour / shape / position / all three) per judged step:", ""]
+    for arm, run in r["t2i"]["arms"].items():
+        pts = "; ".join(f"{p['step']}: {_pct(p['color'])}/{_pct(p['shape'])}/{_pct(p['position'])}/{_pct(p['all'])}" for p in run["curve"])
+        lines.append(f"- ({arm}) {run['label']}: {pts}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--root", default="demo_bench_out")
+    ap.add_argument("--quick", action="store_true", help="the --quick demo (a smoke run of this script)")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the section from ROOT/seed-*/results.json")
+    args = ap.parse_args()
+    root = Path(args.root)
+    results = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        path = root / f"seed-{seed}" / "results.json"
+        if args.report_only:
+            results[seed] = json.loads(path.read_text())
+            bench = path.parent / "bench.json"
+            if bench.exists():
+                results[seed]["bench"] = json.loads(bench.read_text())
+        else:
+            results[seed] = run_seed(root, seed, args.quick)
+    any_r = next(iter(results.values()))
+    cfg = any_r["config"]
+    body = [f"`t2i-data demo` ({'--quick' if args.quick else 'default'}): world {cfg['world_train']} + {cfg['world_heldout']} images, "
+            f"{cfg['t2i_resolution']} px, {cfg['preset']}, arms a-c {cfg['arm_steps']} steps each (DiT stage {cfg['dit_steps']}), "
+            f"fine-tune {cfg['finetune_steps']}; {cfg['curve_prompts']} held-out prompts judged per checkpoint. Targets: {TARGETS}.",
+            "", "| seed | (c) colour / position / shape / all | all-three (b) vs (a) | (c) steps to (b)'s final | aesthetic before → after (margin); (d) all-three change | time |",
+            "|---|---|---|---|---|---|"]
+    body += [row(seed, r) for seed, r in results.items()]
+    body += [""] + [curves(seed, r) for seed, r in results.items()]
+    body += ["", "Aesthetic score: the LAION-v2-architecture head fitted by `score --fit-aesthetic` on the tiny world CLIP; "
+             "ground truth per seed (real held-out images, clean / degraded): "
+             + "; ".join(f"seed {s}: {r['t2i']['aesthetic']['real_heldout']['clean_mean']:.2f} / {r['t2i']['aesthetic']['real_heldout']['degraded_mean']:.2f}"
+                         for s, r in results.items()) + "."]
+    write_section("demo claims", "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()

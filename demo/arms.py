@@ -1,0 +1,164 @@
+"""The demo's four arms: PixArt-alpha's three decisions, each measured against its absence.
+
+| arm | init                         | captions     | aesthetic fine-tune |
+|-----|------------------------------|--------------|---------------------|
+| a   | scratch                      | alt-texts    | no                  |
+| b   | scratch                      | VLM captions | no                  |
+| c   | class-cond DiT (import-dit)  | VLM captions | no                  |
+| d   | c's last checkpoint          | VLM captions | yes (score/select)  |
+
+a, b and c train the same number of steps with the same seed, batch and schedule; every
+`curve_every` steps a checkpoint is kept and judged on the same held-out prompts (combinations
+never trained), which gives the accuracy-against-steps curves. Judgements are cached per
+checkpoint (`<arm>/judged/step-*.json`), so a rerun judges only what is new.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ARMS: dict[str, str] = {
+    "a": "scratch + alt-texts",
+    "b": "scratch + VLM captions",
+    "c": "DiT import + VLM captions",
+    "d": "(c) + aesthetic fine-tune",
+}
+ATTRS = ("color", "shape", "position", "all")
+
+
+@dataclass
+class ArmSettings:
+    """What every arm shares (equal compute, same seed)."""
+
+    base: Any  # TrainConfig with the manifest's defaults, resolution, models and seed applied
+    steps: int
+    curve_every: int
+    sampler_steps: int
+    guidance: float
+    progress: bool
+
+
+def write_arm_shards(captions_dir: Path, records: dict, out_dir: Path, text: str) -> int:
+    """The train split as caption shards whose `caption` is the VLM caption (`text="vlm"`) or the
+    image's alt-text (`text="alt"`), with a `shape` column (the class-cond stage's labels).
+    Held-out combinations are left out. Written once; a complete set is reused."""
+    import pyarrow as pa
+
+    from shards import ShardWriter, clean_incomplete, complete_shards, iter_batches
+    from shards.schema import CAPTION_SCHEMA
+
+    if complete_shards(out_dir) and (out_dir / "manifest.json").exists():
+        return json.loads((out_dir / "manifest.json").read_text())["rows"]
+    clean_incomplete(out_dir)
+    for p in out_dir.glob("*.parquet*"):
+        p.unlink()
+    schema = CAPTION_SCHEMA.append(pa.field("shape", pa.string()))
+    w = ShardWriter(out_dir, rows_per_shard=5000, writer_id="00000000", schema=schema)
+    for batch in iter_batches(captions_dir):
+        for row in batch.to_pylist():
+            rec = records.get(row["key"])
+            if not rec or rec[0]["split"] != "train" or row["error"] is not None:
+                continue
+            if text == "alt":
+                row["caption"] = rec[0]["alt_text"]
+            w.add({**row, "shape": rec[1].shape})
+    return w.close()["rows"]
+
+
+def train_stage(cfg, out: Path, shards: Path, features: Path, progress: bool) -> dict[str, Any]:
+    """One training stage into `out` (resumed when it has checkpoints, skipped when finished)."""
+    from t2i.checkpoint import latest_checkpoint
+    from t2i.recovery import checkpoint_step, has_checkpoints
+    from t2i.train import train
+
+    done = checkpoint_step(latest_checkpoint(out)) if has_checkpoints(out) else None
+    if done is not None and done >= cfg.steps:
+        return {"skipped": "finished", "step": done}
+    return train(cfg, out, shards=shards, features=features, resume=done is not None, progress=progress)
+
+
+def checkpoints(stage_dir: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every kept checkpoint of a stage, oldest first."""
+    from t2i.checkpoint import checkpoint_dirs, parse_step
+
+    return sorted((parse_step(p.name), p) for p in checkpoint_dirs(stage_dir))
+
+
+def judge_checkpoint(ck: Path, scenes: list, prompts: list[str], cache: Path, steps: int, guidance: float,
+                     seed: int) -> tuple[dict[str, Any], list]:
+    """Sample `prompts` from checkpoint `ck` and judge the images against `scenes`. Returns
+    (score, images); the score is cached in `cache` (images are only needed for the final step,
+    which the caller re-samples when its cache exists)."""
+    from demo import world as W
+    from t2i.sample import generate, pipeline_from_checkpoint
+
+    pipe, null = pipeline_from_checkpoint(ck)
+    images = generate(pipe, null, prompts, steps=steps, guidance=guidance, seed=seed)
+    score = W.score(list(zip(scenes, images)), attributes=("color", "position", "shape"))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(score))
+    tmp.replace(cache)
+    return score, images
+
+
+def curve(stage_dir: Path, scenes: list, prompts: list[str], s: ArmSettings, seed: int,
+          step_offset: int = 0) -> tuple[list[dict[str, Any]], list]:
+    """Judge every kept checkpoint of `stage_dir` (cached ones are read back). Returns the curve
+    points [{"step", color, shape, position, all}] and the final checkpoint's images."""
+    points, final_images = [], []
+    cks = checkpoints(stage_dir)
+    for i, (step, ck) in enumerate(cks):
+        cache = stage_dir / "judged" / f"{ck.name}.json"
+        last = i == len(cks) - 1
+        if cache.exists() and not last:
+            score = json.loads(cache.read_text())
+        else:
+            score, images = judge_checkpoint(ck, scenes, prompts, cache, s.sampler_steps, s.guidance, seed)
+            if last:
+                final_images = images
+        points.append({"step": step + step_offset, **{a: score[a]["accuracy"] for a in ATTRS}, "n": score["n"]})
+    return points, final_images
+
+
+def steps_to_reach(points: list[dict[str, Any]], target: float) -> int | None:
+    """The first judged step whose all-three accuracy is at least `target` (None: never)."""
+    return next((p["step"] for p in points if p["all"] >= target), None)
+
+
+def arm_config(s: ArmSettings, name: str, init: str, steps: int, **extra):
+    """The shared TrainConfig with this arm's name, init and length; checkpoints every
+    `curve_every` steps, all kept (they are the curve)."""
+    from dataclasses import replace
+
+    return replace(s.base, name=name, init=init, steps=steps, checkpoint_every=s.curve_every,
+                   keep_checkpoints=steps // max(s.curve_every, 1) + 2, **extra)
+
+
+def run_arms(s: ArmSettings, out: Path, shards: dict[str, Path], dit_steps: int, scenes: list, prompts: list[str],
+             seed: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Train arms a, b, c (and c's class-cond DiT first) and judge their curves."""
+    import time
+
+    runs, timing = {}, {}
+    feats = {"alt": out / "features_alt", "vlm": out / "features_vlm"}
+    t0 = time.perf_counter()
+    dit_dir = out / "dit"
+    if hasattr(s.base, "kind"):  # TEMP until dit14 lands
+        dit_cfg = arm_config(s, "dit", "scratch", dit_steps, kind="class-cond", class_column="shape")
+        train_stage(dit_cfg, dit_dir, shards["vlm"], feats["vlm"], s.progress)
+    timing["dit_s"] = time.perf_counter() - t0
+    plan = {"a": ("alt", "scratch"), "b": ("vlm", "scratch"), "c": ("vlm", f"dit:{dit_dir}" if hasattr(s.base, "kind") else "scratch")}
+    for arm, (text, init) in plan.items():
+        log(f"      arm ({arm}) {ARMS[arm]}: {s.steps} steps")
+        t0 = time.perf_counter()
+        train_stage(arm_config(s, f"arm-{arm}", init, s.steps), out / f"arm-{arm}", shards[text], feats[text], s.progress)
+        timing[f"train_{arm}_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        points, images = curve(out / f"arm-{arm}", scenes, prompts, s, seed)
+        timing[f"judge_{arm}_s"] = time.perf_counter() - t0
+        runs[arm] = {"label": ARMS[arm], "curve": points, "final": points[-1] if points else None, "images": images}
+    return {"arms": runs, "timing": timing}
