@@ -144,7 +144,7 @@ def test_manifest_class_cond_then_text_to_image_from_previous(world, tmp_path):
     from t2i.import_dit import import_dit
     from t2i.manifest import parse_manifest, run_manifest
 
-    toml = f'''
+    toml = '''
 name = "two-stage"
 [defaults]
 resolution = 16
@@ -200,7 +200,15 @@ def test_cli_class_cond_and_bad_input_is_one_line(world, tmp_path):
     r = CliRunner().invoke(cli.app, [*common, "--class-column", "shape", "--out", str(tmp_path / "ok")])
     assert r.exit_code == 0, r.output
     assert "trained to step 2" in r.output
-    r = CliRunner().invoke(cli.app, ["sample", str(tmp_path / "ok"), "--prompt", "a circle"])
+    r = CliRunner().invoke(cli.app, ["sample", str(tmp_path / "ok"), "--prompt", "a circle"])  # prompts name classes
+    assert r.exit_code == 2 and "'a circle' is not a class of" in r.output and "circle, cross, square, triangle" in r.output, r.output
+    png = tmp_path / "grid.png"
+    r = CliRunner().invoke(cli.app, ["sample", str(tmp_path / "ok"), "--prompt", "circle", "--prompt", "cross", "--steps", "3", "--out", str(png)])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    assert Image.open(png).size == (32, 16)
+    r = CliRunner().invoke(cli.app, ["export", str(tmp_path / "ok"), "--out", str(tmp_path / "pipe")])
     assert r.exit_code == 2 and "class-conditional DiT" in r.output, r.output
 
 
