@@ -321,7 +321,7 @@ def class_ids(mapping: dict[str, Any], labels: list, where: str) -> list[int]:
 
 @torch.no_grad()
 def generate_classes(checkpoint: str | Path, labels: list, steps: int = 20, guidance: float = 4.0, seed: int = 0,
-                     vae: str | None = None, which: str = "ema") -> list:
+                     vae: str | None = None, which: str = "ema", device: str | None = None) -> list:
     """PIL images of the classes `labels` (label values as in classes.json; None: unconditional)
     from a class-cond checkpoint: DPM-Solver++ with classifier-free guidance against the null class.
     (diffusers' DiTPipeline hard-codes ImageNet's null class 1000.)"""
@@ -331,15 +331,17 @@ def generate_classes(checkpoint: str | Path, labels: list, steps: int = 20, guid
 
     ck = require_checkpoint(checkpoint)
     state = json.loads((ck / "trainer_state.json").read_text())
-    ids = torch.tensor(class_ids(json.loads((ck / CLASSES_JSON).read_text()), list(labels), str(ck)))
-    dit = load_dit(ck, which=which).eval()
-    decoder = load_vae(vae or state["features"]["vae"])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ids = torch.tensor(class_ids(json.loads((ck / CLASSES_JSON).read_text()), list(labels), str(ck)), device=device)
+    dit = load_dit(ck, which=which).to(device).eval()
+    decoder = load_vae(vae or state["features"]["vae"], device)
     sched = dpm_solver()
     sched.set_timesteps(steps)
     size, null = dit.config.sample_size, torch.full_like(ids, dit.config.num_embeds_ada_norm)
-    latents = torch.randn((len(ids), LATENT_CHANNELS, size, size), generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn((len(ids), LATENT_CHANNELS, size, size), generator=torch.Generator().manual_seed(seed))
+    latents = noise.to(device)
     for t in sched.timesteps:
-        out = dit(torch.cat([latents, latents]), timestep=t.expand(2 * len(ids)), class_labels=torch.cat([ids, null])).sample
+        out = dit(torch.cat([latents, latents]), timestep=t.to(device).expand(2 * len(ids)), class_labels=torch.cat([ids, null])).sample
         cond, uncond = out[:, :LATENT_CHANNELS].chunk(2)
         latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
     images = decoder.decode(latents / state["scaling_factor"]).sample

@@ -197,9 +197,11 @@ def test_cli_class_cond_and_bad_input_is_one_line(world, tmp_path):
     assert "caption" in line and "key" in line and "set class_column to one of them" in line
     r = CliRunner().invoke(cli.app, [*common, "--out", str(tmp_path / "none")])
     assert r.exit_code == 2 and "needs class_column" in r.output, r.output
-    r = CliRunner().invoke(cli.app, [*common, "--class-column", "shape", "--out", str(tmp_path / "ok")])
+    r = CliRunner().invoke(cli.app, [*common, "--class-column", "shape", "--out", str(tmp_path / "ok"),
+                                     "--report-to", "tensorboard", "--sample-prompts", "circle|cross"])
     assert r.exit_code == 0, r.output
     assert "trained to step 2" in r.output
+    assert (tmp_path / "ok" / "samples" / "step-0000002.png").exists()  # the trackers' grid: classes as prompts
     r = CliRunner().invoke(cli.app, ["sample", str(tmp_path / "ok"), "--prompt", "a circle"])  # prompts name classes
     assert r.exit_code == 2 and "'a circle' is not a class of" in r.output and "circle, cross, square, triangle" in r.output, r.output
     png = tmp_path / "grid.png"
