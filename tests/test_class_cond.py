@@ -222,6 +222,38 @@ def test_example_manifest_parses():
     assert m.stages[0].config.class_column == "shape"
 
 
+def test_flops_of_a_class_cond_stage_leave_out_cross_attention():
+    from costs.gpus import GPUS
+    from costs.plan import PlanOptions, train_row
+    from t2i.manifest import parse_manifest
+    from t2i.models import PRESETS, flops_per_image
+
+    full = flops_per_image("PixArt-XL/2", (32, 32), 120, 4096)
+    dit = flops_per_image("DiT-XL/2", (32, 32), 120, 4096, cross_attention=False)
+    h, t, depth = PRESETS["PixArt-XL/2"].hidden, 256, PRESETS["PixArt-XL/2"].depth
+    # a DiT block: qkv/out (4 h^2), MLP (8 h^2) per token and the attention itself; no caption projection
+    assert dit == 3 * 2 * (depth * (t * 12 * h * h + 2 * t * t * h) + t * 16 * h * 3)
+    assert dit < full
+    stages = parse_manifest('''
+[[stages]]
+name = "dit"
+kind = "class-cond"
+class_column = "label"
+preset = "DiT-XL/2"
+steps = 10
+batch_size = 8
+gpus = 1
+[[stages]]
+name = "t2i"
+preset = "PixArt-XL/2"
+steps = 10
+batch_size = 8
+gpus = 1
+''').stages
+    rows = [train_row(s, GPUS["H100"], PlanOptions(), "test") for s in stages]
+    assert rows[0].flops == pytest.approx(80 * dit) and rows[1].flops == pytest.approx(80 * full)
+
+
 def test_labels_lookup_and_errors(tmp_path):
     from shards import CAPTION_SCHEMA, ShardWriter
     from t2i.class_cond import read_labels
