@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
@@ -59,11 +61,12 @@ def check_config(cfg) -> None:
 
 # ---- labels ------------------------------------------------------------------------------------
 
-def _hash_keys(keys) -> np.ndarray:
+def _hash_keys(keys: list[str] | pa.Array) -> np.ndarray:
     """64-bit hashes of string keys (vectorised; stable within a process, which is all we need)."""
     import polars as pl
 
-    return pl.Series(values=keys, dtype=pl.String).hash(seed=0).to_numpy()
+    series = pl.from_arrow(keys) if isinstance(keys, pa.Array) else pl.Series(values=keys, dtype=pl.String)
+    return series.cast(pl.String).hash(seed=0).to_numpy()
 
 
 @dataclass
@@ -97,7 +100,7 @@ class ClassLabels:
         return {"column": self.column, "classes": self.classes, "null_class": self.num_classes}
 
 
-def _label_batches(shards_dir, column: str) -> Iterator[tuple[list[str], list]]:
+def _label_batches(shards_dir, column: str) -> Iterator[tuple[pa.Array, pa.Array]]:
     """(keys, label values) of every row of the complete caption shards, streamed by batch."""
     from shards import complete_shards
     from shards import fs as shard_fs
@@ -111,7 +114,7 @@ def _label_batches(shards_dir, column: str) -> Iterator[tuple[list[str], list]]:
             raise UserError(f"class_column {column!r} is not a column of {f} (columns: {', '.join(names)}): set class_column to one of them")
     for f in files:
         for batch in shard_fs.parquet_file(f).iter_batches(batch_size=65536, columns=["key", column]):
-            yield batch.column("key").to_pylist(), batch.column(column).to_pylist()
+            yield batch.column("key"), batch.column(column)
 
 
 def read_labels(shards_dir, column: str, classes: list | None = None) -> ClassLabels:
@@ -124,15 +127,18 @@ def read_labels(shards_dir, column: str, classes: list | None = None) -> ClassLa
     index: dict[Any, int] = {v: i for i, v in enumerate(classes or [])}
     hashes, ids = [], []
     for keys, values in _label_batches(shards_dir, column):
-        for v in set(values) - set(index) - {None}:
+        for v in pc.unique(values.drop_null()).to_pylist():  # a few distinct values per batch
             if not isinstance(v, LABEL_TYPES):
                 raise UserError(f"class_column {column!r} holds {type(v).__name__} values: use a column of strings or integers")
+            if v in index:
+                continue
             if fixed:
                 raise UserError(f"label {v!r} in {column!r} is not one of the classes this stage started with "
                                 f"({len(index)} in its classes.json): train a new stage (fresh --out) for new classes")
             index[v] = len(index)
         hashes.append(_hash_keys(keys))
-        ids.append(np.array([-1 if v is None else index[v] for v in values], np.int32))
+        found = pc.index_in(values, value_set=pa.array(list(index), values.type))  # null for a null label
+        ids.append(pc.fill_null(found, -1).to_numpy().astype(np.int32))
     if not index:
         raise UserError(f"class_column {column!r} is empty (every value is null): pick the column that holds the labels")
     values = list(index)
