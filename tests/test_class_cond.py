@@ -38,7 +38,7 @@ def world(tmp_path_factory):
     from t2i.tiny import build_tiny_models
 
     root = tmp_path_factory.mktemp("class_cond")
-    models = build_tiny_models(root / "models", corpus(300), vae_fit_steps=100)
+    models = build_tiny_models(root / "models", corpus(300), vae_fit_steps=20)  # quality does not matter here
     write_sam_folder(root / "world", N_IMAGES, seed=0, image_size=32)
     write_labelled_shards(root / "world", root / "captions")
     return {"root": root, "captions": root / "captions", **models}
