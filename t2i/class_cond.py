@@ -16,9 +16,11 @@ EMA, checkpoints, exact resume, recovery, ledger and trackers are t2i.train's):
   value plus the null class (id = number of classes) for classifier-free guidance. The null
   class embeds to zero, so the DiT's unconditional output is its function without a class term:
   exactly what import-dit carries over into PixArt (exact at t = 500);
-- a sample's condition is its class id, looked up by key in `ClassLabels` (read from the caption
-  shards' `class_column`; 12 bytes per image in memory), dropped to the null class with
-  probability `caption_dropout` (DiT's 10% label dropout). A null label trains the null class;
+- a labels step (`write_labels`, run with the features whenever the stage is given its caption
+  shards) writes every row's (key, class id) from the shards' `class_column` into
+  `<stage>/labels.parquet` and `classes.json`; training looks each sample's class up by key
+  (`ClassLabels`: 12 bytes per image in memory) and drops it to the null class with probability
+  `caption_dropout` (DiT's 10% label dropout). A null label trains the null class;
 - each checkpoint's `transformer/` is a complete diffusers `DiTTransformer2DModel` directory (EMA
   weights), and `classes.json` (also in the stage directory) lists the label value of each class
   id. So `t2i-data import-dit <stage dir | checkpoint>` and `init = "dit:<stage dir>"` read it as
@@ -45,6 +47,8 @@ from shards import ShardError, UserError
 from t2i.models import LATENT_CHANNELS, get_preset
 
 CLASSES_JSON = "classes.json"
+LABELS_FILE = "labels.parquet"  # key -> class id of every caption row: what training looks labels up in
+LABELS_META = "t2i_data.classes"
 INITS = ("scratch", "dit", "checkpoint")
 LABEL_TYPES = (str, int, bool)
 
@@ -65,7 +69,8 @@ def _hash_keys(keys: list[str] | pa.Array) -> np.ndarray:
     """64-bit hashes of string keys (vectorised; stable within a process, which is all we need)."""
     import polars as pl
 
-    series = pl.from_arrow(keys) if isinstance(keys, pa.Array) else pl.Series(values=keys, dtype=pl.String)
+    arrow = isinstance(keys, (pa.Array, pa.ChunkedArray))
+    series = pl.from_arrow(keys) if arrow else pl.Series(values=keys, dtype=pl.String)
     return series.cast(pl.String).hash(seed=0).to_numpy()
 
 
@@ -117,41 +122,71 @@ def _label_batches(shards_dir, column: str) -> Iterator[tuple[pa.Array, pa.Array
             yield batch.column("key"), batch.column(column)
 
 
-def read_labels(shards_dir, column: str, classes: list | None = None) -> ClassLabels:
-    """The labels of `column` in the caption shards. Classes are the sorted distinct values, or
-    `classes` when given (a resumed stage keeps its ids: a value outside them is an error)."""
-    from shards import fs as shard_fs
-
-    shards_dir = shard_fs.as_location(shards_dir)
-    fixed = classes is not None
-    index: dict[Any, int] = {v: i for i, v in enumerate(classes or [])}
-    hashes, ids = [], []
-    for keys, values in _label_batches(shards_dir, column):
+def label_classes(shards_dir, column: str, classes: list | None = None) -> list:
+    """The classes of `column` in the caption shards: its sorted distinct values, or `classes`
+    when given (a resumed stage keeps its ids: a value outside them is an error)."""
+    index = dict.fromkeys(classes or [])
+    for _, values in _label_batches(shards_dir, column):
         for v in pc.unique(values.drop_null()).to_pylist():  # a few distinct values per batch
             if not isinstance(v, LABEL_TYPES):
                 raise UserError(f"class_column {column!r} holds {type(v).__name__} values: use a column of strings or integers")
-            if v in index:
-                continue
-            if fixed:
+            if v not in index and classes is not None:
                 raise UserError(f"label {v!r} in {column!r} is not one of the classes this stage started with "
                                 f"({len(index)} in its classes.json): train a new stage (fresh --out) for new classes")
-            index[v] = len(index)
-        hashes.append(_hash_keys(keys))
-        found = pc.index_in(values, value_set=pa.array(list(index), values.type))  # null for a null label
-        ids.append(pc.fill_null(found, -1).to_numpy().astype(np.int32))
+            index[v] = None
     if not index:
         raise UserError(f"class_column {column!r} is empty (every value is null): pick the column that holds the labels")
-    values = list(index)
-    if not fixed:  # ids in sorted label order, whatever order the shards list them in
-        values = sorted(values)
-        rank = {v: i for i, v in enumerate(values)}
-        order = np.array([rank[v] for v in index], np.int32)
-        ids = [np.where(i >= 0, order[np.maximum(i, 0)], -1).astype(np.int32) for i in ids]
-    return _sorted_labels(column, values, np.concatenate(hashes), np.concatenate(ids))
+    return list(classes) if classes is not None else sorted(index)
+
+
+def write_labels(cfg, shards_dir, out: Path, resume: bool = False) -> int:
+    """The labels step of a class-cond stage: every caption row's (key, class id) into
+    `<out>/labels.parquet` (streamed, written whole or not at all; the classes in its metadata),
+    and `<out>/classes.json`. A resumed stage keeps the classes of its classes.json. Returns rows."""
+    import pyarrow.parquet as pq
+
+    from shards import fs as shard_fs
+    from t2i.checkpoint import write_text_atomic
+
+    shards_dir, out, column = shard_fs.as_location(shards_dir), Path(out), cfg.class_column
+    saved = out / CLASSES_JSON
+    classes = None
+    if resume and saved.exists():
+        mapping = json.loads(saved.read_text())
+        if mapping["column"] != column:
+            raise UserError(f"{out} was trained on class_column {mapping['column']!r}, not {column!r}: set it back, or train into a fresh --out")
+        classes = mapping["classes"]
+    classes = label_classes(shards_dir, column, classes)
+    mapping = {"column": column, "classes": classes, "null_class": len(classes)}
+    schema = pa.schema([("key", pa.string()), ("class_id", pa.int32())], metadata={LABELS_META: json.dumps(mapping)})
+    tmp, rows = out / f".{LABELS_FILE}.tmp", 0
+    with pq.ParquetWriter(tmp, schema) as w:
+        for keys, values in _label_batches(shards_dir, column):
+            found = pc.index_in(values, value_set=pa.array(classes, values.type))  # null for a null label
+            w.write_table(pa.table({"key": keys.cast(pa.string()), "class_id": pc.fill_null(found, -1).cast(pa.int32())}, schema=schema))
+            rows += len(keys)
+    tmp.replace(out / LABELS_FILE)
+    write_text_atomic(saved, json.dumps(mapping, indent=2))
+    return rows
+
+
+def load_labels(out: Path, column: str) -> ClassLabels:
+    """The labels a labels step wrote into `out`, as key hashes and ids."""
+    import pyarrow.parquet as pq
+
+    path = Path(out) / LABELS_FILE
+    if not path.exists():
+        raise UserError(f"no labels in {out}: run the class-cond stage with --shards (its labels come from the caption shards' {column!r} column)")
+    table = pq.read_table(path)
+    mapping = json.loads(table.schema.metadata[LABELS_META.encode()])
+    if mapping["column"] != column:
+        raise UserError(f"the labels in {out} come from column {mapping['column']!r}, not {column!r}: rerun the stage with --shards")
+    ids = table.column("class_id").to_numpy().astype(np.int32)
+    return _sorted_labels(column, mapping["classes"], _hash_keys(table.column("key")), ids)
 
 
 def _sorted_labels(column: str, classes: list, hashes: np.ndarray, ids: np.ndarray) -> ClassLabels:
-    order = np.argsort(hashes, kind="stable")
+    order = np.argsort(hashes)  # equal hashes (a key twice) are checked below whatever their order
     hashes, ids = hashes[order], ids[order]
     dup = hashes[1:] == hashes[:-1]
     if (ids[1:][dup] != ids[:-1][dup]).any():
@@ -255,25 +290,14 @@ class ClassCond:
         self.labels = labels
 
     @classmethod
-    def open(cls, cfg, out: Path, shards, resume: bool, main: bool) -> "ClassCond":
-        """Read the labels from `shards` (every run: nothing but classes.json is kept); a resumed
-        stage keeps the class ids of its classes.json. The main process writes classes.json."""
-        from t2i.checkpoint import write_text_atomic
-
-        if shards is None:
-            raise UserError("a class-cond stage reads its labels from the caption shards on every run: pass --shards")
-        saved = out / CLASSES_JSON
-        classes = None
-        if resume and saved.exists():
-            mapping = json.loads(saved.read_text())
-            if mapping["column"] != cfg.class_column:
-                raise UserError(f"{out} was trained on class_column {mapping['column']!r}, not {cfg.class_column!r}: "
-                                "set it back, or train into a fresh --out")
-            classes = mapping["classes"]
-        labels = read_labels(shards, cfg.class_column, classes)
-        if main:
-            write_text_atomic(saved, json.dumps(labels.mapping(), indent=2))
-        return cls(labels)
+    def open(cls, cfg, out: Path, shards, resume: bool, accel) -> "ClassCond":
+        """The stage's labels: written from `shards` first when given (the main process runs the
+        labels step, the others wait), else the ones an earlier run of this stage wrote."""
+        if shards is not None:
+            if accel.is_main_process:
+                write_labels(cfg, shards, out, resume)
+            accel.wait_for_everyone()
+        return cls(load_labels(out, cfg.class_column))
 
     def build_model(self, cfg, latent_size: int) -> DiTWithNull:
         """DiTWithNull from the stage's init: scratch, dit:PATH (EMA weights) or checkpoint:DIR."""

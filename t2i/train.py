@@ -353,7 +353,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     if cfg.kind == "class-cond":  # the label of every key, from the caption shards (checked before any work)
         from t2i.class_cond import ClassCond
 
-        classes = ClassCond.open(cfg, out, shards, resume, accel.is_main_process)
+        classes = ClassCond.open(cfg, out, shards, resume, accel)
 
     factor = vae_scale_factor(cfg.vae)
     patch = _patch_of(cfg)

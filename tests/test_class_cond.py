@@ -102,7 +102,7 @@ def test_class_cond_resume_continues_exactly(world, dit_run, tmp_path):
     kw = dict(shards=world["captions"], features=world["root"] / "feats", progress=False)
     train(dit_cfg(world), out, stop_after=4, **kw)
     assert len(losses(out)) == 4
-    r = train(dit_cfg(world), out, resume=True, **kw)
+    r = train(dit_cfg(world), out, resume=True, features=kw["features"], progress=False)  # no shards: the stage's labels.parquet
     assert r["start_step"] == 4 and r["step"] == 8
     assert losses(out) == pytest.approx(losses(dit_run), rel=1e-5, abs=1e-7)
 
@@ -254,21 +254,34 @@ gpus = 1
     assert rows[0].flops == pytest.approx(80 * dit) and rows[1].flops == pytest.approx(80 * full)
 
 
-def test_labels_lookup_and_errors(tmp_path):
+def test_labels_step_lookup_and_errors(tmp_path):
+    from types import SimpleNamespace
+
     from shards import CAPTION_SCHEMA, ShardWriter
-    from t2i.class_cond import read_labels
+    from t2i.class_cond import label_classes, load_labels, write_labels
 
     schema = CAPTION_SCHEMA.append(pa.field("kind", pa.int64()))
     w = ShardWriter(tmp_path / "c", rows_per_shard=3, schema=schema, writer_id="00000000")
     for i, label in enumerate([7, 3, None, 7, 3]):
         w.add({"key": f"k{i}", "caption": "x", "kind": label})
     w.close()
-    labels = read_labels(tmp_path / "c", "kind")
-    assert labels.classes == [3, 7]
+    out = tmp_path / "stage"
+    out.mkdir()
+    assert write_labels(SimpleNamespace(class_column="kind"), tmp_path / "c", out) == 5
+    assert json.loads((out / "classes.json").read_text()) == {"column": "kind", "classes": [3, 7], "null_class": 2}
+    labels = load_labels(out, "kind")
     assert labels.lookup(["k0", "k1", "k2", "k4"]).tolist() == [1, 0, 2, 0]  # null label: the null class (2)
     with pytest.raises(UserError, match="no row in the caption shards"):
         labels.lookup(["nope"])
+    with pytest.raises(UserError, match="come from column 'kind', not 'other'"):
+        load_labels(out, "other")
+    with pytest.raises(UserError, match="no labels in"):
+        load_labels(tmp_path, "kind")
     with pytest.raises(UserError, match="not one of the classes"):
-        read_labels(tmp_path / "c", "kind", classes=[3])
+        label_classes(tmp_path / "c", "kind", classes=[3])
     with pytest.raises(UserError, match="is empty"):
-        read_labels(tmp_path / "c", "alt_text")
+        label_classes(tmp_path / "c", "alt_text")
+    # a resumed stage keeps its class ids even when the shards would sort them otherwise
+    (out / "classes.json").write_text(json.dumps({"column": "kind", "classes": [7, 3], "null_class": 2}))
+    write_labels(SimpleNamespace(class_column="kind"), tmp_path / "c", out, resume=True)
+    assert load_labels(out, "kind").lookup(["k0", "k1"]).tolist() == [0, 1]
