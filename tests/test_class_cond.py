@@ -181,6 +181,19 @@ steps = 2
     assert [r.get("skipped") for r in again] == ["finished", "finished"]
 
 
+def test_class_cond_stage_continues_a_class_cond_stage(world, dit_run, tmp_path):
+    """init = "checkpoint:<class-cond stage>" (what "previous" becomes between two class-cond
+    stages) starts from its training weights; with lr 0 they stay exactly those."""
+    from t2i.checkpoint import latest_checkpoint, load_weights
+    from t2i.train import train
+
+    train(dit_cfg(world, init=f"checkpoint:{dit_run}", lr=0.0, steps=2), tmp_path / "next", shards=world["captions"],
+          features=world["root"] / "feats", progress=False)
+    before = load_weights(latest_checkpoint(dit_run), "model")
+    after = load_weights(latest_checkpoint(tmp_path / "next"), "model")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_cli_class_cond_and_bad_input_is_one_line(world, tmp_path):
     from typer.testing import CliRunner
 
