@@ -278,7 +278,9 @@ def train_cmd(
     out: Path = typer.Option(..., "--out", help="run directory (checkpoints/, log.jsonl, features/)"),
     manifest: Optional[str] = typer.Option(None, "--manifest", help="TOML stage recipe (manifests/*.toml)"),
     stage: Optional[str] = typer.Option(None, "--stage", help="run only this manifest stage"),
-    preset: Optional[str] = typer.Option(None, help="model preset, e.g. PixArt-XL/2 or PixArt-tiny/2"),
+    preset: Optional[str] = typer.Option(None, help="model preset, e.g. PixArt-XL/2 or PixArt-tiny/2 (DiT-* for --kind class-cond)"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="text-to-image (PixArt, default) | class-cond (a class-conditional DiT for import-dit)"),
+    class_column: Optional[str] = typer.Option(None, "--class-column", help="class-cond: the caption-shard column holding each image's label"),
     init: Optional[str] = typer.Option(None, help="scratch | dit:PATH | pixart:DIR | checkpoint:DIR"),
     resolution: Optional[int] = typer.Option(None),
     vae: Optional[str] = typer.Option(None),
@@ -301,11 +303,13 @@ def train_cmd(
     """Train PixArt-alpha on caption shards (one stage from options, or all stages of a manifest).
 
     Example: t2i-data train --manifest manifests/tiny-cpu.toml --shards out/ --out runs/tiny --vae tiny/vae --text-encoder tiny/t5
+
+    A class-conditional DiT (then `t2i-data import-dit runs/dit`): t2i-data train --kind class-cond --class-column shape --preset DiT-tiny/2 ...
     """
     from t2i.train import TrainConfig, train
 
     _t2i_threads(threads)
-    given = {k: v for k, v in dict(preset=preset, init=init, resolution=resolution, vae=vae, text_encoder=text_encoder,
+    given = {k: v for k, v in dict(preset=preset, kind=kind, class_column=class_column, init=init, resolution=resolution, vae=vae, text_encoder=text_encoder,
                                    steps=steps, batch_size=batch_size, global_batch=global_batch, grad_accum=grad_accum, fsdp=fsdp,
                                    lr=lr, mixed_precision=mixed_precision, loader_workers=loader_workers, report_to=report_to,
                                    sample_prompts=sample_prompts, checkpoint_every=checkpoint_every,
@@ -313,6 +317,8 @@ def train_cmd(
     if manifest:
         from t2i.manifest import load_manifest, run_manifest
 
+        if kind is not None:
+            raise UserError("--kind sets a single stage's kind: set kind per stage in the manifest instead")
         for r in run_manifest(load_manifest(manifest), out, shards, resume=True, only=stage, overrides=given):
             typer.echo(f"stage {r['stage']}: " + (r.get("skipped") or f"step {r['step']}, checkpoint {r['checkpoint']}"))
         return

@@ -198,7 +198,8 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
     per_step = (cfg.global_batch or cfg.batch_size * gpus) * cfg.grad_accum
     images = float(cfg.steps * per_step)
     latent = cfg.resolution // VAE_FACTOR
-    flops = images * flops_per_image(cfg.preset, (latent, latent), cfg.max_tokens, caption_channels(cfg.text_encoder))
+    flops = images * flops_per_image(cfg.preset, (latent, latent), cfg.max_tokens, caption_channels(cfg.text_encoder),
+                                     cross_attention=cfg.kind != "class-cond")  # a class-conditional DiT has none
     mfu, basis = stage_mfu(stage, gpu, opts)
     return Row("train", cfg.name, images, flops, flops / (gpu.peak_flops * mfu) / 3600, gpus, f"MFU {mfu:.1%} {basis}")
 

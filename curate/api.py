@@ -201,9 +201,8 @@ def _dedup_pass(out: fs.Location, threshold: float, fresh: bool) -> int:
         for shard in complete_shards(dedup_dir) if fs.exists(dedup_dir) else []:
             fs.delete(fs.with_suffix_name(shard, ".done"))
             fs.delete(shard)
-        table = find_duplicates(out, threshold)
-        writer = ShardWriter(dedup_dir, rows_per_shard=max(1, table.num_rows), schema=DEDUP_SCHEMA, prefix="dedup")
-        if table.num_rows:
+        writer = ShardWriter(dedup_dir, schema=DEDUP_SCHEMA, prefix="dedup")
+        for table in find_duplicates(out, threshold):  # a shard per 250k rows
             writer.write_table(table)
         write_manifest(dedup_dir, config={"threshold": threshold}, extra={"schema": "dedup"})
     return sum(pc.sum(fs.read_table(s, columns=["near_duplicate"]).column(0)).as_py() or 0 for s in complete_shards(dedup_dir))

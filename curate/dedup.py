@@ -7,6 +7,10 @@ to `EXACT_LIMIT` rows, an IVF index with 8-bit scalar-quantised vectors beyond (
 dimension per row: 10M ViT-L/14 embeddings take ~7.7 GB), probed with a range search per query
 batch. Pairs above the threshold are merged with union-find; a cluster's representative is its
 first row in shard order, and every other member is a `near_duplicate` (exact copies included).
+
+Besides the index, a row costs its key (kept in Arrow), a 32-byte digest and a few int64s; no
+Python object per row, and the result is written as it is built, a shard per 250k rows.
+At 10M rows most of the pass's memory is the faiss index.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from shards import fs
 from shards.errors import UserError
@@ -31,14 +36,25 @@ DEDUP_SCHEMA = pa.schema([
 ])  # fmt: skip
 
 
-def _iter_embeddings(score_dir: str | Path, batch: int = 8192) -> Iterator[tuple[list[str], list[str | None], np.ndarray, np.ndarray]]:
-    """(keys, sha256s, embeddings of the rows that have one, their row numbers in the batch)."""
+def _iter_embeddings(score_dir: str | Path, batch: int = 8192) -> Iterator[tuple[pa.Array, pa.Array, np.ndarray | None, np.ndarray]]:
+    """(keys, sha256 hex strings, embeddings of the rows that have one, their row numbers in the batch)."""
     for shard in complete_shards(score_dir):
         for rb in fs.parquet_file(shard).iter_batches(batch_size=batch, columns=["key", "content_sha256", "clip_image_emb"]):
             emb = rb.column("clip_image_emb")
             has = np.flatnonzero(~np.asarray(emb.is_null()))
-            vecs = np.stack([np.asarray(emb[int(i)].values, np.float32) for i in has]) if len(has) else None
-            yield rb.column("key").to_pylist(), rb.column("content_sha256").to_pylist(), vecs, has
+            vecs = None
+            if len(has):  # one flatten of the list column, no per-row Python
+                flat = np.asarray(pc.list_flatten(emb.filter(pc.invert(emb.is_null()))), np.float32)
+                vecs = flat.reshape(len(has), -1)
+            yield pa.concat_arrays([rb.column("key")]), rb.column("content_sha256"), vecs, has  # own buffer: the batch can go
+
+
+def _digests(shas: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """SHA-256 hex strings as 32-byte rows (`V32`, 32 bytes a row instead of a Python string),
+    and which rows have one."""
+    valid = ~np.asarray(shas.is_null())
+    hexes = shas.fill_null("0" * 64).to_numpy(zero_copy_only=False)
+    return np.frombuffer(bytes.fromhex("".join(hexes)), dtype="V32"), valid
 
 
 def _make_index(score_dir: str | Path, dim: int, n: int):
@@ -64,8 +80,10 @@ def _make_index(score_dir: str | Path, dim: int, n: int):
 
 
 class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n)
+    """Union-find over row numbers in one numpy array; the earlier row stays a cluster's root."""
+
+    def __init__(self, parent: np.ndarray) -> None:
+        self.parent = parent
 
     def find(self, i: int) -> int:
         root = i
@@ -80,38 +98,60 @@ class _UnionFind:
         if ra != rb:  # the earlier row stays the root: it is the representative
             self.parent[max(ra, rb)] = min(ra, rb)
 
+    def roots(self) -> np.ndarray:
+        """Every row's root, by pointer jumping over the whole array at once."""
+        p = self.parent
+        while True:
+            q = p[p]
+            if np.array_equal(q, p):
+                self.parent = p
+                return p
+            p = q
 
-def find_duplicates(score_dir: str | Path, threshold: float = 0.95) -> pa.Table:
-    """One row per score row in DEDUP_SCHEMA. `threshold`: the cosine at or above which two
-    images are near-duplicates."""
+
+def find_duplicates(score_dir: str | Path, threshold: float = 0.95, rows_per_table: int = 250_000) -> Iterator[pa.Table]:
+    """DEDUP_SCHEMA tables, one row per score row in shard order, `rows_per_table` rows each.
+    `threshold`: the cosine at or above which two images are near-duplicates. Memory per row:
+    the key (Arrow), a 32-byte digest and a few integers, besides the faiss index."""
     n_rows = sum(fs.parquet_file(s).metadata.num_rows for s in complete_shards(score_dir))
-    keys: list[str] = []
-    first_by_sha: dict[str, int] = {}
-    exact: list[bool] = []
-    exact_pairs: list[tuple[int, int]] = []
+    keys: list[pa.Array] = []
+    digests: list[np.ndarray] = []
+    valid: list[np.ndarray] = []
     rows_with_emb: list[np.ndarray] = []
-    index = None
+    index, base = None, 0
     for batch_keys, shas, vecs, has in _iter_embeddings(score_dir):
-        base = len(keys)
-        keys.extend(batch_keys)
-        for i, sha in enumerate(shas):
-            exact.append(sha is not None and sha in first_by_sha)
-            if exact[-1]:
-                exact_pairs.append((first_by_sha[sha], base + i))
-            elif sha is not None:
-                first_by_sha[sha] = base + i
-        if vecs is None:
-            continue
-        if index is None:
-            index = _make_index(score_dir, vecs.shape[1], n_rows)
-        index.add(vecs)
-        rows_with_emb.append(base + has)
-    uf = _UnionFind(len(keys))
-    for a, b in exact_pairs:
-        uf.union(a, b)
+        keys.append(batch_keys)
+        d, v = _digests(shas)
+        digests.append(d)
+        valid.append(v)
+        if vecs is not None:
+            if index is None:
+                index = _make_index(score_dir, vecs.shape[1], n_rows)
+            index.add(vecs)
+            rows_with_emb.append(base + has)
+        base += len(batch_keys)
+    exact, uf = _exact_duplicates(np.concatenate(digests) if digests else np.zeros(0, "V32"),
+                                  np.concatenate(valid) if valid else np.zeros(0, bool))
+    emb_rows = np.concatenate(rows_with_emb) if rows_with_emb else np.zeros(0, np.int64)
     if index is not None:
-        _merge_near(score_dir, index, np.concatenate(rows_with_emb), threshold, uf)
-    return _table(keys, exact, uf, np.concatenate(rows_with_emb) if rows_with_emb else np.zeros(0, int))
+        _merge_near(score_dir, index, emb_rows, threshold, uf)
+    yield from _tables(pa.chunked_array(keys, pa.string()), exact, uf.roots(), emb_rows, rows_per_table)
+
+
+def _exact_duplicates(digests: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, _UnionFind]:
+    """Rows whose bytes an earlier row has, and a union-find with each joined to that first row.
+    One lexsort over the digests' four 64-bit words (then row number), so each group of equal
+    digests is contiguous with its earliest row first."""
+    rows = np.flatnonzero(valid)
+    parent = np.arange(len(digests))
+    if len(rows):
+        words = digests[rows].view(np.uint64).reshape(-1, 4)
+        order = np.lexsort((rows, words[:, 3], words[:, 2], words[:, 1], words[:, 0]))
+        w = words[order]
+        starts = np.concatenate([[True], np.any(w[1:] != w[:-1], axis=1)])
+        group_first = rows[order][np.flatnonzero(starts)]
+        parent[rows[order]] = group_first[np.cumsum(starts) - 1]
+    return parent != np.arange(len(digests)), _UnionFind(parent)
 
 
 def _merge_near(score_dir: str | Path, index, emb_rows: np.ndarray, threshold: float, uf: _UnionFind) -> None:
@@ -121,23 +161,25 @@ def _merge_near(score_dir: str | Path, index, emb_rows: np.ndarray, threshold: f
         if vecs is None:
             continue
         lims, _, ids = index.range_search(vecs, threshold)
-        for q in range(len(vecs)):
-            me = int(emb_rows[start + q])
-            for j in ids[lims[q] : lims[q + 1]]:
-                uf.union(me, int(emb_rows[int(j)]))
+        me = np.repeat(emb_rows[start : start + len(vecs)], np.diff(lims.astype(np.int64)))
+        other = emb_rows[ids.astype(np.int64)]
+        for a, b in zip(me[me != other].tolist(), other[me != other].tolist()):  # self-matches skipped
+            uf.union(a, b)
         start += len(vecs)
 
 
-def _table(keys: list[str], exact: list[bool], uf: _UnionFind, emb_rows: np.ndarray) -> pa.Table:
-    roots = np.array([uf.find(i) for i in range(len(keys))], dtype=np.int64)
-    sizes = np.bincount(roots, minlength=len(keys))
-    in_cluster = np.zeros(len(keys), bool)
+def _tables(keys: pa.ChunkedArray, exact: np.ndarray, roots: np.ndarray, emb_rows: np.ndarray, rows_per_table: int) -> Iterator[pa.Table]:
+    sizes = np.bincount(roots, minlength=len(roots))
+    in_cluster = np.zeros(len(roots), bool)
     in_cluster[emb_rows] = True
-    in_cluster |= np.asarray(exact, bool) | (sizes[roots] > 1)
-    return pa.table({
-        "key": keys,
-        "exact_duplicate": exact,
-        "near_duplicate": [bool(roots[i] != i) for i in range(len(keys))],
-        "dup_cluster": [keys[roots[i]] if in_cluster[i] else None for i in range(len(keys))],
-        "dup_cluster_size": [int(sizes[roots[i]]) for i in range(len(keys))],
-    }, schema=DEDUP_SCHEMA)  # fmt: skip
+    in_cluster |= exact | (sizes[roots] > 1)
+    for s in range(0, len(roots), rows_per_table):
+        part = slice(s, s + rows_per_table)
+        r = roots[part]
+        yield pa.table({
+            "key": keys.slice(s, len(r)),
+            "exact_duplicate": exact[part],
+            "near_duplicate": r != np.arange(s, s + len(r)),
+            "dup_cluster": pc.if_else(pa.array(in_cluster[part]), keys.take(pa.array(r)), pa.scalar(None, pa.string())),
+            "dup_cluster_size": sizes[r].astype(np.int32),
+        }, schema=DEDUP_SCHEMA)  # fmt: skip

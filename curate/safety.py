@@ -2,8 +2,9 @@
 
 - nsfw: NudeNet 3's detector (`320n.onnx`, bundled in the `nudenet` wheel; onnxruntime). The
   score is the highest confidence of an exposed-nudity class in the image, 0 when none.
-- lang: py3langid, langid.py's model (97 languages, naive Bayes over byte n-grams, shipped in
-  the wheel, numpy only). Picked because it loads offline in milliseconds, needs no compiled
+- lang: py3langid, langid.py's model (naive Bayes over byte n-grams, shipped in the wheel, numpy
+  only), through `dataset_stats.language.LanguageId` (the same identifier and candidate languages
+  as `stats --lang`). Picked because it loads offline in milliseconds, needs no compiled
   extension beyond numpy, scores thousands of captions a second on one core, and gives
   normalised probabilities; fastText's lid.176 is stronger on very short text but its model is
   not in any wheel, and lingua's wheel is ~100 MB.
@@ -11,7 +12,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -42,27 +42,4 @@ class NsfwDetector:
         for dets in results:
             hits = [d for d in dets if d["class"] in EXPOSED]
             out.append((max((float(d["score"]) for d in hits), default=0.0), ",".join(sorted({d["class"] for d in hits}))))
-        return out
-
-
-class LanguageId:
-    """py3langid with normalised probabilities."""
-
-    def __init__(self) -> None:
-        try:
-            from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
-        except ImportError:
-            raise UserError("the lang scorer needs py3langid: pip install py3langid") from None
-
-        self.identifier = LanguageIdentifier.from_modelpath(Path(MODEL_DIR) / MODEL_FILE, norm_probs=True)
-
-    def classify(self, texts: Sequence[str | None]) -> list[tuple[str | None, float | None]]:
-        """(ISO 639-1 code, probability) per text; (None, None) for a missing or empty text."""
-        out: list[tuple[str | None, float | None]] = []
-        for text in texts:
-            if not text or not text.strip():
-                out.append((None, None))
-                continue
-            lang, prob = self.identifier.classify(text)
-            out.append((lang, float(prob)))
         return out

@@ -60,7 +60,7 @@ class Scorers:
     clip: object | None = None  # curate.clip.ClipEmbedder
     aesthetic: object | None = None  # curate.aesthetic.AestheticMLP
     nsfw: object | None = None  # curate.safety.NsfwDetector
-    lang: object | None = None  # curate.safety.LanguageId
+    lang: object | None = None  # dataset_stats.language.LanguageId
     decode_short: int = 448  # images are decoded within this short side (and twice it, long)
     workers: int = 2  # decoding threads
     schema: pa.Schema = field(init=False)
@@ -82,11 +82,14 @@ class Scorers:
             if aesthetic_head is None and not aesthetic_weights:
                 raise UserError("the aesthetic scorer needs --aesthetic-weights FILE_OR_HF_ID or --fit-aesthetic ratings.parquet")
             s.aesthetic = aesthetic_head if aesthetic_head is not None else load_head(aesthetic_weights, s.clip.dim)
-        if "nsfw" in names or "lang" in names:
-            from curate.safety import LanguageId, NsfwDetector
+        if "nsfw" in names:
+            from curate.safety import NsfwDetector
 
-            s.nsfw = NsfwDetector() if "nsfw" in names else None
-            s.lang = LanguageId() if "lang" in names else None
+            s.nsfw = NsfwDetector()
+        if "lang" in names:
+            from dataset_stats.language import LanguageId
+
+            s.lang = LanguageId()
         return s
 
     @property

@@ -11,7 +11,7 @@ so `--lang en` drops only captions that are clearly in another language.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from shards.errors import UserError
 
@@ -25,15 +25,27 @@ LANG_FILTERS = (ENGLISH,)  # the noun tagger is English: only English captions c
 
 
 class LanguageId:
-    """One identifier per process (the model loads in ~0.3 s; ~70 us per short caption)."""
+    """One identifier per process (the model loads in ~0.3 s; ~70 us per short caption), shared by
+    `stats --lang` and the `lang` scorer of `score`, so both judge a caption's language alike."""
 
     def __init__(self) -> None:
         try:
             from py3langid.langid import MODEL_FILE, LanguageIdentifier
         except ImportError:
-            raise UserError("py3langid is not installed (language ID for stats): pip install py3langid") from None
+            raise UserError("py3langid is not installed (language ID): pip install py3langid") from None
         self._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
         self._identifier.set_languages(list(CANDIDATES))
+
+    def classify(self, texts: Sequence[Optional[str]]) -> list[tuple[Optional[str], Optional[float]]]:
+        """(language code, probability normalised over CANDIDATES) per text; (None, None) when empty."""
+        out: list[tuple[Optional[str], Optional[float]]] = []
+        for text in texts:
+            if not text or not text.strip():
+                out.append((None, None))
+                continue
+            lang, prob = self._identifier.classify(text)
+            out.append((lang, float(prob)))
+        return out
 
     def language(self, text: str) -> Optional[str]:
         """The caption's language code when identified with confidence, else None (unsure)."""

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,11 +61,13 @@ def optimizer_from_tensors(path: Path) -> dict[str, Any]:
 
 
 def save_checkpoint(run_dir: Path, step: int, transformer, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any], trainer_state: dict[str, Any], keep: int = 3) -> Path:
+                    optimizer_state: dict[str, Any], trainer_state: dict[str, Any], keep: int = 3,
+                    extras: Callable[[Path], None] | None = None) -> Path:
     """Write one checkpoint atomically and keep the newest `keep` of this run's timeline. The
     states are whole (unsharded) tensors, whatever the run's sharding, so any run shape can
     resume from it. Order: files (fsynced) in a temp dir -> rename into place -> `latest` ->
-    rotation, so `latest` never names a directory that is not complete."""
+    rotation, so `latest` never names a directory that is not complete. `extras(dir)` writes
+    more files into the checkpoint before it is committed (a class-cond stage's DiT)."""
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / step_name(step)
@@ -83,6 +85,8 @@ def save_checkpoint(run_dir: Path, step: int, transformer, model_state: dict[str
             rng[f"torch_cuda_{i}"] = s
     save_file(rng, tmp / "rng.safetensors")
     (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, default=str))
+    if extras is not None:
+        extras(tmp)
     _fsync_tree(tmp)
     if final.exists():  # the same step again (a resumed run): set the old one aside, never leave a gap
         old = ckdir / f".old-{final.name}"
@@ -194,6 +198,9 @@ def load_transformer(ck: Path, which: str = "ema", **config_overrides):
 
     ck = require_checkpoint(ck)
     cfg = PixArtTransformer2DModel.load_config(ck / "transformer")
+    if cfg.get("_class_name") == "DiTTransformer2DModel":
+        raise UserError(f"{ck} is a class-conditional DiT (a class-cond stage), not a PixArt model: "
+                        "import it into PixArt (`t2i-data import-dit`, or init = \"previous\" / \"dit:PATH\" in the next stage)")
     cfg.update(config_overrides)
     model = PixArtTransformer2DModel.from_config(cfg)
     sd = load_weights(ck, which)

@@ -1,7 +1,8 @@
 """Re-parameterise a class-conditional DiT into PixArt-alpha (the paper's initialisation).
 
 Sources: the facebookresearch/DiT `.pt` layout (a raw state dict, or a training checkpoint with
-"ema"/"model") and diffusers' `DiTTransformer2DModel` (a directory or a loaded model).
+"ema"/"model") and diffusers' `DiTTransformer2DModel` (a directory or a loaded model), including
+a class-cond stage of our trainer (t2i.class_cond: its run directory or a checkpoint of it).
 
 What happens:
 - shared weights are copied: patch embedding, self-attention (qkv split into q/k/v), MLP,
@@ -19,6 +20,7 @@ The official PixArt code for this was never released; this is our implementation
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,7 @@ class DiTSource:
     final_modulation: Callable[[torch.Tensor], torch.Tensor]  # t -> (B, 2h)
     pos_embed: torch.Tensor | None = None
     dropped: list[str] = field(default_factory=list)
+    heads: int | None = None  # known from a diffusers config; guessed for an official state dict
 
 
 def _mlp(x, w0, b0, w2, b2):
@@ -168,8 +171,29 @@ def source_from_diffusers(dit) -> DiTSource:
     return DiTSource(
         hidden, len(blocks), cfg.patch_size, cfg.in_channels, dit.out_channels, cfg.sample_size, weights,
         (lin0.weight.detach().float(), lin0.bias.detach().float()), block_mod, final_mod,
-        dropped=[k for k in sd if "class_embedder" in k],
+        dropped=[k for k in sd if "class_embedder" in k], heads=cfg.num_attention_heads,
     )
+
+
+def dit_directory(path: str | Path) -> tuple[Path, str | None]:
+    """(directory, subfolder) of a diffusers DiT: a DiTTransformer2DModel directory, a pipeline
+    directory with `transformer/`, or a class-cond training run (t2i.class_cond) or one of its
+    checkpoints, whose `transformer/` is a complete DiT."""
+    from t2i.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"DiT checkpoint {path} does not exist: pass a facebookresearch/DiT .pt or a diffusers DiT directory")
+    if not (path / "config.json").exists() and not (path / "transformer" / "config.json").exists():
+        path = latest_checkpoint(path) or path  # a run directory: its newest checkpoint
+    for sub in (None, "transformer"):
+        config = path / (sub or "") / "config.json"
+        if config.exists():
+            kind = json.loads(config.read_text()).get("_class_name")
+            if kind != "DiTTransformer2DModel":
+                raise UserError(f"{config.parent} holds a {kind}, not a DiT: pass a class-conditional DiT (a class-cond stage, a diffusers DiT or a .pt)")
+            return path, sub
+    raise UserError(f"{path} has no config.json: pass a diffusers DiTTransformer2DModel directory, a class-cond run directory or a .pt file")
 
 
 def load_dit_source(src) -> DiTSource:
@@ -183,10 +207,8 @@ def load_dit_source(src) -> DiTSource:
     if not path.exists():
         raise UserError(f"DiT checkpoint {path} does not exist: pass a facebookresearch/DiT .pt or a diffusers DiT directory")
     if path.is_dir():
-        sub = "transformer" if (path / "transformer" / "config.json").exists() else None
-        if sub is None and not (path / "config.json").exists():
-            raise UserError(f"{path} has no config.json: pass a diffusers DiTTransformer2DModel directory or a .pt file")
-        return source_from_diffusers(DiTTransformer2DModel.from_pretrained(path, subfolder=sub).float())
+        directory, sub = dit_directory(path)
+        return source_from_diffusers(DiTTransformer2DModel.from_pretrained(directory, subfolder=sub).float())
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -219,7 +241,7 @@ def import_dit(
     Returns (model, info); info lists copied/dropped keys and the positional-embedding check.
     """
     s = load_dit_source(src)
-    heads = num_heads or guess_heads(s.hidden, s.depth)
+    heads = num_heads or s.heads or guess_heads(s.hidden, s.depth)
     if s.hidden % heads:
         raise UserError(f"DiT hidden size {s.hidden} is not divisible by {heads} heads: pass --heads")
     if s.in_channels != LATENT_CHANNELS:

@@ -10,7 +10,9 @@
     steps = 300
 
 Each stage trains into `<out>/<stage name>/`; `init = "previous"` starts from the previous
-stage's last checkpoint. Rerunning skips finished stages and resumes an interrupted one.
+stage's last checkpoint (after a `kind = "class-cond"` stage, t2i.class_cond, a text-to-image
+stage imports that DiT through t2i.import_dit, as `init = "dit:<its stage dir>"`).
+Rerunning skips finished stages and resumes an interrupted one.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None 
     out = Path(out)
     results = []
     prev: Path | None = None
+    prev_kind = None
     names = [s.config.name for s in manifest.stages]
     if only and only not in names:
         raise UserError(f"no stage {only!r} in {manifest.name}: pick one of {', '.join(names)}")
@@ -136,8 +139,10 @@ def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None 
         if cfg.init == "previous":
             if prev is None:
                 prev = out / names[names.index(cfg.name) - 1]
-            cfg.init = f"checkpoint:{prev}"
-        prev = sdir
+            # after a class-cond DiT, a text-to-image stage imports it by re-parameterisation
+            via = "dit" if prev_kind == "class-cond" and cfg.kind != "class-cond" else "checkpoint"
+            cfg.init = f"{via}:{prev}"
+        prev, prev_kind = sdir, cfg.kind
         if only and cfg.name != only:
             continue
         if _finished(sdir, cfg.steps):

@@ -35,8 +35,12 @@ LATENT_CHANNELS = 4
 
 
 def get_preset(name: str) -> Preset:
+    """A preset by name; `DiT-<size>` names (a class-conditional stage's, t2i.class_cond) are the
+    backbone of `PixArt-<size>`: same depth, width, heads and patch, so one imports into the other."""
+    if name.startswith("DiT-") and name.replace("DiT-", "PixArt-", 1) in PRESETS:
+        return PRESETS[name.replace("DiT-", "PixArt-", 1)]
     if name not in PRESETS:
-        raise UserError(f"unknown model preset {name!r}: use one of {', '.join(PRESETS)}")
+        raise UserError(f"unknown model preset {name!r}: use one of {', '.join(PRESETS)} (or DiT-* for the same backbones)")
     return PRESETS[name]
 
 
@@ -165,17 +169,21 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
         block.compile(backend=backend)
 
 
-def flops_per_image(preset: str | Preset, latent_hw: tuple[int, int], caption_tokens: int = 120, caption_channels: int = 4096) -> float:
+def flops_per_image(preset: str | Preset, latent_hw: tuple[int, int], caption_tokens: int = 120, caption_channels: int = 4096,
+                    cross_attention: bool = True) -> float:
     """Training FLOPs for one image (forward + backward = 3x forward), counting matmuls only.
 
     Per block: self-attention qkv/out (4 h^2 per token), cross-attention q/out (2 h^2 per token)
     and k/v over the caption (2 h^2 per caption token), MLP (8 h^2 per token), attention scores
     and weighted sums (2 T^2 h + 2 T L h). Plus the caption projection. x2 for multiply-add.
+    `cross_attention=False`: a class-conditional DiT (no cross-attention, no caption projection).
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
     h = p.hidden
     t = (latent_hw[0] // p.patch) * (latent_hw[1] // p.patch)
-    per_block = t * (4 + 2 + 8) * h * h + caption_tokens * 2 * h * h + 2 * t * t * h + 2 * t * caption_tokens * h
+    if not cross_attention:
+        caption_tokens = 0
+    per_block = t * (4 + 2 * cross_attention + 8) * h * h + caption_tokens * 2 * h * h + 2 * t * t * h + 2 * t * caption_tokens * h
     caption_proj = caption_tokens * (caption_channels * h + h * h)
     patch = t * (LATENT_CHANNELS * p.patch**2) * h * 3  # patch embed in, 8 channels out
     forward_macs = p.depth * per_block + caption_proj + patch

@@ -88,11 +88,17 @@ def image_grid(images, cols: int | None = None):
 
 def sample(checkpoint: str | Path, prompts: Sequence[str], out_png: str | Path, steps: int = 20, guidance: float = 4.5,
            seed: int = 0, vae: str | None = None, text_encoder: str | None = None, which: str = "ema", cols: int | None = None) -> Path:
-    """Checkpoint + prompts -> one PNG grid (row-major in prompt order). Returns the PNG path."""
+    """Checkpoint + prompts -> one PNG grid (row-major in prompt order). Returns the PNG path.
+    A class-cond checkpoint (t2i.class_cond) takes class labels as prompts."""
+    from t2i.class_cond import generate_classes, is_dit_checkpoint
+
     if not prompts:
         raise UserError("no prompts given: pass --prompt TEXT (repeatable) or --prompts-file FILE")
-    pipe, null = pipeline_from_checkpoint(checkpoint, vae, text_encoder, which)
-    images = generate(pipe, null, prompts, steps, guidance, seed)
+    if is_dit_checkpoint(checkpoint):  # a class-cond stage: the prompts name classes
+        images = generate_classes(checkpoint, list(prompts), steps, guidance, seed, vae, which)
+    else:
+        pipe, null = pipeline_from_checkpoint(checkpoint, vae, text_encoder, which)
+        images = generate(pipe, null, prompts, steps, guidance, seed)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, cols).save(out_png)

@@ -84,12 +84,16 @@ class Trackers:
         import numpy as np
         import torch
 
+        from t2i.class_cond import generate_classes, is_dit_checkpoint
         from t2i.sample import generate, image_grid, pipeline_from_checkpoint
 
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        pipe, null = pipeline_from_checkpoint(checkpoint, dtype=dtype)
-        grid = image_grid(generate(pipe, null, self.prompts)).convert("RGB")
-        del pipe, null
+        if is_dit_checkpoint(checkpoint):  # a class-cond stage: the prompts name classes
+            grid = image_grid(generate_classes(checkpoint, self.prompts)).convert("RGB")
+        else:
+            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            pipe, null = pipeline_from_checkpoint(checkpoint, dtype=dtype)
+            grid = image_grid(generate(pipe, null, self.prompts)).convert("RGB")
+            del pipe, null
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         path = self.out / "samples" / f"step-{step:07d}.png"

@@ -12,6 +12,7 @@ continues from exactly: same data order, same noise, same losses.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -31,6 +32,9 @@ from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, compu
 from t2i.trackers import Trackers, check_report_to
 
 
+KINDS = ("text-to-image", "class-cond")
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN/inf; the last good checkpoint is untouched."""
 
@@ -38,6 +42,8 @@ class TrainingDiverged(UserError):
 @dataclass
 class TrainConfig:
     name: str = "train"
+    kind: str = "text-to-image"  # text-to-image (PixArt) | class-cond (a class-conditional DiT: t2i.class_cond)
+    class_column: str = ""  # class-cond: the caption-shard column holding each image's label
     preset: str = "PixArt-XL/2"
     init: str = "scratch"  # scratch | dit:PATH | pixart:DIR | checkpoint:DIR
     resolution: int = 256
@@ -87,6 +93,12 @@ class TrainConfig:
 
         if self.init == "scratch":
             get_preset(self.preset)
+        if self.kind not in KINDS:
+            raise UserError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}: fix the stage's kind")
+        if self.kind == "class-cond":
+            from t2i.class_cond import check_config
+
+            check_config(self)
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UserError(f"mixed_precision {self.mixed_precision!r} is not one of no, bf16, fp16: pick one")
         for name in ("batch_size", "grad_accum", "steps", "checkpoint_every", "log_every", "max_tokens", "resolution"):
@@ -216,7 +228,7 @@ class TrainStep:
         self.accel, self.run_model, self.model = accel, run_model, model
         self.opt, self.sched, self.ema, self.diffusion = opt, sched, ema, diffusion
         self.grad_accum, self.grad_clip, self.fsdp, self.attention = grad_accum, grad_clip, fsdp, attention
-        self.use_added = model.transformer.use_additional_conditions
+        self.use_added = getattr(model.transformer, "use_additional_conditions", False)  # a DiT has none
 
     @classmethod
     def prepare(cls, cfg: TrainConfig, accel, model, opt, sched, ema, diffusion, compile_backend: str = "inductor") -> "TrainStep":
@@ -239,8 +251,9 @@ class TrainStep:
         Returns the detached per-micro-batch means [loss, mse, vb] (a device tensor)."""
         dev = self.accel.device
         x0, noise, t, drop = (inp[k].to(dev, non_blocking=True) for k in ("x0", "noise", "t", "drop"))
-        # text comes in its stored dtype (half the bytes through the loader for fp16)
-        text, mask = inp["text"].to(dev, non_blocking=True).float(), inp["mask"].to(dev, non_blocking=True)
+        # text comes in its stored dtype (half the bytes through the loader for fp16); class ids stay integers
+        text, mask = inp["text"].to(dev, non_blocking=True), inp["mask"].to(dev, non_blocking=True)
+        text = text.float() if text.is_floating_point() else text
         x_t = self.diffusion.add_noise(x0, noise, t)
         added = None
         if self.use_added:
@@ -336,6 +349,11 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     accel = make_accelerator(cfg)
     world = accel.num_processes
     local_batch, global_batch = per_process_batch(cfg, world)
+    classes = None
+    if cfg.kind == "class-cond":  # the label of every key, from the caption shards (checked before any work)
+        from t2i.class_cond import ClassCond
+
+        classes = ClassCond.open(cfg, out, shards, resume, accel)
 
     factor = vae_scale_factor(cfg.vae)
     patch = _patch_of(cfg)
@@ -351,7 +369,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
 
     # 2. model, optimiser, EMA
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, latent_size, caption_channels)
+    model = build_model(cfg, latent_size, caption_channels) if classes is None else classes.build_model(cfg, latent_size)
     p = model.transformer.config.patch_size
     if cfg.resolution % (p * factor):
         raise UserError(f"resolution {cfg.resolution} is not divisible by patch x VAE factor ({p} x {factor} = {p * factor}): pick a multiple of {p * factor}")
@@ -363,7 +381,8 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     ck, st = load_resume_weights(out, model, global_batch, world, local_batch, accel.is_main_process) if resume else (None, None)
     opt, sched, ema = setup_optimization(cfg, model, accel.device)
     run = Run(cfg, accel, out, model, names, sched, ema, global_batch,
-              {"features": json.loads((fdir / "config.json").read_text()), "scaling_factor": _scaling_factor(cfg.vae), "vae_scale_factor": factor})
+              {"features": json.loads((fdir / "config.json").read_text()), "scaling_factor": _scaling_factor(cfg.vae), "vae_scale_factor": factor},
+              classes=classes)
     if ck is not None:
         restore_training_state(run, ck, st, opt)
     elif run.log_path.exists() and accel.is_main_process:
@@ -435,8 +454,9 @@ class Run:
     the losses not yet checked, and checkpointing."""
 
     def __init__(self, cfg: TrainConfig, accel, out: Path, model, names: list[str], sched, ema, global_batch: int,
-                 state_extra: dict[str, Any]) -> None:
+                 state_extra: dict[str, Any], classes=None) -> None:
         self.cfg, self.accel, self.out, self.model, self.names = cfg, accel, out, model, names
+        self.classes = classes  # a class-cond stage's t2i.class_cond.ClassCond; None for text-to-image
         self.sched, self.ema, self.global_batch, self.state_extra = sched, ema, global_batch, state_extra
         self.rank, self.world = accel.process_index, accel.num_processes
         self.stepper: TrainStep | None = None
@@ -484,8 +504,9 @@ class Run:
             ema_state = dict(zip(self.names, sharding.full_tensors(self.ema.shadow_params)))
             opt_state = sharding.full_optimizer_state(opt.optimizer if hasattr(opt, "optimizer") else opt)
         if accel.is_main_process:
+            extras = None if self.classes is None else functools.partial(self.classes.write_checkpoint, weights, ema_state)
             self.last_ck = ckpt.save_checkpoint(self.out, self.step, self.model.transformer, weights, ema_state, opt_state,
-                                                self.trainer_state(), self.cfg.keep_checkpoints)
+                                                self.trainer_state(), self.cfg.keep_checkpoints, extras=extras)
             self.trackers.samples(self.last_ck, self.step)
             if self.trace is not None:
                 _append_jsonl(self.trace, {"event": "checkpoint", "step": self.step, "rank": self.rank})
@@ -502,7 +523,8 @@ def train_loop(run: Run, data, target: int, latent_hw: tuple[int, int], caption_
     from t2i.models import device_peak_flops, flops_per_image, preset_of
 
     cfg, accel = run.cfg, run.accel
-    flops_img = flops_per_image(preset_of(run.model.transformer.config), latent_hw, cfg.max_tokens, caption_channels)
+    flops_img = flops_per_image(preset_of(run.model.transformer.config), latent_hw, cfg.max_tokens, caption_channels,
+                                cross_attention=run.classes is None)
     peak = device_peak_flops(accel.device)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not (progress and accel.is_main_process))
@@ -553,6 +575,8 @@ def train_step(run: Run, batches) -> StepResult:
                                       "world": run.world, "keys": b.keys})
         run.epoch, run.batch_pos = b.epoch, b.batch_pos + 1
         inp = make_inputs(b, run.state_extra["scaling_factor"], stepper.diffusion.num_timesteps, cfg.caption_dropout, seeds)
+        if run.classes is not None:  # class-cond: class ids stand in for the captions
+            inp["text"] = run.classes.inputs(b.keys)
         last_micro = micro == cfg.grad_accum - 1 or b.last_in_epoch
         micro_losses.append(stepper.micro(inp, sync=last_micro, size=(b.height, b.width)))
         samples += share * run.world

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -245,16 +247,19 @@ def test_dedup_pass_on_planted_embeddings(tmp_path, monkeypatch, exact_limit):
     keys = [f"img{i}" for i in range(2000)] + [f"copy{i}" for i in range(100)]
     writer = ShardWriter(tmp_path, rows_per_shard=500, schema=score_schema(["clip", "dedup"]))
     for i, (k, v) in enumerate(zip(keys, vecs)):
-        sha = "same" if k in ("img5", "img7") else k  # img7 is an exact copy of img5's bytes
-        writer.add({"key": k, "clip_image_emb": None if k == "img9" else v.tolist(), "content_sha256": sha})
+        sha = hashlib.sha256(b"same" if k in ("img5", "img7") else k.encode()).hexdigest()  # img7: img5's bytes
+        writer.add({"key": k, "clip_image_emb": None if k == "img9" else v.tolist(), "content_sha256": None if k == "img11" else sha})
     writer.close()
-    table = D.find_duplicates(tmp_path, threshold=0.95).to_pylist()
+    tables = list(D.find_duplicates(tmp_path, threshold=0.95, rows_per_table=700))
+    assert [t.num_rows for t in tables] == [700, 700, 700]
+    table = pa.concat_tables(tables).to_pylist()
     row = {r["key"]: r for r in table}
     assert len(table) == len(keys)
     found = sum(row[f"copy{i}"]["dup_cluster"] == f"img{i}" and row[f"copy{i}"]["near_duplicate"] for i in range(100))
     assert found >= 95
     assert row["img7"]["exact_duplicate"] and row["img7"]["dup_cluster"] == "img5" and row["img7"]["near_duplicate"]
     assert not row["img5"]["near_duplicate"] and row["img9"]["dup_cluster"] is None
+    assert not row["img11"]["exact_duplicate"] and row["img11"]["dup_cluster"] == "img11"  # no digest: only its embedding
     distinct = [r for r in table if r["key"].startswith("img") and r["key"] not in ("img5", "img7")]
     assert all(r["dup_cluster_size"] <= 2 and not r["near_duplicate"] for r in distinct), "no false merges"
 

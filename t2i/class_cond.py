@@ -1,0 +1,385 @@
+"""A class-conditional DiT stage: stage 1 of the PixArt-alpha recipe for domains that have no
+ImageNet DiT to start from (medical, satellite, product photos), trained by the same trainer.
+
+    [[stages]]
+    name = "dit"
+    kind = "class-cond"          # default: "text-to-image" (PixArt)
+    class_column = "shape"       # a column of the caption shards: each image's label
+    preset = "DiT-tiny/2"        # DiT-<size> is the backbone of PixArt-<size> (PixArt-* names work too)
+    [[stages]]
+    name = "align"
+    init = "previous"            # the DiT above, imported by re-parameterisation (t2i.import_dit)
+
+What differs from the text-to-image stage, and only that (features, loader, IDDPM loss, AdamW +
+EMA, checkpoints, exact resume, recovery, ledger and trackers are t2i.train's):
+- the model is `DiTWithNull`: diffusers' `DiTTransformer2DModel`, one class per distinct label
+  value plus the null class (id = number of classes) for classifier-free guidance. The null
+  class embeds to zero, so the DiT's unconditional output is its function without a class term:
+  exactly what import-dit carries over into PixArt (exact at t = 500);
+- a labels step (`write_labels`, run with the features whenever the stage is given its caption
+  shards) writes every row's (key, class id) from the shards' `class_column` into
+  `<stage>/labels.parquet` and `classes.json`; training looks each sample's class up by key
+  (`ClassLabels`: 12 bytes per image in memory) and drops it to the null class with probability
+  `caption_dropout` (DiT's 10% label dropout). A null label trains the null class;
+- each checkpoint's `transformer/` is a complete diffusers `DiTTransformer2DModel` directory (EMA
+  weights), and `classes.json` (also in the stage directory) lists the label value of each class
+  id. So `t2i-data import-dit <stage dir | checkpoint>` and `init = "dit:<stage dir>"` read it as
+  any diffusers DiT, and `init = "previous"` after a class-cond stage goes through that import.
+
+The feature rows still carry text features (features computes them for every stage; rows need a
+caption: without captions, put the label text in `caption`). They are read and not used here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+
+from shards import ShardError, UserError
+from t2i.models import LATENT_CHANNELS, get_preset
+
+CLASSES_JSON = "classes.json"
+LABELS_FILE = "labels.parquet"  # key -> class id of every caption row: what training looks labels up in
+LABELS_META = "t2i_data.classes"
+INITS = ("scratch", "dit", "checkpoint")
+LABEL_TYPES = (str, int, bool)
+
+
+def check_config(cfg) -> None:
+    """The class-cond settings of a TrainConfig, checked before any work."""
+    if not cfg.class_column:
+        raise UserError("a class-cond stage needs class_column: set it to the caption-shard column holding each image's label")
+    if cfg.buckets:
+        raise UserError("a class-cond stage trains square latents (diffusers' DiT): set buckets = false")
+    if cfg.init.partition(":")[0] not in INITS and cfg.init != "previous":
+        raise UserError(f"init {cfg.init!r} of a class-cond stage is not scratch, dit:PATH or checkpoint:DIR: fix the stage's init")
+
+
+# ---- labels ------------------------------------------------------------------------------------
+
+def _hash_keys(keys: list[str] | pa.Array) -> np.ndarray:
+    """64-bit hashes of string keys (vectorised; stable within a process, which is all we need)."""
+    import polars as pl
+
+    arrow = isinstance(keys, (pa.Array, pa.ChunkedArray))
+    series = pl.from_arrow(keys) if arrow else pl.Series(values=keys, dtype=pl.String)
+    return series.cast(pl.String).hash(seed=0).to_numpy()
+
+
+@dataclass
+class ClassLabels:
+    """Every key's class id, as sorted key hashes and ids (12 bytes per image), and the classes."""
+
+    column: str
+    classes: list  # class id -> label value
+    hashes: np.ndarray  # uint64, sorted
+    ids: np.ndarray  # int32, the class id of hashes[i]; -1: no label (the null class)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def lookup(self, keys: list[str]) -> torch.Tensor:
+        """Class ids (long) of `keys`; an unlabelled key gets the null class (num_classes)."""
+        h = _hash_keys(keys)
+        pos = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
+        found = self.hashes[pos] == h
+        if not found.all():
+            missing = [k for k, f in zip(keys, found) if not f][:3]
+            raise UserError(f"feature rows {', '.join(missing)} have no row in the caption shards the labels come from: "
+                            "pass the shards the features were computed from")
+        ids = self.ids[pos].astype(np.int64)
+        ids[ids < 0] = self.num_classes
+        return torch.from_numpy(ids)
+
+    def mapping(self) -> dict[str, Any]:
+        """What classes.json holds: class id i is classes[i]; null_class is the unconditional id."""
+        return {"column": self.column, "classes": self.classes, "null_class": self.num_classes}
+
+
+def _label_batches(shards_dir, column: str) -> Iterator[tuple[pa.Array, pa.Array]]:
+    """(keys, label values) of every row of the complete caption shards, streamed by batch."""
+    from shards import complete_shards
+    from shards import fs as shard_fs
+
+    files = complete_shards(shards_dir)
+    if not files:
+        raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
+    for f in files:  # every schema checked before any reading
+        names = shard_fs.read_schema(f).names
+        if column not in names:
+            raise UserError(f"class_column {column!r} is not a column of {f} (columns: {', '.join(names)}): set class_column to one of them")
+    for f in files:
+        for batch in shard_fs.parquet_file(f).iter_batches(batch_size=65536, columns=["key", column]):
+            yield batch.column("key"), batch.column(column)
+
+
+def label_classes(shards_dir, column: str, classes: list | None = None) -> list:
+    """The classes of `column` in the caption shards: its sorted distinct values, or `classes`
+    when given (a resumed stage keeps its ids: a value outside them is an error)."""
+    index = dict.fromkeys(classes or [])
+    for _, values in _label_batches(shards_dir, column):
+        for v in pc.unique(values.drop_null()).to_pylist():  # a few distinct values per batch
+            if not isinstance(v, LABEL_TYPES):
+                raise UserError(f"class_column {column!r} holds {type(v).__name__} values: use a column of strings or integers")
+            if v not in index and classes is not None:
+                raise UserError(f"label {v!r} in {column!r} is not one of the classes this stage started with "
+                                f"({len(index)} in its classes.json): train a new stage (fresh --out) for new classes")
+            index[v] = None
+    if not index:
+        raise UserError(f"class_column {column!r} is empty (every value is null): pick the column that holds the labels")
+    return list(classes) if classes is not None else sorted(index)
+
+
+def write_labels(cfg, shards_dir, out: Path, resume: bool = False) -> int:
+    """The labels step of a class-cond stage: every caption row's (key, class id) into
+    `<out>/labels.parquet` (streamed, written whole or not at all; the classes in its metadata),
+    and `<out>/classes.json`. A resumed stage keeps the classes of its classes.json. Returns rows."""
+    import pyarrow.parquet as pq
+
+    from shards import fs as shard_fs
+    from t2i.checkpoint import write_text_atomic
+
+    shards_dir, out, column = shard_fs.as_location(shards_dir), Path(out), cfg.class_column
+    saved = out / CLASSES_JSON
+    classes = None
+    if resume and saved.exists():
+        mapping = json.loads(saved.read_text())
+        if mapping["column"] != column:
+            raise UserError(f"{out} was trained on class_column {mapping['column']!r}, not {column!r}: set it back, or train into a fresh --out")
+        classes = mapping["classes"]
+    classes = label_classes(shards_dir, column, classes)
+    mapping = {"column": column, "classes": classes, "null_class": len(classes)}
+    schema = pa.schema([("key", pa.string()), ("class_id", pa.int32())], metadata={LABELS_META: json.dumps(mapping)})
+    tmp, rows = out / f".{LABELS_FILE}.tmp", 0
+    with pq.ParquetWriter(tmp, schema) as w:
+        for keys, values in _label_batches(shards_dir, column):
+            found = pc.index_in(values, value_set=pa.array(classes, values.type))  # null for a null label
+            w.write_table(pa.table({"key": keys.cast(pa.string()), "class_id": pc.fill_null(found, -1).cast(pa.int32())}, schema=schema))
+            rows += len(keys)
+    tmp.replace(out / LABELS_FILE)
+    write_text_atomic(saved, json.dumps(mapping, indent=2))
+    return rows
+
+
+def load_labels(out: Path, column: str) -> ClassLabels:
+    """The labels a labels step wrote into `out`, as key hashes and ids."""
+    import pyarrow.parquet as pq
+
+    path = Path(out) / LABELS_FILE
+    if not path.exists():
+        raise UserError(f"no labels in {out}: run the class-cond stage with --shards (its labels come from the caption shards' {column!r} column)")
+    table = pq.read_table(path)
+    mapping = json.loads(table.schema.metadata[LABELS_META.encode()])
+    if mapping["column"] != column:
+        raise UserError(f"the labels in {out} come from column {mapping['column']!r}, not {column!r}: rerun the stage with --shards")
+    ids = table.column("class_id").to_numpy().astype(np.int32)
+    return _sorted_labels(column, mapping["classes"], _hash_keys(table.column("key")), ids)
+
+
+def _sorted_labels(column: str, classes: list, hashes: np.ndarray, ids: np.ndarray) -> ClassLabels:
+    order = np.argsort(hashes)  # equal hashes (a key twice) are checked below whatever their order
+    hashes, ids = hashes[order], ids[order]
+    dup = hashes[1:] == hashes[:-1]
+    if (ids[1:][dup] != ids[:-1][dup]).any():
+        raise UserError(f"some keys appear twice in the caption shards with different {column!r} labels: keep one row per key")
+    keep = np.concatenate([[True], ~dup])
+    return ClassLabels(column, classes, hashes[keep], ids[keep])
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+def build_dit(preset: str, latent_size: int, num_classes: int, learned_sigma: bool = True):
+    """A fresh diffusers `DiTTransformer2DModel` of `preset`'s shape (DiT-*/PixArt-* names),
+    `num_classes` classes + the null class, initialised as facebookresearch/DiT."""
+    from diffusers import DiTTransformer2DModel
+
+    p = get_preset(preset)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=p.heads, attention_head_dim=p.hidden // p.heads, in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS if learned_sigma else LATENT_CHANNELS, num_layers=p.depth,
+        sample_size=latent_size, patch_size=p.patch, num_embeds_ada_norm=num_classes,
+        norm_eps=1e-6,  # as the official DiT and PixArt (diffusers' default is 1e-5)
+    )  # fmt: skip
+    initialize_dit(dit)
+    return dit
+
+
+def initialize_dit(dit) -> None:
+    """facebookresearch/DiT's initialisation: xavier linears, N(0, 0.02) label and timestep
+    embeddings, zero adaLN modulation (every block starts as the identity), zero final layer."""
+    for m in dit.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    w = dit.pos_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(dit.pos_embed.proj.bias)
+    for block in dit.transformer_blocks:
+        emb = block.norm1.emb
+        nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+        nn.init.zeros_(block.norm1.linear.weight)
+        nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (dit.proj_out_1, dit.proj_out_2):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+class DiTWithNull(nn.Module):
+    """The trained unit of a class-cond stage: a DiT whose null class embeds to zero.
+
+    Called as the trainer calls PixArtWithNull: (latents, timesteps, class ids, mask, drop);
+    `drop` replaces a class by the null class. diffusers' own random label dropout (torch.rand in
+    every block, each on its own) is switched off: the trainer drops per sample, seeded."""
+
+    def __init__(self, transformer) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.null_class = transformer.config.num_embeds_ada_norm
+        for block in transformer.transformer_blocks:
+            labels = block.norm1.emb.class_embedder
+            labels.dropout_prob = 0.0  # the table keeps its null row: its size is fixed at construction
+            with torch.no_grad():
+                labels.embedding_table.weight[self.null_class].zero_()  # saved as zero: the DiT alone agrees
+            labels.embedding_table.register_forward_hook(self._null_is_zero)
+
+    def _null_is_zero(self, module, args, output):
+        """The null class's embedding is zero, and so is its gradient: it never moves."""
+        return output * (args[0] != self.null_class).unsqueeze(-1).to(output.dtype)
+
+    def forward(self, latents, timesteps, labels, mask=None, drop=None, added_cond_kwargs=None):
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return self.transformer(latents, timestep=timesteps, class_labels=labels, return_dict=False)[0]
+
+
+def load_dit(path: str | Path, which: str = "ema"):
+    """A `DiTTransformer2DModel` from a diffusers DiT (or pipeline) directory, or from a class-cond
+    run or checkpoint directory: its `transformer/` (EMA weights), or with `which="model"` the
+    checkpoint's training weights."""
+    from diffusers import DiTTransformer2DModel
+
+    from t2i import checkpoint as ckpt
+    from t2i.import_dit import dit_directory
+
+    directory, sub = dit_directory(path)
+    dit = DiTTransformer2DModel.from_pretrained(directory, subfolder=sub).float()
+    if which == "model":
+        sd = ckpt.load_weights(directory, "model")
+        ckpt.load_matching(dit, {k.removeprefix("transformer."): v for k, v in sd.items()}, f"checkpoint {directory}")
+    return dit
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+class ClassCond:
+    """What a class-cond stage adds to t2i.train: the labels, the model, the checkpoint files."""
+
+    def __init__(self, labels: ClassLabels) -> None:
+        self.labels = labels
+
+    @classmethod
+    def open(cls, cfg, out: Path, shards, resume: bool, accel) -> "ClassCond":
+        """The stage's labels: written from `shards` first when given (the main process runs the
+        labels step, the others wait), else the ones an earlier run of this stage wrote."""
+        if shards is not None:
+            if accel.is_main_process:
+                write_labels(cfg, shards, out, resume)
+            accel.wait_for_everyone()
+        return cls(load_labels(out, cfg.class_column))
+
+    def build_model(self, cfg, latent_size: int) -> DiTWithNull:
+        """DiTWithNull from the stage's init: scratch, dit:PATH (EMA weights) or checkpoint:DIR."""
+        kind, _, arg = cfg.init.partition(":")
+        if kind == "scratch":
+            dit = build_dit(cfg.preset, latent_size, self.labels.num_classes, cfg.learned_sigma)
+        else:
+            dit = load_dit(arg, which="model" if kind == "checkpoint" else "ema")
+        n = dit.config.num_embeds_ada_norm
+        if n != self.labels.num_classes:
+            raise UserError(f"init {cfg.init} has {n} classes, class_column {cfg.class_column!r} has {self.labels.num_classes}: "
+                            "start from scratch or from a DiT with the same classes")
+        if dit.config.sample_size != latent_size:
+            dit.register_to_config(sample_size=latent_size)
+        return DiTWithNull(dit)
+
+    def inputs(self, keys: list[str]) -> torch.Tensor:
+        """The class ids that stand in for the captions of a batch."""
+        return self.labels.lookup(keys)
+
+    def write_checkpoint(self, weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor], ck: Path) -> None:
+        """Complete a checkpoint being written: its transformer/ becomes a diffusers DiT directory
+        (the EMA weights; buffers from the model), and classes.json goes next to it."""
+        from safetensors.torch import save_file
+
+        inner = {k.removeprefix("transformer."): v.detach().contiguous().cpu()
+                 for k, v in {**weights, **ema}.items() if k.startswith("transformer.")}
+        save_file(inner, Path(ck) / "transformer" / "diffusion_pytorch_model.safetensors")
+        (Path(ck) / CLASSES_JSON).write_text(json.dumps(self.labels.mapping(), indent=2))
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+def is_dit_checkpoint(checkpoint: str | Path) -> bool:
+    """Whether `checkpoint` (a run directory or checkpoint) is a class-cond stage's."""
+    from t2i.checkpoint import latest_checkpoint
+
+    ck = latest_checkpoint(checkpoint)
+    config = ck / "transformer" / "config.json" if ck is not None else None
+    return config is not None and config.exists() and json.loads(config.read_text()).get("_class_name") == "DiTTransformer2DModel"
+
+
+def class_ids(mapping: dict[str, Any], labels: list, where: str) -> list[int]:
+    """Class ids of label values (or their text, as a prompt gives them); None: the null class."""
+    by_text = {str(v): i for i, v in enumerate(mapping["classes"])}
+    unknown = [v for v in labels if v is not None and str(v) not in by_text]
+    if unknown:
+        raise UserError(f"{unknown[0]!r} is not a class of {where}: its classes are {', '.join(map(str, mapping['classes']))}")
+    return [mapping["null_class"] if v is None else by_text[str(v)] for v in labels]
+
+
+@torch.no_grad()
+def generate_classes(checkpoint: str | Path, labels: list, steps: int = 20, guidance: float = 4.0, seed: int = 0,
+                     vae: str | None = None, which: str = "ema", device: str | None = None) -> list:
+    """PIL images of the classes `labels` (label values as in classes.json; None: unconditional)
+    from a class-cond checkpoint: DPM-Solver++ with classifier-free guidance against the null class.
+    (diffusers' DiTPipeline hard-codes ImageNet's null class 1000.)"""
+    from t2i.checkpoint import require_checkpoint
+    from t2i.features import load_vae
+    from t2i.sample import dpm_solver
+
+    ck = require_checkpoint(checkpoint)
+    state = json.loads((ck / "trainer_state.json").read_text())
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ids = torch.tensor(class_ids(json.loads((ck / CLASSES_JSON).read_text()), list(labels), str(ck)), device=device)
+    dit = load_dit(ck, which=which).to(device).eval()
+    decoder = load_vae(vae or state["features"]["vae"], device)
+    sched = dpm_solver()
+    sched.set_timesteps(steps)
+    size, null = dit.config.sample_size, torch.full_like(ids, dit.config.num_embeds_ada_norm)
+    noise = torch.randn((len(ids), LATENT_CHANNELS, size, size), generator=torch.Generator().manual_seed(seed))
+    latents = noise.to(device)
+    for t in sched.timesteps:
+        out = dit(torch.cat([latents, latents]), timestep=t.to(device).expand(2 * len(ids)), class_labels=torch.cat([ids, null])).sample
+        cond, uncond = out[:, :LATENT_CHANNELS].chunk(2)
+        latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+    images = decoder.decode(latents / state["scaling_factor"]).sample
+    return _to_pil(images)
+
+
+def _to_pil(images: torch.Tensor) -> list:
+    from PIL import Image
+
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
