@@ -466,8 +466,9 @@ def demo_cmd(
 
     Builds a world of coloured shapes (SA-1B layout, LAION-like alt-texts), trains the project's
     own tiny LLaVA captioner, captions the world with `caption`, compares VLM captions with
-    alt-texts with `stats`, trains a tiny PixArt on the VLM captions, samples prompts (held-out
-    combinations too), judges the images automatically, and writes OUT/report.html.
+    alt-texts with `stats`, then measures PixArt-alpha's three decisions with four arms (alt-texts,
+    VLM captions, a class-cond DiT imported by import-dit, an aesthetic fine-tune on the subset
+    `score` + `select` keep), judging held-out prompts at every checkpoint, and writes OUT/report.html.
 
     Example: t2i-data demo --out demo_out
     """

@@ -147,11 +147,10 @@ def run_arms(s: ArmSettings, out: Path, shards: dict[str, Path], dit_steps: int,
     feats = {"alt": out / "features_alt", "vlm": out / "features_vlm"}
     t0 = time.perf_counter()
     dit_dir = out / "dit"
-    if hasattr(s.base, "kind"):  # TEMP until dit14 lands
-        dit_cfg = arm_config(s, "dit", "scratch", dit_steps, kind="class-cond", class_column="shape")
-        train_stage(dit_cfg, dit_dir, shards["vlm"], feats["vlm"], s.progress)
+    dit_cfg = arm_config(s, "dit", "scratch", dit_steps, kind="class-cond", class_column="shape")
+    train_stage(dit_cfg, dit_dir, shards["vlm"], feats["vlm"], s.progress)
     timing["dit_s"] = time.perf_counter() - t0
-    plan = {"a": ("alt", "scratch"), "b": ("vlm", "scratch"), "c": ("vlm", f"dit:{dit_dir}" if hasattr(s.base, "kind") else "scratch")}
+    plan = {"a": ("alt", "scratch"), "b": ("vlm", "scratch"), "c": ("vlm", f"dit:{dit_dir}")}
     for arm, (text, init) in plan.items():
         log(f"      arm ({arm}) {ARMS[arm]}: {s.steps} steps")
         t0 = time.perf_counter()
