@@ -65,6 +65,7 @@ def _claims(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     prior = (f"(c) reached (b)'s final all-three accuracy ({_pct(c['b_final_all'])}) at step {c['c_steps_to_b_final']}, "
              f"{_pct(frac)} of (b)'s {steps} steps (target: at most 60%)." if frac is not None else
              f"(c) did not reach (b)'s final all-three accuracy ({_pct(c['b_final_all'])}) within {steps} steps.")
+    prior += f" (c)'s class-conditional DiT stage trained {t2i.get('dit_steps', '?')} steps before, on the shape labels."
     cf = arms["c"]["final"]
     prior += (f" Held-out accuracy of (c): colour {_pct(cf['color'])}, position {_pct(cf['position'])}, "
               f"shape {_pct(cf['shape'])}, all three {_pct(cf['all'])} (targets 90/90/70/55%).")

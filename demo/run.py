@@ -233,7 +233,7 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
         "d_all_change": arms["d"]["final"]["all"] - arms["c"]["final"]["all"],
     }
     return {"arms": arms, "aesthetic": aesthetic, "claims": claims, "timing": timing, "rows": rows,
-            "resolution": cfg.t2i_resolution, "steps": cfg.arm_steps, "prompts": prompts, "scenes": scenes}
+            "resolution": cfg.t2i_resolution, "steps": cfg.arm_steps, "dit_steps": cfg.dit_steps, "prompts": prompts, "scenes": scenes}
 
 
 def _figures(out: Path, t2i: dict[str, Any]) -> dict[str, Path]:
@@ -254,6 +254,8 @@ def _figures(out: Path, t2i: dict[str, Any]) -> dict[str, Path]:
             if arm == "d" and t2i["arms"]["c"]["curve"]:
                 pts = [t2i["arms"]["c"]["curve"][-1], *pts]
             ax.plot([p["step"] for p in pts], [p[attr] for p in pts], marker="o", ms=3, label=f"({arm}) {run['label']}")
+        chance = {"color": 1 / 6, "shape": 1 / 4, "position": 1 / 5, "all": 1 / 120}[attr]
+        ax.axhline(chance, color="grey", ls="--", lw=0.8)  # chance
         ax.set_title({"all": "all three right"}.get(attr, attr))
         ax.set_xlabel("training step")
         ax.set_ylim(0, 1)
