@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -29,15 +30,19 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (data-loader workers)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def run_seed(root: Path, seed: int, quick: bool) -> dict:
     from demo.run import DemoConfig, run_demo
 
     out = root / f"seed-{seed}"
     cfg = DemoConfig.quick(str(out), seed) if quick else DemoConfig(out=str(out), seed=seed)
-    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    t0, c0 = time.perf_counter(), _cpu_s()
     results = run_demo(cfg, progress=False)
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    results["bench"] = {"wall_s": time.perf_counter() - t0, "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)}
+    results["bench"] = {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "load_avg": list(os.getloadavg())}
     (out / "bench.json").write_text(json.dumps(results["bench"]))
     return results
 
