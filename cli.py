@@ -375,6 +375,44 @@ def export_cmd(
     typer.echo(f"wrote {export(checkpoint, out, which=weights, vae=vae, text_encoder=text_encoder)}")
 
 
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    target: Path = typer.Argument(..., help="run directory (all its checkpoints), one checkpoints/step-* directory, or an export folder"),
+    prompts: Path = typer.Option(..., "--prompts", help="text file, one prompt per line"),
+    out: Path = typer.Option(Path("eval"), "--out", help="eval.json, eval.html and each checkpoint's samples (rerun to resume)"),
+    clip: str = typer.Option("openai/clip-vit-large-patch14", "--clip", help="CLIPModel for CLIPScore: HF id or local directory"),
+    aesthetic: Optional[str] = typer.Option(None, "--aesthetic", help="LAION aesthetic v2 head on that CLIP: .pth/.safetensors file or HF id"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="folder of reference images: FID against them"),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="torch-fidelity Inception v3 weights file (pt_inception-2015-12-05-6726825d.pth)"),
+    fid_features: str = typer.Option("inception", "--fid-features", help="inception (standard FID, needs --inception) | clip (the --clip model's image embeddings)"),
+    fid_dims: int = typer.Option(2048, "--fid-dims", help="Inception layer: 2048 (standard FID) | 768 | 192 | 64 (fewer reference images than 2048)"),
+    steps: int = typer.Option(20, help="DPM-Solver++ steps"),
+    guidance: float = typer.Option(4.5, help="classifier-free guidance scale"),
+    seed: int = typer.Option(0, help="batch b is sampled with seed + b, the same for every checkpoint"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    weights: str = typer.Option("ema", help="ema | model"),
+    vae: Optional[str] = typer.Option(None, help="default: the VAE the features used"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+):
+    """Sample checkpoints and score them side by side: CLIPScore, aesthetic score, FID; eval.json + eval.html.
+
+    Example: t2i-data eval runs/x --prompts prompts.txt --reference ref_images/ --inception pt_inception-2015-12-05-6726825d.pth --out eval/
+    """
+    from t2i.evaluate import EvalConfig, evaluate_checkpoints, read_prompts
+
+    cfg = EvalConfig(prompts=read_prompts(prompts), out=out, clip=clip, aesthetic=aesthetic, reference=reference, inception=inception,
+                     fid_features=fid_features, fid_dims=fid_dims, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, which=weights,
+                     vae=vae, text_encoder=text_encoder, progress=not no_progress)  # fmt: skip
+    report = evaluate_checkpoints(target, cfg)
+    for r in report["checkpoints"]:
+        fid = "" if r["fid"] is None else f", FID {r['fid']:.3f}"
+        aes = "" if r["aesthetic"] is None else f", aesthetic {r['aesthetic']:.3f}"
+        typer.echo(f"{r['name']}: CLIPScore {r['clip_score']:.4f}{aes}{fid} ({r['samples']} samples)")
+    typer.echo(f"wrote {', '.join(report['files'])}")
+
+
 @app.command("import-dit")
 @user_errors
 def import_dit_cmd(
