@@ -168,6 +168,7 @@ def _batches(prompts: Sequence[str], size: int):
 def sample_and_score(target: Target, cfg: EvalConfig, scorers, out_dir: Path, advance: Callable[[int], None]) -> dict[str, Any]:
     """Sample every prompt from `target` in batches (seed: cfg.seed + batch index, the same for
     every checkpoint), save the PNGs, score them, and return this checkpoint's result."""
+    from curate.clip import clip_scores
     from t2i.sample import generate, image_grid
 
     clip, head, fid = scorers
@@ -178,7 +179,7 @@ def sample_and_score(target: Target, cfg: EvalConfig, scorers, out_dir: Path, ad
         for b, start, prompts in _batches(cfg.prompts, cfg.batch_size):
             images = generate(pipe, null, prompts, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed + b)
             image_emb = clip.embed_images(images)
-            scores = np.einsum("nd,nd->n", image_emb, clip.embed_texts(prompts))
+            scores = clip_scores(image_emb, clip.embed_texts(prompts))
             aesthetic = head.predict(image_emb) if head is not None else [None] * len(images)
             for i, (im, prompt, s, a) in enumerate(zip(images, prompts, scores, aesthetic)):
                 name = f"sample-{start + i:06d}.png"
