@@ -21,7 +21,7 @@ COLUMNS = (
 
 CSS = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
        "padding:4px 8px;text-align:right}th{background:#eee}.grids{display:flex;flex-wrap:wrap;gap:16px}"
-       ".grids figure{margin:0}.grids img{image-rendering:pixelated;max-width:512px;width:100%}")  # fmt: skip
+       ".grids figure{margin:0}.grids img{image-rendering:pixelated;width:512px;max-width:90vw}")  # fmt: skip
 
 
 def _best(rows: list[dict[str, Any]], key: str, better: str) -> float | None:
@@ -60,8 +60,10 @@ def to_html(report: dict[str, Any]) -> str:
         f"<p>{report['prompts']} prompts, {s['steps']} DPM-Solver++ steps, guidance {s['guidance']}, seed {s['seed']}; "
         f"CLIP <code>{html.escape(s['clip'])}</code>. {fid_note} Best of each column in bold.</p>",
         f"<table><tr>{head}</tr>{''.join(body)}</table>",
-        f"<h2>Samples (first {min(16, report['prompts'])} prompts, same seeds for every checkpoint)</h2>",
+        f"<h2>Samples (first {len(report.get('grid_prompts', []))} prompts, same seeds for every checkpoint)</h2>",
         f"<div class='grids'>{grids}</div>",
+        "<details><summary>prompts of the grids (row by row)</summary><ol>"
+        + "".join(f"<li>{html.escape(p)}</li>" for p in report.get("grid_prompts", [])) + "</ol></details>",
         "<h2>Raw results</h2><pre>" + html.escape(json.dumps(report, indent=1)) + "</pre></body></html>",
     ])  # fmt: skip
 

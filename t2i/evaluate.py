@@ -216,12 +216,14 @@ def _cached_result(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     return saved["result"] if saved.get("fingerprint") == fingerprint else None
 
 
-def evaluate_checkpoints(target: str | Path, cfg: EvalConfig) -> dict[str, Any]:
+def evaluate_checkpoints(target: str | Path, cfg: EvalConfig | None = None, **options: Any) -> dict[str, Any]:
     """Sample and score every checkpoint at `target`; write `<out>/eval.json` and `<out>/eval.html`.
-    Returns the JSON's dict: {"checkpoints": [one result per checkpoint, oldest first], "settings",
-    "reference", "files"}."""
+    Settings: an EvalConfig, or its fields as keywords (`prompts=[...], clip="dir", out="eval"`).
+    Returns the JSON's dict: {"checkpoints": [one result per checkpoint, oldest first: name, step,
+    samples, clip_score, clip_score_std, aesthetic, fid, grid], "settings", "reference", "files"}."""
     from t2i.eval_report import write_report
 
+    cfg = cfg if cfg is not None else EvalConfig(**options)
     _check(cfg)
     targets = find_targets(target)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -243,7 +245,8 @@ def evaluate_checkpoints(target: str | Path, cfg: EvalConfig) -> dict[str, Any]:
                 bar.advance(task, len(cfg.prompts))
             results.append(result)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("prompts", "progress")}
-    report = {"target": str(target), "checkpoints": results, "prompts": len(cfg.prompts), "settings": settings, "reference": reference}
+    report = {"target": str(target), "checkpoints": results, "prompts": len(cfg.prompts),
+              "grid_prompts": cfg.prompts[:GRID_IMAGES], "settings": settings, "reference": reference}
     report["files"] = [str(p) for p in write_report(out, report)]
     return report
 

@@ -62,11 +62,11 @@ def prompts(n: int = 48) -> list[str]:
 
 
 def test_eval_ranks_trained_above_untrained_and_writes_json_and_html(world, tmp_path):
-    from t2i.evaluate import EvalConfig, evaluate_checkpoints
+    from t2i.evaluate import evaluate_checkpoints
 
     out = tmp_path / "eval"
-    cfg = EvalConfig(prompts=prompts(), out=out, clip=world["clip"], reference=world["reference"], fid_features="clip", progress=False)
-    report = evaluate_checkpoints(world["run"], cfg)
+    report = evaluate_checkpoints(world["run"], prompts=prompts(), out=out, clip=world["clip"], reference=world["reference"],
+                                  fid_features="clip", progress=False)  # fmt: skip
     rows = {r["name"]: r for r in report["checkpoints"]}
     assert list(rows) == ["step-0000001", "step-0000800"], "one row per checkpoint, oldest first"
     untrained, trained = rows["step-0000001"], rows["step-0000800"]
@@ -107,6 +107,21 @@ def test_cli_eval_one_checkpoint_with_aesthetic_resumes(world, tmp_path):
     r = CliRunner().invoke(cli.app, args)
     assert r.exit_code == 0 and grid.stat().st_mtime_ns == before, "the finished checkpoint was not sampled again"
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["checkpoints"] == result
+
+
+def test_eval_an_exported_pipeline_scores_as_its_checkpoint(world, tmp_path):
+    """An `export` folder is sampled through diffusers' pipeline + the saved null caption: the same
+    images, so the same scores, as the checkpoint it came from."""
+    from t2i.evaluate import evaluate_checkpoints
+    from t2i.export import export
+
+    ck = world["run"] / "checkpoints" / "step-0000800"
+    pipe = export(ck, tmp_path / "pipe")
+    common = dict(prompts=prompts(4), clip=world["clip"], steps=3, progress=False)
+    from_export = evaluate_checkpoints(pipe, out=tmp_path / "a", **common)["checkpoints"]
+    from_checkpoint = evaluate_checkpoints(ck, out=tmp_path / "b", **common)["checkpoints"]
+    assert [r["kind"] for r in from_export] == ["export"] and from_export[0]["name"] == "pipe"
+    assert from_export[0]["clip_score"] == pytest.approx(from_checkpoint[0]["clip_score"], abs=1e-4)
 
 
 def test_cli_eval_bad_inputs_are_one_line_errors(world, tmp_path):
