@@ -21,7 +21,7 @@ COLUMNS = (
 
 CSS = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
        "padding:4px 8px;text-align:right}th{background:#eee}.grids{display:flex;flex-wrap:wrap;gap:16px}"
-       ".grids figure{margin:0}.grids img{image-rendering:pixelated;width:512px;max-width:90vw}")  # fmt: skip
+       ".grids figure{margin:0}pre{white-space:pre-wrap}.grids img{image-rendering:pixelated;width:512px;max-width:90vw}")  # fmt: skip
 
 
 def _best(rows: list[dict[str, Any]], key: str, better: str) -> float | None:
