@@ -267,14 +267,19 @@ def features_cmd(
     finally:
         ranks.close()
     if ranks.rank == 0:
-        typer.echo(f"{r['rows']} samples in {r['dir']} ({r['new']} new here, {r['skipped_invalid']} rows without caption, "
-                   f"{r['failed']} unreadable images skipped, listed in {r['dir']}/manifest.json)")  # fmt: skip
+        typer.echo(_features_line(r))
+
+
+def _features_line(r: dict) -> str:
+    return (f"{r['rows']} samples in {r['dir']} ({r['new']} new here, {r['skipped_invalid']} rows without caption, "
+            f"{r['failed']} unreadable images skipped, listed in {r['dir']}/manifest.json)")
 
 
 @app.command("train")
 @user_errors
 def train_cmd(
-    shards: Optional[str] = typer.Option(None, "--shards", help="caption shards, a path or an s3:// / gs:// / fsspec URI (features are computed when missing)"),
+    shards: Optional[str] = typer.Option(None, "--shards", help="caption shards, a path or an s3:// / gs:// / fsspec URI (features are computed from them first, as their own step)"),
+    features: Optional[Path] = typer.Option(None, "--features", help="features: a directory of `t2i-data features` or its --out root (default OUT/features); without --shards, trained on as they are"),
     out: Path = typer.Option(..., "--out", help="run directory (checkpoints/, log.jsonl, features/)"),
     manifest: Optional[str] = typer.Option(None, "--manifest", help="TOML stage recipe (manifests/*.toml)"),
     stage: Optional[str] = typer.Option(None, "--stage", help="run only this manifest stage"),
@@ -300,13 +305,16 @@ def train_cmd(
     report_to: Optional[str] = typer.Option(None, "--report-to", help="experiment trackers: tensorboard | wandb | mlflow (comma-separated)"),
     sample_prompts: Optional[str] = typer.Option(None, "--sample-prompts", help="'|'-separated prompts sampled at every checkpoint into the trackers"),
 ):
-    """Train PixArt-alpha on caption shards (one stage from options, or all stages of a manifest).
+    """Train PixArt-alpha on caption shards or features (one stage from options, or all stages of a manifest).
 
     Example: t2i-data train --manifest manifests/tiny-cpu.toml --shards out/ --out runs/tiny --vae tiny/vae --text-encoder tiny/t5
 
     A class-conditional DiT (then `t2i-data import-dit runs/dit`): t2i-data train --kind class-cond --class-column shape --preset DiT-tiny/2 ...
+
+    From features made beforehand: t2i-data train --features feats/ --out runs/x (same --vae/--resolution/... as `features`)
     """
-    from t2i.train import TrainConfig, train
+    from t2i.stage import run_stage
+    from t2i.train import TrainConfig
 
     _t2i_threads(threads)
     given = {k: v for k, v in dict(preset=preset, kind=kind, class_column=class_column, init=init, resolution=resolution, vae=vae, text_encoder=text_encoder,
@@ -319,12 +327,14 @@ def train_cmd(
 
         if kind is not None:
             raise UserError("--kind sets a single stage's kind: set kind per stage in the manifest instead")
-        for r in run_manifest(load_manifest(manifest), out, shards, resume=True, only=stage, overrides=given):
+        for r in run_manifest(load_manifest(manifest), out, shards, resume=True, only=stage, overrides=given, features=features):
             typer.echo(f"stage {r['stage']}: " + (r.get("skipped") or f"step {r['step']}, checkpoint {r['checkpoint']}"))
         return
-    if shards is None and not resume:
-        raise UserError("no --shards given: pass caption shards (or --manifest with shards per stage)")
-    r = train(TrainConfig(**given), out, shards=shards, resume=resume)
+    if shards is None and features is None and not resume:
+        raise UserError("no --shards or --features given: pass caption shards, features, or --manifest with shards per stage")
+    r = run_stage(TrainConfig(**given), out, shards=shards, features=features, resume=resume)
+    if "features_step" in r:
+        typer.echo(_features_line(r["features_step"]))
     typer.echo(f"trained to step {r['step']}; checkpoint {r['checkpoint']}; log {r['log']}")
 
 
