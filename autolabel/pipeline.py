@@ -5,26 +5,15 @@ keys in complete shards are skipped (shards.reader.done_keys). Rows only become 
 their shard's done-marker exists, so `kill -9` at any moment loses at most the unfinished shard,
 which the rerun redoes.
 
-`retry_failed` (exactly one row per key, by copy-on-write of whole shards): rows whose `error`
-is set are captioned again and held until the pass ends. Then each complete shard holding such
-keys is rewritten as a NEW shard (same rows, the retried ones replaced) and the old shard is
-deleted, one shard at a time, in this order:
-  1. `retry-journal.json` = {new shard name: [old shard]} (atomic write);
-  2. the new shard via ShardWriter (temp -> rename -> `.done`);
-  3. the old shard's `.done`, then the old shard; then the journal.
-A crash before 2 completes leaves the old shard (the rerun's clean_incomplete drops the partial
-new one, and the failed rows are simply retried again); a crash after 2 leaves both, and the
-next run of the job first finishes the swap from the journal (finish_interrupted_retry). Only in
-that crash window, or for the instant between steps 2 and 3 of a live run, can a reader see a
-key twice; at rest every key is in exactly one complete shard. Rows are never edited in place.
+`retry_failed` (exactly one row per key): rows whose `error` is set are captioned again and
+held until the pass ends, then swapped into their shards by shards.retry (copy-on-write of whole
+shards, journalled, so a crash never leaves a key in two complete shards at rest).
 
-`out_dir` may be a local path or an object-store / fsspec URI: every file operation goes through
-shards.fs, and the commit points (done-markers, the journal) are single whole-object writes there.
+`out_dir` may be a local path or an object-store / fsspec URI (shards.fs).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,21 +22,18 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from costs.ledger import Ledger
 from shards import fs
 from shards.errors import UserError
-from shards.reader import clean_incomplete, complete_shards, done_keys
-from shards.schema import CAPTION_SCHEMA, rows_to_table
-from shards.writer import ShardWriter, done_marker, write_manifest
+from shards.reader import clean_incomplete, done_keys
+from shards.retry import failed_keys, finish_interrupted_retry, replace_rows
+from shards.writer import ShardWriter, write_manifest
 from autolabel.backends import Captioner, GenParams
 from autolabel.hygiene import clean_caption, is_degenerate
 from autolabel.prepare import ImageError, Prepared, prepare_image
 from autolabel.prompts import question_for
 from shards.images.sources import TRUNCATED, ImageItem
-
-JOURNAL = "retry-journal.json"
 
 
 @dataclass
@@ -99,50 +85,6 @@ def prefetch(items: Iterable[ImageItem], opts: PrepareOptions, workers: int, dep
                 yield inflight.popleft().result()
         while inflight:
             yield inflight.popleft().result()
-
-
-def finish_interrupted_retry(out_dir: str | Path) -> None:
-    """Complete (or abandon) a retry swap a crash interrupted; see the module docstring."""
-    journal = fs.join(out_dir, JOURNAL)
-    if not fs.exists(journal):
-        return
-    plan = json.loads(fs.read_text(journal))
-    for new, olds in plan.items():
-        if fs.exists(done_marker(fs.join(out_dir, new))):  # the replacement is complete: drop what it replaces
-            for old in olds:
-                fs.delete(done_marker(fs.join(out_dir, old)))  # the marker first: the old shard stops counting
-                fs.delete(fs.join(out_dir, old))
-    fs.delete(journal)
-
-
-def failed_keys(out_dir: str | Path) -> set[str]:
-    return done_keys(out_dir) - done_keys(out_dir, where_ok=True)
-
-
-def _replace_failed_rows(out_dir: str | Path, writer: ShardWriter, retried: dict[str, dict | None]) -> None:
-    """Rewrite every complete shard holding a retried key, with the new rows in place (a key
-    mapped to None loses its row)."""
-    if not retried:
-        return
-    keys = pa.array(list(retried), pa.string())
-    for shard in complete_shards(out_dir):
-        table = fs.read_table(shard, schema=CAPTION_SCHEMA)
-        hit = pc.is_in(table.column("key"), value_set=keys)
-        if not pc.any(hit).as_py():
-            continue
-        rows = table.to_pylist()
-        new_rows = [retried[r["key"]] if r["key"] in retried else r for r in rows]
-        new_rows = [r for r in new_rows if r is not None]
-        if not new_rows:  # every row of the shard is gone: the marker first, so it stops counting
-            fs.delete(done_marker(shard))
-            fs.delete(shard)
-            continue
-        name = f"{writer.prefix}-{writer._next_index:05d}-{writer.writer_id}.parquet"
-        # the journal exists (written whole: temp + rename, or one PUT) before the replacement does
-        fs.write_text(fs.join(out_dir, JOURNAL), json.dumps({name: [fs.basename(shard)]}))
-        path = writer.write_table(rows_to_table(new_rows))
-        assert fs.basename(path) == name
-        finish_interrupted_retry(out_dir)
 
 
 def generate_or_isolate(captioner: Captioner, images: list, texts: list[str], params: GenParams) -> list:
@@ -217,7 +159,7 @@ class RunRecorder:
         for key in self.to_retry - self.retried_rows.keys():
             if key.endswith(TRUNCATED):  # the tar reads to its end now: its "ended early" row goes
                 self.retried_rows[key] = None
-        _replace_failed_rows(self.out_dir, self.writer, self.retried_rows)
+        replace_rows(self.out_dir, self.writer, self.retried_rows)
         s.seconds = time.perf_counter() - self.start
         ledger = self.ledger.close(images=s.captioned + s.failed)
         manifest = write_manifest(self.out_dir, config=self.config, extra={"last_run": {

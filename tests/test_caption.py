@@ -359,13 +359,14 @@ def test_kill_9_then_resume_is_exactly_once(tmp_path, tiny_model, hf_captioner):
 def test_interrupted_retry_swap_is_finished_by_the_next_run(tmp_path):
     """A crash between writing a retry's replacement shard and deleting the old one leaves both;
     the next run finishes the swap from the journal, so every key is left exactly once."""
-    from autolabel.pipeline import JOURNAL, finish_interrupted_retry
+    from shards.layout import JOURNAL
+    from shards.retry import finish_interrupted_retry
     from shards.writer import ShardWriter
 
     out = tmp_path / "out"
     w = ShardWriter(out, rows_per_shard=10)
     old = w.write_table(pa.Table.from_pylist([{"key": "a", "error": "broken"}, {"key": "b", "caption": "x"}], CAPTION_SCHEMA))
-    new_name = f"{w.prefix}-{w._next_index:05d}-{w.writer_id}.parquet"
+    new_name = w.next_shard_name()
     (out / JOURNAL).write_text(json.dumps({new_name: [old.name]}))
     w.write_table(pa.Table.from_pylist([{"key": "a", "caption": "fixed"}, {"key": "b", "caption": "x"}], CAPTION_SCHEMA))
     assert read_rows(out).height == 4  # the crash window: both shards complete
