@@ -30,18 +30,11 @@ from shards.reader import clean_incomplete, done_keys
 from shards.retry import failed_keys, finish_interrupted_retry, replace_rows
 from shards.writer import ShardWriter, write_manifest
 from autolabel.backends import Captioner, GenParams
+from autolabel.config import CaptionConfig, PrepareOptions
 from autolabel.hygiene import clean_caption, is_degenerate
 from autolabel.prepare import ImageError, Prepared, prepare_image
 from autolabel.prompts import question_for
 from shards.images.sources import TRUNCATED, ImageItem
-
-
-@dataclass
-class PrepareOptions:
-    max_short: int = 400
-    max_long: int = 800
-    max_pixels: int = 89_478_485
-    min_short: int | None = None  # the model's input size: JPEG draft decoding stops there
 
 
 @dataclass
@@ -169,15 +162,37 @@ class RunRecorder:
         return s
 
 
-def caption_items(
-    items: Iterable[ImageItem], captioner: Captioner, out_dir: str | Path, params: GenParams, *, prompt: str | None,
-    use_alt: bool, batch_size: int, shard_size: int, embed_images: bool, retry_failed: bool, workers: int,
-    prefetch_depth: int, prepare_opts: PrepareOptions, config: dict, total: int | None, progress: bool,
-) -> Summary:  # fmt: skip
-    """Caption every not-yet-done item into shards in `out_dir`; see the module docstring."""
+def base_row(captioner: Captioner, params: GenParams, image: bytes | None, **fields) -> dict:
+    """A caption row's fields that do not depend on the caption (both engines): `fields` are the
+    item's key, source, member, address, image_id, width, height, alt_text."""
+    return dict(fields, model=captioner.model_name, prompt=None, backend=captioner.name, temperature=params.temperature,
+                max_new_tokens=params.max_new_tokens, seed=params.seed, image=image, error=None)
+
+
+def caption_batch(captioner: Captioner, cfg: CaptionConfig, rows: list[dict], images: list) -> None:
+    """Caption one batch of prepared images (both engines): the prompt for each row's alt-text,
+    one generate call (image by image if it fails), and the caption fields (or the error)
+    filled into `rows` in place."""
+    questions = [question_for(cfg.prompt, row["alt_text"], cfg.use_alt) for row in rows]
+    gens = generate_or_isolate(captioner, images, [captioner.format_prompt(q) for q in questions], cfg.gen_params())
+    for row, q, g in zip(rows, questions, gens):
+        row["prompt"] = q
+        if isinstance(g, Exception):
+            row["error"] = f"captioning failed: {type(g).__name__}: {g}"
+            continue
+        caption = clean_caption(g.text, q)
+        row.update(caption=caption, num_tokens=g.num_tokens, finish_reason=g.finish_reason,
+                   truncated=g.finish_reason == "length", degenerate=is_degenerate(caption), error=None)
+
+
+def caption_items(items: Iterable[ImageItem], captioner: Captioner, out_dir: str | Path, cfg: CaptionConfig, recorded: dict,
+                  min_short: int | None = None, total: int | None = None) -> Summary:
+    """Caption every not-yet-done item into shards in `out_dir` with `cfg`'s settings (JPEGs
+    draft-decoded down to `min_short`); `recorded` goes into the manifest. See the module docstring."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    rec = RunRecorder(out_dir, shard_size, config, retry_failed)
+    rec = RunRecorder(out_dir, cfg.shard_size, recorded, cfg.retry_failed)
+    params = cfg.gen_params()
 
     def todo() -> Iterator[ImageItem]:
         for item in items:
@@ -189,47 +204,35 @@ def caption_items(
                 continue
             yield item
 
-    def base_row(item: ImageItem, prep: Prepared | None, data: bytes | None, question: str | None) -> dict:
-        return dict(
-            key=item.key, source=item.source, member=item.member, address=item.address, image_id=item.image_id,
-            width=item.width or (prep.width if prep else None), height=item.height or (prep.height if prep else None),
-            alt_text=item.alt, model=captioner.model_name, prompt=question, backend=captioner.name,
-            temperature=params.temperature, max_new_tokens=params.max_new_tokens, seed=params.seed,
-            image=data if embed_images else None,
-        )  # fmt: skip
+    def row_of(item: ImageItem, prep: Prepared | None, data: bytes | None) -> dict:
+        return base_row(captioner, params, data if cfg.embed_images else None, key=item.key, source=item.source,
+                        member=item.member, address=item.address, image_id=item.image_id,
+                        width=item.width or (prep.width if prep else None), height=item.height or (prep.height if prep else None),
+                        alt_text=item.alt)  # fmt: skip
 
     def emit(row: dict) -> None:
         rec.emit(row)
         bar.update(task, advance=1, rate=rec.rate())
 
     def run_batch(batch: list) -> None:
-        questions = [question_for(prompt, it.alt, use_alt) for it, _, _ in batch]
-        gens = generate_or_isolate(captioner, [p.image for _, p, _ in batch], [captioner.format_prompt(q) for q in questions], params)
-        for (item, prep, data), q, g in zip(batch, questions, gens):
-            if isinstance(g, Exception):
-                row = base_row(item, prep, data, q)
-                row.update(error=f"captioning failed: {type(g).__name__}: {g}")
-                emit(row)
-                continue
-            caption = clean_caption(g.text, q)
-            row = base_row(item, prep, data, q)
-            row.update(caption=caption, num_tokens=g.num_tokens, finish_reason=g.finish_reason,
-                       truncated=g.finish_reason == "length", degenerate=is_degenerate(caption), error=None)
+        rows = [row_of(item, prep, data) for item, prep, data in batch]
+        caption_batch(captioner, cfg, rows, [prep.image for _, prep, _ in batch])
+        for row in rows:
             emit(row)
 
     columns = [TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} img/s"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, disable=not cfg.progress, transient=False) as bar:
         task = bar.add_task("caption", total=total, rate="0.00")
         batch: list = []
-        for item, prep, error, data in prefetch(todo(), prepare_opts, workers, prefetch_depth):
+        for item, prep, error, data in prefetch(todo(), cfg.prepare_options(min_short), cfg.prepare_workers(), cfg.prefetch_depth()):
             if error is not None:
-                row = base_row(item, None, data, None)
+                row = row_of(item, None, data)
                 row.update(error=error)
                 emit(row)
                 continue
             batch.append((item, prep, data))
-            if len(batch) >= batch_size:
+            if len(batch) >= cfg.batch_size:
                 run_batch(batch)
                 batch = []
         if batch:
