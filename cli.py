@@ -246,10 +246,14 @@ def features_cmd(
     shard_size: int = typer.Option(1000, "--shard-size", help="rows per feature shard"),
     workers: int = typer.Option(0, "--workers", help="image decode threads (0: cores, at most 8)"),
     threads: int = typer.Option(0, help="torch CPU threads (0: default)"),
+    engine: str = typer.Option("local", "--engine", help="local (this process; torchrun ranks) | ray (encoder actors on a Ray cluster)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: connect to this Ray cluster (default: start a local Ray)"),
+    replicas: int = typer.Option(1, "--replicas", help="--engine ray: encoder actors (one GPU each on a GPU cluster)"),
 ):
     """Encode images once (VAE posterior mean/std, T5 features + mask) into feature shards; resumable.
 
     Data-parallel: run it under torchrun or accelerate launch; each process encodes its share of the keys.
+    On Ray: --engine ray --ray-address auto --replicas 8 (the features root must be shared by the nodes).
 
     Example: t2i-data features --shards out/ --out feats/ --vae tiny/vae --text-encoder tiny/t5 --resolution 16
 
@@ -261,6 +265,13 @@ def features_cmd(
     cfg = FeatureConfig(vae=vae, text_encoder=text_encoder, resolution=resolution, buckets=buckets, max_tokens=max_tokens,
                         text_dtype=text_dtype, latent_dtype=latent_dtype, batch_size=batch_size, rows_per_shard=shard_size,
                         workers=workers)  # fmt: skip
+    if engine not in ("local", "ray"):
+        raise UserError(f"unknown --engine {engine!r}: use local or ray")
+    if engine == "ray":
+        from t2i.features_ray import compute_features_ray
+
+        typer.echo(_features_line(compute_features_ray(shards, out, cfg, address=ray_address, replicas=replicas)))
+        return
     ranks = ranks_from_env()
     try:
         r = compute_features(shards, out, cfg, ranks=ranks)
