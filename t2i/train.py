@@ -5,8 +5,8 @@
                       steps=200), out="runs/tiny", features="feats/")
 
 The loop trains on a features directory (t2i.features; t2i.stage.run_stage computes it from
-caption shards first, as its own step); it samples latents from the stored posterior (mean + std * noise), drops 10% of captions to the learned null caption,
-trains with the IDDPM hybrid loss, and writes checkpoints (t2i.checkpoint) that `--resume`
+caption shards first, as its own step); it samples latents from the stored posterior (mean +
+std * noise), drops 10% of captions to the learned null caption, trains with the IDDPM hybrid loss, and writes checkpoints (t2i.checkpoint) that `--resume`
 continues from exactly: same data order, same noise, same losses.
 """
 
