@@ -53,3 +53,12 @@ def test_ray_engine_writes_exactly_the_rows_of_the_local_engine(tmp_path, models
         for name in ta:
             torch.testing.assert_close(tb[name], ta[name], rtol=1e-4, atol=1e-5)
     assert again["new"] == 0 and again["rows"] == 23 and len(rows(fdir)) == 23  # resumed: nothing encoded twice
+
+
+def test_unknown_features_engine_is_a_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    r = CliRunner().invoke(cli.app, ["features", "--shards", str(tmp_path), "--out", str(tmp_path / "f"), "--engine", "spark"])
+    assert r.exit_code == 2 and "error: unknown --engine 'spark': use local or ray" in r.output and "Traceback" not in r.output
