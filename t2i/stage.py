@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from shards import fs as shard_fs
 from t2i import recovery
 from t2i.features import Ranks, compute_features
 from t2i.train import TrainConfig, preflight, train
@@ -38,14 +39,19 @@ def features_step(cfg: TrainConfig, shards: str | Path, root: str | Path, progre
 def run_stage(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, features: str | Path | None = None,
               resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Features from `shards` (when given) into the features root `features` (default
-    `<out>/features`), then train on them. Returns train's summary with the features step's
-    summary under "features_step" (absent without `shards`)."""
+    `<out>/features`), then train on them (a class-cond stage also takes its labels from
+    `shards`). Returns train's summary with the features step's summary under "features_step"
+    (absent without `shards`)."""
     out = Path(out)
     root = Path(features) if features is not None else out / "features"
     step = None
     if shards is not None:
         preflight(cfg)  # bad settings or a finished run fail before hours of features, not after
         recovery.refuse_fresh_run_into_old(out, resume)
+        if cfg.kind == "class-cond":  # so does a label column the shards lack
+            from t2i.class_cond import check_label_column
+
+            check_label_column(shard_fs.as_location(shards), cfg.class_column)
         step = features_step(cfg, shards, root, progress)
     summary = train(cfg, out, features=root, resume=resume, stop_after=stop_after, progress=progress, label_shards=shards)
     if step is not None:
