@@ -38,7 +38,8 @@ def world(tmp_path_factory):
     tiny CLIP, and a folder of reference world images."""
     from demo.alignment import corpus, write_world_shards
     from t2i.tiny import build_tiny_models
-    from t2i.train import TrainConfig, train
+    from t2i.stage import run_stage
+    from t2i.train import TrainConfig
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval")
@@ -48,8 +49,8 @@ def world(tmp_path_factory):
     cfg = TrainConfig(preset="PixArt-tiny/2", resolution=16, vae=models["vae"], text_encoder=models["text_encoder"],
                       max_tokens=40, text_dtype="float32", batch_size=32, steps=1, lr=1e-3, warmup_steps=20,
                       grad_clip=1.0, checkpoint_every=1000, log_every=100, loader_workers=0)  # fmt: skip
-    train(cfg, root / "run", shards=root / "captions", progress=False)
-    train(dataclasses.replace(cfg, steps=800), root / "run", shards=root / "captions", resume=True, progress=False)
+    run_stage(cfg, root / "run", shards=root / "captions", progress=False)
+    run_stage(dataclasses.replace(cfg, steps=800), root / "run", shards=root / "captions", resume=True, progress=False)
     reference = root / "reference"
     reference.mkdir()
     for i, scene in enumerate(W.sample_scenes(32, seed=3)):
