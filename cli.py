@@ -246,10 +246,14 @@ def features_cmd(
     shard_size: int = typer.Option(1000, "--shard-size", help="rows per feature shard"),
     workers: int = typer.Option(0, "--workers", help="image decode threads (0: cores, at most 8)"),
     threads: int = typer.Option(0, help="torch CPU threads (0: default)"),
+    engine: str = typer.Option("local", "--engine", help="local (this process; torchrun ranks) | ray (encoder actors on a Ray cluster)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: connect to this Ray cluster (default: start a local Ray)"),
+    replicas: int = typer.Option(1, "--replicas", help="--engine ray: encoder actors (one GPU each on a GPU cluster)"),
 ):
     """Encode images once (VAE posterior mean/std, T5 features + mask) into feature shards; resumable.
 
     Data-parallel: run it under torchrun or accelerate launch; each process encodes its share of the keys.
+    On Ray: --engine ray --ray-address auto --replicas 8 (the features root must be shared by the nodes).
 
     Example: t2i-data features --shards out/ --out feats/ --vae tiny/vae --text-encoder tiny/t5 --resolution 16
 
@@ -261,20 +265,32 @@ def features_cmd(
     cfg = FeatureConfig(vae=vae, text_encoder=text_encoder, resolution=resolution, buckets=buckets, max_tokens=max_tokens,
                         text_dtype=text_dtype, latent_dtype=latent_dtype, batch_size=batch_size, rows_per_shard=shard_size,
                         workers=workers)  # fmt: skip
+    if engine not in ("local", "ray"):
+        raise UserError(f"unknown --engine {engine!r}: use local or ray")
+    if engine == "ray":
+        from t2i.features_ray import compute_features_ray
+
+        typer.echo(_features_line(compute_features_ray(shards, out, cfg, address=ray_address, replicas=replicas)))
+        return
     ranks = ranks_from_env()
     try:
         r = compute_features(shards, out, cfg, ranks=ranks)
     finally:
         ranks.close()
     if ranks.rank == 0:
-        typer.echo(f"{r['rows']} samples in {r['dir']} ({r['new']} new here, {r['skipped_invalid']} rows without caption, "
-                   f"{r['failed']} unreadable images skipped, listed in {r['dir']}/manifest.json)")  # fmt: skip
+        typer.echo(_features_line(r))
+
+
+def _features_line(r: dict) -> str:
+    return (f"{r['rows']} samples in {r['dir']} ({r['new']} new here, {r['skipped_invalid']} rows without caption, "
+            f"{r['failed']} unreadable images skipped, listed in {r['dir']}/manifest.json)")
 
 
 @app.command("train")
 @user_errors
 def train_cmd(
-    shards: Optional[str] = typer.Option(None, "--shards", help="caption shards, a path or an s3:// / gs:// / fsspec URI (features are computed when missing)"),
+    shards: Optional[str] = typer.Option(None, "--shards", help="caption shards, a path or an s3:// / gs:// / fsspec URI (features are computed from them first, as their own step)"),
+    features: Optional[Path] = typer.Option(None, "--features", help="features: a directory of `t2i-data features` or its --out root (default OUT/features); without --shards, trained on as they are"),
     out: Path = typer.Option(..., "--out", help="run directory (checkpoints/, log.jsonl, features/)"),
     manifest: Optional[str] = typer.Option(None, "--manifest", help="TOML stage recipe (manifests/*.toml)"),
     stage: Optional[str] = typer.Option(None, "--stage", help="run only this manifest stage"),
@@ -300,13 +316,16 @@ def train_cmd(
     report_to: Optional[str] = typer.Option(None, "--report-to", help="experiment trackers: tensorboard | wandb | mlflow (comma-separated)"),
     sample_prompts: Optional[str] = typer.Option(None, "--sample-prompts", help="'|'-separated prompts sampled at every checkpoint into the trackers"),
 ):
-    """Train PixArt-alpha on caption shards (one stage from options, or all stages of a manifest).
+    """Train PixArt-alpha on caption shards or features (one stage from options, or all stages of a manifest).
 
     Example: t2i-data train --manifest manifests/tiny-cpu.toml --shards out/ --out runs/tiny --vae tiny/vae --text-encoder tiny/t5
 
     A class-conditional DiT (then `t2i-data import-dit runs/dit`): t2i-data train --kind class-cond --class-column shape --preset DiT-tiny/2 ...
+
+    From features made beforehand: t2i-data train --features feats/ --out runs/x (same --vae/--resolution/... as `features`)
     """
-    from t2i.train import TrainConfig, train
+    from t2i.stage import run_stage
+    from t2i.train import TrainConfig
 
     _t2i_threads(threads)
     given = {k: v for k, v in dict(preset=preset, kind=kind, class_column=class_column, init=init, resolution=resolution, vae=vae, text_encoder=text_encoder,
@@ -319,12 +338,14 @@ def train_cmd(
 
         if kind is not None:
             raise UserError("--kind sets a single stage's kind: set kind per stage in the manifest instead")
-        for r in run_manifest(load_manifest(manifest), out, shards, resume=True, only=stage, overrides=given):
+        for r in run_manifest(load_manifest(manifest), out, shards, resume=True, only=stage, overrides=given, features=features):
             typer.echo(f"stage {r['stage']}: " + (r.get("skipped") or f"step {r['step']}, checkpoint {r['checkpoint']}"))
         return
-    if shards is None and not resume:
-        raise UserError("no --shards given: pass caption shards (or --manifest with shards per stage)")
-    r = train(TrainConfig(**given), out, shards=shards, resume=resume)
+    if shards is None and features is None and not resume:
+        raise UserError("no --shards or --features given: pass caption shards, features, or --manifest with shards per stage")
+    r = run_stage(TrainConfig(**given), out, shards=shards, features=features, resume=resume)
+    if "features_step" in r:
+        typer.echo(_features_line(r["features_step"]))
     typer.echo(f"trained to step {r['step']}; checkpoint {r['checkpoint']}; log {r['log']}")
 
 
@@ -373,6 +394,44 @@ def export_cmd(
     from t2i.export import export
 
     typer.echo(f"wrote {export(checkpoint, out, which=weights, vae=vae, text_encoder=text_encoder)}")
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    target: Path = typer.Argument(..., help="run directory (all its checkpoints), one checkpoints/step-* directory, or an export folder"),
+    prompts: Path = typer.Option(..., "--prompts", help="text file, one prompt per line"),
+    out: Path = typer.Option(Path("eval"), "--out", help="eval.json, eval.html and each checkpoint's samples (rerun to resume)"),
+    clip: str = typer.Option("openai/clip-vit-large-patch14", "--clip", help="CLIPModel for CLIPScore: HF id or local directory"),
+    aesthetic: Optional[str] = typer.Option(None, "--aesthetic", help="LAION aesthetic v2 head on that CLIP: .pth/.safetensors file or HF id"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="folder of reference images: FID against them"),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="torch-fidelity Inception v3 weights file (pt_inception-2015-12-05-6726825d.pth)"),
+    fid_features: str = typer.Option("inception", "--fid-features", help="inception (standard FID, needs --inception) | clip (the --clip model's image embeddings)"),
+    fid_dims: int = typer.Option(2048, "--fid-dims", help="Inception layer: 2048 (standard FID) | 768 | 192 | 64 (fewer reference images than 2048)"),
+    steps: int = typer.Option(20, help="DPM-Solver++ steps"),
+    guidance: float = typer.Option(4.5, help="classifier-free guidance scale"),
+    seed: int = typer.Option(0, help="batch b is sampled with seed + b, the same for every checkpoint"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    weights: str = typer.Option("ema", help="ema | model"),
+    vae: Optional[str] = typer.Option(None, help="default: the VAE the features used"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+):
+    """Sample checkpoints and score them side by side: CLIPScore, aesthetic score, FID; eval.json + eval.html.
+
+    Example: t2i-data eval runs/x --prompts prompts.txt --reference ref_images/ --inception pt_inception-2015-12-05-6726825d.pth --out eval/
+    """
+    from t2i.evaluate import EvalConfig, evaluate_checkpoints, read_prompts
+
+    cfg = EvalConfig(prompts=read_prompts(prompts), out=out, clip=clip, aesthetic=aesthetic, reference=reference, inception=inception,
+                     fid_features=fid_features, fid_dims=fid_dims, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, which=weights,
+                     vae=vae, text_encoder=text_encoder, progress=not no_progress)  # fmt: skip
+    report = evaluate_checkpoints(target, cfg)
+    for r in report["checkpoints"]:
+        fid = "" if r["fid"] is None else f", FID {r['fid']:.3f}"
+        aes = "" if r["aesthetic"] is None else f", aesthetic {r['aesthetic']:.3f}"
+        typer.echo(f"{r['name']}: CLIPScore {r['clip_score']:.4f}{aes}{fid} ({r['samples']} samples)")
+    typer.echo(f"wrote {', '.join(report['files'])}")
 
 
 @app.command("import-dit")

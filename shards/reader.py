@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from shards import fs
 from shards.errors import UserError
-from shards.writer import MANIFEST, SHARD_RE
+from shards.layout import MANIFEST, SHARD_RE
 
 
 class ShardError(UserError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 import uuid
 from pathlib import Path
@@ -24,10 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards import fs
+from shards.layout import MANIFEST, SHARD_RE, done_marker, shard_name
+from shards.reader import complete_shards
 from shards.schema import CAPTION_SCHEMA, CaptionRow, rows_to_table
-
-SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})(?:-(?P<writer>[0-9a-f]{8}))?\.parquet$")
-MANIFEST = "manifest.json"
 # Row groups of about this many uncompressed bytes (at least one row): a reader that wants one
 # row decodes its whole group, so rows of MiB-sized tensors (T5-XXL features) get a group each.
 ROW_GROUP_BYTES = 1 << 20
@@ -100,10 +98,14 @@ class ShardWriter:
         self._buffer = []
         return path
 
+    def next_shard_name(self) -> str:
+        """The name the next shard written will have (a retry swap journals it beforehand)."""
+        return shard_name(self.prefix, self._next_index, self.writer_id)
+
     def write_table(self, table: pa.Table) -> fs.Location:
         """Write `table` as the next shard, then its done-marker (the commit point).
         Local: temp name, fsync, rename. Object store: one PUT of the finished file."""
-        name = f"{self.prefix}-{self._next_index:05d}-{self.writer_id}.parquet"
+        name = self.next_shard_name()
         self._next_index += 1
         final = fs.join(self.out_dir, name)
         if isinstance(final, Path):
@@ -136,15 +138,8 @@ class ShardWriter:
         return write_manifest(self.out_dir, config=self.config, extra=extra)
 
 
-def done_marker(shard: str | Path) -> fs.Location:
-    """The marker whose existence says `shard` is complete (a Path for local shards)."""
-    return fs.with_suffix_name(shard, ".done")
-
-
 def write_manifest(out_dir: str | Path, config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """(Re)build `manifest.json` from the done-markers in `out_dir`: shards, rows, checksums."""
-    from shards.reader import complete_shards  # local: reader imports writer's helpers
-
     shards = []
     for shard in complete_shards(out_dir):
         shards.append(json.loads(fs.read_text(done_marker(shard))))

@@ -105,18 +105,26 @@ class ClassLabels:
         return {"column": self.column, "classes": self.classes, "null_class": self.num_classes}
 
 
-def _label_batches(shards_dir, column: str) -> Iterator[tuple[pa.Array, pa.Array]]:
-    """(keys, label values) of every row of the complete caption shards, streamed by batch."""
+def check_label_column(shards_dir, column: str) -> list:
+    """The complete caption shards, every one checked to have `column` (schemas only: before any work)."""
     from shards import complete_shards
     from shards import fs as shard_fs
 
     files = complete_shards(shards_dir)
     if not files:
         raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
-    for f in files:  # every schema checked before any reading
+    for f in files:
         names = shard_fs.read_schema(f).names
         if column not in names:
             raise UserError(f"class_column {column!r} is not a column of {f} (columns: {', '.join(names)}): set class_column to one of them")
+    return files
+
+
+def _label_batches(shards_dir, column: str) -> Iterator[tuple[pa.Array, pa.Array]]:
+    """(keys, label values) of every row of the complete caption shards, streamed by batch."""
+    from shards import fs as shard_fs
+
+    files = check_label_column(shards_dir, column)
     for f in files:
         for batch in shard_fs.parquet_file(f).iter_batches(batch_size=65536, columns=["key", column]):
             yield batch.column("key"), batch.column(column)

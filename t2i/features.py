@@ -321,18 +321,33 @@ def default_device(ranks: Ranks) -> str:
 CAPTION_COLUMNS = ("key", "caption", "error", "image", "source", "member", "address")
 
 
-def _caption_rows(shards_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """Every row of the caption shards (streamed), with the columns features needs; shards of
+def caption_shards(shards_dir: str | Path) -> list[tuple[Any, list[str]]]:
+    """(shard, its columns) of every complete caption shard, checked before any work; shards of
     caption schema 1 have no `address` (their rows are located by source + member)."""
     shards = complete_shards(shards_dir)
-    names = [shard_fs.read_schema(s).names for s in shards]  # a local path or a URI; checked before any work
+    names = [shard_fs.read_schema(s).names for s in shards]  # a local path or a URI
     for shard, cols in zip(shards, names):
         if not {"caption", "key"} <= set(cols):
             raise ShardError(f"{shard} has no caption/key column: pass caption shards written by `t2i-data caption`")
-    for shard, cols in zip(shards, names):  # one shard open at a time
-        wanted = [c for c in CAPTION_COLUMNS if c in cols]
-        for batch in shard_fs.parquet_file(shard).iter_batches(batch_size=256, columns=wanted):
-            yield from batch.to_pylist()
+    return list(zip(shards, names))
+
+
+def shard_rows(shard, cols: list[str], columns: Iterable[str] = CAPTION_COLUMNS) -> Iterator[dict[str, Any]]:
+    """The rows of one caption shard (streamed), with those of `columns` it has."""
+    wanted = [c for c in columns if c in cols]
+    for batch in shard_fs.parquet_file(shard).iter_batches(batch_size=256, columns=wanted):
+        yield from batch.to_pylist()
+
+
+def _caption_rows(shards_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Every row of the caption shards (streamed), one shard open at a time."""
+    for shard, cols in caption_shards(shards_dir):
+        yield from shard_rows(shard, cols)
+
+
+def usable(row: dict[str, Any]) -> bool:
+    """A caption row features encode: captioned, without an error."""
+    return row["error"] is None and bool(row["caption"])
 
 
 def features_dir(root: str | Path, cfg: FeatureConfig) -> Path:
@@ -350,7 +365,7 @@ def read_failures(out: Path) -> dict[str, str]:
 def _todo(shards_dir, done: set[str], failed: dict[str, str], ranks: Ranks, stats: dict, advance: Callable) -> Iterator[dict]:
     for r in _caption_rows(shards_dir):  # streamed: never all rows (and image bytes) in memory
         advance()
-        if r["error"] is not None or not r["caption"]:
+        if not usable(r):
             stats["skipped_invalid"] += 1
             continue
         stats["valid"] += 1
@@ -390,36 +405,59 @@ def _compute_features_locked(shards_dir, out: Path, cfg: FeatureConfig, device: 
     from shards import read_manifest
 
     if ranks.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_incomplete(out)
-        (out / "config.json").write_text(json.dumps({**asdict(cfg), "cache_key": cfg.cache_key()}, indent=2))
+        start_output(out, cfg)
     ranks.barrier()  # nobody writes before the leftovers of a crash are gone
     device = device or default_device(ranks)
     from costs.ledger import Ledger
 
     ledger = Ledger(out, "features", device)  # one line per rank in ledger.jsonl
-    stats = {"dir": str(out), "new": 0, "skipped_invalid": 0, "failed": 0, "failures": [], "valid": 0}
+    stats = new_stats(out)
     encoder = FeatureEncoder(out, cfg, device, ranks.rank)
     images = RowImages(cfg)
     with Progress(disable=not progress or ranks.rank != 0) as bar:
         task = bar.add_task("features", total=read_manifest(shards_dir).get("rows"))
         todo = _todo(shards_dir, done_keys(out), read_failures(out), ranks, stats, lambda: bar.advance(task))
-        workers = cfg.workers or min(8, os.cpu_count() or 1)
-        depth = max(2 * cfg.batch_size, 4 * workers)
-        for row, pixels, error in prefetch(images, map(images.locate, todo), workers, depth):
-            if error is not None:
-                encoder.record_failure(row["key"], error)
-            else:
-                stats["new"] += encoder.add(row, pixels)
-        stats["new"] += encoder.close()
+        stats["new"] += encode_rows(todo, images, encoder)
     images.close()
     stats["ledger"] = ledger.close(images=stats["new"])
     ranks.barrier()  # every rank's shards are complete
+    return finish_output(out, cfg, shards_dir, stats, write=ranks.rank == 0)
+
+
+def start_output(out: Path, cfg: FeatureConfig) -> None:
+    """Before any rank writes: the directory, a crash's leftovers gone, the settings recorded."""
+    out.mkdir(parents=True, exist_ok=True)
+    clean_incomplete(out)
+    (out / "config.json").write_text(json.dumps({**asdict(cfg), "cache_key": cfg.cache_key()}, indent=2))
+
+
+def new_stats(out: Path) -> dict[str, Any]:
+    return {"dir": str(out), "new": 0, "skipped_invalid": 0, "failed": 0, "failures": [], "valid": 0}
+
+
+def encode_rows(rows: Iterable[dict[str, Any]], images: "RowImages", encoder: "FeatureEncoder") -> int:
+    """The features of `rows` (caption rows): read and decoded ahead by threads, encoded in
+    batches of one size, written as `encoder`'s shards; unreadable images recorded as failures.
+    Every engine (this process, torchrun ranks, Ray actors) encodes through here. Returns the
+    number of rows encoded; the last shard is flushed."""
+    cfg = encoder.cfg
+    workers = cfg.workers or min(8, os.cpu_count() or 1)
+    new = 0
+    for row, pixels, error in prefetch(images, map(images.locate, rows), workers, max(2 * cfg.batch_size, 4 * workers)):
+        if error is not None:
+            encoder.record_failure(row["key"], error)
+        else:
+            new += encoder.add(row, pixels)
+    return new + encoder.close()
+
+
+def finish_output(out: Path, cfg: FeatureConfig, shards_dir, stats: dict[str, Any], write: bool = True) -> dict[str, Any]:
+    """After every writer is done: the summary (rows, failures) and, when `write`, the manifest."""
     if not stats["valid"]:
         raise ShardError(f"{shards_dir} has no rows with a caption (all null or errored): caption the images first")
     failures = read_failures(out)
     stats.update(failed=len(failures), failures=[f"{k}: {e}" for k, e in list(failures.items())[:20]], rows=len(done_keys(out)))
-    if ranks.rank == 0:
+    if write:
         _write_manifest(out, cfg, shards_dir, failures)
     return stats
 
@@ -436,11 +474,11 @@ class FeatureEncoder:
     rank's shards. Unreadable images go to `failures-<writer id>.json`, rewritten whole at
     every shard commit and at the end."""
 
-    def __init__(self, out: Path, cfg: FeatureConfig, device: str, rank: int) -> None:
+    def __init__(self, out: Path, cfg: FeatureConfig, device: str, rank: int = 0, prefix: str | None = None) -> None:
         from shards import ShardWriter
 
         self.out, self.cfg, self.device = out, cfg, device
-        self.writer = ShardWriter(out, rows_per_shard=cfg.rows_per_shard, schema=FEATURE_SCHEMA, prefix=f"features-r{rank:03d}")
+        self.writer = ShardWriter(out, rows_per_shard=cfg.rows_per_shard, schema=FEATURE_SCHEMA, prefix=prefix or f"features-r{rank:03d}")
         self.pending: dict[tuple[int, int], list] = {}
         self.failures: dict[str, str] = {}
         self.models = None

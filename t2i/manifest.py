@@ -120,11 +120,14 @@ def _finished(stage_dir: Path, steps: int) -> bool:
 
 
 def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None = None, resume: bool = True,
-                 only: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True) -> list[dict]:
-    """Train every stage in order (or only stage `only`). Finished stages are skipped; an
-    interrupted one resumes from its checkpoint when `resume`."""
+                 only: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True,
+                 features: str | Path | None = None) -> list[dict]:
+    """Train every stage in order (or only stage `only`): features from its shards first, as
+    their own step, into `features` (a features root; default `<stage dir>/features`), then the
+    training loop on them (t2i.stage.run_stage). Finished stages are skipped; an interrupted one
+    resumes from its checkpoint when `resume`."""
     from t2i.recovery import has_checkpoints
-    from t2i.train import train
+    from t2i.stage import run_stage
 
     out = Path(out)
     results = []
@@ -149,8 +152,8 @@ def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None 
             results.append({"stage": cfg.name, "skipped": "finished"})
             continue
         src = stage.shards or shards
-        if src is None:
-            raise UserError(f"stage {cfg.name!r} has no shards: pass --shards or set shards in the manifest")
-        res = train(cfg, sdir, shards=src, resume=resume and has_checkpoints(sdir), progress=progress)
+        if src is None and features is None:
+            raise UserError(f"stage {cfg.name!r} has no shards: pass --shards (or --features) or set shards in the manifest")
+        res = run_stage(cfg, sdir, shards=src, features=features, resume=resume and has_checkpoints(sdir), progress=progress)
         results.append({"stage": cfg.name, **res})
     return results

@@ -2,11 +2,11 @@
 
     from t2i.train import TrainConfig, train
     train(TrainConfig(preset="PixArt-tiny/2", resolution=16, vae="tiny/vae", text_encoder="tiny/t5",
-                      steps=200), shards="captions/", out="runs/tiny")
+                      steps=200), out="runs/tiny", features="feats/")
 
-Features are computed first when missing (t2i.features); the loop samples latents from the
-stored posterior (mean + std * noise), drops 10% of captions to the learned null caption,
-trains with the IDDPM hybrid loss, and writes checkpoints (t2i.checkpoint) that `--resume`
+The loop trains on a features directory (t2i.features; t2i.stage.run_stage computes it from
+caption shards first, as its own step); it samples latents from the stored posterior (mean +
+std * noise), drops 10% of captions to the learned null caption, trains with the IDDPM hybrid loss, and writes checkpoints (t2i.checkpoint) that `--resume`
 continues from exactly: same data order, same noise, same losses.
 """
 
@@ -28,7 +28,7 @@ from shards.errors import UserError
 from t2i import checkpoint as ckpt
 from t2i import recovery
 from t2i import sharding
-from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, compute_features, features_dir
+from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, features_dir
 from t2i.trackers import Trackers, check_report_to
 
 
@@ -115,7 +115,13 @@ class TrainConfig:
         check_report_to(self.report_to)
 
 
-def vae_scale_factor(vae_spec: str) -> int:
+class VaeFactors(NamedTuple):
+    spatial: int  # pixels per latent cell along each side
+    scaling: float  # multiplies stored latents into the unit-variance space the model trains in
+
+
+def vae_factors(vae_spec: str) -> VaeFactors:
+    """The VAE's spatial and scaling factors, from its config (read once, no weights loaded)."""
     from diffusers import AutoencoderKL
 
     from t2i.features import _subfolder
@@ -127,7 +133,7 @@ def vae_scale_factor(vae_spec: str) -> int:
             cfg = AutoencoderKL.load_config(vae_spec)
         except Exception as e:
             raise UserError(f"cannot read the VAE config of {vae_spec!r}: pass a local AutoencoderKL directory or a reachable HF id") from e
-    return 2 ** (len(cfg["block_out_channels"]) - 1)
+    return VaeFactors(2 ** (len(cfg["block_out_channels"]) - 1), float(cfg.get("scaling_factor", 0.18215)))
 
 
 def _patch_of(cfg: TrainConfig) -> int:
@@ -330,18 +336,22 @@ def make_accelerator(cfg: TrainConfig):
 
 
 @recovery.guard_run_dir  # one writer per run directory; no fresh run into an old one
-def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, features: str | Path | None = None,
-          resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run one training stage. `shards`: caption shards (features are computed when missing);
-    `features`: a features root (default `<out>/features`). `stop_after`: stop (with a
-    checkpoint) after that many optimizer steps, as if interrupted. Returns a summary.
+def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None, resume: bool = False,
+          stop_after: int | None = None, progress: bool = True, label_shards: str | Path | None = None) -> dict[str, Any]:
+    """Run one training stage on a features directory: `features` is one (made by `t2i-data
+    features`, for these settings) or a features root holding it under its cache key (default
+    `<out>/features`); t2i.stage.run_stage makes it from caption shards first. `stop_after`: stop
+    (with a checkpoint) after that many optimizer steps, as if interrupted. `label_shards`: the
+    caption shards a class-cond stage reads its labels from (nothing else reads them here).
+    Returns a summary.
 
     On several processes (torchrun / accelerate launch) every rank takes its slice of each global
     batch; rank 0 writes checkpoints and the log. A checkpoint resumes on any number of processes
     that divides its global batch (set `global_batch`, or batch_size x processes equal to it)."""
+    from t2i.data import StreamingFeatureDataset
     from t2i.diffusion import Diffusion
 
-    cfg.validate()
+    vae = preflight(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
@@ -353,26 +363,20 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     if cfg.kind == "class-cond":  # the label of every key, from the caption shards (checked before any work)
         from t2i.class_cond import ClassCond
 
-        classes = ClassCond.open(cfg, out, shards, resume, accel)
+        classes = ClassCond.open(cfg, out, label_shards, resume, accel)
 
-    factor = vae_scale_factor(cfg.vae)
-    patch = _patch_of(cfg)
-    if patch and cfg.resolution % (patch * factor):
-        raise UserError(f"resolution {cfg.resolution} is not divisible by patch x VAE factor ({patch} x {factor} = {patch * factor}): pick a multiple of {patch * factor}")
-
-    # 1. features (main process computes; the others wait)
-    data, fdir = open_features(cfg, accel, out, shards, features, progress)
-    ledger = Ledger(out, "train", accel.device)  # from here: the features above record their own
+    # 1. the features (made beforehand: this only opens them)
+    fdir = find_features(Path(features) if features is not None else out / "features", cfg)
+    data = StreamingFeatureDataset(fdir, cfg.max_tokens)
+    ledger = Ledger(out, "train", accel.device)
     probe = data.get(np.array([0]))
-    latent_size = probe.latent_mean.shape[-1] if not cfg.buckets else cfg.resolution // factor
+    latent_size = probe.latent_mean.shape[-1] if not cfg.buckets else cfg.resolution // vae.spatial
     caption_channels = probe.text.shape[-1]
 
     # 2. model, optimiser, EMA
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, latent_size, caption_channels) if classes is None else classes.build_model(cfg, latent_size)
-    p = model.transformer.config.patch_size
-    if cfg.resolution % (p * factor):
-        raise UserError(f"resolution {cfg.resolution} is not divisible by patch x VAE factor ({p} x {factor} = {p * factor}): pick a multiple of {p * factor}")
+    check_resolution(cfg.resolution, model.transformer.config.patch_size, vae.spatial)
     diffusion = Diffusion(learned_sigma=cfg.learned_sigma)
 
     # 3. resume (whole tensors: the weights go in before FSDP shards the model, the EMA and
@@ -381,7 +385,7 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     ck, st = load_resume_weights(out, model, global_batch, world, local_batch, accel.is_main_process) if resume else (None, None)
     opt, sched, ema = setup_optimization(cfg, model, accel.device)
     run = Run(cfg, accel, out, model, names, sched, ema, global_batch,
-              {"features": json.loads((fdir / "config.json").read_text()), "scaling_factor": _scaling_factor(cfg.vae), "vae_scale_factor": factor},
+              {"features": json.loads((fdir / "config.json").read_text()), "scaling_factor": vae.scaling, "vae_scale_factor": vae.spatial},
               classes=classes)
     if ck is not None:
         restore_training_state(run, ck, st, opt)
@@ -392,7 +396,8 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     # 4. the loop
     target = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
     summary: dict[str, Any] = {"out": str(out), "features": str(fdir), "samples": len(data), "start_step": run.step,
-                               "world_size": world, "global_batch": global_batch, "params_local": run.params_local}
+                               "skipped_images": _failed_images(fdir), "world_size": world, "global_batch": global_batch,
+                               "params_local": run.params_local}
     train_loop(run, data, target, tuple(probe.latent_mean.shape[-2:]), caption_channels, progress)
     run.save()
     summary.update({"step": run.step, "epoch": run.epoch, "checkpoint": str(run.last_ck), "log": str(run.log_path)})
@@ -402,19 +407,47 @@ def train(cfg: TrainConfig, out: str | Path, shards: str | Path | None = None, f
     return summary
 
 
-def open_features(cfg: TrainConfig, accel, out: Path, shards: str | Path | None, features: str | Path | None,
-                  progress: bool):
-    """(StreamingFeatureDataset, its directory): features computed first from `shards` when given."""
-    from t2i.data import StreamingFeatureDataset
+def preflight(cfg: TrainConfig) -> VaeFactors:
+    """The checks a stage passes before any work (features included): its settings, and a
+    resolution that splits into whole patches of latent cells. Returns the VAE's factors."""
+    cfg.validate()
+    vae = vae_factors(cfg.vae)
+    check_resolution(cfg.resolution, _patch_of(cfg), vae.spatial)
+    return vae
 
-    fcfg = cfg.feature_config()
-    froot = Path(features) if features else out / "features"
-    fdir = features_dir(froot, fcfg)
-    if shards is not None:
-        if accel.is_main_process:
-            compute_features(shards, froot, fcfg, device=str(accel.device), progress=progress)
-        accel.wait_for_everyone()
-    return StreamingFeatureDataset(fdir, cfg.max_tokens), fdir
+
+def check_resolution(resolution: int, patch: int, spatial: int) -> None:
+    """The image side must split into whole patches of latent cells (patch 0: not known yet)."""
+    if patch and resolution % (patch * spatial):
+        raise UserError(f"resolution {resolution} is not divisible by patch x VAE factor ({patch} x {spatial} = {patch * spatial}): pick a multiple of {patch * spatial}")
+
+
+FEATURE_IDENTITY = ("vae", "text_encoder", "resolution", "buckets", "max_tokens", "text_dtype", "latent_dtype", "draft")
+
+
+def find_features(path: Path, cfg: TrainConfig) -> Path:
+    """The features directory for cfg's settings: `path` itself when it is one (made with these
+    settings), else `path/<cache key>/`."""
+    want = cfg.feature_config()
+    own = path / "config.json"
+    if own.is_file():
+        made = json.loads(own.read_text())
+        if made.get("cache_key") != want.cache_key():
+            differ = [f"{k} {made.get(k)!r} (this stage: {getattr(want, k)!r})" for k in FEATURE_IDENTITY if made.get(k) != getattr(want, k)]
+            raise UserError(f"{path} holds features made with other settings ({'; '.join(differ) or 'another version'}): "
+                            f"train with the settings they were made with, or pass --shards to make features for these")
+        return path
+    fdir = features_dir(path, want)
+    if not (fdir / "config.json").is_file():
+        raise UserError(f"no features for this stage's settings in {path} (looked for {fdir.name}/): run `t2i-data features "
+                        f"--out {path}` with the same --vae/--text-encoder/--resolution/--max-tokens/dtypes, or pass --shards")
+    return fdir
+
+
+def _failed_images(fdir: Path) -> int:
+    """Images the features job could not read or decode (recorded in its manifest), so not trained on."""
+    manifest = fdir / "manifest.json"
+    return int(json.loads(manifest.read_text()).get("failed", 0)) if manifest.is_file() else 0
 
 
 def load_resume_weights(out: Path, model, global_batch: int, world: int, local_batch: int,
@@ -609,14 +642,3 @@ class _null:
     def __exit__(self, *a):
         return False
 
-
-def _scaling_factor(vae_spec: str) -> float:
-    from diffusers import AutoencoderKL
-
-    from t2i.features import _subfolder
-
-    try:
-        cfg = AutoencoderKL.load_config(vae_spec, subfolder=_subfolder(vae_spec, "vae"))
-    except Exception:
-        cfg = AutoencoderKL.load_config(vae_spec)
-    return float(cfg.get("scaling_factor", 0.18215))

@@ -359,13 +359,14 @@ def test_kill_9_then_resume_is_exactly_once(tmp_path, tiny_model, hf_captioner):
 def test_interrupted_retry_swap_is_finished_by_the_next_run(tmp_path):
     """A crash between writing a retry's replacement shard and deleting the old one leaves both;
     the next run finishes the swap from the journal, so every key is left exactly once."""
-    from autolabel.pipeline import JOURNAL, finish_interrupted_retry
+    from shards.layout import JOURNAL
+    from shards.retry import finish_interrupted_retry
     from shards.writer import ShardWriter
 
     out = tmp_path / "out"
     w = ShardWriter(out, rows_per_shard=10)
     old = w.write_table(pa.Table.from_pylist([{"key": "a", "error": "broken"}, {"key": "b", "caption": "x"}], CAPTION_SCHEMA))
-    new_name = f"{w.prefix}-{w._next_index:05d}-{w.writer_id}.parquet"
+    new_name = w.next_shard_name()
     (out / JOURNAL).write_text(json.dumps({new_name: [old.name]}))
     w.write_table(pa.Table.from_pylist([{"key": "a", "caption": "fixed"}, {"key": "b", "caption": "x"}], CAPTION_SCHEMA))
     assert read_rows(out).height == 4  # the crash window: both shards complete
@@ -378,3 +379,52 @@ def test_interrupted_retry_swap_is_finished_by_the_next_run(tmp_path):
     (out / JOURNAL).write_text(json.dumps({"part-00099-deadbeef.parquet": [complete_shards(out)[0].name]}))
     finish_interrupted_retry(out)
     assert read_rows(out).height == 2 and not (out / JOURNAL).exists()
+
+
+def test_one_caption_batch_function_fills_rows_for_both_engines():
+    """autolabel.pipeline.caption_batch is what the local loop and the Ray CaptionActor both call:
+    the alt-text prompt per row, hygiene on the text, and a failing image isolated into its row."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from autolabel.config import CaptionConfig
+    from autolabel.pipeline import base_row, caption_batch
+    from autolabel.prompts import ALT_PROMPT, PAPER_PROMPT
+
+    class Echo:
+        name, model_name = "fake", "echo"
+
+        def format_prompt(self, q):
+            return f"<{q}>"
+
+        def generate(self, images, prompts, params):
+            if any(im.width == 3 for im in images):
+                raise ValueError("odd image")
+            return [SimpleNamespace(text=f"A photo of size {im.width}.", num_tokens=5, finish_reason="stop") for im in images]
+
+    cfg = CaptionConfig(prompt_mode="alt", temperature=0.0, max_new_tokens=7)
+    cap = Echo()
+    rows = [base_row(cap, cfg.gen_params(), None, key=k, source=None, member=None, address=None, image_id=None, width=None,
+                     height=None, alt_text=alt) for k, alt in (("a", "a cat"), ("b", None), ("c", None))]
+    caption_batch(cap, cfg, rows, [Image.new("RGB", (w, 2)) for w in (5, 3, 4)])
+    assert [r["prompt"] for r in rows] == [ALT_PROMPT.format(alt="a cat"), PAPER_PROMPT, PAPER_PROMPT]
+    assert [r["caption"] for r in (rows[0], rows[2])] == ["A photo of size 5.", "A photo of size 4."]
+    assert rows[1]["error"] == "captioning failed: ValueError: odd image" and "caption" not in rows[1]
+    assert rows[0]["error"] is None and rows[0]["max_new_tokens"] == 7 and rows[0]["model"] == "echo"
+
+
+def test_shards_reader_does_not_import_the_writer():
+    """The layout constants live in shards.layout: the reader (and the layout) import nothing of
+    the writer, so the writer imports the reader at the top, with no cycle."""
+    import ast
+
+    def imported(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    shards_dir = Path(__file__).resolve().parent.parent / "shards"
+    for name in ("reader.py", "layout.py"):
+        assert "shards.writer" not in imported(shards_dir / name), name
+    assert "shards.reader" in imported(shards_dir / "writer.py")

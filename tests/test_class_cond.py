@@ -61,10 +61,10 @@ def losses(run: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def dit_run(world):
     """One class-cond run of 8 steps, shared by the tests that only read it."""
-    from t2i.train import train
+    from t2i.stage import run_stage
 
     out = world["root"] / "dit"
-    train(dit_cfg(world), out, shards=world["captions"], features=world["root"] / "feats", progress=False)
+    run_stage(dit_cfg(world), out, shards=world["captions"], features=world["root"] / "feats", progress=False)
     return out
 
 
@@ -96,11 +96,12 @@ def test_class_cond_checkpoint_is_a_diffusers_dit_with_its_classes(world, dit_ru
 
 
 def test_class_cond_resume_continues_exactly(world, dit_run, tmp_path):
+    from t2i.stage import run_stage
     from t2i.train import train
 
     out = tmp_path / "resumed"
     kw = dict(shards=world["captions"], features=world["root"] / "feats", progress=False)
-    train(dit_cfg(world), out, stop_after=4, **kw)
+    run_stage(dit_cfg(world), out, stop_after=4, **kw)
     assert len(losses(out)) == 4
     r = train(dit_cfg(world), out, resume=True, features=kw["features"], progress=False)  # no shards: the stage's labels.parquet
     assert r["start_step"] == 4 and r["step"] == 8
@@ -185,10 +186,10 @@ def test_class_cond_stage_continues_a_class_cond_stage(world, dit_run, tmp_path)
     """init = "checkpoint:<class-cond stage>" (what "previous" becomes between two class-cond
     stages) starts from its training weights; with lr 0 they stay exactly those."""
     from t2i.checkpoint import latest_checkpoint, load_weights
-    from t2i.train import train
+    from t2i.stage import run_stage
 
-    train(dit_cfg(world, init=f"checkpoint:{dit_run}", lr=0.0, steps=2), tmp_path / "next", shards=world["captions"],
-          features=world["root"] / "feats", progress=False)
+    run_stage(dit_cfg(world, init=f"checkpoint:{dit_run}", lr=0.0, steps=2), tmp_path / "next", shards=world["captions"],
+              features=world["root"] / "feats", progress=False)
     before = load_weights(latest_checkpoint(dit_run), "model")
     after = load_weights(latest_checkpoint(tmp_path / "next"), "model")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -155,13 +155,14 @@ def world(tmp_path_factory):
 def test_train_and_features_write_ledgers_and_tensorboard_holds_the_scalars(world, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from t2i.train import TrainConfig, train
+    from t2i.stage import run_stage
+    from t2i.train import TrainConfig
 
     cfg = TrainConfig(preset="PixArt-tiny/2", resolution=16, vae=world["vae"], text_encoder=world["text_encoder"], max_tokens=16,
                       text_dtype="float32", batch_size=16, steps=4, warmup_steps=1, checkpoint_every=2, log_every=2,
                       report_to="tensorboard", name="tb", sample_prompts="a red circle on the left|a blue square")
     out = tmp_path / "run"
-    summary = train(cfg, out, shards=world["captions"], progress=False)
+    summary = run_stage(cfg, out, shards=world["captions"], progress=False)
     (feat,) = read_ledger(Path(summary["features"]))
     check_record(feat, "features")
     assert feat["images"] == 64

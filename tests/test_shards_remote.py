@@ -22,7 +22,8 @@ import pytest
 from typer.testing import CliRunner
 
 from autolabel.api import run_caption
-from autolabel.pipeline import JOURNAL, finish_interrupted_retry
+from shards.layout import JOURNAL
+from shards.retry import finish_interrupted_retry
 from cli import app
 from conftest import ROOT, SHARED_DATA
 from shards import CaptionRow, ShardWriter, UserError, clean_incomplete, complete_shards, done_keys, fs, iter_batches, read_manifest
@@ -107,7 +108,7 @@ def test_interrupted_retry_swap_is_finished_on_memory():
     out = f"{BUCKET}/out"
     w = ShardWriter(out, rows_per_shard=10)
     old = w.write_table(pa.Table.from_pylist([{"key": "a", "error": "broken"}, {"key": "b", "caption": "x"}], CAPTION_SCHEMA))
-    new_name = f"{w.prefix}-{w._next_index:05d}-{w.writer_id}.parquet"
+    new_name = w.next_shard_name()
     fs.write_text(fs.join(out, JOURNAL), json.dumps({new_name: [fs.basename(old)]}))
     w.write_table(pa.Table.from_pylist([{"key": "a", "caption": "fixed"}, {"key": "b", "caption": "x"}], CAPTION_SCHEMA))
     assert rows(out).height == 4  # the crash window: both complete

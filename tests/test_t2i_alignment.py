@@ -11,7 +11,8 @@ def test_tiny_model_follows_colour_and_position(tmp_path):
     from demo.alignment import corpus, evaluate, write_world_shards
     from t2i.sample import pipeline_from_checkpoint
     from t2i.tiny import build_tiny_models
-    from t2i.train import TrainConfig, train
+    from t2i.stage import run_stage
+    from t2i.train import TrainConfig
 
     torch.set_num_threads(1)
     models = build_tiny_models(tmp_path / "models", corpus(), vae_fit_steps=300)
@@ -19,7 +20,7 @@ def test_tiny_model_follows_colour_and_position(tmp_path):
     cfg = TrainConfig(preset="PixArt-tiny/2", resolution=16, vae=models["vae"], text_encoder=models["text_encoder"],
                       max_tokens=40, text_dtype="float32", batch_size=64, steps=2000, lr=1e-3, warmup_steps=20,
                       grad_clip=1.0, checkpoint_every=2000, log_every=100)
-    run = train(cfg, tmp_path / "run", shards=tmp_path / "captions", progress=False)
+    run = run_stage(cfg, tmp_path / "run", shards=tmp_path / "captions", progress=False)
     pipe, null = pipeline_from_checkpoint(run["checkpoint"])
     r = evaluate(pipe, null, n=96)
     # chance: colour 1/6, position 1/5; the 3000-step curve reaches ~0.8 / ~0.9

@@ -198,11 +198,12 @@ def test_fsdp_gradient_accumulation_matches_one_process(world, tmp_path):
 def test_resume_with_another_global_batch_is_refused(world, tmp_path):
     from shards.errors import UserError
     from t2i.manifest import parse_manifest
+    from t2i.stage import run_stage
     from t2i.train import TrainConfig, train
 
     cfg = parse_manifest(MANIFEST).stages[0].config
     kw = {**cfg.__dict__, "vae": world["vae"], "text_encoder": world["text_encoder"], "steps": 2, "trace_keys": False}
-    train(TrainConfig(**kw), tmp_path / "r", shards=world["root"] / "captions", progress=False)
+    run_stage(TrainConfig(**kw), tmp_path / "r", shards=world["root"] / "captions", progress=False)
     with pytest.raises(UserError, match="global batch of 16.*set global_batch = 16"):
         train(TrainConfig(**{**kw, "global_batch": 8, "steps": 4}), tmp_path / "r", resume=True, progress=False)
     from t2i.train import per_process_batch

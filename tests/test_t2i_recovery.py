@@ -34,11 +34,11 @@ def tiny_cfg(world, **kw):
 
 
 def run(world, out, **kw):
-    from t2i.train import train
+    from t2i.stage import run_stage
 
     resume = kw.pop("resume", False)
     stop_after = kw.pop("stop_after", None)
-    return train(tiny_cfg(world, **kw), out, shards=None if resume else world["captions"], features=world["features"],
+    return run_stage(tiny_cfg(world, **kw), out, shards=None if resume else world["captions"], features=world["features"],
                  resume=resume, stop_after=stop_after, progress=False)
 
 

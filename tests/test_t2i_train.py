@@ -62,12 +62,13 @@ def test_features_are_cached_and_resumable(world, tmp_path):
 def test_resume_continues_exactly(world, tmp_path, grad_accum):
     from safetensors.torch import load_file
 
+    from t2i.stage import run_stage
     from t2i.train import train
 
     feats = tmp_path / "features"
     cfg = lambda: tiny_cfg(world, grad_accum=grad_accum)  # noqa: E731
-    full = train(cfg(), tmp_path / "full", shards=world["captions"], features=feats, progress=False)
-    part = train(cfg(), tmp_path / "part", shards=world["captions"], features=feats, stop_after=5, progress=False)
+    full = run_stage(cfg(), tmp_path / "full", shards=world["captions"], features=feats, progress=False)
+    part = run_stage(cfg(), tmp_path / "part", shards=world["captions"], features=feats, stop_after=5, progress=False)
     assert part["step"] == 5  # mid-epoch: 8 micro-batches of 32 per epoch
     resumed = train(cfg(), tmp_path / "part", features=feats, resume=True, progress=False)
     assert resumed["start_step"] == 5 and resumed["step"] == 12 and full["epoch"] == resumed["epoch"] == (1 if grad_accum == 1 else 3)
@@ -84,12 +85,48 @@ def test_resume_continues_exactly(world, tmp_path, grad_accum):
 def test_loader_workers_do_not_change_the_run(world, tmp_path):
     """Reading in the training process (0 workers) or in 2 loader workers: the same batches in
     the same order, so the same losses."""
-    from t2i.train import train
+    from t2i.stage import run_stage
 
     feats = tmp_path / "features"
     for workers in (0, 2):
-        train(tiny_cfg(world, steps=4, loader_workers=workers), tmp_path / f"w{workers}", shards=world["captions"], features=feats, progress=False)
+        run_stage(tiny_cfg(world, steps=4, loader_workers=workers), tmp_path / f"w{workers}", shards=world["captions"], features=feats, progress=False)
     assert losses(tmp_path / "w0") == losses(tmp_path / "w2")
+
+
+def test_train_opens_a_features_directory_and_computes_none(world, tmp_path, monkeypatch):
+    """Issue 11: features are their own step (run_stage, with its own summary); train() only opens
+    a features directory, given as the directory itself or as the root holding it."""
+    from typer.testing import CliRunner
+
+    import cli
+    from t2i import features as features_mod
+    from t2i.features import compute_features
+    from t2i.stage import run_stage
+    from t2i.train import train
+
+    cfg = tiny_cfg(world, steps=2, checkpoint_every=2)
+    staged = run_stage(cfg, tmp_path / "staged", shards=world["captions"], progress=False)
+    assert staged["features_step"]["rows"] == 256 and staged["features_step"]["new"] == 256
+    assert staged["skipped_images"] == 0 and staged["features"] == staged["features_step"]["dir"]
+
+    made = compute_features(world["captions"], tmp_path / "feats", cfg.feature_config(), progress=False)
+
+    def no_features(*a, **k):
+        raise AssertionError("train() computed features")
+
+    monkeypatch.setattr(features_mod, "compute_features", no_features)
+    by_dir = train(tiny_cfg(world, steps=2, checkpoint_every=2), tmp_path / "a", features=made["dir"], progress=False)
+    by_root = train(tiny_cfg(world, steps=2, checkpoint_every=2), tmp_path / "b", features=tmp_path / "feats", progress=False)
+    assert by_dir["features"] == by_root["features"] == made["dir"] and by_dir["samples"] == 256
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    with pytest.raises(UserError, match=r"other settings \(resolution 16 \(this stage: 32\)"):
+        train(tiny_cfg(world, resolution=32), tmp_path / "c", features=made["dir"], progress=False)
+    with pytest.raises(UserError, match="no features for this stage's settings"):
+        train(tiny_cfg(world), tmp_path / "d", progress=False)
+    # the CLI without shards: the features' settings (max_tokens 16) differ from the defaults (120)
+    r = CliRunner().invoke(cli.app, ["train", "--features", made["dir"], "--out", str(tmp_path / "e"), "--preset", "PixArt-tiny/2",
+                                     "--vae", world["vae"], "--text-encoder", world["text_encoder"], "--resolution", "16"])
+    assert r.exit_code == 2 and "max_tokens 16 (this stage: 120)" in r.output and "Traceback" not in r.output, r.output
 
 
 def test_sample_export_and_diffusers_pipeline(world, tmp_path):
@@ -98,9 +135,9 @@ def test_sample_export_and_diffusers_pipeline(world, tmp_path):
 
     from t2i.export import export, load_exported
     from t2i.sample import generate, sample
-    from t2i.train import train
+    from t2i.stage import run_stage
 
-    run = train(tiny_cfg(world, steps=6), tmp_path / "run", shards=world["captions"], progress=False)
+    run = run_stage(tiny_cfg(world, steps=6), tmp_path / "run", shards=world["captions"], progress=False)
     png = sample(tmp_path / "run", ["a red circle on the left", "a blue square on the right"], tmp_path / "grid.png", steps=4)
     assert Image.open(png).size == (32, 16)
     pipe_dir = export(run["checkpoint"], tmp_path / "pipe")
@@ -123,7 +160,8 @@ def test_sample_export_and_diffusers_pipeline(world, tmp_path):
 def test_nan_loss_stops_with_last_checkpoint_intact(world, tmp_path, monkeypatch):
     from t2i import diffusion
     from t2i.checkpoint import latest_checkpoint
-    from t2i.train import TrainingDiverged, train
+    from t2i.stage import run_stage
+    from t2i.train import TrainingDiverged
 
     real = diffusion.Diffusion.loss
     calls = {"n": 0}
@@ -137,7 +175,7 @@ def test_nan_loss_stops_with_last_checkpoint_intact(world, tmp_path, monkeypatch
 
     monkeypatch.setattr(diffusion.Diffusion, "loss", poisoned)
     with pytest.raises(TrainingDiverged, match="step 9.*step-0000006"):
-        train(tiny_cfg(world), tmp_path / "run", shards=world["captions"], progress=False)
+        run_stage(tiny_cfg(world), tmp_path / "run", shards=world["captions"], progress=False)
     ck = latest_checkpoint(tmp_path / "run")
     assert ck.name == "step-0000006"
     assert json.loads((ck / "trainer_state.json").read_text())["step"] == 6
@@ -145,28 +183,29 @@ def test_nan_loss_stops_with_last_checkpoint_intact(world, tmp_path, monkeypatch
 
 def test_bad_inputs_give_clear_errors(world, tmp_path):
     from t2i.manifest import parse_manifest
+    from t2i.stage import run_stage
     from t2i.train import train
 
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="no complete caption shards"):
-        train(tiny_cfg(world), tmp_path / "r0", shards=empty, progress=False)
+        run_stage(tiny_cfg(world), tmp_path / "r0", shards=empty, progress=False)
     bad = tmp_path / "uncaptioned"
     w = ShardWriter(bad)
     w.add(CaptionRow(key="a", error="unreadable"))
     w.add(CaptionRow(key="b", caption=None))
     w.close()
     with pytest.raises(UserError, match="no rows with a caption"):
-        train(tiny_cfg(world), tmp_path / "r1", shards=bad, progress=False)
+        run_stage(tiny_cfg(world), tmp_path / "r1", shards=bad, progress=False)
     with pytest.raises(UserError, match=r"unknown key\(s\) learning_rate"):
         parse_manifest('[[stages]]\nname = "a"\nlearning_rate = 1.0\n')
     with pytest.raises(UserError, match="should be int"):
         parse_manifest('[[stages]]\nname = "a"\nsteps = "many"\n')
     with pytest.raises(UserError, match="not divisible by patch x VAE factor"):
-        train(tiny_cfg(world, resolution=18), tmp_path / "r2", shards=world["captions"], progress=False)
+        run_stage(tiny_cfg(world, resolution=18), tmp_path / "r2", shards=world["captions"], progress=False)
     # a checkpoint of another preset: the error names the mismatched keys
     feats = tmp_path / "f"
-    train(tiny_cfg(world, steps=2, checkpoint_every=2), tmp_path / "r3", shards=world["captions"], features=feats, progress=False)
+    run_stage(tiny_cfg(world, steps=2, checkpoint_every=2), tmp_path / "r3", shards=world["captions"], features=feats, progress=False)
     with pytest.raises(UserError, match=r"transformer_blocks.0.ff.net.0.proj.weight|pos_embed.proj.weight"):
         train(tiny_cfg(world, preset="PixArt-tiny/4", steps=4), tmp_path / "r3", features=feats, resume=True, progress=False)
 

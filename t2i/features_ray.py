@@ -1,0 +1,150 @@
+"""`t2i-data features --engine ray`: the features job data-parallel over a Ray cluster.
+
+    caption shards (one read task each: rows not yet done, blocks of ROWS_PER_BLOCK)
+      -> FeatureActor (one per replica, a GPU each when the cluster has GPUs, else a CPU):
+         t2i.features.encode_rows, the local engine's per-batch function (decode threads,
+         batches of one size, VAE + T5), writing its own shards and failures
+      -> driver: per-row status (encoded or failed), progress, then the manifest
+
+- Each actor call takes `rows_per_shard` rows and commits them as its own shard (ShardWriter:
+  atomic, done markers), so feature rows (MiBs each with T5-XXL) never pass through the driver.
+  The features root must be reachable by every actor: a shared filesystem on a multi-node cluster.
+- Resume: the keys already in complete shards (and those recorded as failures) go to the read
+  tasks once through Ray's object store and are skipped there; a killed run loses at most the
+  shards not yet committed, as in the local engine.
+- The directory, its cache key, manifest and failures are the local engine's: either engine
+  resumes the other's run.
+
+Ray is imported only here, and this module only when `--engine ray` is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from shards import ShardError, UserError, complete_shards, done_keys
+from shards import fs as shard_fs
+from shards.lock import output_lock
+from shards.ray_session import actor_resources, fetch_once, ray_session
+from t2i.features import (
+    CAPTION_COLUMNS,
+    FeatureConfig,
+    FeatureEncoder,
+    RowImages,
+    caption_shards,
+    encode_rows,
+    features_dir,
+    finish_output,
+    new_stats,
+    read_failures,
+    shard_rows,
+    start_output,
+    usable,
+)
+
+ROWS_PER_BLOCK = 64  # caption rows per block a read task yields (embedded images can be large)
+ROW_SCHEMA = pa.schema([(c, pa.binary() if c == "image" else pa.string()) for c in CAPTION_COLUMNS])
+STATUS_SCHEMA = pa.schema([("key", pa.string()), ("failed", pa.bool_())])
+
+
+def read_todo_rows(batch: pa.Table, skip) -> Iterator[pa.Table]:
+    """map_batches UDF: caption shards in, their usable rows not in `skip` out (a frozenset of
+    keys, or an ObjectRef of one)."""
+    skip = fetch_once(skip)
+    for shard, cols in zip(batch.column("shard").to_pylist(), batch.column("cols").to_pylist()):
+        rows: list[dict[str, Any]] = []
+        for r in shard_rows(shard, json.loads(cols)):
+            if usable(r) and r["key"] not in skip:
+                rows.append(r)
+            if len(rows) >= ROWS_PER_BLOCK:
+                yield pa.Table.from_pylist(rows, ROW_SCHEMA)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, ROW_SCHEMA)
+
+
+class FeatureActor:
+    """One encoder replica: the models load on its first batch; every call encodes its rows and
+    commits them as its own shard(s)."""
+
+    def __init__(self, out: str, cfg: FeatureConfig) -> None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows a GPU actor its GPU only
+        self.encoder = FeatureEncoder(Path(out), cfg, device, prefix="features-ray")
+        self.images = RowImages(cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        keys = [r["key"] for r in rows]
+        encode_rows(rows, self.images, self.encoder)
+        return pa.Table.from_pydict({"key": keys, "failed": [k in self.encoder.failures for k in keys]}, STATUS_SCHEMA)
+
+
+def _count(shards: list, skip: frozenset, stats: dict[str, Any]) -> int:
+    """Fill the usable / unusable counts from the key, caption and error columns alone; returns
+    how many usable rows are still to encode."""
+    todo = 0
+    for shard, cols in shards:
+        for r in shard_rows(shard, cols, ("key", "caption", "error")):
+            if not usable(r):
+                stats["skipped_invalid"] += 1
+                continue
+            stats["valid"] += 1
+            todo += r["key"] not in skip
+    return todo
+
+
+def compute_features_ray(shards_dir: str | Path, root: str | Path, cfg: FeatureConfig, address: str | None = None,
+                         replicas: int = 1, progress: bool = True) -> dict[str, Any]:
+    """compute_features (same directory, rows, failures and summary) on Ray: `replicas` encoder
+    actors at `address` (default: a local Ray). See the module docstring."""
+    from costs.ledger import Ledger
+
+    try:
+        import ray.data  # noqa: F401 - the install hint before any work
+    except ImportError as e:
+        raise UserError(f'--engine ray needs Ray Data, which is not installed ({e}): pip install "t2i-data[ray]"') from None
+    cfg.validate()
+    if replicas < 1:
+        raise UserError(f"--replicas {replicas} must be at least 1: pass a positive number")
+    shards_dir = shard_fs.as_location(shards_dir)
+    if not complete_shards(shards_dir):
+        raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
+    out = features_dir(root, cfg)
+    with output_lock(out, "features"):
+        start_output(out, cfg)
+        ledger = Ledger(out, "features")  # the driver's device; the actors' are not metered
+        shards = caption_shards(shards_dir)
+        stats = new_stats(out)
+        skip = frozenset(done_keys(out)) | frozenset(read_failures(out))
+        todo = _count(shards, skip, stats)
+        if todo and stats["valid"]:  # a finished run starts no Ray
+            stats["new"] = _encode_on_ray(shards, skip, todo, out, cfg, address, replicas, progress)
+        stats["ledger"] = ledger.close(images=stats["new"])
+        return finish_output(out, cfg, shards_dir, stats)
+
+
+def _encode_on_ray(shards: list, skip: frozenset, todo: int, out: Path, cfg: FeatureConfig, address: str | None,
+                   replicas: int, progress: bool) -> int:
+    """Run the pipeline; returns the rows encoded."""
+    from rich.progress import Progress
+
+    new = 0
+    with ray_session(address) as ray:
+        ds = ray.data.from_items([{"shard": str(s), "cols": json.dumps(c)} for s, c in shards], override_num_blocks=min(len(shards), 10_000))
+        ds = ds.map_batches(read_todo_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+                            fn_kwargs={"skip": ray.put(skip) if skip else skip})  # fmt: skip
+        ds = ds.map_batches(FeatureActor, batch_size=cfg.rows_per_shard, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=replicas), fn_constructor_kwargs={"out": str(out), "cfg": cfg},
+                            **actor_resources(ray.cluster_resources(), replicas))  # fmt: skip
+        with Progress(disable=not progress) as bar:
+            task = bar.add_task("features (ray)", total=todo)
+            for status in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                new += status.num_rows - sum(status.column("failed").to_pylist())
+                bar.advance(task, status.num_rows)
+    return new
