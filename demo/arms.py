@@ -72,12 +72,12 @@ def train_stage(cfg, out: Path, shards: Path, features: Path, progress: bool) ->
     """One training stage into `out` (resumed when it has checkpoints, skipped when finished)."""
     from t2i.checkpoint import latest_checkpoint
     from t2i.recovery import checkpoint_step, has_checkpoints
-    from t2i.train import train
+    from t2i.stage import run_stage
 
     done = checkpoint_step(latest_checkpoint(out)) if has_checkpoints(out) else None
     if done is not None and done >= cfg.steps:
         return {"skipped": "finished", "step": done}
-    return train(cfg, out, shards=shards, features=features, resume=done is not None, progress=progress)
+    return run_stage(cfg, out, shards=shards, features=features, resume=done is not None, progress=progress)
 
 
 def checkpoints(stage_dir: Path) -> list[tuple[int, Path]]:
