@@ -276,3 +276,22 @@ def test_world_quality_axis_is_recorded_and_off_by_default(tmp_path):
     for i, s in enumerate(mixed):
         same = (tmp_path / "mixed" / f"sa_{i + 1}.jpg").read_bytes() == (tmp_path / "plain" / f"sa_{i + 1}.jpg").read_bytes()
         assert same == (s.quality == "high")
+
+
+def test_select_keeps_the_extra_columns_of_its_shards(tmp_path):
+    """Caption shards may carry extra columns (a class-cond stage's labels): select can filter on
+    them, and the subset keeps them, so a later class-cond stage can train on it."""
+    from curate.select import run_select
+    from shards import CAPTION_SCHEMA, ShardWriter, iter_batches
+
+    caps = ShardWriter(tmp_path / "caps", rows_per_shard=10, schema=CAPTION_SCHEMA.append(pa.field("shape", pa.string())))
+    scores = ShardWriter(tmp_path / "scores", rows_per_shard=10, schema=pa.schema([("key", pa.string()), ("aesthetic", pa.float32())]))
+    for i, (shape, rating) in enumerate([("circle", 7.0), ("circle", 2.0), ("square", 8.0), ("circle", 6.0)]):
+        caps.add({"key": f"k{i}", "caption": f"a {shape}", "shape": shape})
+        scores.add({"key": f"k{i}", "aesthetic": rating})
+    caps.close()
+    scores.close()
+    summary = run_select(tmp_path / "caps", tmp_path / "scores", "aesthetic >= 5 and shape = 'circle'", tmp_path / "out")
+    rows = [r for b in iter_batches(tmp_path / "out") for r in b.to_pylist()]
+    assert sorted(r["key"] for r in rows) == ["k0", "k3"] and summary.kept == 2
+    assert set(rows[0]) == {*CAPTION_SCHEMA.names, "shape"} and {r["shape"] for r in rows} == {"circle"}
