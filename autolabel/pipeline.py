@@ -188,7 +188,8 @@ def caption_batch(captioner: Captioner, cfg: CaptionConfig, rows: list[dict], im
             row["error"] = f"captioning failed: {type(failed).__name__}: {failed}"
             continue
         caption = clean_caption(g.text, q)
-        row.update(caption=caption, num_tokens=g.num_tokens, image_tokens=g.image_tokens, finish_reason=g.finish_reason,
+        # image_tokens: None from a captioner that does not count them (its own Generation-like objects)
+        row.update(caption=caption, num_tokens=g.num_tokens, image_tokens=getattr(g, "image_tokens", None), finish_reason=g.finish_reason,
                    truncated=g.finish_reason == "length", degenerate=is_degenerate(caption), error=None,
                    **{f"caption_{name}": clean_caption(x.text, eq) for name, (eq, x) in extras.items()})  # fmt: skip
 
