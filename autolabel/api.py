@@ -18,8 +18,9 @@ from typing import Any, Sequence
 from shards import fs as shard_fs
 from shards.errors import UserError
 from shards.lock import output_lock
-from autolabel.backends import Captioner, input_short_side, make_captioner
+from autolabel.backends import Captioner, make_captioner, size_policy_of
 from autolabel.config import CaptionConfig
+from autolabel.prompts import PROMPTS
 from autolabel.pipeline import Summary, caption_items
 from shards.images.sources import count_items, iter_sources, validate_sources
 
@@ -63,10 +64,11 @@ def _caption_locked(cfg: CaptionConfig, out_dir: shard_fs.Location, captioner: C
         return _run_on_ray(cfg, out_dir, captioner)
     owns = captioner is None
     if captioner is None:
-        captioner = make_captioner(cfg.backend, cfg.model, **cfg.backend_kwargs)
+        captioner = make_captioner(cfg.backend, cfg.model, **cfg.captioner_kwargs())
+    policy = size_policy_of(captioner)
     try:
-        return caption_items(iter_sources(cfg.src), captioner, out_dir, cfg, cfg.recorded(captioner.model_name, captioner.name),
-                             input_short_side(captioner), total=count_items(cfg.src) if cfg.progress else None)
+        return caption_items(iter_sources(cfg.src), captioner, out_dir, cfg, cfg.recorded(captioner.model_name, captioner.name, policy),
+                             policy, total=count_items(cfg.src) if cfg.progress else None)
     finally:
         if owns:
             captioner.close()
@@ -82,19 +84,31 @@ def _run_on_ray(cfg: CaptionConfig, out_dir: shard_fs.Location, captioner: Capti
     return caption_with_ray(cfg, out_dir, cfg.recorded(cfg.model, cfg.backend))
 
 
+def _validate_prompts(cfg: CaptionConfig) -> None:
+    names = list(cfg.prompts)
+    if not names:
+        return
+    if [n for n in names if n not in PROMPTS] or len(set(names)) != len(names):
+        raise UserError(f"--prompts {','.join(names)}: use distinct names from {', '.join(PROMPTS)}")
+    if cfg.prompt is not None:
+        raise UserError("--prompt and --prompts both given: pass one (--prompts takes names, --prompt a text)")
+
+
 def _validate(cfg: CaptionConfig) -> None:
     """UserError one-liners for bad settings, before the (slow) model load. (The Ray engine
     checks its sources itself, as it lists them: they may be S3/GCS URIs.)"""
     if cfg.engine != "ray":
         validate_sources(cfg.src)
     for name, v in (("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size),
-                    ("--max-new-tokens", cfg.max_new_tokens), ("--max-short", cfg.max_short), ("--max-long", cfg.max_long)):  # fmt: skip
-        if v < 1:
+                    ("--max-new-tokens", cfg.max_new_tokens), ("--max-short", cfg.max_short), ("--max-long", cfg.max_long),
+                    ("--min-pixels", cfg.min_pixels), ("--max-pixels", cfg.max_pixels)):  # fmt: skip
+        if v is not None and v < 1:
             raise UserError(f"{name} {v} must be at least 1: pass a positive number")
     if cfg.temperature < 0:
         raise UserError(f"--temperature {cfg.temperature} is negative: pass 0 (greedy) or more")
     if cfg.prompt_mode not in PROMPT_MODES:
         raise UserError(f"unknown --prompt-mode {cfg.prompt_mode!r}: use plain or alt")
+    _validate_prompts(cfg)
     if cfg.engine not in ENGINES:
         raise UserError(f"unknown --engine {cfg.engine!r}: use local or ray")
     if cfg.replicas < 1:

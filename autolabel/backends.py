@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ from PIL import Image
 from shards.errors import UserError
 from shards.hub import hub_kwargs
 from autolabel.prompts import render_prompt
+from autolabel.sizing import SizePolicy, pixel_limits, set_pixel_limits, size_policy
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Generation:
     text: str
     token_ids: list[int]  # generated tokens, EOS included when generation stopped on it
     finish_reason: str  # "stop" | "length"
+    image_tokens: int | None = None  # the image's placeholder tokens in the prompt (what the vision side cost)
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +85,8 @@ def _load_processor(model: str):
         return AutoProcessor.from_pretrained(model, **hub_kwargs(model, "model"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {model!r} ({e.__class__.__name__}): pass an HF id you have cached or a local model directory") from None
+    except ImportError as e:  # e.g. SmolVLM's processor needs num2words
+        raise UserError(f"cannot load the processor of model {model!r} ({' '.join(str(e).split())}): install the package it names") from None
 
 
 class TransformersCaptioner:
@@ -96,7 +99,10 @@ class TransformersCaptioner:
 
     name = "transformers"
 
-    def __init__(self, model: str, device: str | None = None, dtype: str | None = None, static_cache: bool = False) -> None:
+    def __init__(
+        self, model: str, device: str | None = None, dtype: str | None = None, static_cache: bool = False,
+        min_pixels: int | None = None, max_pixels: int | None = None,
+    ) -> None:  # fmt: skip
         import torch
         from transformers import AutoModelForImageTextToText
 
@@ -104,6 +110,8 @@ class TransformersCaptioner:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device.startswith("cuda") else torch.float32)
         self.processor = _load_processor(model)
+        self.pixel_limits = pixel_limits(self.processor, min_pixels, max_pixels)  # Qwen-VL: capped (autolabel.sizing)
+        set_pixel_limits(self.processor, *(self.pixel_limits or (None, None)))
         self.processor.tokenizer.padding_side = "left"  # decoder-only batches must be left-padded
         try:
             kwargs = hub_kwargs(model, "model")  # the processor's check passed: cached or reachable
@@ -136,7 +144,9 @@ class TransformersCaptioner:
     def generate(self, images, prompts, params: GenParams) -> list[Generation]:
         import torch
 
-        inputs = self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+        # one list per prompt: processors that take several images per prompt (Gemma 3, Idefics3) need it
+        inputs = self.processor(images=[[im] for im in images], text=list(prompts), return_tensors="pt", padding=True)
+        image_tokens = count_image_tokens(inputs["input_ids"].tolist(), self.model.config)
         inputs = {k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
         torch.manual_seed(params.seed)
         sample = params.temperature > 0
@@ -148,17 +158,32 @@ class TransformersCaptioner:
             )  # fmt: skip
         new = out[:, inputs["input_ids"].shape[1] :].tolist()
         gens = []
-        for ids in new:
+        for ids, n_image in zip(new, image_tokens):
             stop = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
             ids = ids[: stop + 1] if stop is not None else ids
             text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
-            gens.append(Generation(text, ids, "stop" if stop is not None else "length"))
+            gens.append(Generation(text, ids, "stop" if stop is not None else "length", n_image))
         return gens
 
     caption = generate
 
     def close(self) -> None:
         self.model = None
+
+
+def image_token_id(config) -> int | None:
+    """The id of the placeholder token a model's prompt carries once per image feature."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def count_image_tokens(prompt_ids: Sequence[Sequence[int]], config) -> list[int | None]:
+    """Image placeholder tokens in each (expanded) prompt: the vision tokens the image cost."""
+    token = image_token_id(config)
+    return [None if token is None else sum(1 for t in ids if t == token) for ids in prompt_ids]
 
 
 def _as_list(x) -> list:
@@ -190,7 +215,7 @@ class VllmCaptioner:
 
     def __init__(
         self, model: str, dtype: str | None = None, max_model_len: int | None = None, seed: int = 0,
-        run_dir: str | Path | None = None, **engine_kwargs,
+        run_dir: str | Path | None = None, min_pixels: int | None = None, max_pixels: int | None = None, **engine_kwargs,
     ) -> None:  # fmt: skip
         vllm_env(run_dir)
         try:
@@ -203,16 +228,25 @@ class VllmCaptioner:
             logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(lambda r: "set_num_threads" not in r.getMessage())
         self.model_name = model
         self.processor = _load_processor(model)
+        self.pixel_limits = pixel_limits(self.processor, min_pixels, max_pixels)  # Qwen-VL: capped (autolabel.sizing)
+        if self.pixel_limits:
+            set_pixel_limits(self.processor, *self.pixel_limits)
+            lo, hi = self.pixel_limits  # also bounds the engine's encoder-cache profiling
+            engine_kwargs["mm_processor_kwargs"] = {"min_pixels": lo, "max_pixels": hi, **engine_kwargs.get("mm_processor_kwargs", {})}
+        self.hf_config = self._hf_config(model)
         if max_model_len is None:
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(model, **hub_kwargs(model, "model"))
-            text_cfg = getattr(cfg, "text_config", cfg)
+            text_cfg = getattr(self.hf_config, "text_config", None) or self.hf_config
             max_model_len = min(getattr(text_cfg, "max_position_embeddings", 4096) or 4096, 4096)
         self.llm = LLM(
             model=model, dtype=dtype or ("auto" if _cuda() else "float32"), max_model_len=max_model_len,
             limit_mm_per_prompt={"image": 1}, seed=seed, **engine_kwargs,
         )  # fmt: skip
+
+    @staticmethod
+    def _hf_config(model: str):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model, **hub_kwargs(model, "model"))
 
     def format_prompt(self, question: str) -> str:
         return render_prompt(self.processor, self.model_name, question)
@@ -223,10 +257,14 @@ class VllmCaptioner:
         sp = SamplingParams(temperature=params.temperature, max_tokens=params.max_new_tokens, seed=params.seed)
         requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
         outs = self.llm.generate(requests, sp, use_tqdm=False)
+        image_tokens = count_image_tokens([o.prompt_token_ids or [] for o in outs], self.hf_config)
         gens = []
-        for o in outs:
+        decode = self.processor.tokenizer.decode
+        for o, n_image in zip(outs, image_tokens):
             c = o.outputs[0]
-            gens.append(Generation(c.text, list(c.token_ids), "length" if c.finish_reason == "length" else "stop"))
+            # decoded as the transformers backend does: vLLM's incremental text drops a trailing partial character
+            text = decode(list(c.token_ids), skip_special_tokens=True)
+            gens.append(Generation(text, list(c.token_ids), "length" if c.finish_reason == "length" else "stop", n_image))
         return gens
 
     caption = generate
@@ -235,65 +273,11 @@ class VllmCaptioner:
         self.llm = None
 
 
-def _size_fields(size) -> dict:
-    """A processor's size as a plain dict: transformers' `SizeDict` (unset fields dropped), a
-    dict, or an int (older processors: one side length)."""
-    if size is None:
-        return {}
-    if isinstance(size, int):
-        return {"shortest_edge": size}
-    if isinstance(size, dict):
-        return {k: v for k, v in size.items() if v is not None}
-    try:
-        return dict(size)  # SizeDict iterates over its set (key, value) pairs
-    except (TypeError, ValueError):
-        return {}
-
-
-def input_size_policy(captioner) -> tuple[int | None, str]:
-    """(short side the model's image processor needs, why), read from the processor.
-
-    - resize to a short side and/or crop (CLIP / LLaVA-1.5: 336), or to height x width
-      (SigLIP / PaliGemma, Gemma 3): that side;
-    - LLaVA-NeXT's anyres grid: the largest short side of its `image_grid_pinpoints`;
-    - pixel-count processors (Qwen2-VL / Qwen2.5-VL: `shortest_edge` / `longest_edge` are
-      min_pixels / max_pixels; or explicit min_pixels / max_pixels): the short side of the
-      square of max_pixels, an upper bound for any aspect ratio, never the pixel count itself;
-    - otherwise (longest edge only, tiling): None, and the reason.
-    """
-    ip = getattr(getattr(captioner, "processor", None), "image_processor", None)
-    if ip is None:
-        return None, "no image processor"
-    size, crop = _size_fields(getattr(ip, "size", None)), _size_fields(getattr(ip, "crop_size", None))
-    max_pixels = _max_pixels(ip, size)
-    if max_pixels is not None:
-        return math.isqrt(max_pixels - 1) + 1, f"pixel-count processor (max_pixels {max_pixels}): side of a square of that many pixels"
-    pinpoints = getattr(ip, "image_grid_pinpoints", None)
-    if pinpoints:
-        return max(min(p) for p in pinpoints), "anyres grid: largest short side of image_grid_pinpoints"
-    sides = [v for d in (size, crop) for k, v in d.items() if k in ("shortest_edge", "height", "width") and isinstance(v, int)]
-    if sides:
-        return max(sides), f"size {size or '-'}, crop_size {crop or '-'}"
-    return None, f"size {size or '-'} gives no short side (longest edge only or tiling): draft-decode to the --max-short limit"
-
-
-def _max_pixels(ip, size: dict) -> int | None:
-    """max_pixels of a processor that sizes images by pixel count, else None."""
-    explicit = size.get("max_pixels") or getattr(ip, "max_pixels", None)
-    if isinstance(explicit, int):
-        return explicit
-    pixel_count = "min_pixels" in size or hasattr(ip, "merge_size")  # Qwen2-VL: size in pixels, not px
-    if pixel_count and isinstance(size.get("longest_edge"), int):
-        return size["longest_edge"]
-    return None
-
-
-def input_short_side(captioner) -> int | None:
-    """The short side the model's image processor works at (LLaVA-1.5: 336), if it says; the
-    job draft-decodes JPEGs to it (see input_size_policy)."""
-    side, why = input_size_policy(captioner)
-    logging.getLogger(__name__).info("input short side %s: %s", side, why)
-    return side
+def size_policy_of(captioner) -> SizePolicy:
+    """The size the captioner's processor works from (autolabel.sizing), with its pixel limits."""
+    policy = size_policy(getattr(captioner, "processor", None))
+    logging.getLogger(__name__).info("input size policy: %s", policy.why)
+    return policy
 
 
 def make_captioner(backend: str, model: str, **kwargs) -> Captioner:

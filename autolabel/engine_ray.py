@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator
 
 import pyarrow as pa
@@ -40,7 +39,8 @@ from PIL import Image
 
 from shards.errors import UserError
 from shards.schema import CAPTION_SCHEMA
-from autolabel.backends import _load_processor, input_short_side
+from autolabel.backends import _load_processor
+from autolabel.sizing import pixel_limits, set_pixel_limits, size_policy
 from autolabel.config import CaptionConfig, PrepareOptions
 from autolabel.pipeline import RunRecorder, Summary, base_row, caption_batch
 from shards.ray_session import actor_resources, fetch_once, ray_session
@@ -163,7 +163,7 @@ class CaptionActor:
     def __init__(self, cfg: CaptionConfig) -> None:
         from autolabel.backends import make_captioner
 
-        self.captioner = make_captioner(cfg.backend, cfg.model, **cfg.backend_kwargs)
+        self.captioner = make_captioner(cfg.backend, cfg.model, **cfg.captioner_kwargs())
         self.cfg, self.params = cfg, cfg.gen_params()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -201,10 +201,11 @@ def caption_with_ray(cfg: CaptionConfig, out_dir: str | Path, recorded: dict) ->
     if not units:
         raise UserError(f"no images found in --src {', '.join(map(str, srcs))}: pass folders, .tar or .parquet files with images")
     total = count_items(srcs) if cfg.progress else None
-    # JPEGs are draft-decoded down to the model's input size, as in the local engine
+    # images are prepared at the model's input size, as in the local engine (autolabel.sizing)
     processor = _load_processor(cfg.model)
-    prepare_opts = cfg.prepare_options(min_short=input_short_side(SimpleNamespace(processor=processor)))
-    rec = RunRecorder(out_dir, cfg.shard_size, recorded, cfg.retry_failed)
+    set_pixel_limits(processor, *(pixel_limits(processor, cfg.min_pixels, cfg.max_pixels) or (None, None)))
+    prepare_opts = cfg.prepare_options(size_policy(processor))
+    rec = RunRecorder(out_dir, cfg.shard_size, {**recorded, "size_policy": prepare_opts.policy.why}, cfg.retry_failed)
     skip_keys = rec.skip_keys
     with ray_session(cfg.ray_address):
         resources = actor_resources(ray.cluster_resources(), cfg.replicas)

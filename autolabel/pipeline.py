@@ -32,8 +32,9 @@ from shards.writer import ShardWriter, write_manifest
 from autolabel.backends import Captioner, GenParams
 from autolabel.config import CaptionConfig, PrepareOptions
 from autolabel.hygiene import clean_caption, is_degenerate
-from autolabel.prepare import ImageError, Prepared, prepare_image
+from autolabel.prepare import ImageError, Prepared, prepare_for_model
 from autolabel.prompts import question_for
+from autolabel.sizing import SizePolicy
 from shards.images.sources import TRUNCATED, ImageItem
 
 
@@ -63,7 +64,7 @@ def _prepare(item: ImageItem, opts: PrepareOptions) -> tuple[ImageItem, Prepared
     except (OSError, pa.ArrowException, UserError) as e:
         return item, None, f"unreadable file: {e}", None
     try:
-        return item, prepare_image(data, opts.max_short, opts.max_long, opts.max_pixels, opts.min_short), None, data
+        return item, prepare_for_model(data, opts.policy, opts.max_short, opts.max_long, opts.max_pixels), None, data
     except ImageError as e:
         return item, None, str(e), data
 
@@ -170,25 +171,34 @@ def base_row(captioner: Captioner, params: GenParams, image: bytes | None, **fie
 
 
 def caption_batch(captioner: Captioner, cfg: CaptionConfig, rows: list[dict], images: list) -> None:
-    """Caption one batch of prepared images (both engines): the prompt for each row's alt-text,
-    one generate call (image by image if it fails), and the caption fields (or the error)
-    filled into `rows` in place."""
-    questions = [question_for(cfg.prompt, row["alt_text"], cfg.use_alt) for row in rows]
-    gens = generate_or_isolate(captioner, images, [captioner.format_prompt(q) for q in questions], cfg.gen_params())
-    for row, q, g in zip(rows, questions, gens):
+    """Caption one batch of prepared images (both engines): the prompt for each row's alt-text
+    (and each of `cfg.extra_prompts()`), one generate call for all of them (image by image if
+    it fails), and the caption fields (or the error) filled into `rows` in place."""
+    questions = [question_for(cfg.first_prompt(), row["alt_text"], cfg.use_alt) for row in rows]
+    extra = cfg.extra_prompts()
+    # every prompt of every image in one call: the engine batches them together
+    texts = [captioner.format_prompt(q) for q in questions] + [captioner.format_prompt(q) for _, q in extra for _ in rows]
+    gens = generate_or_isolate(captioner, list(images) * (1 + len(extra)), texts, cfg.gen_params())
+    n = len(rows)
+    for i, (row, q, g) in enumerate(zip(rows, questions, gens)):
         row["prompt"] = q
-        if isinstance(g, Exception):
-            row["error"] = f"captioning failed: {type(g).__name__}: {g}"
+        extras = {name: (eq, gens[n * (k + 1) + i]) for k, (name, eq) in enumerate(extra)}
+        failed = next((x for x in (g, *(x for _, x in extras.values())) if isinstance(x, Exception)), None)
+        if failed is not None:
+            row["error"] = f"captioning failed: {type(failed).__name__}: {failed}"
             continue
         caption = clean_caption(g.text, q)
-        row.update(caption=caption, num_tokens=g.num_tokens, finish_reason=g.finish_reason,
-                   truncated=g.finish_reason == "length", degenerate=is_degenerate(caption), error=None)
+        # image_tokens: None from a captioner that does not count them (its own Generation-like objects)
+        row.update(caption=caption, num_tokens=g.num_tokens, image_tokens=getattr(g, "image_tokens", None), finish_reason=g.finish_reason,
+                   truncated=g.finish_reason == "length", degenerate=is_degenerate(caption), error=None,
+                   **{f"caption_{name}": clean_caption(x.text, eq) for name, (eq, x) in extras.items()})  # fmt: skip
 
 
 def caption_items(items: Iterable[ImageItem], captioner: Captioner, out_dir: str | Path, cfg: CaptionConfig, recorded: dict,
-                  min_short: int | None = None, total: int | None = None) -> Summary:
-    """Caption every not-yet-done item into shards in `out_dir` with `cfg`'s settings (JPEGs
-    draft-decoded down to `min_short`); `recorded` goes into the manifest. See the module docstring."""
+                  policy: SizePolicy, total: int | None = None) -> Summary:
+    """Caption every not-yet-done item into shards in `out_dir` with `cfg`'s settings (images
+    prepared at `policy`'s size: autolabel.sizing); `recorded` goes into the manifest. See the
+    module docstring."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     rec = RunRecorder(out_dir, cfg.shard_size, recorded, cfg.retry_failed)
@@ -225,7 +235,7 @@ def caption_items(items: Iterable[ImageItem], captioner: Captioner, out_dir: str
     with Progress(*columns, disable=not cfg.progress, transient=False) as bar:
         task = bar.add_task("caption", total=total, rate="0.00")
         batch: list = []
-        for item, prep, error, data in prefetch(todo(), cfg.prepare_options(min_short), cfg.prepare_workers(), cfg.prefetch_depth()):
+        for item, prep, error, data in prefetch(todo(), cfg.prepare_options(policy), cfg.prepare_workers(), cfg.prefetch_depth()):
             if error is not None:
                 row = row_of(item, None, data)
                 row.update(error=error)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from autolabel.sizing import SizePolicy
 from shards.images.decode import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageError", "Prepared", "prepare_image", "prepare_image_naive", "target_size"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageError", "Prepared", "prepare_for_model", "prepare_image", "prepare_image_naive", "target_size"]
 
 
 @dataclass
@@ -31,11 +32,27 @@ def target_size(width: int, height: int, max_short: int, max_long: int) -> tuple
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def prepare_for_model(
+    data: bytes, policy: SizePolicy, max_short: int | None = None, max_long: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Prepared:
+    """Decode `data` straight to the size the model's processor will work from (`policy.target`,
+    within max_short x max_long when given: the paper's 400/800); raise ImageError if unreadable.
+    JPEGs are DCT-decoded at the smallest scale that still covers that size on both axes."""
+    decoded = decode_image(data, draft_short=lambda w, h: policy.draft_short(w, h, max_short, max_long), max_pixels=max_pixels)
+    im = decoded.image
+    size = policy.target(decoded.width, decoded.height, max_short, max_long)
+    if im.size != size:
+        im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+    return Prepared(im, decoded.width, decoded.height)
+
+
 def prepare_image(
     data: bytes, max_short: int = 400, max_long: int = 800, max_pixels: int = DEFAULT_MAX_PIXELS,
     min_short: int | None = None,
 ) -> Prepared:
     """Decode `data` into an RGB image within max_short x max_long; raise ImageError if unreadable.
+    (The caption job uses `prepare_for_model`; this is the model-agnostic limit, used by curate.)
 
     `min_short` is the short side the model really needs (its processor's input size, e.g. 336
     for LLaVA-1.5): JPEGs are DCT-decoded at the smallest 1/2, 1/4 or 1/8 scale that still

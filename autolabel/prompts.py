@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 PAPER_PROMPT = "Describe this image and its style in a very detailed manner"
+SHORT_PROMPT = "Describe this image in one short sentence"
+# `--prompts dense,short`: named prompts, each caption stored in its own field (the first in
+# `caption`, every other in `caption_<name>`, a column of shards.schema)
+PROMPTS = {"dense": PAPER_PROMPT, "short": SHORT_PROMPT}
 ALT_PROMPT = 'Given the caption of this image "{alt}", describe this image in a very detailed manner'
 
 # Known per-family templates, used only when the model ships no chat template.
@@ -25,7 +29,10 @@ def family_template(model_name: str) -> str:
 
 def render_prompt(processor, model_name: str, question: str) -> str:
     """The full text prompt with one `<image>` placeholder: the processor's chat template where
-    it has one, else the family template."""
+    it has one, else the family template. PaliGemma has neither: its prompt is the bare question
+    (the processor, and vLLM, put the image tokens and <bos> before it and a newline after)."""
+    if type(processor).__name__ == "PaliGemmaProcessor":
+        return question
     template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None), "chat_template", None)
     if template:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]

@@ -228,7 +228,7 @@ def clean_run(job: Job, out: Path, res: JobResult) -> None:
 # ---- the specific faults ------------------------------------------------------------------------
 
 def _second_run_refused(job: Job, out: Path) -> tuple[bool, str]:
-    """Start `job`, start it again on the same --out once the first holds the lock."""
+    """Start `job`, pause it once it holds its output's lock, run it again on the same --out, resume it."""
     from shards.lock import LOCK_FILE
 
     first = subprocess.Popen(job.command(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -241,7 +241,13 @@ def _second_run_refused(job: Job, out: Path) -> tuple[bool, str]:
         except (OSError, ValueError):
             pass
         time.sleep(0.02)
-    second = run_to_end(job.command(out))
+    # the first run is paused while it holds the lock: a short job would otherwise finish before
+    # the second has started up, and the second would find a finished output, not a busy one
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = run_to_end(job.command(out))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     first.communicate(timeout=600)
     c = job.check(out)
     ok = second.returncode == 2 and "in use by another" in second.stderr and first.returncode == 0 and c["lost"] == c["duplicated"] == 0

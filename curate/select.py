@@ -124,14 +124,34 @@ def _write_rows_locked(shards: str | Path, out: fs.Location, keep: pa.Array, con
         raise UserError(f"{out} holds a selection by {before!r}: pass the same --where to resume, or a new --out")
     clean_incomplete(out)
     done = pa.array(sorted(done_keys(out)), pa.string())
-    writer = ShardWriter(out, rows_per_shard=shard_size, config=config)
+    schema = _output_schema(shards)
+    writer = ShardWriter(out, rows_per_shard=shard_size, config=config, schema=schema)
     written = 0
     for shard in complete_shards(shards):
         for rb in fs.parquet_file(shard).iter_batches(batch_size=1024):
             table = pa.Table.from_batches([rb])
             hit = pc.and_(pc.is_in(table["key"], value_set=keep), pc.invert(pc.is_in(table["key"], value_set=done)))
-            rows = table.filter(hit).select(CAPTION_SCHEMA.names).cast(CAPTION_SCHEMA).to_pylist()  # extra columns (labels) dropped
+            rows = _conform(table.filter(hit), schema).to_pylist()
             writer.add_many(rows)
             written += len(rows)
     writer.close(extra={"selected": len(keep)})
     return written
+
+
+def _output_schema(shards: str | Path) -> pa.Schema:
+    """The caption schema plus every extra column of the input shards (a class-cond stage's
+    labels, further captions), so a selection loses nothing its source had."""
+    extra: dict[str, pa.Field] = {}
+    for shard in complete_shards(shards):
+        for field in fs.parquet_file(shard).schema_arrow:
+            if field.name not in CAPTION_SCHEMA.names:
+                extra.setdefault(field.name, field)
+    return pa.schema([*CAPTION_SCHEMA, *extra.values()])
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in `schema`: its columns in that order, a column it lacks (an older shard) as nulls."""
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)

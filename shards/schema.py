@@ -10,7 +10,9 @@ import pyarrow as pa
 # 2: `address` added (absolute; tar members by offset) and `source` made absolute. Version-1
 # shards stay readable: readers fill the missing column with nulls, and features falls back to
 # (source, member) for their rows (shards.images.legacy_address).
-SCHEMA_VERSION = 2
+# 3: `image_tokens` (vision tokens the image cost) and `caption_dense` / `caption_short` (one
+# field per extra prompt of `--prompts`) added; version-1 and -2 shards read with them null.
+SCHEMA_VERSION = 3
 
 CAPTION_SCHEMA = pa.schema(
     [
@@ -30,11 +32,15 @@ CAPTION_SCHEMA = pa.schema(
         pa.field("max_new_tokens", pa.int32()),
         pa.field("seed", pa.int64()),
         pa.field("num_tokens", pa.int32()),  # generated tokens
+        pa.field("image_tokens", pa.int32()),  # the image's placeholder tokens in the prompt (vision tokens)
         pa.field("finish_reason", pa.string()),  # "stop" | "length"
         pa.field("truncated", pa.bool_()),  # hit max_new_tokens
         pa.field("degenerate", pa.bool_()),  # a repetition loop was detected
         pa.field("error", pa.string()),  # why the image could not be read/captioned; null if fine
         pa.field("image", pa.binary()),  # original encoded bytes, only with --embed-images
+        # --prompts dense,short: `caption` holds the first prompt's caption, caption_<name> each other's
+        pa.field("caption_dense", pa.string()),
+        pa.field("caption_short", pa.string()),
     ],
     metadata={b"t2i_data.schema": b"caption", b"t2i_data.schema_version": str(SCHEMA_VERSION).encode()},
 )
@@ -60,11 +66,14 @@ class CaptionRow:
     max_new_tokens: int | None = None
     seed: int | None = None
     num_tokens: int | None = None
+    image_tokens: int | None = None
     finish_reason: str | None = None
     truncated: bool | None = None
     degenerate: bool | None = None
     error: str | None = None
     image: bytes | None = None
+    caption_dense: str | None = None
+    caption_short: str | None = None
 
 
 assert [f.name for f in fields(CaptionRow)] == CAPTION_SCHEMA.names, "CaptionRow and CAPTION_SCHEMA drifted"

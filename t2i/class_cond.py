@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from shards import ShardError, UserError
-from t2i.models import LATENT_CHANNELS, get_preset
+from t2i.models import LATENT_CHANNELS, get_preset, xavier_linears_and_patch
 
 CLASSES_JSON = "classes.json"
 LABELS_FILE = "labels.parquet"  # key -> class id of every caption row: what training looks labels up in
@@ -224,13 +224,7 @@ def build_dit(preset: str, latent_size: int, num_classes: int, learned_sigma: bo
 def initialize_dit(dit) -> None:
     """facebookresearch/DiT's initialisation: xavier linears, N(0, 0.02) label and timestep
     embeddings, zero adaLN modulation (every block starts as the identity), zero final layer."""
-    for m in dit.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    w = dit.pos_embed.proj.weight
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    xavier_linears_and_patch(dit)
     nn.init.zeros_(dit.pos_embed.proj.bias)
     for block in dit.transformer_blocks:
         emb = block.norm1.emb

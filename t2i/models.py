@@ -84,8 +84,9 @@ def build_transformer(
     return model
 
 
-def initialize_weights(model) -> None:
-    """DiT/PixArt initialisation: xavier linears, zero cross-attention output and final projection."""
+def xavier_linears_and_patch(model) -> None:
+    """What every DiT-family initialisation starts with: xavier-uniform linears with zero bias, and
+    the patch embedding's convolution initialised as the linear it is."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -93,6 +94,11 @@ def initialize_weights(model) -> None:
                 nn.init.zeros_(m.bias)
     w = model.pos_embed.proj.weight
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+
+def initialize_weights(model) -> None:
+    """DiT/PixArt initialisation: xavier linears, zero cross-attention output and final projection."""
+    xavier_linears_and_patch(model)
     for block in model.transformer_blocks:
         nn.init.zeros_(block.attn2.to_out[0].weight)
         nn.init.zeros_(block.attn2.to_out[0].bias)

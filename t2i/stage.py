@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shards import fs as shard_fs
+from shards.lock import ensure_output_dir
 from t2i import recovery
 from t2i.features import Ranks, compute_features
 from t2i.train import TrainConfig, preflight, train
@@ -44,6 +45,7 @@ def run_stage(cfg: TrainConfig, out: str | Path, shards: str | Path | None = Non
     (absent without `shards`)."""
     out = Path(out)
     root = Path(features) if features is not None else out / "features"
+    ensure_output_dir(out)  # a path under a file, read-only or full: one line before any model loads
     step = None
     if shards is not None:
         preflight(cfg)  # bad settings or a finished run fail before hours of features, not after

@@ -266,6 +266,10 @@ def test_vllm_matches_transformers_greedy_float32(tmp_path, hf_captioner, vllm_c
 
 
 def test_an_image_the_model_rejects_is_recorded_not_fatal(tmp_path, hf_captioner):
+    from autolabel.backends import size_policy_of
+
+    odd = size_policy_of(hf_captioner).target(77, 33)  # what the job prepares the odd image at
+
     class Picky:  # a model that fails on one particular image (e.g. an odd size its processor rejects)
         name, model_name = "transformers", hf_captioner.model_name
         processor = hf_captioner.processor
@@ -274,7 +278,7 @@ def test_an_image_the_model_rejects_is_recorded_not_fatal(tmp_path, hf_captioner
             return hf_captioner.format_prompt(q)
 
         def generate(self, images, prompts, params):
-            if any(im.size == (77, 33) for im in images):
+            if any(im.size == odd for im in images):
                 raise ValueError("unsupported image")
             return hf_captioner.generate(images, prompts, params)
 

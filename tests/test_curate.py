@@ -278,11 +278,9 @@ def test_world_quality_axis_is_recorded_and_off_by_default(tmp_path):
         assert same == (s.quality == "high")
 
 
-def test_select_reads_shards_with_extra_columns(tmp_path):
+def test_select_keeps_the_extra_columns_of_its_shards(tmp_path):
     """Caption shards may carry extra columns (a class-cond stage's labels): select can filter on
-    them and writes ordinary caption shards (the extra columns dropped)."""
-    import pyarrow as pa
-
+    them, and the subset keeps them, so a later class-cond stage can train on it."""
     from curate.select import run_select
     from shards import CAPTION_SCHEMA, ShardWriter, iter_batches
 
@@ -296,4 +294,4 @@ def test_select_reads_shards_with_extra_columns(tmp_path):
     summary = run_select(tmp_path / "caps", tmp_path / "scores", "aesthetic >= 5 and shape = 'circle'", tmp_path / "out")
     rows = [r for b in iter_batches(tmp_path / "out") for r in b.to_pylist()]
     assert sorted(r["key"] for r in rows) == ["k0", "k3"] and summary.kept == 2
-    assert set(rows[0]) == set(CAPTION_SCHEMA.names)
+    assert set(rows[0]) == {*CAPTION_SCHEMA.names, "shape"} and {r["shape"] for r in rows} == {"circle"}

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from autolabel.backends import input_short_side, input_size_policy
+from autolabel.sizing import size_policy
 from shards import hub
 from shards.errors import UserError
 
@@ -21,10 +21,10 @@ UNKNOWN = "t2i-data-tests/no-such-model"
 
 
 def _policy(image_processor):
-    return input_size_policy(SimpleNamespace(processor=SimpleNamespace(image_processor=image_processor)))
+    return size_policy(image_processor)
 
 
-# --- size policy -------------------------------------------------------------------------------
+# --- size policy (the full per-family table: tests/test_caption_families.py, test_size_policy.py) ---
 
 
 def test_clip_size_dict_gives_its_short_side():
@@ -32,16 +32,18 @@ def test_clip_size_dict_gives_its_short_side():
 
     ip = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     assert type(ip.size).__name__ == "SizeDict"  # what the pinned transformers gives, not a dict
-    assert _policy(ip)[0] == 336
+    policy = _policy(ip)
+    assert (policy.kind, policy.side) == ("short_side", 336)
+    assert policy.target(1500, 2250) == (336, 504)  # LLaVA-1.5's input, aspect kept
 
 
 def test_tiny_llava_job_uses_the_processor_input_size(tmp_path):
-    from autolabel.backends import TransformersCaptioner
+    from autolabel.backends import TransformersCaptioner, size_policy_of
     from autolabel.tiny_llava import build_tiny_llava
 
     model_dir = build_tiny_llava(tmp_path / "m", image_size=48, patch_size=8, seed=0)
     captioner = TransformersCaptioner(str(model_dir), device="cpu")
-    assert input_short_side(captioner) == 48  # what autolabel.api passes as prepare's min_short
+    assert size_policy_of(captioner).side == 48  # what autolabel.api prepares images to
 
 
 def test_qwen2_vl_pixel_counts_are_not_side_lengths():
@@ -49,20 +51,23 @@ def test_qwen2_vl_pixel_counts_are_not_side_lengths():
 
     default = Qwen2VLImageProcessor()
     assert default.size["shortest_edge"] == 3136  # min_pixels, not a side
-    side, why = _policy(default)
-    max_pixels = default.size["longest_edge"]
-    assert side == math.isqrt(max_pixels - 1) + 1 and side != 3136 and "pixel" in why
-    capped = Qwen2VLImageProcessor(max_pixels=1024 * 28 * 28)
-    assert _policy(capped)[0] == 896  # sqrt(802,816): any aspect ratio's short side is at most this
+    policy = _policy(default)
+    assert policy.kind == "pixels" and (policy.min_pixels, policy.max_pixels) == (3136, default.size["longest_edge"])
+    w, h = policy.target(1500, 2250)
+    assert w * h <= default.size["longest_edge"] and w % 28 == 0 and h % 28 == 0 and 3136 not in (w, h)
+    capped = _policy(Qwen2VLImageProcessor(max_pixels=1024 * 28 * 28))
+    assert capped.max_pixels == 802_816 and math.prod(capped.target(1500, 2250)) <= 802_816
 
 
 def test_llava_next_grid_and_longest_edge_processors():
     from transformers import Idefics3ImageProcessor, LlavaNextImageProcessor
 
-    assert _policy(LlavaNextImageProcessor())[0] == 672  # anyres: up to 672x672
-    side, why = _policy(Idefics3ImageProcessor())
-    assert side is None and "longest edge" in why
-    assert _policy(SimpleNamespace(size={"shortest_edge": 224, "height": None}))[0] == 224  # plain dicts too
+    grid = _policy(LlavaNextImageProcessor())
+    assert grid.kind == "grid" and max(grid.target(2250, 1500)) <= 1008  # anyres: inside its best pinpoint
+    longest = _policy(Idefics3ImageProcessor())
+    assert (longest.kind, longest.side) == ("long_side", 1456) and "longest edge" in longest.why
+    assert longest.target(1500, 2250) == (971, 1456)
+    assert _policy(SimpleNamespace(size={"shortest_edge": 224, "height": None})).side == 224  # plain dicts too
 
 
 # --- unreachable hub ---------------------------------------------------------------------------

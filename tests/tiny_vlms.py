@@ -1,0 +1,320 @@
+"""Tiny RANDOM vision-language models of the families people caption with (tests and benchmarks
+only; nothing on the product's import path uses this module).
+
+    build_tiny_vlm(family, out_dir, seed=0) -> Path     # FAMILIES lists the names
+
+Each is the family's real transformers config class, shrunk (1-2 layers, hidden 64, text
+head_dim 32, which vLLM's CPU attention accepts), its real processor class with a byte-level BPE
+tokenizer trained here on a few sentences (the family's special tokens and a chat template that
+renders its real prompt format), and small image settings so a test image gives tens of image
+tokens. Same family and seed give the same directory contents. `transformers` and `vllm.LLM`
+both load it (where vLLM supports the family on CPU; see tests/test_caption_families.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+CORPUS = [
+    "Describe this image and its style in a very detailed manner",
+    "Describe this image in one short sentence",
+    "The image shows a red circle, a blue square and a green triangle on a white background.",
+    "A photograph of a city street with cars, people, trees, buildings and a cloudy sky.",
+    "The style is realistic with soft lighting, warm colours and a shallow depth of field.",
+    "user assistant system model User: Assistant: You are a helpful assistant.",
+]  # fmt: skip
+
+HEAD_DIM = 32  # vLLM's CPU attention needs 32/64/80/...; 16 fails
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=HEAD_DIM, max_position_embeddings=2048, tie_word_embeddings=False)  # fmt: skip
+
+
+def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, add_bos: bool, gemma: bool = False, **extra):
+    """A BPE tokenizer trained on CORPUS with the family's special tokens: byte-level (GPT-2 /
+    Llama 3 / Qwen style), or with `gemma` Gemma's style (spaces as "▁", byte fallback, so "\n"
+    is a token of its own, which vLLM's PaliGemma looks up)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if gemma:
+        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        specials = ["<unk>", *specials, *(f"<0x{b:02X}>" for b in range(256))]
+        alphabet = sorted(set("".join(CORPUS).replace(" ", "▁")) | {"\n"})
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=500 + 260 * gemma, special_tokens=specials, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    if gemma:
+        tok.add_tokens(["\n" * n for n in (2, 3, 4)])  # tokens of Gemma's vocabulary that vLLM's Gemma 3 looks up
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, padding_side="left", **extra)
+
+
+def _ids(tok, model_cfg_text: dict) -> dict:
+    return dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                **model_cfg_text)  # fmt: skip
+
+
+def _save(model_cls, cfg, processor, out: Path, seed: int, fix: Callable[[Path], None] | None = None) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    tok = processor.tokenizer
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    if fix:
+        fix(out)
+    return out
+
+
+# --- chat templates: one user turn (image + text) in each family's real format ------------------
+
+def _template(user_open: str, image: str, user_close: str, assistant: str, image_after: bool = False) -> str:
+    text = "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    img = "{% for c in message['content'] %}{% if c['type'] == 'image' %}" + image + "{% endif %}{% endfor %}"
+    body = text + img if image_after else img + text
+    return ("{% for message in messages %}" + user_open + body + user_close + "{% endfor %}"
+            "{% if add_generation_prompt %}" + assistant + "{% endif %}")  # fmt: skip
+
+
+QWEN_TEMPLATE = _template("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
+                          "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end|>\n", "<|im_start|>assistant\n")
+QWEN3_TEMPLATE = _template("<|im_start|>user\n", "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end|>\n", "<|im_start|>assistant\n")
+INTERNVL_TEMPLATE = _template("<|im_start|>user\n", "<IMG_CONTEXT>\n", "<|im_end|>\n", "<|im_start|>assistant\n")
+NEXT_TEMPLATE = _template("[INST] ", "<image>\n", " [/INST]", "")
+ONEVISION_TEMPLATE = _template("<|im_start|>user ", "<image>\n", "<|im_end|>", "<|im_start|>assistant\n")
+IDEFICS3_TEMPLATE = _template("User:", "<image>", "<end_of_utterance>\n", "Assistant:")
+GEMMA3_TEMPLATE = _template("<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n")
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _qwen_family(version: str, out: Path, seed: int) -> Path:
+    import transformers as T
+
+    tok = _tokenizer(QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", add_bos=False,
+                     extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                           "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})  # fmt: skip
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))  # fmt: skip
+    patch = 16 if version == "3" else 14
+    factor = patch * 2
+    image_processor = T.Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                              size={"shortest_edge": 4 * factor * factor, "longest_edge": 16 * factor * factor})  # fmt: skip
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}  # sums to head_dim / 2
+    text = _ids(tok, dict(TEXT, rope_parameters=rope))
+    if version == "2":
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=1, patch_size=patch, spatial_merge_size=2, mlp_ratio=2)
+        cfg, cls, proc = T.Qwen2VLConfig(text_config=text, vision_config=vision, **ids), T.Qwen2VLForConditionalGeneration, T.Qwen2VLProcessor
+        video = T.Qwen2VLVideoProcessor()
+    elif version == "2.5":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=1, out_hidden_size=64, patch_size=patch,
+                      spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+        cfg, cls, proc = T.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), T.Qwen2_5_VLForConditionalGeneration, T.Qwen2_5_VLProcessor
+        video = T.Qwen2VLVideoProcessor()
+    else:
+        text = dict(text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6], "mrope_interleaved": True})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=1, out_hidden_size=64, patch_size=patch,
+                      spatial_merge_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])  # fmt: skip
+        cfg, cls, proc = T.Qwen3VLConfig(text_config=text, vision_config=vision, **ids), T.Qwen3VLForConditionalGeneration, T.Qwen3VLProcessor
+        video = T.Qwen3VLVideoProcessor(patch_size=patch)
+    template = QWEN3_TEMPLATE if version == "3" else QWEN_TEMPLATE
+    processor = proc(image_processor=image_processor, tokenizer=tok, video_processor=video, chat_template=template)
+    return _save(cls, cfg, processor, out, seed)
+
+
+def build_qwen2_vl(out: Path, seed: int = 0) -> Path:
+    return _qwen_family("2", out, seed)
+
+
+def build_qwen2_5_vl(out: Path, seed: int = 0) -> Path:
+    return _qwen_family("2.5", out, seed)
+
+
+def build_qwen3_vl(out: Path, seed: int = 0) -> Path:
+    return _qwen_family("3", out, seed)
+
+
+def build_internvl3(out: Path, seed: int = 0) -> Path:
+    """InternVL3: InternViT tiles (crop_to_patches) + pixel shuffle + Qwen2.5 text."""
+    import transformers as T
+
+    tok = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"], None,
+                     "<|im_end|>", "<|endoftext|>", add_bos=False,
+                     extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                           "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})  # fmt: skip
+    side = 56  # (56 / 14)^2 patches, pixel shuffle 0.5: 4 tokens per tile
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=[side, side],
+                  patch_size=[14, 14])  # fmt: skip
+    cfg = T.InternVLConfig(vision_config=vision, text_config=dict(_ids(tok, TEXT), model_type="qwen2"),
+                           image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4,
+                           tie_word_embeddings=False)  # fmt: skip
+    ip = T.GotOcr2ImageProcessor(size={"height": side, "width": side}, crop_to_patches=True, min_patches=1, max_patches=4)
+    processor = T.InternVLProcessor(image_processor=ip, tokenizer=tok, video_processor=T.InternVLVideoProcessor(),
+                                    image_seq_length=4, chat_template=INTERNVL_TEMPLATE)  # fmt: skip
+    return _save(T.InternVLForConditionalGeneration, cfg, processor, out, seed)
+
+
+def build_llava_next(out: Path, seed: int = 0) -> Path:
+    """LLaVA-NeXT (1.6): CLIP tiles on an anyres grid of pinpoints + Llama/Mistral text."""
+    import transformers as T
+    from autolabel.tiny_llava import fix_vllm_keys
+
+    tok = _tokenizer(["<pad>", "<s>", "</s>", "<image>"], "<s>", "</s>", "<pad>", add_bos=True,
+                     extra_special_tokens={"image_token": "<image>"})  # fmt: skip
+    side, pinpoints = 28, [[28, 56], [56, 28], [56, 56]]
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=side, patch_size=14)
+    cfg = T.LlavaNextConfig(vision_config=dict(vision, model_type="clip_vision_model"), text_config=dict(_ids(tok, TEXT), model_type="llama"),
+                            image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+                            vision_feature_layer=-1, image_seq_length=4)  # fmt: skip
+    ip = T.LlavaNextImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, image_grid_pinpoints=pinpoints)
+    processor = T.LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                                     num_additional_image_tokens=1, chat_template=NEXT_TEMPLATE)  # fmt: skip
+    return _save(T.LlavaNextForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
+
+
+def build_llava_onevision(out: Path, seed: int = 0) -> Path:
+    """LLaVA-OneVision: SigLIP tiles on an anyres_max_9 grid + Qwen2 text."""
+    import transformers as T
+    from autolabel.tiny_llava import fix_vllm_keys
+
+    tok = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"], None, "<|im_end|>", "<|endoftext|>",
+                     add_bos=False, extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})  # fmt: skip
+    side = 28
+    pinpoints = [[side * i, side * j] for i in range(1, 4) for j in range(1, 4)]
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=side, patch_size=14)
+    cfg = T.LlavaOnevisionConfig(vision_config=dict(vision, model_type="siglip_vision_model"),
+                                 text_config=dict(_ids(tok, TEXT), model_type="qwen2"), image_grid_pinpoints=pinpoints,
+                                 image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                 video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1)  # fmt: skip
+    ip = T.LlavaOnevisionImageProcessor(size={"height": side, "width": side}, image_grid_pinpoints=pinpoints)
+    processor = T.LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=T.LlavaOnevisionVideoProcessor(),
+                                          num_image_tokens=4, vision_feature_select_strategy="full", chat_template=ONEVISION_TEMPLATE)  # fmt: skip
+    return _save(T.LlavaOnevisionForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
+
+
+def _idefics_family(smol: bool, out: Path, seed: int) -> Path:
+    import transformers as T
+
+    tiles = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    bos = "<|im_start|>" if smol else "<|begin_of_text|>"
+    tok = _tokenizer(["<|endoftext|>", bos, "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>", *tiles],
+                     bos, "<end_of_utterance>", "<|endoftext|>", add_bos=not smol)  # fmt: skip
+    tile = 64  # (64 / 16)^2 patches, pixel shuffle by 2: 4 tokens per tile
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=tile, patch_size=16)
+    text = dict(_ids(tok, TEXT), model_type="llama")
+    ip_kwargs = dict(size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile})
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, pad_token_id=tok.pad_token_id)
+    if smol:
+        cfg = T.SmolVLMConfig(vision_config=vision, text_config=text, **ids)
+        processor = T.SmolVLMProcessor(image_processor=T.SmolVLMImageProcessor(**ip_kwargs), tokenizer=tok,
+                                       video_processor=T.SmolVLMVideoProcessor(), image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)  # fmt: skip
+        return _save(T.SmolVLMForConditionalGeneration, cfg, processor, out, seed)
+    cfg = T.Idefics3Config(vision_config=vision, text_config=text, **ids)
+    processor = T.Idefics3Processor(image_processor=T.Idefics3ImageProcessor(**ip_kwargs), tokenizer=tok, image_seq_len=4,
+                                    chat_template=IDEFICS3_TEMPLATE)  # fmt: skip
+    return _save(T.Idefics3ForConditionalGeneration, cfg, processor, out, seed)
+
+
+def build_idefics3(out: Path, seed: int = 0) -> Path:
+    return _idefics_family(False, out, seed)
+
+
+def build_smolvlm(out: Path, seed: int = 0) -> Path:
+    return _idefics_family(True, out, seed)
+
+
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
+
+def build_gemma3(out: Path, seed: int = 0) -> Path:
+    """Gemma 3: SigLIP at a fixed square, pooled to mm_tokens_per_image, + Gemma 3 text (sliding + full)."""
+    import transformers as T
+
+    tok = _tokenizer(GEMMA_SPECIALS, "<bos>", "<end_of_turn>", "<pad>", add_bos=True, gemma=True,
+                     extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                           "image_token": "<image_soft_token>"})  # fmt: skip
+    side = 28  # 2x2 patches of 14: 4 image tokens
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=side, patch_size=14)
+    text = dict(_ids(tok, TEXT), query_pre_attn_scalar=HEAD_DIM, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    cfg = T.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=4,
+                         boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+                         eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+                         image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"))  # fmt: skip
+    ip = T.Gemma3ImageProcessor(size={"height": side, "width": side})
+    processor = T.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=GEMMA3_TEMPLATE)
+    from autolabel.tiny_llava import fix_vllm_keys
+
+    return _save(T.Gemma3ForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
+
+
+def build_paligemma2(out: Path, seed: int = 0) -> Path:
+    """PaliGemma 2: SigLIP at a fixed square + Gemma 2 text (soft-capped logits); no chat template:
+    the processor puts the image tokens and <bos> before the prompt and a newline after it."""
+    import transformers as T
+    from autolabel.tiny_llava import fix_vllm_keys
+
+    tok = _tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], "<bos>", "<eos>", "<pad>", add_bos=True, gemma=True,
+                     extra_special_tokens={"image_token": "<image>"})  # fmt: skip
+    side = 28
+    ip = T.SiglipImageProcessor(size={"height": side, "width": side})
+    ip.image_seq_length = 4
+    processor = T.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds its <loc>/<seg> tokens
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=side,
+                  patch_size=14, projection_dim=64)  # fmt: skip
+    text = dict(_ids(tok, TEXT), model_type="gemma2", query_pre_attn_scalar=HEAD_DIM, sliding_window=64,
+                attn_logit_softcapping=50.0, final_logit_softcapping=30.0)  # fmt: skip
+    cfg = T.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                            projection_dim=64, hidden_size=64)  # fmt: skip
+    return _save(T.PaliGemmaForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
+
+
+FAMILIES: dict[str, Callable[..., Path]] = {
+    "qwen2_vl": build_qwen2_vl,
+    "qwen2_5_vl": build_qwen2_5_vl,
+    "qwen3_vl": build_qwen3_vl,
+    "internvl3": build_internvl3,
+    "llava_next": build_llava_next,
+    "llava_onevision": build_llava_onevision,
+    "idefics3": build_idefics3,
+    "smolvlm": build_smolvlm,
+    "gemma3": build_gemma3,
+    "paligemma2": build_paligemma2,
+}
+
+
+def build_tiny_vlm(family: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Build and save family `family`'s tiny random model + processor at `out_dir`."""
+    return FAMILIES[family](Path(out_dir), seed)
+
+
+def released_processors() -> dict:
+    """Image processors with the settings of each family's released checkpoints (for the size
+    policy's tests and benchmarks: no weights needed)."""
+    import transformers as T
+
+    return {
+        "llava-1.5": T.CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        "qwen2-vl": T.Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056),
+        "qwen3-vl": T.Qwen2VLImageProcessor(patch_size=16, min_pixels=65536, max_pixels=16777216),
+        "internvl3": T.GotOcr2ImageProcessor(size={"height": 448, "width": 448}, crop_to_patches=True, max_patches=12),
+        "llava-next": T.LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                                image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+        "llava-onevision": T.LlavaOnevisionImageProcessor(),
+        "idefics3": T.Idefics3ImageProcessor(size={"longest_edge": 4 * 364}),
+        "gemma3": T.Gemma3ImageProcessor(size={"height": 896, "width": 896}),
+        "paligemma2": T.SiglipImageProcessor(size={"height": 448, "width": 448}),
+    }  # fmt: skip
