@@ -72,3 +72,15 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert again["captioner"]["summary"]["skipped"] == n_images and again["captioner"]["summary"]["captioned"] == 0
     # ... and the same seed gives the same numbers (the arms are finished, their judgements cached or redone alike)
     assert again["t2i"]["arms"] == results["t2i"]["arms"] and again["t2i"]["claims"] == results["t2i"]["claims"]
+
+
+def test_the_shipped_vae_keeps_the_world_legible():
+    """The demo's frozen VAE (fitted offline by `python -m demo.vae`) round-trips world images
+    so that the judge still reads colour, position and shape: the ceiling of every arm. Its
+    recorded round_trip.json is what this measures."""
+    from demo.vae import SHIPPED_VAE, round_trip_accuracy
+
+    acc = round_trip_accuracy(SHIPPED_VAE)
+    recorded = json.loads((SHIPPED_VAE / "round_trip.json").read_text())
+    assert acc == pytest.approx(recorded, abs=1e-6)
+    assert acc["color"] >= 0.95 and acc["position"] >= 0.95 and acc["shape"] >= 0.8
