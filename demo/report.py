@@ -69,6 +69,10 @@ def _claims(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     cf = arms["c"]["final"]
     prior += (f" Held-out accuracy of (c): colour {_pct(cf['color'])}, position {_pct(cf['position'])}, "
               f"shape {_pct(cf['shape'])}, all three {_pct(cf['all'])} (targets 90/90/70/55%).")
+    if t2i.get("vae_ceiling"):
+        v = t2i["vae_ceiling"]
+        prior += (f" Ceiling set by the frozen VAE (the judge on its round trips of real images): colour {_pct(v['color'])}, "
+                  f"position {_pct(v['position'])}, shape {_pct(v['shape'])}, all three {_pct(v['all'])}.")
     ratio = c["captions_ratio"]
     caps = (f"At step {steps}, all three right on held-out prompts: (b) VLM captions {_pct(c['b_final_all'])} against "
             f"(a) alt-texts {_pct(c['a_final_all'])}: " + (f"{ratio:.1f}x." if ratio is not None else "(a) got none right."))
