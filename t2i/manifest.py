@@ -62,8 +62,10 @@ def _check_types(where: str, d: dict[str, Any]) -> None:
         ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
         if want is float and isinstance(v, int) and not isinstance(v, bool):
             ok = True
+        if want is tuple:  # caption_fields, caption_weights: a TOML array (or a comma-separated string)
+            ok = isinstance(v, (list, str))
         if not ok:
-            raise UserError(f"{where}: {k} = {v!r} should be {want.__name__}: fix the value")
+            raise UserError(f"{where}: {k} = {v!r} should be {'a list' if want is tuple else want.__name__}: fix the value")
 
 
 def parse_manifest(text: str, source: str = "manifest") -> Manifest:
@@ -93,7 +95,10 @@ def parse_manifest(text: str, source: str = "manifest") -> Manifest:
             raise UserError(f"{where}: init = \"previous\" on the first stage: use scratch or dit:PATH")
         given = frozenset(merged)
         shards, gpus = merged.pop("shards", None), merged.pop("gpus", None)
-        cfg = TrainConfig(**merged)
+        try:
+            cfg = TrainConfig(**merged)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
         if cfg.init != "previous":
             cfg.validate()
         stages.append(Stage(cfg, shards, gpus, given))

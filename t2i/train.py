@@ -28,6 +28,7 @@ from shards.errors import UserError
 from t2i import checkpoint as ckpt
 from t2i import recovery
 from t2i import sharding
+from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, parse_weights
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, features_dir
 from t2i.trackers import Trackers, check_report_to
 
@@ -63,6 +64,10 @@ class TrainConfig:
     grad_clip: float = 0.01
     ema_decay: float = 0.9999
     caption_dropout: float = 0.1
+    # several captions per image (Sana-style): each sample trains on one of these caption-shard
+    # fields per epoch, drawn with caption_weights (default equal); t2i.caption_fields
+    caption_fields: tuple = DEFAULT_FIELDS
+    caption_weights: tuple = ()
     learned_sigma: bool = True
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False
@@ -79,6 +84,11 @@ class TrainConfig:
     report_to: str = ""  # experiment trackers, comma-separated: tensorboard | wandb | mlflow (t2i.trackers)
     sample_prompts: str = ""  # '|'-separated prompts sampled at every checkpoint for the trackers
 
+    def __post_init__(self) -> None:
+        # a TOML list, a comma-separated CLI string or a tuple; bad names fail here, before any work
+        self.caption_fields = parse_fields(self.caption_fields)
+        self.caption_weights = parse_weights(self.caption_weights, self.caption_fields)
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
@@ -86,7 +96,7 @@ class TrainConfig:
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(vae=self.vae, text_encoder=self.text_encoder, resolution=self.resolution,
                              buckets=self.buckets, max_tokens=self.max_tokens, text_dtype=self.text_dtype,
-                             latent_dtype=self.latent_dtype)
+                             latent_dtype=self.latent_dtype, caption_fields=self.caption_fields)
 
     def validate(self) -> None:
         from t2i.models import ATTENTION_ORDERS, get_preset
@@ -367,7 +377,7 @@ def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None,
 
     # 1. the features (made beforehand: this only opens them)
     fdir = find_features(Path(features) if features is not None else out / "features", cfg)
-    data = StreamingFeatureDataset(fdir, cfg.max_tokens)
+    data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights)
     ledger = Ledger(out, "train", accel.device)
     probe = data.get(np.array([0]))
     latent_size = probe.latent_mean.shape[-1] if not cfg.buckets else cfg.resolution // vae.spatial
@@ -422,7 +432,15 @@ def check_resolution(resolution: int, patch: int, spatial: int) -> None:
         raise UserError(f"resolution {resolution} is not divisible by patch x VAE factor ({patch} x {spatial} = {patch * spatial}): pick a multiple of {patch * spatial}")
 
 
-FEATURE_IDENTITY = ("vae", "text_encoder", "resolution", "buckets", "max_tokens", "text_dtype", "latent_dtype", "draft")
+FEATURE_IDENTITY = ("vae", "text_encoder", "resolution", "buckets", "max_tokens", "text_dtype", "latent_dtype", "draft", "caption_fields")
+
+
+def _made_with(made: dict[str, Any], key: str) -> Any:
+    """A setting of a features directory's config.json, as FeatureConfig holds it (directories
+    made before caption_fields existed hold the default field)."""
+    if key == "caption_fields":
+        return tuple(made.get(key) or DEFAULT_FIELDS)
+    return made.get(key)
 
 
 def find_features(path: Path, cfg: TrainConfig) -> Path:
@@ -433,7 +451,8 @@ def find_features(path: Path, cfg: TrainConfig) -> Path:
     if own.is_file():
         made = json.loads(own.read_text())
         if made.get("cache_key") != want.cache_key():
-            differ = [f"{k} {made.get(k)!r} (this stage: {getattr(want, k)!r})" for k in FEATURE_IDENTITY if made.get(k) != getattr(want, k)]
+            differ = [f"{k} {_made_with(made, k)!r} (this stage: {getattr(want, k)!r})" for k in FEATURE_IDENTITY
+                      if _made_with(made, k) != getattr(want, k)]
             raise UserError(f"{path} holds features made with other settings ({'; '.join(differ) or 'another version'}): "
                             f"train with the settings they were made with, or pass --shards to make features for these")
         return path
@@ -604,8 +623,9 @@ def train_step(run: Run, batches) -> StepResult:
         share = len(b.keys)
         seeds = [sample_seed(cfg.seed, b.epoch, b.batch_pos, run.rank * share + i) for i in range(share)]
         if run.trace is not None:
+            fields = {"caption_fields": b.caption_fields} if len(cfg.caption_fields) > 1 else {}
             _append_jsonl(run.trace, {"step": run.step + 1, "epoch": b.epoch, "batch": b.batch_pos, "rank": run.rank,
-                                      "world": run.world, "keys": b.keys})
+                                      "world": run.world, "keys": b.keys, **fields})
         run.epoch, run.batch_pos = b.epoch, b.batch_pos + 1
         inp = make_inputs(b, run.state_extra["scaling_factor"], stepper.diffusion.num_timesteps, cfg.caption_dropout, seeds)
         if run.classes is not None:  # class-cond: class ids stand in for the captions
