@@ -8,6 +8,8 @@
     init = "scratch"           # scratch | dit:PATH | pixart:DIR | checkpoint:DIR | previous
     shards = "captions/"       # optional; else the --shards given on the command line
     steps = 300
+    caption_fields = ["caption", "caption_short"]   # optional: one per sample and epoch (t2i.caption_fields)
+    caption_weights = [3, 1]                        # optional: default equal
 
 Each stage trains into `<out>/<stage name>/`; `init = "previous"` starts from the previous
 stage's last checkpoint (after a `kind = "class-cond"` stage, t2i.class_cond, a text-to-image

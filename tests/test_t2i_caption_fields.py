@@ -244,3 +244,29 @@ def test_the_default_is_unchanged(world, tmp_path):
 
     b = next(iter(make_loader(StreamingFeatureDataset(r["dir"], 16), 0, 0, 8, workers=0)))
     assert b.caption_fields == ["caption"] * len(b.keys) and len(b.keys) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_engine_encodes_the_fields_as_the_local_engine(world, tmp_path):
+    ray = pytest.importorskip("ray")
+    from t2i.features_ray import compute_features_ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        r = compute_features_ray(world["root"] / "captions", tmp_path, world["feature_cfg"], replicas=1, progress=False)
+    finally:
+        ray.shutdown()
+    assert Path(r["dir"]).name == world["features"].name  # the same cache key: either engine resumes the other's run
+    assert (r["rows"], r["skipped_invalid"], r["missing_fields"]) == (N_ROWS - 1, 1, {"caption_short": len(NO_SHORT)})
+    local, remote = feature_rows(world["features"]), feature_rows(Path(r["dir"]))
+    assert set(local) == set(remote)
+    for key, a in local.items():
+        b = remote[key]
+        assert [b[c] for c in ("caption", "caption_short", "text_len", "text_len_caption_short")] == \
+               [a[c] for c in ("caption", "caption_short", "text_len", "text_len_caption_short")]
+        for emb in ("text_emb", "text_emb_caption_short"):
+            if a[emb] is None:
+                assert b[emb] is None
+            else:
+                np.testing.assert_allclose(stored(b, emb), stored(a, emb), rtol=1e-4, atol=1e-5)
