@@ -351,8 +351,8 @@ def row_columns(fields: tuple[str, ...]) -> tuple[str, ...]:
 
 def caption_shards(shards_dir: str | Path, fields: tuple[str, ...] = DEFAULT_FIELDS) -> list[tuple[Any, list[str]]]:
     """(shard, its columns) of every complete caption shard, checked before any work; shards of
-    caption schema 1 have no `address` (their rows are located by source + member). A caption
-    field that no shard holds a value of is an error (other fields than `caption` only)."""
+    caption schema 1 have no `address` (their rows are located by source + member). With other
+    caption fields than the default, a field no shard holds a value of is an error."""
     shards = complete_shards(shards_dir)
     names = [shard_fs.read_schema(s).names for s in shards]  # a local path or a URI
     for shard, cols in zip(shards, names):
