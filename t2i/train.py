@@ -28,7 +28,7 @@ from shards.errors import UserError
 from t2i import checkpoint as ckpt
 from t2i import recovery
 from t2i import sharding
-from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, parse_weights
+from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, features_dir
 from t2i.trackers import Trackers, check_report_to
 
@@ -392,7 +392,7 @@ def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None,
     # 3. resume (whole tensors: the weights go in before FSDP shards the model, the EMA and
     # optimizer state after, split the way their parameters are)
     names = [n for n, _ in model.named_parameters()]
-    ck, st = load_resume_weights(out, model, global_batch, world, local_batch, accel.is_main_process) if resume else (None, None)
+    ck, st = load_resume_weights(out, model, global_batch, world, local_batch, accel.is_main_process, cfg) if resume else (None, None)
     opt, sched, ema = setup_optimization(cfg, model, accel.device)
     run = Run(cfg, accel, out, model, names, sched, ema, global_batch,
               {"features": json.loads((fdir / "config.json").read_text()), "scaling_factor": vae.scaling, "vae_scale_factor": vae.spatial},
@@ -470,9 +470,10 @@ def _failed_images(fdir: Path) -> int:
 
 
 def load_resume_weights(out: Path, model, global_batch: int, world: int, local_batch: int,
-                        set_aside: bool = True) -> tuple[Path, dict[str, Any]]:
+                        set_aside: bool = True, cfg: TrainConfig | None = None) -> tuple[Path, dict[str, Any]]:
     """The newest checkpoint of `out` that verifies (a damaged newer one is set aside, with a
-    warning, when `set_aside`) and its trainer state, its model weights loaded into `model`."""
+    warning, when `set_aside`) and its trainer state, its model weights loaded into `model`.
+    With `cfg`, a run whose caption fields or weights differ from the checkpoint's is refused."""
     ck = recovery.resumable_checkpoint(out, set_aside=set_aside)
     if ck is None:
         raise UserError(f"--resume but no checkpoint in {out}: drop --resume to start fresh")
@@ -482,8 +483,33 @@ def load_resume_weights(out: Path, model, global_batch: int, world: int, local_b
         raise UserError(f"checkpoint {ck} was trained with a global batch of {saved_global} ({st.get('world_size', 1)} processes); "
                         f"this run has {global_batch} ({world} x {local_batch}): set global_batch = {saved_global} "
                         f"(a multiple of the number of processes) to resume on {world} processes")
+    if cfg is not None:
+        check_caption_settings(ck, st, cfg)
     ckpt.load_matching(model, ckpt.load_weights(ck, "model"), f"checkpoint {ck}")
     return ck, st
+
+
+def _saved_caption_settings(st: dict[str, Any]) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The caption fields and weights a checkpoint was trained with (checkpoints made before
+    the options existed trained on the default field)."""
+    saved = {**st.get("config", {}), **{k: st[k] for k in ("caption_fields", "caption_weights") if k in st}}
+    fields = parse_fields(saved.get("caption_fields") or DEFAULT_FIELDS)
+    return fields, parse_weights(saved.get("caption_weights") or (), fields)
+
+
+def check_caption_settings(ck: Path, st: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to resume with other caption fields or (effective) weights than checkpoint `ck`'s:
+    they change which caption each sample trains on, so the run would silently diverge."""
+    fields, weights = _saved_caption_settings(st)
+    same = fields == cfg.caption_fields and np.allclose(normalised(weights, len(fields)), normalised(cfg.caption_weights, len(fields)))
+    if not same:
+        raise UserError(f"checkpoint {ck} was trained with {_caption_settings(fields, weights)}, this run has "
+                        f"{_caption_settings(cfg.caption_fields, cfg.caption_weights)}: resume with the checkpoint's "
+                        "caption_fields and caption_weights, or train into a new --out")
+
+
+def _caption_settings(fields: tuple[str, ...], weights: tuple[float, ...]) -> str:
+    return f"caption_fields [{', '.join(fields)}] caption_weights [{', '.join(f'{w:g}' for w in weights) or 'equal'}]"
 
 
 def restore_training_state(run: "Run", ck: Path, st: dict[str, Any], opt) -> None:
@@ -528,7 +554,8 @@ class Run:
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_pos, "global_batch": self.global_batch,
                 "world_size": self.world, "scheduler": self.sched.state_dict(), "ema_step": self.ema.optimization_step,
-                "config": asdict(self.cfg), **self.state_extra}
+                "config": asdict(self.cfg), "caption_fields": list(self.cfg.caption_fields),
+                "caption_weights": list(self.cfg.caption_weights), **self.state_extra}
 
     def check_finite(self) -> None:
         """One host sync (and one all-reduce) for all steps since the last check: raise on the

@@ -270,3 +270,30 @@ def test_ray_engine_encodes_the_fields_as_the_local_engine(world, tmp_path):
                 assert b[emb] is None
             else:
                 np.testing.assert_allclose(stored(b, emb), stored(a, emb), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_with_other_caption_weights_or_fields_is_refused(world, tmp_path):
+    """A checkpoint records its caption fields and weights; --resume with others is one line,
+    exit 2, naming both (equal weights written two ways are the same setting)."""
+    from typer.testing import CliRunner
+
+    import cli
+    from t2i.checkpoint import latest_checkpoint
+    from t2i.train import train
+
+    run = tmp_path / "run"
+    train(tiny_cfg(world), run / "s", features=world["features"], stop_after=2, progress=False)
+    st = json.loads((latest_checkpoint(run / "s") / "trainer_state.json").read_text())
+    assert st["caption_fields"] == list(FIELDS) and st["caption_weights"] == [3.0, 1.0]
+    (tmp_path / "m.toml").write_text('[defaults]\npreset = "PixArt-tiny/2"\nresolution = 16\nmax_tokens = 16\ntext_dtype = "float32"\n'
+                                     'batch_size = 16\nseed = 3\nloader_workers = 0\ncaption_fields = ["caption", "caption_short"]\n'
+                                     '[[stages]]\nname = "s"\nsteps = 3\n')
+    common = ["train", "--manifest", str(tmp_path / "m.toml"), "--out", str(run), "--vae", world["vae"], "--text-encoder", world["text_encoder"]]
+    short = ["--features", _short_only_features(world, tmp_path), "--caption-fields", "caption_short"]
+    for change, old, new in ((["--features", str(world["features"]), "--caption-weights", "1,1"], "weights [3, 1]", "weights [1, 1]"),
+                             (short, "fields [caption, caption_short]", "fields [caption_short] caption_weights [equal]")):
+        r = CliRunner().invoke(cli.app, [*common, *change])
+        assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert r.output.startswith("error: checkpoint ") and old in r.output and new in r.output, r.output
+    resumed = train(tiny_cfg(world, caption_weights=[6, 2], steps=3), run / "s", features=world["features"], resume=True, progress=False)
+    assert resumed["start_step"] == 2 and resumed["step"] == 3  # the same proportions, written otherwise, resume
