@@ -4,7 +4,8 @@ of processes with the same global batch (each rank reads only its slice of a glo
 
 Only an index is held in memory: for every sample (in key order) its bucket, shard, row group and
 row, in numpy arrays (~12 bytes a sample, read from the key/height/width columns alone; with
-several caption fields, one more byte: which fields the sample has). Tensor
+several caption fields, one more byte: which fields the sample has), built once and cached in the
+features directory (t2i.feature_index: every later open, rank and run loads it instead). Tensor
 columns are read on demand, one Parquet row group at a time (shards.ShardWriter keeps row groups
 near 1 MiB, about one sample of T5-XXL features), and copied straight from the Arrow binary
 buffers into the batch tensors: no Python object per row. t2i.loader.make_loader runs the
@@ -33,6 +34,7 @@ import torch
 
 from shards import ShardError, complete_shards
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights, pick_fields, text_columns, uniforms
+from t2i.feature_index import fingerprint, load_index, save_index
 
 ROW_COLUMNS = ["key", "latent_mean", "latent_std"]  # read per sample (each column costs a read), + the text of its field
 LAYOUT_COLUMNS = ["latent_shape", "text_channels", "text_dtype", "height", "width"]  # read once per bucket
@@ -97,13 +99,29 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         self.caption_fields = parse_fields(caption_fields)
         self.text_columns = [text_columns(f) for f in self.caption_fields]
         self.weights = normalised(parse_weights(caption_weights, self.caption_fields), len(self.caption_fields))
-        self._build_index()
+        self._open_index()
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._layouts: dict[int, RowLayout] = {}
         self._pid = os.getpid()
 
-    def _build_index(self) -> None:
-        """shard/group/row of every sample in key order, and the samples of each bucket."""
+    def _open_index(self) -> None:
+        """The index from the directory's cache (t2i.feature_index) when it matches the shards,
+        else built from the shards (and cached once the directory is complete)."""
+        digest = fingerprint(self.shards, self.caption_fields)
+        arrays = load_index(self.features_dir, digest)
+        if arrays is None:
+            arrays = self._build_index()
+            save_index(self.features_dir, self.shards, digest, arrays)
+        _warn_big_groups([self.shards[s] for s in arrays["big_groups"]])
+        self.shard, self.group, self.row, self.bucket_of = arrays["shard"], arrays["group"], arrays["row"], arrays["bucket_of"]
+        members = np.split(arrays["members"], np.cumsum(arrays["bucket_sizes"])[:-1])
+        self.buckets: dict[tuple[int, int], np.ndarray] = {(int(h), int(w)): m for (h, w), m in zip(arrays["sizes"], members)}
+        # a bit per caption field the sample has (None: one field, which every sample has)
+        self.has = arrays["has"] if len(self.caption_fields) > 1 else None
+
+    def _build_index(self) -> dict[str, np.ndarray]:
+        """shard/group/row of every sample in key order, its bucket, the samples of each bucket
+        (sizes, then members in bucket order) and the caption fields it has."""
         # Parquet decoding releases the GIL: shards are indexed in parallel threads (at 10M samples,
         # 10k shards of ~0.2 s each)
         with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
@@ -112,18 +130,20 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         keys = pa.chunked_array([c for p in parts for c in p["key"].chunks], pa.string())
         order = pc.sort_indices(keys).to_numpy()
         del keys
-        self.shard, self.group, self.row = (np.concatenate([p[c] for p in parts])[order] for c in ("shard", "group", "row"))
+        index = {c: np.concatenate([p[c] for p in parts])[order] for c in ("shard", "group", "row", "has")}
+        if len(self.caption_fields) == 1:
+            index["has"] = index["has"][:0]  # one field, which every sample has
         hw = np.stack([np.concatenate([p[c] for p in parts])[order] for c in ("height", "width")], 1)
         sizes, bucket_of = np.unique(hw, axis=0, return_inverse=True)  # sizes sorted as (h, w) tuples
-        members = np.split(np.argsort(bucket_of.ravel(), kind="stable").astype(np.int32), np.cumsum(np.bincount(bucket_of.ravel()))[:-1])
-        self.buckets: dict[tuple[int, int], np.ndarray] = {(int(h), int(w)): m for (h, w), m in zip(sizes, members)}
-        self.bucket_of = bucket_of.ravel().astype(np.uint16 if len(sizes) < 1 << 16 else np.int32)
-        # a bit per caption field the sample has (None: one field, which every sample has)
-        self.has = np.concatenate([p["has"] for p in parts])[order] if len(self.caption_fields) > 1 else None
+        bucket_of = bucket_of.ravel()
+        return {**index, "sizes": sizes, "bucket_sizes": np.bincount(bucket_of, minlength=len(sizes)),
+                "members": np.argsort(bucket_of, kind="stable").astype(np.int32),
+                "bucket_of": bucket_of.astype(np.uint16 if len(sizes) < 1 << 16 else np.int32),
+                "big_groups": np.flatnonzero([p["big"] for p in parts])}
 
     def _index_shard(self, s: int, path: str) -> dict:
-        """The index columns of one shard (key, height, width: no tensor bytes read) and the
-        row group and row of each of its rows."""
+        """The index columns of one shard (key, height, width: no tensor bytes read), the row
+        group and row of each of its rows, and whether it has oversized row groups."""
         pf = pq.ParquetFile(path, memory_map=True)
         md = pf.metadata
         lens = [c.len for c in self.text_columns]
@@ -132,9 +152,7 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
             raise ShardError(f"{path} has no column {', '.join(missing)}: these features were made for other caption fields "
                              f"than {', '.join(self.caption_fields)}; make features with the same caption_fields")
         sizes = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)], np.int64)
-        if any(md.row_group(g).num_rows > 1 and md.row_group(g).total_byte_size > BIG_ROW_GROUP for g in range(md.num_row_groups)):
-            warnings.warn(f"{path} has row groups over {BIG_ROW_GROUP >> 20} MiB: every sample read decodes its whole group; "
-                          "rewrite the features with this version (row groups of ~1 MiB) for fast training", stacklevel=4)
+        big = any(md.row_group(g).num_rows > 1 and md.row_group(g).total_byte_size > BIG_ROW_GROUP for g in range(md.num_row_groups))
         t = pf.read(columns=INDEX_COLUMNS + (lens if len(lens) > 1 else []))
         starts = np.cumsum(sizes) - sizes
         has = np.zeros(md.num_rows, np.uint8)
@@ -143,7 +161,7 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
                 has |= (t.column(name).fill_null(0).to_numpy() > 0).astype(np.uint8) << bit
         return {"key": t.column("key"), "height": t.column("height").to_numpy(), "width": t.column("width").to_numpy(),
                 "shard": np.full(md.num_rows, s, np.int32), "group": np.repeat(np.arange(len(sizes), dtype=np.int32), sizes),
-                "row": (np.arange(md.num_rows) - np.repeat(starts, sizes)).astype(np.int32), "has": has}
+                "row": (np.arange(md.num_rows) - np.repeat(starts, sizes)).astype(np.int32), "has": has, "big": big}
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -280,6 +298,12 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_files": OrderedDict()}  # open files stay with their process
+
+
+def _warn_big_groups(paths: list[str]) -> None:
+    for path in paths:
+        warnings.warn(f"{path} has row groups over {BIG_ROW_GROUP >> 20} MiB: every sample read decodes its whole group; "
+                      "rewrite the features with this version (row groups of ~1 MiB) for fast training", stacklevel=4)
 
 
 def _binary_views(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

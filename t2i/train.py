@@ -377,7 +377,8 @@ def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None,
 
     # 1. the features (made beforehand: this only opens them)
     fdir = find_features(Path(features) if features is not None else out / "features", cfg)
-    data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights)
+    with accel.main_process_first():  # rank 0 builds and caches the index (t2i.feature_index); the others load it
+        data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights)
     ledger = Ledger(out, "train", accel.device)
     probe = data.get(np.array([0]))
     latent_size = probe.latent_mean.shape[-1] if not cfg.buckets else cfg.resolution // vae.spatial
