@@ -12,10 +12,12 @@
   buckets, token count, dtypes, draft decode), so a different setting never reuses stale
   features, and a rerun skips keys already encoded (resume; `kill -9` loses at most the rows
   not yet in a complete shard).
-- Data-parallel: under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each rank takes the keys
-  whose crc32 falls in its residue class and writes its own shards (`features-r<rank>-...`);
-  rank 0 cleans up before and writes the manifest after (gloo barriers only). Any world size
-  resumes any other's directory.
+- Data-parallel: under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each rank reads only
+  its share of the caption shards' row groups (round robin over all row groups in shard name
+  order: no rank reads another's rows or image bytes) and writes its own shards
+  (`features-r<rank>-...`); rank 0 cleans up before and writes the manifest after, the summary's
+  counts are summed over the ranks (gloo). Any world size resumes any other's directory (done
+  keys are skipped, whoever wrote them).
 - An image that cannot be read or decoded is recorded (key + error) in `failures-<writer>.json`
   and in the manifest's `failures`, skipped (not retried by reruns), and counted in the summary.
 - Several caption fields (`caption_fields`, t2i.caption_fields; default `caption` alone): T5
@@ -31,12 +33,11 @@ import hashlib
 import json
 import math
 import os
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -304,13 +305,32 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
 
-    def mine(self, key: str) -> bool:
-        """Disjoint, fixed shares of the keys, independent of their order and of what is done."""
-        return self.world_size == 1 or zlib.crc32(key.encode()) % self.world_size == self.rank
+    def share(self, shards: list["CaptionShard"]) -> list[tuple["CaptionShard", list[int]]]:
+        """The row groups this rank reads, by shard: the i-th row group of all the shards (in
+        name order) is rank i % world_size's. Disjoint and together all of them, fixed by the
+        shards alone (not by what is done), so every rank of a run reads each row exactly once."""
+        mine, i = [], 0
+        for shard in shards:
+            groups = [g for g in range(len(shard.group_rows)) if (i + g) % self.world_size == self.rank]
+            i += len(shard.group_rows)
+            if groups:
+                mine.append((shard, groups))
+        return mine
 
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def total(self, counts: list[int]) -> list[int]:
+        """`counts` summed over the ranks (a collective, on a gloo group: CPU tensors whatever
+        backend the ranks' default group has, nccl included)."""
+        if self.world_size == 1:
+            return list(counts)
+        dist = torch.distributed
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        t = torch.tensor(counts, dtype=torch.int64)
+        dist.all_reduce(t, group=group)
+        return t.tolist()
 
     def close(self) -> None:
         """Leave the process group ranks_from_env joined (a clean exit under torchrun)."""
@@ -349,21 +369,33 @@ def row_columns(fields: tuple[str, ...]) -> tuple[str, ...]:
     return CAPTION_COLUMNS + tuple(f for f in fields if f not in CAPTION_COLUMNS)
 
 
-def caption_shards(shards_dir: str | Path, fields: tuple[str, ...] = DEFAULT_FIELDS) -> list[tuple[Any, list[str]]]:
-    """(shard, its columns) of every complete caption shard, checked before any work; shards of
+class CaptionShard(NamedTuple):
+    """A complete caption shard, from its footer: where it is, its columns, rows per row group."""
+
+    location: Any
+    columns: list[str]
+    group_rows: tuple[int, ...]
+
+
+def caption_shards(shards_dir: str | Path, fields: tuple[str, ...] = DEFAULT_FIELDS) -> list[CaptionShard]:
+    """Every complete caption shard (its footer read once), checked before any work; shards of
     caption schema 1 have no `address` (their rows are located by source + member). With other
     caption fields than the default, a field no shard holds a value of is an error."""
-    shards = complete_shards(shards_dir)
-    names = [shard_fs.read_schema(s).names for s in shards]  # a local path or a URI
-    for shard, cols in zip(shards, names):
-        if not {"caption", "key"} <= set(cols):
-            raise ShardError(f"{shard} has no caption/key column: pass caption shards written by `t2i-data caption`")
+    shards = [_caption_shard(s) for s in complete_shards(shards_dir)]  # a local path or a URI
+    for shard in shards:
+        if not {"caption", "key"} <= set(shard.columns):
+            raise ShardError(f"{shard.location} has no caption/key column: pass caption shards written by `t2i-data caption`")
     if tuple(fields) != DEFAULT_FIELDS:
-        for f, n in _values_written(shards, fields).items():
+        for f, n in _values_written([s.location for s in shards], fields).items():
             if n == 0:
                 raise UserError(f"caption field {f!r} has no value in any caption shard of {shards_dir}: caption with the "
                                 f"prompt that writes it (`t2i-data caption --prompts ...`) or drop it from caption_fields")
-    return list(zip(shards, names))
+    return shards
+
+
+def _caption_shard(location) -> CaptionShard:
+    md = shard_fs.parquet_file(location).metadata
+    return CaptionShard(location, md.schema.to_arrow_schema().names, tuple(md.row_group(g).num_rows for g in range(md.num_row_groups)))
 
 
 def _values_written(shards: list, fields: tuple[str, ...]) -> dict[str, int | None]:
@@ -383,17 +415,19 @@ def _values_written(shards: list, fields: tuple[str, ...]) -> dict[str, int | No
     return counts
 
 
-def shard_rows(shard, cols: list[str], columns: Iterable[str] = CAPTION_COLUMNS) -> Iterator[dict[str, Any]]:
-    """The rows of one caption shard (streamed), with those of `columns` it has."""
+def shard_rows(shard, cols: list[str], columns: Iterable[str] = CAPTION_COLUMNS,
+               row_groups: Iterable[int] | None = None) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """The rows of one caption shard (streamed, or only those of `row_groups`), with those of
+    `columns` it has."""
     wanted = [c for c in columns if c in cols]
-    for batch in shard_fs.parquet_file(shard).iter_batches(batch_size=256, columns=wanted):
-        yield from batch.to_pylist()
-
-
-def _caption_rows(shards: list[tuple[Any, list[str]]], fields: tuple[str, ...]) -> Iterator[dict[str, Any]]:
-    """Every row of the caption shards (streamed), one shard open at a time."""
-    for shard, cols in shards:
-        yield from shard_rows(shard, cols, row_columns(fields))
+    pf = shard_fs.parquet_file(shard)
+    if row_groups is None:
+        for batch in pf.iter_batches(batch_size=256, columns=wanted):
+            yield from batch.to_pylist()
+        return
+    for g in row_groups:  # one row group (~1 MiB with embedded images) in memory at a time
+        for batch in pf.read_row_group(g, columns=wanted).to_batches(256):
+            yield from batch.to_pylist()
 
 
 def usable(row: dict[str, Any], fields: tuple[str, ...] = DEFAULT_FIELDS) -> bool:
@@ -426,15 +460,14 @@ def read_failures(out: Path) -> dict[str, str]:
     return failures
 
 
-def _todo(shards: list, fields: tuple[str, ...], done: set[str], failed: dict[str, str], ranks: Ranks, stats: dict,
-          advance: Callable) -> Iterator[dict]:  # fmt: skip
-    for r in _caption_rows(shards, fields):  # streamed: never all rows (and image bytes) in memory
-        advance()
-        if not count_row(r, fields, stats):
-            continue
-        if r["key"] in done or r["key"] in failed or not ranks.mine(r["key"]):
-            continue
-        yield r
+def _todo(share: list[tuple[CaptionShard, list[int]]], fields: tuple[str, ...], done: set[str], failed: dict[str, str],
+          stats: dict, advance: Callable) -> Iterator[dict]:  # fmt: skip
+    """The rows of this rank's row groups (Ranks.share) still to encode, counted into `stats`."""
+    for shard, groups in share:  # streamed: never all rows (and image bytes) in memory
+        for r in shard_rows(shard.location, shard.columns, row_columns(fields), groups):
+            advance()
+            if count_row(r, fields, stats) and r["key"] not in done and r["key"] not in failed:
+                yield r
 
 
 def compute_features(
@@ -467,11 +500,11 @@ def _compute_features_locked(shards_dir, shards: list, out: Path, cfg: FeatureCo
     """compute_features, run while rank 0 holds `out`'s lock."""
     from rich.progress import Progress
 
-    from shards import read_manifest
-
     if ranks.rank == 0:
         start_output(out, cfg)
+        _write_plan(out, shards)
     ranks.barrier()  # nobody writes before the leftovers of a crash are gone
+    _check_plan(out, shards, shards_dir)  # every rank shares out the same row groups
     device = device or default_device(ranks)
     from costs.ledger import Ledger
 
@@ -479,14 +512,43 @@ def _compute_features_locked(shards_dir, shards: list, out: Path, cfg: FeatureCo
     stats = new_stats(out)
     encoder = FeatureEncoder(out, cfg, device, ranks.rank)
     images = RowImages(cfg)
+    share = ranks.share(shards)
     with Progress(disable=not progress or ranks.rank != 0) as bar:
-        task = bar.add_task("features", total=read_manifest(shards_dir).get("rows"))
-        todo = _todo(shards, cfg.caption_fields, done_keys(out), read_failures(out), ranks, stats, lambda: bar.advance(task))
+        task = bar.add_task("features", total=sum(s.group_rows[g] for s, groups in share for g in groups))
+        todo = _todo(share, cfg.caption_fields, done_keys(out), read_failures(out), stats, lambda: bar.advance(task))
         stats["new"] += encode_rows(todo, images, encoder)
     images.close()
     stats["ledger"] = ledger.close(images=stats["new"])
-    ranks.barrier()  # every rank's shards are complete
+    _sum_counts(stats, cfg.caption_fields, ranks)  # each rank counted the rows it read; also waits for every rank
     return finish_output(out, cfg, shards_dir, stats, write=ranks.rank == 0)
+
+
+def _sum_counts(stats: dict[str, Any], fields: tuple[str, ...], ranks: Ranks) -> None:
+    """The summary's row counts over all ranks (each read only its own row groups)."""
+    names = ["valid", "skipped_invalid"]
+    summed = ranks.total([stats[n] for n in names] + [stats["missing_fields"].get(f, 0) for f in fields])
+    stats.update(zip(names, summed))
+    stats["missing_fields"] = {f: n for f, n in zip(fields, summed[len(names):]) if n}
+
+
+PLAN = "plan.json"
+
+
+def _plan(shards: list[CaptionShard]) -> dict[str, Any]:
+    digest = hashlib.sha256(json.dumps([[str(s.location), list(s.group_rows)] for s in shards]).encode()).hexdigest()
+    return {"shards": len(shards), "row_groups": sum(len(s.group_rows) for s in shards), "sha256": digest}
+
+
+def _write_plan(out: Path, shards: list[CaptionShard]) -> None:
+    """What rank 0 shares out (Ranks.share): the caption shards and their row groups."""
+    shard_fs.write_text(out / PLAN, json.dumps(_plan(shards)))
+
+
+def _check_plan(out: Path, shards: list[CaptionShard], shards_dir) -> None:
+    """Every rank saw the caption shards rank 0 saw: otherwise the shares could overlap."""
+    if json.loads((out / PLAN).read_text()) != _plan(shards):
+        raise ShardError(f"the caption shards in {shards_dir} changed while features started (this rank sees other shards "
+                         "than rank 0): rerun once the caption job has finished")
 
 
 def start_output(out: Path, cfg: FeatureConfig) -> None:

@@ -95,8 +95,8 @@ def _count(shards: list, skip: frozenset, stats: dict[str, Any], fields: tuple[s
     """Fill the summary counts (t2i.features.count_row) from the key, error and caption-field
     columns alone; returns how many usable rows are still to encode."""
     todo = 0
-    for shard, cols in shards:
-        for r in shard_rows(shard, cols, ("key", "caption", "error", *fields)):
+    for shard in shards:
+        for r in shard_rows(shard.location, shard.columns, ("key", "caption", "error", *fields)):
             if count_row(r, fields, stats):
                 todo += r["key"] not in skip
     return todo
@@ -139,7 +139,7 @@ def _encode_on_ray(shards: list, skip: frozenset, todo: int, out: Path, cfg: Fea
 
     new = 0
     with ray_session(address) as ray:
-        ds = ray.data.from_items([{"shard": str(s), "cols": json.dumps(c)} for s, c in shards], override_num_blocks=min(len(shards), 10_000))
+        ds = ray.data.from_items([{"shard": str(s.location), "cols": json.dumps(s.columns)} for s in shards], override_num_blocks=min(len(shards), 10_000))
         ds = ds.map_batches(read_todo_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                             fn_kwargs={"skip": ray.put(skip) if skip else skip, "fields": cfg.caption_fields})  # fmt: skip
         ds = ds.map_batches(FeatureActor, batch_size=cfg.rows_per_shard, batch_format="pyarrow",
