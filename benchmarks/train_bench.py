@@ -1,10 +1,14 @@
-"""Training-step cost: our trainer (t2i.train: bucketed feature batches, posterior sampling,
-null-caption dropout, IDDPM hybrid loss, grad clipping, EMA, logging) vs a plain reference loop
-over the same diffusers PixArtTransformer2DModel (fp32, no compile, no fused AdamW, MSE only).
+"""Training-step cost: our trainer (t2i.stage.run_stage on a features directory, as `t2i-data train
+--features`: the streaming loader (t2i.loader, DataLoader workers) over the cached index
+(t2i.feature_index), posterior sampling, null-caption dropout, IDDPM hybrid loss, grad clipping,
+EMA, logging) vs a plain reference loop over the same diffusers PixArtTransformer2DModel (fp32,
+no compile, no fused AdamW, MSE only, tensors already in memory).
 
 CPU: the ratio ours / reference per step for the tiny preset (and PixArt-S/2 at 128 px).
 GPU (when available): images/s and MFU of PixArt-XL/2 at 256 px, bf16, through our trainer.
-Features are random tensors of the right shapes (no VAE/T5 download needed).
+Features are random tensors of the right shapes (no VAE/T5 download needed), written as a
+finished features directory (feature shards, config.json and manifest.json as `t2i-data
+features` leaves them), so training opens it exactly as it opens real features.
 
     python benchmarks/train_bench.py            # writes the "train" section of BENCHMARKS.md
 """
@@ -12,7 +16,9 @@ Features are random tensors of the right shapes (no VAE/T5 download needed).
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import asdict
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._report import write_section  # noqa: E402
+from benchmarks._report import load_note, write_section  # noqa: E402
 from shards import ShardWriter  # noqa: E402
+from shards.writer import write_manifest  # noqa: E402
 from t2i.features import FEATURE_SCHEMA, features_dir  # noqa: E402
-from t2i.train import TrainConfig, train  # noqa: E402
+from t2i.stage import run_stage  # noqa: E402
+from t2i.train import TrainConfig  # noqa: E402
 
 
 def fake_vae_dir(root: Path, factor: int) -> str:
@@ -41,7 +49,10 @@ def fake_vae_dir(root: Path, factor: int) -> str:
 
 
 def fake_features(root: Path, cfg: TrainConfig, n: int, latent: int, channels: int, tokens: int) -> None:
-    fdir = features_dir(root, cfg.feature_config())
+    """A finished features directory for cfg's settings under `root`: random rows, its config.json
+    and its manifest (so the loader caches its index, as for real features)."""
+    fcfg = cfg.feature_config()
+    fdir = features_dir(root, fcfg)
     w = ShardWriter(fdir, rows_per_shard=max(n, 1), schema=FEATURE_SCHEMA, prefix="features")
     rng = np.random.default_rng(0)
     for i in range(n):
@@ -50,15 +61,18 @@ def fake_features(root: Path, cfg: TrainConfig, n: int, latent: int, channels: i
                "latent_mean": rng.standard_normal((4, latent, latent), np.float32).tobytes(),
                "latent_std": np.full((4, latent, latent), 0.05, np.float32).tobytes(),
                "text_emb": rng.standard_normal((tokens, channels)).astype(np.float16 if cfg.text_dtype == "float16" else np.float32).tobytes(),
-               "text_len": tokens, "text_channels": channels, "text_dtype": cfg.text_dtype})
+               "text_len": tokens, "text_channels": channels, "text_dtype": cfg.text_dtype, "latent_dtype": "float32"})
     w.flush()
-    (fdir / "config.json").write_text(json.dumps({"fake": True}))
+    config = {**asdict(fcfg), "cache_key": fcfg.cache_key()}
+    (fdir / "config.json").write_text(json.dumps(config))
+    write_manifest(fdir, config=config, extra={"schema": "features", "failed": 0})
 
 
-def ours(cfg: TrainConfig, root: Path) -> float:
-    """Seconds per optimizer step of t2i.train, from its JSONL log (first interval = warm-up)."""
+def ours(cfg: TrainConfig, root: Path) -> tuple[float, float | None]:
+    """Seconds per optimizer step of the job's training path (run_stage on the features root, as
+    `t2i-data train --features`), from its JSONL log (first interval = warm-up)."""
     out = root / f"run-{cfg.name}"
-    train(cfg, out, features=root, progress=False)
+    run_stage(cfg, out, features=root, progress=False)
     recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()][1:]
     ips = np.mean([r["images_per_s"] for r in recs])
     mfu = [r["mfu"] for r in recs if r["mfu"] is not None]
@@ -97,6 +111,7 @@ def reference(cfg: TrainConfig, latent: int, channels: int, tokens: int, steps: 
 
 
 def main() -> None:
+    load0 = os.getloadavg()[0]
     torch.set_num_threads(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
@@ -125,8 +140,11 @@ def main() -> None:
     body = (
         "Per optimizer step: our trainer vs a plain loop over the same `PixArtTransformer2DModel` "
         "(fp32, no compile, no fused AdamW, MSE only, tensors already in memory). Ours adds feature-shard "
-        "batching, posterior sampling, null-caption dropout, the IDDPM VLB term, grad clipping, EMA and logging.\n\n"
+        "batching (`run_stage` on a finished features directory, as `t2i-data train --features`: cached index, streaming "
+        "loader with its default 2 DataLoader workers), posterior sampling, null-caption dropout, the IDDPM VLB term, grad "
+        "clipping, EMA and logging. Ratio = ours / reference (above 1: ours slower per step). 1 torch thread each.\n\n"
         "| model | setting | ours | reference | ratio |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n" + gpu
+        + f"\n{load_note(load0)}\n"
         + ("\nNo GPU was available for this run: the PixArt-XL/2 images/s and MFU line is measured only on CUDA.\n" if not gpu else "")
     )
     write_section("train", body)
