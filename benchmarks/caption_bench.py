@@ -183,12 +183,14 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     blobs = [sam_like_jpeg(i) for i in range(args.images)]
+    load0 = os.getloadavg()[0]
     prep, speedup = bench_prepare(blobs, args.workers)
+    load_prep = os.getloadavg()[0]
     print(prep)
     print(f"preparation speed-up (1 thread): {speedup:.2f}x (target >= 4x)")
     e2e = bench_end_to_end(blobs, args.tokens, args.batch, args.workers, args.backends.split(","))
     print(e2e)
-    from benchmarks._report import write_section
+    from benchmarks._report import load_note, write_section
 
     note = (
         "\nThe tiny model makes generation nearly free, so end-to-end rates here mostly measure the"
@@ -196,7 +198,8 @@ def main() -> None:
         " dominates and the prefetching workers keep it busy.\n"
     )
     mode = "`--quick` run (8 images, 8 tokens): noisy figures.\n\n" if args.quick else ""
-    path = write_section("caption_bench", mode + prep + f"\nPreparation speed-up: **{speedup:.2f}x** (target >= 4x).\n\n" + e2e + note)
+    loads = f"Preparation: {load_note(load0, load_prep)}\n\n"
+    path = write_section("caption_bench", mode + prep + f"\nPreparation speed-up: **{speedup:.2f}x** (target >= 4x).\n\n" + loads + e2e + note)
     print(f"wrote {path}")
 
 

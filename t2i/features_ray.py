@@ -30,41 +30,47 @@ from shards import ShardError, UserError, complete_shards, done_keys
 from shards import fs as shard_fs
 from shards.lock import output_lock
 from shards.ray_session import actor_resources, fetch_once, ray_session
+from t2i.caption_fields import DEFAULT_FIELDS
 from t2i.features import (
-    CAPTION_COLUMNS,
     FeatureConfig,
     FeatureEncoder,
     RowImages,
     caption_shards,
+    count_row,
     encode_rows,
     features_dir,
     finish_output,
     new_stats,
     read_failures,
+    row_columns,
     shard_rows,
     start_output,
     usable,
 )
 
 ROWS_PER_BLOCK = 64  # caption rows per block a read task yields (embedded images can be large)
-ROW_SCHEMA = pa.schema([(c, pa.binary() if c == "image" else pa.string()) for c in CAPTION_COLUMNS])
 STATUS_SCHEMA = pa.schema([("key", pa.string()), ("failed", pa.bool_())])
 
 
-def read_todo_rows(batch: pa.Table, skip) -> Iterator[pa.Table]:
+def row_schema(fields: tuple[str, ...]) -> pa.Schema:
+    """The caption columns a read task hands the encoders (those of `fields` included)."""
+    return pa.schema([(c, pa.binary() if c == "image" else pa.string()) for c in row_columns(fields)])
+
+
+def read_todo_rows(batch: pa.Table, skip, fields: tuple[str, ...] = DEFAULT_FIELDS) -> Iterator[pa.Table]:
     """map_batches UDF: caption shards in, their usable rows not in `skip` out (a frozenset of
-    keys, or an ObjectRef of one)."""
-    skip = fetch_once(skip)
+    keys, or an ObjectRef of one), with the columns of the caption `fields`."""
+    skip, schema = fetch_once(skip), row_schema(fields)
     for shard, cols in zip(batch.column("shard").to_pylist(), batch.column("cols").to_pylist()):
         rows: list[dict[str, Any]] = []
-        for r in shard_rows(shard, json.loads(cols)):
-            if usable(r) and r["key"] not in skip:
+        for r in shard_rows(shard, json.loads(cols), schema.names):
+            if usable(r, fields) and r["key"] not in skip:
                 rows.append(r)
             if len(rows) >= ROWS_PER_BLOCK:
-                yield pa.Table.from_pylist(rows, ROW_SCHEMA)
+                yield pa.Table.from_pylist(rows, schema)
                 rows = []
         if rows:
-            yield pa.Table.from_pylist(rows, ROW_SCHEMA)
+            yield pa.Table.from_pylist(rows, schema)
 
 
 class FeatureActor:
@@ -85,17 +91,14 @@ class FeatureActor:
         return pa.Table.from_pydict({"key": keys, "failed": [k in self.encoder.failures for k in keys]}, STATUS_SCHEMA)
 
 
-def _count(shards: list, skip: frozenset, stats: dict[str, Any]) -> int:
-    """Fill the usable / unusable counts from the key, caption and error columns alone; returns
-    how many usable rows are still to encode."""
+def _count(shards: list, skip: frozenset, stats: dict[str, Any], fields: tuple[str, ...] = DEFAULT_FIELDS) -> int:
+    """Fill the summary counts (t2i.features.count_row) from the key, error and caption-field
+    columns alone; returns how many usable rows are still to encode."""
     todo = 0
-    for shard, cols in shards:
-        for r in shard_rows(shard, cols, ("key", "caption", "error")):
-            if not usable(r):
-                stats["skipped_invalid"] += 1
-                continue
-            stats["valid"] += 1
-            todo += r["key"] not in skip
+    for shard in shards:
+        for r in shard_rows(shard.location, shard.columns, ("key", "caption", "error", *fields)):
+            if count_row(r, fields, stats):
+                todo += r["key"] not in skip
     return todo
 
 
@@ -119,10 +122,10 @@ def compute_features_ray(shards_dir: str | Path, root: str | Path, cfg: FeatureC
     with output_lock(out, "features"):
         start_output(out, cfg)
         ledger = Ledger(out, "features")  # the driver's device; the actors' are not metered
-        shards = caption_shards(shards_dir)
+        shards = caption_shards(shards_dir, cfg.caption_fields)
         stats = new_stats(out)
         skip = frozenset(done_keys(out)) | frozenset(read_failures(out))
-        todo = _count(shards, skip, stats)
+        todo = _count(shards, skip, stats, cfg.caption_fields)
         if todo and stats["valid"]:  # a finished run starts no Ray
             stats["new"] = _encode_on_ray(shards, skip, todo, out, cfg, address, replicas, progress)
         stats["ledger"] = ledger.close(images=stats["new"])
@@ -136,9 +139,9 @@ def _encode_on_ray(shards: list, skip: frozenset, todo: int, out: Path, cfg: Fea
 
     new = 0
     with ray_session(address) as ray:
-        ds = ray.data.from_items([{"shard": str(s), "cols": json.dumps(c)} for s, c in shards], override_num_blocks=min(len(shards), 10_000))
+        ds = ray.data.from_items([{"shard": str(s.location), "cols": json.dumps(s.columns)} for s in shards], override_num_blocks=min(len(shards), 10_000))
         ds = ds.map_batches(read_todo_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
-                            fn_kwargs={"skip": ray.put(skip) if skip else skip})  # fmt: skip
+                            fn_kwargs={"skip": ray.put(skip) if skip else skip, "fields": cfg.caption_fields})  # fmt: skip
         ds = ds.map_batches(FeatureActor, batch_size=cfg.rows_per_shard, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=replicas), fn_constructor_kwargs={"out": str(out), "cfg": cfg},
                             **actor_resources(ray.cluster_resources(), replicas))  # fmt: skip

@@ -2,7 +2,10 @@
 each global batch at a time, in the deterministic order of global_batches().
 
     for b in make_loader(ds, epoch, seed, global_batch, rank, world_size, start_batch=pos):
-        ...  # b: t2i.data.Batch with b.epoch, b.batch_pos, b.last_in_epoch
+        ...  # b: t2i.data.Batch with b.epoch, b.batch_pos, b.last_in_epoch, b.caption_fields
+
+With several caption fields, the sampler also draws each sample's field (pick_fields: from
+seed, epoch and sample), so the workers read only that field's text.
 
 Workers (processes) read row groups ahead and write each batch into a slot of a shared-memory
 ring that the training process maps once: a batch costs no fresh memory (whose page faults cost
@@ -33,6 +36,7 @@ class BatchRequest(NamedTuple):
     batch_pos: int
     indices: np.ndarray
     last_in_epoch: bool
+    field_ids: np.ndarray  # the caption field each sample trains on (StreamingFeatureDataset.pick_fields)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -56,7 +60,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             todo = [p for p in range(start, len(batches)) if len(batches[p])]
             for i, p in enumerate(todo):
                 idx = StreamingFeatureDataset.rank_slice(batches[p], self.rank, self.world_size)
-                yield BatchRequest(epoch, p, idx, i == len(todo) - 1)
+                yield BatchRequest(epoch, p, idx, i == len(todo) - 1, self.dataset.pick_fields(idx, self.seed, epoch))
             epoch, start = epoch + 1, 0
 
 
@@ -135,6 +139,7 @@ class SlotBatch:
     lens: np.ndarray
     max_tokens: int
     request: BatchRequest
+    caption_fields: list[str]
 
     def batch(self) -> Batch:
         n, lay = len(self.keys), self.layout
@@ -143,7 +148,7 @@ class SlotBatch:
         return Batch(keys=self.keys, latent_mean=torch.from_numpy(v["mean"]).view(lay.latent_dtype).view(n, *lay.latent_shape),
                      latent_std=torch.from_numpy(v["std"]).view(lay.latent_dtype).view(n, *lay.latent_shape), text=text,
                      mask=mask_of(self.lens, self.max_tokens), height=lay.height, width=lay.width, epoch=self.request.epoch,
-                     batch_pos=self.request.batch_pos, last_in_epoch=self.request.last_in_epoch)
+                     batch_pos=self.request.batch_pos, last_in_epoch=self.request.last_in_epoch, caption_fields=self.caption_fields)
 
     def pin_memory(self) -> Batch:
         """On the DataLoader's pin thread: copied into page-locked memory; the slot frees at once."""
@@ -159,7 +164,7 @@ class RingReader(torch.utils.data.Dataset):
 
     def __getitem__(self, request: BatchRequest) -> Batch | SlotBatch:
         ds = self.dataset
-        reads, layout = ds.read(request.indices)
+        reads, layout = ds.read(request.indices, request.field_ids)
         slot = self.ring.claim() if self.ring is not None else None
         if slot is None:
             b = ds.get_from(reads, layout, len(request.indices))
@@ -167,11 +172,11 @@ class RingReader(torch.utils.data.Dataset):
             return b
         try:
             v = self.ring.views(slot, len(request.indices), ds.max_tokens, layout)
-            keys, lens = ds.fill(reads, v["text"], v["mean"], v["std"])
+            keys, lens, names = ds.fill(reads, v["text"], v["mean"], v["std"])
         except BaseException:
             self.ring.release(slot)
             raise
-        return SlotBatch(self.ring.id, slot, layout, keys, lens, ds.max_tokens, request)
+        return SlotBatch(self.ring.id, slot, layout, keys, lens, ds.max_tokens, request, names)
 
 
 class FeatureLoader:

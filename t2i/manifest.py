@@ -8,6 +8,8 @@
     init = "scratch"           # scratch | dit:PATH | pixart:DIR | checkpoint:DIR | previous
     shards = "captions/"       # optional; else the --shards given on the command line
     steps = 300
+    caption_fields = ["caption", "caption_short"]   # optional: one per sample and epoch (t2i.caption_fields)
+    caption_weights = [3, 1]                        # optional: default equal
 
 Each stage trains into `<out>/<stage name>/`; `init = "previous"` starts from the previous
 stage's last checkpoint (after a `kind = "class-cond"` stage, t2i.class_cond, a text-to-image
@@ -62,8 +64,10 @@ def _check_types(where: str, d: dict[str, Any]) -> None:
         ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
         if want is float and isinstance(v, int) and not isinstance(v, bool):
             ok = True
+        if want is tuple:  # caption_fields, caption_weights: a TOML array (or a comma-separated string)
+            ok = isinstance(v, (list, str))
         if not ok:
-            raise UserError(f"{where}: {k} = {v!r} should be {want.__name__}: fix the value")
+            raise UserError(f"{where}: {k} = {v!r} should be {'a list' if want is tuple else want.__name__}: fix the value")
 
 
 def parse_manifest(text: str, source: str = "manifest") -> Manifest:
@@ -93,7 +97,10 @@ def parse_manifest(text: str, source: str = "manifest") -> Manifest:
             raise UserError(f"{where}: init = \"previous\" on the first stage: use scratch or dit:PATH")
         given = frozenset(merged)
         shards, gpus = merged.pop("shards", None), merged.pop("gpus", None)
-        cfg = TrainConfig(**merged)
+        try:
+            cfg = TrainConfig(**merged)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
         if cfg.init != "previous":
             cfg.validate()
         stages.append(Stage(cfg, shards, gpus, given))

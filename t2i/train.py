@@ -28,6 +28,7 @@ from shards.errors import UserError
 from t2i import checkpoint as ckpt
 from t2i import recovery
 from t2i import sharding
+from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, features_dir
 from t2i.trackers import Trackers, check_report_to
 
@@ -63,6 +64,10 @@ class TrainConfig:
     grad_clip: float = 0.01
     ema_decay: float = 0.9999
     caption_dropout: float = 0.1
+    # several captions per image (Sana-style): each sample trains on one of these caption-shard
+    # fields per epoch, drawn with caption_weights (default equal); t2i.caption_fields
+    caption_fields: tuple = DEFAULT_FIELDS
+    caption_weights: tuple = ()
     learned_sigma: bool = True
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False
@@ -79,6 +84,11 @@ class TrainConfig:
     report_to: str = ""  # experiment trackers, comma-separated: tensorboard | wandb | mlflow (t2i.trackers)
     sample_prompts: str = ""  # '|'-separated prompts sampled at every checkpoint for the trackers
 
+    def __post_init__(self) -> None:
+        # a TOML list, a comma-separated CLI string or a tuple; bad names fail here, before any work
+        self.caption_fields = parse_fields(self.caption_fields)
+        self.caption_weights = parse_weights(self.caption_weights, self.caption_fields)
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
@@ -86,7 +96,7 @@ class TrainConfig:
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(vae=self.vae, text_encoder=self.text_encoder, resolution=self.resolution,
                              buckets=self.buckets, max_tokens=self.max_tokens, text_dtype=self.text_dtype,
-                             latent_dtype=self.latent_dtype)
+                             latent_dtype=self.latent_dtype, caption_fields=self.caption_fields)
 
     def validate(self) -> None:
         from t2i.models import ATTENTION_ORDERS, get_preset
@@ -367,7 +377,8 @@ def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None,
 
     # 1. the features (made beforehand: this only opens them)
     fdir = find_features(Path(features) if features is not None else out / "features", cfg)
-    data = StreamingFeatureDataset(fdir, cfg.max_tokens)
+    with accel.main_process_first():  # rank 0 builds and caches the index (t2i.feature_index); the others load it
+        data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights)
     ledger = Ledger(out, "train", accel.device)
     probe = data.get(np.array([0]))
     latent_size = probe.latent_mean.shape[-1] if not cfg.buckets else cfg.resolution // vae.spatial
@@ -382,7 +393,7 @@ def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None,
     # 3. resume (whole tensors: the weights go in before FSDP shards the model, the EMA and
     # optimizer state after, split the way their parameters are)
     names = [n for n, _ in model.named_parameters()]
-    ck, st = load_resume_weights(out, model, global_batch, world, local_batch, accel.is_main_process) if resume else (None, None)
+    ck, st = load_resume_weights(out, model, global_batch, world, local_batch, accel.is_main_process, cfg) if resume else (None, None)
     opt, sched, ema = setup_optimization(cfg, model, accel.device)
     run = Run(cfg, accel, out, model, names, sched, ema, global_batch,
               {"features": json.loads((fdir / "config.json").read_text()), "scaling_factor": vae.scaling, "vae_scale_factor": vae.spatial},
@@ -422,7 +433,15 @@ def check_resolution(resolution: int, patch: int, spatial: int) -> None:
         raise UserError(f"resolution {resolution} is not divisible by patch x VAE factor ({patch} x {spatial} = {patch * spatial}): pick a multiple of {patch * spatial}")
 
 
-FEATURE_IDENTITY = ("vae", "text_encoder", "resolution", "buckets", "max_tokens", "text_dtype", "latent_dtype", "draft")
+FEATURE_IDENTITY = ("vae", "text_encoder", "resolution", "buckets", "max_tokens", "text_dtype", "latent_dtype", "draft", "caption_fields")
+
+
+def _made_with(made: dict[str, Any], key: str) -> Any:
+    """A setting of a features directory's config.json, as FeatureConfig holds it (directories
+    made before caption_fields existed hold the default field)."""
+    if key == "caption_fields":
+        return tuple(made.get(key) or DEFAULT_FIELDS)
+    return made.get(key)
 
 
 def find_features(path: Path, cfg: TrainConfig) -> Path:
@@ -433,7 +452,8 @@ def find_features(path: Path, cfg: TrainConfig) -> Path:
     if own.is_file():
         made = json.loads(own.read_text())
         if made.get("cache_key") != want.cache_key():
-            differ = [f"{k} {made.get(k)!r} (this stage: {getattr(want, k)!r})" for k in FEATURE_IDENTITY if made.get(k) != getattr(want, k)]
+            differ = [f"{k} {_made_with(made, k)!r} (this stage: {getattr(want, k)!r})" for k in FEATURE_IDENTITY
+                      if _made_with(made, k) != getattr(want, k)]
             raise UserError(f"{path} holds features made with other settings ({'; '.join(differ) or 'another version'}): "
                             f"train with the settings they were made with, or pass --shards to make features for these")
         return path
@@ -451,9 +471,10 @@ def _failed_images(fdir: Path) -> int:
 
 
 def load_resume_weights(out: Path, model, global_batch: int, world: int, local_batch: int,
-                        set_aside: bool = True) -> tuple[Path, dict[str, Any]]:
+                        set_aside: bool = True, cfg: TrainConfig | None = None) -> tuple[Path, dict[str, Any]]:
     """The newest checkpoint of `out` that verifies (a damaged newer one is set aside, with a
-    warning, when `set_aside`) and its trainer state, its model weights loaded into `model`."""
+    warning, when `set_aside`) and its trainer state, its model weights loaded into `model`.
+    With `cfg`, a run whose caption fields or weights differ from the checkpoint's is refused."""
     ck = recovery.resumable_checkpoint(out, set_aside=set_aside)
     if ck is None:
         raise UserError(f"--resume but no checkpoint in {out}: drop --resume to start fresh")
@@ -463,8 +484,33 @@ def load_resume_weights(out: Path, model, global_batch: int, world: int, local_b
         raise UserError(f"checkpoint {ck} was trained with a global batch of {saved_global} ({st.get('world_size', 1)} processes); "
                         f"this run has {global_batch} ({world} x {local_batch}): set global_batch = {saved_global} "
                         f"(a multiple of the number of processes) to resume on {world} processes")
+    if cfg is not None:
+        check_caption_settings(ck, st, cfg)
     ckpt.load_matching(model, ckpt.load_weights(ck, "model"), f"checkpoint {ck}")
     return ck, st
+
+
+def _saved_caption_settings(st: dict[str, Any]) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The caption fields and weights a checkpoint was trained with (checkpoints made before
+    the options existed trained on the default field)."""
+    saved = {**st.get("config", {}), **{k: st[k] for k in ("caption_fields", "caption_weights") if k in st}}
+    fields = parse_fields(saved.get("caption_fields") or DEFAULT_FIELDS)
+    return fields, parse_weights(saved.get("caption_weights") or (), fields)
+
+
+def check_caption_settings(ck: Path, st: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to resume with other caption fields or (effective) weights than checkpoint `ck`'s:
+    they change which caption each sample trains on, so the run would silently diverge."""
+    fields, weights = _saved_caption_settings(st)
+    same = fields == cfg.caption_fields and np.allclose(normalised(weights, len(fields)), normalised(cfg.caption_weights, len(fields)))
+    if not same:
+        raise UserError(f"checkpoint {ck} was trained with {_caption_settings(fields, weights)}, this run has "
+                        f"{_caption_settings(cfg.caption_fields, cfg.caption_weights)}: resume with the checkpoint's "
+                        "caption_fields and caption_weights, or train into a new --out")
+
+
+def _caption_settings(fields: tuple[str, ...], weights: tuple[float, ...]) -> str:
+    return f"caption_fields [{', '.join(fields)}] caption_weights [{', '.join(f'{w:g}' for w in weights) or 'equal'}]"
 
 
 def restore_training_state(run: "Run", ck: Path, st: dict[str, Any], opt) -> None:
@@ -509,7 +555,8 @@ class Run:
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_pos, "global_batch": self.global_batch,
                 "world_size": self.world, "scheduler": self.sched.state_dict(), "ema_step": self.ema.optimization_step,
-                "config": asdict(self.cfg), **self.state_extra}
+                "config": asdict(self.cfg), "caption_fields": list(self.cfg.caption_fields),
+                "caption_weights": list(self.cfg.caption_weights), **self.state_extra}
 
     def check_finite(self) -> None:
         """One host sync (and one all-reduce) for all steps since the last check: raise on the
@@ -604,8 +651,9 @@ def train_step(run: Run, batches) -> StepResult:
         share = len(b.keys)
         seeds = [sample_seed(cfg.seed, b.epoch, b.batch_pos, run.rank * share + i) for i in range(share)]
         if run.trace is not None:
+            fields = {"caption_fields": b.caption_fields} if len(cfg.caption_fields) > 1 else {}
             _append_jsonl(run.trace, {"step": run.step + 1, "epoch": b.epoch, "batch": b.batch_pos, "rank": run.rank,
-                                      "world": run.world, "keys": b.keys})
+                                      "world": run.world, "keys": b.keys, **fields})
         run.epoch, run.batch_pos = b.epoch, b.batch_pos + 1
         inp = make_inputs(b, run.state_extra["scaling_factor"], stepper.diffusion.num_timesteps, cfg.caption_dropout, seeds)
         if run.classes is not None:  # class-cond: class ids stand in for the captions

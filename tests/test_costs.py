@@ -76,6 +76,15 @@ def test_plan_figures_follow_from_flops_images_and_mfu(tmp_path):
     assert any("MFU" in a for a in res["assumptions"]) and any("475" in a for a in res["assumptions"])
 
 
+def test_plan_prices_t5_once_per_caption_field(tmp_path):
+    """Features with caption_fields = [caption, caption_short] run T5 twice per image, the VAE once."""
+    opts = lambda: PlanOptions(gpu="H100", mfu=MfuRule.parse("0.5"), images=parse_images("sam=7.2k"), caption_rate=2.0)  # noqa: E731
+    two = SMALL.replace("steps = 10", 'steps = 10\ncaption_fields = ["caption", "caption_short"]')
+    hours = [next(r for r in plan(write_manifest(tmp_path, m), opts())["rows"] if r["step"] == "features")["gpu_hours"] for m in (SMALL, two)]
+    t5 = 1116.99e9 / (989e12 * 0.333) * 7200 / 3600
+    assert hours[1] == pytest.approx(hours[0] + t5)
+
+
 def test_plan_takes_mfu_from_a_gpu_bench_json(tmp_path):
     bench = {"device": "NVIDIA H100 80GB HBM3", "results": [
         {"name": "a", "latent": 32, "batch": 64, "images_per_s": 1, "mfu": 0.30},

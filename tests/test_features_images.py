@@ -23,7 +23,7 @@ from PIL import Image
 
 from autolabel.api import run_caption
 from autolabel.backends import Generation
-from shards import ShardWriter, complete_shards
+from shards import ShardError, ShardWriter, complete_shards
 from shards.errors import UserError
 from shards.images import Address, ImageReader, iter_sources
 from shards.images.sources import source_names
@@ -319,3 +319,114 @@ def test_feature_run_killed_with_kill_9_resumes_exactly_once(tmp_path, models):
     assert len(got) == len(set(got)) == 160
     assert sorted(got) == sorted(x["key"] for x in rows(caps))
     assert not [p for p in fdir.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- data-parallel features: each rank reads only its own row groups ----------------------------
+
+
+def embedded_caption_shards(out: Path, n: int, monkeypatch) -> Path:
+    """`n` caption rows with their JPEG bytes embedded, 8 a shard, each row its own row group
+    (as rows of large images are), so a shard has several row groups to share out."""
+    import shards.writer
+    from shards import CaptionRow
+
+    colors = list(COLORS)
+    with monkeypatch.context() as m:
+        m.setattr(shards.writer, "ROW_GROUP_BYTES", 1)
+        w = ShardWriter(out, rows_per_shard=8, writer_id="0000e4be")
+        for i in range(n):
+            c = colors[i % 3]
+            w.add(CaptionRow(key=f"e{i:03d}", caption=f"a {c} circle on the left", width=48, height=32,
+                             image=jpeg(48, 32, COLORS[c], seed=i), model="synthetic"))
+        w.close()
+    assert pq.ParquetFile(complete_shards(out)[0]).metadata.num_row_groups == 8
+    return out
+
+
+def in_process_rank(rank: int, world_size: int):
+    """Ranks for running one rank at a time in this process: no process group to wait on, and
+    each rank's own counts as its total (the test adds them up)."""
+    from t2i.features import Ranks
+
+    class InProcess(Ranks):
+        def barrier(self) -> None:
+            pass
+
+        def total(self, counts):
+            return list(counts)
+
+    return InProcess(rank, world_size)
+
+
+def assert_same_features(a: dict, b: dict) -> None:
+    for col, dt, shape in (("latent_mean", "latent_dtype", a["latent_shape"]), ("text_emb", "text_dtype", (-1, a["text_channels"]))):
+        x = torch.frombuffer(bytearray(a[col]), dtype=getattr(torch, a[dt])).view(*shape)
+        y = torch.frombuffer(bytearray(b[col]), dtype=getattr(torch, b[dt])).view(*shape)
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)  # other batch neighbours: float sums in another order
+
+
+def record_caption_reads(monkeypatch) -> list[tuple[str, object]]:
+    """(shard name, row group, or "all" for a whole-file scan) of every caption-shard read."""
+    from shards import fs
+
+    reads: list[tuple[str, object]] = []
+    real_open, real_group, real_iter = fs.parquet_file, pq.ParquetFile.read_row_group, pq.ParquetFile.iter_batches
+
+    def open_tagged(p):
+        pf = real_open(p)
+        pf.t2i_name = Path(str(p)).name
+        return pf
+
+    def read_group(self, i, *a, **kw):
+        if hasattr(self, "t2i_name"):
+            reads.append((self.t2i_name, i))
+        return real_group(self, i, *a, **kw)
+
+    def iter_batches(self, *a, **kw):
+        if hasattr(self, "t2i_name"):
+            reads.append((self.t2i_name, "all"))
+        return real_iter(self, *a, **kw)
+
+    monkeypatch.setattr(fs, "parquet_file", open_tagged)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_group)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", iter_batches)
+    return reads
+
+
+def test_each_rank_reads_only_its_row_groups_and_the_ranks_encode_every_row_once(tmp_path, models, monkeypatch):
+    from t2i.features import compute_features
+
+    caps = embedded_caption_shards(tmp_path / "caps", 24, monkeypatch)
+    one, by_key = features(caps, tmp_path / "one", fcfg(models))
+    reads = record_caption_reads(monkeypatch)
+    per_rank, summaries = [], []
+    for rank in (0, 1):
+        reads.clear()
+        summaries.append(compute_features(caps, tmp_path / "two", fcfg(models), device="cpu", progress=False,
+                                          ranks=in_process_rank(rank, 2)))  # fmt: skip
+        per_rank.append(list(reads))
+    every = {(s.name, g) for s in complete_shards(caps) for g in range(8)}
+    for got in per_rank:
+        assert len(got) == len(set(got)) == 12 and all(g != "all" for _, g in got)  # half the row groups, each once, no scans
+    assert set(per_rank[0]) | set(per_rank[1]) == every and not set(per_rank[0]) & set(per_rank[1])
+    # together: every row once, the same features as one process; the counts add up to one's
+    fdir = Path(summaries[0]["dir"])
+    two = rows(fdir)
+    assert sorted(r["key"] for r in two) == sorted(by_key) and len(by_key) == 24
+    assert {s.name.split("-")[1] for s in complete_shards(fdir)} == {"r000", "r001"}
+    for r in two:
+        assert_same_features(by_key[r["key"]], r)
+    assert [s["new"] for s in summaries] == [12, 12] and sum(s["valid"] for s in summaries) == one["valid"] == 24
+    # a rerun (here on one process) finds everything done: nothing encoded twice
+    again = compute_features(caps, tmp_path / "two", fcfg(models), device="cpu", progress=False)
+    assert again["new"] == 0 and len(rows(fdir)) == 24
+
+
+def test_ranks_that_see_other_caption_shards_refuse_to_start(tmp_path, models, monkeypatch):
+    from t2i.features import _check_plan, _write_plan, caption_shards
+
+    shards = caption_shards(embedded_caption_shards(tmp_path / "caps", 16, monkeypatch))
+    _write_plan(tmp_path, shards)
+    _check_plan(tmp_path, shards, tmp_path / "caps")
+    with pytest.raises(ShardError, match="changed while features started"):
+        _check_plan(tmp_path, shards[:1], tmp_path / "caps")

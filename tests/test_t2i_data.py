@@ -1,6 +1,7 @@
 """The streaming feature loader (t2i.data): same tensors as the rows on disk, every sample once
 per epoch on 1 and 2 ranks, exact resume from a batch position, and an index without tensors."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from shards import ShardWriter, complete_shards
 from t2i.data import StreamingFeatureDataset
+from t2i.feature_index import INDEX_FILE
 from t2i.loader import make_loader
 from t2i.features import FEATURE_SCHEMA
 
@@ -21,10 +23,16 @@ BUCKETS = [(16, 16), (8, 32)]
 def features(tmp_path_factory) -> Path:
     """61 rows in 3 shards, written in an order unlike key order; float32 text rows of up to
     8 x 4096 (128 KiB), so a shard holds several row groups of several rows; two buckets."""
-    d = tmp_path_factory.mktemp("features")
-    rng = np.random.default_rng(0)
-    w = ShardWriter(d, rows_per_shard=25, schema=FEATURE_SCHEMA, prefix="features")
-    for i in rng.permutation(61):
+    d = write_features(tmp_path_factory.mktemp("features"), 61)
+    assert len(complete_shards(d)) == 3 and pq.ParquetFile(complete_shards(d)[0]).metadata.num_row_groups >= 2
+    return d
+
+
+def write_features(d: Path, n: int, prefix: str = "features", first: int = 0) -> Path:
+    """Rows k<first>..k<first+n-1> as feature shards of 25 rows (in shuffled order), manifest rewritten."""
+    rng = np.random.default_rng(first)
+    w = ShardWriter(d, rows_per_shard=25, schema=FEATURE_SCHEMA, prefix=prefix)
+    for i in first + rng.permutation(n):
         h, wd = BUCKETS[i % 2]
         n = int(rng.integers(1, 9))  # some longer than MAX_TOKENS: truncated
         w.add({"key": f"k{i:03d}", "caption": "c", "height": h, "width": wd, "latent_shape": [4, h // 8, wd // 8],
@@ -33,7 +41,6 @@ def features(tmp_path_factory) -> Path:
                "text_emb": rng.standard_normal((n, CHANNELS), np.float32).tobytes(), "text_len": n,
                "text_channels": CHANNELS, "text_dtype": "float32"})
     w.close()
-    assert len(complete_shards(d)) == 3 and pq.ParquetFile(complete_shards(d)[0]).metadata.num_row_groups >= 2
     return d
 
 
@@ -116,6 +123,7 @@ def test_opening_reads_only_the_index_columns(features, monkeypatch):
     real_read, real_group = pq.ParquetFile.read, pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read", lambda self, columns=None, **kw: reads.append(columns) or real_read(self, columns=columns, **kw))
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, columns=None, **kw: reads.append(("group", columns)) or real_group(self, i, columns=columns, **kw))
+    (features / INDEX_FILE).unlink(missing_ok=True)  # building the index, not loading its cache
     ds = StreamingFeatureDataset(features, MAX_TOKENS)
     assert reads and all(c == ["key", "height", "width"] for c in reads)
     # what stays in memory is numpy index arrays: a few bytes per sample, no tensor bytes
@@ -164,3 +172,46 @@ def test_pinning_a_ring_batch_frees_its_slot(features, monkeypatch):
     gc.collect()
     assert ring.free.sum() == len(ring.free)  # the slot is free again; the pinned copy stays valid
     assert_batch_matches_rows(pinned, rows_on_disk(features))
+
+
+def test_the_index_is_cached_used_by_every_open_and_worker_and_rebuilt_when_shards_change(tmp_path, monkeypatch):
+    d = write_features(tmp_path / "f", 61)
+    built = []
+    real = StreamingFeatureDataset._index_shard
+    monkeypatch.setattr(StreamingFeatureDataset, "_index_shard", lambda self, s, path: built.append(path) or real(self, s, path))
+    first = StreamingFeatureDataset(d, MAX_TOKENS)
+    assert len(built) == 3 and (d / INDEX_FILE).is_file()
+    # a second open (another rank, another run) loads the cache: no shard is read, the same index
+    built.clear()
+    again = StreamingFeatureDataset(d, MAX_TOKENS)
+    assert built == []
+    for name in ("shard", "group", "row", "bucket_of"):
+        assert np.array_equal(getattr(again, name), getattr(first, name)) and getattr(again, name).dtype == getattr(first, name).dtype
+    assert {k: v.tolist() for k, v in again.buckets.items()} == {k: v.tolist() for k, v in first.buckets.items()}
+    # the loader's workers read batches with the cached index: every sample, the rows on disk
+    rows = rows_on_disk(d)
+    got = [b for b in all_batches(again, workers=2)]
+    assert sorted(k for b in got for k in b.keys) == sorted(rows)
+    for b in got:
+        assert_batch_matches_rows(b, rows)
+    # an added shard (a rerun of features) makes the cache stale: rebuilt, with the new samples
+    write_features(d, 5, prefix="features-more", first=61)
+    bigger = StreamingFeatureDataset(d, MAX_TOKENS)
+    assert len(built) == 4 and len(bigger) == 66
+    built.clear()
+    assert len(StreamingFeatureDataset(d, MAX_TOKENS)) == 66 and built == []  # and cached again
+    # a rewritten shard (its size or mtime changes) too
+    shard = complete_shards(d)[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    StreamingFeatureDataset(d, MAX_TOKENS)
+    assert len(built) == 4
+
+
+def test_no_index_cache_is_written_for_an_unfinished_features_directory(tmp_path):
+    d = write_features(tmp_path / "f", 30)
+    (d / "manifest.json").unlink()  # the features job has not finished
+    StreamingFeatureDataset(d, MAX_TOKENS)
+    assert not (d / INDEX_FILE).exists()
+    (d / INDEX_FILE).write_bytes(b"not an index")  # a damaged cache only costs the rebuild
+    write_features(d, 5, prefix="features-more", first=30)
+    assert len(StreamingFeatureDataset(d, MAX_TOKENS)) == 35
