@@ -61,7 +61,12 @@ def row(seed: int, r: dict) -> str:
 
 
 def curves(seed: int, r: dict) -> str:
-    lines = [f"Seed {seed}, held-out accuracy (colour / shape / position / all three) per judged step:", ""]
+    from demo.arms import reach_by_attribute
+
+    by_attr = reach_by_attribute(r["t2i"]["arms"])
+    lines = [f"Seed {seed}: the first judged step at which (c) matched (b)'s final accuracy, per attribute "
+             f"(of {r['config']['arm_steps']}): " + ", ".join(f"{a} {by_attr[a]}" for a in ("color", "position", "shape", "all")) + ".",
+             "", f"Seed {seed}, held-out accuracy (colour / shape / position / all three) per judged step:", ""]
     for arm, run in r["t2i"]["arms"].items():
         pts = "; ".join(f"{p['step']}: {_pct(p['color'])}/{_pct(p['shape'])}/{_pct(p['position'])}/{_pct(p['all'])}" for p in run["curve"])
         lines.append(f"- ({arm}) {run['label']}: {pts}")

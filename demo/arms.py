@@ -124,9 +124,15 @@ def curve(stage_dir: Path, scenes: list, prompts: list[str], s: ArmSettings, see
     return points, final_images
 
 
-def steps_to_reach(points: list[dict[str, Any]], target: float) -> int | None:
-    """The first judged step whose all-three accuracy is at least `target` (None: never)."""
-    return next((p["step"] for p in points if p["all"] >= target), None)
+def steps_to_reach(points: list[dict[str, Any]], target: float, attr: str = "all") -> int | None:
+    """The first judged step whose `attr` accuracy (default: all three right) is at least
+    `target` (None: never)."""
+    return next((p["step"] for p in points if p[attr] >= target), None)
+
+
+def reach_by_attribute(arms: dict[str, Any]) -> dict[str, int | None]:
+    """For each attribute, the first step at which (c) matched (b)'s final accuracy on it."""
+    return {a: steps_to_reach(arms["c"]["curve"], arms["b"]["final"][a], a) for a in ATTRS}
 
 
 def arm_config(s: ArmSettings, name: str, init: str, steps: int, **extra):

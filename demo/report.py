@@ -66,6 +66,11 @@ def _claims(results: dict[str, Any]) -> list[tuple[str, str, str]]:
              f"{_pct(frac)} of (b)'s {steps} steps (target: at most 60%)." if frac is not None else
              f"(c) did not reach (b)'s final all-three accuracy ({_pct(c['b_final_all'])}) within {steps} steps.")
     prior += f" (c)'s class-conditional DiT stage trained {t2i.get('dit_steps', '?')} steps before, on the shape labels."
+    from demo.arms import reach_by_attribute
+
+    by_attr = reach_by_attribute(arms)
+    prior += " Per attribute, (c) matched (b)'s final accuracy at step: " + ", ".join(
+        f"{a} {by_attr[a] if by_attr[a] is not None else 'never'}" for a in ("color", "position", "shape")) + "."
     cf = arms["c"]["final"]
     prior += (f" Held-out accuracy of (c): colour {_pct(cf['color'])}, position {_pct(cf['position'])}, "
               f"shape {_pct(cf['shape'])}, all three {_pct(cf['all'])} (targets 90/90/70/55%).")
@@ -92,6 +97,12 @@ def _curve_rows(arms: dict[str, Any]) -> list[tuple]:
             for arm, run in arms.items() for p in run["curve"]]
 
 
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}"
+        ".ex{display:inline-block;width:250px;vertical-align:top;margin:6px;font-size:12px}"
+        ".claim{border-left:4px solid #48c;padding:2px 12px;margin:10px 0}")
+
+
 def write_report(out_dir: Path, results: dict[str, Any], examples: list[dict[str, Any]],
                  plots: dict[str, Path]) -> tuple[Path, Path]:
     """Write `report.html` and `report.md` into `out_dir`; returns both paths.
@@ -100,19 +111,26 @@ def write_report(out_dir: Path, results: dict[str, Any], examples: list[dict[str
     picture), then the details. `examples`: [{"image": PIL, "alt_text", "caption", "split"}];
     `plots`: name -> PNG path (curves, samples, stats plots).
     """
-    cap, stats, t2i = results["captioner"], results["stats"], results["t2i"]
-    css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}"
-           ".ex{display:inline-block;width:250px;vertical-align:top;margin:6px;font-size:12px}"
-           ".claim{border-left:4px solid #48c;padding:2px 12px;margin:10px 0}")
     claims = _claims(results)
-    timing = results["timing"]
-    h = [f"<html><head><meta charset='utf-8'><title>t2i-data demo</title><style>{css}</style></head><body>",
+    h = _summary_html(results, claims, plots) + _details_html(results, examples, plots, out_dir)
+    h.append("<h2>Raw results</h2><pre>" + html.escape(json.dumps(results, indent=1, default=str)) + "</pre></body></html>")
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    for path, text in ((html_path, "\n".join(h)), (md_path, "\n".join(_markdown(results, claims, out_dir)))):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return html_path, md_path
+
+
+def _summary_html(results: dict[str, Any], claims: list[tuple[str, str, str]], plots: dict[str, Path]) -> list[str]:
+    """The one screen: the three claims with their figures, the curves and the sample grid."""
+    t2i, timing = results["t2i"], results["timing"]
+    h = [f"<html><head><meta charset='utf-8'><title>t2i-data demo</title><style>{_CSS}</style></head><body>",
          "<h1>t2i-data demo: PixArt-α's three claims, measured in miniature</h1>",
          f"<p>Seed {results['config']['seed']}, {timing['total_s']:.0f} s on {html.escape(results['machine'])} "
          f"(load average at the end {results.get('load_avg', ['?'])[0]}). Every number below was measured by this run; "
          f"accuracy is judged automatically on {len(t2i['prompts'])} prompts of held-out colour-shape-position combinations.</p>"]
-    for title, text, fig in claims:
+    for title, text, _ in claims:
         h.append(f"<div class='claim'><b>{html.escape(title)}</b><br>{html.escape(text)}</div>")
     if "curves" in plots:
         h.append(_img_tag(plots["curves"], 1000))
@@ -120,43 +138,46 @@ def write_report(out_dir: Path, results: dict[str, Any], examples: list[dict[str
         h.append("<p>Final samples, one row per arm (a, b, c, d), the same held-out prompt in each column:</p>")
         h.append(_img_tag(plots["samples"], 1000))
         h.append("<p>" + "<br>".join(f"column {i + 1}: {html.escape(p)}" for i, p in enumerate(t2i["prompts"][:10])) + "</p>")
+    return h
 
-    h.append("<h2>Details: accuracy against steps</h2>")
-    h.append(_table(["arm", "step", "colour", "shape", "position", "all three"], _curve_rows(t2i["arms"])))
-    aes = t2i["aesthetic"]
-    sub = aes["subset"]
-    h.append("<h2>Details: the aesthetic stage (score + select)</h2>")
-    h.append(f"<p>A tiny CLIP fitted on the world; an aesthetic head fitted (<code>score --fit-aesthetic</code>) on "
-             f"{sub['rated']} images rated from the world's ground truth; <code>score</code> rated all {sub['rows']} "
-             f"training images ({_pct(sub['low_in_training'])} degraded) and <code>select --where \"{html.escape(sub['where'])}\"</code> "
-             f"kept {sub['selected']}: precision {_pct(sub['precision'])}, recall {_pct(sub['recall'])} of the clean ones.</p>")
-    h.append("<h2>1. Captioner: a tiny LLaVA trained by the project on the world</h2>")
-    h.append(f"<p>Trained for {cap['train']['steps']} steps in {cap['train']['train_seconds']:.0f} s. Captioned with the "
-             f"<code>{html.escape(cap['backend'])}</code> backend of <code>t2i-data caption</code>. Accuracy of the VLM "
-             "captions (parsed for colour, shape, position) on images it never saw:</p>")
+
+def _details_html(results: dict[str, Any], examples: list[dict[str, Any]], plots: dict[str, Path], out_dir: Path) -> list[str]:
+    """Curves as a table, the aesthetic stage, the captioner, the stats, time and cost."""
+    cap, stats, t2i = results["captioner"], results["stats"], results["t2i"]
+    sub = t2i["aesthetic"]["subset"]
+    h = ["<h2>Details: accuracy against steps</h2>",
+         _table(["arm", "step", "colour", "shape", "position", "all three"], _curve_rows(t2i["arms"])),
+         "<h2>Details: the aesthetic stage (score + select)</h2>",
+         f"<p>A tiny CLIP fitted on the world; an aesthetic head fitted (<code>score --fit-aesthetic</code>) on "
+         f"{sub['rated']} images rated from the world's ground truth; <code>score</code> rated all {sub['rows']} "
+         f"training images ({_pct(sub['low_in_training'])} degraded) and <code>select --where \"{html.escape(sub['where'])}\"</code> "
+         f"kept {sub['selected']}: precision {_pct(sub['precision'])}, recall {_pct(sub['recall'])} of the clean ones.</p>",
+         "<h2>1. Captioner: a tiny LLaVA trained by the project on the world</h2>",
+         f"<p>Trained for {cap['train']['steps']} steps in {cap['train']['train_seconds']:.0f} s. Captioned with the "
+         f"<code>{html.escape(cap['backend'])}</code> backend of <code>t2i-data caption</code>. Accuracy of the VLM "
+         "captions (parsed for colour, shape, position) on images it never saw:</p>"]
     rows = [(split, *r) for split in ("heldout", "train") if split in cap["accuracy"] for r in score_rows(cap["accuracy"][split])]
-    h.append(_table(["split", "attribute", "accuracy", "chance", ""], rows))
-    h.append("<h3>Images, their alt-text and their VLM caption</h3>")
+    h += [_table(["split", "attribute", "accuracy", "chance", ""], rows), "<h3>Images, their alt-text and their VLM caption</h3>"]
     for ex in examples:
         h.append(f"<div class='ex'>{_img_tag(ex['image'], 128)}<br><b>alt:</b> {html.escape(ex['alt_text'] or '')}<br>"
                  f"<b>VLM:</b> {html.escape(ex['caption'] or '')}<br><i>{ex['split']}</i></div>")
-    h.append("<h2>2. Caption statistics: VLM captions against alt-texts</h2>")
-    h.append(_table(stats["header"], stats["rows"]))
-    for name in ("rank_frequency", "nouns_per_caption", "vocabulary_growth"):
-        if name in plots:
-            h.append(_img_tag(plots[name], 420))
-    h.append("<h2>3. Time per stage</h2>")
-    h.append(_table(["stage", "seconds"], [(k, f"{v:.1f}") for k, v in timing.items()]))
+    h += ["<h2>2. Caption statistics: VLM captions against alt-texts</h2>", _table(stats["header"], stats["rows"])]
+    h += [_img_tag(plots[name], 420) for name in ("rank_frequency", "nouns_per_caption", "vocabulary_growth") if name in plots]
+    h += ["<h2>3. Time per stage</h2>", _table(["stage", "seconds"], [(k, f"{v:.1f}") for k, v in results["timing"].items()])]
     if "cost" in results:
         from costs.summary import PLAN_NOTE, cost_tables
 
         (h1, r1), (h2, r2) = cost_tables(results["cost"], out_dir)
         h += ["<h2>4. What it cost</h2><p>This run, from the ledgers its jobs wrote (<code>t2i-data cost</code>):</p>",
               _table(h1, r1), f"<p>{html.escape(PLAN_NOTE)}</p>", _table(h2, r2)]
-    h.append("<h2>Raw results</h2><pre>" + html.escape(json.dumps(results, indent=1, default=str)) + "</pre></body></html>")
+    return h
 
+
+def _markdown(results: dict[str, Any], claims: list[tuple[str, str, str]], out_dir: Path) -> list[str]:
+    """The report's Markdown twin (no images)."""
+    cap, stats, t2i = results["captioner"], results["stats"], results["t2i"]
     md = ["# t2i-data demo: PixArt-α's three claims, measured in miniature", "",
-          f"Seed {results['config']['seed']}, {timing['total_s']:.0f} s on {results['machine']}.", ""]
+          f"Seed {results['config']['seed']}, {results['timing']['total_s']:.0f} s on {results['machine']}.", ""]
     for title, text, _ in claims:
         md += [f"**{title}.** {text}", ""]
     md += ["## Accuracy against steps (held-out combinations)", "",
@@ -165,12 +186,8 @@ def write_report(out_dir: Path, results: dict[str, Any], examples: list[dict[str
            _md_table(["split", "attribute", "accuracy", "chance", ""], [(split, *r) for split in cap["accuracy"] for r in score_rows(cap["accuracy"][split])]),
            "", "## Caption statistics", "", _md_table(stats["header"], stats["rows"]), ""]
     if "cost" in results:
+        from costs.summary import PLAN_NOTE, cost_tables
+
         (h1, r1), (h2, r2) = cost_tables(results["cost"], out_dir)
         md += ["## What it cost", "", "This run, from its ledgers:", "", _md_table(h1, r1), "", PLAN_NOTE, "", _md_table(h2, r2), ""]
-    md += ["See report.html for the curves, the sample grids and the plots.", ""]
-    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    for path, text in ((html_path, "\n".join(h)), (md_path, "\n".join(md))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return html_path, md_path
+    return md + ["See report.html for the curves, the sample grids and the plots.", ""]

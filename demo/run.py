@@ -70,15 +70,8 @@ def _stage(log: Callable[[str], None], n: int, title: str) -> float:
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     """Run every stage into `cfg.out`; returns the measured results (also in results.json)."""
     import torch
-    from transformers.utils import logging as hf_logging
 
-    from demo import world as W
-
-    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would drown the stage log
-    hf_logging.set_verbosity_error()
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()  # the tiny T5 keeps 16 tokens and the pipeline says so per batch
+    _quiet_libraries()
     torch.set_num_threads(cfg.threads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     out = Path(cfg.out)
@@ -88,55 +81,23 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     timing: dict[str, float] = {}
     t_start = time.perf_counter()
 
-    # 1. the world: images in sam/<split>/ (what `caption --src` reads), ground truth in truth/<split>/
     t0 = _stage(log, 1, "building the world")
-    sam, truth = out / "world" / "sam", out / "world" / "truth"
-    for split, n in (("train", cfg.world_train), ("heldout", cfg.world_heldout)):
-        W.write_sam_folder(sam / split, n, seed=cfg.seed, image_size=cfg.image_size, split=split, meta_dir=truth / split,
-                           low_quality=cfg.low_quality)
-    records = {f"sam/{split}/{r['file_name']}": (r, s) for split in ("train", "heldout") for r, s in W.read_scenes(truth / split)}
+    sam, truth, records = _build_world(cfg, out)
     timing["world_s"] = time.perf_counter() - t0
 
-    # 2. the captioner, trained on the train split only
     t0 = _stage(log, 2, "training the captioner (a tiny LLaVA)")
-    from demo.captioner import train_captioner
-
-    cap_dir = out / "captioner"
-    metrics = cap_dir / "captioner_metrics.json"  # written last by train_captioner: a done-marker
-    cap_train = json.loads(metrics.read_text()) if metrics.exists() else None
-    if not cap_train or (cap_train["steps"], cap_train["seed"]) != (cfg.captioner_steps, cfg.seed):
-        metrics.unlink(missing_ok=True)
-        cap_train = train_captioner(truth / "train", cap_dir, steps=cfg.captioner_steps, seed=cfg.seed,
-                                    threads=cfg.threads, progress=progress)
-    else:
-        log("      (already trained: reusing it)")
+    cap_dir, cap_train = _train_captioner(cfg, out, truth, log, progress)
     timing["captioner_s"] = time.perf_counter() - t0
 
-    # 3. caption the whole world with the real caption job
     t0 = _stage(log, 3, f"captioning the world ({cfg.caption_backend} backend)")
-    from autolabel.api import run_caption
-    from shards import iter_batches
-
     captions_dir = out / "captions"
-    summary = run_caption([sam], captions_dir, model=str(cap_dir), backend=cfg.caption_backend, temperature=0.0,
-                          max_new_tokens=64, seed=cfg.seed, batch_size=32, shard_size=500, progress=progress)
-    rows = [r for b in iter_batches(captions_dir, columns=["key", "caption", "error"]) for r in b.to_pylist()]
-    captions = {r["key"]: r["caption"] for r in rows if r["error"] is None}
-    missing = [k for k in records if k not in captions]
-    if missing:
-        raise RuntimeError(f"{len(missing)} world images have no caption (e.g. {missing[0]})")
-    accuracy = {split: W.score_captions([(s, captions[k]) for k, (r, s) in records.items() if r["split"] == split])
-                for split in ("heldout", "train")}
+    summary, captions, accuracy = _caption_world(cfg, sam, cap_dir, captions_dir, records, progress)
     timing["caption_s"] = time.perf_counter() - t0
 
-    # 4. stats: VLM captions against alt-texts, on the same images
     t0 = _stage(log, 4, "caption statistics: VLM captions vs alt-texts")
-    from dataset_stats.api import StatsOptions, run_stats
-    from dataset_stats.report import table_rows, write_outputs
+    report = _caption_stats(cfg, out, captions_dir, truth, progress)
+    from dataset_stats.report import table_rows
 
-    report = run_stats([f"vlm-captions={captions_dir}", f"alt-texts={truth}/*/alt_texts.parquet"],
-                       StatsOptions(valid_min=10, repeats=5, seed=cfg.seed, progress=progress))
-    write_outputs(report, out / "stats")
     header, data_rows, _ = table_rows(report)
     timing["stats_s"] = time.perf_counter() - t0
 
@@ -170,6 +131,77 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     html_path, _ = write_report(out, results, examples, plots)
     log(f"report: {html_path.resolve()}")
     return results
+
+
+def _quiet_libraries() -> None:
+    """Per-file "Loading weights" bars and per-batch truncation notices (the tiny T5 keeps 16
+    tokens) would drown the stage log."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
+
+
+def _build_world(cfg: DemoConfig, out: Path) -> tuple[Path, Path, dict]:
+    """Stage 1: images in sam/<split>/ (what `caption --src` reads), ground truth in truth/<split>/.
+    Returns (sam, truth, {key: (record, scene)})."""
+    from demo import world as W
+
+    sam, truth = out / "world" / "sam", out / "world" / "truth"
+    for split, n in (("train", cfg.world_train), ("heldout", cfg.world_heldout)):
+        W.write_sam_folder(sam / split, n, seed=cfg.seed, image_size=cfg.image_size, split=split, meta_dir=truth / split,
+                           low_quality=cfg.low_quality)
+    records = {f"sam/{split}/{r['file_name']}": (r, s) for split in ("train", "heldout") for r, s in W.read_scenes(truth / split)}
+    return sam, truth, records
+
+
+def _train_captioner(cfg: DemoConfig, out: Path, truth: Path, log: Callable[[str], None],
+                     progress: bool) -> tuple[Path, dict]:
+    """Stage 2: the tiny LLaVA, trained on the train split only (reused when already trained)."""
+    from demo.captioner import train_captioner
+
+    cap_dir = out / "captioner"
+    metrics = cap_dir / "captioner_metrics.json"  # written last by train_captioner: a done-marker
+    cap_train = json.loads(metrics.read_text()) if metrics.exists() else None
+    if cap_train and (cap_train["steps"], cap_train["seed"]) == (cfg.captioner_steps, cfg.seed):
+        log("      (already trained: reusing it)")
+        return cap_dir, cap_train
+    metrics.unlink(missing_ok=True)
+    return cap_dir, train_captioner(truth / "train", cap_dir, steps=cfg.captioner_steps, seed=cfg.seed,
+                                    threads=cfg.threads, progress=progress)
+
+
+def _caption_world(cfg: DemoConfig, sam: Path, cap_dir: Path, captions_dir: Path, records: dict,
+                   progress: bool) -> tuple[Any, dict[str, str], dict]:
+    """Stage 3: the real caption job over the whole world. Returns (summary, {key: caption},
+    the captions' accuracy per split)."""
+    from autolabel.api import run_caption
+    from demo import world as W
+    from shards import iter_batches
+
+    summary = run_caption([sam], captions_dir, model=str(cap_dir), backend=cfg.caption_backend, temperature=0.0,
+                          max_new_tokens=64, seed=cfg.seed, batch_size=32, shard_size=500, progress=progress)
+    rows = [r for b in iter_batches(captions_dir, columns=["key", "caption", "error"]) for r in b.to_pylist()]
+    captions = {r["key"]: r["caption"] for r in rows if r["error"] is None}
+    missing = [k for k in records if k not in captions]
+    if missing:
+        raise RuntimeError(f"{len(missing)} world images have no caption (e.g. {missing[0]})")
+    accuracy = {split: W.score_captions([(s, captions[k]) for k, (r, s) in records.items() if r["split"] == split])
+                for split in ("heldout", "train")}
+    return summary, captions, accuracy
+
+
+def _caption_stats(cfg: DemoConfig, out: Path, captions_dir: Path, truth: Path, progress: bool) -> dict:
+    """Stage 4: the real stats job, VLM captions against alt-texts on the same images."""
+    from dataset_stats.api import StatsOptions, run_stats
+    from dataset_stats.report import write_outputs
+
+    report = run_stats([f"vlm-captions={captions_dir}", f"alt-texts={truth}/*/alt_texts.parquet"],
+                       StatsOptions(valid_min=10, repeats=5, seed=cfg.seed, progress=progress))
+    write_outputs(report, out / "stats")
+    return report
 
 
 def _strip_images(arms: dict) -> dict:
