@@ -54,10 +54,16 @@ def row(seed: int, r: dict) -> str:
     ratio = f"{c['captions_ratio']:.1f}x" if c["captions_ratio"] is not None else "a = 0"
     bench = r.get("bench", {})
     return (f"| {seed} | {_pct(cf['color'])} / {_pct(cf['position'])} / {_pct(cf['shape'])} / {_pct(cf['all'])} | "
-            f"{_pct(c['b_final_all'])} vs {_pct(c['a_final_all'])} ({ratio}) | {c['c_steps_to_b_final']} ({_pct(c['c_steps_fraction'])}) | "
+            f"{_pct(c['b_final_all'])} vs {_pct(c['a_final_all'])} ({ratio}) | {_reach(c)} | "
             f"{aes['before_mean']:.2f} → {aes['after_mean']:.2f} ({aes['margin']:+.2f} ± {aes['margin_se']:.2f}); "
             f"{100 * c['d_all_change']:+.0f} pts | {r['timing']['total_s']:.0f} s wall"
             + (f", {bench['cpu_s']:.0f} s CPU" if bench else "") + " |")
+
+
+def _reach(claims: dict) -> str:
+    if claims["c_steps_to_b_final"] is None:
+        return "never"
+    return f"{claims['c_steps_to_b_final']} ({_pct(claims['c_steps_fraction'])})"
 
 
 def curves(seed: int, r: dict) -> str:
@@ -70,7 +76,7 @@ def curves(seed: int, r: dict) -> str:
     for arm, run in r["t2i"]["arms"].items():
         pts = "; ".join(f"{p['step']}: {_pct(p['color'])}/{_pct(p['shape'])}/{_pct(p['position'])}/{_pct(p['all'])}" for p in run["curve"])
         lines.append(f"- ({arm}) {run['label']}: {pts}")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
