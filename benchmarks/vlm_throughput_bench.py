@@ -118,6 +118,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.images, args.tokens, args.batch = 8, 8, 4
+    unknown = [f for f in args.families.split(",") if f not in FAMILIES]
+    if unknown:
+        ap.error(f"unknown families {', '.join(unknown)}: pick from {', '.join(FAMILIES)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tmp = Path(tempfile.mkdtemp(prefix="vlm-throughput-"))
     w, h = map(int, args.size.split("x"))
