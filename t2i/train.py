@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -30,6 +31,7 @@ from t2i import recovery
 from t2i import sharding
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, features_dir
+from t2i.noise import below, normals, random_words, sample_keys, uniforms
 from t2i.trackers import Trackers, check_report_to
 
 
@@ -211,25 +213,17 @@ def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
     return cfg.batch_size, cfg.batch_size * world
 
 
-def sample_seed(seed: int, epoch: int, batch_pos: int, position: int) -> int:
-    """The noise seed of one sample: its position in the global batch, not the rank that trains it,
-    so a global batch gets the same noise on any number of processes (and after a resume)."""
-    return int(np.random.SeedSequence([seed, epoch, batch_pos, position]).generate_state(1)[0])
-
-
-def make_inputs(b, scaling: float, num_timesteps: int, caption_dropout: float, seeds: list[int]) -> dict[str, torch.Tensor]:
+def make_inputs(b, scaling: float, num_timesteps: int, caption_dropout: float, keys) -> dict[str, torch.Tensor]:
     """CPU tensors of one micro-batch: x0 drawn from the stored posterior, noise, timesteps and
-    caption-drop flags, each sample from its own generator (seeds[i])."""
-    x0, noise, t, drop = [], [], [], []
+    caption-drop flags, each sample's from its own noise key (keys[i], t2i.noise.sample_keys),
+    all samples in one batched draw."""
     shape = tuple(b.latent_mean.shape[1:])
-    for i, s in enumerate(seeds):
-        g = torch.Generator().manual_seed(s)
-        x0.append(b.latent_mean[i].float() + b.latent_std[i].float() * torch.randn(shape, generator=g))  # stored maybe in 16 bits
-        noise.append(torch.randn(shape, generator=g))
-        t.append(torch.randint(0, num_timesteps, (1,), generator=g))
-        drop.append(torch.rand(1, generator=g) < caption_dropout)
-    return {"x0": torch.stack(x0) * scaling, "noise": torch.stack(noise), "t": torch.cat(t), "drop": torch.cat(drop),
-            "text": b.text, "mask": b.mask}
+    n = math.prod(shape)
+    words = random_words(keys, 2 + n)
+    z = torch.from_numpy(normals(words[:, 2:])).view(len(words), 2, *shape)  # posterior draw, then diffusion noise
+    x0 = b.latent_mean.float() + b.latent_std.float() * z[:, 0]  # stored maybe in 16 bits
+    return {"x0": x0 * scaling, "noise": z[:, 1].contiguous(), "t": torch.from_numpy(below(words[:, 0], num_timesteps)),
+            "drop": torch.from_numpy(uniforms(words[:, 1]) < caption_dropout), "text": b.text, "mask": b.mask}
 
 
 class TrainStep:
@@ -649,13 +643,13 @@ def train_step(run: Run, batches) -> StepResult:
     for micro in range(cfg.grad_accum):
         b = next(batches)
         share = len(b.keys)
-        seeds = [sample_seed(cfg.seed, b.epoch, b.batch_pos, run.rank * share + i) for i in range(share)]
+        keys = sample_keys(cfg.seed, b.epoch, b.batch_pos, run.rank * share + np.arange(share))
         if run.trace is not None:
             fields = {"caption_fields": b.caption_fields} if len(cfg.caption_fields) > 1 else {}
             _append_jsonl(run.trace, {"step": run.step + 1, "epoch": b.epoch, "batch": b.batch_pos, "rank": run.rank,
                                       "world": run.world, "keys": b.keys, **fields})
         run.epoch, run.batch_pos = b.epoch, b.batch_pos + 1
-        inp = make_inputs(b, run.state_extra["scaling_factor"], stepper.diffusion.num_timesteps, cfg.caption_dropout, seeds)
+        inp = make_inputs(b, run.state_extra["scaling_factor"], stepper.diffusion.num_timesteps, cfg.caption_dropout, keys)
         if run.classes is not None:  # class-cond: class ids stand in for the captions
             inp["text"] = run.classes.inputs(b.keys)
         last_micro = micro == cfg.grad_accum - 1 or b.last_in_epoch

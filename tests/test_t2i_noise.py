@@ -1,0 +1,64 @@
+"""The trainer's per-sample noise (t2i.noise through t2i.train.make_inputs): drawn for a whole
+micro-batch at once, yet each sample's draws depend on its own key alone (not on its batch
+neighbours, the batch size or the number of processes), and they are standard normals, uniform
+timesteps and caption drops at the configured rate."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from t2i.noise import below, normals, random_words, sample_keys
+from t2i.train import make_inputs
+
+SHAPE = (4, 8, 8)
+
+
+def batch_of(samples: np.ndarray) -> SimpleNamespace:
+    """A micro-batch of the given global-batch positions, each with its own stored posterior."""
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.randn(64, *SHAPE, generator=gen)[torch.from_numpy(samples)]
+    return SimpleNamespace(latent_mean=mean, latent_std=torch.full_like(mean, 0.5), text=None, mask=None)
+
+
+def inputs(positions: np.ndarray, seed: int = 3, epoch: int = 1, batch_pos: int = 2) -> dict[str, torch.Tensor]:
+    return make_inputs(batch_of(positions), 0.18, 1000, 0.3, sample_keys(seed, epoch, batch_pos, positions))
+
+
+def test_a_samples_noise_does_not_depend_on_its_neighbours_or_the_batch_size():
+    whole = inputs(np.arange(16))
+    for world in (2, 4, 16):  # the same global batch split over 2, 4 or 16 ranks
+        share = 16 // world
+        parts = [inputs(rank * share + np.arange(share)) for rank in range(world)]
+        for name in ("x0", "noise", "t", "drop"):
+            assert torch.equal(torch.cat([p[name] for p in parts]), whole[name]), (world, name)
+    picked = np.array([13, 2, 7])  # other neighbours, another order, another batch size
+    few = inputs(picked)
+    for name in ("x0", "noise", "t", "drop"):
+        assert torch.equal(few[name], whole[name][torch.from_numpy(picked)]), name
+
+
+def test_every_sample_place_has_its_own_noise():
+    keys = [sample_keys(s, e, b, np.arange(8)) for s in (0, 1) for e in (0, 1) for b in (0, 1, 2)]
+    flat = np.concatenate(keys)
+    assert len(set(flat.tolist())) == len(flat) == 2 * 2 * 3 * 8
+    assert np.array_equal(sample_keys(-1, 0, 0, [0]), sample_keys(2**64 - 1, 0, 0, [0]))  # seeds modulo 2^64
+    a, b = inputs(np.arange(16), seed=3), inputs(np.arange(16), seed=4)
+    assert not torch.equal(a["noise"], b["noise"]) and not torch.equal(a["x0"], b["x0"])
+    assert not torch.equal(a["noise"][0], a["noise"][1])  # neighbours differ
+
+
+def test_draws_have_the_right_distributions():
+    big = make_inputs(batch_of(np.zeros(4096, np.int64)), 1.0, 1000, 0.3, sample_keys(0, 0, 0, np.arange(4096)))
+    noise = big["noise"].double()
+    eps = (big["x0"] - batch_of(np.zeros(4096, np.int64)).latent_mean) / 0.5  # the posterior draw
+    for z in (noise, eps.double()):
+        assert abs(z.mean()) < 0.005 and abs(z.std() - 1) < 0.005
+        assert abs((z**4).mean() - 3) < 0.05  # normal tails, not uniform (1.8) or heavy
+    assert abs(torch.corrcoef(torch.stack([noise.ravel(), eps.double().ravel()]))[0, 1]) < 0.005
+    assert big["t"].min() >= 0 and big["t"].max() < 1000 and big["t"].dtype == torch.int64
+    counts = np.bincount(below(random_words(np.arange(100), 1000), 1000).ravel(), minlength=1000)
+    assert len(counts) == 1000 and counts.min() > 50 and counts.max() < 150  # 100 expected in each of the 1000
+    assert abs(big["drop"].double().mean() - 0.3) < 0.03
+    z = normals(random_words(np.arange(4), 3))
+    assert z.shape == (4, 6) and z.dtype == np.float32 and np.isfinite(z).all()
