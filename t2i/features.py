@@ -15,7 +15,8 @@
 - Data-parallel: under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each rank reads only
   its share of the caption shards' row groups (round robin over all row groups in shard name
   order: no rank reads another's rows or image bytes) and writes its own shards
-  (`features-r<rank>-...`); rank 0 cleans up before and writes the manifest after, the summary's
+  (`features-r<rank>-...`); rank 0 cleans up before and writes the manifest after (then the
+  loader's index cache, `index.npz`, t2i.feature_index), the summary's
   counts are summed over the ranks (gloo). Any world size resumes any other's directory (done
   keys are skipped, whoever wrote them).
 - An image that cannot be read or decoded is recorded (key + error) in `failures-<writer>.json`
@@ -50,6 +51,7 @@ from shards.images.address import is_compressed_tar
 from shards.lock import output_lock
 from shards.writer import write_manifest
 from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, text_columns
+from t2i.data import StreamingFeatureDataset
 
 FEATURE_VERSION = 2  # 2: shared decode policy (EXIF, draft), latent_dtype
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -579,13 +581,18 @@ def encode_rows(rows: Iterable[dict[str, Any]], images: "RowImages", encoder: "F
 
 
 def finish_output(out: Path, cfg: FeatureConfig, shards_dir, stats: dict[str, Any], write: bool = True) -> dict[str, Any]:
-    """After every writer is done: the summary (rows, failures) and, when `write`, the manifest."""
+    """After every writer is done: the summary (rows, failures) and, when `write` (the one
+    finishing process), the manifest and then the loader's index cache."""
     if not stats["valid"]:
         raise ShardError(f"{shards_dir} has no rows with a caption (all null or errored): caption the images first")
     failures = read_failures(out)
     stats.update(failed=len(failures), failures=[f"{k}: {e}" for k, e in list(failures.items())[:20]], rows=len(done_keys(out)))
     if write:
         _write_manifest(out, cfg, shards_dir, failures)
+        if stats["rows"]:
+            # the directory is complete now: build the index once here (a valid cache is only loaded),
+            # not in the first training open, nor on each node of a run on per-node local disks
+            StreamingFeatureDataset(out, cfg.max_tokens, cfg.caption_fields)
     return stats
 
 

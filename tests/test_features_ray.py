@@ -26,6 +26,7 @@ def tensors(row: dict) -> dict[str, torch.Tensor]:
 @pytest.mark.timeout(600)
 def test_ray_engine_writes_exactly_the_rows_of_the_local_engine(tmp_path, models):
     ray = pytest.importorskip("ray")
+    from t2i.feature_index import fingerprint, load_index
     from t2i.features_ray import compute_features_ray
 
     caps = many_images(tmp_path, 24)
@@ -53,6 +54,8 @@ def test_ray_engine_writes_exactly_the_rows_of_the_local_engine(tmp_path, models
         for name in ta:
             torch.testing.assert_close(tb[name], ta[name], rtol=1e-4, atol=1e-5)
     assert again["new"] == 0 and again["rows"] == 23 and len(rows(fdir)) == 23  # resumed: nothing encoded twice
+    shards = [str(s) for s in complete_shards(fdir)]  # the driver cached the loader's index, valid for these shards
+    assert load_index(fdir, fingerprint(shards, fcfg(models).caption_fields)) is not None
 
 
 def test_unknown_features_engine_is_a_one_line_error(tmp_path):

@@ -275,6 +275,40 @@ def test_aspect_ratio_buckets_one_bucket_per_batch(tmp_path):
     assert all(len(b) == 8 for b in two)
 
 
+def test_features_job_leaves_the_loaders_index_cached(world, tmp_path, monkeypatch):
+    """`t2i-data features` builds the loader's index once its directory is complete: training opens
+    load it (no shard is read to index it, the cache is not rewritten), and it is the index the
+    shards give."""
+    from typer.testing import CliRunner
+
+    import cli
+    from t2i.data import StreamingFeatureDataset
+    from t2i.feature_index import INDEX_FILE
+    from t2i.features import features_dir
+    from t2i.train import train
+
+    r = CliRunner().invoke(cli.app, ["features", "--shards", str(world["captions"]), "--out", str(tmp_path / "feats"), "--vae", world["vae"],
+                                     "--text-encoder", world["text_encoder"], "--resolution", "16", "--max-tokens", "16", "--text-dtype", "float32",
+                                     "--shard-size", "100"])
+    assert r.exit_code == 0, r.output
+    cfg = tiny_cfg(world, steps=1, checkpoint_every=1)
+    cache = features_dir(tmp_path / "feats", cfg.feature_config()) / INDEX_FILE
+    assert cache.is_file()
+    written = cache.stat().st_mtime_ns
+    built = []
+    real = StreamingFeatureDataset._index_shard
+    monkeypatch.setattr(StreamingFeatureDataset, "_index_shard", lambda self, s, path: built.append(path) or real(self, s, path))
+    cached = StreamingFeatureDataset(cache.parent, 16)
+    train(cfg, tmp_path / "run", features=tmp_path / "feats", progress=False)
+    assert built == [] and len(cached) == 256 and cache.stat().st_mtime_ns == written
+    cache.unlink()
+    rebuilt = StreamingFeatureDataset(cache.parent, 16)
+    assert len(built) == 3  # 256 rows in shards of 100
+    for name in ("shard", "group", "row", "bucket_of"):
+        assert np.array_equal(getattr(rebuilt, name), getattr(cached, name)), name
+    assert {k: v.tolist() for k, v in rebuilt.buckets.items()} == {k: v.tolist() for k, v in cached.buckets.items()}
+
+
 def test_cli_end_to_end_with_manifest_and_dit_import(world, tmp_path):
     """The CI path through the CLI: import-dit -> train (tiny-cpu manifest, init from the import)
     -> resume -> sample -> export -> PixArtAlphaPipeline loads."""
