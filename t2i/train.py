@@ -485,8 +485,9 @@ def load_resume_weights(out: Path, model, global_batch: int, world: int, local_b
 
 
 def _saved_caption_settings(st: dict[str, Any]) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """The caption fields and weights a checkpoint was trained with (checkpoints made before
-    the options existed trained on the default field)."""
+    """The caption fields and weights a checkpoint was trained with, from its config (checkpoints
+    made before the options existed trained on the default field; older ones also kept a copy at
+    the top level, which wins as it did then)."""
     saved = {**st.get("config", {}), **{k: st[k] for k in ("caption_fields", "caption_weights") if k in st}}
     fields = parse_fields(saved.get("caption_fields") or DEFAULT_FIELDS)
     return fields, parse_weights(saved.get("caption_weights") or (), fields)
@@ -549,8 +550,7 @@ class Run:
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_pos, "global_batch": self.global_batch,
                 "world_size": self.world, "scheduler": self.sched.state_dict(), "ema_step": self.ema.optimization_step,
-                "config": asdict(self.cfg), "caption_fields": list(self.cfg.caption_fields),
-                "caption_weights": list(self.cfg.caption_weights), **self.state_extra}
+                "config": asdict(self.cfg), **self.state_extra}
 
     def check_finite(self) -> None:
         """One host sync (and one all-reduce) for all steps since the last check: raise on the

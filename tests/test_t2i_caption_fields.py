@@ -284,7 +284,7 @@ def test_resume_with_other_caption_weights_or_fields_is_refused(world, tmp_path)
     run = tmp_path / "run"
     train(tiny_cfg(world), run / "s", features=world["features"], stop_after=2, progress=False)
     st = json.loads((latest_checkpoint(run / "s") / "trainer_state.json").read_text())
-    assert st["caption_fields"] == list(FIELDS) and st["caption_weights"] == [3.0, 1.0]
+    assert st["config"]["caption_fields"] == list(FIELDS) and st["config"]["caption_weights"] == [3.0, 1.0]
     (tmp_path / "m.toml").write_text('[defaults]\npreset = "PixArt-tiny/2"\nresolution = 16\nmax_tokens = 16\ntext_dtype = "float32"\n'
                                      'batch_size = 16\nseed = 3\nloader_workers = 0\ncaption_fields = ["caption", "caption_short"]\n'
                                      '[[stages]]\nname = "s"\nsteps = 3\n')
@@ -297,3 +297,16 @@ def test_resume_with_other_caption_weights_or_fields_is_refused(world, tmp_path)
         assert r.output.startswith("error: checkpoint ") and old in r.output and new in r.output, r.output
     resumed = train(tiny_cfg(world, caption_weights=[6, 2], steps=3), run / "s", features=world["features"], resume=True, progress=False)
     assert resumed["start_step"] == 2 and resumed["step"] == 3  # the same proportions, written otherwise, resume
+
+
+def test_checkpoints_that_kept_the_caption_settings_at_the_top_level_are_still_checked():
+    """Checkpoints written before the settings lived only in the state's config also kept them at
+    its top level: a resume still reads them there."""
+    from t2i.train import TrainConfig, check_caption_settings
+
+    old_state = {"config": {"seed": 3}, "caption_fields": list(FIELDS), "caption_weights": [3.0, 1.0]}
+    check_caption_settings(Path("ck"), old_state, TrainConfig(caption_fields=list(FIELDS), caption_weights=[3, 1]))
+    with pytest.raises(UserError, match="trained with caption_fields \\[caption, caption_short\\] caption_weights \\[3, 1\\]"):
+        check_caption_settings(Path("ck"), old_state, TrainConfig(caption_fields=list(FIELDS), caption_weights=[1, 1]))
+    with pytest.raises(UserError, match="trained with caption_fields \\[caption\\] caption_weights \\[equal\\]"):
+        check_caption_settings(Path("ck"), {"config": {"seed": 3}}, TrainConfig(caption_fields=list(FIELDS)))  # before the options
