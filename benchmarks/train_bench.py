@@ -33,7 +33,8 @@ from shards import ShardWriter  # noqa: E402
 from shards.writer import write_manifest  # noqa: E402
 from t2i.features import FEATURE_SCHEMA, features_dir  # noqa: E402
 from t2i.stage import run_stage  # noqa: E402
-from t2i.train import TrainConfig, make_inputs, sample_seed  # noqa: E402
+from t2i.noise import sample_keys  # noqa: E402
+from t2i.train import TrainConfig, make_inputs  # noqa: E402
 
 
 def fake_vae_dir(root: Path, factor: int) -> str:
@@ -111,16 +112,16 @@ def reference(cfg: TrainConfig, latent: int, channels: int, tokens: int, steps: 
 
 
 def input_cost(batch: int, latent: int, repeats: int = 20) -> tuple[float, float]:
-    """Seconds per micro-batch of ours' noise inputs (a seed and a generator per sample, so a global
-    batch gets the same noise on any number of processes: t2i.train.sample_seed + make_inputs) and
-    of the reference's batched draws, on the same latents."""
+    """Seconds per micro-batch of ours' noise inputs (each sample's from its own key, so a global
+    batch gets the same noise on any number of processes: t2i.noise.sample_keys + make_inputs) and
+    of the reference's unkeyed batched draws, on the same latents."""
     from types import SimpleNamespace
 
     mean = torch.randn(batch, 4, latent, latent)
     b = SimpleNamespace(latent_mean=mean, latent_std=torch.full_like(mean, 0.05), text=None, mask=None)
     t = time.perf_counter()
     for _ in range(repeats):
-        make_inputs(b, 0.18, 1000, 0.1, [sample_seed(0, 0, 1, i) for i in range(batch)])
+        make_inputs(b, 0.18, 1000, 0.1, sample_keys(0, 0, 1, np.arange(batch)))
     ours_s = (time.perf_counter() - t) / repeats
     t = time.perf_counter()
     for _ in range(repeats):
@@ -152,8 +153,8 @@ def main() -> None:
                         f"({before * 1e3:.1f} / {after * 1e3:.1f}) | {o / r:.2f}x |")
             print(rows[-1], flush=True)
             gen, batched = input_cost(bs, latent)
-            costs.append(f"{preset} (batch {bs}): {gen * 1e3:.1f} ms per step for the per-sample seeds and generators vs "
-                         f"{batched * 1e3:.2f} ms batched ({(gen - batched) / r:.1%} of the reference step)")
+            costs.append(f"{preset} (batch {bs}): {gen * 1e3:.2f} ms per step for the keyed draws vs "
+                         f"{batched * 1e3:.2f} ms unkeyed ({(gen - batched) / r:.1%} of the reference step)")
         gpu = ""
         if device == "cuda":
             cfg = TrainConfig(name="xl", preset="PixArt-XL/2", resolution=256, vae=fake_vae_dir(root, 8), max_tokens=120,
@@ -171,8 +172,9 @@ def main() -> None:
         "clipping, EMA and logging. Ratio = ours / reference (above 1: ours slower per step). 1 torch thread each.\n\n"
         "The reference runs before and after ours; its column is the mean (before / after in brackets).\n\n"
         "| model | setting | ours | reference | ratio |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n" + gpu
-        + "\nWhere ours spends more, measured here: its noise inputs draw from one generator per sample (seeded by the "
-        "sample's place in the global batch, so the noise does not depend on the number of processes or a resume): "
+        + "\nWhere ours spends more, measured here: its noise inputs are drawn from one stream per sample (keyed by the "
+        "sample's place in the global batch, so the noise does not depend on the number of processes or a resume; all "
+        "samples at once, `t2i.noise`; the \"train noise inputs\" section compares them with the former per-sample generators): "
         + "; ".join(costs) + ". Its DataLoader workers read the next batches in 2 other processes, which on 2 shared "
         "cores take CPU time from the training process.\n"
         + f"\n{load_note(load0)}\n"

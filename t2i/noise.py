@@ -18,14 +18,18 @@ _GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (2^64 / golden 
 _MASK64 = (1 << 64) - 1
 _TWO_PI_2_24 = np.float32(2 * np.pi / (1 << 24))
 _2_24 = np.float32(1.0 / (1 << 24))
+_BLOCK_WORDS = 1 << 15  # words hashed at once (256 KiB): the temporaries stay in cache
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's output function (a bijection of uint64 with full avalanche), element-wise.
-    uint64 arrays wrap on overflow, which the hash relies on."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    """SplitMix64's output function (a bijection of uint64 with full avalanche), element-wise, in
+    place on `z` (a fresh array). uint64 arrays wrap on overflow, which the hash relies on."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
 
 
 def _fold(h: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -43,19 +47,38 @@ def sample_keys(seed: int, epoch: int, batch_pos: int, positions) -> np.ndarray:
     return _fold(h, np.asarray(positions, np.int64).astype(np.uint64))
 
 
-def random_words(keys, n: int) -> np.ndarray:
-    """(len(keys), n) uint64: words 0..n-1 of each key's stream (row i depends on keys[i] alone)."""
+def random_words(keys, n: int, first: int = 0) -> np.ndarray:
+    """(len(keys), n) uint64: words first..first+n-1 of each key's stream (row i depends on keys[i]
+    alone)."""
     keys = np.asarray(keys).astype(np.uint64)
-    return _mix(keys[:, None] + np.arange(1, n + 1, dtype=np.uint64) * _GAMMA)
+    return _mix(keys[:, None] + np.arange(first + 1, first + n + 1, dtype=np.uint64) * _GAMMA)
 
 
-def normals(words: np.ndarray) -> np.ndarray:
-    """(B, 2n) float32 standard normals from (B, n) words by Box-Muller: word j gives normals j
-    (cosine) and n + j (sine) from its top and middle 24 bits."""
-    u1 = ((words >> np.uint64(40)).astype(np.float32) + 1) * _2_24  # (0, 1]: the log is finite
-    angle = ((words >> np.uint64(16)) & np.uint64(0xFFFFFF)).astype(np.float32) * _TWO_PI_2_24
-    radius = np.sqrt(np.float32(-2) * np.log(u1))
-    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
+def standard_normals(keys, n: int, first: int = 0) -> np.ndarray:
+    """(len(keys), 2n) float32 standard normals from words first..first+n-1 of each key's stream
+    by Box-Muller: word first+j gives normals j (cosine) and n+j (sine). Made a block of words at
+    a time, small enough to stay in cache (element-wise, so the blocks do not change the values)."""
+    keys = np.asarray(keys).astype(np.uint64)
+    out = np.empty((len(keys), 2 * n), np.float32)
+    step = max(1, _BLOCK_WORDS // max(1, len(keys)))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        _box_muller(random_words(keys, stop - start, first + start), out[:, start:stop], out[:, n + start:n + stop])
+    return out
+
+
+def _box_muller(words: np.ndarray, cos_out: np.ndarray, sin_out: np.ndarray) -> None:
+    """Two normals per word, from its top 24 bits (radius) and the next 24 (angle)."""
+    radius = (words >> np.uint64(40)).astype(np.float32)
+    radius += 1  # uniform in (0, 1] once scaled: the log is finite
+    radius *= _2_24
+    np.log(radius, out=radius)
+    radius *= -2
+    np.sqrt(radius, out=radius)
+    angle = ((words >> np.uint64(16)) & np.uint64(0xFFFFFF)).astype(np.float32)
+    angle *= _TWO_PI_2_24
+    np.multiply(np.cos(angle), radius, out=cos_out)
+    np.multiply(np.sin(angle, out=angle), radius, out=sin_out)
 
 
 def below(words: np.ndarray, n: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from t2i.noise import below, normals, random_words, sample_keys
+from t2i.noise import below, random_words, sample_keys, standard_normals
 from t2i.train import make_inputs
 
 SHAPE = (4, 8, 8)
@@ -36,6 +36,10 @@ def test_a_samples_noise_does_not_depend_on_its_neighbours_or_the_batch_size():
     few = inputs(picked)
     for name in ("x0", "noise", "t", "drop"):
         assert torch.equal(few[name], whole[name][torch.from_numpy(picked)]), name
+    # big latents are drawn a block of words at a time, the blocks set by the batch size: the same values
+    keys = sample_keys(3, 1, 2, np.arange(64))
+    many, one = standard_normals(keys, 3000, first=2), standard_normals(keys[5:6], 3000, first=2)
+    assert many.shape == (64, 6000) and many.dtype == np.float32 and np.array_equal(many[5:6], one)
 
 
 def test_every_sample_place_has_its_own_noise():
@@ -60,5 +64,3 @@ def test_draws_have_the_right_distributions():
     counts = np.bincount(below(random_words(np.arange(100), 1000), 1000).ravel(), minlength=1000)
     assert len(counts) == 1000 and counts.min() > 50 and counts.max() < 150  # 100 expected in each of the 1000
     assert abs(big["drop"].double().mean() - 0.3) < 0.03
-    z = normals(random_words(np.arange(4), 3))
-    assert z.shape == (4, 6) and z.dtype == np.float32 and np.isfinite(z).all()
