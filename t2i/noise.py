@@ -6,8 +6,8 @@ a sample is SplitMix64's output function of `key + (j + 1) * golden_gamma`, i.e.
 stream seeded by the key (Steele, Lea & Flood 2014), computed for all samples and all j at once.
 The key is a hash of (seed, epoch, global batch index, position in the global batch), so a sample
 draws the same numbers whatever its batch neighbours, the batch size of its process, the number
-of processes, and after an exact resume. Normals come from the words by Box-Muller (24-bit
-uniforms, as torch's CPU randn uses for float32).
+of processes, and after an exact resume. Normals come from the words by Box-Muller (two 24-bit
+uniforms a word: float32's precision).
 """
 
 from __future__ import annotations
