@@ -54,17 +54,18 @@ def random_words(keys, n: int, first: int = 0) -> np.ndarray:
     return _mix(keys[:, None] + np.arange(first + 1, first + n + 1, dtype=np.uint64) * _GAMMA)
 
 
-def standard_normals(keys, n: int, first: int = 0) -> np.ndarray:
-    """(len(keys), 2n) float32 standard normals from words first..first+n-1 of each key's stream
-    by Box-Muller: word first+j gives normals j (cosine) and n+j (sine). Made a block of words at
-    a time, small enough to stay in cache (element-wise, so the blocks do not change the values)."""
+def normal_pairs(keys, n: int, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent (len(keys), n) float32 arrays of standard normals from words first..
+    first+n-1 of each key's stream, by Box-Muller: word first+j gives element j of the first
+    (cosine) and of the second (sine). Made a block of words at a time, small enough to stay in
+    cache (element-wise, so the blocks do not change the values)."""
     keys = np.asarray(keys).astype(np.uint64)
-    out = np.empty((len(keys), 2 * n), np.float32)
+    cos_part, sin_part = np.empty((len(keys), n), np.float32), np.empty((len(keys), n), np.float32)
     step = max(1, _BLOCK_WORDS // max(1, len(keys)))
     for start in range(0, n, step):
         stop = min(n, start + step)
-        _box_muller(random_words(keys, stop - start, first + start), out[:, start:stop], out[:, n + start:n + stop])
-    return out
+        _box_muller(random_words(keys, stop - start, first + start), cos_part[:, start:stop], sin_part[:, start:stop])
+    return cos_part, sin_part
 
 
 def _box_muller(words: np.ndarray, cos_out: np.ndarray, sin_out: np.ndarray) -> None:

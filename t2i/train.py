@@ -31,7 +31,7 @@ from t2i import recovery
 from t2i import sharding
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, features_dir
-from t2i.noise import below, random_words, sample_keys, standard_normals, uniforms
+from t2i.noise import below, normal_pairs, random_words, sample_keys, uniforms
 from t2i.trackers import Trackers, check_report_to
 
 
@@ -218,11 +218,10 @@ def make_inputs(b, scaling: float, num_timesteps: int, caption_dropout: float, k
     caption-drop flags, each sample's from its own noise key (keys[i], t2i.noise.sample_keys),
     all samples in one batched draw."""
     shape = tuple(b.latent_mean.shape[1:])
-    n = math.prod(shape)
     words = random_words(keys, 2)  # each stream: timestep, caption drop, then the normals
-    z = torch.from_numpy(standard_normals(keys, n, first=2)).view(len(words), 2, *shape)  # posterior draw, noise
-    x0 = b.latent_mean.float() + b.latent_std.float() * z[:, 0]  # stored maybe in 16 bits
-    return {"x0": x0 * scaling, "noise": z[:, 1].contiguous(), "t": torch.from_numpy(below(words[:, 0], num_timesteps)),
+    eps, noise = (torch.from_numpy(z).view(len(words), *shape) for z in normal_pairs(keys, math.prod(shape), first=2))
+    x0 = b.latent_mean.float() + b.latent_std.float() * eps  # the posterior draw; stored maybe in 16 bits
+    return {"x0": x0 * scaling, "noise": noise, "t": torch.from_numpy(below(words[:, 0], num_timesteps)),
             "drop": torch.from_numpy(uniforms(words[:, 1]) < caption_dropout), "text": b.text, "mask": b.mask}
 
 
