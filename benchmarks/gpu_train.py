@@ -181,7 +181,7 @@ def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attenti
     torch.manual_seed(0)
     model = build_model(cfg, latent, st.channels)
     opt, sched, ema = setup_optimization(cfg, model, accel.device)
-    stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, Diffusion(learned_sigma=cfg.learned_sigma),
+    stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, Diffusion(learned_sigma=cfg.learned_sigma, prediction_type=cfg.prediction_type),
                                 compile_backend=st.compile_backend)
     if compile == "full":
         stepper.run_model = torch.compile(stepper.run_model, backend=st.compile_backend)

@@ -1,5 +1,10 @@
 """1000-step DDPM with linear betas and learned sigma: diffusers' DDPMScheduler for the noise
-schedule, plus the one piece diffusers lacks, the IDDPM hybrid loss (MSE on epsilon + VLB).
+schedule, plus the one piece diffusers lacks, the IDDPM hybrid loss (MSE on the prediction + VLB).
+
+The model predicts epsilon (the paper's choice, and ImageNet DiT's) or v = sqrt(acp) eps -
+sqrt(1 - acp) x0 (`prediction_type="v_prediction"`, Salimans & Ho 2022). On small latents v is
+the better target: an epsilon error is multiplied by sqrt((1 - acp) / acp) in the implied x0,
+which at high noise turns small errors into wrong colours and stray blobs.
 
 The VLB term follows improved-diffusion / DiT `gaussian_diffusion.py`: the KL between the true
 posterior q(x_{t-1} | x_t, x_0) and the model's Gaussian, whose variance interpolates (learned
@@ -40,23 +45,32 @@ def _mean_flat(x):
     return x.mean(dim=list(range(1, x.ndim)))
 
 
-class Diffusion:
-    """Noise schedule + training loss. `learned_sigma`: the model outputs [eps, v] (2x channels)."""
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' names, as schedulers take them
 
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, learned_sigma: bool = True):
+
+class Diffusion:
+    """Noise schedule + training loss. `learned_sigma`: the model outputs [prediction, variance
+    interpolation] (2x channels); `prediction_type`: what the first half predicts."""
+
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, learned_sigma: bool = True,
+                 prediction_type: str = "epsilon"):
         from diffusers import DDPMScheduler
+
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
 
         self.scheduler = DDPMScheduler(
             num_train_timesteps=num_timesteps,
             beta_schedule="linear",
             beta_start=beta_start,
             beta_end=beta_end,
-            prediction_type="epsilon",
+            prediction_type=prediction_type,
             variance_type="learned_range" if learned_sigma else "fixed_small",
             clip_sample=False,
         )
         self.num_timesteps = num_timesteps
         self.learned_sigma = learned_sigma
+        self.prediction_type = prediction_type
         # float64 tables, as in improved-diffusion, computed from the scheduler's betas
         betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
         alphas_cumprod = np.cumprod(1.0 - betas)
@@ -65,6 +79,8 @@ class Diffusion:
         self._tables = {
             "sqrt_recip_acp": np.sqrt(1.0 / alphas_cumprod),
             "sqrt_recipm1_acp": np.sqrt(1.0 / alphas_cumprod - 1),
+            "sqrt_acp": np.sqrt(alphas_cumprod),
+            "sqrt_1m_acp": np.sqrt(1.0 - alphas_cumprod),
             "post_logvar_clipped": np.log(np.append(post_var[1], post_var[1:])),
             "post_c1": betas * np.sqrt(prev) / (1.0 - alphas_cumprod),
             "post_c2": (1.0 - prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
@@ -81,23 +97,37 @@ class Diffusion:
     def add_noise(self, x0, noise, t):
         return self.scheduler.add_noise(x0, noise, t)
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model should output (its first half, with learned sigma) for x_t = add_noise(x0, noise, t)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        return self._t("sqrt_acp", t, x0.ndim) * noise - self._t("sqrt_1m_acp", t, x0.ndim) * x0
+
+    def predicted_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean latent implied by the model's prediction at x_t."""
+        nd = x_t.ndim
+        if self.prediction_type == "epsilon":
+            return self._t("sqrt_recip_acp", t, nd) * x_t - self._t("sqrt_recipm1_acp", t, nd) * pred
+        return self._t("sqrt_acp", t, nd) * x_t - self._t("sqrt_1m_acp", t, nd) * pred
+
     def loss(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample losses {"loss", "mse", "vb"} (vb = 0 without learned sigma)."""
         model_output = model_output.float()
         x0, x_t, noise = x0.float(), x_t.float(), noise.float()
+        target = self.target(x0, noise, t)
         if not self.learned_sigma:
-            mse = _mean_flat((noise - model_output) ** 2)
+            mse = _mean_flat((target - model_output) ** 2)
             return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}
-        eps, v = model_output.chunk(2, dim=1)
-        mse = _mean_flat((noise - eps) ** 2)
+        pred, v = model_output.chunk(2, dim=1)
+        mse = _mean_flat((target - pred) ** 2)
         nd = x0.ndim
         # model variance: interpolate log-variance between posterior (min) and beta (max)
         min_log = self._t("post_logvar_clipped", t, nd)
         max_log = self._t("log_betas", t, nd)
         frac = (v + 1) / 2
         model_logvar = frac * max_log + (1 - frac) * min_log
-        # model mean from the detached eps (VLB trains only the variance)
-        pred_x0 = self._t("sqrt_recip_acp", t, nd) * x_t - self._t("sqrt_recipm1_acp", t, nd) * eps.detach()
+        # model mean from the detached prediction (VLB trains only the variance)
+        pred_x0 = self.predicted_x0(pred.detach(), x_t, t)
         c1, c2 = self._t("post_c1", t, nd), self._t("post_c2", t, nd)
         model_mean = c1 * pred_x0 + c2 * x_t
         true_mean = c1 * x0 + c2 * x_t

@@ -17,13 +17,14 @@ from shards.errors import UserError
 from t2i import checkpoint as ckpt
 
 
-def dpm_solver():
-    """DPM-Solver++ (2nd order) on the training schedule: 1000 steps, linear betas."""
+def dpm_solver(prediction_type: str = "epsilon"):
+    """DPM-Solver++ (2nd order) on the training schedule: 1000 steps, linear betas, for a model
+    that predicts `prediction_type` (epsilon | v_prediction, its training config's)."""
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-        algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon", lower_order_final=True,
+        algorithm_type="dpmsolver++", solver_order=2, prediction_type=prediction_type, lower_order_final=True,
     )
 
 
@@ -44,13 +45,18 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, tex
         raise UserError(f"checkpoint {ck} does not record its VAE/text encoder: pass --vae and --text-encoder")
     transformer, null = ckpt.load_transformer(ck, which)
     tok, enc = load_text_encoder(te_spec)
-    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=enc, vae=load_vae(vae_spec), transformer=transformer, scheduler=dpm_solver())
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=enc, vae=load_vae(vae_spec), transformer=transformer, scheduler=dpm_solver(prediction_type(state)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, null.to(device, dtype)
+
+
+def prediction_type(trainer_state: dict) -> str:
+    """What a checkpoint's model predicts (checkpoints from before the option predict epsilon)."""
+    return trainer_state.get("config", {}).get("prediction_type", "epsilon")
 
 
 @torch.no_grad()

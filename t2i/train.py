@@ -29,6 +29,7 @@ from shards.errors import UserError
 from t2i import checkpoint as ckpt
 from t2i import recovery
 from t2i import sharding
+from t2i.diffusion import PREDICTION_TYPES
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, features_dir
 from t2i.noise import below, normal_pairs, random_words, sample_keys, uniforms
@@ -71,6 +72,7 @@ class TrainConfig:
     caption_fields: tuple = DEFAULT_FIELDS
     caption_weights: tuple = ()
     learned_sigma: bool = True
+    prediction_type: str = "epsilon"  # epsilon (the paper's) | v_prediction (better on small latents); t2i.diffusion
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False
     compile: bool = False
@@ -111,6 +113,8 @@ class TrainConfig:
             from t2i.class_cond import check_config
 
             check_config(self)
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"prediction_type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}: pick one")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UserError(f"mixed_precision {self.mixed_precision!r} is not one of no, bf16, fp16: pick one")
         for name in ("batch_size", "grad_accum", "steps", "checkpoint_every", "log_every", "max_tokens", "resolution"):
@@ -381,7 +385,7 @@ def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None,
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, latent_size, caption_channels) if classes is None else classes.build_model(cfg, latent_size)
     check_resolution(cfg.resolution, model.transformer.config.patch_size, vae.spatial)
-    diffusion = Diffusion(learned_sigma=cfg.learned_sigma)
+    diffusion = Diffusion(learned_sigma=cfg.learned_sigma, prediction_type=cfg.prediction_type)
 
     # 3. resume (whole tensors: the weights go in before FSDP shards the model, the EMA and
     # optimizer state after, split the way their parameters are)

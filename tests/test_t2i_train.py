@@ -157,6 +157,24 @@ def test_sample_export_and_diffusers_pipeline(world, tmp_path):
     assert imgs[0].size == (16, 16)
 
 
+def test_v_prediction_trains_samples_and_exports_with_its_scheduler(world, tmp_path):
+    from diffusers import PixArtAlphaPipeline
+
+    from t2i.export import export
+    from t2i.sample import pipeline_from_checkpoint
+    from t2i.stage import run_stage
+    from t2i.train import TrainConfig
+
+    run = run_stage(tiny_cfg(world, steps=6, prediction_type="v_prediction"), tmp_path / "run", shards=world["captions"], progress=False)
+    assert all(np.isfinite(losses(tmp_path / "run")))
+    pipe, _ = pipeline_from_checkpoint(run["checkpoint"])
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    # an exported pipeline samples with the parametrisation it was trained with, outside t2i too
+    assert PixArtAlphaPipeline.from_pretrained(export(run["checkpoint"], tmp_path / "pipe")).scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(UserError, match="prediction_type 'x0' is not one of epsilon, v_prediction"):
+        TrainConfig(prediction_type="x0").validate()
+
+
 def test_nan_loss_stops_with_last_checkpoint_intact(world, tmp_path, monkeypatch):
     from t2i import diffusion
     from t2i.checkpoint import latest_checkpoint
