@@ -23,7 +23,7 @@ the processor would then see the limited image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Qwen's processors allow up to 12.8 M pixels (thousands of tokens for a 1500x2250 SA-1B image).
 # Unless --max-pixels says otherwise, the job caps them at LLaVA-1.5's 576 tokens' worth for
@@ -43,6 +43,7 @@ class SizePolicy:
     factor: int | None = None  # pixels: sides are multiples of this (patch x merge)
     min_pixels: int | None = None
     max_pixels: int | None = None
+    resample: int = 3  # the processor's filter (PIL code: 3 bicubic, 2 bilinear, 1 lanczos): ours resizes with it
 
     def target(self, width: int, height: int, max_short: int | None = None, max_long: int | None = None) -> tuple[int, int]:
         """The size to prepare a width x height image at: what the processor will work from."""
@@ -119,6 +120,16 @@ def size_policy(processor, max_pixels: int | None = None, min_pixels: int | None
     ip = getattr(processor, "image_processor", processor)
     if ip is None:
         return SizePolicy("none", "no image processor: the 400/800 limit")
+    return replace(_size_policy(ip, max_pixels, min_pixels), resample=_resample_code(ip))
+
+
+def _resample_code(ip) -> int:
+    """The processor's resize filter as a PIL code (bicubic when it names none)."""
+    code = getattr(ip, "resample", None)
+    return int(code) if isinstance(code, int) else 3
+
+
+def _size_policy(ip, max_pixels: int | None, min_pixels: int | None) -> SizePolicy:
     size, crop = size_fields(getattr(ip, "size", None)), size_fields(getattr(ip, "crop_size", None))
     if is_pixel_count(ip):
         lo = min_pixels or size.get("min_pixels") or size.get("shortest_edge") or getattr(ip, "min_pixels", None)

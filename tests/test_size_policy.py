@@ -95,3 +95,51 @@ def test_prepare_for_model_decodes_to_the_target_only():
     im = Image.open(io.BytesIO(data))
     im.draft("RGB", (math.ceil(SAM[0] * 336 / 1500), math.ceil(SAM[1] * 336 / 1500)))
     assert im.size == (375, 563)  # what libjpeg decodes, instead of 1500x2250
+
+
+# families whose processor, given the job's prepared image, skips its own resize and makes the
+# very pixel values it would make from the draft-decoded image (the others also resize a whole-image
+# thumbnail or pad, from the prepared image rather than the draft)
+SAME_PIXELS = ["llava-1.5", "qwen2-vl", "qwen3-vl", "llava-onevision", "gemma3", "paligemma2"]
+
+
+@pytest.mark.parametrize("family", SAME_PIXELS)
+def test_prepared_image_gives_the_pixel_values_the_processor_makes_from_the_draft(family):
+    import torch
+
+    from shards.images.decode import decode_image
+
+    ip = released_processors()[family]
+    set_pixel_limits(ip, *(pixel_limits(ip, None, None) or (None, None)))
+    policy = size_policy(ip)
+    data = sam_jpeg()
+    draft = decode_image(data, draft_short=policy.draft_short).image  # what libjpeg decodes for this policy
+    ours = prepare_for_model(data, policy).image
+    assert ours.size == policy.target(*SAM)
+    if family != "llava-onevision":  # (its processor works from the full image: nothing to resize)
+        assert draft.size != ours.size  # the job did resize, and the processor then kept its size
+    pixels = [ip(images=[im], return_tensors="pt")["pixel_values"] for im in (ours, draft)]
+    assert torch.equal(*pixels)
+
+
+def test_policy_resizes_with_the_processors_filter():
+    from autolabel.prepare import resize_as_processor
+
+    procs = released_processors()
+    assert [size_policy(procs[f]).resample for f in ("llava-1.5", "gemma3", "idefics3")] == [3, 2, 1]  # bicubic, bilinear, lanczos
+    im = Image.open(io.BytesIO(sam_jpeg())).convert("RGB")
+    ours = np.asarray(resize_as_processor(im, (336, 504), 3), np.int16)
+    pil = np.asarray(im.resize((336, 504), Image.Resampling.BICUBIC, reducing_gap=None), np.int16)
+    assert np.abs(ours - pil).max() <= 1  # torchvision's antialiased bicubic is PIL's to within one level
+    assert not np.array_equal(np.asarray(resize_as_processor(im, (336, 504), 2)), ours)  # the filter is used
+    assert resize_as_processor(im, im.size, 3) is im
+
+
+def test_resize_falls_back_to_pil_without_torchvision(monkeypatch):
+    import autolabel.prepare as prepare
+
+    im = Image.open(io.BytesIO(sam_jpeg())).convert("RGB")
+    monkeypatch.setattr(prepare, "_torchvision", lambda: None)
+    out = prepare.resize_as_processor(im, (336, 504), 3)
+    assert out.size == (336, 504)
+    assert np.array_equal(np.asarray(out), np.asarray(im.resize((336, 504), Image.Resampling.BICUBIC, reducing_gap=None)))
