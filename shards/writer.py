@@ -11,6 +11,7 @@ marker, which readers ignore and the next run's clean_incomplete deletes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -160,7 +161,12 @@ def write_manifest(out_dir: str | Path, config: dict[str, Any] | None = None, ex
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape the output, for the manifest."""
+    """Versions of the packages that shape the output, for the manifest (read once per process)."""
+    return dict(_installed_versions())  # a copy: the cached one stays as read
+
+
+@functools.cache  # reading the installed metadata takes ~5-40 ms, and every job run ends with a manifest
+def _installed_versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}

@@ -52,3 +52,21 @@ def test_marker_records_checksum(tmp_path):
 def test_iter_batches_on_empty_dir_is_a_user_error(tmp_path):
     with pytest.raises(ShardError, match="no complete shards"):
         list(iter_batches(tmp_path))
+
+
+def test_manifest_versions_are_read_once_per_process(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from shards import writer
+
+    calls = []
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: calls.append(name) or real(name))
+    writer._installed_versions.cache_clear()
+    first = writer.write_manifest(tmp_path)["versions"]
+    n = len(calls)
+    assert n > 0 and first["pyarrow"] == real("pyarrow")
+    first["pyarrow"] = "changed by a caller"
+    assert writer.write_manifest(tmp_path)["versions"]["pyarrow"] == real("pyarrow")  # the cache hands out copies
+    assert len(calls) == n  # the installed metadata was not read again
+    writer._installed_versions.cache_clear()
