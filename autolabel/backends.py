@@ -183,7 +183,7 @@ def image_token_id(config) -> int | None:
 def count_image_tokens(prompt_ids: Sequence[Sequence[int]], config) -> list[int | None]:
     """Image placeholder tokens in each (expanded) prompt: the vision tokens the image cost."""
     token = image_token_id(config)
-    return [None if token is None else sum(1 for t in ids if t == token) for ids in prompt_ids]
+    return [None if token is None else list(ids).count(token) for ids in prompt_ids]  # C-speed count: prompts run to thousands
 
 
 def _as_list(x) -> list:
