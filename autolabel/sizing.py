@@ -61,7 +61,11 @@ class SizePolicy:
             from transformers.image_processing_utils import select_best_resolution
 
             ph, pw = select_best_resolution((h, w), self.pinpoints)
-            return _scaled(w, h, min(pw / w, ph / h))
+            # as the processor sizes it (image_processing_utils.get_patch_output_size): the short
+            # way rounded up, so 1500x2250 in 672x672 is 449 px wide (float 448.00000000000006)
+            if pw / w < ph / h:
+                return pw, min(math.ceil(h * (pw / w)), ph)
+            return min(math.ceil(w * (ph / h)), pw), ph
         if self.kind == "canvas":
             cw, ch = self.canvas
             if self.tiles:

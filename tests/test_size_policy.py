@@ -22,7 +22,7 @@ SAM = (1500, 2250)  # an SA-1B image (portrait)
 EXPECTED = {
     "llava-1.5": ("short_side", (336, 504)),
     "internvl3": ("canvas", (896, 1344)),  # a 2x3 grid of 448 tiles, the aspect ratio's
-    "llava-next": ("grid", (448, 672)),  # inside 672x672, the best pinpoint
+    "llava-next": ("grid", (449, 672)),  # inside 672x672, the best pinpoint (rounded up, as its processor does)
     "llava-onevision": ("grid", (1500, 2250)),  # 1536x2304 holds it whole: full size
     "idefics3": ("long_side", (971, 1456)),
     "gemma3": ("canvas", (896, 896)),  # squashed to its square
@@ -97,13 +97,14 @@ def test_prepare_for_model_decodes_to_the_target_only():
     assert im.size == (375, 563)  # what libjpeg decodes, instead of 1500x2250
 
 
-# families whose processor, given the job's prepared image, skips its own resize and makes the
-# very pixel values it would make from the draft-decoded image (the others also resize a whole-image
-# thumbnail or pad, from the prepared image rather than the draft)
+# families whose processor, given the job's prepared image, keeps its size (skips its resize) and
+# makes the very pixel values it would make from the draft-decoded image
 SAME_PIXELS = ["llava-1.5", "qwen2-vl", "qwen3-vl", "llava-onevision", "gemma3", "paligemma2"]
+# these also make a whole-image thumbnail, from the prepared image instead of the draft: up to a few levels off there
+THUMBNAIL = ["internvl3", "llava-next", "idefics3"]
 
 
-@pytest.mark.parametrize("family", SAME_PIXELS)
+@pytest.mark.parametrize("family", SAME_PIXELS + THUMBNAIL)
 def test_prepared_image_gives_the_pixel_values_the_processor_makes_from_the_draft(family):
     import torch
 
@@ -118,8 +119,12 @@ def test_prepared_image_gives_the_pixel_values_the_processor_makes_from_the_draf
     assert ours.size == policy.target(*SAM)
     if family != "llava-onevision":  # (its processor works from the full image: nothing to resize)
         assert draft.size != ours.size  # the job did resize, and the processor then kept its size
-    pixels = [ip(images=[im], return_tensors="pt")["pixel_values"] for im in (ours, draft)]
-    assert torch.equal(*pixels)
+    ours, theirs = (ip(images=[im], return_tensors="pt")["pixel_values"] for im in (ours, draft))
+    if family in SAME_PIXELS:
+        assert torch.equal(ours, theirs)
+    else:
+        level = 1 / 255 / min(ip.image_std)  # one uint8 level, normalised
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 4 * level and (ours - theirs).abs().mean() < level
 
 
 def test_policy_resizes_with_the_processors_filter():
