@@ -7,8 +7,10 @@ image destined for 400x600 is never fully decoded.
 The caption job's one resize (`resize_as_processor`) is the processor's own: torchvision's
 antialiased uint8 resize with the processor's filter, which is what transformers' image
 processors run. The processor then finds the image at its size and skips its resize, so the
-pixel values it makes equal those it would make from the draft-decoded image itself; and the
-uint8 SIMD kernel is ~5x faster than PIL's resize (BENCHMARKS.md caption_bench).
+pixel values it makes equal those it would make from the draft-decoded image itself (within a
+few levels where it also makes a whole-image thumbnail: tests/test_size_policy.py); and the
+uint8 SIMD kernel is 4-5x faster than PIL's resize (375x563 -> 336x504: ~0.6-1.2 ms against
+~2.9-4.7 ms; BENCHMARKS.md caption_bench).
 """
 
 from __future__ import annotations
