@@ -122,6 +122,32 @@ def test_prepare_decodes_near_target_size_and_orients():
     assert (p.width, p.height) == (200, 300) and p.image.size == (200, 300)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_decodes_upright(orientation):
+    """The upright picture, whichever of the 8 EXIF orientations the file is stored in (the
+    transposition is applied in place; an upright file is used as decoded, not copied)."""
+    from PIL import ImageOps
+
+    from shards.images.decode import decode_image
+
+    yy, xx = np.mgrid[0:60, 0:90]
+    upright = np.stack([xx * 2, yy * 4, np.full_like(xx, 128)], -1).astype(np.uint8)  # 90x60, gradients tell the axes apart
+    stored = Image.fromarray(upright)
+    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_270}  # fmt: skip
+    if orientation in inverse:
+        stored = stored.transpose(inverse[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=98, exif=exif)
+    assert np.abs(np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())))).astype(int) - upright).mean() < 2
+    decoded = decode_image(buf.getvalue())
+    assert (decoded.width, decoded.height) == (90, 60) and decoded.image.size == (90, 60)
+    assert np.abs(np.asarray(decoded.image).astype(int) - upright).mean() < 2
+
+
 def bad_and_odd_inputs(root: Path) -> dict[str, bool]:
     """Write every awkward input; returns file name -> readable?"""
     root.mkdir(parents=True, exist_ok=True)

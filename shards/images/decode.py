@@ -93,7 +93,8 @@ def decode_image(data: bytes, draft_short: DraftShort = None, max_pixels: int = 
             if short and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
                 _draft(im, short)  # libjpeg DCT scaling: decode at >= that size, not full size
             im.load()
-            im = to_rgb(ImageOps.exif_transpose(im))
+            ImageOps.exif_transpose(im, in_place=True)  # in place: otherwise an upright image is copied whole
+            im = to_rgb(im)
             return Decoded(im, ow, oh)
     except ImageError:
         raise
