@@ -10,7 +10,8 @@ processors run. The processor then finds the image at its size and skips its res
 pixel values it makes equal those it would make from the draft-decoded image itself (within a
 few levels where it also makes a whole-image thumbnail: tests/test_size_policy.py); and the
 uint8 SIMD kernel is 4-5x faster than PIL's resize (375x563 -> 336x504: ~0.6-1.2 ms against
-~2.9-4.7 ms; BENCHMARKS.md caption_bench).
+~2.9-4.7 ms; BENCHMARKS.md caption_bench). It reads PIL's pixel memory in place (Arrow export) where
+Pillow offers it.
 """
 
 from __future__ import annotations
@@ -70,9 +71,31 @@ def resize_as_processor(im: Image.Image, size: tuple[int, int], resample: int = 
     if tv is None or resample not in _TORCH_FILTERS:
         return im.resize(size, resample, reducing_gap=None)
     torch, tvF, modes = tv
-    chw = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # a writable HWC copy, viewed channels-last
+    rgbx = _rgbx_view(im, torch)
+    chw = rgbx if rgbx is not None else torch.from_numpy(np.array(im)).permute(2, 0, 1)  # HWC viewed as channels-last
     out = tvF.resize(chw, [size[1], size[0]], interpolation=modes[_TORCH_FILTERS[resample]], antialias=True)
-    return Image.fromarray(out.permute(1, 2, 0).numpy())
+    hwc = out.permute(1, 2, 0).numpy()  # channels-last in, channels-last out: no copy
+    return Image.frombytes("RGB", size, hwc, "raw", "RGBX") if rgbx is not None else Image.fromarray(hwc)
+
+
+def _rgbx_view(im: Image.Image, torch):
+    """`im`'s own pixel memory (PIL keeps RGB as RGBX, 4 bytes a pixel) as a (4, H, W) channels-last
+    uint8 tensor, without a copy (Pillow's Arrow export); None where that is unavailable (older
+    Pillow, an image in several memory blocks). Each channel resizes on its own, so the padding
+    channel changes nothing, and the uint8 kernel works on 4 channels natively."""
+    import pyarrow as pa
+
+    if im.mode != "RGB":
+        return None
+    try:
+        pixels = pa.array(im)
+    except (TypeError, ValueError, AttributeError, pa.ArrowException):
+        return None
+    kind = pixels.type
+    if not (pa.types.is_fixed_size_list(kind) and kind.list_size == 4 and kind.value_type == pa.uint8()):
+        return None
+    w, h = im.size
+    return torch.from_dlpack(pixels.values).view(h, w, 4).permute(2, 0, 1)
 
 
 @functools.cache

@@ -140,6 +140,19 @@ def test_policy_resizes_with_the_processors_filter():
     assert resize_as_processor(im, im.size, 3) is im
 
 
+@pytest.mark.parametrize("resample", [1, 2, 3])
+def test_resize_from_pils_own_memory_equals_the_copying_way(resample, monkeypatch):
+    import torch
+
+    import autolabel.prepare as prepare
+
+    im = Image.open(io.BytesIO(sam_jpeg())).convert("RGB")
+    assert prepare._rgbx_view(im, torch) is not None  # this Pillow exports its pixels: the zero-copy way is taken
+    fast = np.asarray(prepare.resize_as_processor(im, (336, 504), resample))
+    monkeypatch.setattr(prepare, "_rgbx_view", lambda im, torch: None)  # older Pillow: a copy of the pixels
+    assert np.array_equal(fast, np.asarray(prepare.resize_as_processor(im, (336, 504), resample)))
+
+
 def test_resize_falls_back_to_pil_without_torchvision(monkeypatch):
     import autolabel.prepare as prepare
 
