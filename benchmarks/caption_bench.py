@@ -113,7 +113,8 @@ def bench_prepare(blobs: list[bytes], workers: int) -> tuple[str, float]:
         "|---|---|---|---|---|---|\n" + "".join(rows) +
         f"\nLLaVA-1.5 with the job's {workers} worker threads: {1000 * ours_par / n:.1f} ms/image, {naive / ours_par:.2f}x the naive single thread.\n"
         "Families whose processor works from nearly the full image (LLaVA-OneVision's 2304-px pinpoints, InternVL3's tile "
-        "grid, Gemma 3's 896 square) cannot use a smaller DCT scale, so their gain is only the single resize.\n"
+        "grid, Gemma 3's 896 square) cannot use a smaller DCT scale, so their gain comes from the resize alone (the "
+        "processor's uint8 torchvision resize against PIL's, from the decoded image in place).\n"
     )  # fmt: skip
     return body, headline
 
