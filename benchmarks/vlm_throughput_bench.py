@@ -153,7 +153,8 @@ def write_report(results: list[dict], args, size: tuple[int, int]) -> None:
         "to shards, the same engine. overhead = job seconds / engine seconds - 1 (target <= 10%; lower is better):\n\n"
         + table + "\nThe tiny models generate in milliseconds, so the job's own work (JPEG decoding, preparation, shard "
         "writing) is a far larger share here than next to a 7B model on a GPU, where generation dominates and the "
-        "prefetching workers run alongside it.\n\n" + load_note(args.load0) + "\n"
+        "prefetching workers run alongside it.\n\n" + load_note(args.load0)
+        + (f" Run with OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}." if os.environ.get("OMP_WAIT_POLICY") else "") + "\n"
     )  # fmt: skip
     write_section("vlm_throughput_bench", body)
 
