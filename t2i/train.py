@@ -175,13 +175,16 @@ def build_model(cfg: TrainConfig, latent_size: int, caption_channels: int):
             raise UserError(f"{cfg.preset} at {cfg.resolution} px: size/aspect embeddings need hidden divisible by 3: use a PixArt-*/2 preset or a lower resolution")
         tr = build_transformer(cfg.preset, latent_size, caption_channels, learned_sigma=cfg.learned_sigma, use_additional_conditions=micro)
     elif kind == "dit":
-        from t2i.import_dit import import_dit
+        from t2i.import_dit import dit_directory, import_dit
 
+        if Path(arg).exists() and not Path(arg).is_file():
+            warn_on_prediction_change(cfg, dit_directory(arg)[0])
         tr, _ = import_dit(arg, caption_channels=caption_channels, latent_size=latent_size)
     elif kind == "pixart":
         tr = PixArtTransformer2DModel.from_pretrained(arg, subfolder="transformer" if (Path(arg) / "transformer").is_dir() else None)
     elif kind == "checkpoint":
         ck = ckpt.require_checkpoint(arg)
+        warn_on_prediction_change(cfg, ck)
         tr, null = ckpt.load_transformer(ck, which="model", sample_size=latent_size, use_additional_conditions=micro)
     else:
         raise UserError(f"init {cfg.init!r} is not scratch, dit:PATH, pixart:DIR or checkpoint:DIR: fix the stage's init")
@@ -194,6 +197,20 @@ def build_model(cfg: TrainConfig, latent_size: int, caption_channels: int):
         with torch.no_grad():
             model.null_caption.copy_(null)
     return model
+
+
+def warn_on_prediction_change(cfg: TrainConfig, source: Path) -> None:
+    """Warn when the init checkpoint (one of ours: it has a trainer state) was trained to predict
+    something else than this stage: allowed (a fine-tune can switch), but it starts off wrong."""
+    state = source / "trainer_state.json"
+    if not state.is_file():
+        return  # not ours (an ImageNet DiT, a diffusers model): nothing recorded to compare
+    theirs = json.loads(state.read_text()).get("config", {}).get("prediction_type", "epsilon")
+    if theirs != cfg.prediction_type:
+        import warnings
+
+        warnings.warn(f"init {source} predicts {theirs}, this stage trains {cfg.prediction_type}: its first steps re-learn "
+                      f"the output; set prediction_type = {theirs!r} to continue as it was trained", stacklevel=2)
 
 
 def _append_jsonl(path: Path, rec: dict) -> None:

@@ -173,6 +173,9 @@ def test_v_prediction_trains_samples_and_exports_with_its_scheduler(world, tmp_p
     assert PixArtAlphaPipeline.from_pretrained(export(run["checkpoint"], tmp_path / "pipe")).scheduler.config.prediction_type == "v_prediction"
     with pytest.raises(UserError, match="prediction_type 'x0' is not one of epsilon, v_prediction"):
         TrainConfig(prediction_type="x0").validate()
+    # continuing it as an epsilon model is allowed, with a warning that names the fix
+    with pytest.warns(UserWarning, match="predicts v_prediction, this stage trains epsilon"):
+        run_stage(tiny_cfg(world, steps=1, init=f"checkpoint:{run['checkpoint']}"), tmp_path / "eps", shards=world["captions"], progress=False)
 
 
 def test_nan_loss_stops_with_last_checkpoint_intact(world, tmp_path, monkeypatch):
