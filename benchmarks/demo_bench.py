@@ -57,7 +57,13 @@ def row(seed: int, r: dict) -> str:
             f"{_pct(c['b_final_all'])} vs {_pct(c['a_final_all'])} ({ratio}) | {_reach(c)} | "
             f"{aes['before_mean']:.2f} → {aes['after_mean']:.2f} ({aes['margin']:+.2f} ± {aes['margin_se']:.2f}); "
             f"{100 * c['d_all_change']:+.0f} pts | {r['timing']['total_s']:.0f} s wall"
-            + (f", {bench['cpu_s']:.0f} s CPU" if bench else "") + " |")
+            + (f", {bench['cpu_s']:.0f} s CPU" if bench else "") + _load(r) + " |")
+
+
+def _load(r: dict) -> str:
+    """The machine's 15-minute load at the end of the run: the time column means little without it."""
+    load = r.get("load_avg")
+    return f", load {load[2]:.1f}" if load else ""
 
 
 def _reach(claims: dict) -> str:
@@ -100,7 +106,7 @@ def main() -> None:
     any_r = next(iter(results.values()))
     cfg = any_r["config"]
     body = [f"`t2i-data demo` ({'--quick' if args.quick else 'default'}): world {cfg['world_train']} + {cfg['world_heldout']} images, "
-            f"{cfg['t2i_resolution']} px, {cfg['preset']}, arms a-c {cfg['arm_steps']} steps each (DiT stage {cfg['dit_steps']}), "
+            f"{cfg['t2i_resolution']} px, {cfg['preset']} ({cfg.get('prediction_type', 'epsilon')}), arms a-c {cfg['arm_steps']} steps each (DiT stage {cfg['dit_steps']}), "
             f"fine-tune {cfg['finetune_steps']}; {cfg['curve_prompts']} held-out prompts judged per checkpoint. Targets: {TARGETS}.",
             "", "| seed | (c) colour / position / shape / all | all-three (b) vs (a) | (c) steps to (b)'s final | aesthetic before → after (margin); (d) all-three change | time |",
             "|---|---|---|---|---|---|"]
