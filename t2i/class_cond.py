@@ -359,7 +359,8 @@ def generate_classes(checkpoint: str | Path, labels: list, steps: int = 20, guid
     (diffusers' DiTPipeline hard-codes ImageNet's null class 1000.)"""
     from t2i.checkpoint import require_checkpoint
     from t2i.features import load_vae
-    from t2i.sample import dpm_solver, prediction_type
+    from t2i.diffusion import saved_prediction_type
+    from t2i.sample import dpm_solver
 
     ck = require_checkpoint(checkpoint)
     state = json.loads((ck / "trainer_state.json").read_text())
@@ -367,7 +368,7 @@ def generate_classes(checkpoint: str | Path, labels: list, steps: int = 20, guid
     ids = torch.tensor(class_ids(json.loads((ck / CLASSES_JSON).read_text()), list(labels), str(ck)), device=device)
     dit = load_dit(ck, which=which).to(device).eval()
     decoder = load_vae(vae or state["features"]["vae"], device)
-    sched = dpm_solver(prediction_type(state))
+    sched = dpm_solver(saved_prediction_type(state))
     sched.set_timesteps(steps)
     size, null = dit.config.sample_size, torch.full_like(ids, dit.config.num_embeds_ada_norm)
     noise = torch.randn((len(ids), LATENT_CHANNELS, size, size), generator=torch.Generator().manual_seed(seed))

@@ -48,6 +48,12 @@ def _mean_flat(x):
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' names, as schedulers take them
 
 
+def saved_prediction_type(trainer_state: dict) -> str:
+    """What a checkpoint's model predicts, from its trainer state (checkpoints from before the
+    option predict epsilon)."""
+    return trainer_state.get("config", {}).get("prediction_type", "epsilon")
+
+
 class Diffusion:
     """Noise schedule + training loss. `learned_sigma`: the model outputs [prediction, variance
     interpolation] (2x channels); `prediction_type`: what the first half predicts."""

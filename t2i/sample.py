@@ -15,6 +15,7 @@ import torch
 
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
+from t2i.diffusion import saved_prediction_type
 
 
 def dpm_solver(prediction_type: str = "epsilon"):
@@ -45,18 +46,13 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, tex
         raise UserError(f"checkpoint {ck} does not record its VAE/text encoder: pass --vae and --text-encoder")
     transformer, null = ckpt.load_transformer(ck, which)
     tok, enc = load_text_encoder(te_spec)
-    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=enc, vae=load_vae(vae_spec), transformer=transformer, scheduler=dpm_solver(prediction_type(state)))
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=enc, vae=load_vae(vae_spec), transformer=transformer, scheduler=dpm_solver(saved_prediction_type(state)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, null.to(device, dtype)
-
-
-def prediction_type(trainer_state: dict) -> str:
-    """What a checkpoint's model predicts (checkpoints from before the option predict epsilon)."""
-    return trainer_state.get("config", {}).get("prediction_type", "epsilon")
 
 
 @torch.no_grad()

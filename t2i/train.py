@@ -29,8 +29,8 @@ from shards.errors import UserError
 from t2i import checkpoint as ckpt
 from t2i import recovery
 from t2i import sharding
-from t2i.diffusion import PREDICTION_TYPES
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
+from t2i.diffusion import PREDICTION_TYPES, saved_prediction_type
 from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, features_dir
 from t2i.noise import below, normal_pairs, random_words, sample_keys, uniforms
 from t2i.trackers import Trackers, check_report_to
@@ -205,7 +205,7 @@ def warn_on_prediction_change(cfg: TrainConfig, source: Path) -> None:
     state = source / "trainer_state.json"
     if not state.is_file():
         return  # not ours (an ImageNet DiT, a diffusers model): nothing recorded to compare
-    theirs = json.loads(state.read_text()).get("config", {}).get("prediction_type", "epsilon")
+    theirs = saved_prediction_type(json.loads(state.read_text()))
     if theirs != cfg.prediction_type:
         import warnings
 
