@@ -21,26 +21,22 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from shards import ShardError, complete_shards
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights, pick_fields, text_columns, uniforms
-from t2i.feature_index import fingerprint, load_index, save_index
+from t2i.feature_index import BIG_ROW_GROUP, open_index
 
 ROW_COLUMNS = ["key", "latent_mean", "latent_std"]  # read per sample (each column costs a read), + the text of its field
 LAYOUT_COLUMNS = ["latent_shape", "text_channels", "text_dtype", "height", "width"]  # read once per bucket
-INDEX_COLUMNS = ["key", "height", "width"]
 OPEN_FILES = 64  # Parquet files kept open per process (footer parsed once, then reused)
-BIG_ROW_GROUP = 64 << 20  # uncompressed bytes: bigger groups make every random row read costly
 
 
 @dataclass
@@ -107,61 +103,13 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
     def _open_index(self) -> None:
         """The index from the directory's cache (t2i.feature_index) when it matches the shards,
         else built from the shards (and cached once the directory is complete)."""
-        digest = fingerprint(self.shards, self.caption_fields)
-        arrays = load_index(self.features_dir, digest)
-        if arrays is None:
-            arrays = self._build_index()
-            save_index(self.features_dir, self.shards, digest, arrays)
+        arrays = open_index(self.features_dir, self.shards, self.caption_fields)
         _warn_big_groups([self.shards[s] for s in arrays["big_groups"]])
         self.shard, self.group, self.row, self.bucket_of = arrays["shard"], arrays["group"], arrays["row"], arrays["bucket_of"]
         members = np.split(arrays["members"], np.cumsum(arrays["bucket_sizes"])[:-1])
         self.buckets: dict[tuple[int, int], np.ndarray] = {(int(h), int(w)): m for (h, w), m in zip(arrays["sizes"], members)}
         # a bit per caption field the sample has (None: one field, which every sample has)
         self.has = arrays["has"] if len(self.caption_fields) > 1 else None
-
-    def _build_index(self) -> dict[str, np.ndarray]:
-        """shard/group/row of every sample in key order, its bucket, the samples of each bucket
-        (sizes, then members in bucket order) and the caption fields it has."""
-        # Parquet decoding releases the GIL: shards are indexed in parallel threads (at 10M samples,
-        # 10k shards of ~0.2 s each)
-        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-            parts = list(pool.map(self._index_shard, range(len(self.shards)), self.shards))
-        # a stable order independent of shard write order: sort by key (Arrow, no Python strings)
-        keys = pa.chunked_array([c for p in parts for c in p["key"].chunks], pa.string())
-        order = pc.sort_indices(keys).to_numpy()
-        del keys
-        index = {c: np.concatenate([p[c] for p in parts])[order] for c in ("shard", "group", "row", "has")}
-        if len(self.caption_fields) == 1:
-            index["has"] = index["has"][:0]  # one field, which every sample has
-        hw = np.stack([np.concatenate([p[c] for p in parts])[order] for c in ("height", "width")], 1)
-        sizes, bucket_of = np.unique(hw, axis=0, return_inverse=True)  # sizes sorted as (h, w) tuples
-        bucket_of = bucket_of.ravel()
-        return {**index, "sizes": sizes, "bucket_sizes": np.bincount(bucket_of, minlength=len(sizes)),
-                "members": np.argsort(bucket_of, kind="stable").astype(np.int32),
-                "bucket_of": bucket_of.astype(np.uint16 if len(sizes) < 1 << 16 else np.int32),
-                "big_groups": np.flatnonzero([p["big"] for p in parts])}
-
-    def _index_shard(self, s: int, path: str) -> dict:
-        """The index columns of one shard (key, height, width: no tensor bytes read), the row
-        group and row of each of its rows, and whether it has oversized row groups."""
-        pf = pq.ParquetFile(path, memory_map=True)
-        md = pf.metadata
-        lens = [c.len for c in self.text_columns]
-        missing = sorted({name for cols in self.text_columns for name in (cols.emb, cols.len)} - set(pf.schema_arrow.names))
-        if missing:
-            raise ShardError(f"{path} has no column {', '.join(missing)}: these features were made for other caption fields "
-                             f"than {', '.join(self.caption_fields)}; make features with the same caption_fields")
-        sizes = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)], np.int64)
-        big = any(md.row_group(g).num_rows > 1 and md.row_group(g).total_byte_size > BIG_ROW_GROUP for g in range(md.num_row_groups))
-        t = pf.read(columns=INDEX_COLUMNS + (lens if len(lens) > 1 else []))
-        starts = np.cumsum(sizes) - sizes
-        has = np.zeros(md.num_rows, np.uint8)
-        if len(lens) > 1:
-            for bit, name in enumerate(lens):
-                has |= (t.column(name).fill_null(0).to_numpy() > 0).astype(np.uint8) << bit
-        return {"key": t.column("key"), "height": t.column("height").to_numpy(), "width": t.column("width").to_numpy(),
-                "shard": np.full(md.num_rows, s, np.int32), "group": np.repeat(np.arange(len(sizes), dtype=np.int32), sizes),
-                "row": (np.arange(md.num_rows) - np.repeat(starts, sizes)).astype(np.int32), "has": has, "big": big}
 
     def __len__(self) -> int:
         return len(self.shard)

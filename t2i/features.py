@@ -51,7 +51,7 @@ from shards.images.address import is_compressed_tar
 from shards.lock import output_lock
 from shards.writer import write_manifest
 from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, text_columns
-from t2i.data import StreamingFeatureDataset
+from t2i.feature_index import open_index
 
 FEATURE_VERSION = 2  # 2: shared decode policy (EXIF, draft), latent_dtype
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -592,7 +592,7 @@ def finish_output(out: Path, cfg: FeatureConfig, shards_dir, stats: dict[str, An
         if stats["rows"]:
             # the directory is complete now: build the index once here (a valid cache is only loaded),
             # not in the first training open, nor on each node of a run on per-node local disks
-            StreamingFeatureDataset(out, cfg.max_tokens, cfg.caption_fields)
+            open_index(out, [str(s) for s in complete_shards(out)], parse_fields(cfg.caption_fields))
     return stats
 
 

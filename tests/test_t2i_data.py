@@ -11,6 +11,7 @@ import torch
 
 from shards import ShardWriter, complete_shards
 from t2i.data import StreamingFeatureDataset
+from t2i import feature_index
 from t2i.feature_index import INDEX_FILE
 from t2i.loader import make_loader
 from t2i.features import FEATURE_SCHEMA
@@ -177,8 +178,8 @@ def test_pinning_a_ring_batch_frees_its_slot(features, monkeypatch):
 def test_the_index_is_cached_used_by_every_open_and_worker_and_rebuilt_when_shards_change(tmp_path, monkeypatch):
     d = write_features(tmp_path / "f", 61)
     built = []
-    real = StreamingFeatureDataset._index_shard
-    monkeypatch.setattr(StreamingFeatureDataset, "_index_shard", lambda self, s, path: built.append(path) or real(self, s, path))
+    real = feature_index.index_shard
+    monkeypatch.setattr(feature_index, "index_shard", lambda s, path, fields: built.append(path) or real(s, path, fields))
     first = StreamingFeatureDataset(d, MAX_TOKENS)
     assert len(built) == 3 and (d / INDEX_FILE).is_file()
     # a second open (another rank, another run) loads the cache: no shard is read, the same index

@@ -306,6 +306,7 @@ def test_features_job_leaves_the_loaders_index_cached(world, tmp_path, monkeypat
 
     import cli
     from t2i.data import StreamingFeatureDataset
+    from t2i import feature_index
     from t2i.feature_index import INDEX_FILE
     from t2i.features import features_dir
     from t2i.train import train
@@ -319,8 +320,8 @@ def test_features_job_leaves_the_loaders_index_cached(world, tmp_path, monkeypat
     assert cache.is_file()
     written = cache.stat().st_mtime_ns
     built = []
-    real = StreamingFeatureDataset._index_shard
-    monkeypatch.setattr(StreamingFeatureDataset, "_index_shard", lambda self, s, path: built.append(path) or real(self, s, path))
+    real = feature_index.index_shard
+    monkeypatch.setattr(feature_index, "index_shard", lambda s, path, fields: built.append(path) or real(s, path, fields))
     cached = StreamingFeatureDataset(cache.parent, 16)
     train(cfg, tmp_path / "run", features=tmp_path / "feats", progress=False)
     assert built == [] and len(cached) == 256 and cache.stat().st_mtime_ns == written
