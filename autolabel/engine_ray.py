@@ -181,7 +181,7 @@ class CaptionActor:
             if r["pixels"] is not None and r["error"] is None:
                 todo.append((row, Image.frombytes("RGB", (r["pixel_width"], r["pixel_height"]), r["pixels"])))
         if todo:
-            caption_batch(self.captioner, self.cfg, [row for row, _ in todo], [im for _, im in todo])
+            caption_batch(self.captioner, self.cfg, todo)
         return pa.Table.from_pylist(out, OUT_SCHEMA)
 
 

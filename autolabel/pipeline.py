@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -81,17 +82,60 @@ def prefetch(items: Iterable[ImageItem], opts: PrepareOptions, workers: int, dep
             yield inflight.popleft().result()
 
 
-def generate_or_isolate(captioner: Captioner, images: list, texts: list[str], params: GenParams) -> list:
-    """Captions for a batch (both engines). If the batch fails, image by image, so one bad image
-    becomes an error row (the exception in its place) instead of crashing every rerun at the same
-    place. If every image fails alone too, the problem is not the images: raise."""
+class _Pulled:
+    """The requests an engine has pulled so far from a (possibly lazy) stream; after a failure,
+    `everything()` pulls the rest, so the batch can be retried image by image."""
+
+    def __init__(self, requests: Iterable[tuple]) -> None:
+        self.source, self.seen, self.source_failed = iter(requests), [], False
+
+    def __iter__(self) -> "_Pulled":
+        return self
+
+    def __next__(self) -> tuple:
+        try:
+            request = next(self.source)
+        except StopIteration:
+            raise
+        except BaseException:
+            self.source_failed = True  # the input broke, not an image: nothing to isolate
+            raise
+        self.seen.append(request)
+        return request
+
+    def everything(self) -> list[tuple]:
+        self.seen.extend(self.source)
+        return self.seen
+
+
+def _generate(captioner: Captioner, requests: Iterable[tuple], params: GenParams) -> list:
+    """One call for all `requests` ((image, prompt) pairs): streamed into engines that take a
+    lazy stream (VllmCaptioner.generate_streamed), collected into lists for the others."""
+    streamed = getattr(captioner, "generate_streamed", None)
+    if streamed is not None:
+        return streamed(requests, params)
+    pairs = list(requests)
+    if not pairs:
+        return []
+    return captioner.generate([im for im, _ in pairs], [text for _, text in pairs], params)
+
+
+def generate_or_isolate(captioner: Captioner, requests: Iterable[tuple], params: GenParams) -> list:
+    """Captions for a batch of (image, prompt) requests (both engines; `requests` may be lazy).
+    If the batch fails, image by image, so one bad image becomes an error row (the exception in
+    its place) instead of crashing every rerun at the same place. If every image fails alone
+    too, the problem is not the images: raise."""
+    pulled = _Pulled(requests)
     try:
-        return captioner.generate(images, texts, params)
+        return _generate(captioner, pulled, params)
     except Exception as batch_error:
-        if len(images) == 1:
+        if pulled.source_failed:
+            raise
+        pairs = pulled.everything()
+        if len(pairs) == 1:
             raise
         results: list = []
-        for image, text in zip(images, texts):
+        for image, text in pairs:
             try:
                 results.append(captioner.generate([image], [text], params)[0])
             except Exception as e:  # noqa: BLE001 - recorded in the row
@@ -170,15 +214,30 @@ def base_row(captioner: Captioner, params: GenParams, image: bytes | None, **fie
                 max_new_tokens=params.max_new_tokens, seed=params.seed, image=image, error=None)
 
 
-def caption_batch(captioner: Captioner, cfg: CaptionConfig, rows: list[dict], images: list) -> None:
-    """Caption one batch of prepared images (both engines): the prompt for each row's alt-text
-    (and each of `cfg.extra_prompts()`), one generate call for all of them (image by image if
-    it fails), and the caption fields (or the error) filled into `rows` in place."""
-    questions = [question_for(cfg.first_prompt(), row["alt_text"], cfg.use_alt) for row in rows]
+def caption_batch(captioner: Captioner, cfg: CaptionConfig, entries: Iterable[tuple[dict, Any]]) -> list[dict]:
+    """Caption one batch of (row, prepared image) `entries` (both engines): the prompt for each
+    row's alt-text (and each of `cfg.extra_prompts()`), one generate call for all of them (image
+    by image if it fails), and the caption fields (or the error) filled into the rows in place;
+    returns the rows. `entries` may be lazy: the local engine hands each image over as its
+    worker finishes it, and the vLLM engine starts on it while the next ones are prepared."""
+    rows: list[dict] = []
+    images: list = []
+    questions: list[str] = []
     extra = cfg.extra_prompts()
-    # every prompt of every image in one call: the engine batches them together
-    texts = [captioner.format_prompt(q) for q in questions] + [captioner.format_prompt(q) for _, q in extra for _ in rows]
-    gens = generate_or_isolate(captioner, list(images) * (1 + len(extra)), texts, cfg.gen_params())
+
+    def requests() -> Iterator[tuple]:
+        for row, image in entries:
+            rows.append(row)
+            images.append(image)
+            questions.append(question_for(cfg.first_prompt(), row["alt_text"], cfg.use_alt))
+            yield image, captioner.format_prompt(questions[-1])
+        # every prompt of every image in one call, in today's order (all first prompts, then
+        # each extra prompt for every image): the engine batches them together
+        for _, eq in extra:
+            text = captioner.format_prompt(eq)
+            yield from ((image, text) for image in list(images))
+
+    gens = generate_or_isolate(captioner, requests(), cfg.gen_params())
     n = len(rows)
     for i, (row, q, g) in enumerate(zip(rows, questions, gens)):
         row["prompt"] = q
@@ -192,6 +251,7 @@ def caption_batch(captioner: Captioner, cfg: CaptionConfig, rows: list[dict], im
         row.update(caption=caption, num_tokens=g.num_tokens, image_tokens=getattr(g, "image_tokens", None), finish_reason=g.finish_reason,
                    truncated=g.finish_reason == "length", degenerate=is_degenerate(caption), error=None,
                    **{f"caption_{name}": clean_caption(x.text, eq) for name, (eq, x) in extras.items()})  # fmt: skip
+    return rows
 
 
 def caption_items(items: Iterable[ImageItem], captioner: Captioner, out_dir: str | Path, cfg: CaptionConfig, recorded: dict,
@@ -224,27 +284,28 @@ def caption_items(items: Iterable[ImageItem], captioner: Captioner, out_dir: str
         rec.emit(row)
         bar.update(task, advance=1, rate=rec.rate())
 
-    def run_batch(batch: list) -> None:
-        rows = [row_of(item, prep, data) for item, prep, data in batch]
-        caption_batch(captioner, cfg, rows, [prep.image for _, prep, _ in batch])
-        for row in rows:
-            emit(row)
+    def next_batch(ready: Iterator[tuple]) -> Iterator[tuple[dict, Any]]:
+        """The next `batch_size` prepared images, each handed over as soon as its worker is done
+        (so the engine starts on the first instead of waiting for the whole batch); an image that
+        could not be prepared becomes its error row at once. Pulls nothing past the batch."""
+        taken = 0
+        while taken < cfg.batch_size:
+            got = next(ready, None)
+            if got is None:
+                return
+            item, prep, error, data = got
+            if error is not None:
+                emit(dict(row_of(item, None, data), error=error))
+                continue
+            taken += 1
+            yield row_of(item, prep, data), prep.image
 
     columns = [TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} img/s"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
     with Progress(*columns, disable=not cfg.progress, transient=False) as bar:
         task = bar.add_task("caption", total=total, rate="0.00")
-        batch: list = []
-        for item, prep, error, data in prefetch(todo(), cfg.prepare_options(policy), cfg.prepare_workers(), cfg.prefetch_depth()):
-            if error is not None:
-                row = row_of(item, None, data)
-                row.update(error=error)
-                emit(row)
-                continue
-            batch.append((item, prep, data))
-            if len(batch) >= cfg.batch_size:
-                run_batch(batch)
-                batch = []
-        if batch:
-            run_batch(batch)
+        with closing(prefetch(todo(), cfg.prepare_options(policy), cfg.prepare_workers(), cfg.prefetch_depth())) as ready:
+            while rows := caption_batch(captioner, cfg, next_batch(ready)):  # empty: the input is done
+                for row in rows:
+                    emit(row)
     return rec.finish()

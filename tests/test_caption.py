@@ -437,7 +437,7 @@ def test_one_caption_batch_function_fills_rows_for_both_engines():
     cap = Echo()
     rows = [base_row(cap, cfg.gen_params(), None, key=k, source=None, member=None, address=None, image_id=None, width=None,
                      height=None, alt_text=alt) for k, alt in (("a", "a cat"), ("b", None), ("c", None))]
-    caption_batch(cap, cfg, rows, [Image.new("RGB", (w, 2)) for w in (5, 3, 4)])
+    assert caption_batch(cap, cfg, zip(rows, [Image.new("RGB", (w, 2)) for w in (5, 3, 4)])) == rows
     assert [r["prompt"] for r in rows] == [ALT_PROMPT.format(alt="a cat"), PAPER_PROMPT, PAPER_PROMPT]
     assert [r["caption"] for r in (rows[0], rows[2])] == ["A photo of size 5.", "A photo of size 4."]
     assert rows[1]["error"] == "captioning failed: ValueError: odd image" and "caption" not in rows[1]
@@ -458,3 +458,160 @@ def test_shards_reader_does_not_import_the_writer():
     for name in ("reader.py", "layout.py"):
         assert "shards.writer" not in imported(shards_dir / name), name
     assert "shards.reader" in imported(shards_dir / "writer.py")
+
+
+# --- the vLLM engine is fed each image as it is prepared (autolabel.pipeline.next_batch) ---------
+
+
+def test_streamed_requests_give_llm_generate_s_tokens(vllm_captioner):
+    """VllmCaptioner feeds the engine request by request (LLMEngine.add_request, step): the
+    tokens are those of `vllm.LLM.generate` on the same inputs (the path it replaced), in order,
+    sampled (temperature 0.2, seeded) and greedy."""
+    from vllm import SamplingParams
+
+    images = [prepare_image(jpeg_bytes(120 + 10 * s, 90, seed=s)).image for s in range(4)]
+    prompts = [vllm_captioner.format_prompt(q) for q in (PAPER_PROMPT, "What is this?", ALT_PROMPT.format(alt="a cat"), "Hi")]
+    for temperature in (0.2, 0.0):
+        params = GenParams(temperature=temperature, max_new_tokens=10, seed=3)
+        sp = SamplingParams(temperature=temperature, max_tokens=10, seed=3)
+        requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
+        reference = [list(o.outputs[0].token_ids) for o in vllm_captioner.llm.generate(requests, sp, use_tqdm=False)]
+        streamed = vllm_captioner.generate_streamed(iter(zip(images, prompts)), params)
+        assert [g.token_ids for g in streamed] == reference
+        assert len({tuple(t) for t in reference}) > 1  # the order is checked: the outputs differ
+
+
+def test_the_engine_starts_before_the_batch_is_prepared(tmp_path, vllm_captioner, monkeypatch):
+    """The job hands each prepared image to the engine at once: the second image's preparation
+    waits (up to 60 s) until the engine has the first request. A job that collected the whole
+    batch before calling the engine would never get there."""
+    import threading
+
+    import autolabel.pipeline as pipeline
+
+    engine = vllm_captioner.llm.llm_engine
+    first_in_engine, waited = threading.Event(), []
+    add_request, prepare = engine.add_request, pipeline._prepare
+
+    def add_and_signal(*args, **kwargs):
+        request_id = add_request(*args, **kwargs)
+        first_in_engine.set()
+        return request_id
+
+    def gated_prepare(item, opts):
+        if item.key.endswith("1.jpg"):
+            waited.append(first_in_engine.wait(timeout=60))
+        return prepare(item, opts)
+
+    monkeypatch.setattr(engine, "add_request", add_and_signal)
+    monkeypatch.setattr(pipeline, "_prepare", gated_prepare)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.jpg").write_bytes(jpeg_bytes(100, 80, seed=i))
+    s = run_caption([src], tmp_path / "out", max_new_tokens=3, temperature=0.0, batch_size=3, workers=2, progress=False,
+                    captioner=vllm_captioner)  # fmt: skip
+    assert waited == [True] and s.captioned == 3
+    assert len(read_rows(tmp_path / "out")) == 3
+
+
+class _Rejecting:
+    """The vLLM captioner, failing on images of one size (as an engine rejects an image it cannot
+    process): in the stream, after the requests before it reached the engine."""
+
+    def __init__(self, inner: VllmCaptioner, bad_size: tuple[int, int]) -> None:
+        self.inner, self.bad_size, self.lingering = inner, bad_size, []
+        self.name, self.model_name, self.processor = inner.name, inner.model_name, inner.processor
+
+    def format_prompt(self, q):
+        return self.inner.format_prompt(q)
+
+    def _checked(self, requests):
+        for image, prompt in requests:
+            if image.size == self.bad_size:
+                raise ValueError("unsupported image")
+            yield image, prompt
+
+    def generate_streamed(self, requests, params):
+        try:
+            return self.inner.generate_streamed(self._checked(requests), params)
+        except ValueError:
+            self.lingering.append(self.inner.llm.llm_engine.has_unfinished_requests())
+            raise
+
+    def generate(self, images, prompts, params):
+        return self.generate_streamed(zip(images, prompts), params)
+
+    def close(self):
+        pass
+
+
+def test_a_streamed_image_the_engine_rejects_is_isolated(tmp_path, vllm_captioner):
+    """One image failing mid-stream: the requests already in the engine are aborted (none
+    lingers into the next batch), the batch is retried image by image, the bad image becomes its
+    error row and the others get the captions a clean run gives them."""
+    from autolabel.backends import size_policy_of
+
+    odd = size_policy_of(vllm_captioner).target(77, 33)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, size in enumerate([(100, 80), (77, 33), (90, 60), (110, 70)]):
+        (src / f"{i}.jpg").write_bytes(jpeg_bytes(*size, seed=i))
+    kw = dict(max_new_tokens=5, temperature=0.0, batch_size=4, progress=False)
+    picky = _Rejecting(vllm_captioner, odd)
+    s = run_caption([src], tmp_path / "out", captioner=picky, **kw)
+    assert (s.captioned, s.failed) == (3, 1) and picky.lingering[0] is False
+    assert not vllm_captioner.llm.llm_engine.has_unfinished_requests()
+    df = read_rows(tmp_path / "out").sort("key")
+    assert "unsupported image" in df.filter(pl.col("key") == "src/1.jpg")["error"][0]
+    (src / "1.jpg").unlink()
+    run_caption([src], tmp_path / "clean", captioner=vllm_captioner, **kw)
+    clean = read_rows(tmp_path / "clean").sort("key")
+    good = df.filter(pl.col("error").is_null())
+    assert good.select("key", "caption", "num_tokens").to_dicts() == clean.select("key", "caption", "num_tokens").to_dicts()
+
+
+def test_an_interrupted_streamed_run_resumes_exactly_once_with_the_same_captions(tmp_path, vllm_captioner):
+    """A run stopped mid-batch (while the engine is being fed) keeps only complete shards; the
+    rerun captions the rest once, and every row equals an uninterrupted run's."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(9):
+        (src / f"{i}.jpg").write_bytes(jpeg_bytes(90 + 5 * i, 70, seed=i))
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    kw = dict(max_new_tokens=6, temperature=0.2, seed=1, batch_size=3, shard_size=3, progress=False)
+
+    class Stops:
+        """Stops the process (as Ctrl-C does) when the 8th image reaches the engine (the 7th is in it)."""
+
+        name, model_name, processor = vllm_captioner.name, vllm_captioner.model_name, vllm_captioner.processor
+        format_prompt = staticmethod(vllm_captioner.format_prompt)
+        fed = 0
+
+        def _counted(self, requests):
+            for request in requests:
+                Stops.fed += 1
+                if Stops.fed == 8:
+                    raise KeyboardInterrupt
+                yield request
+
+        def generate_streamed(self, requests, params):
+            return vllm_captioner.generate_streamed(self._counted(requests), params)
+
+        def close(self):
+            pass
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_caption([src], out, captioner=Stops(), **kw)
+    assert not vllm_captioner.llm.llm_engine.has_unfinished_requests()
+    before = read_rows(out).height
+    assert 0 < before < 10 and before % 3 == 0  # whole shards only
+    s = run_caption([src], out, captioner=vllm_captioner, **kw)
+    assert s.skipped == before and s.captioned + s.failed == 10 - before
+    resumed = read_rows(out).sort("key")
+    assert resumed["key"].n_unique() == resumed.height == 10
+    run_caption([src], tmp_path / "reference", captioner=vllm_captioner, **kw)
+    cols = ["key", "caption", "num_tokens", pl.col("error").is_null()]  # (a decode error names an object address)
+    assert resumed.select(cols).to_dicts() == read_rows(tmp_path / "reference").sort("key").select(cols).to_dicts()
+    assert resumed["error"].null_count() == 9
