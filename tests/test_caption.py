@@ -615,3 +615,33 @@ def test_an_interrupted_streamed_run_resumes_exactly_once_with_the_same_captions
     cols = ["key", "caption", "num_tokens", pl.col("error").is_null()]  # (a decode error names an object address)
     assert resumed.select(cols).to_dicts() == read_rows(tmp_path / "reference").sort("key").select(cols).to_dicts()
     assert resumed["error"].null_count() == 9
+
+
+def test_a_batch_renders_each_question_once():
+    """The chat template runs once per distinct question of a batch, not once per image."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from autolabel.config import CaptionConfig
+    from autolabel.pipeline import base_row, caption_batch
+
+    class Counting:
+        name, model_name, rendered = "fake", "counting", []
+
+        def format_prompt(self, q):
+            self.rendered.append(q)
+            return f"<{q}>"
+
+        def generate(self, images, prompts, params):
+            return [SimpleNamespace(text=p, num_tokens=1, finish_reason="stop") for p in prompts]
+
+    cfg = CaptionConfig(prompt_mode="alt", prompts=("dense", "short"))
+    cap = Counting()
+    alts = ("a cat", None, None, "a cat", "a dog")
+    rows = [base_row(cap, cfg.gen_params(), None, key=str(i), source=None, member=None, address=None, image_id=None, width=None,
+                     height=None, alt_text=alt) for i, alt in enumerate(alts)]
+    caption_batch(cap, cfg, zip(rows, [Image.new("RGB", (4, 4))] * len(rows)))
+    assert sorted(cap.rendered) == sorted(set(cap.rendered)) and len(cap.rendered) == 4  # 3 distinct first questions + "short"
+    assert [r["caption"] for r in rows] == [f"<{r['prompt']}>" for r in rows] and rows[1]["caption"] == rows[2]["caption"]
+    assert all(r["caption_short"] for r in rows)
