@@ -26,6 +26,9 @@ TARGETS = "arm (c) colour >= 90%, position >= 90%, shape >= 70%, all three >= 55
           "(c) reaches (b)'s final all-three in <= 60% of the steps; (d) raises the aesthetic score, all-three drops <= 5 points"
 
 
+TIME_TARGET_S = 600
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
@@ -111,6 +114,15 @@ def main() -> None:
             "", "| seed | (c) colour / position / shape / all | all-three (b) vs (a) | (c) steps to (b)'s final | aesthetic before → after (margin); (d) all-three change | time |",
             "|---|---|---|---|---|---|"]
     body += [row(seed, r) for seed, r in results.items()]
+    from demo.report import chance_caveat
+
+    caveats = [f"Seed {seed}:{chance_caveat(r['t2i']['arms'], r['t2i'])}" for seed, r in results.items()]
+    body += [""] + [f"- {c}" for c in caveats if "Caution" in c]
+    if not args.quick:
+        walls = {seed: r["timing"]["total_s"] for seed, r in results.items()}
+        verdict = "within" if max(walls.values()) <= TIME_TARGET_S else "over"
+        body += [f"- Time: {verdict} the {TIME_TARGET_S} s target for the default demo on 2 cores ("
+                 + ", ".join(f"seed {s} {w:.0f} s" for s, w in walls.items()) + "); a load near 2 means the run had the machine to itself."]
     body += [""] + [curves(seed, r) for seed, r in results.items()]
     body += ["", "Aesthetic score: the LAION-v2-architecture head fitted by `score --fit-aesthetic` on the tiny world CLIP; "
              "ground truth per seed (real held-out images, clean / degraded): "

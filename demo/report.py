@@ -87,14 +87,14 @@ def _claims(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"rated below {aes['where'].split('>=')[1].strip()}: {_pct(sm['before_low_share'])} → {_pct(sm['after_low_share'])}). "
             f"Ground truth: the same head rates real clean held-out images {gt['clean_mean']:.2f} and real degraded ones "
             f"{gt['degraded_mean']:.2f}. All-three accuracy changed by {100 * c['d_all_change']:+.0f} points (allowed: -5).")
-    caveat = _chance_caveat(arms, t2i)
+    caveat = chance_caveat(arms, t2i)
     prior, caps = prior + caveat, caps + caveat
     return [("1. A pixel prior (class-conditional DiT, imported by re-parameterisation) gives a head start", prior, "curves"),
             ("2. Dense VLM captions teach alignment far faster than alt-texts", caps, "samples"),
             ("3. A short aesthetic fine-tune on a selected subset improves the images without losing alignment", aest, "samples")]
 
 
-def _chance_caveat(arms: dict[str, Any], t2i: dict[str, Any]) -> str:
+def chance_caveat(arms: dict[str, Any], t2i: dict[str, Any]) -> str:
     """A warning when (b)'s or (c)'s final accuracy on some attribute is within 2 standard errors
     of chance: their all-three accuracy is then the other attributes times a coin flip, and
     comparing arms on it shows noise. ((a) at chance is the alt-texts' effect, not a caveat.)"""

@@ -89,14 +89,14 @@ def test_the_shipped_vae_keeps_the_world_legible():
 def test_report_warns_when_an_attribute_is_at_chance():
     """All-three comparisons are flagged as noise when (b) or (c) is at chance on an attribute;
     (a) at chance (alt-texts never say where) is the effect itself, not a caveat."""
-    from demo.report import _chance_caveat
+    from demo.report import chance_caveat
 
     def arms(shape_b, shape_c):
         final = lambda shape: {"color": 1.0, "position": 1.0, "shape": shape}  # noqa: E731
         return {"a": {"final": {"color": 0.7, "position": 0.2, "shape": 0.25}}, "b": {"final": final(shape_b)}, "c": {"final": final(shape_c)}}
 
-    caveat = _chance_caveat(arms(0.27, 0.9), {"prompts": 48})
+    caveat = chance_caveat(arms(0.27, 0.9), {"prompts": 48})
     assert "shape ((b) 27%, (c) 90%; chance 25%)" in caveat and "position" not in caveat
-    assert _chance_caveat(arms(0.8, 0.9), {"prompts": 48}) == ""
+    assert chance_caveat(arms(0.8, 0.9), {"prompts": 48}) == ""
     # the bar is 2 standard errors over chance: 25% + 12.5% at 48 prompts
-    assert _chance_caveat(arms(0.36, 0.9), {"prompts": 48}) and not _chance_caveat(arms(0.38, 0.9), {"prompts": 48})
+    assert chance_caveat(arms(0.36, 0.9), {"prompts": 48}) and not chance_caveat(arms(0.38, 0.9), {"prompts": 48})
