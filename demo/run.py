@@ -43,10 +43,10 @@ class DemoConfig:
     t2i_resolution: int = 32
     preset: str = "PixArt-tiny/2"  # patch 2 on the VAE's 16x16 latents: 64 tokens
     prediction_type: str = "v_prediction"  # v, not epsilon: single-coloured objects, no stray blobs, at these steps
-    lr: float = 3e-3  # colour and position held out: 35/27% at step 400, 85/90% at 800 (1e-3: 10/12%, 17/17%)
+    lr: float = 3e-3  # with epsilon (2026-11-26), colour/position 35/27% at step 400 against 10/12% at 1e-3
     vae: str = str(SHIPPED_VAE)  # frozen, fitted offline by `python -m demo.vae` (as PixArt uses SD's VAE)
     dit_steps: int = 400  # stage 1: the class-conditional DiT (labels: shape)
-    arm_steps: int = 1000  # arms a, b, c each (equal compute, same seed); 1200 took the demo to 633 s
+    arm_steps: int = 800  # arms a, b, c each (equal compute, same seed); 1000 took the demo to 614-631 s (quiet)
     finetune_steps: int = 200  # arm d: stage 3 on the selected subset
     curve_points: int = 5  # checkpoints judged per arm
     curve_prompts: int = 48  # held-out prompts judged per checkpoint
