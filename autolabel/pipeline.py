@@ -240,7 +240,7 @@ def caption_batch(captioner: Captioner, cfg: CaptionConfig, entries: Iterable[tu
         # every prompt of every image in one call, in today's order (all first prompts, then
         # each extra prompt for every image): the engine batches them together
         for _, eq in extra:
-            yield from ((image, render(eq)) for image in list(images))
+            yield from ((image, render(eq)) for image in images)
 
     gens = generate_or_isolate(captioner, requests(), cfg.gen_params())
     n = len(rows)

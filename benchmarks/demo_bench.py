@@ -116,8 +116,7 @@ def main() -> None:
     body += [row(seed, r) for seed, r in results.items()]
     from demo.report import chance_caveat
 
-    caveats = [f"Seed {seed}:{chance_caveat(r['t2i']['arms'], r['t2i'])}" for seed, r in results.items()]
-    body += [""] + [f"- {c}" for c in caveats if "Caution" in c]
+    body += [""] + [f"- Seed {seed}:{c}" for seed, r in results.items() if (c := chance_caveat(r["t2i"]["arms"], r["t2i"]))]
     if not args.quick:
         walls = {seed: r["timing"]["total_s"] for seed, r in results.items()}
         verdict = "within" if max(walls.values()) <= TIME_TARGET_S else "over"

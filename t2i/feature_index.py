@@ -1,7 +1,8 @@
 """The loader's index of a features directory, cached next to the shards as `index.npz`.
 
 Building the index (`build_index`, what t2i.data.StreamingFeatureDataset holds) reads every
-shard's footer and its key/height/width columns: at 10M samples, minutes per open, paid by every rank of every run.
+shard's footer and its key/height/width columns: at 10M samples, minutes per open, paid by
+every rank of every run.
 The cache holds the finished numpy arrays and is used when it matches the directory:
 
 - it is written (atomically: temp file, fsync, rename) only once the directory is complete, i.e.
