@@ -529,6 +529,7 @@ def demo_cmd(
     seed: int = typer.Option(0, "--seed", help="Everything is deterministic for a seed."),
     backend: str = typer.Option("transformers", "--backend", help="Caption backend for step 3: transformers or vllm."),
     quick: bool = typer.Option(False, "--quick", help="A much smaller world and fewer steps (a smoke run, ~2 min)."),
+    full: bool = typer.Option(False, "--full", help="A larger model trained long enough to learn shape (~1.5 h on 2 cores)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
     """The whole recipe on a synthetic miniature world, on CPU, in about 10 minutes.
@@ -545,7 +546,9 @@ def demo_cmd(
 
     if backend not in ("transformers", "vllm"):
         raise UserError(f"unknown --backend {backend!r}: use transformers or vllm")
-    cfg = DemoConfig.quick(str(out), seed) if quick else DemoConfig(out=str(out), seed=seed)
+    if quick and full:
+        raise UserError("--quick and --full contradict each other: pass one of them")
+    cfg = DemoConfig.quick(str(out), seed) if quick else DemoConfig.full(str(out), seed) if full else DemoConfig(out=str(out), seed=seed)
     cfg.caption_backend = backend
     run_demo(cfg, log=lambda m: typer.secho(m, fg=typer.colors.CYAN, err=True), progress=not no_progress)
 

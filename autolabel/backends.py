@@ -50,7 +50,11 @@ class Generation:
 
 class Captioner(Protocol):
     """What the pipeline needs from a model. `prompts` are full prompts (`format_prompt` output),
-    one image each; the result has one Generation per image, in order."""
+    one image each; the result has one Generation per image, in order.
+
+    An engine that can start on the first image before the last is prepared may also define
+    `generate_streamed(requests, params)` over lazy (image, prompt) pairs, as VllmCaptioner
+    does; the pipeline then feeds it that way (`autolabel.pipeline._generate`)."""
 
     name: str  # backend name recorded in rows: "vllm" | "transformers"
     model_name: str

@@ -1,9 +1,11 @@
 """The demo's three claims for several seeds, against the issue's targets: writes the "demo
 claims" section of BENCHMARKS.md from the results.json of `t2i-data demo` runs.
 
-    python benchmarks/demo_bench.py --seeds 0,1 --root demo_bench_out [--quick]
+    python benchmarks/demo_bench.py --seeds 0,1 --root demo_bench_out [--quick | --full] [--threads N]
 
-Each seed runs the default demo into ROOT/seed-<n> (a finished run is reused: the demo resumes),
+`--full` (the larger model, ~1.5 h a seed) writes its own section, "demo claims (--full)". Seeds
+may run as separate processes (`--seeds 0 --threads 1` beside `--seeds 1 --threads 1`), then one
+`--report-only --seeds 0,1` writes the section. Each seed runs the demo into ROOT/seed-<n> (a finished run is reused: the demo resumes),
 so the section can be rewritten from runs made earlier with `--report-only`. Wall time and CPU
 time (user + system, all processes) are both recorded: the machine may be shared.
 """
@@ -38,11 +40,12 @@ def _cpu_s() -> float:
     return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def run_seed(root: Path, seed: int, quick: bool) -> dict:
+def run_seed(root: Path, seed: int, mode: str, threads: int) -> dict:
     from demo.run import DemoConfig, run_demo
 
     out = root / f"seed-{seed}"
-    cfg = DemoConfig.quick(str(out), seed) if quick else DemoConfig(out=str(out), seed=seed)
+    cfg = {"quick": DemoConfig.quick, "full": DemoConfig.full}.get(mode, DemoConfig)(out=str(out), seed=seed)
+    cfg.threads = threads
     t0, c0 = time.perf_counter(), _cpu_s()
     results = run_demo(cfg, progress=False)
     results["bench"] = {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "load_avg": list(os.getloadavg())}
@@ -93,8 +96,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--root", default="demo_bench_out")
     ap.add_argument("--quick", action="store_true", help="the --quick demo (a smoke run of this script)")
+    ap.add_argument("--full", action="store_true", help="the --full demo (its own section)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per seed (1 when seeds run side by side)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the section from ROOT/seed-*/results.json")
     args = ap.parse_args()
+    mode = "quick" if args.quick else "full" if args.full else "default"
     root = Path(args.root)
     results = {}
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -105,10 +111,10 @@ def main() -> None:
             if bench.exists():
                 results[seed]["bench"] = json.loads(bench.read_text())
         else:
-            results[seed] = run_seed(root, seed, args.quick)
+            results[seed] = run_seed(root, seed, mode, args.threads)
     any_r = next(iter(results.values()))
     cfg = any_r["config"]
-    body = [f"`t2i-data demo` ({'--quick' if args.quick else 'default'}): world {cfg['world_train']} + {cfg['world_heldout']} images, "
+    body = [f"`t2i-data demo` ({'default' if mode == 'default' else '--' + mode}): world {cfg['world_train']} + {cfg['world_heldout']} images, "
             f"{cfg['t2i_resolution']} px, {cfg['preset']} ({cfg.get('prediction_type', 'epsilon')}), arms a-c {cfg['arm_steps']} steps each (DiT stage {cfg['dit_steps']}), "
             f"fine-tune {cfg['finetune_steps']}; {cfg['curve_prompts']} held-out prompts judged per checkpoint. Targets: {TARGETS}.",
             "", "| seed | (c) colour / position / shape / all | all-three (b) vs (a) | (c) steps to (b)'s final | aesthetic before → after (margin); (d) all-three change | time |",
@@ -117,7 +123,7 @@ def main() -> None:
     from demo.report import chance_caveat
 
     body += [""] + [f"- Seed {seed}:{c}" for seed, r in results.items() if (c := chance_caveat(r["t2i"]["arms"], r["t2i"]))]
-    if not args.quick:
+    if mode == "default":
         walls = {seed: r["timing"]["total_s"] for seed, r in results.items()}
         verdict = "within" if max(walls.values()) <= TIME_TARGET_S else "over"
         body += [f"- Time: {verdict} the {TIME_TARGET_S} s target for the default demo on 2 cores ("
@@ -127,7 +133,7 @@ def main() -> None:
              "ground truth per seed (real held-out images, clean / degraded): "
              + "; ".join(f"seed {s}: {r['t2i']['aesthetic']['real_heldout']['clean_mean']:.2f} / {r['t2i']['aesthetic']['real_heldout']['degraded_mean']:.2f}"
                          for s, r in results.items()) + "."]
-    write_section("demo claims", "\n".join(body))
+    write_section("demo claims (--full)" if mode == "full" else "demo claims", "\n".join(body))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ PRESETS: dict[str, Preset] = {
     # CPU/CI presets: a few hundred thousand parameters
     "PixArt-tiny/2": Preset(depth=2, hidden=64, heads=4, patch=2),
     "PixArt-tiny/4": Preset(depth=2, hidden=128, heads=4, patch=4),  # hidden > patch^2 x channels
+    "PixArt-mini/2": Preset(depth=4, hidden=128, heads=4, patch=2),  # ~1.2M: enough to draw 32 px shapes
 }
 
 LATENT_CHANNELS = 4

@@ -100,3 +100,18 @@ def test_report_warns_when_an_attribute_is_at_chance():
     assert chance_caveat(arms(0.8, 0.9), {"prompts": 48}) == ""
     # the bar is 2 standard errors over chance: 25% + 12.5% at 48 prompts
     assert chance_caveat(arms(0.36, 0.9), {"prompts": 48}) and not chance_caveat(arms(0.38, 0.9), {"prompts": 48})
+
+
+def test_full_demo_is_a_larger_model_and_refuses_quick_with_it(tmp_path):
+    """`--full` trains PixArt-mini/2 (a real preset, several times tiny's parameters) for longer;
+    `--quick --full` is refused with the one-line error before any work."""
+    from demo.run import DemoConfig
+    from t2i.models import get_preset
+
+    full, default = DemoConfig.full(str(tmp_path)), DemoConfig(out=str(tmp_path))
+    big, small = get_preset(full.preset), get_preset(default.preset)
+    assert big.depth * big.hidden**2 >= 4 * small.depth * small.hidden**2
+    assert full.arm_steps > default.arm_steps and full.dit_steps > default.dit_steps
+    res = CliRunner().invoke(app, ["demo", "--quick", "--full", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "--quick and --full" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
