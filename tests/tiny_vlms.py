@@ -1,7 +1,7 @@
 """Tiny RANDOM vision-language models of the families people caption with (tests and benchmarks
 only; nothing on the product's import path uses this module).
 
-    build_tiny_vlm(family, out_dir, seed=0) -> Path     # FAMILIES lists the names
+    build_tiny_vlm(family, out_dir, seed=0, scale="tiny") -> Path     # FAMILIES lists the names
 
 Each is the family's real transformers config class, shrunk (1-2 layers, hidden 64, text
 head_dim 32, which vLLM's CPU attention accepts), its real processor class with a byte-level BPE
@@ -9,6 +9,11 @@ tokenizer trained here on a few sentences (the family's special tokens and a cha
 renders its real prompt format), and small image settings so a test image gives tens of image
 tokens. Same family and seed give the same directory contents. `transformers` and `vllm.LLM`
 both load it (where vLLM supports the family on CPU; see tests/test_caption_families.py).
+
+`scale="small"` (the families in SMALL) keeps the same classes, tokenizer and templates but takes
+the real dimensions of a small released captioner (SMALL_PRESETS), still with random weights, for
+benchmarks that need the engine's real cost per image (benchmarks/vlm_throughput_bench.py
+--scale small); `model_parts(family, scale)` gives its config and processor without weights.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             head_dim=HEAD_DIM, max_position_embeddings=2048, tie_word_embeddings=False)  # fmt: skip
 
 
-def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, add_bos: bool, gemma: bool = False, **extra):
+def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, add_bos: bool, gemma: bool = False,
+               vocab_size: int | None = None, **extra):  # fmt: skip
     """A BPE tokenizer trained on CORPUS with the family's special tokens: byte-level (GPT-2 /
     Llama 3 / Qwen style), or with `gemma` Gemma's style (spaces as "▁", byte fallback, so "\n"
-    is a token of its own, which vLLM's PaliGemma looks up)."""
+    is a token of its own, which vLLM's PaliGemma looks up). `vocab_size`: padded to that many
+    tokens (a released model's vocabulary size, so its embedding and output layer cost as much)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,7 +61,22 @@ def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, add_bos
         tok.add_tokens(["\n" * n for n in (2, 3, 4)])  # tokens of Gemma's vocabulary that vLLM's Gemma 3 looks up
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    if vocab_size:
+        tok = _padded(tok, vocab_size)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, padding_side="left", **extra)
+
+
+def _padded(tok, vocab_size: int):
+    """`tok` with filler entries appended to its BPE vocabulary up to `vocab_size` ids: no merge
+    produces them, so text tokenizes as before, and every id the model can emit decodes."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    first = tok.get_vocab_size()  # with the added tokens: the fillers come after every id in use
+    spec["model"]["vocab"].update({f"<fill{i}>": first + i for i in range(vocab_size - first)})
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def _ids(tok, model_cfg_text: dict) -> dict:
@@ -100,10 +122,28 @@ GEMMA3_TEMPLATE = _template("<start_of_turn>user\n", "<start_of_image>", "<end_o
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def _qwen_family(version: str, out: Path, seed: int) -> Path:
+# Qwen2-VL small: Qwen2-VL-2B's layout with Qwen2-0.5B's text (the 2B's is Qwen2-1.5B's) and a ViT-B-sized
+# vision tower (the 2B's is 32 layers x 1280, 675 M parameters: minutes per batch on 2 CPU cores); the
+# released processor (3136..12845056 pixels, patch 14, merge 2), which the job caps (autolabel.sizing).
+QWEN2_VL_SMALL = dict(
+    text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+              max_position_embeddings=32768, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}),  # sums to head_dim / 2
+    vision=dict(depth=12, embed_dim=768, hidden_size=896, num_heads=12, patch_size=14, spatial_merge_size=2, mlp_ratio=4),
+    pixels=(3136, 12845056), vocab_size=151936,
+)  # fmt: skip
+
+
+def _qwen_family(version: str, out: Path, seed: int, scale: str = "tiny") -> Path:
+    return _save(*_qwen_parts(version, scale), out, seed)
+
+
+def _qwen_parts(version: str, scale: str = "tiny") -> tuple:
+    """(model class, config, processor) of Qwen `version` ("2", "2.5", "3"); `scale` "small": Qwen2-VL only."""
     import transformers as T
 
-    tok = _tokenizer(QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", add_bos=False,
+    small = QWEN2_VL_SMALL if scale == "small" else None
+    tok = _tokenizer(QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", add_bos=False, vocab_size=small and small["vocab_size"],
                      extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                            "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})  # fmt: skip
     ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
@@ -111,12 +151,14 @@ def _qwen_family(version: str, out: Path, seed: int) -> Path:
                vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))  # fmt: skip
     patch = 16 if version == "3" else 14
     factor = patch * 2
+    pixels = small["pixels"] if small else (4 * factor * factor, 16 * factor * factor)
     image_processor = T.Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2,
-                                              size={"shortest_edge": 4 * factor * factor, "longest_edge": 16 * factor * factor})  # fmt: skip
+                                              size={"shortest_edge": pixels[0], "longest_edge": pixels[1]})  # fmt: skip
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}  # sums to head_dim / 2
-    text = _ids(tok, dict(TEXT, rope_parameters=rope))
+    text = _ids(tok, small["text"] if small else dict(TEXT, rope_parameters=rope))
     if version == "2":
-        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=1, patch_size=patch, spatial_merge_size=2, mlp_ratio=2)
+        vision = small["vision"] if small else dict(depth=1, embed_dim=32, hidden_size=64, num_heads=1, patch_size=patch, spatial_merge_size=2,
+                                                    mlp_ratio=2)  # fmt: skip
         cfg, cls, proc = T.Qwen2VLConfig(text_config=text, vision_config=vision, **ids), T.Qwen2VLForConditionalGeneration, T.Qwen2VLProcessor
         video = T.Qwen2VLVideoProcessor()
     elif version == "2.5":
@@ -132,11 +174,11 @@ def _qwen_family(version: str, out: Path, seed: int) -> Path:
         video = T.Qwen3VLVideoProcessor(patch_size=patch)
     template = QWEN3_TEMPLATE if version == "3" else QWEN_TEMPLATE
     processor = proc(image_processor=image_processor, tokenizer=tok, video_processor=video, chat_template=template)
-    return _save(cls, cfg, processor, out, seed)
+    return cls, cfg, processor
 
 
-def build_qwen2_vl(out: Path, seed: int = 0) -> Path:
-    return _qwen_family("2", out, seed)
+def build_qwen2_vl(out: Path, seed: int = 0, scale: str = "tiny") -> Path:
+    return _qwen_family("2", out, seed, scale)
 
 
 def build_qwen2_5_vl(out: Path, seed: int = 0) -> Path:
@@ -205,35 +247,53 @@ def build_llava_onevision(out: Path, seed: int = 0) -> Path:
     return _save(T.LlavaOnevisionForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
 
 
-def _idefics_family(smol: bool, out: Path, seed: int) -> Path:
+# Idefics3 / SmolVLM sizes. tiny: 64 px tiles, (64 / 16)^2 patches, pixel shuffle 2: 4 tokens per tile.
+# small: SmolVLM-256M as released (HuggingFaceTB/SmolVLM-256M-Instruct config.json, model_type idefics3:
+# SmolLM2-135M text, SigLIP-base-patch16-512 vision, pixel shuffle 4: (512 / 16)^2 / 4^2 = 64 tokens per
+# 512 px tile, vocabulary 49280, output layer not tied). Its processor's longest_edge is 2048 (a 640x480
+# image: 4 x 3 tiles + the whole image, 832 tokens); the preset's 512 (one tile, 64 tokens, the
+# documented `size={"longest_edge": 512}`) keeps a run on 2 CPU cores short and the engine's share the
+# smallest it is at these dimensions.
+IDEFICS_SIZES = {
+    "tiny": dict(text=TEXT, vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=64,
+                                        patch_size=16), scale_factor=2, longest_edge=128, vocab_size=None),
+    "small": dict(text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                            head_dim=64, max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                            tie_word_embeddings=False),
+                  vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=512,
+                              patch_size=16), scale_factor=4, longest_edge=512, vocab_size=49280),
+}  # fmt: skip
+
+
+def _idefics_parts(smol: bool, scale: str) -> tuple:
+    """(model class, config, processor) of Idefics3 (`smol`: SmolVLM) at size `scale`."""
     import transformers as T
 
+    size = IDEFICS_SIZES[scale]
     tiles = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     bos = "<|im_start|>" if smol else "<|begin_of_text|>"
     tok = _tokenizer(["<|endoftext|>", bos, "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>", *tiles],
-                     bos, "<end_of_utterance>", "<|endoftext|>", add_bos=not smol)  # fmt: skip
-    tile = 64  # (64 / 16)^2 patches, pixel shuffle by 2: 4 tokens per tile
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=tile, patch_size=16)
-    text = dict(_ids(tok, TEXT), model_type="llama")
-    ip_kwargs = dict(size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile})
-    ids = dict(image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, pad_token_id=tok.pad_token_id)
+                     bos, "<end_of_utterance>", "<|endoftext|>", add_bos=not smol, vocab_size=size["vocab_size"])  # fmt: skip
+    vision, text = size["vision"], dict(_ids(tok, size["text"]), model_type="llama")
+    tile, scale_factor = vision["image_size"], size["scale_factor"]
+    seq_len = (tile // vision["patch_size"]) ** 2 // scale_factor**2
+    ip_kwargs = dict(size={"longest_edge": size["longest_edge"]}, max_image_size={"longest_edge": tile})
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale_factor, pad_token_id=tok.pad_token_id)
     if smol:
-        cfg = T.SmolVLMConfig(vision_config=vision, text_config=text, **ids)
         processor = T.SmolVLMProcessor(image_processor=T.SmolVLMImageProcessor(**ip_kwargs), tokenizer=tok,
-                                       video_processor=T.SmolVLMVideoProcessor(), image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)  # fmt: skip
-        return _save(T.SmolVLMForConditionalGeneration, cfg, processor, out, seed)
-    cfg = T.Idefics3Config(vision_config=vision, text_config=text, **ids)
-    processor = T.Idefics3Processor(image_processor=T.Idefics3ImageProcessor(**ip_kwargs), tokenizer=tok, image_seq_len=4,
+                                       video_processor=T.SmolVLMVideoProcessor(), image_seq_len=seq_len, chat_template=IDEFICS3_TEMPLATE)  # fmt: skip
+        return T.SmolVLMForConditionalGeneration, T.SmolVLMConfig(vision_config=vision, text_config=text, **ids), processor
+    processor = T.Idefics3Processor(image_processor=T.Idefics3ImageProcessor(**ip_kwargs), tokenizer=tok, image_seq_len=seq_len,
                                     chat_template=IDEFICS3_TEMPLATE)  # fmt: skip
-    return _save(T.Idefics3ForConditionalGeneration, cfg, processor, out, seed)
+    return T.Idefics3ForConditionalGeneration, T.Idefics3Config(vision_config=vision, text_config=text, **ids), processor
 
 
-def build_idefics3(out: Path, seed: int = 0) -> Path:
-    return _idefics_family(False, out, seed)
+def build_idefics3(out: Path, seed: int = 0, scale: str = "tiny") -> Path:
+    return _save(*_idefics_parts(False, scale), out, seed)
 
 
-def build_smolvlm(out: Path, seed: int = 0) -> Path:
-    return _idefics_family(True, out, seed)
+def build_smolvlm(out: Path, seed: int = 0, scale: str = "tiny") -> Path:
+    return _save(*_idefics_parts(True, scale), out, seed)
 
 
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
@@ -296,9 +356,28 @@ FAMILIES: dict[str, Callable[..., Path]] = {
 }
 
 
-def build_tiny_vlm(family: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build and save family `family`'s tiny random model + processor at `out_dir`."""
-    return FAMILIES[family](Path(out_dir), seed)
+# families with a "small" size (random weights at a small released captioner's dimensions): what each mirrors
+SMALL = {
+    "idefics3": "SmolVLM-256M-Instruct as released (its model_type is idefics3), processor at one 512 px tile",
+    "smolvlm": "SmolVLM-256M's dimensions in SmolVLM(2)'s classes, processor at one 512 px tile",
+    "qwen2_vl": "Qwen2-VL-2B's layout and processor, Qwen2-0.5B's text, a ViT-B-sized vision tower (the 2B's: 32 x 1280)",
+}
+
+
+def build_tiny_vlm(family: str, out_dir: str | Path, seed: int = 0, scale: str = "tiny") -> Path:
+    """Build and save family `family`'s random model + processor at `out_dir`: tiny, or at
+    `scale="small"` (families in SMALL) a small released captioner's dimensions."""
+    if scale == "tiny":
+        return FAMILIES[family](Path(out_dir), seed)
+    model_parts(family, scale)  # fails fast on a family or size without a preset
+    return FAMILIES[family](Path(out_dir), seed, scale=scale)
+
+
+def model_parts(family: str, scale: str = "small") -> tuple:
+    """(model class, config, processor) of `family` at `scale`, without building weights."""
+    if family not in SMALL or scale not in ("tiny", "small"):
+        raise ValueError(f"no {scale!r} size for {family!r}: sizes are tiny (every family) and small ({', '.join(SMALL)})")
+    return _qwen_parts("2", scale) if family == "qwen2_vl" else _idefics_parts(family == "smolvlm", scale)
 
 
 def released_processors() -> dict:
