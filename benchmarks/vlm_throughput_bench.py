@@ -35,6 +35,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -198,11 +199,14 @@ def main() -> None:
     paths = write_images(tmp / "images", args.images, (w, h))
     args.load0 = os.getloadavg()[0]
     results = []
-    for family in args.families.split(","):
-        results.append(bench_family(family, tmp, paths, args))
-        print(results[-1], flush=True)
-        # after each family: a long run leaves what it measured
-        (write_report if args.scale == "tiny" else write_small_report)(results, args, (w, h))
+    try:
+        for family in args.families.split(","):
+            results.append(bench_family(family, tmp, paths, args))
+            print(results[-1], flush=True)
+            # after each family: a long run leaves what it measured
+            (write_report if args.scale == "tiny" else write_small_report)(results, args, (w, h))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a small model is GBs of float32
 
 
 def _median(results: list[dict], key: str) -> float:
