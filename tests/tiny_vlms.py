@@ -11,7 +11,8 @@ tokens. Same family and seed give the same directory contents. `transformers` an
 both load it (where vLLM supports the family on CPU; see tests/test_caption_families.py).
 
 `scale="small"` (the families in SMALL) keeps the same classes, tokenizer and templates but takes
-the real dimensions of a small released captioner (SMALL_PRESETS), still with random weights, for
+the real dimensions of a small released captioner (IDEFICS_SIZES, QWEN2_VL_SMALL), still with random
+weights and with the tokenizer padded to the released vocabulary size, for
 benchmarks that need the engine's real cost per image (benchmarks/vlm_throughput_bench.py
 --scale small); `model_parts(family, scale)` gives its config and processor without weights.
 """
