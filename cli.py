@@ -548,7 +548,7 @@ def demo_cmd(
         raise UserError(f"unknown --backend {backend!r}: use transformers or vllm")
     if quick and full:
         raise UserError("--quick and --full contradict each other: pass one of them")
-    cfg = DemoConfig.quick(str(out), seed) if quick else DemoConfig.full(str(out), seed) if full else DemoConfig(out=str(out), seed=seed)
+    cfg = DemoConfig.for_mode("quick" if quick else "full" if full else "default", str(out), seed)
     cfg.caption_backend = backend
     run_demo(cfg, log=lambda m: typer.secho(m, fg=typer.colors.CYAN, err=True), progress=not no_progress)
 

@@ -5,8 +5,8 @@ claims" section of BENCHMARKS.md from the results.json of `t2i-data demo` runs.
 
 `--full` (the larger model, ~1.5 h a seed) writes its own section, "demo claims (--full)". Seeds
 may run as separate processes (`--seeds 0 --threads 1` beside `--seeds 1 --threads 1`), then one
-`--report-only --seeds 0,1` writes the section. Each seed runs the demo into ROOT/seed-<n> (a finished run is reused: the demo resumes),
-so the section can be rewritten from runs made earlier with `--report-only`. Wall time and CPU
+`--report-only --seeds 0,1` writes the section. Each seed runs the demo into ROOT/seed-<n> (a
+finished run is reused: the demo resumes), so the section can be rewritten from runs made earlier with `--report-only`. Wall time and CPU
 time (user + system, all processes) are both recorded: the machine may be shared.
 """
 
@@ -44,7 +44,7 @@ def run_seed(root: Path, seed: int, mode: str, threads: int) -> dict:
     from demo.run import DemoConfig, run_demo
 
     out = root / f"seed-{seed}"
-    cfg = {"quick": DemoConfig.quick, "full": DemoConfig.full}.get(mode, DemoConfig)(out=str(out), seed=seed)
+    cfg = DemoConfig.for_mode(mode, str(out), seed)
     cfg.threads = threads
     t0, c0 = time.perf_counter(), _cpu_s()
     results = run_demo(cfg, progress=False)

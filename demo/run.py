@@ -64,10 +64,15 @@ class DemoConfig:
 
     @classmethod
     def full(cls, out: str, seed: int = 0) -> "DemoConfig":
-        """The longer run whose curves go to BENCHMARKS.md: a 4x wider and 2x deeper model
+        """The longer run whose curves go to BENCHMARKS.md: a 2x wider and 2x deeper model
         (PixArt-mini/2, ~1.2M) trained long enough to draw shapes, not only colour and position."""
         return cls(out=out, seed=seed, preset="PixArt-mini/2", lr=1e-3, dit_steps=1000, arm_steps=2400,
                    finetune_steps=400, curve_points=6)
+
+    @classmethod
+    def for_mode(cls, mode: str, out: str, seed: int = 0) -> "DemoConfig":
+        """The configuration of a named run: "default", "quick" (the tests') or "full"."""
+        return {"quick": cls.quick, "full": cls.full}.get(mode, cls)(out=out, seed=seed)
 
 
 def _stage(log: Callable[[str], None], n: int, title: str) -> float:

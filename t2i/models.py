@@ -26,7 +26,7 @@ PRESETS: dict[str, Preset] = {
     "PixArt-L/2": Preset(depth=24, hidden=1024, heads=16, patch=2),
     "PixArt-B/2": Preset(depth=12, hidden=768, heads=12, patch=2),
     "PixArt-S/2": Preset(depth=12, hidden=384, heads=6, patch=2),
-    # CPU/CI presets: a few hundred thousand parameters
+    # CPU/CI presets: 0.2M (tiny) to 1.2M (mini) parameters
     "PixArt-tiny/2": Preset(depth=2, hidden=64, heads=4, patch=2),
     "PixArt-tiny/4": Preset(depth=2, hidden=128, heads=4, patch=4),  # hidden > patch^2 x channels
     "PixArt-mini/2": Preset(depth=4, hidden=128, heads=4, patch=2),  # ~1.2M: enough to draw 32 px shapes

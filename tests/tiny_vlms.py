@@ -370,14 +370,18 @@ def build_tiny_vlm(family: str, out_dir: str | Path, seed: int = 0, scale: str =
     `scale="small"` (families in SMALL) a small released captioner's dimensions."""
     if scale == "tiny":
         return FAMILIES[family](Path(out_dir), seed)
-    model_parts(family, scale)  # fails fast on a family or size without a preset
+    _check_size(family, scale)
     return FAMILIES[family](Path(out_dir), seed, scale=scale)
+
+
+def _check_size(family: str, scale: str) -> None:
+    if family not in SMALL or scale not in ("tiny", "small"):
+        raise ValueError(f"no {scale!r} size for {family!r}: sizes are tiny (every family) and small ({', '.join(SMALL)})")
 
 
 def model_parts(family: str, scale: str = "small") -> tuple:
     """(model class, config, processor) of `family` at `scale`, without building weights."""
-    if family not in SMALL or scale not in ("tiny", "small"):
-        raise ValueError(f"no {scale!r} size for {family!r}: sizes are tiny (every family) and small ({', '.join(SMALL)})")
+    _check_size(family, scale)
     return _qwen_parts("2", scale) if family == "qwen2_vl" else _idefics_parts(family == "smolvlm", scale)
 
 
