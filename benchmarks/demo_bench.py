@@ -53,6 +53,22 @@ def run_seed(root: Path, seed: int, mode: str, threads: int) -> dict:
     return results
 
 
+def mode_of(cfg: dict) -> str:
+    """Which named configuration (DemoConfig.for_mode) a run's results.json was made with, so
+    --report-only writes the section the runs belong to, whatever its flags say."""
+    from dataclasses import asdict
+
+    from demo.run import DemoConfig
+
+    mine = {k: v for k, v in cfg.items() if k not in ("out", "seed", "threads")}
+    for mode in ("default", "quick", "full"):
+        named = asdict(DemoConfig.for_mode(mode, cfg["out"], cfg["seed"]))
+        if all(named.get(k) == v for k, v in mine.items()):
+            return mode
+    sys.exit(f"the runs in {Path(cfg['out']).parent} match no configuration of this version (default, quick, full): "
+             "rerun them without --report-only")
+
+
 def row(seed: int, r: dict) -> str:
     t2i = r["t2i"]
     arms, c, aes = t2i["arms"], t2i["claims"], t2i["aesthetic"]["samples"]
@@ -64,6 +80,11 @@ def row(seed: int, r: dict) -> str:
             f"{aes['before_mean']:.2f} → {aes['after_mean']:.2f} ({aes['margin']:+.2f} ± {aes['margin_se']:.2f}); "
             f"{100 * c['d_all_change']:+.0f} pts | {r['timing']['total_s']:.0f} s wall"
             + (f", {bench['cpu_s']:.0f} s CPU" if bench else "") + _load(r) + " |")
+
+
+def _timesteps(cfg: dict) -> str:
+    power = cfg.get("timestep_power", 1.0)
+    return "" if power == 1.0 else f", training timesteps T·u^{power:g}"
 
 
 def _load(r: dict) -> str:
@@ -114,8 +135,10 @@ def main() -> None:
             results[seed] = run_seed(root, seed, mode, args.threads)
     any_r = next(iter(results.values()))
     cfg = any_r["config"]
+    if args.report_only:
+        mode = mode_of(cfg)
     body = [f"`t2i-data demo` ({'default' if mode == 'default' else '--' + mode}): world {cfg['world_train']} + {cfg['world_heldout']} images, "
-            f"{cfg['t2i_resolution']} px, {cfg['preset']} ({cfg.get('prediction_type', 'epsilon')}), arms a-c {cfg['arm_steps']} steps each (DiT stage {cfg['dit_steps']}), "
+            f"{cfg['t2i_resolution']} px, {cfg['preset']} ({cfg.get('prediction_type', 'epsilon')}{_timesteps(cfg)}), arms a-c {cfg['arm_steps']} steps each (DiT stage {cfg['dit_steps']}), "
             f"fine-tune {cfg['finetune_steps']}; {cfg['curve_prompts']} held-out prompts judged per checkpoint. Targets: {TARGETS}.",
             "", "| seed | (c) colour / position / shape / all | all-three (b) vs (a) | (c) steps to (b)'s final | aesthetic before → after (margin); (d) all-three change | time |",
             "|---|---|---|---|---|---|"]

@@ -43,6 +43,7 @@ class DemoConfig:
     t2i_resolution: int = 32
     preset: str = "PixArt-tiny/2"  # patch 2 on the VAE's 16x16 latents: 64 tokens
     prediction_type: str = "v_prediction"  # v, not epsilon: single-coloured objects, no stray blobs, at these steps
+    timestep_power: float = 1.0  # uniform training timesteps (TrainConfig.timestep_power)
     lr: float = 3e-3  # with epsilon (2026-11-26), colour/position 35/27% at step 400 against 10/12% at 1e-3
     vae: str = str(SHIPPED_VAE)  # frozen, fitted offline by `python -m demo.vae` (as PixArt uses SD's VAE)
     dit_steps: int = 400  # stage 1: the class-conditional DiT (labels: shape)
@@ -66,8 +67,8 @@ class DemoConfig:
     def full(cls, out: str, seed: int = 0) -> "DemoConfig":
         """The longer run whose curves go to BENCHMARKS.md: a 2x wider and 2x deeper model
         (PixArt-mini/2, ~1.2M) trained long enough to draw shapes, not only colour and position."""
-        return cls(out=out, seed=seed, preset="PixArt-mini/2", lr=1e-3, dit_steps=1000, arm_steps=2400,
-                   finetune_steps=400, curve_points=6)
+        return cls(out=out, seed=seed, preset="PixArt-mini/2", lr=1e-3, timestep_power=0.6, dit_steps=1000,
+                   arm_steps=2400, finetune_steps=400, curve_points=6, curve_prompts=96)
 
     @classmethod
     def for_mode(cls, mode: str, out: str, seed: int = 0) -> "DemoConfig":
@@ -251,6 +252,7 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     base = load_manifest(cfg.t2i_manifest).stages[0].config
     base.vae, base.text_encoder, base.resolution, base.seed = cfg.vae, str(tiny / "t5"), cfg.t2i_resolution, cfg.seed
     base.preset, base.lr, base.threads, base.prediction_type = cfg.preset, cfg.lr, cfg.threads, cfg.prediction_type
+    base.timestep_power = cfg.timestep_power
     s = ArmSettings(base=base, steps=cfg.arm_steps, curve_every=max(cfg.arm_steps // cfg.curve_points, 1),
                     sampler_steps=cfg.sampler_steps, guidance=4.5, progress=progress)
     scenes = W.sample_scenes(cfg.curve_prompts, cfg.seed + 2024, "heldout")

@@ -6,10 +6,11 @@ timesteps and caption drops at the configured rate."""
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from t2i.noise import below, normal_pairs, random_words, sample_keys
-from t2i.train import make_inputs
+from t2i.train import draw_timesteps, make_inputs
 
 SHAPE = (4, 8, 8)
 
@@ -65,3 +66,29 @@ def test_draws_have_the_right_distributions():
     counts = np.bincount(below(random_words(np.arange(100), 1000), 1000).ravel(), minlength=1000)
     assert len(counts) == 1000 and counts.min() > 50 and counts.max() < 150  # 100 expected in each of the 1000
     assert abs(big["drop"].double().mean() - 0.3) < 0.03
+
+
+def test_timestep_power_below_one_trains_the_noisy_end_more_often():
+    words = random_words(sample_keys(5, 0, 0, np.arange(20000)), 1)[:, 0]
+    uniform = draw_timesteps(words, 1000, 1.0)
+    assert torch.equal(uniform, torch.from_numpy(below(words, 1000)))  # power 1: the draws runs always had
+    noisy = draw_timesteps(words, 1000, 0.6)
+    assert noisy.dtype == torch.int64 and int(noisy.min()) >= 0 and int(noisy.max()) == 999
+    # P(t >= T/2) = 1 - 0.5 ** (1 / 0.6) = 0.685, against 0.5 when uniform
+    assert abs(float((noisy >= 500).float().mean()) - 0.685) < 0.02
+    assert abs(float((uniform >= 500).float().mean()) - 0.5) < 0.02
+    assert torch.equal(noisy, draw_timesteps(words, 1000, 0.6))  # the same words give the same steps
+    # make_inputs passes the setting through; the other draws do not change
+    keys = sample_keys(3, 1, 2, np.arange(8))
+    a = make_inputs(batch_of(np.arange(8)), 0.18, 1000, 0.3, keys)
+    b = make_inputs(batch_of(np.arange(8)), 0.18, 1000, 0.3, keys, timestep_power=0.6)
+    assert torch.all(b["t"] >= a["t"]) and torch.any(b["t"] > a["t"])  # u**0.6 >= u for every u in [0, 1)
+    assert torch.equal(a["noise"], b["noise"]) and torch.equal(a["drop"], b["drop"])
+
+
+def test_timestep_power_must_be_positive():
+    from shards.errors import UserError
+    from t2i.train import TrainConfig
+
+    with pytest.raises(UserError, match="timestep_power must be > 0"):
+        TrainConfig(preset="PixArt-tiny/2", timestep_power=0).validate()
