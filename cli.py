@@ -315,6 +315,7 @@ def train_cmd(
     lr: Optional[float] = typer.Option(None),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16"),
     prediction_type: Optional[str] = typer.Option(None, "--prediction-type", help="what the model predicts: epsilon (default, the paper's) | v_prediction"),
+    timestep_power: Optional[float] = typer.Option(None, "--timestep-power", help="training timesteps floor(T*u**p): 1 uniform (default); < 1 trains the noisy steps, where shapes form, more often"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="write a checkpoint every N optimizer steps (default 1000)"),
     keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="keep the newest N checkpoints (default 3; 0: keep all)"),
@@ -339,7 +340,7 @@ def train_cmd(
     _t2i_threads(threads)
     given = {k: v for k, v in dict(preset=preset, kind=kind, class_column=class_column, init=init, resolution=resolution, vae=vae, text_encoder=text_encoder,
                                    steps=steps, batch_size=batch_size, global_batch=global_batch, grad_accum=grad_accum, fsdp=fsdp,
-                                   lr=lr, mixed_precision=mixed_precision, prediction_type=prediction_type, loader_workers=loader_workers, report_to=report_to,
+                                   lr=lr, mixed_precision=mixed_precision, prediction_type=prediction_type, timestep_power=timestep_power, loader_workers=loader_workers, report_to=report_to,
                                    sample_prompts=sample_prompts, checkpoint_every=checkpoint_every,
                                    keep_checkpoints=keep_checkpoints, caption_fields=caption_fields,
                                    caption_weights=caption_weights).items() if v is not None}

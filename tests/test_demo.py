@@ -115,3 +115,19 @@ def test_full_demo_is_a_larger_model_and_refuses_quick_with_it(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--quick", "--full", "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "--quick and --full" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_bench_report_only_writes_the_section_the_runs_belong_to(tmp_path):
+    """`demo_bench --report-only` reads the mode from each run's recorded configuration, so runs of
+    `--full` never land in the default's section; runs made with another configuration are refused."""
+    from dataclasses import asdict
+
+    from benchmarks.demo_bench import mode_of
+    from demo.run import DemoConfig
+
+    for mode in ("default", "quick", "full"):
+        recorded = asdict(DemoConfig.for_mode(mode, str(tmp_path / "seed-1"), 1)) | {"threads": 1}
+        assert mode_of(recorded) == mode
+    stale = asdict(DemoConfig.full(str(tmp_path / "seed-0"))) | {"timestep_power": 1.0}  # an older --full
+    with pytest.raises(SystemExit, match="match no configuration"):
+        mode_of(stale)

@@ -244,6 +244,8 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
     r = CliRunner().invoke(cli.app, ["train", "--shards", str(tmp_path), "--out", str(tmp_path / "o2"), "--prediction-type", "x0"])
     assert r.exit_code == 2 and "prediction_type 'x0' is not one of epsilon, v_prediction" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(cli.app, ["train", "--shards", str(tmp_path), "--out", str(tmp_path / "o3"), "--timestep-power", "0"])
+    assert r.exit_code == 2 and "timestep_power must be > 0" in r.output and "Traceback" not in r.output
 
 
 def test_images_from_recorded_sources(tmp_path):
