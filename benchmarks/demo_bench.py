@@ -60,7 +60,8 @@ def mode_of(cfg: dict) -> str:
 
     from demo.run import DemoConfig
 
-    mine = {k: v for k, v in cfg.items() if k not in ("out", "seed", "threads")}
+    # paths name where the repository was when the run was made, not what it was
+    mine = {k: v for k, v in cfg.items() if k not in ("out", "seed", "threads", "vae", "t2i_manifest")}
     for mode in ("default", "quick", "full"):
         named = asdict(DemoConfig.for_mode(mode, cfg["out"], cfg["seed"]))
         if all(named.get(k) == v for k, v in mine.items()):

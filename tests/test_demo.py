@@ -128,6 +128,7 @@ def test_demo_bench_report_only_writes_the_section_the_runs_belong_to(tmp_path):
     for mode in ("default", "quick", "full"):
         recorded = asdict(DemoConfig.for_mode(mode, str(tmp_path / "seed-1"), 1)) | {"threads": 1}
         assert mode_of(recorded) == mode
+        assert mode_of(recorded | {"vae": "/elsewhere/demo/assets/tiny_vae"}) == mode  # a run made in another clone
     stale = asdict(DemoConfig.full(str(tmp_path / "seed-0"))) | {"timestep_power": 1.0}  # an older --full
     with pytest.raises(SystemExit, match="match no configuration"):
         mode_of(stale)
