@@ -49,6 +49,7 @@ class DemoConfig:
     dit_steps: int = 400  # stage 1: the class-conditional DiT (labels: shape)
     arm_steps: int = 800  # arms a, b, c each (equal compute, same seed); 1000 took the demo to 614-631 s (quiet)
     finetune_steps: int = 200  # arm d: stage 3 on the selected subset
+    finetune_lr: float = 0.0  # arm d's learning rate (0: the arms' lr)
     curve_points: int = 5  # checkpoints judged per arm
     curve_prompts: int = 48  # held-out prompts judged per checkpoint
     sampler_steps: int = 14  # DPM-Solver++ steps per sample
@@ -68,7 +69,7 @@ class DemoConfig:
         """The longer run whose curves go to BENCHMARKS.md: a 2x wider and 2x deeper model
         (PixArt-mini/2, ~1.2M) trained long enough to draw shapes, not only colour and position."""
         return cls(out=out, seed=seed, preset="PixArt-mini/2", lr=1e-3, timestep_power=0.6, dit_steps=1000,
-                   arm_steps=2400, finetune_steps=400, curve_points=6, curve_prompts=96)
+                   arm_steps=2400, finetune_steps=800, finetune_lr=3e-3, curve_points=6, curve_prompts=96)
 
     @classmethod
     def for_mode(cls, mode: str, out: str, seed: int = 0) -> "DemoConfig":
@@ -261,7 +262,8 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     timing.update(res["timing"])
     arms = res["arms"]
     t0 = time.perf_counter()
-    arms["d"] = run_finetune(s, out / "t2i", subset, out / "t2i" / "arm-c", cfg.finetune_steps, scenes, prompts, cfg.seed, log)
+    arms["d"] = run_finetune(s, out / "t2i", subset, out / "t2i" / "arm-c", cfg.finetune_steps, scenes, prompts, cfg.seed, log,
+                             lr=cfg.finetune_lr or None)
     arms["d"]["label"] = "(c) + aesthetic fine-tune"
     timing["finetune_s"] = time.perf_counter() - t0
 
