@@ -96,13 +96,13 @@ def compare(judge: AestheticJudge, before: list, after: list, threshold: float) 
 
 
 def run_finetune(s, out: Path, subset: dict[str, Any], arm_c: Path, steps: int, scenes: list, prompts: list[str],
-                 seed: int, log: Callable[[str], None], lr: float | None = None) -> dict[str, Any]:
-    """Arm (d): fine-tune arm (c)'s last checkpoint on the selected subset (at `lr`, default the
-    arms' own); its curve continues (c)'s step count."""
+                 seed: int, log: Callable[[str], None], lr: float) -> dict[str, Any]:
+    """Arm (d): fine-tune arm (c)'s last checkpoint on the selected subset at `lr`; its curve
+    continues (c)'s step count."""
     from demo.arms import arm_config, checkpoints, curve, train_stage
 
     log(f"      arm (d) fine-tune on {subset['selected']} selected images: {steps} steps")
-    cfg = arm_config(s, "arm-d", f"checkpoint:{arm_c}", steps, **({"lr": lr} if lr else {}))
+    cfg = arm_config(s, "arm-d", f"checkpoint:{arm_c}", steps, lr=lr)
     cfg.checkpoint_every = max(steps // 2, 1)
     train_stage(cfg, out / "arm-d", Path(subset["shards"]), out / "features_selected", s.progress)
     c_steps = checkpoints(arm_c)[-1][0]

@@ -263,7 +263,7 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     arms = res["arms"]
     t0 = time.perf_counter()
     arms["d"] = run_finetune(s, out / "t2i", subset, out / "t2i" / "arm-c", cfg.finetune_steps, scenes, prompts, cfg.seed, log,
-                             lr=cfg.finetune_lr or None)
+                             lr=cfg.finetune_lr or cfg.lr)
     arms["d"]["label"] = "(c) + aesthetic fine-tune"
     timing["finetune_s"] = time.perf_counter() - t0
 
