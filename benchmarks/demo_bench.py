@@ -139,7 +139,7 @@ def main() -> None:
     if args.report_only:
         mode = mode_of(cfg)
     body = [f"`t2i-data demo` ({'default' if mode == 'default' else '--' + mode}): world {cfg['world_train']} + {cfg['world_heldout']} images, "
-            f"{cfg['t2i_resolution']} px, {cfg['preset']} ({cfg.get('prediction_type', 'epsilon')}{_timesteps(cfg)}), arms a-c {cfg['arm_steps']} steps each (DiT stage {cfg['dit_steps']}), "
+            f"{cfg['t2i_resolution']} px, {cfg['preset']} ({cfg.get('prediction_type', 'epsilon')}{_timesteps(cfg)}), arms a-c {cfg['arm_steps']} steps each (DiT stage {cfg['dit_steps']} on {cfg.get('dit_classes', 'shape')} labels), "
             f"fine-tune {cfg['finetune_steps']}; {cfg['curve_prompts']} held-out prompts judged per checkpoint. Targets: {TARGETS}.",
             "", "| seed | (c) colour / position / shape / all | all-three (b) vs (a) | (c) steps to (b)'s final | aesthetic before → after (margin); (d) all-three change | time |",
             "|---|---|---|---|---|---|"]

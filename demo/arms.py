@@ -39,23 +39,27 @@ class ArmSettings:
     sampler_steps: int
     guidance: float
     progress: bool
+    dit_classes: str = "shape"  # the class-cond DiT's label column: "shape" or "layout" (shape x position)
 
 
 def write_arm_shards(captions_dir: Path, records: dict, out_dir: Path, text: str) -> int:
     """The train split as caption shards whose `caption` is the VLM caption (`text="vlm"`) or the
-    image's alt-text (`text="alt"`), with a `shape` column (the class-cond stage's labels).
-    Held-out combinations are left out. Written once; a complete set is reused."""
+    image's alt-text (`text="alt"`), with the class-cond stage's label columns: `shape`, and
+    `layout` ("<shape> <position>", e.g. "circle left"). Held-out combinations are left out.
+    Written once; a complete set with these columns is reused."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from shards import ShardWriter, clean_incomplete, complete_shards, iter_batches
     from shards.schema import CAPTION_SCHEMA
 
-    if complete_shards(out_dir) and (out_dir / "manifest.json").exists():
+    done = complete_shards(out_dir)
+    if done and (out_dir / "manifest.json").exists() and "layout" in pq.read_schema(str(done[0])).names:
         return json.loads((out_dir / "manifest.json").read_text())["rows"]
     clean_incomplete(out_dir)
     for p in out_dir.glob("*.parquet*"):
         p.unlink()
-    schema = CAPTION_SCHEMA.append(pa.field("shape", pa.string()))
+    schema = CAPTION_SCHEMA.append(pa.field("shape", pa.string())).append(pa.field("layout", pa.string()))
     w = ShardWriter(out_dir, rows_per_shard=5000, writer_id="00000000", schema=schema)
     for batch in iter_batches(captions_dir):
         for row in batch.to_pylist():
@@ -64,7 +68,8 @@ def write_arm_shards(captions_dir: Path, records: dict, out_dir: Path, text: str
                 continue
             if text == "alt":
                 row["caption"] = rec[0]["alt_text"]
-            w.add({**row, "shape": rec[1].shape})
+            scene = rec[1]
+            w.add({**row, "shape": scene.shape, "layout": f"{scene.shape} {scene.position}"})
     return w.close()["rows"]
 
 
@@ -153,7 +158,7 @@ def run_arms(s: ArmSettings, out: Path, shards: dict[str, Path], dit_steps: int,
     feats = {"alt": out / "features_alt", "vlm": out / "features_vlm"}
     t0 = time.perf_counter()
     dit_dir = out / "dit"
-    dit_cfg = arm_config(s, "dit", "scratch", dit_steps, kind="class-cond", class_column="shape")
+    dit_cfg = arm_config(s, "dit", "scratch", dit_steps, kind="class-cond", class_column=s.dit_classes)
     train_stage(dit_cfg, dit_dir, shards["vlm"], feats["vlm"], s.progress)
     timing["dit_s"] = time.perf_counter() - t0
     plan = {"a": ("alt", "scratch"), "b": ("vlm", "scratch"), "c": ("vlm", f"dit:{dit_dir}")}

@@ -65,7 +65,7 @@ def _claims(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     prior = (f"(c) reached (b)'s final all-three accuracy ({_pct(c['b_final_all'])}) at step {c['c_steps_to_b_final']}, "
              f"{_pct(frac)} of (b)'s {steps} steps (target: at most 60%)." if frac is not None else
              f"(c) did not reach (b)'s final all-three accuracy ({_pct(c['b_final_all'])}) within {steps} steps.")
-    prior += f" (c)'s class-conditional DiT stage trained {t2i.get('dit_steps', '?')} steps before, on the shape labels."
+    prior += f" (c)'s class-conditional DiT stage trained {t2i.get('dit_steps', '?')} steps before, on the {t2i.get('dit_classes', 'shape')} labels."
     from demo.arms import reach_by_attribute
 
     by_attr = reach_by_attribute(arms)

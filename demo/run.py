@@ -44,9 +44,11 @@ class DemoConfig:
     preset: str = "PixArt-tiny/2"  # patch 2 on the VAE's 16x16 latents: 64 tokens
     prediction_type: str = "v_prediction"  # v, not epsilon: single-coloured objects, no stray blobs, at these steps
     timestep_power: float = 1.0  # uniform training timesteps (TrainConfig.timestep_power)
+    max_tokens: int = 0  # caption tokens the T5 keeps (0: the manifest's 16, which cuts the ~28-token dense captions)
     lr: float = 3e-3  # with epsilon (2026-11-26), colour/position 35/27% at step 400 against 10/12% at 1e-3
     vae: str = str(SHIPPED_VAE)  # frozen, fitted offline by `python -m demo.vae` (as PixArt uses SD's VAE)
-    dit_steps: int = 400  # stage 1: the class-conditional DiT (labels: shape)
+    dit_steps: int = 400  # stage 1: the class-conditional DiT
+    dit_classes: str = "shape"  # its labels: "shape", or "layout" (shape x position: it learns where to draw, then what)
     arm_steps: int = 800  # arms a, b, c each (equal compute, same seed); 1000 took the demo to 614-631 s (quiet)
     finetune_steps: int = 200  # arm d: stage 3 on the selected subset
     finetune_lr: float = 0.0  # arm d's learning rate (0: the arms' lr)
@@ -68,8 +70,9 @@ class DemoConfig:
     def full(cls, out: str, seed: int = 0) -> "DemoConfig":
         """The longer run whose curves go to BENCHMARKS.md: a 2x wider and 2x deeper model
         (PixArt-mini/2, ~1.2M) trained long enough to draw shapes, not only colour and position."""
-        return cls(out=out, seed=seed, preset="PixArt-mini/2", lr=1e-3, timestep_power=0.6, dit_steps=1000,
-                   arm_steps=2400, finetune_steps=800, finetune_lr=3e-3, curve_points=6, curve_prompts=96)
+        return cls(out=out, seed=seed, preset="PixArt-mini/2", lr=1e-3, timestep_power=0.6, max_tokens=32, dit_steps=3000,
+                   dit_classes="layout",
+                   arm_steps=2400, finetune_steps=800, finetune_lr=3e-3, curve_points=12, curve_prompts=96)
 
     @classmethod
     def for_mode(cls, mode: str, out: str, seed: int = 0) -> "DemoConfig":
@@ -253,9 +256,9 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     base = load_manifest(cfg.t2i_manifest).stages[0].config
     base.vae, base.text_encoder, base.resolution, base.seed = cfg.vae, str(tiny / "t5"), cfg.t2i_resolution, cfg.seed
     base.preset, base.lr, base.threads, base.prediction_type = cfg.preset, cfg.lr, cfg.threads, cfg.prediction_type
-    base.timestep_power = cfg.timestep_power
+    base.timestep_power, base.max_tokens = cfg.timestep_power, cfg.max_tokens or base.max_tokens
     s = ArmSettings(base=base, steps=cfg.arm_steps, curve_every=max(cfg.arm_steps // cfg.curve_points, 1),
-                    sampler_steps=cfg.sampler_steps, guidance=4.5, progress=progress)
+                    sampler_steps=cfg.sampler_steps, guidance=4.5, progress=progress, dit_classes=cfg.dit_classes)
     scenes = W.sample_scenes(cfg.curve_prompts, cfg.seed + 2024, "heldout")
     prompts = [W.dense_caption(sc) for sc in scenes]
     res = run_arms(s, out / "t2i", shards, cfg.dit_steps, scenes, prompts, cfg.seed, log)
@@ -282,7 +285,8 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     ceiling = Path(cfg.vae) / "round_trip.json"  # the judge on the VAE's round trips (demo.vae)
     return {"arms": arms, "aesthetic": aesthetic, "claims": claims, "timing": timing, "rows": rows,
             "vae_ceiling": json.loads(ceiling.read_text()) if ceiling.exists() else None,
-            "resolution": cfg.t2i_resolution, "steps": cfg.arm_steps, "dit_steps": cfg.dit_steps, "prompts": prompts, "scenes": scenes}
+            "resolution": cfg.t2i_resolution, "steps": cfg.arm_steps, "dit_steps": cfg.dit_steps,
+            "dit_classes": cfg.dit_classes, "prompts": prompts, "scenes": scenes}
 
 
 def _figures(out: Path, t2i: dict[str, Any]) -> dict[str, Path]:

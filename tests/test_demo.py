@@ -46,6 +46,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert all(p["n"] == cfg["curve_prompts"] and 0 <= p["all"] <= p["color"] <= 1 for p in curve)
     state = json.loads(next((out / "t2i" / "arm-c" / "checkpoints").glob("step-*/trainer_state.json")).read_text())
     assert state["config"]["init"].startswith("dit:")  # arm c starts from the class-cond DiT
+    assert state["features"]["max_tokens"] == 16  # max_tokens 0: the manifest's
     assert json.loads(next((out / "t2i" / "arm-a" / "checkpoints").glob("step-*/trainer_state.json")).read_text())["config"]["init"] == "scratch"
     # arm d: (c)'s last checkpoint fine-tuned on the subset `select` wrote; its curve continues (c)'s steps
     assert t2i["arms"]["d"]["curve"][0]["step"] > cfg["arm_steps"]
@@ -112,9 +113,25 @@ def test_full_demo_is_a_larger_model_and_refuses_quick_with_it(tmp_path):
     big, small = get_preset(full.preset), get_preset(default.preset)
     assert big.depth * big.hidden**2 >= 4 * small.depth * small.hidden**2
     assert full.arm_steps > default.arm_steps and full.dit_steps > default.dit_steps
+    assert full.arm_steps // full.curve_points <= 200  # judged every 200 steps or finer: "reached at 60%" is measurable
     res = CliRunner().invoke(app, ["demo", "--quick", "--full", "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "--quick and --full" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_full_demo_keeps_the_whole_dense_caption(tmp_path):
+    """The T5 of `--full` keeps every token of the world's dense captions (the manifest's 16
+    would cut their second sentence, which names colour and shape again)."""
+    from transformers import T5TokenizerFast
+
+    from demo import world as W
+    from demo.run import DemoConfig
+    from t2i.tiny import build_tiny_text_encoder
+
+    captions = [W.dense_caption(s) for s in W.sample_scenes(200, 0, "any")]
+    tok = T5TokenizerFast.from_pretrained(build_tiny_text_encoder(tmp_path / "t5", captions) / "tokenizer")
+    longest = max(len(ids) for ids in tok(captions).input_ids)
+    assert 16 < longest <= DemoConfig.full(str(tmp_path)).max_tokens
 
 
 def test_demo_bench_report_only_writes_the_section_the_runs_belong_to(tmp_path):
