@@ -39,27 +39,28 @@ class ArmSettings:
     sampler_steps: int
     guidance: float
     progress: bool
-    dit_classes: str = "shape"  # the class-cond DiT's label column: "shape" or "layout" (shape x position)
+    dit_classes: str  # the class-cond DiT's label column: "shape" or "layout" (shape x position)
 
 
 def write_arm_shards(captions_dir: Path, records: dict, out_dir: Path, text: str) -> int:
     """The train split as caption shards whose `caption` is the VLM caption (`text="vlm"`) or the
     image's alt-text (`text="alt"`), with the class-cond stage's label columns: `shape`, and
     `layout` ("<shape> <position>", e.g. "circle left"). Held-out combinations are left out.
-    Written once; a complete set with these columns is reused."""
+    Written once; a complete set with this schema is reused (one written before a column was
+    added is rewritten)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from shards import ShardWriter, clean_incomplete, complete_shards, iter_batches
     from shards.schema import CAPTION_SCHEMA
 
+    schema = CAPTION_SCHEMA.append(pa.field("shape", pa.string())).append(pa.field("layout", pa.string()))
     done = complete_shards(out_dir)
-    if done and (out_dir / "manifest.json").exists() and "layout" in pq.read_schema(str(done[0])).names:
+    if done and (out_dir / "manifest.json").exists() and pq.read_schema(str(done[0])).names == schema.names:
         return json.loads((out_dir / "manifest.json").read_text())["rows"]
     clean_incomplete(out_dir)
     for p in out_dir.glob("*.parquet*"):
         p.unlink()
-    schema = CAPTION_SCHEMA.append(pa.field("shape", pa.string())).append(pa.field("layout", pa.string()))
     w = ShardWriter(out_dir, rows_per_shard=5000, writer_id="00000000", schema=schema)
     for batch in iter_batches(captions_dir):
         for row in batch.to_pylist():

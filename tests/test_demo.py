@@ -67,10 +67,12 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert "What it cost" in html and [f["gpu"] for f in results["cost"]["full_size"]][:3] == ["V100", "A100-80GB", "H100"]
 
     # A rerun resumes: captions and the T2I stage are done, so nothing is redone.
+    arm_shards = {p: p.stat().st_mtime_ns for p in (out / "t2i_shards_vlm").glob("*.parquet")}
     res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
     again = json.loads((out / "results.json").read_text())
     assert again["captioner"]["summary"]["skipped"] == n_images and again["captioner"]["summary"]["captioned"] == 0
+    assert arm_shards and {p: p.stat().st_mtime_ns for p in (out / "t2i_shards_vlm").glob("*.parquet")} == arm_shards
     # ... and the same seed gives the same numbers (the arms are finished, their judgements cached or redone alike)
     assert again["t2i"]["arms"] == results["t2i"]["arms"] and again["t2i"]["claims"] == results["t2i"]["claims"]
 
