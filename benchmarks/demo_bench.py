@@ -79,7 +79,7 @@ def row(seed: int, r: dict) -> str:
     return (f"| {seed} | {_pct(cf['color'])} / {_pct(cf['position'])} / {_pct(cf['shape'])} / {_pct(cf['all'])} | "
             f"{_pct(c['b_final_all'])} vs {_pct(c['a_final_all'])} ({ratio}) | {_reach(c)} | "
             f"{aes['before_mean']:.2f} → {aes['after_mean']:.2f} ({aes['margin']:+.2f} ± {aes['margin_se']:.2f}); "
-            f"{100 * c['d_all_change']:+.0f} pts | {r['timing']['total_s']:.0f} s wall"
+            f"{100 * c['d_all_change']:+.0f} pts | {bench.get('wall_s', r['timing']['total_s']):.0f} s wall"
             + (f", {bench['cpu_s']:.0f} s CPU" if bench else "") + _load(r) + " |")
 
 
@@ -104,8 +104,11 @@ def curves(seed: int, r: dict) -> str:
     from demo.arms import reach_by_attribute
 
     by_attr = reach_by_attribute(r["t2i"]["arms"])
+    from demo.report import prior_sentence
+
     lines = [f"Seed {seed}: the first judged step at which (c) matched (b)'s final accuracy, per attribute "
-             f"(of {r['config']['arm_steps']}): " + ", ".join(f"{a} {by_attr[a]}" for a in ("color", "position", "shape", "all")) + ".",
+             f"(of {r['config']['arm_steps']}): " + ", ".join(f"{a} {by_attr[a]}" for a in ("color", "position", "shape", "all")) + "."
+             + prior_sentence(r["t2i"].get("prior")),
              "", f"Seed {seed}, held-out accuracy (colour / shape / position / all three) per judged step:", ""]
     for arm, run in r["t2i"]["arms"].items():
         pts = "; ".join(f"{p['step']}: {_pct(p['color'])}/{_pct(p['shape'])}/{_pct(p['position'])}/{_pct(p['all'])}" for p in run["curve"])

@@ -130,6 +130,37 @@ def curve(stage_dir: Path, scenes: list, prompts: list[str], s: ArmSettings, see
     return points, final_images
 
 
+def prior_label(scene, dit_classes: str) -> str:
+    """The class-cond DiT's label of a scene: its shape, or "<shape> <position>" for "layout"."""
+    return scene.shape if dit_classes == "shape" else f"{scene.shape} {scene.position}"
+
+
+def judge_prior(dit_dir: Path, scenes: list, s: ArmSettings, seed: int) -> tuple[dict[str, Any], list]:
+    """What the pixel prior knows before any text: the class-cond DiT's last checkpoint, asked for
+    each held-out scene's label, judged on shape (and position, when its labels carry it). Scenes
+    whose label the DiT never trained on are left out. Returns (score, images); the score is cached."""
+    from demo import world as W
+    from t2i.class_cond import CLASSES_JSON, generate_classes
+
+    step, ck = checkpoints(dit_dir)[-1]
+    known = set(map(str, json.loads((ck / CLASSES_JSON).read_text())["classes"]))
+    asked = [sc for sc in scenes if prior_label(sc, s.dit_classes) in known]
+    labels = [prior_label(sc, s.dit_classes) for sc in asked]
+    attrs = ("shape",) if s.dit_classes == "shape" else ("shape", "position")
+    cache = dit_dir / "judged" / f"prior-{ck.name}.json"
+    images = generate_classes(ck, labels, steps=s.sampler_steps, guidance=s.guidance, seed=seed)
+    if cache.exists():
+        return json.loads(cache.read_text()), images
+    judged = W.score(list(zip(asked, images)), attributes=attrs)
+    score = {"step": step, "classes": s.dit_classes, "labels": labels, "n": judged["n"],
+             **{a: judged[a]["accuracy"] for a in attrs}, "chance": {a: judged[a]["chance"] for a in attrs}}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(score))
+    tmp.replace(cache)
+    return score, images
+
+
 def steps_to_reach(points: list[dict[str, Any]], target: float, attr: str = "all") -> int | None:
     """The first judged step whose `attr` accuracy (default: all three right) is at least
     `target` (None: never)."""
@@ -152,7 +183,8 @@ def arm_config(s: ArmSettings, name: str, init: str, steps: int, **extra):
 
 def run_arms(s: ArmSettings, out: Path, shards: dict[str, Path], dit_steps: int, scenes: list, prompts: list[str],
              seed: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Train arms a, b, c (and c's class-cond DiT first) and judge their curves."""
+    """Train arms a, b, c (and c's class-cond DiT first, whose own samples are judged too) and judge
+    their curves."""
     import time
 
     runs, timing = {}, {}
@@ -162,6 +194,9 @@ def run_arms(s: ArmSettings, out: Path, shards: dict[str, Path], dit_steps: int,
     dit_cfg = arm_config(s, "dit", "scratch", dit_steps, kind="class-cond", class_column=s.dit_classes)
     train_stage(dit_cfg, dit_dir, shards["vlm"], feats["vlm"], s.progress)
     timing["dit_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prior, prior_images = judge_prior(dit_dir, scenes, s, seed)
+    timing["judge_dit_s"] = time.perf_counter() - t0
     plan = {"a": ("alt", "scratch"), "b": ("vlm", "scratch"), "c": ("vlm", f"dit:{dit_dir}")}
     for arm, (text, init) in plan.items():
         log(f"      arm ({arm}) {ARMS[arm]}: {s.steps} steps")
@@ -172,4 +207,4 @@ def run_arms(s: ArmSettings, out: Path, shards: dict[str, Path], dit_steps: int,
         points, images = curve(out / f"arm-{arm}", scenes, prompts, s, seed)
         timing[f"judge_{arm}_s"] = time.perf_counter() - t0
         runs[arm] = {"label": ARMS[arm], "curve": points, "final": points[-1] if points else None, "images": images}
-    return {"arms": runs, "timing": timing}
+    return {"arms": runs, "timing": timing, "prior": prior, "prior_images": prior_images}

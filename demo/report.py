@@ -66,6 +66,7 @@ def _claims(results: dict[str, Any]) -> list[tuple[str, str, str]]:
              f"{_pct(frac)} of (b)'s {steps} steps (target: at most 60%)." if frac is not None else
              f"(c) did not reach (b)'s final all-three accuracy ({_pct(c['b_final_all'])}) within {steps} steps.")
     prior += f" (c)'s class-conditional DiT stage trained {t2i.get('dit_steps', '?')} steps before, on the {t2i.get('dit_classes', 'shape')} labels."
+    prior += prior_sentence(t2i.get("prior"))
     from demo.arms import reach_by_attribute
 
     by_attr = reach_by_attribute(arms)
@@ -92,6 +93,15 @@ def _claims(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [("1. A pixel prior (class-conditional DiT, imported by re-parameterisation) gives a head start", prior, "curves"),
             ("2. Dense VLM captions teach alignment far faster than alt-texts", caps, "samples"),
             ("3. A short aesthetic fine-tune on a selected subset improves the images without losing alignment", aest, "samples")]
+
+
+def prior_sentence(prior: dict[str, Any] | None) -> str:
+    """What the DiT draws on its own, asked only for its class (before any text)."""
+    if not prior:
+        return ""
+    judged = ", ".join(f"the asked {a} {_pct(prior[a])} (chance {_pct(prior['chance'][a])})" for a in ("shape", "position") if a in prior)
+    return (f" The pixel prior (c) starts from, on its own: asked only for its class on {prior['n']} held-out scenes, "
+            f"the DiT (step {prior['step']}) drew {judged}.")
 
 
 def chance_caveat(arms: dict[str, Any], t2i: dict[str, Any]) -> str:
@@ -158,6 +168,9 @@ def _summary_html(results: dict[str, Any], claims: list[tuple[str, str, str]], p
         h.append(f"<div class='claim'><b>{html.escape(title)}</b><br>{html.escape(text)}</div>")
     if "curves" in plots:
         h.append(_img_tag(plots["curves"], 1000))
+    if "prior" in plots:
+        h.append("<p>The pixel prior on its own: the class-conditional DiT's samples, each titled with the class asked for:</p>")
+        h.append(_img_tag(plots["prior"], 800))
     if "samples" in plots:
         h.append("<p>Final samples, one row per arm (a, b, c, d), the same held-out prompt in each column:</p>")
         h.append(_img_tag(plots["samples"], 1000))

@@ -137,7 +137,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
         "captioner": {"train": cap_train, "backend": cfg.caption_backend, "accuracy": accuracy,
                       "summary": summary.as_dict() if hasattr(summary, "as_dict") else asdict(summary)},
         "stats": {"header": header, "rows": data_rows, "datasets": report.get("datasets")},
-        "t2i": {k: v for k, v in t2i.items() if k not in ("scenes",)} | {"arms": _strip_images(t2i["arms"])},
+        "t2i": {k: v for k, v in t2i.items() if k not in ("scenes", "prior_images")} | {"arms": _strip_images(t2i["arms"])},
         "cost": recipe_cost(out),  # this run's ledgers, and the full-size recipe from `plan`
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -283,7 +283,8 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
         "d_all_change": arms["d"]["final"]["all"] - arms["c"]["final"]["all"],
     }
     ceiling = Path(cfg.vae) / "round_trip.json"  # the judge on the VAE's round trips (demo.vae)
-    return {"arms": arms, "aesthetic": aesthetic, "claims": claims, "timing": timing, "rows": rows,
+    return {"arms": arms, "prior": res["prior"], "prior_images": res["prior_images"], "aesthetic": aesthetic,
+            "claims": claims, "timing": timing, "rows": rows,
             "vae_ceiling": json.loads(ceiling.read_text()) if ceiling.exists() else None,
             "resolution": cfg.t2i_resolution, "steps": cfg.arm_steps, "dit_steps": cfg.dit_steps,
             "dit_classes": cfg.dit_classes, "prompts": prompts, "scenes": scenes}
@@ -318,7 +319,7 @@ def _figures(out: Path, t2i: dict[str, Any]) -> dict[str, Path]:
     curves = fig_dir / "curves.png"
     fig.savefig(curves, dpi=100)
     plt.close(fig)
-    return {"curves": curves, **_grids(fig_dir, t2i)}
+    return {"curves": curves, **_grids(fig_dir, t2i), **_prior_grid(fig_dir, t2i)}
 
 
 def _grids(fig_dir: Path, t2i: dict[str, Any], cols: int = 10, scale: int = 3) -> dict[str, Path]:
@@ -337,6 +338,26 @@ def _grids(fig_dir: Path, t2i: dict[str, Any], cols: int = 10, scale: int = 3) -
     path = fig_dir / "samples.png"
     grid.save(path)
     return {"samples": path}
+
+
+def _prior_grid(fig_dir: Path, t2i: dict[str, Any], cols: int = 10) -> dict[str, Path]:
+    """The class-cond DiT's samples, each titled with the label it was asked for."""
+    import matplotlib.pyplot as plt
+
+    images = t2i.get("prior_images") or []
+    if not images:
+        return {}
+    n = min(cols, len(images))
+    fig, axes = plt.subplots(1, n, figsize=(1.3 * n, 1.6), squeeze=False)
+    for ax, im, label in zip(axes[0], images, t2i["prior"]["labels"]):
+        ax.imshow(im, interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    path = fig_dir / "prior.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return {"prior": path}
 
 
 def _examples(records: dict, captions: dict, world_root: Path, n: int) -> list[dict[str, Any]]:

@@ -48,6 +48,11 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert state["config"]["init"].startswith("dit:")  # arm c starts from the class-cond DiT
     assert state["features"]["max_tokens"] == 16  # max_tokens 0: the manifest's
     assert json.loads(next((out / "t2i" / "arm-a" / "checkpoints").glob("step-*/trainer_state.json")).read_text())["config"]["init"] == "scratch"
+    # the pixel prior on its own: its last checkpoint asked for each held-out scene's class, judged
+    prior = t2i["prior"]
+    assert prior["classes"] == "shape" and prior["step"] == cfg["dit_steps"] and prior["n"] == cfg["curve_prompts"]
+    assert 0 <= prior["shape"] <= 1 and "position" not in prior and len(prior["labels"]) == prior["n"]
+    assert (out / "t2i" / "dit" / "judged" / f"prior-step-{cfg['dit_steps']:07d}.json").exists()
     # arm d: (c)'s last checkpoint fine-tuned on the subset `select` wrote; its curve continues (c)'s steps
     assert t2i["arms"]["d"]["curve"][0]["step"] > cfg["arm_steps"]
     sub = t2i["aesthetic"]["subset"]
@@ -62,6 +67,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert heading in html
     assert html.count("data:image/png;base64") >= cfg["examples"] + 2
     assert (out / "report.md").exists() and (out / "figures" / "curves.png").exists() and (out / "figures" / "samples.png").exists()
+    assert (out / "figures" / "prior.png").exists() and "The pixel prior (c) starts from" in html
     # 7. what it cost: the ledgers of its caption, features and train jobs, and the full-size plan
     assert {r["job"] for r in results["cost"]["run"]["rows"]} == {"caption", "features", "train"}
     assert "What it cost" in html and [f["gpu"] for f in results["cost"]["full_size"]][:3] == ["V100", "A100-80GB", "H100"]
@@ -75,6 +81,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert arm_shards and {p: p.stat().st_mtime_ns for p in (out / "t2i_shards_vlm").glob("*.parquet")} == arm_shards
     # ... and the same seed gives the same numbers (the arms are finished, their judgements cached or redone alike)
     assert again["t2i"]["arms"] == results["t2i"]["arms"] and again["t2i"]["claims"] == results["t2i"]["claims"]
+    assert again["t2i"]["prior"] == results["t2i"]["prior"]
 
 
 def test_the_shipped_vae_keeps_the_world_legible():
