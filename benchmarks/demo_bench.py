@@ -90,7 +90,7 @@ def _timesteps(cfg: dict) -> str:
 
 def _load(r: dict) -> str:
     """The machine's 15-minute load at the end of the run: the time column means little without it."""
-    load = r.get("load_avg")
+    load = r.get("bench", {}).get("load_avg") or r.get("load_avg")  # the bench's run, not a later resume
     return f", load {load[2]:.1f}" if load else ""
 
 

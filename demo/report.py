@@ -161,7 +161,8 @@ def _summary_html(results: dict[str, Any], claims: list[tuple[str, str, str]], p
     t2i, timing = results["t2i"], results["timing"]
     h = [f"<html><head><meta charset='utf-8'><title>t2i-data demo</title><style>{_CSS}</style></head><body>",
          "<h1>t2i-data demo: PixArt-α's three claims, measured in miniature</h1>",
-         f"<p>Seed {results['config']['seed']}, {timing['total_s']:.0f} s on {html.escape(results['machine'])} "
+         f"<p>Seed {results['config']['seed']}, {timing['total_s']:.0f} s for this run of the command (a rerun reuses finished "
+         f"stages) on {html.escape(results['machine'])} "
          f"(load average at the end {results.get('load_avg', ['?'])[0]}). Every number below was measured by this run; "
          f"accuracy is judged automatically on {len(t2i['prompts'])} prompts of held-out colour-shape-position combinations.</p>"]
     for title, text, _ in claims:
@@ -214,7 +215,8 @@ def _markdown(results: dict[str, Any], claims: list[tuple[str, str, str]], out_d
     """The report's Markdown twin (no images)."""
     cap, stats, t2i = results["captioner"], results["stats"], results["t2i"]
     md = ["# t2i-data demo: PixArt-α's three claims, measured in miniature", "",
-          f"Seed {results['config']['seed']}, {results['timing']['total_s']:.0f} s on {results['machine']}.", ""]
+          f"Seed {results['config']['seed']}, {results['timing']['total_s']:.0f} s for this run of the command "
+          f"(a rerun reuses finished stages) on {results['machine']}.", ""]
     for title, text, _ in claims:
         md += [f"**{title}.** {text}", ""]
     md += ["## Accuracy against steps (held-out combinations)", "",

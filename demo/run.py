@@ -70,7 +70,7 @@ class DemoConfig:
     def full(cls, out: str, seed: int = 0) -> "DemoConfig":
         """The longer run whose curves go to BENCHMARKS.md: a 2x wider and 2x deeper model
         (PixArt-mini/2, ~1.2M) trained long enough to draw shapes, not only colour and position."""
-        return cls(out=out, seed=seed, preset="PixArt-mini/2", lr=1e-3, timestep_power=0.6, max_tokens=32, dit_steps=3000,
+        return cls(out=out, seed=seed, preset="PixArt-mini/2", lr=1e-3, timestep_power=0.6, max_tokens=32, dit_steps=5000,
                    dit_classes="layout",
                    arm_steps=2400, finetune_steps=800, finetune_lr=3e-3, curve_points=12, curve_prompts=96)
 
