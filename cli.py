@@ -514,7 +514,7 @@ def cost_cmd(
     """
     import json
 
-    from costs.ledger import cost_markdown, sum_ledgers
+    from costs.cost import cost_markdown, sum_ledgers
 
     result = sum_ledgers(run_dirs)
     typer.echo(json.dumps(result, indent=2) if json_out else cost_markdown(result))

@@ -78,7 +78,8 @@ def _run_on_ray(cfg: CaptionConfig, out_dir: shard_fs.Location, captioner: Capti
     """The same job on Ray Data: model replicas in Ray actors (autolabel.engine_ray)."""
     if captioner is not None:
         raise UserError("a loaded captioner cannot be shipped to Ray actors: pass the model name (model=...) with engine='ray'")
-    from autolabel.engine_ray import caption_with_ray, import_ray  # Ray is imported only here
+    from autolabel.engine_ray import caption_with_ray  # Ray is imported only here
+    from shards.ray_session import import_ray
 
     import_ray()  # the install hint before any work
     return caption_with_ray(cfg, out_dir, cfg.recorded(cfg.model, cfg.backend))

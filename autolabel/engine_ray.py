@@ -12,7 +12,7 @@
   environment, instance role, ~/.aws).
 - Resume: keys already in complete shards come back as `skip` rows (no bytes, no work); the
   driver counts them. `--retry-failed` works as in the local engine (same copy-on-write swap).
-- Prepare: autolabel.prepare.prepare_image in CPU tasks; the RGB pixels travel losslessly
+- Prepare: autolabel.prepare.prepare_for_model in CPU tasks; the RGB pixels travel losslessly
   (raw bytes + size) to the actors, so the model sees exactly what the local engine feeds it.
 - Caption: `CaptionActor` wraps the project's own captioner (VllmCaptioner by default), so
   prompt formatting, sampling, hygiene and the row fields are the local engine's. One actor per
@@ -43,7 +43,7 @@ from autolabel.backends import _load_processor
 from autolabel.sizing import pixel_limits, set_pixel_limits, size_policy
 from autolabel.config import CaptionConfig, PrepareOptions
 from autolabel.pipeline import RunRecorder, Summary, base_row, caption_batch
-from shards.ray_session import actor_resources, fetch_once, ray_session
+from shards.ray_session import actor_resources, fetch_once, import_ray, ray_session
 from shards.images.sources import ImageItem, SourceEntry, count_items, iter_entries, iter_entry
 
 FILES_PER_UNIT = 256  # plain image files per read task
@@ -63,16 +63,6 @@ PREPARED_SCHEMA = pa.schema([
     ("data", pa.binary()),  # the original bytes, only kept with --embed-images
 ])  # fmt: skip
 OUT_SCHEMA = pa.schema([*CAPTION_SCHEMA, pa.field("skip", pa.bool_())])
-
-
-def import_ray():
-    """`ray` and `ray.data`, or a one-line UserError saying how to install them."""
-    try:
-        import ray
-        import ray.data
-    except ImportError as e:
-        raise UserError(f'--engine ray needs Ray Data, which is not installed ({e}): pip install "t2i-data[ray]"') from None
-    return ray
 
 
 # --- units: the driver's listing, from the image layer (shards.images) ----------------------------

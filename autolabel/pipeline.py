@@ -14,26 +14,28 @@ shards, journalled, so a crash never leaves a key in two complete shards at rest
 
 from __future__ import annotations
 
+import functools
 import time
-from collections import deque
 from contextlib import closing
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
-from costs.ledger import Ledger
+from shards.ledger import Ledger
 from shards import fs
 from shards.errors import UserError
+from shards.prefetch import prefetch
 from shards.reader import clean_incomplete, done_keys
 from shards.retry import failed_keys, finish_interrupted_retry, replace_rows
 from shards.writer import ShardWriter, write_manifest
 from autolabel.backends import Captioner, GenParams
 from autolabel.config import CaptionConfig, PrepareOptions
 from autolabel.hygiene import clean_caption, is_degenerate
-from autolabel.prepare import ImageError, Prepared, prepare_for_model
+from autolabel.prepare import prepare_for_model
+from shards.images import ImageError
+from shards.images.fit import Prepared
 from autolabel.prompts import question_for
 from autolabel.sizing import SizePolicy
 from shards.images.sources import TRUNCATED, ImageItem
@@ -68,18 +70,6 @@ def _prepare(item: ImageItem, opts: PrepareOptions) -> tuple[ImageItem, Prepared
         return item, prepare_for_model(data, opts.policy, opts.max_short, opts.max_long, opts.max_pixels), None, data
     except ImageError as e:
         return item, None, str(e), data
-
-
-def prefetch(items: Iterable[ImageItem], opts: PrepareOptions, workers: int, depth: int) -> Iterator[tuple]:
-    """Prepared items in input order, with at most `depth` in flight (a bounded prefetch queue)."""
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prepare") as pool:
-        inflight: deque = deque()
-        for item in items:
-            inflight.append(pool.submit(_prepare, item, opts))
-            if len(inflight) >= depth:
-                yield inflight.popleft().result()
-        while inflight:
-            yield inflight.popleft().result()
 
 
 class _Pulled:
@@ -309,7 +299,8 @@ def caption_items(items: Iterable[ImageItem], captioner: Captioner, out_dir: str
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
     with Progress(*columns, disable=not cfg.progress, transient=False) as bar:
         task = bar.add_task("caption", total=total, rate="0.00")
-        with closing(prefetch(todo(), cfg.prepare_options(policy), cfg.prepare_workers(), cfg.prefetch_depth())) as ready:
+        prepare = functools.partial(_prepare, opts=cfg.prepare_options(policy))
+        with closing(prefetch(prepare, todo(), cfg.prepare_workers(), cfg.prefetch_depth(), "prepare")) as ready:
             while rows := caption_batch(captioner, cfg, next_batch(ready)):  # empty: the input is done
                 for row in rows:
                     emit(row)

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tin
 import numpy as np
 from PIL import Image
 
-from autolabel.prepare import prepare_for_model, prepare_image_naive
+from autolabel.prepare import prepare_for_model
+from shards.images.fit import prepare_image_naive
 from autolabel.sizing import pixel_limits, set_pixel_limits, size_policy
 
 

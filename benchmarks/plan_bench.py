@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import write_section  # noqa: E402
-from costs.gpus import GPUS, get_gpu  # noqa: E402
+from shards.gpus import GPUS, get_gpu  # noqa: E402
 from costs.plan import MfuRule, PlanOptions, load_gpu_bench, parse_images, plan  # noqa: E402
 
 MANIFEST = ROOT / "manifests" / "pixart-alpha.toml"

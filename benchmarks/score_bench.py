@@ -87,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from curate.aesthetic import AestheticMLP
+    from shards.models.aesthetic import AestheticMLP
 
     lines = ["| scorer | batched (images/s) | one at a time (images/s) | batched / one at a time |", "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ kWh and kgCO2e. The model is the one MFU is defined by:
     GPU-seconds = FLOPs / (peak FLOP/s x MFU)
 
 with FLOPs from `t2i.models.flops_per_image` (training: 3x the forward matmuls), the peak from
-`costs.gpus`, and the MFU measured (a `benchmarks/gpu_bench.py` JSON) or assumed (stated in the
+`shards.gpus`, and the MFU measured (a `benchmarks/gpu_bench.py` JSON) or assumed (stated in the
 output). Energy = GPU-hours x board power x PUE; CO2e = energy x grid intensity.
 """
 
@@ -18,14 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from costs.gpus import GPU, get_gpu, match_device_name
+from shards.gpus import GPU, get_gpu, match_device_name
 from shards.errors import UserError
+from shards.ledger import GRID_GCO2_KWH, PUE  # the defaults every run's ledger uses
 
-# Default grid intensity: the world average, 475 gCO2e/kWh (IEA, Global Energy & CO2 Status Report
-# 2019; also codecarbon's world fallback). PUE 1.2: a GPU cloud / hyperscale data centre (Uptime
-# Institute's 2023 survey puts the all-data-centre average at 1.58).
-GRID_GCO2_KWH = 475.0
-PUE = 1.2
 
 # Default training MFU by architecture, used when neither --mfu nor --gpu-bench gives one.
 # Ampere and newer: this trainer measured 34.0% on an H100 (XL/2, 256 px, bf16, regional compile;
@@ -288,7 +284,7 @@ def plan(manifest_path: str | Path, opts: PlanOptions) -> dict[str, Any]:
 
 def assumptions(gpu: GPU, opts: PlanOptions, unused: list[str]) -> list[str]:
     out = [
-        f"{gpu.name}: {gpu.peak_flops / 1e12:.0f} TFLOP/s dense 16-bit peak, {gpu.watts:.0f} W board power (costs/gpus.py, vendor datasheets)",
+        f"{gpu.name}: {gpu.peak_flops / 1e12:.0f} TFLOP/s dense 16-bit peak, {gpu.watts:.0f} W board power (shards/gpus.py, vendor datasheets)",
         "GPU-hours = FLOPs / (peak x MFU); training FLOPs = 3 x forward matmuls per image (t2i.models.flops_per_image; "
         "activation recomputation with gradient checkpointing is not counted, it lowers the MFU instead)",
         f"MFU per stage: as in each row (--mfu, else a --gpu-bench JSON, else {DEFAULT_MFU[gpu.arch]:.0%} for {gpu.arch})",

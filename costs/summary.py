@@ -13,7 +13,7 @@ COMMON_GPUS = ("V100", "A100-80GB", "H100", "H200", "L40S", "RTX-4090")
 
 def recipe_cost(run_dir: str | Path) -> dict[str, Any]:
     """{"run": the ledgers under `run_dir` summed, "full_size": plan totals per common GPU}."""
-    from costs.ledger import sum_ledgers
+    from costs.cost import sum_ledgers
     from costs.plan import PlanOptions, parse_images, plan
 
     full = []

@@ -150,7 +150,8 @@ def _score_rows(cfg: ScoreConfig, out: fs.Location, scorers: Scorers, config: di
 
 def _score_rows_ray(cfg: ScoreConfig, out: fs.Location, names: list[str], config: dict) -> ScoreSummary:
     """The Ray engine: same per-batch function in Ray tasks, rows written here (one writer)."""
-    from curate.engine_ray import import_ray, score_with_ray
+    from curate.engine_ray import score_with_ray
+    from shards.ray_session import import_ray
     from curate.scorers import score_schema
 
     import_ray()
@@ -214,8 +215,8 @@ def _fit_head(cfg: ScoreConfig):
     import numpy as np
     import pyarrow.parquet as pq
 
-    from curate.aesthetic import fit_head, save_head
-    from curate.clip import ClipEmbedder
+    from shards.models.aesthetic import fit_head, save_head
+    from shards.models.clip import ClipEmbedder
 
     path = Path(cfg.fit_aesthetic)
     if not path.is_file():

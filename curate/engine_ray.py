@@ -15,7 +15,6 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shards.errors import UserError
 
 _loaded: dict[tuple, object] = {}  # per Ray worker process: models load once
 
@@ -32,14 +31,6 @@ def score_block(batch: pa.Table, spec: tuple, done: pa.Array) -> pa.Table:
     if len(done):
         batch = batch.filter(pc.invert(pc.is_in(batch.column("key"), value_set=done)))
     return rows_to_table(score_batch(batch.to_pylist(), scorers), scorers.schema)
-
-
-def import_ray():
-    try:
-        import ray  # noqa: F401
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise UserError('--engine ray needs Ray: pip install "t2i-data[ray]"') from None
 
 
 def score_with_ray(paths: list[str], columns: list[str], spec: tuple, done: set[str], batch_size: int,

@@ -4,7 +4,7 @@ A row carries its image as bytes (`image`, with --embed-images) or as an address
 rows written before addresses existed: `source` + `member`, resolved by
 shards.images.legacy_address). Bytes are read by one shared, thread-safe
 shards.images.ImageReader (tar offsets, Parquet row groups: N images cost O(N)); decoding is the
-image layer's one policy, through autolabel.prepare (bomb guard, JPEG draft, EXIF, RGB, resize).
+image layer's one policy, through shards.images.fit (bomb guard, JPEG draft, EXIF, RGB, resize).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from autolabel.prepare import ImageError, prepare_image
+from shards.images import ImageError
+from shards.images.fit import prepare_image
 from shards.images import Address, ImageReader, legacy_address
 
 _READER = ImageReader()

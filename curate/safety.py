@@ -3,7 +3,7 @@
 - nsfw: NudeNet 3's detector (`320n.onnx`, bundled in the `nudenet` wheel; onnxruntime). The
   score is the highest confidence of an exposed-nudity class in the image, 0 when none.
 - lang: py3langid, langid.py's model (naive Bayes over byte n-grams, shipped in the wheel, numpy
-  only), through `dataset_stats.language.LanguageId` (the same identifier and candidate languages
+  only), through `shards.models.language.LanguageId` (the same identifier and candidate languages
   as `stats --lang`). Picked because it loads offline in milliseconds, needs no compiled
   extension beyond numpy, scores thousands of captions a second on one core, and gives
   normalised probabilities; fastText's lid.176 is stronger on very short text but its model is

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from autolabel.prepare import ImageError
+from shards.images import ImageError
 from shards.errors import UserError
 from curate.images import LoadedImage, read_image
 from curate.quality import image_stats
@@ -57,10 +57,10 @@ class Scorers:
     """Loaded models for the chosen scorers, plus decoding settings."""
 
     names: list[str]
-    clip: object | None = None  # curate.clip.ClipEmbedder
-    aesthetic: object | None = None  # curate.aesthetic.AestheticMLP
+    clip: object | None = None  # shards.models.clip.ClipEmbedder
+    aesthetic: object | None = None  # shards.models.aesthetic.AestheticMLP
     nsfw: object | None = None  # curate.safety.NsfwDetector
-    lang: object | None = None  # dataset_stats.language.LanguageId
+    lang: object | None = None  # shards.models.language.LanguageId
     decode_short: int = 448  # images are decoded within this short side (and twice it, long)
     workers: int = 2  # decoding threads
     schema: pa.Schema = field(init=False)
@@ -71,13 +71,13 @@ class Scorers:
     @classmethod
     def load(cls, names: list[str], clip_model: str, aesthetic_weights: str | None, aesthetic_head=None, **kw) -> "Scorers":
         """Load what `names` need; `aesthetic_head` (a fitted AestheticMLP) wins over weights."""
-        from curate.clip import ClipEmbedder
+        from shards.models.clip import ClipEmbedder
 
         s = cls(names, **kw)
         if "clip" in names:
             s.clip = ClipEmbedder(clip_model)
         if "aesthetic" in names:
-            from curate.aesthetic import load_head
+            from shards.models.aesthetic import load_head
 
             if aesthetic_head is None and not aesthetic_weights:
                 raise UserError("the aesthetic scorer needs --aesthetic-weights FILE_OR_HF_ID or --fit-aesthetic ratings.parquet")
@@ -87,7 +87,7 @@ class Scorers:
 
             s.nsfw = NsfwDetector()
         if "lang" in names:
-            from dataset_stats.language import LanguageId
+            from shards.models.language import LanguageId
 
             s.lang = LanguageId()
         return s

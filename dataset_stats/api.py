@@ -49,6 +49,10 @@ def run_stats(
         raise UserError("no dataset given: pass at least one path, e.g. `t2i-data stats laion.parquet`")
     if options.engine not in ENGINES:
         raise UserError(f"unknown --engine {options.engine!r}: use local or ray")
+    if options.engine == "ray":
+        from shards.ray_session import import_ray
+
+        import_ray()  # the install hint before any work
     if options.valid_min < 0 or options.repeats < 1 or (options.sample_size is not None and options.sample_size < 1):
         raise UserError("--valid-min must be >= 0, --repeats >= 1 and --sample-size >= 1: fix the flag")
     config = NounConfig(pos=options.pos, lemma=options.lemma, tokens=options.tokens, batch_tokens=options.batch_tokens, lang=options.lang)
@@ -173,7 +177,7 @@ def _build_report(
     workers: int,
     options: StatsOptions,
 ) -> dict[str, Any]:
-    from dataset_stats.language import DESCRIPTION as LANGUAGE_ID
+    from shards.models.language import DESCRIPTION as LANGUAGE_ID
     from dataset_stats.nouns import PIECE_CHARS
     from dataset_stats.report import PAPER_TABLE1
 

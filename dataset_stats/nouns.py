@@ -58,7 +58,7 @@ class NounConfig:
     lang: Optional[str] = None  # "en": tag only captions not identified as another language
 
     def __post_init__(self) -> None:
-        from dataset_stats.language import check_lang_filter
+        from shards.models.language import check_lang_filter
 
         check_lang_filter(self.lang)
         if self.batch_tokens < 1:
@@ -124,7 +124,7 @@ class NounExtractor:
     """Tags captions and returns their nouns; one instance per process (the model loads once)."""
 
     def __init__(self, config: NounConfig = NounConfig()) -> None:
-        from dataset_stats.language import LanguageId
+        from shards.models.language import LanguageId
 
         self.config = config
         self.nlp = load_nlp(lemma=config.lemma)

@@ -58,8 +58,8 @@ class AestheticJudge:
     """The fitted head on the tiny CLIP's image embeddings: a score per image (LAION's scale)."""
 
     def __init__(self, clip_dir: str, head_path: str) -> None:
-        from curate.aesthetic import load_head
-        from curate.clip import ClipEmbedder
+        from shards.models.aesthetic import load_head
+        from shards.models.clip import ClipEmbedder
 
         self.clip = ClipEmbedder(clip_dir)
         self.head = load_head(head_path, self.clip.dim)

@@ -99,14 +99,14 @@ def judge_checkpoint(ck: Path, scenes: list, prompts: list[str], cache: Path, st
     (score, images); the score is cached in `cache` (images are only needed for the final step,
     which the caller re-samples when its cache exists)."""
     from demo import world as W
-    from t2i.checkpoint import write_text_atomic
+    from shards.fs import write_text
     from t2i.sample import generate, pipeline_from_checkpoint
 
     pipe, null = pipeline_from_checkpoint(ck)
     images = generate(pipe, null, prompts, steps=steps, guidance=guidance, seed=seed)
     score = W.score(list(zip(scenes, images)), attributes=("color", "position", "shape"))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cache, json.dumps(score))
+    write_text(cache, json.dumps(score))
     return score, images
 
 
@@ -139,7 +139,7 @@ def judge_prior(dit_dir: Path, scenes: list, s: ArmSettings, seed: int) -> tuple
     each held-out scene's label, judged on shape (and position, when its labels carry it). Scenes
     whose label the DiT never trained on are left out. Returns (score, images); the score is cached."""
     from demo import world as W
-    from t2i.checkpoint import write_text_atomic
+    from shards.fs import write_text
     from t2i.class_cond import CLASSES_JSON, generate_classes
 
     step, ck = checkpoints(dit_dir)[-1]
@@ -155,7 +155,7 @@ def judge_prior(dit_dir: Path, scenes: list, s: ArmSettings, seed: int) -> tuple
     score = {"step": step, "classes": s.dit_classes, "labels": labels, "n": judged["n"],
              **{a: judged[a]["accuracy"] for a in attrs}, "chance": {a: judged[a]["chance"] for a in attrs}}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cache, json.dumps(score))
+    write_text(cache, json.dumps(score))
     return score, images
 
 

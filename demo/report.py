@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image
 
+from shards.fs import write_text
+
 
 def _img_tag(img: Image.Image | Path, width: int | None = None, title: str = "") -> str:
     if isinstance(img, Path):
@@ -150,9 +152,7 @@ def write_report(out_dir: Path, results: dict[str, Any], examples: list[dict[str
     h.append("<h2>Raw results</h2><pre>" + html.escape(json.dumps(results, indent=1, default=str)) + "</pre></body></html>")
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     for path, text in ((html_path, "\n".join(h)), (md_path, "\n".join(_markdown(results, claims, out_dir)))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text(path, text)
     return html_path, md_path
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import os
 import re
 import uuid
@@ -223,14 +222,6 @@ def open_input(p: str | Path) -> IO[bytes]:
     return fs.open_input_stream(path)
 
 
-def open_text(p: str | Path, newline: str | None = None) -> IO[str]:
-    """`p` as UTF-8 text (decode errors raise UnicodeDecodeError, as `open` does)."""
-    loc = as_location(p)
-    if isinstance(loc, Path):
-        return open(loc, encoding="utf-8", newline=newline)
-    return io.TextIOWrapper(open_input(loc), encoding="utf-8", newline=newline)
-
-
 def read_bytes(p: str | Path) -> bytes:
     with open_input(p) as f:
         return f.read()
@@ -279,7 +270,10 @@ def write_bytes(p: str | Path, data: bytes | pa.Buffer) -> None:
     loc = as_location(p)
     if isinstance(loc, Path):
         tmp = loc.with_name(f".{loc.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.replace(tmp, loc)
         return
     fs, path = resolve(loc)
@@ -288,6 +282,7 @@ def write_bytes(p: str | Path, data: bytes | pa.Buffer) -> None:
 
 
 def write_text(p: str | Path, text: str) -> None:
+    """`text` (UTF-8) written whole or not at all: see write_bytes. The project's one atomic text write."""
     write_bytes(p, text.encode("utf-8"))
 
 

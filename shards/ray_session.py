@@ -10,15 +10,24 @@ from typing import Iterator
 from shards.errors import UserError
 
 
+def import_ray():
+    """`ray` with `ray.data`, or the one-line UserError that says how to install them. Every
+    engine calls this before any work, so a missing Ray is said once, the same way."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise UserError(f'--engine ray needs Ray Data, which is not installed ({e}): pip install "t2i-data[ray]"') from None
+    return ray
+
+
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator:
     """Ray for the duration of a job: connect to `address`, or start a local Ray with `num_cpus`
     (default: all cores) and no dashboard, and shut it down afterwards. A Ray the caller has
     already initialised is used as it is and left running. Ray Data keeps rows in input order
     (the local engines' order) and shows no progress bars of its own (ours are on screen)."""
-    import ray
-    import ray.data
-
+    ray = import_ray()
     started = False
     if not ray.is_initialized():
         kwargs = {"address": address} if address else {"num_cpus": num_cpus or os.cpu_count() or 1}

@@ -43,11 +43,6 @@ def sha256_file(path: str | Path) -> str:
     return fs.sha256(path)
 
 
-def _write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Temp file + rename locally, one PUT on object stores (see shards.fs.write_bytes)."""
-    fs.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
 class ShardWriter:
     """Buffers rows and writes fixed-size Parquet shards into `out_dir`, atomically.
 
@@ -129,7 +124,7 @@ class ShardWriter:
             "bytes": nbytes,
             "written_at": time.time(),
         }
-        _write_json_atomic(done_marker(final), info)
+        fs.write_text(done_marker(final), _json(info))
         self.written.append(info)
         return final
 
@@ -156,7 +151,7 @@ def write_manifest(out_dir: str | Path, config: dict[str, Any] | None = None, ex
     }
     if extra:
         manifest.update(extra)
-    _write_json_atomic(fs.join(out_dir, MANIFEST), manifest)
+    fs.write_text(fs.join(out_dir, MANIFEST), _json(manifest))
     return manifest
 
 
@@ -176,3 +171,7 @@ def _installed_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

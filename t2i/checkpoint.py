@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from shards import fs
 from shards.errors import UserError
 
 LATEST = "latest"
@@ -96,7 +97,7 @@ def save_checkpoint(run_dir: Path, step: int, transformer, model_state: dict[str
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    write_text_atomic(ckdir / LATEST, final.name)
+    fs.write_text(ckdir / LATEST, final.name)
     rotate(ckdir, step, keep)
     return final
 
@@ -120,17 +121,6 @@ def parse_step(name: str) -> int | None:
     """The step of a `step-0000100` directory name, or None for anything else."""
     m = STEP_RE.match(name)
     return int(m["step"]) if m else None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file in the same directory, fsync, rename: `path` is old or new, never half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from shards import ShardError, UserError
+from shards import fs as shard_fs
 from t2i.models import LATENT_CHANNELS, get_preset, xavier_linears_and_patch
 
 CLASSES_JSON = "classes.json"
@@ -108,8 +109,6 @@ class ClassLabels:
 def check_label_column(shards_dir, column: str) -> list:
     """The complete caption shards, every one checked to have `column` (schemas only: before any work)."""
     from shards import complete_shards
-    from shards import fs as shard_fs
-
     files = complete_shards(shards_dir)
     if not files:
         raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
@@ -122,8 +121,6 @@ def check_label_column(shards_dir, column: str) -> list:
 
 def _label_batches(shards_dir, column: str) -> Iterator[tuple[pa.Array, pa.Array]]:
     """(keys, label values) of every row of the complete caption shards, streamed by batch."""
-    from shards import fs as shard_fs
-
     files = check_label_column(shards_dir, column)
     for f in files:
         for batch in shard_fs.parquet_file(f).iter_batches(batch_size=65536, columns=["key", column]):
@@ -153,9 +150,6 @@ def write_labels(cfg, shards_dir, out: Path, resume: bool = False) -> int:
     and `<out>/classes.json`. A resumed stage keeps the classes of its classes.json. Returns rows."""
     import pyarrow.parquet as pq
 
-    from shards import fs as shard_fs
-    from t2i.checkpoint import write_text_atomic
-
     shards_dir, out, column = shard_fs.as_location(shards_dir), Path(out), cfg.class_column
     saved = out / CLASSES_JSON
     classes = None
@@ -174,7 +168,7 @@ def write_labels(cfg, shards_dir, out: Path, resume: bool = False) -> int:
             w.write_table(pa.table({"key": keys.cast(pa.string()), "class_id": pc.fill_null(found, -1).cast(pa.int32())}, schema=schema))
             rows += len(keys)
     tmp.replace(out / LABELS_FILE)
-    write_text_atomic(saved, json.dumps(mapping, indent=2))
+    shard_fs.write_text(saved, json.dumps(mapping, indent=2))
     return rows
 
 
@@ -358,9 +352,9 @@ def generate_classes(checkpoint: str | Path, labels: list, steps: int = 20, guid
     from a class-cond checkpoint: DPM-Solver++ with classifier-free guidance against the null class.
     (diffusers' DiTPipeline hard-codes ImageNet's null class 1000.)"""
     from t2i.checkpoint import require_checkpoint
-    from t2i.features import load_vae
+    from t2i.encoders import load_vae
     from t2i.diffusion import saved_prediction_type
-    from t2i.sample import dpm_solver
+    from t2i.solver import dpm_solver
 
     ck = require_checkpoint(checkpoint)
     state = json.loads((ck / "trainer_state.json").read_text())

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from t2i.checkpoint import write_text_atomic
+from shards.fs import write_text
 
 # column, header, format, better ("high" / "low")
 COLUMNS = (
@@ -73,6 +73,6 @@ def write_report(out: Path, report: dict[str, Any]) -> list[Path]:
     out = Path(out)
     json_path, html_path = out / "eval.json", out / "eval.html"
     files = [json_path, html_path]
-    write_text_atomic(json_path, json.dumps({**report, "files": [str(p) for p in files]}, indent=2))
-    write_text_atomic(html_path, to_html(report))
+    write_text(json_path, json.dumps({**report, "files": [str(p) for p in files]}, indent=2))
+    write_text(html_path, to_html(report))
     return files

@@ -4,8 +4,8 @@ For every checkpoint of a training run (or one checkpoint directory, or an expor
 PixArtAlphaPipeline folder) the same prompts are sampled with the same seeds (DPM-Solver++,
 learned null caption, `t2i.sample.generate`), and the samples are scored:
 - CLIPScore: cosine of each sample's CLIP image embedding with its prompt's text embedding
-  (`curate.clip`, the same model and numbers as `t2i-data score`'s `clip_score`);
-- aesthetic: the LAION aesthetic predictor v2 head on those image embeddings (`curate.aesthetic`);
+  (`shards.models.clip`, the same model and numbers as `t2i-data score`'s `clip_score`);
+- aesthetic: the LAION aesthetic predictor v2 head on those image embeddings (`shards.models.aesthetic`);
 - FID against a folder of reference images (`t2i.fid`: torchmetrics, Inception weights from a
   local file, or CLIP features).
 Results: `<out>/eval.json` and `<out>/eval.html` (one row per checkpoint, a sample grid each).
@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from shards import fs as shard_fs
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
 
@@ -137,8 +138,8 @@ def _check(cfg: EvalConfig) -> None:
 
 def load_scorers(cfg: EvalConfig, device: str):
     """(ClipEmbedder, aesthetic head or None, FidMeter or None), all checked before any sampling."""
-    from curate.aesthetic import load_head
-    from curate.clip import ClipEmbedder
+    from shards.models.aesthetic import load_head
+    from shards.models.clip import ClipEmbedder
 
     clip = ClipEmbedder(cfg.clip, device=device)
     head = load_head(cfg.aesthetic, clip.dim) if cfg.aesthetic else None
@@ -168,7 +169,7 @@ def _batches(prompts: Sequence[str], size: int):
 def sample_and_score(target: Target, cfg: EvalConfig, scorers, out_dir: Path, advance: Callable[[int], None]) -> dict[str, Any]:
     """Sample every prompt from `target` in batches (seed: cfg.seed + batch index, the same for
     every checkpoint), save the PNGs, score them, and return this checkpoint's result."""
-    from curate.clip import clip_scores
+    from shards.models.clip import clip_scores
     from t2i.sample import generate, image_grid
 
     clip, head, fid = scorers
@@ -240,7 +241,7 @@ def evaluate_checkpoints(target: str | Path, cfg: EvalConfig | None = None, **op
             if result is None:
                 bar.update(task, info=t.name)
                 result = sample_and_score(t, cfg, scorers, ck_dir, lambda n: bar.advance(task, n))
-                ckpt.write_text_atomic(ck_dir / "result.json", json.dumps({"fingerprint": fingerprint, "result": result}, indent=2))
+                shard_fs.write_text(ck_dir / "result.json", json.dumps({"fingerprint": fingerprint, "result": result}, indent=2))
             else:
                 bar.advance(task, len(cfg.prompts))
             results.append(result)

@@ -34,8 +34,6 @@ import hashlib
 import json
 import math
 import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
@@ -49,13 +47,13 @@ from shards import fs as shard_fs
 from shards.images import DEFAULT_MAX_PIXELS, Address, ImageError, ImageReader, decode_image, legacy_address
 from shards.images.address import is_compressed_tar
 from shards.lock import output_lock
+from shards.prefetch import prefetch
 from shards.writer import write_manifest
 from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, text_columns
+from t2i.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, encode_text, load_text_encoder, load_vae
 from t2i.feature_index import open_index
 
 FEATURE_VERSION = 2  # 2: shared decode policy (EXIF, draft), latent_dtype
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-DEFAULT_TEXT_ENCODER = "google/t5-v1_1-xxl"
 DTYPES = ("float32", "float16", "bfloat16")
 
 FEATURE_SCHEMA = pa.schema(
@@ -126,67 +124,6 @@ class FeatureConfig:
         for name in ("batch_size", "rows_per_shard", "resolution", "max_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} {getattr(self, name)} must be at least 1: pass a positive number")
-
-
-# ---- models ------------------------------------------------------------------------------------
-
-def _subfolder(spec: str, name: str) -> str | None:
-    """Pipeline-layout repos keep each model in a subfolder; plain model repos do not."""
-    p = Path(spec)
-    if p.is_dir():
-        return name if (p / name).is_dir() else None
-    return name  # hub id: a pipeline repo is the common case (PixArt-alpha/PixArt-XL-2-1024-MS)
-
-
-def load_vae(spec: str, device="cpu", dtype=torch.float32):
-    from diffusers import AutoencoderKL
-
-    from shards.hub import hub_kwargs
-
-    hub = hub_kwargs(spec, "the VAE")  # an unreachable hub id fails here in seconds
-    try:
-        sub = _subfolder(spec, "vae")
-        try:
-            vae = AutoencoderKL.from_pretrained(spec, subfolder=sub, **hub)
-        except (OSError, EnvironmentError):
-            if sub is None:
-                raise
-            vae = AutoencoderKL.from_pretrained(spec, **hub)
-    except (OSError, EnvironmentError, ValueError) as e:
-        raise UserError(f"cannot load the VAE {spec!r} ({e.__class__.__name__}): pass a local AutoencoderKL directory or a reachable HF id") from e
-    return vae.to(device, dtype).eval().requires_grad_(False)
-
-
-def load_text_encoder(spec: str, device="cpu", dtype=torch.float32):
-    """(tokenizer, T5 encoder) from a pipeline-layout or plain T5 directory / HF id."""
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    from shards.hub import hub_kwargs
-
-    hub = hub_kwargs(spec, "the text encoder")  # an unreachable hub id fails here in seconds
-    try:
-        tsub, msub = _subfolder(spec, "tokenizer"), _subfolder(spec, "text_encoder")
-        try:
-            tok = AutoTokenizer.from_pretrained(spec, subfolder=tsub or "", **hub)
-            enc = T5EncoderModel.from_pretrained(spec, subfolder=msub or "", **hub)
-        except (OSError, EnvironmentError):
-            if tsub is None and msub is None:
-                raise
-            tok = AutoTokenizer.from_pretrained(spec, **hub)
-            enc = T5EncoderModel.from_pretrained(spec, **hub)
-    except (OSError, EnvironmentError, ValueError) as e:
-        raise UserError(f"cannot load the text encoder {spec!r} ({e.__class__.__name__}): pass a local T5 directory or a reachable HF id") from e
-    return tok, enc.to(device, dtype).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def encode_text(tokenizer, encoder, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5 features (B, max_tokens, C) and attention mask (B, max_tokens), tokenised exactly as
-    PixArtAlphaPipeline does (padding to max_length, truncation, special tokens)."""
-    t = tokenizer(captions, max_length=max_tokens, padding="max_length", truncation=True, add_special_tokens=True, return_tensors="pt")
-    dev = next(encoder.parameters()).device
-    ids, mask = t.input_ids.to(dev), t.attention_mask.to(dev)
-    return encoder(ids, attention_mask=mask)[0], mask
 
 
 # ---- images ------------------------------------------------------------------------------------
@@ -284,18 +221,6 @@ class RowImages:
 
     def close(self) -> None:
         self.reader.close()
-
-
-def prefetch(fn: Callable, items: Iterable, workers: int, depth: int) -> Iterator:
-    """fn(item) for every item, computed by `workers` threads at most `depth` ahead, in order."""
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
-        inflight: deque = deque()
-        for item in items:
-            inflight.append(pool.submit(fn, item))
-            if len(inflight) >= depth:
-                yield inflight.popleft().result()
-        while inflight:
-            yield inflight.popleft().result()
 
 
 # ---- ranks -------------------------------------------------------------------------------------
@@ -508,7 +433,7 @@ def _compute_features_locked(shards_dir, shards: list, out: Path, cfg: FeatureCo
     ranks.barrier()  # nobody writes before the leftovers of a crash are gone
     _check_plan(out, shards, shards_dir)  # every rank shares out the same row groups
     device = device or default_device(ranks)
-    from costs.ledger import Ledger
+    from shards.ledger import Ledger
 
     ledger = Ledger(out, "features", device)  # one line per rank in ledger.jsonl
     stats = new_stats(out)
@@ -572,7 +497,7 @@ def encode_rows(rows: Iterable[dict[str, Any]], images: "RowImages", encoder: "F
     cfg = encoder.cfg
     workers = cfg.workers or min(8, os.cpu_count() or 1)
     new = 0
-    for row, pixels, error in prefetch(images, map(images.locate, rows), workers, max(2 * cfg.batch_size, 4 * workers)):
+    for row, pixels, error in prefetch(images, map(images.locate, rows), workers, max(2 * cfg.batch_size, 4 * workers), "decode"):
         if error is not None:
             encoder.record_failure(row["key"], error)
         else:

@@ -106,12 +106,10 @@ def compute_features_ray(shards_dir: str | Path, root: str | Path, cfg: FeatureC
                          replicas: int = 1, progress: bool = True) -> dict[str, Any]:
     """compute_features (same directory, rows, failures and summary) on Ray: `replicas` encoder
     actors at `address` (default: a local Ray). See the module docstring."""
-    from costs.ledger import Ledger
+    from shards.ledger import Ledger
+    from shards.ray_session import import_ray
 
-    try:
-        import ray.data  # noqa: F401 - the install hint before any work
-    except ImportError as e:
-        raise UserError(f'--engine ray needs Ray Data, which is not installed ({e}): pip install "t2i-data[ray]"') from None
+    import_ray()  # the install hint before any work
     cfg.validate()
     if replicas < 1:
         raise UserError(f"--replicas {replicas} must be at least 1: pass a positive number")

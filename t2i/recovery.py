@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from shards.errors import UserError
-from t2i.checkpoint import LATEST, TRAINER_STATE, checkpoint_dirs, latest_checkpoint, parse_step, write_text_atomic
+from shards.fs import write_text
+from t2i.checkpoint import LATEST, TRAINER_STATE, checkpoint_dirs, latest_checkpoint, parse_step
 
 SAFETENSORS = ("model", "ema", "optimizer", "rng")
 DAMAGED_PREFIX = "damaged-"
@@ -97,7 +98,7 @@ def resumable_checkpoint(run_dir: str | Path, set_aside: bool = True) -> Path | 
         if damaged:
             warn(f"resuming from {ck.name} instead: damaged checkpoint(s) {'; '.join(damaged)}"
                  + (f", renamed {DAMAGED_PREFIX}*" if set_aside else ""))
-            write_text_atomic(ck.parent / LATEST, ck.name)
+            write_text(ck.parent / LATEST, ck.name)
         return ck
     if damaged:
         raise UserError(f"no checkpoint in {run_dir} can be resumed: {'; '.join(damaged)}: start again with a fresh --out")
@@ -145,7 +146,7 @@ def truncate_log(path: Path, step: int) -> None:
             keep.append(line)
     if broken:
         warn(f"dropped {broken} half-written line(s) of {path}")
-    write_text_atomic(path, "".join(l + "\n" for l in keep))
+    write_text(path, "".join(l + "\n" for l in keep))
 
 
 # ---- one writer per run directory ------------------------------------------------------------

@@ -16,17 +16,7 @@ import torch
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
 from t2i.diffusion import saved_prediction_type
-
-
-def dpm_solver(prediction_type: str = "epsilon"):
-    """DPM-Solver++ (2nd order) on the training schedule: 1000 steps, linear betas, for a model
-    that predicts `prediction_type` (epsilon | v_prediction, its training config's)."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-        algorithm_type="dpmsolver++", solver_order=2, prediction_type=prediction_type, lower_order_final=True,
-    )
+from t2i.solver import dpm_solver
 
 
 def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, text_encoder: str | None = None,
@@ -35,7 +25,7 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, tex
     encoder default to the ones the checkpoint's features were computed with."""
     from diffusers import PixArtAlphaPipeline
 
-    from t2i.features import load_text_encoder, load_vae
+    from t2i.encoders import load_text_encoder, load_vae
 
     ck = ckpt.require_checkpoint(checkpoint)
     state = json.loads((ck / "trainer_state.json").read_text())

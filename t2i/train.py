@@ -24,14 +24,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from costs.ledger import Ledger
+from shards.ledger import Ledger
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
 from t2i import recovery
 from t2i import sharding
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
 from t2i.diffusion import PREDICTION_TYPES, saved_prediction_type
-from t2i.features import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig, features_dir
+from t2i.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, VaeFactors, vae_factors
+from t2i.features import FeatureConfig, features_dir
 from t2i.noise import below, normal_pairs, random_words, sample_keys, uniforms
 from t2i.trackers import Trackers, check_report_to
 
@@ -134,27 +135,6 @@ class TrainConfig:
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         check_report_to(self.report_to)
-
-
-class VaeFactors(NamedTuple):
-    spatial: int  # pixels per latent cell along each side
-    scaling: float  # multiplies stored latents into the unit-variance space the model trains in
-
-
-def vae_factors(vae_spec: str) -> VaeFactors:
-    """The VAE's spatial and scaling factors, from its config (read once, no weights loaded)."""
-    from diffusers import AutoencoderKL
-
-    from t2i.features import _subfolder
-
-    try:
-        cfg = AutoencoderKL.load_config(vae_spec, subfolder=_subfolder(vae_spec, "vae"))
-    except Exception:
-        try:
-            cfg = AutoencoderKL.load_config(vae_spec)
-        except Exception as e:
-            raise UserError(f"cannot read the VAE config of {vae_spec!r}: pass a local AutoencoderKL directory or a reachable HF id") from e
-    return VaeFactors(2 ** (len(cfg["block_out_channels"]) - 1), float(cfg.get("scaling_factor", 0.18215)))
 
 
 def _patch_of(cfg: TrainConfig) -> int:

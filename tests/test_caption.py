@@ -22,7 +22,8 @@ from PIL import Image
 from autolabel.api import CaptionConfig, run_caption
 from autolabel.backends import GenParams, TransformersCaptioner, VllmCaptioner
 from autolabel.hygiene import clean_caption, is_degenerate
-from autolabel.prepare import ImageError, prepare_image, target_size
+from shards.images import ImageError
+from shards.images.fit import prepare_image, target_size
 from autolabel.prompts import ALT_PROMPT, PAPER_PROMPT, family_template, question_for, render_prompt
 from shards.images.sources import count_items, iter_sources
 from autolabel.tiny_llava import build_tiny_llava

@@ -237,7 +237,7 @@ def test_example_manifest_parses():
 
 
 def test_flops_of_a_class_cond_stage_leave_out_cross_attention():
-    from costs.gpus import GPUS
+    from shards.gpus import GPUS
     from costs.plan import PlanOptions, train_row
     from t2i.manifest import parse_manifest
     from t2i.models import PRESETS, flops_per_image

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from costs.ledger import LEDGER, Ledger, RaplCounter, sum_ledgers
+from costs.cost import sum_ledgers
+from shards.ledger import LEDGER, Ledger, RaplCounter
 from costs.plan import MfuRule, PlanOptions, parse_images, plan
 
 torch.set_num_threads(1)
@@ -257,7 +258,7 @@ def test_energy_from_nvml_counter(tmp_path, monkeypatch):
                                  nvmlDeviceGetHandleByIndex=lambda i: "h",
                                  nvmlDeviceGetTotalEnergyConsumption=lambda h: next(readings))
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr("costs.ledger._device_name", lambda d: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr("shards.ledger._device_name", lambda d: "NVIDIA H100 80GB HBM3")
     rec = Ledger(tmp_path, "train", device="cuda:0").close()
     assert rec["energy_source"] == "nvml" and rec["energy_kwh"] == pytest.approx(0.001)
 
@@ -271,7 +272,7 @@ def test_report_to_unknown_tracker_is_a_one_line_error(tmp_path):
 def test_a_crashed_job_is_still_recorded(tmp_path):
     import subprocess
 
-    code = f"from costs.ledger import Ledger\nLedger({str(tmp_path)!r}, 'train')\nraise RuntimeError('crash')"
+    code = f"from shards.ledger import Ledger\nLedger({str(tmp_path)!r}, 'train')\nraise RuntimeError('crash')"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "crash" in p.stderr
     (rec,) = read_ledger(tmp_path)

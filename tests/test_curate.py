@@ -53,7 +53,7 @@ def _emb(frame: pl.DataFrame, column: str) -> np.ndarray:
 
 
 def test_clip_score_ranks_own_caption_above_a_shuffled_one(clip_dir):
-    from curate.clip import ClipEmbedder, clip_scores
+    from shards.models.clip import ClipEmbedder, clip_scores
     from curate.tiny_clip import world_caption
 
     clip = ClipEmbedder(str(clip_dir))

@@ -109,7 +109,7 @@ def test_caption_unreachable_hub_fails_without_retries(tmp_path, one_image):
 
 
 def test_train_vae_and_text_encoder_ids_fail_fast_offline(tmp_path, monkeypatch):
-    from t2i.features import load_text_encoder, load_vae
+    from t2i.encoders import load_text_encoder, load_vae
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))

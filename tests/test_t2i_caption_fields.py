@@ -76,7 +76,7 @@ def feature_rows(fdir: Path) -> dict[str, dict]:
 
 def t5(world, text: str) -> np.ndarray:
     """`text`'s T5 features as features stores them (the kept tokens only)."""
-    from t2i.features import encode_text, load_text_encoder
+    from t2i.encoders import encode_text, load_text_encoder
 
     tok, enc = load_text_encoder(world["text_encoder"])
     emb, mask = encode_text(tok, enc, [text], 16)

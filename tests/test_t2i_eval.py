@@ -89,8 +89,8 @@ def test_eval_ranks_trained_above_untrained_and_writes_json_and_html(world, tmp_
 def test_cli_eval_one_checkpoint_with_aesthetic_resumes(world, tmp_path):
     """The CLI on a single checkpoint directory with an aesthetic head; a rerun reuses the result."""
     import cli
-    from curate.aesthetic import AestheticMLP, save_head
-    from curate.clip import ClipEmbedder
+    from shards.models.aesthetic import AestheticMLP, save_head
+    from shards.models.clip import ClipEmbedder
 
     head = tmp_path / "head.safetensors"
     save_head(AestheticMLP(ClipEmbedder(world["clip"]).dim), head)

@@ -1,4 +1,4 @@
-"""The run ledger: what a job (caption, features, train) cost in device-hours, energy and CO2e.
+"""The run ledger: what a job (caption, score, select, features, train) cost in device-hours, energy and CO2e.
 
 Each job appends one JSON line per run to `<run dir>/ledger.jsonl` (a rerun or resume adds a line,
 so the file sums to the whole job). Energy comes from, in order:
@@ -6,11 +6,11 @@ so the file sums to the whole job). Energy comes from, in order:
 - NVML's cumulative energy counter of the job's GPU (`nvidia-ml-py`; Volta and newer);
 - RAPL package counters under /sys/class/powercap (Intel, and AMD on recent kernels) on CPU. They
   measure the whole CPU package, other processes included;
-- otherwise a stated estimate: on a GPU, board power for the wall time (costs.gpus); on a CPU, the
+- otherwise a stated estimate: on a GPU, board power for the wall time (shards.gpus); on a CPU, the
   job's CPU time x 5 W per busy core (a server core at full load: 64-core 280 W EPYC 7763 ~4.4 W,
   40-core 270 W Xeon 8380 ~6.8 W).
 
-CO2e = energy x PUE x grid intensity; both default to costs.plan's (PUE 1.2, 475 gCO2e/kWh) and are
+CO2e = energy x PUE x grid intensity; both default to (PUE 1.2, 475 gCO2e/kWh) and are
 set per machine with T2I_PUE and T2I_GRID_GCO2_KWH.
 
 Why not codecarbon: its OfflineEmissionsTracker works offline (tested: 3.3.2 with country_iso_code),
@@ -33,14 +33,17 @@ from pathlib import Path
 from typing import Any
 
 LEDGER = "ledger.jsonl"
+# Default grid intensity: the world average, 475 gCO2e/kWh (IEA, Global Energy & CO2 Status Report
+# 2019; also codecarbon's world fallback). PUE 1.2: a GPU cloud / hyperscale data centre (Uptime
+# Institute's 2023 survey puts the all-data-centre average at 1.58). `plan` prices with them too.
+GRID_GCO2_KWH = 475.0
+PUE = 1.2
 WATTS_PER_BUSY_CORE = 5.0
 RAPL_ROOT = "/sys/class/powercap"
 
 
 def grid_settings() -> tuple[float, float]:
     """(PUE, grid gCO2e/kWh) for this machine: T2I_PUE, T2I_GRID_GCO2_KWH, else the plan defaults."""
-    from costs.plan import GRID_GCO2_KWH, PUE
-
     return float(os.environ.get("T2I_PUE", PUE)), float(os.environ.get("T2I_GRID_GCO2_KWH", GRID_GCO2_KWH))
 
 
@@ -148,7 +151,7 @@ class Ledger:
         if self.j0 is not None and j1 is not None:
             return j1 - self.j0, "nvml" if self.handle is not None else "rapl (whole CPU package)"
         if self.device.startswith("cuda"):
-            from costs.gpus import match_device_name
+            from shards.gpus import match_device_name
 
             gpu = match_device_name(_device_name(self.device))
             watts = gpu.watts if gpu else 300.0
@@ -200,57 +203,3 @@ def append_record(run_dir, record: dict[str, Any]) -> None:
         return
     old = fs.read_text(path) if fs.exists(path) else ""
     fs.write_text(path, old + line)
-
-
-def find_ledgers(run_dirs: list[str]) -> list:
-    """Every ledger.jsonl under the given run directories (recursively for local ones)."""
-    from shards import fs
-    from shards.errors import UserError
-
-    found = []
-    for d in run_dirs:
-        loc = fs.as_location(d)
-        if isinstance(loc, Path):
-            if not loc.exists():
-                raise UserError(f"{d} not found: pass a run directory of caption, features or train")
-            hits = [loc] if loc.is_file() else sorted(loc.rglob(LEDGER))
-        else:
-            hits = [p for p in [fs.join(loc, LEDGER)] if fs.exists(p)]
-        if not hits:
-            raise UserError(f"no {LEDGER} in {d}: it is written by caption, features and train runs")
-        found += hits
-    return found
-
-
-def sum_ledgers(run_dirs: list[str]) -> dict[str, Any]:
-    """One row per (ledger file, job) with its runs summed, and the totals."""
-    from shards import fs
-
-    rows = []
-    for path in find_ledgers(run_dirs):
-        groups: dict[str, dict[str, Any]] = {}
-        for line in fs.read_text(path).splitlines():
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            g = groups.setdefault(r["job"], {"where": str(path)[: -len(LEDGER) - 1] or ".", "job": r["job"], "runs": 0,
-                                             "device_hours": 0.0, "energy_kwh": 0.0, "kg_co2e": 0.0, "sources": set(), "devices": set()})
-            g["runs"] += 1
-            for k in ("device_hours", "energy_kwh", "kg_co2e"):
-                g[k] += r[k]
-            g["sources"].add(r["energy_source"].split(":")[0])
-            g["devices"].add(r["device_name"])
-        rows += [{**g, "sources": sorted(g["sources"]), "devices": sorted(g["devices"])} for g in groups.values()]
-    totals = {k: sum(r[k] for r in rows) for k in ("runs", "device_hours", "energy_kwh", "kg_co2e")}
-    return {"rows": rows, "totals": totals}
-
-
-def cost_markdown(result: dict[str, Any]) -> str:
-    """`t2i-data cost` as a Markdown table."""
-    lines = ["| run | job | runs | device | device-hours | kWh | kgCO2e | energy from |", "|---|---|---:|---|---:|---:|---:|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['where']} | {r['job']} | {r['runs']} | {', '.join(r['devices'])} | {r['device_hours']:.4g} | "
-                     f"{r['energy_kwh']:.4g} | {r['kg_co2e']:.4g} | {', '.join(r['sources'])} |")
-    t = result["totals"]
-    lines.append(f"| **total** | | {t['runs']} | | {t['device_hours']:.4g} | {t['energy_kwh']:.4g} | {t['kg_co2e']:.4g} | |")
-    return "\n".join(lines) + "\n"

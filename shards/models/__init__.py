@@ -1,0 +1,3 @@
+"""Models that more than one job uses, kept here so no job imports another's internals: CLIP
+embeddings and CLIPScore (score, eval), the LAION aesthetic head (score, eval, the demo), and
+caption language identification (stats, score)."""

@@ -1,0 +1,95 @@
+"""The frozen encoders every stage shares: the VAE and the T5 text encoder, loaded by HF id or
+local directory (pipeline layout with `vae/`, `tokenizer/`, `text_encoder/` subfolders, or a plain
+model directory), and T5-encoded exactly as PixArtAlphaPipeline encodes prompts.
+
+An HF id is checked once, in seconds, before loading (shards.hub): an unreachable hub fails in
+one line, not after minutes of retries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from shards.errors import UserError
+from shards.hub import hub_kwargs
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+DEFAULT_TEXT_ENCODER = "google/t5-v1_1-xxl"
+
+
+def _subfolder(spec: str, name: str) -> str | None:
+    """Pipeline-layout repos keep each model in a subfolder; plain model repos do not."""
+    p = Path(spec)
+    if p.is_dir():
+        return name if (p / name).is_dir() else None
+    return name  # hub id: a pipeline repo is the common case (PixArt-alpha/PixArt-XL-2-1024-MS)
+
+
+def load_vae(spec: str, device="cpu", dtype=torch.float32):
+    """A frozen diffusers AutoencoderKL from a pipeline-layout or plain VAE directory / HF id."""
+    from diffusers import AutoencoderKL
+
+    hub = hub_kwargs(spec, "the VAE")  # an unreachable hub id fails here in seconds
+    try:
+        sub = _subfolder(spec, "vae")
+        try:
+            vae = AutoencoderKL.from_pretrained(spec, subfolder=sub, **hub)
+        except (OSError, EnvironmentError):
+            if sub is None:
+                raise
+            vae = AutoencoderKL.from_pretrained(spec, **hub)
+    except (OSError, EnvironmentError, ValueError) as e:
+        raise UserError(f"cannot load the VAE {spec!r} ({e.__class__.__name__}): pass a local AutoencoderKL directory or a reachable HF id") from e
+    return vae.to(device, dtype).eval().requires_grad_(False)
+
+
+def load_text_encoder(spec: str, device="cpu", dtype=torch.float32):
+    """(tokenizer, T5 encoder) from a pipeline-layout or plain T5 directory / HF id."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    hub = hub_kwargs(spec, "the text encoder")  # an unreachable hub id fails here in seconds
+    try:
+        tsub, msub = _subfolder(spec, "tokenizer"), _subfolder(spec, "text_encoder")
+        try:
+            tok = AutoTokenizer.from_pretrained(spec, subfolder=tsub or "", **hub)
+            enc = T5EncoderModel.from_pretrained(spec, subfolder=msub or "", **hub)
+        except (OSError, EnvironmentError):
+            if tsub is None and msub is None:
+                raise
+            tok = AutoTokenizer.from_pretrained(spec, **hub)
+            enc = T5EncoderModel.from_pretrained(spec, **hub)
+    except (OSError, EnvironmentError, ValueError) as e:
+        raise UserError(f"cannot load the text encoder {spec!r} ({e.__class__.__name__}): pass a local T5 directory or a reachable HF id") from e
+    return tok, enc.to(device, dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_text(tokenizer, encoder, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 features (B, max_tokens, C) and attention mask (B, max_tokens), tokenised exactly as
+    PixArtAlphaPipeline does (padding to max_length, truncation, special tokens)."""
+    t = tokenizer(captions, max_length=max_tokens, padding="max_length", truncation=True, add_special_tokens=True, return_tensors="pt")
+    dev = next(encoder.parameters()).device
+    ids, mask = t.input_ids.to(dev), t.attention_mask.to(dev)
+    return encoder(ids, attention_mask=mask)[0], mask
+
+
+class VaeFactors(NamedTuple):
+    spatial: int  # pixels per latent cell along each side
+    scaling: float  # multiplies stored latents into the unit-variance space the model trains in
+
+
+def vae_factors(vae_spec: str) -> VaeFactors:
+    """The VAE's spatial and scaling factors, from its config (read once, no weights loaded)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        cfg = AutoencoderKL.load_config(vae_spec, subfolder=_subfolder(vae_spec, "vae"))
+    except Exception:
+        try:
+            cfg = AutoencoderKL.load_config(vae_spec)
+        except Exception as e:
+            raise UserError(f"cannot read the VAE config of {vae_spec!r}: pass a local AutoencoderKL directory or a reachable HF id") from e
+    return VaeFactors(2 ** (len(cfg["block_out_channels"]) - 1), float(cfg.get("scaling_factor", 0.18215)))
