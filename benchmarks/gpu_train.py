@@ -112,13 +112,14 @@ def floor(st: Setting, latent: int, batch: int, ceilings: dict[str, float]) -> d
 
 def synthetic_inputs(st: Setting, latent: int, batch: int, sets: int = 2) -> list[dict[str, torch.Tensor]]:
     """Random (never zero) precomputed features, drawn on the device (seconds, not minutes, for
-    the large batches of the max-batch search); several sets, rotated per step."""
+    the large batches of the max-batch search); several sets, rotated per step. Laid out as
+    TrainStep.micro takes them: the captions under "cond", named as the model's arguments."""
     g = torch.Generator(st.device).manual_seed(0)
     kw = {"generator": g, "device": st.device}
     return [{"x0": torch.randn(batch, 4, latent, latent, **kw), "noise": torch.randn(batch, 4, latent, latent, **kw),
              "t": torch.randint(0, 1000, (batch,), **kw), "drop": torch.rand(batch, **kw) < 0.1,
-             "text": torch.randn(batch, st.tokens, st.channels, **kw),
-             "mask": torch.ones(batch, st.tokens, dtype=torch.long, device=st.device)} for _ in range(sets)]
+             "cond": {"captions": torch.randn(batch, st.tokens, st.channels, **kw),
+                      "caption_mask": torch.ones(batch, st.tokens, dtype=torch.long, device=st.device)}} for _ in range(sets)]
 
 
 def time_steps(step_fn, inputs, st: Setting, warmup: int | None = None, steps: int | None = None) -> tuple[list[float], float | None]:
@@ -156,8 +157,8 @@ def reference_step(st: Setting, latent: int):
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
 
     def step(inp):
-        out = model(sched.add_noise(inp["x0"], inp["noise"], inp["t"]), encoder_hidden_states=inp["text"],
-                    encoder_attention_mask=inp["mask"], timestep=inp["t"],
+        out = model(sched.add_noise(inp["x0"], inp["noise"], inp["t"]), encoder_hidden_states=inp["cond"]["captions"],
+                    encoder_attention_mask=inp["cond"]["caption_mask"], timestep=inp["t"],
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(out[:, :4], inp["noise"])
         opt.zero_grad(set_to_none=True)
@@ -170,8 +171,9 @@ def reference_step(st: Setting, latent: int):
 def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attention: str = "auto"):
     """t2i.train.TrainStep exactly as train() builds it (model, fused AdamW, EMA, autocast).
     compile: None (eager), "blocks" (the trainer's regional compile) or "full" (whole model)."""
-    from t2i.diffusion import Diffusion
-    from t2i.train import TrainConfig, TrainStep, build_model, make_accelerator, setup_optimization
+    from t2i.objective import build_objective
+    from t2i.text_cond import TextConditioning
+    from t2i.train import TrainConfig, TrainStep, make_accelerator, setup_optimization
 
     mp = "bf16" if st.device == "cuda" else "no"
     cfg = TrainConfig(preset=st.preset, resolution=latent * 8, max_tokens=st.tokens, mixed_precision=mp,
@@ -179,10 +181,10 @@ def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attenti
                       attention=attention)
     accel = make_accelerator(cfg)
     torch.manual_seed(0)
-    model = build_model(cfg, latent, st.channels)
+    objective = build_objective(vars(cfg))
+    model = TextConditioning().build_model(cfg, latent, st.channels, objective.learned_sigma)
     opt, sched, ema = setup_optimization(cfg, model, accel.device)
-    stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, Diffusion(learned_sigma=cfg.learned_sigma, prediction_type=cfg.prediction_type),
-                                compile_backend=st.compile_backend)
+    stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, objective, compile_backend=st.compile_backend)
     if compile == "full":
         stepper.run_model = torch.compile(stepper.run_model, backend=st.compile_backend)
     model.train()
@@ -361,11 +363,16 @@ def datapath(step_fn, batches, st: Setting, n_batches: int, pure_step_ms: float 
     """Samples/s a loader delivers to the device (batch assembly, make_inputs, copy), and the
     same loader feeding the training step: ms per step against the step alone (`pure_step_ms`).
     `batches` is an iterator of t2i.data.Batch."""
+    from t2i.diffusion import Diffusion
+    from t2i.text_cond import TextConditioning
     from t2i.train import make_inputs
 
+    objective, conditioning = Diffusion(), TextConditioning()
+
     def device_inputs(b):
-        inp = make_inputs(b, 0.18215, 1000, 0.1, list(range(len(b.keys))))
-        return {k: v.to(st.device, non_blocking=True) for k, v in inp.items()}
+        inp = make_inputs(b, 0.18215, objective, 0.1, list(range(len(b.keys))))
+        cond = {k: v.to(st.device, non_blocking=True) for k, v in conditioning.inputs(b).items()}
+        return {**{k: v.to(st.device, non_blocking=True) for k, v in inp.items()}, "cond": cond}
 
     device_inputs(next(batches))  # worker processes start on the first batch: not part of the rate
     sync(st.device)

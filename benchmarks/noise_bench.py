@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import load_note, write_section  # noqa: E402
+from t2i.diffusion import Diffusion  # noqa: E402
 from t2i.noise import sample_keys  # noqa: E402
 from t2i.train import make_inputs  # noqa: E402
 
@@ -54,9 +55,10 @@ def measure(batch: int, shape: tuple[int, ...], rounds: int) -> dict[str, float]
     mean = torch.randn(batch, *shape)
     b = SimpleNamespace(latent_mean=mean, latent_std=torch.full_like(mean, 0.05), text=None, mask=None)
     positions = np.arange(batch)
+    objective = Diffusion()
     ways = {
         "old": lambda: old_make_inputs(b, 0.18, 1000, 0.1, old_seeds(0, 0, 1, positions)),
-        "new": lambda: make_inputs(b, 0.18, 1000, 0.1, sample_keys(0, 0, 1, positions)),
+        "new": lambda: make_inputs(b, 0.18, objective, 0.1, sample_keys(0, 0, 1, positions)),
         "floor": lambda: (b.latent_mean + b.latent_std * torch.randn_like(mean), torch.randn_like(mean),
                           torch.randint(0, 1000, (batch,)), torch.rand(batch) < 0.1),
     }

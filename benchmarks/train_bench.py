@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._report import load_note, write_section  # noqa: E402
 from shards import ShardWriter  # noqa: E402
 from shards.writer import write_manifest  # noqa: E402
+from t2i.diffusion import Diffusion  # noqa: E402
 from t2i.features import FEATURE_SCHEMA, features_dir  # noqa: E402
 from t2i.stage import run_stage  # noqa: E402
 from t2i.noise import sample_keys  # noqa: E402
@@ -119,9 +120,10 @@ def input_cost(batch: int, latent: int, repeats: int = 20) -> tuple[float, float
 
     mean = torch.randn(batch, 4, latent, latent)
     b = SimpleNamespace(latent_mean=mean, latent_std=torch.full_like(mean, 0.05), text=None, mask=None)
+    objective = Diffusion()
     t = time.perf_counter()
     for _ in range(repeats):
-        make_inputs(b, 0.18, 1000, 0.1, sample_keys(0, 0, 1, np.arange(batch)))
+        make_inputs(b, 0.18, objective, 0.1, sample_keys(0, 0, 1, np.arange(batch)))
     ours_s = (time.perf_counter() - t) / repeats
     t = time.perf_counter()
     for _ in range(repeats):

@@ -187,6 +187,7 @@ def caption_channels(text_encoder: str) -> int:
 
 
 def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
+    from t2i.kinds import conditioning_class
     from t2i.models import flops_per_image
 
     cfg = stage.config
@@ -195,7 +196,7 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
     images = float(cfg.steps * per_step)
     latent = cfg.resolution // VAE_FACTOR
     flops = images * flops_per_image(cfg.preset, (latent, latent), cfg.max_tokens, caption_channels(cfg.text_encoder),
-                                     cross_attention=cfg.kind != "class-cond")  # a class-conditional DiT has none
+                                     cross_attention=conditioning_class(cfg.kind).cross_attention)  # a class-conditional DiT has none
     mfu, basis = stage_mfu(stage, gpu, opts)
     return Row("train", cfg.name, images, flops, flops / (gpu.peak_flops * mfu) / 3600, gpus, f"MFU {mfu:.1%} {basis}")
 

@@ -10,9 +10,10 @@ ImageNet DiT to start from (medical, satellite, product photos), trained by the 
     name = "align"
     init = "previous"            # the DiT above, imported by re-parameterisation (t2i.import_dit)
 
-What differs from the text-to-image stage, and only that (features, loader, IDDPM loss, AdamW +
-EMA, checkpoints, exact resume, recovery, ledger and trackers are t2i.train's):
-- the model is `DiTWithNull`: diffusers' `DiTTransformer2DModel`, one class per distinct label
+What differs from the text-to-image stage, and only that, is its conditioning, `ClassConditioning`
+(a t2i.conditioning.Conditioning; features, loader, objective, AdamW + EMA, checkpoints, exact
+resume, recovery, ledger and trackers are t2i.train's):
+- the model is `DiTWithNull` (t2i.dit): diffusers' `DiTTransformer2DModel`, one class per distinct label
   value plus the null class (id = number of classes) for classifier-free guidance. The null
   class embeds to zero, so the DiT's unconditional output is its function without a class term:
   exactly what import-dit carries over into PixArt (exact at t = 500);
@@ -32,20 +33,22 @@ caption: without captions, put the label text in `caption`). They are read and n
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch import nn
 
 from shards import ShardError, UserError
 from shards import fs as shard_fs
-from t2i.models import LATENT_CHANNELS, get_preset, xavier_linears_and_patch
+from t2i.conditioning import Conditioning
+from t2i.dit import DiTWithNull, build_dit, load_dit
+from t2i.models import LATENT_CHANNELS
 
 CLASSES_JSON = "classes.json"
 LABELS_FILE = "labels.parquet"  # key -> class id of every caption row: what training looks labels up in
@@ -197,96 +200,35 @@ def _sorted_labels(column: str, classes: list, hashes: np.ndarray, ids: np.ndarr
     return ClassLabels(column, classes, hashes[keep], ids[keep])
 
 
-# ---- the model ---------------------------------------------------------------------------------
-
-def build_dit(preset: str, latent_size: int, num_classes: int, learned_sigma: bool = True):
-    """A fresh diffusers `DiTTransformer2DModel` of `preset`'s shape (DiT-*/PixArt-* names),
-    `num_classes` classes + the null class, initialised as facebookresearch/DiT."""
-    from diffusers import DiTTransformer2DModel
-
-    p = get_preset(preset)
-    dit = DiTTransformer2DModel(
-        num_attention_heads=p.heads, attention_head_dim=p.hidden // p.heads, in_channels=LATENT_CHANNELS,
-        out_channels=2 * LATENT_CHANNELS if learned_sigma else LATENT_CHANNELS, num_layers=p.depth,
-        sample_size=latent_size, patch_size=p.patch, num_embeds_ada_norm=num_classes,
-        norm_eps=1e-6,  # as the official DiT and PixArt (diffusers' default is 1e-5)
-    )  # fmt: skip
-    initialize_dit(dit)
-    return dit
-
-
-def initialize_dit(dit) -> None:
-    """facebookresearch/DiT's initialisation: xavier linears, N(0, 0.02) label and timestep
-    embeddings, zero adaLN modulation (every block starts as the identity), zero final layer."""
-    xavier_linears_and_patch(dit)
-    nn.init.zeros_(dit.pos_embed.proj.bias)
-    for block in dit.transformer_blocks:
-        emb = block.norm1.emb
-        nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
-        nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
-        nn.init.zeros_(block.norm1.linear.weight)
-        nn.init.zeros_(block.norm1.linear.bias)
-    for layer in (dit.proj_out_1, dit.proj_out_2):
-        nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
-
-
-class DiTWithNull(nn.Module):
-    """The trained unit of a class-cond stage: a DiT whose null class embeds to zero.
-
-    Called as the trainer calls PixArtWithNull: (latents, timesteps, class ids, mask, drop);
-    `drop` replaces a class by the null class. diffusers' own random label dropout (torch.rand in
-    every block, each on its own) is switched off: the trainer drops per sample, seeded."""
-
-    def __init__(self, transformer) -> None:
-        super().__init__()
-        self.transformer = transformer
-        self.null_class = transformer.config.num_embeds_ada_norm
-        for block in transformer.transformer_blocks:
-            labels = block.norm1.emb.class_embedder
-            labels.dropout_prob = 0.0  # the table keeps its null row: its size is fixed at construction
-            with torch.no_grad():
-                labels.embedding_table.weight[self.null_class].zero_()  # saved as zero: the DiT alone agrees
-            labels.embedding_table.register_forward_hook(self._null_is_zero)
-
-    def _null_is_zero(self, module, args, output):
-        """The null class's embedding is zero, and so is its gradient: it never moves."""
-        return output * (args[0] != self.null_class).unsqueeze(-1).to(output.dtype)
-
-    def forward(self, latents, timesteps, labels, mask=None, drop=None, added_cond_kwargs=None):
-        if drop is not None:
-            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-        return self.transformer(latents, timestep=timesteps, class_labels=labels, return_dict=False)[0]
-
-
-def load_dit(path: str | Path, which: str = "ema"):
-    """A `DiTTransformer2DModel` from a diffusers DiT (or pipeline) directory, or from a class-cond
-    run or checkpoint directory: its `transformer/` (EMA weights), or with `which="model"` the
-    checkpoint's training weights."""
-    from diffusers import DiTTransformer2DModel
-
-    from t2i import checkpoint as ckpt
-    from t2i.import_dit import dit_directory
-
-    directory, sub = dit_directory(path)
-    dit = DiTTransformer2DModel.from_pretrained(directory, subfolder=sub).float()
-    if which == "model":
-        sd = ckpt.load_weights(directory, "model")
-        ckpt.load_matching(dit, {k.removeprefix("transformer."): v for k, v in sd.items()}, f"checkpoint {directory}")
-    return dit
-
-
 # ---- the stage ---------------------------------------------------------------------------------
 
-class ClassCond:
-    """What a class-cond stage adds to t2i.train: the labels, the model, the checkpoint files."""
+class ClassConditioning(Conditioning):
+    """The conditioning of a class-cond stage: each image's class
+    label, looked up by key, dropped to the null class with probability `caption_dropout`; the
+    model is a DiT (t2i.dit), each checkpoint a diffusers DiT directory with its classes.json."""
+
+    kind = "class-cond"
+    cross_attention = False  # the class enters through adaLN: no cross-attention, no caption projection
+    guidance = 4.0  # the sampler's default classifier-free guidance
+    handoff = "dit"  # how a later text-to-image stage starts from this one: import-dit (t2i.import_dit)
+    check_config = staticmethod(check_config)
 
     def __init__(self, labels: ClassLabels) -> None:
         self.labels = labels
 
+    @staticmethod
+    def check_shards(cfg, shards) -> None:
+        """Before the features step: every caption shard has the label column."""
+        check_label_column(shard_fs.as_location(shards), cfg.class_column)
+
+    @staticmethod
+    def init_from_previous(previous: type[Conditioning]) -> str:
+        """How this stage starts from the previous stage's checkpoints (init = "previous"): its
+        checkpoint (a DiT, whatever the previous stage was)."""
+        return "checkpoint"
+
     @classmethod
-    def open(cls, cfg, out: Path, shards, resume: bool, accel) -> "ClassCond":
+    def open(cls, cfg, out: Path, shards, resume: bool, accel) -> "ClassConditioning":
         """The stage's labels: written from `shards` first when given (the main process runs the
         labels step, the others wait), else the ones an earlier run of this stage wrote."""
         if shards is not None:
@@ -295,11 +237,12 @@ class ClassCond:
             accel.wait_for_everyone()
         return cls(load_labels(out, cfg.class_column))
 
-    def build_model(self, cfg, latent_size: int) -> DiTWithNull:
-        """DiTWithNull from the stage's init: scratch, dit:PATH (EMA weights) or checkpoint:DIR."""
+    def build_model(self, cfg, latent_size: int, caption_channels: int, learned_sigma: bool = True) -> DiTWithNull:
+        """DiTWithNull from the stage's init: scratch, dit:PATH (EMA weights) or checkpoint:DIR
+        (the caption width is not used: a DiT has no captions)."""
         kind, _, arg = cfg.init.partition(":")
         if kind == "scratch":
-            dit = build_dit(cfg.preset, latent_size, self.labels.num_classes, cfg.learned_sigma)
+            dit = build_dit(cfg.preset, latent_size, self.labels.num_classes, learned_sigma)
         else:
             dit = load_dit(arg, which="model" if kind == "checkpoint" else "ema")
         n = dit.config.num_embeds_ada_norm
@@ -310,9 +253,14 @@ class ClassCond:
             dit.register_to_config(sample_size=latent_size)
         return DiTWithNull(dit)
 
-    def inputs(self, keys: list[str]) -> torch.Tensor:
-        """The class ids that stand in for the captions of a batch."""
-        return self.labels.lookup(keys)
+    def inputs(self, batch) -> dict[str, torch.Tensor]:
+        """The model's conditioning inputs for a batch: the class ids of its keys."""
+        return {"labels": self.labels.lookup(batch.keys)}
+
+    def checkpoint_extras(self, weights: dict[str, torch.Tensor],
+                          ema: dict[str, torch.Tensor]) -> Callable[[Path], None]:
+        """What completes a checkpoint being written (`write_checkpoint` with these weights)."""
+        return functools.partial(self.write_checkpoint, weights, ema)
 
     def write_checkpoint(self, weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor], ck: Path) -> None:
         """Complete a checkpoint being written: its transformer/ becomes a diffusers DiT directory
@@ -324,17 +272,16 @@ class ClassCond:
         save_file(inner, Path(ck) / "transformer" / "diffusion_pytorch_model.safetensors")
         (Path(ck) / CLASSES_JSON).write_text(json.dumps(self.labels.mapping(), indent=2))
 
+    @classmethod
+    def images(cls, checkpoint: str | Path, prompts: list[str], steps: int = 20, guidance: float | None = None,
+               seed: int = 0, vae: str | None = None, text_encoder: str | None = None, which: str = "ema",
+               dtype: torch.dtype = torch.float32) -> list:
+        """Samples of a class-cond checkpoint, the prompts naming classes (`generate_classes`;
+        no text encoder, and the DiT samples in float32)."""
+        return generate_classes(checkpoint, prompts, steps, cls.guidance if guidance is None else guidance, seed, vae, which)
+
 
 # ---- sampling ----------------------------------------------------------------------------------
-
-def is_dit_checkpoint(checkpoint: str | Path) -> bool:
-    """Whether `checkpoint` (a run directory or checkpoint) is a class-cond stage's."""
-    from t2i.checkpoint import latest_checkpoint
-
-    ck = latest_checkpoint(checkpoint)
-    config = ck / "transformer" / "config.json" if ck is not None else None
-    return config is not None and config.exists() and json.loads(config.read_text()).get("_class_name") == "DiTTransformer2DModel"
-
 
 def class_ids(mapping: dict[str, Any], labels: list, where: str) -> list[int]:
     """Class ids of label values (or their text, as a prompt gives them); None: the null class."""
@@ -353,8 +300,7 @@ def generate_classes(checkpoint: str | Path, labels: list, steps: int = 20, guid
     (diffusers' DiTPipeline hard-codes ImageNet's null class 1000.)"""
     from t2i.checkpoint import require_checkpoint
     from t2i.encoders import load_vae
-    from t2i.diffusion import saved_prediction_type
-    from t2i.solver import dpm_solver
+    from t2i.objective import objective_of_state
 
     ck = require_checkpoint(checkpoint)
     state = json.loads((ck / "trainer_state.json").read_text())
@@ -362,7 +308,7 @@ def generate_classes(checkpoint: str | Path, labels: list, steps: int = 20, guid
     ids = torch.tensor(class_ids(json.loads((ck / CLASSES_JSON).read_text()), list(labels), str(ck)), device=device)
     dit = load_dit(ck, which=which).to(device).eval()
     decoder = load_vae(vae or state["features"]["vae"], device)
-    sched = dpm_solver(saved_prediction_type(state))
+    sched = objective_of_state(state).sampler()
     sched.set_timesteps(steps)
     size, null = dit.config.sample_size, torch.full_like(ids, dit.config.num_embeds_ada_norm)
     noise = torch.randn((len(ids), LATENT_CHANNELS, size, size), generator=torch.Generator().manual_seed(seed))

@@ -1,5 +1,7 @@
-"""1000-step DDPM with linear betas and learned sigma: diffusers' DDPMScheduler for the noise
-schedule, plus the one piece diffusers lacks, the IDDPM hybrid loss (MSE on the prediction + VLB).
+"""The DDPM objective (a t2i.objective.Objective): 1000-step DDPM with linear betas and learned
+sigma, diffusers' DDPMScheduler for the noise schedule, plus the one piece diffusers lacks, the
+IDDPM hybrid loss (MSE on the prediction + VLB). It draws the training timesteps
+(`draw_timesteps`, `timestep_power`) and names the sampler that matches it (DPM-Solver++).
 
 The model predicts epsilon (the paper's choice, and ImageNet DiT's) or v = sqrt(acp) eps -
 sqrt(1 - acp) x0 (`prediction_type="v_prediction"`, Salimans & Ho 2022). On small latents v is
@@ -15,9 +17,14 @@ The mean is computed from a detached epsilon, so the VLB only trains the varianc
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from shards.errors import UserError
+from t2i.noise import below, uniforms
+from t2i.solver import dpm_solver
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):
@@ -48,18 +55,26 @@ def _mean_flat(x):
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' names, as schedulers take them
 
 
-def saved_prediction_type(trainer_state: dict) -> str:
-    """What a checkpoint's model predicts, from its trainer state (checkpoints from before the
-    option predict epsilon)."""
-    return trainer_state.get("config", {}).get("prediction_type", "epsilon")
+def draw_timesteps(words: np.ndarray, num_timesteps: int, power: float = 1.0) -> torch.Tensor:
+    """One timestep per word: uniform in [0, T) for `power` 1, else floor(T * u**power), which
+    for power < 1 puts more of the draws on the noisy end (power 0.6: 69% of them in t >= T/2)."""
+    if power == 1.0:
+        return torch.from_numpy(below(words, num_timesteps))
+    t = np.floor(num_timesteps * uniforms(words) ** power).astype(np.int64)
+    return torch.from_numpy(np.minimum(t, num_timesteps - 1))
 
 
 class Diffusion:
-    """Noise schedule + training loss. `learned_sigma`: the model outputs [prediction, variance
-    interpolation] (2x channels); `prediction_type`: what the first half predicts."""
+    """The DDPM objective: noise schedule, timestep draws, training target and loss, and the
+    sampler for it. `learned_sigma`: the model outputs [prediction, variance interpolation] (2x
+    channels); `prediction_type`: what the first half predicts; `timestep_power`: see
+    `draw_timesteps`."""
+
+    kind = "ddpm"
+    terms = ("loss", "mse", "vb")  # the per-sample losses `loss` returns, the total first
 
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, learned_sigma: bool = True,
-                 prediction_type: str = "epsilon"):
+                 prediction_type: str = "epsilon", timestep_power: float = 1.0):
         from diffusers import DDPMScheduler
 
         if prediction_type not in PREDICTION_TYPES:
@@ -75,8 +90,10 @@ class Diffusion:
             clip_sample=False,
         )
         self.num_timesteps = num_timesteps
+        self.beta_start, self.beta_end = beta_start, beta_end
         self.learned_sigma = learned_sigma
         self.prediction_type = prediction_type
+        self.timestep_power = timestep_power
         # float64 tables, as in improved-diffusion, computed from the scheduler's betas
         betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
         alphas_cumprod = np.cumprod(1.0 - betas)
@@ -94,13 +111,49 @@ class Diffusion:
         }
         self._cache: dict = {}
 
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "Diffusion":
+        """The objective a stage's settings (a TrainConfig's fields, or the config a checkpoint
+        recorded) describe; settings from before an option existed take its default."""
+        return cls(learned_sigma=settings.get("learned_sigma", True), prediction_type=settings.get("prediction_type", "epsilon"),
+                   timestep_power=settings.get("timestep_power", 1.0))
+
+    @staticmethod
+    def check_settings(settings: Mapping[str, Any]) -> None:
+        """A UserError for settings this objective cannot train with (before any work)."""
+        kind = settings.get("prediction_type", "epsilon")
+        if kind not in PREDICTION_TYPES:
+            raise UserError(f"prediction_type {kind!r} is not one of {', '.join(PREDICTION_TYPES)}: pick one")
+        power = settings.get("timestep_power", 1.0)
+        if power <= 0:
+            raise UserError(f"timestep_power must be > 0 (1: uniform timesteps), got {power}")
+
+    @property
+    def predicts(self) -> str:
+        """What the model's output (its first half, with learned sigma) is."""
+        return self.prediction_type
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that fix what the model predicts (named in warnings about a change)."""
+        return {"prediction_type": self.prediction_type}
+
+    def draw_timesteps(self, words: np.ndarray) -> torch.Tensor:
+        """The training timesteps of a micro-batch, one per sample's random word."""
+        return draw_timesteps(words, self.num_timesteps, self.timestep_power)
+
+    def sampler(self):
+        """The sampling scheduler for a model trained with this objective: DPM-Solver++ on the
+        training schedule (sample, export, eval and the class-cond sampler draw with it)."""
+        return dpm_solver(self.prediction_type, self.num_timesteps, self.beta_start, self.beta_end)
+
     def _t(self, name, t, ndim):
         key = (name, t.device)
         if key not in self._cache:
             self._cache[key] = torch.from_numpy(self._tables[name]).float().to(t.device)
         return self._cache[key][t].view(-1, *([1] * (ndim - 1)))
 
-    def add_noise(self, x0, noise, t):
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(acp_t) x0 + sqrt(1 - acp_t) noise (diffusers' DDPMScheduler)."""
         return self.scheduler.add_noise(x0, noise, t)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

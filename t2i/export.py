@@ -49,7 +49,7 @@ A plain `pipe(prompt)` guides against T5("") instead, which the model never saw 
 
 def export(checkpoint: str | Path, out_dir: str | Path, which: str = "ema", vae: str | None = None, text_encoder: str | None = None) -> Path:
     """Write the pipeline folder (atomically: temp dir, then rename). Returns `out_dir`."""
-    from t2i.sample import pipeline_from_checkpoint
+    from t2i.pipeline import pipeline_from_checkpoint
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.errors import UserError
+from t2i.kinds import conditioning_class
 from t2i.train import TrainConfig
 
 TOP_KEYS = {"name", "description", "defaults", "stages"}
@@ -149,8 +150,9 @@ def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None 
         if cfg.init == "previous":
             if prev is None:
                 prev = out / names[names.index(cfg.name) - 1]
-            # after a class-cond DiT, a text-to-image stage imports it by re-parameterisation
-            via = "dit" if prev_kind == "class-cond" and cfg.kind != "class-cond" else "checkpoint"
+            # as the stages' conditionings hand on: a text-to-image stage imports a class-cond DiT
+            # by re-parameterisation
+            via = conditioning_class(cfg.kind).init_from_previous(conditioning_class(prev_kind))
             cfg.init = f"{via}:{prev}"
         prev, prev_kind = sdir, cfg.kind
         if only and cfg.name != only:

@@ -1,5 +1,7 @@
-"""Sampling: checkpoint (or exported folder) + prompts -> images / PNG grid, through diffusers'
-PixArtAlphaPipeline with DPM-Solver++ (20 steps, guidance 4.5 by default).
+"""Sampling: checkpoint (or exported folder) + prompts -> images / PNG grid, through the conditioning
+the checkpoint was trained with (t2i.conditioning): a text-to-image checkpoint through diffusers'
+PixArtAlphaPipeline with DPM-Solver++ (20 steps, guidance 4.5 by default; t2i.pipeline), a
+class-cond one through its DiT, the prompts naming classes (t2i.class_cond).
 
 Classifier-free guidance uses the LEARNED null caption as the unconditional branch (passed as
 `negative_prompt_embeds`), exactly as in training; the stock pipeline would encode "" with T5.
@@ -7,90 +9,25 @@ Classifier-free guidance uses the LEARNED null caption as the unconditional bran
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from shards.errors import UserError
-from t2i import checkpoint as ckpt
-from t2i.diffusion import saved_prediction_type
-from t2i.solver import dpm_solver
+from t2i.kinds import checkpoint_conditioning
+from t2i.pipeline import generate, image_grid, pipeline_from_checkpoint
 
-
-def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, text_encoder: str | None = None,
-                             which: str = "ema", device: str | None = None, dtype=torch.float32):
-    """(PixArtAlphaPipeline, null_caption) assembled from a training checkpoint. The VAE and text
-    encoder default to the ones the checkpoint's features were computed with."""
-    from diffusers import PixArtAlphaPipeline
-
-    from t2i.encoders import load_text_encoder, load_vae
-
-    ck = ckpt.require_checkpoint(checkpoint)
-    state = json.loads((ck / "trainer_state.json").read_text())
-    feats = state.get("features", {})
-    vae_spec = vae or feats.get("vae")
-    te_spec = text_encoder or feats.get("text_encoder")
-    if not vae_spec or not te_spec:
-        raise UserError(f"checkpoint {ck} does not record its VAE/text encoder: pass --vae and --text-encoder")
-    transformer, null = ckpt.load_transformer(ck, which)
-    tok, enc = load_text_encoder(te_spec)
-    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=enc, vae=load_vae(vae_spec), transformer=transformer, scheduler=dpm_solver(saved_prediction_type(state)))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.to(device)
-    if dtype != torch.float32:
-        pipe.to(dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, null.to(device, dtype)
-
-
-@torch.no_grad()
-def generate(pipe, null_caption: torch.Tensor | None, prompts: Sequence[str], steps: int = 20, guidance: float = 4.5,
-             seed: int = 0, height: int | None = None, width: int | None = None, max_tokens: int | None = None):
-    """PIL images for `prompts`. With `null_caption` the learned null is the unconditional branch;
-    with None the pipeline's own T5("") negative is used (the stock behaviour)."""
-    prompts = list(prompts)
-    cfg = pipe.transformer.config
-    size = cfg.sample_size * pipe.vae_scale_factor
-    max_tokens = max_tokens or (null_caption.shape[0] if null_caption is not None else 120)
-    kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=height or size, width=width or size,
-              use_resolution_binning=False, generator=torch.Generator("cpu").manual_seed(seed), output_type="pil",
-              max_sequence_length=max_tokens, clean_caption=False)
-    if null_caption is None or guidance <= 1:
-        return pipe(prompt=prompts, **kw).images
-    emb, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=max_tokens, clean_caption=False)
-    neg = null_caption.to(emb.dtype)[None].expand(len(prompts), -1, -1)
-    neg_mask = torch.ones(neg.shape[:2], dtype=mask.dtype, device=mask.device)
-    return pipe(prompt=None, negative_prompt=None, prompt_embeds=emb, prompt_attention_mask=mask,
-                negative_prompt_embeds=neg, negative_prompt_attention_mask=neg_mask, **kw).images
-
-
-def image_grid(images, cols: int | None = None):
-    from PIL import Image
-
-    cols = cols or min(len(images), 8)
-    rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
+__all__ = ["sample", "generate", "image_grid", "pipeline_from_checkpoint"]  # the sampling entry points
 
 
 def sample(checkpoint: str | Path, prompts: Sequence[str], out_png: str | Path, steps: int = 20, guidance: float = 4.5,
            seed: int = 0, vae: str | None = None, text_encoder: str | None = None, which: str = "ema", cols: int | None = None) -> Path:
     """Checkpoint + prompts -> one PNG grid (row-major in prompt order). Returns the PNG path.
     A class-cond checkpoint (t2i.class_cond) takes class labels as prompts."""
-    from t2i.class_cond import generate_classes, is_dit_checkpoint
-
     if not prompts:
         raise UserError("no prompts given: pass --prompt TEXT (repeatable) or --prompts-file FILE")
-    if is_dit_checkpoint(checkpoint):  # a class-cond stage: the prompts name classes
-        images = generate_classes(checkpoint, list(prompts), steps, guidance, seed, vae, which)
-    else:
-        pipe, null = pipeline_from_checkpoint(checkpoint, vae, text_encoder, which)
-        images = generate(pipe, null, prompts, steps, guidance, seed)
+    kind = checkpoint_conditioning(checkpoint)
+    images = kind.images(checkpoint, list(prompts), steps=steps, guidance=guidance, seed=seed, vae=vae, text_encoder=text_encoder,
+                         which=which)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, cols).save(out_png)

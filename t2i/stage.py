@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shards import fs as shard_fs
 from shards.lock import ensure_output_dir
 from t2i import recovery
+from t2i.kinds import conditioning_class
 from t2i.features import Ranks, compute_features
 from t2i.train import TrainConfig, preflight, train
 
@@ -50,10 +50,7 @@ def run_stage(cfg: TrainConfig, out: str | Path, shards: str | Path | None = Non
     if shards is not None:
         preflight(cfg)  # bad settings or a finished run fail before hours of features, not after
         recovery.refuse_fresh_run_into_old(out, resume)
-        if cfg.kind == "class-cond":  # so does a label column the shards lack
-            from t2i.class_cond import check_label_column
-
-            check_label_column(shard_fs.as_location(shards), cfg.class_column)
+        conditioning_class(cfg.kind).check_shards(cfg, shards)  # so do shards it cannot read (a label column)
         step = features_step(cfg, shards, root, progress)
     summary = train(cfg, out, features=root, resume=resume, stop_after=stop_after, progress=progress, label_shards=shards)
     if step is not None:

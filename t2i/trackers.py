@@ -77,23 +77,19 @@ class Trackers:
             t.log(values, step=step)
 
     def samples(self, checkpoint: str | Path, step: int) -> None:
-        """Sample the prompts from `checkpoint` (EMA weights, 20 DPM-Solver steps) and log the grid.
-        On a GPU the pipeline is loaded in bf16 next to the training state and freed afterwards."""
+        """Sample the prompts from `checkpoint` (EMA weights, 20 steps, through the conditioning it
+        was trained with: t2i.conditioning) and log the grid. On a GPU a text-to-image pipeline is
+        loaded in bf16 next to the training state and freed afterwards."""
         if not self.trackers or not self.prompts:
             return
         import numpy as np
         import torch
 
-        from t2i.class_cond import generate_classes, is_dit_checkpoint
-        from t2i.sample import generate, image_grid, pipeline_from_checkpoint
+        from t2i.kinds import checkpoint_conditioning
+        from t2i.pipeline import image_grid
 
-        if is_dit_checkpoint(checkpoint):  # a class-cond stage: the prompts name classes
-            grid = image_grid(generate_classes(checkpoint, self.prompts)).convert("RGB")
-        else:
-            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-            pipe, null = pipeline_from_checkpoint(checkpoint, dtype=dtype)
-            grid = image_grid(generate(pipe, null, self.prompts)).convert("RGB")
-            del pipe, null
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        grid = image_grid(checkpoint_conditioning(checkpoint).images(checkpoint, self.prompts, dtype=dtype)).convert("RGB")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         path = self.out / "samples" / f"step-{step:07d}.png"

@@ -1,4 +1,4 @@
-"""The PixArt-alpha training loop (DiT/nanoGPT style) on diffusers + accelerate.
+"""The PixArt-alpha trainer (DiT/nanoGPT style) on diffusers + accelerate.
 
     from t2i.train import TrainConfig, train
     train(TrainConfig(preset="PixArt-tiny/2", resolution=16, vae="tiny/vae", text_encoder="tiny/t5",
@@ -6,48 +6,47 @@
 
 The loop trains on a features directory (t2i.features; t2i.stage.run_stage computes it from
 caption shards first, as its own step); it samples latents from the stored posterior (mean +
-std * noise), drops 10% of captions to the learned null caption, trains with the IDDPM hybrid loss, and writes checkpoints (t2i.checkpoint) that `--resume`
-continues from exactly: same data order, same noise, same losses.
+std * noise), drops 10% of captions to the learned null caption (the stage's conditioning,
+t2i.conditioning), trains with its objective (t2i.objective: today the IDDPM hybrid loss), and
+writes checkpoints (t2i.checkpoint) that `--resume` continues from exactly: same data order,
+same noise, same losses.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from shards.ledger import Ledger
 from shards.errors import UserError
+from shards.ledger import Ledger
 from t2i import checkpoint as ckpt
 from t2i import recovery
 from t2i import sharding
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
-from t2i.diffusion import PREDICTION_TYPES, saved_prediction_type
+from t2i.conditioning import Conditioning
 from t2i.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, VaeFactors, vae_factors
 from t2i.features import FeatureConfig, features_dir
-from t2i.noise import below, normal_pairs, random_words, sample_keys, uniforms
+from t2i.kinds import conditioning_class
+from t2i.models import ATTENTION_ORDERS, attention_kernels, compile_blocks, get_preset
+from t2i.noise import normal_pairs, random_words, sample_keys, uniforms
+from t2i.objective import LossTerm, Objective, add_terms, build_objective, check_objective
 from t2i.trackers import Trackers, check_report_to
-
-
-KINDS = ("text-to-image", "class-cond")
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN/inf; the last good checkpoint is untouched."""
 
 
 @dataclass
 class TrainConfig:
+    """One training stage's settings (a manifest's [[stages]] entry, or the train command's flags)."""
+
     name: str = "train"
-    kind: str = "text-to-image"  # text-to-image (PixArt) | class-cond (a class-conditional DiT: t2i.class_cond)
+    kind: str = "text-to-image"  # t2i.conditioning: text-to-image (PixArt) | class-cond (a class-conditional DiT)
     class_column: str = ""  # class-cond: the caption-shard column holding each image's label
     preset: str = "PixArt-XL/2"
     init: str = "scratch"  # scratch | dit:PATH | pixart:DIR | checkpoint:DIR
@@ -72,8 +71,9 @@ class TrainConfig:
     # fields per epoch, drawn with caption_weights (default equal); t2i.caption_fields
     caption_fields: tuple = DEFAULT_FIELDS
     caption_weights: tuple = ()
+    # the objective (t2i.objective; DDPM with the IDDPM hybrid loss, t2i.diffusion):
     learned_sigma: bool = True
-    prediction_type: str = "epsilon"  # epsilon (the paper's) | v_prediction (better on small latents); t2i.diffusion
+    prediction_type: str = "epsilon"  # epsilon (the paper's) | v_prediction (better on small latents)
     # timesteps drawn as floor(T * u**p) (draw_timesteps): 1 is uniform, the paper's; p < 1 trains
     # the noisy steps, where an object's outline is decided, more often
     timestep_power: float = 1.0
@@ -99,26 +99,21 @@ class TrainConfig:
 
     @classmethod
     def field_names(cls) -> list[str]:
+        """The settings' names (what a manifest stage may set)."""
         return [f.name for f in fields(cls)]
 
     def feature_config(self) -> FeatureConfig:
+        """The settings of the features this stage trains on."""
         return FeatureConfig(vae=self.vae, text_encoder=self.text_encoder, resolution=self.resolution,
                              buckets=self.buckets, max_tokens=self.max_tokens, text_dtype=self.text_dtype,
                              latent_dtype=self.latent_dtype, caption_fields=self.caption_fields)
 
     def validate(self) -> None:
-        from t2i.models import ATTENTION_ORDERS, get_preset
-
+        """A UserError naming the first bad setting (and its fix)."""
         if self.init == "scratch":
             get_preset(self.preset)
-        if self.kind not in KINDS:
-            raise UserError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}: fix the stage's kind")
-        if self.kind == "class-cond":
-            from t2i.class_cond import check_config
-
-            check_config(self)
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise UserError(f"prediction_type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}: pick one")
+        conditioning_class(self.kind).check_config(self)
+        check_objective(vars(self))
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UserError(f"mixed_precision {self.mixed_precision!r} is not one of no, bf16, fp16: pick one")
         for name in ("batch_size", "grad_accum", "steps", "checkpoint_every", "log_every", "max_tokens", "resolution"):
@@ -130,81 +125,9 @@ class TrainConfig:
             raise UserError(f"loader_workers must be >= 0 (0: read in the training process), got {self.loader_workers}")
         if self.global_batch < 0:
             raise UserError(f"global_batch must be >= 0 (0: batch_size x processes), got {self.global_batch}")
-        if self.timestep_power <= 0:
-            raise UserError(f"timestep_power must be > 0 (1: uniform timesteps), got {self.timestep_power}")
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         check_report_to(self.report_to)
-
-
-def _patch_of(cfg: TrainConfig) -> int:
-    from t2i.models import get_preset
-
-    if cfg.init == "scratch":
-        return get_preset(cfg.preset).patch
-    return 0  # known only once the init model is loaded; checked then
-
-
-def build_model(cfg: TrainConfig, latent_size: int, caption_channels: int):
-    """(PixArtWithNull, info) from the stage's `init`."""
-    from diffusers import PixArtTransformer2DModel
-
-    from t2i.models import PixArtWithNull, build_transformer, get_preset
-
-    kind, _, arg = cfg.init.partition(":")
-    null = None
-    # size/aspect micro-conditions at 1024 px, as PixArt-XL-2-1024-MS (diffusers ties them to latent 128)
-    micro = cfg.resolution >= 1024
-    if kind == "scratch":
-        if micro and get_preset(cfg.preset).hidden % 3:
-            raise UserError(f"{cfg.preset} at {cfg.resolution} px: size/aspect embeddings need hidden divisible by 3: use a PixArt-*/2 preset or a lower resolution")
-        tr = build_transformer(cfg.preset, latent_size, caption_channels, learned_sigma=cfg.learned_sigma, use_additional_conditions=micro)
-    elif kind == "dit":
-        from t2i.import_dit import dit_directory, import_dit
-
-        if Path(arg).exists() and not Path(arg).is_file():
-            warn_on_prediction_change(cfg, dit_directory(arg)[0])
-        tr, _ = import_dit(arg, caption_channels=caption_channels, latent_size=latent_size)
-    elif kind == "pixart":
-        tr = PixArtTransformer2DModel.from_pretrained(arg, subfolder="transformer" if (Path(arg) / "transformer").is_dir() else None)
-    elif kind == "checkpoint":
-        ck = ckpt.require_checkpoint(arg)
-        warn_on_prediction_change(cfg, ck)
-        tr, null = ckpt.load_transformer(ck, which="model", sample_size=latent_size, use_additional_conditions=micro)
-    else:
-        raise UserError(f"init {cfg.init!r} is not scratch, dit:PATH, pixart:DIR or checkpoint:DIR: fix the stage's init")
-    if tr.config.caption_channels != caption_channels:
-        raise UserError(f"init model expects {tr.config.caption_channels}-d captions, the text encoder gives {caption_channels}: use the matching text encoder")
-    if tr.config.sample_size != latent_size:
-        tr.register_to_config(sample_size=latent_size)
-    model = PixArtWithNull(tr.float(), cfg.max_tokens)
-    if null is not None and null.shape == model.null_caption.shape:
-        with torch.no_grad():
-            model.null_caption.copy_(null)
-    return model
-
-
-def warn_on_prediction_change(cfg: TrainConfig, source: Path) -> None:
-    """Warn when the init checkpoint (one of ours: it has a trainer state) was trained to predict
-    something else than this stage: allowed (a fine-tune can switch), but it starts off wrong."""
-    state = source / "trainer_state.json"
-    if not state.is_file():
-        return  # not ours (an ImageNet DiT, a diffusers model): nothing recorded to compare
-    theirs = saved_prediction_type(json.loads(state.read_text()))
-    if theirs != cfg.prediction_type:
-        import warnings
-
-        warnings.warn(f"init {source} predicts {theirs}, this stage trains {cfg.prediction_type}: its first steps re-learn "
-                      f"the output; set prediction_type = {theirs!r} to continue as it was trained", stacklevel=2)
-
-
-def _append_jsonl(path: Path, rec: dict) -> None:
-    recovery.append_jsonl(path, rec)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be redone)."""
-    recovery.truncate_log(path, step)  # tolerates a half-written last line; rewrites atomically
 
 
 def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -219,214 +142,6 @@ def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
     return cfg.batch_size, cfg.batch_size * world
 
 
-def draw_timesteps(words: np.ndarray, num_timesteps: int, power: float = 1.0) -> torch.Tensor:
-    """One timestep per word: uniform in [0, T) for `power` 1, else floor(T * u**power), which
-    for power < 1 puts more of the draws on the noisy end (power 0.6: 69% of them in t >= T/2)."""
-    if power == 1.0:
-        return torch.from_numpy(below(words, num_timesteps))
-    t = np.floor(num_timesteps * uniforms(words) ** power).astype(np.int64)
-    return torch.from_numpy(np.minimum(t, num_timesteps - 1))
-
-
-def make_inputs(b, scaling: float, num_timesteps: int, caption_dropout: float, keys,
-                timestep_power: float = 1.0) -> dict[str, torch.Tensor]:
-    """CPU tensors of one micro-batch: x0 drawn from the stored posterior, noise, timesteps
-    (`draw_timesteps`) and caption-drop flags, each sample's from its own noise key (keys[i],
-    t2i.noise.sample_keys), all samples in one batched draw."""
-    shape = tuple(b.latent_mean.shape[1:])
-    words = random_words(keys, 2)  # each stream: timestep, caption drop, then the normals
-    eps, noise = (torch.from_numpy(z).view(len(words), *shape) for z in normal_pairs(keys, math.prod(shape), first=2))
-    x0 = b.latent_mean.float() + b.latent_std.float() * eps  # the posterior draw; stored maybe in 16 bits
-    return {"x0": x0 * scaling, "noise": noise, "t": draw_timesteps(words[:, 0], num_timesteps, timestep_power),
-            "drop": torch.from_numpy(uniforms(words[:, 1]) < caption_dropout), "text": b.text, "mask": b.mask}
-
-
-class TrainStep:
-    """The trainer's step, shared by `train()` and benchmarks/gpu_bench.py: `micro()` runs forward,
-    IDDPM loss and backward of one micro-batch; `update()` clips, steps AdamW + schedule + EMA.
-
-    Nothing here syncs with the host: losses and the grad norm stay device tensors until the
-    caller logs them."""
-
-    def __init__(self, accel, run_model, model, opt, sched, ema, diffusion, grad_accum: int = 1, grad_clip: float = 0.0,
-                 fsdp: bool = False, attention: str = "auto") -> None:
-        self.accel, self.run_model, self.model = accel, run_model, model
-        self.opt, self.sched, self.ema, self.diffusion = opt, sched, ema, diffusion
-        self.grad_accum, self.grad_clip, self.fsdp, self.attention = grad_accum, grad_clip, fsdp, attention
-        self.use_added = getattr(model.transformer, "use_additional_conditions", False)  # a DiT has none
-
-    @classmethod
-    def prepare(cls, cfg: TrainConfig, accel, model, opt, sched, ema, diffusion, compile_backend: str = "inductor") -> "TrainStep":
-        """Regional torch.compile of the blocks (when cfg.compile) and accelerate.prepare (DDP,
-        autocast) around `model`; a model already sharded by FSDP is not wrapped again, only the
-        optimizer is prepared."""
-        from t2i.models import compile_blocks
-
-        if cfg.compile:
-            compile_blocks(model, compile_backend)
-        run_model = model
-        if cfg.fsdp:
-            opt = accel.prepare(opt)
-        else:
-            run_model, opt = accel.prepare(run_model, opt)
-        return cls(accel, run_model, model, opt, sched, ema, diffusion, cfg.grad_accum, cfg.grad_clip, cfg.fsdp, cfg.attention)
-
-    def micro(self, inp: dict[str, torch.Tensor], sync: bool = True, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Forward + loss + backward; `sync=False` skips the DDP all-reduce (inside grad accumulation).
-        Returns the detached per-micro-batch means [loss, mse, vb] (a device tensor)."""
-        dev = self.accel.device
-        x0, noise, t, drop = (inp[k].to(dev, non_blocking=True) for k in ("x0", "noise", "t", "drop"))
-        # text comes in its stored dtype (half the bytes through the loader for fp16); class ids stay integers
-        text, mask = inp["text"].to(dev, non_blocking=True), inp["mask"].to(dev, non_blocking=True)
-        text = text.float() if text.is_floating_point() else text
-        x_t = self.diffusion.add_noise(x0, noise, t)
-        added = None
-        if self.use_added:
-            h, w = size
-            B = x0.shape[0]
-            added = {"resolution": torch.tensor([[h, w]] * B, device=dev, dtype=torch.float32),
-                     "aspect_ratio": torch.tensor([[h / w]] * B, device=dev, dtype=torch.float32)}
-        if self.fsdp:
-            sharding.set_gradient_sync(self.model, sync)
-            ctx = _null()
-        else:
-            ctx = self.accel.no_sync(self.run_model) if not sync and self.accel.num_processes > 1 else _null()
-        from t2i.models import attention_kernels
-
-        with ctx, attention_kernels(self.attention):
-            with self.accel.autocast():
-                pred = self.run_model(x_t, t, text, mask, drop=drop, added_cond_kwargs=added)
-                losses = self.diffusion.loss(pred, x0, x_t, noise, t)
-                loss = losses["loss"].mean()
-            self.accel.backward(loss / self.grad_accum)
-        return torch.stack([losses[k].detach().mean() for k in ("loss", "mse", "vb")])
-
-    def update(self) -> torch.Tensor:
-        """Clip, optimizer step, LR schedule, EMA; returns the grad norm before clipping (device tensor)."""
-        if self.grad_clip > 0:
-            grad_norm = self.accel.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        else:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.accel.device)
-        if sharding.is_sharded(grad_norm):
-            grad_norm = grad_norm.full_tensor()
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.step(self.model.parameters())
-        return grad_norm
-
-
-def setup_optimization(cfg: TrainConfig, model, device):
-    """Move `model` to `device` (gradient checkpointing on when asked; sharded with FSDP when
-    cfg.fsdp) and build AdamW (fused on CUDA), the constant-with-warmup schedule and the EMA
-    (foreach: one kernel per tensor group). Under FSDP the optimizer and EMA see the shards."""
-    from diffusers.optimization import get_constant_schedule_with_warmup
-    from diffusers.training_utils import EMAModel
-
-    if cfg.grad_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
-    model.to(device)
-    if cfg.fsdp:
-        sharding.shard_model(model)
-    fused = torch.device(device).type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
-    return opt, sched, ema
-
-
-def make_accelerator(cfg: TrainConfig):
-    """accelerate's Accelerator: DDP when launched on several processes (torchrun / accelerate
-    launch); with cfg.fsdp the model is sharded by t2i.sharding instead and not wrapped in DDP."""
-    from accelerate import Accelerator
-
-    if os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # `accelerate launch --use_fsdp`: shard with t2i.sharding (which keeps EMA and checkpoints
-        # right) rather than accelerate's plugin, which would wrap the model behind our back
-        cfg.fsdp = True
-    # cpu=True on a machine without CUDA: only then does accelerate turn torchrun's
-    # LOCAL_RANK/WORLD_SIZE into gloo ranks (MULTI_CPU); otherwise each rank would run alone
-    accel = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    if accel.num_processes == 1:
-        cfg.fsdp = False  # nothing to shard over: one process trains as usual
-    return accel
-
-
-@recovery.guard_run_dir  # one writer per run directory; no fresh run into an old one
-def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None, resume: bool = False,
-          stop_after: int | None = None, progress: bool = True, label_shards: str | Path | None = None) -> dict[str, Any]:
-    """Run one training stage on a features directory: `features` is one (made by `t2i-data
-    features`, for these settings) or a features root holding it under its cache key (default
-    `<out>/features`); t2i.stage.run_stage makes it from caption shards first. `stop_after`: stop
-    (with a checkpoint) after that many optimizer steps, as if interrupted. `label_shards`: the
-    caption shards a class-cond stage reads its labels from (nothing else reads them here).
-    Returns a summary.
-
-    On several processes (torchrun / accelerate launch) every rank takes its slice of each global
-    batch; rank 0 writes checkpoints and the log. A checkpoint resumes on any number of processes
-    that divides its global batch (set `global_batch`, or batch_size x processes equal to it)."""
-    from t2i.data import StreamingFeatureDataset
-    from t2i.diffusion import Diffusion
-
-    vae = preflight(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    accel = make_accelerator(cfg)
-    world = accel.num_processes
-    local_batch, global_batch = per_process_batch(cfg, world)
-    classes = None
-    if cfg.kind == "class-cond":  # the label of every key, from the caption shards (checked before any work)
-        from t2i.class_cond import ClassCond
-
-        classes = ClassCond.open(cfg, out, label_shards, resume, accel)
-
-    # 1. the features (made beforehand: this only opens them)
-    fdir = find_features(Path(features) if features is not None else out / "features", cfg)
-    with accel.main_process_first():  # rank 0 builds and caches the index (t2i.feature_index); the others load it
-        data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights)
-    ledger = Ledger(out, "train", accel.device)
-    probe = data.get(np.array([0]))
-    latent_size = probe.latent_mean.shape[-1] if not cfg.buckets else cfg.resolution // vae.spatial
-    caption_channels = probe.text.shape[-1]
-
-    # 2. model, optimiser, EMA
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, latent_size, caption_channels) if classes is None else classes.build_model(cfg, latent_size)
-    check_resolution(cfg.resolution, model.transformer.config.patch_size, vae.spatial)
-    diffusion = Diffusion(learned_sigma=cfg.learned_sigma, prediction_type=cfg.prediction_type)
-
-    # 3. resume (whole tensors: the weights go in before FSDP shards the model, the EMA and
-    # optimizer state after, split the way their parameters are)
-    names = [n for n, _ in model.named_parameters()]
-    ck, st = load_resume_weights(out, model, global_batch, world, local_batch, accel.is_main_process, cfg) if resume else (None, None)
-    opt, sched, ema = setup_optimization(cfg, model, accel.device)
-    run = Run(cfg, accel, out, model, names, sched, ema, global_batch,
-              {"features": json.loads((fdir / "config.json").read_text()), "scaling_factor": vae.scaling, "vae_scale_factor": vae.spatial},
-              classes=classes)
-    if ck is not None:
-        restore_training_state(run, ck, st, opt)
-    elif run.log_path.exists() and accel.is_main_process:
-        run.log_path.unlink()
-    run.stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, diffusion)
-
-    # 4. the loop
-    target = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
-    summary: dict[str, Any] = {"out": str(out), "features": str(fdir), "samples": len(data), "start_step": run.step,
-                               "skipped_images": _failed_images(fdir), "world_size": world, "global_batch": global_batch,
-                               "params_local": run.params_local}
-    train_loop(run, data, target, tuple(probe.latent_mean.shape[-2:]), caption_channels, progress)
-    run.save()
-    summary.update({"step": run.step, "epoch": run.epoch, "checkpoint": str(run.last_ck), "log": str(run.log_path)})
-    done = run.step - summary["start_step"]
-    summary["ledger"] = ledger.close(steps=done, images=done * local_batch * cfg.grad_accum)  # this rank's share
-    run.trackers.finish(run.step, summary["ledger"])
-    return summary
-
-
 def preflight(cfg: TrainConfig) -> VaeFactors:
     """The checks a stage passes before any work (features included): its settings, and a
     resolution that splits into whole patches of latent cells. Returns the VAE's factors."""
@@ -434,6 +149,12 @@ def preflight(cfg: TrainConfig) -> VaeFactors:
     vae = vae_factors(cfg.vae)
     check_resolution(cfg.resolution, _patch_of(cfg), vae.spatial)
     return vae
+
+
+def _patch_of(cfg: TrainConfig) -> int:
+    if cfg.init == "scratch":
+        return get_preset(cfg.preset).patch
+    return 0  # known only once the init model is loaded; checked then
 
 
 def check_resolution(resolution: int, patch: int, spatial: int) -> None:
@@ -473,7 +194,7 @@ def find_features(path: Path, cfg: TrainConfig) -> Path:
     return fdir
 
 
-def _failed_images(fdir: Path) -> int:
+def failed_images(fdir: Path) -> int:
     """Images the features job could not read or decode (recorded in its manifest), so not trained on."""
     manifest = fdir / "manifest.json"
     return int(json.loads(manifest.read_text()).get("failed", 0)) if manifest.is_file() else 0
@@ -520,12 +241,13 @@ def check_caption_settings(ck: Path, st: dict[str, Any], cfg: TrainConfig) -> No
 
 
 def _caption_settings(fields: tuple[str, ...], weights: tuple[float, ...]) -> str:
+    """The caption settings as the resume error names them."""
     return f"caption_fields [{', '.join(fields)}] caption_weights [{', '.join(f'{w:g}' for w in weights) or 'equal'}]"
 
 
-def restore_training_state(run: "Run", ck: Path, st: dict[str, Any], opt) -> None:
-    """EMA, optimizer, schedule, torch RNG and data position from checkpoint `ck` (after the
-    model is on its device and, under FSDP, sharded)."""
+def restore_training_state(run: Any, ck: Path, st: dict[str, Any], opt) -> None:
+    """EMA, optimizer, schedule, torch RNG and data position of `run` (a t2i.train.loop.Run) from
+    checkpoint `ck` (after the model is on its device and, under FSDP, sharded)."""
     ema_sd = ckpt.load_weights(ck, "ema")
     run.ema.shadow_params = [sharding.shard_like(ema_sd[n].clone(), param) for n, param in zip(run.names, run.model.parameters())]
     sharding.load_full_optimizer_state(opt, ckpt.optimizer_from_tensors(ck / "optimizer.safetensors"))
@@ -535,7 +257,156 @@ def restore_training_state(run: "Run", ck: Path, st: dict[str, Any], opt) -> Non
     torch.set_rng_state(rng["torch_cpu"])
     run.step, run.epoch, run.batch_pos = st["step"], st["epoch"], st["batch_in_epoch"]
     if run.accel.is_main_process:
-        _truncate_log(run.log_path, run.step)
+        recovery.truncate_log(run.log_path, run.step)  # drop log lines after the checkpoint: they will be redone
+
+
+def make_inputs(b, scaling: float, objective: Objective, caption_dropout: float, keys) -> dict[str, torch.Tensor]:
+    """CPU tensors of one micro-batch: x0 drawn from the stored posterior, noise, timesteps (the
+    objective's draw) and caption-drop flags, each sample's from its own noise key (keys[i],
+    t2i.noise.sample_keys), all samples in one batched draw."""
+    shape = tuple(b.latent_mean.shape[1:])
+    words = random_words(keys, 2)  # each stream: timestep, caption drop, then the normals
+    eps, noise = (torch.from_numpy(z).view(len(words), *shape) for z in normal_pairs(keys, math.prod(shape), first=2))
+    x0 = b.latent_mean.float() + b.latent_std.float() * eps  # the posterior draw; stored maybe in 16 bits
+    return {"x0": x0 * scaling, "noise": noise, "t": objective.draw_timesteps(words[:, 0]),
+            "drop": torch.from_numpy(uniforms(words[:, 1]) < caption_dropout)}
+
+
+def _on_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A conditioning input on the device: features in float32 (they may travel in 16 bits, half
+    the bytes through the loader), ids and masks as they are."""
+    x = x.to(device, non_blocking=True)
+    return x.float() if x.is_floating_point() else x
+
+
+class TrainStep:
+    """The trainer's step, shared by `train()` and benchmarks/gpu_bench.py: `micro()` runs forward,
+    the objective's loss (+ auxiliary loss terms) and backward of one micro-batch; `update()`
+    clips, steps AdamW + schedule + EMA.
+
+    Nothing here syncs with the host: losses and the grad norm stay device tensors until the
+    caller logs them."""
+
+    def __init__(self, accel, run_model, model, opt, sched, ema, objective: Objective, grad_accum: int = 1,
+                 grad_clip: float = 0.0, fsdp: bool = False, attention: str = "auto", terms: Sequence[LossTerm] = ()) -> None:
+        self.accel, self.run_model, self.model = accel, run_model, model
+        self.opt, self.sched, self.ema, self.objective = opt, sched, ema, objective
+        self.grad_accum, self.grad_clip, self.fsdp, self.attention = grad_accum, grad_clip, fsdp, attention
+        self.terms = tuple(terms)
+        self.log_terms = tuple(objective.terms) + tuple(t.name for t in self.terms)  # what micro() returns, in order
+        self.use_added = getattr(model.transformer, "use_additional_conditions", False)  # a DiT has none
+
+    @classmethod
+    def prepare(cls, cfg: TrainConfig, accel, model, opt, sched, ema, objective: Objective,
+                compile_backend: str = "inductor", terms: Sequence[LossTerm] = ()) -> "TrainStep":
+        """Regional torch.compile of the blocks (when cfg.compile) and accelerate.prepare (DDP,
+        autocast) around `model`; a model already sharded by FSDP is not wrapped again, only the
+        optimizer is prepared."""
+        if cfg.compile:
+            compile_blocks(model, compile_backend)
+        run_model = model
+        if cfg.fsdp:
+            opt = accel.prepare(opt)
+        else:
+            run_model, opt = accel.prepare(run_model, opt)
+        return cls(accel, run_model, model, opt, sched, ema, objective, cfg.grad_accum, cfg.grad_clip, cfg.fsdp,
+                   cfg.attention, terms)
+
+    def micro(self, inp: dict[str, Any], sync: bool = True, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Forward + loss + backward; `sync=False` skips the DDP all-reduce (inside grad accumulation).
+        `inp`: make_inputs' tensors, and the conditioning's under "cond" (the model's keyword
+        arguments). Returns the detached per-micro-batch means of `log_terms` (a device tensor)."""
+        dev = self.accel.device
+        x0, noise, t, drop = (inp[k].to(dev, non_blocking=True) for k in ("x0", "noise", "t", "drop"))
+        cond = {k: _on_device(v, dev) for k, v in inp["cond"].items()}
+        x_t = self.objective.add_noise(x0, noise, t)
+        added = self._added_conditions(size, x0.shape[0]) if self.use_added else None
+        with self._sync_context(sync), attention_kernels(self.attention):
+            with self.accel.autocast():
+                pred = self.run_model(x_t, t, **cond, drop=drop, added_cond_kwargs=added)
+                losses = add_terms(self.objective.loss(pred, x0, x_t, noise, t), self.terms, inp)
+                loss = losses["loss"].mean()
+            self.accel.backward(loss / self.grad_accum)
+        return torch.stack([losses[k].detach().mean() for k in self.log_terms])
+
+    def _added_conditions(self, size: tuple[int, int], batch: int) -> dict[str, torch.Tensor]:
+        """PixArt's size and aspect-ratio micro-conditions (1024 px models) of a micro-batch."""
+        h, w = size
+        dev = self.accel.device
+        return {"resolution": torch.tensor([[h, w]] * batch, device=dev, dtype=torch.float32),
+                "aspect_ratio": torch.tensor([[h / w]] * batch, device=dev, dtype=torch.float32)}
+
+    def _sync_context(self, sync: bool):
+        """Where gradients are not synchronised in this micro-batch (`sync=False`): FSDP is told,
+        DDP skips its all-reduce inside `no_sync`."""
+        if self.fsdp:
+            sharding.set_gradient_sync(self.model, sync)
+            return _null()
+        return self.accel.no_sync(self.run_model) if not sync and self.accel.num_processes > 1 else _null()
+
+    def update(self) -> torch.Tensor:
+        """Clip, optimizer step, LR schedule, EMA; returns the grad norm before clipping (device tensor)."""
+        if self.grad_clip > 0:
+            grad_norm = self.accel.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.accel.device)
+        if sharding.is_sharded(grad_norm):
+            grad_norm = grad_norm.full_tensor()
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.model.parameters())
+        return grad_norm
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def setup_optimization(cfg: TrainConfig, model, device):
+    """Move `model` to `device` (gradient checkpointing on when asked; sharded with FSDP when
+    cfg.fsdp) and build AdamW (fused on CUDA), the constant-with-warmup schedule and the EMA
+    (foreach: one kernel per tensor group). Under FSDP the optimizer and EMA see the shards."""
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    if cfg.grad_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    model.to(device)
+    if cfg.fsdp:
+        sharding.shard_model(model)
+    fused = torch.device(device).type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    return opt, sched, ema
+
+
+def make_accelerator(cfg: TrainConfig):
+    """accelerate's Accelerator: DDP when launched on several processes (torchrun / accelerate
+    launch); with cfg.fsdp the model is sharded by t2i.sharding instead and not wrapped in DDP."""
+    from accelerate import Accelerator
+
+    if os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # `accelerate launch --use_fsdp`: shard with t2i.sharding (which keeps EMA and checkpoints
+        # right) rather than accelerate's plugin, which would wrap the model behind our back
+        cfg.fsdp = True
+    # cpu=True on a machine without CUDA: only then does accelerate turn torchrun's
+    # LOCAL_RANK/WORLD_SIZE into gloo ranks (MULTI_CPU); otherwise each rank would run alone
+    accel = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if accel.num_processes == 1:
+        cfg.fsdp = False  # nothing to shard over: one process trains as usual
+    return accel
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf; the last good checkpoint is untouched."""
 
 
 class Run:
@@ -543,16 +414,16 @@ class Run:
     the losses not yet checked, and checkpointing."""
 
     def __init__(self, cfg: TrainConfig, accel, out: Path, model, names: list[str], sched, ema, global_batch: int,
-                 state_extra: dict[str, Any], classes=None) -> None:
+                 state_extra: dict[str, Any], conditioning: Conditioning) -> None:
         self.cfg, self.accel, self.out, self.model, self.names = cfg, accel, out, model, names
-        self.classes = classes  # a class-cond stage's t2i.class_cond.ClassCond; None for text-to-image
+        self.conditioning = conditioning
         self.sched, self.ema, self.global_batch, self.state_extra = sched, ema, global_batch, state_extra
         self.rank, self.world = accel.process_index, accel.num_processes
         self.stepper: TrainStep | None = None
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.log_path = out / "log.jsonl"
         self.last_ck: Path | None = ckpt.latest_checkpoint(out)
-        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, mse, vb] on device) not yet checked
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, the stepper's log_terms on device) not yet checked
         self.window: list[torch.Tensor] = []  # checked per-step rows (averaged over ranks) since the last log line
         # parameters this rank holds: all of them under DDP, about 1/world under FSDP
         self.params_local = sum((q.to_local() if sharding.is_sharded(q) else q).numel() for q in model.parameters())
@@ -563,6 +434,7 @@ class Run:
             self.trace = out / "trace" / f"rank-{self.rank}.jsonl"
 
     def trainer_state(self) -> dict[str, Any]:
+        """What trainer_state.json records: the data position, schedule and EMA step, the settings."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_pos, "global_batch": self.global_batch,
                 "world_size": self.world, "scheduler": self.sched.state_dict(), "ema_step": self.ema.optimization_step,
                 "config": asdict(self.cfg), **self.state_extra}
@@ -585,6 +457,7 @@ class Run:
         self.pending.clear()
 
     def save(self) -> Path:
+        """Write a checkpoint (rank 0; every rank joins the gathers under FSDP) and sample it for the trackers."""
         accel, opt = self.accel, self.stepper.opt
         self.check_finite()
         accel.wait_for_everyone()
@@ -593,12 +466,12 @@ class Run:
             ema_state = dict(zip(self.names, sharding.full_tensors(self.ema.shadow_params)))
             opt_state = sharding.full_optimizer_state(opt.optimizer if hasattr(opt, "optimizer") else opt)
         if accel.is_main_process:
-            extras = None if self.classes is None else functools.partial(self.classes.write_checkpoint, weights, ema_state)
+            extras = self.conditioning.checkpoint_extras(weights, ema_state)
             self.last_ck = ckpt.save_checkpoint(self.out, self.step, self.model.transformer, weights, ema_state, opt_state,
                                                 self.trainer_state(), self.cfg.keep_checkpoints, extras=extras)
             self.trackers.samples(self.last_ck, self.step)
             if self.trace is not None:
-                _append_jsonl(self.trace, {"event": "checkpoint", "step": self.step, "rank": self.rank})
+                recovery.append_jsonl(self.trace, {"event": "checkpoint", "step": self.step, "rank": self.rank})
         accel.wait_for_everyone()
         return self.last_ck
 
@@ -613,7 +486,7 @@ def train_loop(run: Run, data, target: int, latent_hw: tuple[int, int], caption_
 
     cfg, accel = run.cfg, run.accel
     flops_img = flops_per_image(preset_of(run.model.transformer.config), latent_hw, cfg.max_tokens, caption_channels,
-                                cross_attention=run.classes is None)
+                                cross_attention=run.conditioning.cross_attention)
     peak = device_peak_flops(accel.device)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not (progress and accel.is_main_process))
@@ -661,13 +534,12 @@ def train_step(run: Run, batches) -> StepResult:
         keys = sample_keys(cfg.seed, b.epoch, b.batch_pos, run.rank * share + np.arange(share))
         if run.trace is not None:
             fields = {"caption_fields": b.caption_fields} if len(cfg.caption_fields) > 1 else {}
-            _append_jsonl(run.trace, {"step": run.step + 1, "epoch": b.epoch, "batch": b.batch_pos, "rank": run.rank,
-                                      "world": run.world, "keys": b.keys, **fields})
+            recovery.append_jsonl(run.trace, {"step": run.step + 1, "epoch": b.epoch, "batch": b.batch_pos, "rank": run.rank,
+                                              "world": run.world, "keys": b.keys, **fields})
         run.epoch, run.batch_pos = b.epoch, b.batch_pos + 1
-        inp = make_inputs(b, run.state_extra["scaling_factor"], stepper.diffusion.num_timesteps, cfg.caption_dropout, keys,
-                          cfg.timestep_power)
-        if run.classes is not None:  # class-cond: class ids stand in for the captions
-            inp["text"] = run.classes.inputs(b.keys)
+        inp = make_inputs(b, run.state_extra["scaling_factor"], stepper.objective, cfg.caption_dropout, keys)
+        inp["cond"] = run.conditioning.inputs(b)
+        inp.update({term.name: term.inputs(b) for term in stepper.terms})
         last_micro = micro == cfg.grad_accum - 1 or b.last_in_epoch
         micro_losses.append(stepper.micro(inp, sync=last_micro, size=(b.height, b.width)))
         samples += share * run.world
@@ -683,20 +555,80 @@ def log_step(run: Run, grad_norm: torch.Tensor, ips: float, flops_img: float, pe
     """Check the losses since the last line and append one log line (rank 0 writes); returns the loss."""
     run.check_finite()
     vals = torch.cat(run.window).mean(0).tolist()
-    rec = {"step": run.step, "epoch": run.epoch, "loss": vals[0], "mse": vals[1], "vb": vals[2], "lr": run.sched.get_last_lr()[0],
-           "grad_norm": float(grad_norm), "images_per_s": ips, "mfu": (ips * flops_img / peak) if peak else None,
+    losses = dict(zip(run.stepper.log_terms, vals))  # the objective's terms (loss, mse, vb), then auxiliary ones
+    rec = {"step": run.step, "epoch": run.epoch, **losses, "lr": run.sched.get_last_lr()[0], "grad_norm": float(grad_norm), "images_per_s": ips, "mfu": (ips * flops_img / peak) if peak else None,
            "params_local": run.params_local, "time": time.time()}
     if run.accel.is_main_process:
-        _append_jsonl(run.log_path, rec)
+        recovery.append_jsonl(run.log_path, rec)
     run.trackers.log(rec, run.step)
     run.window.clear()
     return rec["loss"]
 
 
-class _null:
-    def __enter__(self):
-        return self
+def start_run(cfg: TrainConfig, accel, out: Path, fdir: Path, probe, vae: VaeFactors, conditioning: Conditioning,
+              resume: bool, global_batch: int, local_batch: int) -> Run:
+    """The stage's model (from its conditioning, seeded), objective, optimizer, schedule and EMA, as
+    the checkpoint of `out` left them when `resume`; the Run with its TrainStep."""
+    latent_size = probe.latent_mean.shape[-1] if not cfg.buckets else cfg.resolution // vae.spatial
+    objective = build_objective(vars(cfg))
+    torch.manual_seed(cfg.seed)
+    model = conditioning.build_model(cfg, latent_size, probe.text.shape[-1], objective.learned_sigma)
+    check_resolution(cfg.resolution, model.transformer.config.patch_size, vae.spatial)
+    # resume: whole tensors, the weights go in before FSDP shards the model, the EMA and
+    # optimizer state after, split the way their parameters are
+    names = [n for n, _ in model.named_parameters()]
+    ck, st = (load_resume_weights(out, model, global_batch, accel.num_processes, local_batch, accel.is_main_process, cfg)
+              if resume else (None, None))
+    opt, sched, ema = setup_optimization(cfg, model, accel.device)
+    extra = {"features": json.loads((fdir / "config.json").read_text()), "scaling_factor": vae.scaling,
+             "vae_scale_factor": vae.spatial}
+    run = Run(cfg, accel, out, model, names, sched, ema, global_batch, extra, conditioning)
+    if ck is not None:
+        restore_training_state(run, ck, st, opt)
+    elif run.log_path.exists() and accel.is_main_process:
+        run.log_path.unlink()
+    run.stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, objective)
+    return run
 
-    def __exit__(self, *a):
-        return False
 
+@recovery.guard_run_dir  # one writer per run directory; no fresh run into an old one
+def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None, resume: bool = False,
+          stop_after: int | None = None, progress: bool = True, label_shards: str | Path | None = None) -> dict[str, Any]:
+    """Run one training stage on a features directory: `features` is one (made by `t2i-data
+    features`, for these settings) or a features root holding it under its cache key (default
+    `<out>/features`); t2i.stage.run_stage makes it from caption shards first. `stop_after`: stop
+    (with a checkpoint) after that many optimizer steps, as if interrupted. `label_shards`: the
+    caption shards a class-cond stage reads its labels from (nothing else reads them here).
+    Returns a summary.
+
+    On several processes (torchrun / accelerate launch) every rank takes its slice of each global
+    batch; rank 0 writes checkpoints and the log. A checkpoint resumes on any number of processes
+    that divides its global batch (set `global_batch`, or batch_size x processes equal to it)."""
+    from t2i.data import StreamingFeatureDataset
+
+    vae = preflight(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accel = make_accelerator(cfg)
+    local_batch, global_batch = per_process_batch(cfg, accel.num_processes)
+    # what the model is conditioned on (a class-cond stage's labels: read before any work)
+    conditioning = conditioning_class(cfg.kind).open(cfg, out, label_shards, resume, accel)
+    fdir = find_features(Path(features) if features is not None else out / "features", cfg)  # made beforehand: only opened
+    with accel.main_process_first():  # rank 0 builds and caches the index (t2i.feature_index); the others load it
+        data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights)
+    ledger = Ledger(out, "train", accel.device)
+    probe = data.get(np.array([0]))
+    run = start_run(cfg, accel, out, fdir, probe, vae, conditioning, resume, global_batch, local_batch)
+    target = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
+    summary: dict[str, Any] = {"out": str(out), "features": str(fdir), "samples": len(data), "start_step": run.step,
+                               "skipped_images": failed_images(fdir), "world_size": accel.num_processes,
+                               "global_batch": global_batch, "params_local": run.params_local}
+    train_loop(run, data, target, tuple(probe.latent_mean.shape[-2:]), probe.text.shape[-1], progress)
+    run.save()
+    summary.update({"step": run.step, "epoch": run.epoch, "checkpoint": str(run.last_ck), "log": str(run.log_path)})
+    done = run.step - summary["start_step"]
+    summary["ledger"] = ledger.close(steps=done, images=done * local_batch * cfg.grad_accum)  # this rank's share
+    run.trackers.finish(run.step, summary["ledger"])
+    return summary

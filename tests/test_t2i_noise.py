@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from t2i.diffusion import Diffusion, draw_timesteps
 from t2i.noise import below, normal_pairs, random_words, sample_keys
-from t2i.train import draw_timesteps, make_inputs
+from t2i.train import make_inputs
 
 SHAPE = (4, 8, 8)
 
@@ -23,7 +24,7 @@ def batch_of(samples: np.ndarray) -> SimpleNamespace:
 
 
 def inputs(positions: np.ndarray, seed: int = 3, epoch: int = 1, batch_pos: int = 2) -> dict[str, torch.Tensor]:
-    return make_inputs(batch_of(positions), 0.18, 1000, 0.3, sample_keys(seed, epoch, batch_pos, positions))
+    return make_inputs(batch_of(positions), 0.18, Diffusion(), 0.3, sample_keys(seed, epoch, batch_pos, positions))
 
 
 def test_a_samples_noise_does_not_depend_on_its_neighbours_or_the_batch_size():
@@ -55,7 +56,7 @@ def test_every_sample_place_has_its_own_noise():
 
 
 def test_draws_have_the_right_distributions():
-    big = make_inputs(batch_of(np.zeros(4096, np.int64)), 1.0, 1000, 0.3, sample_keys(0, 0, 0, np.arange(4096)))
+    big = make_inputs(batch_of(np.zeros(4096, np.int64)), 1.0, Diffusion(), 0.3, sample_keys(0, 0, 0, np.arange(4096)))
     noise = big["noise"].double()
     eps = (big["x0"] - batch_of(np.zeros(4096, np.int64)).latent_mean) / 0.5  # the posterior draw
     for z in (noise, eps.double()):
@@ -80,8 +81,8 @@ def test_timestep_power_below_one_trains_the_noisy_end_more_often():
     assert torch.equal(noisy, draw_timesteps(words, 1000, 0.6))  # the same words give the same steps
     # make_inputs passes the setting through; the other draws do not change
     keys = sample_keys(3, 1, 2, np.arange(8))
-    a = make_inputs(batch_of(np.arange(8)), 0.18, 1000, 0.3, keys)
-    b = make_inputs(batch_of(np.arange(8)), 0.18, 1000, 0.3, keys, timestep_power=0.6)
+    a = make_inputs(batch_of(np.arange(8)), 0.18, Diffusion(), 0.3, keys)
+    b = make_inputs(batch_of(np.arange(8)), 0.18, Diffusion(timestep_power=0.6), 0.3, keys)
     assert torch.all(b["t"] >= a["t"]) and torch.any(b["t"] > a["t"])  # u**0.6 >= u for every u in [0, 1)
     assert torch.equal(a["noise"], b["noise"]) and torch.equal(a["drop"], b["drop"])
 
