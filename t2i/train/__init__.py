@@ -1,0 +1,26 @@
+"""The PixArt-alpha trainer (DiT/nanoGPT style) on diffusers + accelerate.
+
+    from t2i.train import TrainConfig, train
+    train(TrainConfig(preset="PixArt-tiny/2", resolution=16, vae="tiny/vae", text_encoder="tiny/t5",
+                      steps=200), out="runs/tiny", features="feats/")
+
+The loop trains on a features directory (t2i.features; t2i.stage.run_stage computes it from
+caption shards first, as its own step); it samples latents from the stored posterior (mean +
+std * noise), drops 10% of captions to the learned null caption (the stage's conditioning,
+t2i.conditioning), trains with its objective (t2i.objective: today the IDDPM hybrid loss), and
+writes checkpoints (t2i.checkpoint) that `--resume` continues from exactly: same data order,
+same noise, same losses.
+
+Modules, by concern: `config` (TrainConfig and the checks before any work), `resume` (the
+features directory for the settings, resuming from a checkpoint and what must match), `step`
+(a micro-batch's inputs, TrainStep, optimizer and accelerator) and `loop` (Run, the loop, train).
+"""
+
+from t2i.train.config import TrainConfig, check_resolution, per_process_batch, preflight
+from t2i.train.loop import Run, TrainingDiverged, log_step, train, train_loop, train_step
+from t2i.train.resume import check_caption_settings, find_features, load_resume_weights, restore_training_state
+from t2i.train.step import TrainStep, make_accelerator, make_inputs, setup_optimization
+
+__all__ = ["TrainConfig", "check_resolution", "per_process_batch", "preflight", "Run", "TrainingDiverged", "log_step",
+           "train", "train_loop", "train_step", "check_caption_settings", "find_features", "load_resume_weights",
+           "restore_training_state", "TrainStep", "make_accelerator", "make_inputs", "setup_optimization"]

@@ -1,0 +1,136 @@
+"""A training stage's settings (`TrainConfig`) and the checks they pass before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from shards.errors import UserError
+from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, parse_weights
+from t2i.kinds import conditioning_class
+from t2i.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, VaeFactors, vae_factors
+from t2i.features import FeatureConfig
+from t2i.models import ATTENTION_ORDERS, get_preset
+from t2i.objective import check_objective
+from t2i.trackers import check_report_to
+
+
+@dataclass
+class TrainConfig:
+    """One training stage's settings (a manifest's [[stages]] entry, or the train command's flags)."""
+
+    name: str = "train"
+    kind: str = "text-to-image"  # t2i.conditioning: text-to-image (PixArt) | class-cond (a class-conditional DiT)
+    class_column: str = ""  # class-cond: the caption-shard column holding each image's label
+    preset: str = "PixArt-XL/2"
+    init: str = "scratch"  # scratch | dit:PATH | pixart:DIR | checkpoint:DIR
+    resolution: int = 256
+    buckets: bool = False
+    vae: str = DEFAULT_VAE
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    max_tokens: int = 120
+    text_dtype: str = "float16"
+    latent_dtype: str = "float32"  # how features store latents (t2i.features.FeatureConfig)
+    batch_size: int = 64  # per process, per micro-batch (ignored when global_batch is set)
+    global_batch: int = 0  # samples per micro-batch over all processes; 0: batch_size x processes
+    grad_accum: int = 1
+    steps: int = 1000  # optimizer steps
+    lr: float = 2e-5
+    warmup_steps: int = 1000
+    weight_decay: float = 0.03
+    grad_clip: float = 0.01
+    ema_decay: float = 0.9999
+    caption_dropout: float = 0.1
+    # several captions per image (Sana-style): each sample trains on one of these caption-shard
+    # fields per epoch, drawn with caption_weights (default equal); t2i.caption_fields
+    caption_fields: tuple = DEFAULT_FIELDS
+    caption_weights: tuple = ()
+    # the objective (t2i.objective; DDPM with the IDDPM hybrid loss, t2i.diffusion):
+    learned_sigma: bool = True
+    prediction_type: str = "epsilon"  # epsilon (the paper's) | v_prediction (better on small latents)
+    # timesteps drawn as floor(T * u**p) (draw_timesteps): 1 is uniform, the paper's; p < 1 trains
+    # the noisy steps, where an object's outline is decided, more often
+    timestep_power: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    grad_checkpointing: bool = False
+    compile: bool = False
+    attention: str = "auto"  # SDPA kernel order (t2i.models.ATTENTION_ORDERS): auto | flash | efficient | cudnn
+    fsdp: bool = False  # shard weights, grads, AdamW state and EMA over the processes (t2i.sharding)
+    trace_keys: bool = False  # write <out>/trace/rank-<r>.jsonl: the sample keys each rank consumed
+    loader_workers: int = 2  # DataLoader worker processes reading feature rows ahead (0: in the training process)
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+    threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    report_to: str = ""  # experiment trackers, comma-separated: tensorboard | wandb | mlflow (t2i.trackers)
+    sample_prompts: str = ""  # '|'-separated prompts sampled at every checkpoint for the trackers
+
+    def __post_init__(self) -> None:
+        # a TOML list, a comma-separated CLI string or a tuple; bad names fail here, before any work
+        self.caption_fields = parse_fields(self.caption_fields)
+        self.caption_weights = parse_weights(self.caption_weights, self.caption_fields)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The settings' names (what a manifest stage may set)."""
+        return [f.name for f in fields(cls)]
+
+    def feature_config(self) -> FeatureConfig:
+        """The settings of the features this stage trains on."""
+        return FeatureConfig(vae=self.vae, text_encoder=self.text_encoder, resolution=self.resolution,
+                             buckets=self.buckets, max_tokens=self.max_tokens, text_dtype=self.text_dtype,
+                             latent_dtype=self.latent_dtype, caption_fields=self.caption_fields)
+
+    def validate(self) -> None:
+        """A UserError naming the first bad setting (and its fix)."""
+        if self.init == "scratch":
+            get_preset(self.preset)
+        conditioning_class(self.kind).check_config(self)
+        check_objective(vars(self))
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise UserError(f"mixed_precision {self.mixed_precision!r} is not one of no, bf16, fp16: pick one")
+        for name in ("batch_size", "grad_accum", "steps", "checkpoint_every", "log_every", "max_tokens", "resolution"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}: fix the stage settings")
+        if self.attention not in ATTENTION_ORDERS:
+            raise UserError(f"attention {self.attention!r} is not one of {', '.join(ATTENTION_ORDERS)}: pick one")
+        if self.loader_workers < 0:
+            raise UserError(f"loader_workers must be >= 0 (0: read in the training process), got {self.loader_workers}")
+        if self.global_batch < 0:
+            raise UserError(f"global_batch must be >= 0 (0: batch_size x processes), got {self.global_batch}")
+        if not 0 <= self.caption_dropout < 1:
+            raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        check_report_to(self.report_to)
+
+
+def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(per-process micro-batch, global micro-batch) for `world` processes.
+
+    The global batch is what fixes the data order, the noise and the resume position; a run may
+    resume on another number of processes as long as the global batch stays the same."""
+    if cfg.global_batch:
+        if cfg.global_batch % world:
+            raise UserError(f"global_batch {cfg.global_batch} is not divisible by {world} processes: pick a multiple of {world}")
+        return cfg.global_batch // world, cfg.global_batch
+    return cfg.batch_size, cfg.batch_size * world
+
+
+def preflight(cfg: TrainConfig) -> VaeFactors:
+    """The checks a stage passes before any work (features included): its settings, and a
+    resolution that splits into whole patches of latent cells. Returns the VAE's factors."""
+    cfg.validate()
+    vae = vae_factors(cfg.vae)
+    check_resolution(cfg.resolution, _patch_of(cfg), vae.spatial)
+    return vae
+
+
+def _patch_of(cfg: TrainConfig) -> int:
+    if cfg.init == "scratch":
+        return get_preset(cfg.preset).patch
+    return 0  # known only once the init model is loaded; checked then
+
+
+def check_resolution(resolution: int, patch: int, spatial: int) -> None:
+    """The image side must split into whole patches of latent cells (patch 0: not known yet)."""
+    if patch and resolution % (patch * spatial):
+        raise UserError(f"resolution {resolution} is not divisible by patch x VAE factor ({patch} x {spatial} = {patch * spatial}): pick a multiple of {patch * spatial}")
