@@ -203,9 +203,9 @@ def _sorted_labels(column: str, classes: list, hashes: np.ndarray, ids: np.ndarr
 # ---- the stage ---------------------------------------------------------------------------------
 
 class ClassConditioning(Conditioning):
-    """The conditioning of a class-cond stage: each image's class
-    label, looked up by key, dropped to the null class with probability `caption_dropout`; the
-    model is a DiT (t2i.dit), each checkpoint a diffusers DiT directory with its classes.json."""
+    """The conditioning of a class-cond stage: each image's class label, looked up by key, dropped
+    to the null class with probability `caption_dropout`; the model is a DiT (t2i.dit), each
+    checkpoint a diffusers DiT directory with its classes.json."""
 
     kind = "class-cond"
     cross_attention = False  # the class enters through adaLN: no cross-attention, no caption projection

@@ -12,12 +12,16 @@ with (`objective_of_state`) from what training already records, nothing more.
 Where the next levers plug in, each at one place and without an `if` in the loop:
 - a new kind (flow matching): a class with the methods of `Objective` (its timestep density in
   `draw_timesteps`, x_t = (1 - t) x0 + t eps in `add_noise`, v = eps - x0 in `target`, its loss
-  and log columns in `loss` / `terms`, a flow-matching Euler `sampler`), registered in
-  OBJECTIVES; its settings are fields of TrainConfig, recorded in every checkpoint's config;
+  and log columns in `loss` / `terms`, its `sampler`), registered in OBJECTIVES; its settings
+  are fields of TrainConfig, recorded in every checkpoint's config. The sampler runs inside
+  diffusers' PixArtAlphaPipeline, which calls `scale_model_input` and `init_noise_sigma`:
+  DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+  flow_shift=...) has them, FlowMatchEulerDiscreteScheduler does not (it needs a subclass that
+  adds them);
 - loss weighting (min-SNR-gamma): inside a kind's `loss`, from its settings;
 - an auxiliary loss (REPA): a `LossTerm` handed to t2i.train.TrainStep (`terms`); it adds its
-  own modules and hooks to the trained model in `attach` and reads what it needs from the
-  micro-batch inputs.
+  own modules and hooks to the trained model in `attach`, takes what it needs from each batch
+  in `inputs` (the stored teacher features) and adds its value to the total and the log.
 """
 
 from __future__ import annotations
