@@ -187,7 +187,7 @@ class RunRecorder:
         for key in self.to_retry - self.retried_rows.keys():
             if key.endswith(TRUNCATED):  # the tar reads to its end now: its "ended early" row goes
                 self.retried_rows[key] = None
-        replace_rows(self.out_dir, self.writer, self.retried_rows)
+        replace_rows(self.out_dir, self.retried_rows)
         s.seconds = time.perf_counter() - self.start
         ledger = self.ledger.close(images=s.captioned + s.failed)
         manifest = write_manifest(self.out_dir, config=self.config, extra={"last_run": {
