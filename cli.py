@@ -220,8 +220,7 @@ def select_cmd(
     """
     from curate.select import run_select
 
-    for line in run_select(shards, scores, where, out, shard_size=shard_size).lines():
-        typer.echo(line)
+    typer.echo(run_select(shards, scores, where, out, shard_size=shard_size).line())
 
 
 # --- features / train / sample / export / import-dit (t2i/) ----------------------------------

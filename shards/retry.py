@@ -31,7 +31,7 @@ from shards import fs
 from shards.layout import JOURNAL, done_marker
 from shards.reader import complete_shards, done_keys
 from shards.schema import CAPTION_SCHEMA, rows_to_table
-from shards.writer import commit_table, refresh_marker
+from shards.writer import commit_table, delete_shard, refresh_marker
 
 REFRESH = "refresh"  # the journal's list of shards being rewritten in place
 
@@ -47,7 +47,7 @@ def finish_interrupted_retry(out_dir: str | Path) -> None:
     for new, olds in plan.items():  # an earlier version's swap: the replacement is complete, so what it replaces goes
         if fs.exists(done_marker(fs.join(out_dir, new))):
             for old in olds:
-                _delete_shard(fs.join(out_dir, old))
+                delete_shard(fs.join(out_dir, old))
     fs.delete(journal)
 
 
@@ -70,15 +70,10 @@ def replace_rows(out_dir: str | Path, replacements: dict[str, dict | None]) -> N
         rows = [replacements[r["key"]] if r["key"] in replacements else r for r in table.to_pylist()]
         rows = [r for r in rows if r is not None]
         if not rows:  # every row of the shard is gone
-            _delete_shard(shard)
+            delete_shard(shard)
             continue
         journal = fs.join(out_dir, JOURNAL)
         fs.write_text(journal, json.dumps({REFRESH: [fs.basename(shard)]}))  # whole: temp + rename, or one PUT
         commit_table(shard, rows_to_table(rows))
         fs.delete(journal)
 
-
-def _delete_shard(shard: fs.Location) -> None:
-    """The shard first (readers stop seeing it at once), then its marker (alone, it is ignored)."""
-    fs.delete(shard)
-    fs.delete(done_marker(shard))

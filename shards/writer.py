@@ -149,6 +149,13 @@ def refresh_marker(shard: str | Path) -> None:
     _write_marker(shard, fs.parquet_file(shard).metadata.num_rows, sha256_file(shard), fs.size(shard))
 
 
+def delete_shard(shard: str | Path) -> None:
+    """Delete a committed shard: the shard first (readers stop seeing it at once), then its marker
+    (a marker alone is ignored, and cleaned by the next run)."""
+    fs.delete(shard)
+    fs.delete(done_marker(shard))
+
+
 def _write_marker(shard: fs.Location, rows: int, digest: str, nbytes: int) -> dict[str, Any]:
     info = {"shard": fs.basename(shard), "rows": rows, "sha256": digest, "bytes": nbytes, "written_at": time.time()}
     fs.write_text(done_marker(shard), _json(info))
