@@ -121,22 +121,33 @@ def commit_table(shard: str | Path, table: pa.Table) -> dict[str, Any]:
     appearance: staged where readers do not look, its done-marker, then the shard itself (a
     rename; on object stores one PUT). Returns the marker's record."""
     final = fs.as_location(shard)
+    staged_as, digest, nbytes = _stage(final, table)
+    info = _write_marker(final, table.num_rows, digest, nbytes)  # the marker first: a visible shard always has one
+    _publish(staged_as, final)  # the commit: the shard appears whole under its name
+    return info
+
+
+def _stage(final: fs.Location, table: pa.Table) -> tuple[Path | pa.Buffer, str, int]:
+    """`table` serialised where no reader looks: locally a staged file (fsynced), for an object
+    store in memory (so the checksum needs no download). Returns it, its SHA-256 and size."""
     if isinstance(final, Path):
         tmp = staged(final)
         pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        digest, nbytes = sha256_file(tmp), tmp.stat().st_size
-        publish = functools.partial(os.replace, tmp, final)
-    else:  # serialised here, so the checksum needs no download; the PUT is all or nothing
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows(table))
-        data = buf.getvalue()  # a pyarrow Buffer: hashed and uploaded without a copy
-        digest, nbytes = hashlib.sha256(data).hexdigest(), data.size
-        publish = functools.partial(fs.write_bytes, final, data)
-    info = _write_marker(final, table.num_rows, digest, nbytes)  # the marker first: a visible shard always has one
-    publish()  # the commit: the shard appears whole under its name
-    return info
+        return tmp, sha256_file(tmp), tmp.stat().st_size
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows(table))
+    data = buf.getvalue()  # a pyarrow Buffer: hashed and uploaded without a copy
+    return data, hashlib.sha256(data).hexdigest(), data.size
+
+
+def _publish(staged_as: Path | pa.Buffer, final: fs.Location) -> None:
+    """Make the staged shard visible under its name: a rename, or one PUT (all or nothing)."""
+    if isinstance(staged_as, Path):
+        os.replace(staged_as, final)
+    else:
+        fs.write_bytes(final, staged_as)
 
 
 def refresh_marker(shard: str | Path) -> None:
