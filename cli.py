@@ -316,6 +316,7 @@ def train_cmd(
 
     From features made beforehand: t2i-data train --features feats/ --out runs/x (same --vae/--resolution/... as `features`)
     """
+    from t2i.features import features_line
     from t2i.stage import run_stage
     from t2i.train import TrainConfig
 
@@ -338,8 +339,6 @@ def train_cmd(
         raise UserError("no --shards or --features given: pass caption shards, features, or --manifest with shards per stage")
     r = run_stage(TrainConfig(**given), out, shards=shards, features=features, resume=resume)
     if "features_step" in r:
-        from t2i.features import features_line
-
         typer.echo(features_line(r["features_step"]))
     typer.echo(f"trained to step {r['step']}; checkpoint {r['checkpoint']}; log {r['log']}")
 

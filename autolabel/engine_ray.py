@@ -21,8 +21,9 @@
   them into the job skeleton's run (shards.job: the local engine's lock, settings record,
   writer, ledger and manifest), to a local/mounted directory or straight to an object store
   (`--out s3://...`, `gs://...`, any fsspec URI; shards.fs). Every shard is committed by its
-  appearance (shards.writer), so resume semantics are the local engine's. The driver's writing is light next to the captioning, but it is one
-  process: a per-block writer in the workers would scale the writes further.
+  appearance (shards.writer), so resume semantics are the local engine's. The driver's writing
+  is light next to the captioning, but it is one process: a per-block writer in the workers
+  would scale the writes further.
 
 Ray is imported only here, and this module only when `--engine ray` is asked for.
 """

@@ -71,20 +71,25 @@ class JobSpec:
     """What a job hands the skeleton: its name, output, settings, and how it writes and reports.
 
     settings: every setting of the run (the manifest's `config`, and the run record's);
-    identity: the names of the settings a resume must keep (they shape the rows);
+    identity: the settings a resume must keep (they shape the rows): their names in `settings`,
+    or their values by name (e.g. paths resolved, so two spellings of one model are one);
     schema: the rows' schema (None: the job writes its shards itself, as features' encoders do);
     summary: the summary's values at start; describe: the summary's line."""
 
     job: str
     out: Any
     settings: dict[str, Any]
-    identity: tuple[str, ...]
+    identity: tuple[str, ...] | dict[str, Any]
     schema: pa.Schema | None = CAPTION_SCHEMA
     rows_per_shard: int = 1000
     prefix: str = "part"
     device: str | None = None  # the ledger's (None: CUDA when there is one)
     summary: dict[str, Any] = field(default_factory=dict)
     describe: Callable[[Mapping[str, Any]], str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.identity, dict):
+            self.identity = {name: self.settings.get(name) for name in self.identity}
 
 
 class Run:
@@ -153,13 +158,13 @@ def check_settings(out: fs.Location, spec: JobSpec) -> None:
         return  # nothing committed: nothing to mix with
     record = _read_json(fs.join(out, RUN_RECORD))
     legacy = record is None  # written before run records: the manifest's config says what it can
-    before = read_manifest(out).get("config", {}) if legacy else record.get("settings", {})
     if not legacy and record.get("job") != spec.job:
         raise UserError(f"{out} holds the output of a {record.get('job')} run, not {spec.job}: pass another --out")
-    for name in spec.identity:
+    before = read_manifest(out).get("config", {}) if legacy else record.get("identity", {})
+    for name, value in spec.identity.items():
         if legacy and name not in before:
             continue
-        old, new = _plain(before.get(name)), _plain(spec.settings.get(name))
+        old, new = _plain(before.get(name)), _plain(spec.settings.get(name) if legacy else value)
         if old != new:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{out} holds {spec.job} output made with {flag} {_show(old)} (this run: {_show(new)}): "
@@ -167,8 +172,8 @@ def check_settings(out: fs.Location, spec: JobSpec) -> None:
 
 
 def record_settings(out: fs.Location, spec: JobSpec) -> None:
-    """Write the run record (`run.json`: the job, its settings, which are identity), before any shard."""
-    record = {"job": spec.job, "identity": list(spec.identity), "settings": spec.settings,
+    """Write the run record (`run.json`: the job, its identity settings, all its settings), before any shard."""
+    record = {"job": spec.job, "identity": spec.identity, "settings": spec.settings,
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
     fs.write_text(fs.join(out, RUN_RECORD), json.dumps(record, indent=2, sort_keys=True, default=str))
 

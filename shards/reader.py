@@ -36,10 +36,12 @@ class Shard(NamedTuple):
 
     @property
     def columns(self) -> list[str]:
+        """The shard's column names."""
         return self.schema.names
 
     @property
     def rows(self) -> int:
+        """The shard's row count."""
         return sum(self.group_rows)
 
 

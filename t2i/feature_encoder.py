@@ -59,6 +59,7 @@ class FeatureEncoder:
         return self._encode(group)
 
     def record_failure(self, key: str, error: str) -> None:
+        """Note an image that could not be read or decoded (written with the next shard)."""
         self.failures[key] = error
 
     def close(self) -> int:

@@ -24,6 +24,7 @@ class RowImages:
         self.cfg, self.rows = cfg, RowImageReader()
 
     def locate(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row, its bytes read now if they only stream forward, or its error noted."""
         try:
             self.rows.read_ahead(row)
         except READ_ERRORS as e:
@@ -48,4 +49,5 @@ class RowImages:
         return row, image_to_tensor(img, h, w), None
 
     def close(self) -> None:
+        """Close the open sources."""
         self.rows.close()

@@ -118,19 +118,25 @@ class FeatureConfig:
     def __post_init__(self) -> None:
         self.caption_fields = parse_fields(self.caption_fields)
 
-    def cache_key(self) -> str:
+    def identity(self) -> dict[str, Any]:
+        """The identity settings as they are compared: a local model directory by its absolute path."""
         ident: dict[str, Any] = {k: getattr(self, k) for k in self.IDENTITY}
-        if self.caption_fields == DEFAULT_FIELDS:  # so features made before the option keep their key
-            del ident["caption_fields"]
-        else:
-            ident["caption_fields"] = list(self.caption_fields)
-        for k in ("vae", "text_encoder"):  # a local directory is identified by its absolute path
+        ident["caption_fields"] = list(self.caption_fields)
+        for k in ("vae", "text_encoder"):
             p = Path(ident[k])
             ident[k] = str(p.resolve()) if p.exists() else ident[k]
+        return ident
+
+    def cache_key(self) -> str:
+        """A digest of the identity settings (and the feature version): the directory's name."""
+        ident = self.identity()
+        if self.caption_fields == DEFAULT_FIELDS:  # so features made before the option keep their key
+            del ident["caption_fields"]
         ident["version"] = FEATURE_VERSION
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
+        """UserError (one line) for a setting out of range."""
         for name in ("text_dtype", "latent_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(DTYPES)}: pick one")
@@ -144,6 +150,7 @@ class FeatureConfig:
 
 
 def features_dir(root: str | Path, cfg: FeatureConfig) -> Path:
+    """Where features of `cfg`'s settings live under the features root `root`."""
     return Path(root) / cfg.cache_key()
 
 
@@ -174,7 +181,7 @@ def features_line(r: Mapping[str, Any]) -> str:
 def feature_spec(cfg: FeatureConfig, out: Path, device: str | None = None, prefix: str | None = None) -> JobSpec:
     """The features job for the run skeleton; with `prefix`, this process writes feature shards
     (its own: each rank's prefix differs), without, its encoders do (Ray actors)."""
-    return JobSpec("features", out, settings={**asdict(cfg), "cache_key": cfg.cache_key()}, identity=FeatureConfig.IDENTITY,
+    return JobSpec("features", out, settings={**asdict(cfg), "cache_key": cfg.cache_key()}, identity=cfg.identity(),
                    schema=feature_schema(cfg.caption_fields) if prefix else None, rows_per_shard=cfg.rows_per_shard,
                    prefix=prefix or "features", device=device, describe=features_line,
                    summary={"dir": str(out), "new": 0, "skipped_invalid": 0, "failed": 0, "failures": [], "valid": 0,

@@ -31,6 +31,7 @@ class Ranks:
         return mine
 
     def barrier(self) -> None:
+        """Wait for every rank (no-op alone)."""
         if self.world_size > 1:
             torch.distributed.barrier()
 

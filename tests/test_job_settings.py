@@ -151,3 +151,27 @@ def test_features_settings_name_their_directory_and_a_foreign_one_is_refused(tmp
     assert_refused(args("64"), "--resolution")
     fdir(64).rename(fdir(16))
     assert_resumes(args("16"), fdir(16), done_keys(captions))
+
+
+def test_an_earlier_versions_output_is_checked_against_its_manifest(tmp_path):
+    """Outputs written before run records existed: the manifest's config stands in for the record."""
+    from shards.errors import UserError
+    from shards.job import JobSpec, job_run
+    from shards.writer import write_manifest
+
+    out = tmp_path / "sel"
+    ShardWriter(out, rows_per_shard=1).add({"key": "a"})
+    write_manifest(out, config={"shards": "caps", "scores": "scores", "where": "x > 1"})
+
+    def spec(where: str) -> JobSpec:
+        return JobSpec("select", out, settings={"shards": "caps", "scores": "scores", "where": where, "shard_size": 5},
+                       identity=("shards", "scores", "where"), device="cpu")
+
+    with pytest.raises(UserError, match=r"made with --where 'x > 1' \(this run: 'x > 2'\): pass the same --where"):
+        with job_run(spec("x > 2")):
+            pass
+    assert not (out / RUN_RECORD).exists()
+    with job_run(spec("x > 1")) as run:  # the same: resumes, and records its settings from now on
+        assert run.done == {"a"}
+        run.finish()
+    assert json.loads((out / RUN_RECORD).read_text())["identity"] == {"shards": "caps", "scores": "scores", "where": "x > 1"}

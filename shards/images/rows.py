@@ -54,4 +54,5 @@ class RowImageReader:
         return row
 
     def close(self) -> None:
+        """Close the open sources."""
         self.reader.close()
