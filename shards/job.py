@@ -77,7 +77,7 @@ class JobSpec:
     summary: the summary's values at start; describe: the summary's line."""
 
     job: str
-    out: Any
+    out: fs.Location  # a local directory or an object-store / fsspec URI
     settings: dict[str, Any]
     identity: tuple[str, ...] | dict[str, Any]
     schema: pa.Schema | None = CAPTION_SCHEMA
