@@ -220,8 +220,7 @@ def select_cmd(
     """
     from curate.select import run_select
 
-    for line in run_select(shards, scores, where, out, shard_size=shard_size).lines():
-        typer.echo(line)
+    typer.echo(run_select(shards, scores, where, out, shard_size=shard_size).line())
 
 
 # --- features / train / sample / export / import-dit (t2i/) ----------------------------------
@@ -264,32 +263,15 @@ def features_cmd(
 
     On 8 GPUs: torchrun --nproc_per_node 8 $(which t2i-data) features --shards out/ --out feats/ --latent-dtype bfloat16
     """
-    from t2i.features import FeatureConfig, compute_features, ranks_from_env
+    from t2i.features import FeatureConfig, run_features
 
     _t2i_threads(threads)
-    cfg = FeatureConfig(vae=vae, text_encoder=text_encoder, resolution=resolution, buckets=buckets, max_tokens=max_tokens,
-                        text_dtype=text_dtype, latent_dtype=latent_dtype, batch_size=batch_size, rows_per_shard=shard_size,
-                        workers=workers, caption_fields=caption_fields)  # fmt: skip
-    if engine not in ("local", "ray"):
-        raise UserError(f"unknown --engine {engine!r}: use local or ray")
-    if engine == "ray":
-        from t2i.features_ray import compute_features_ray
-
-        typer.echo(_features_line(compute_features_ray(shards, out, cfg, address=ray_address, replicas=replicas)))
-        return
-    ranks = ranks_from_env()
-    try:
-        r = compute_features(shards, out, cfg, ranks=ranks)
-    finally:
-        ranks.close()
-    if ranks.rank == 0:
-        typer.echo(_features_line(r))
-
-
-def _features_line(r: dict) -> str:
-    missing = "".join(f", {n} without {f} (that field skipped)" for f, n in r.get("missing_fields", {}).items())
-    return (f"{r['rows']} samples in {r['dir']} ({r['new']} new here, {r['skipped_invalid']} rows without caption{missing}, "
-            f"{r['failed']} unreadable images skipped, listed in {r['dir']}/manifest.json)")
+    summary = run_features(shards, out, FeatureConfig(
+        vae=vae, text_encoder=text_encoder, resolution=resolution, buckets=buckets, max_tokens=max_tokens, text_dtype=text_dtype,
+        latent_dtype=latent_dtype, batch_size=batch_size, rows_per_shard=shard_size, workers=workers, caption_fields=caption_fields,
+        engine=engine, ray_address=ray_address, replicas=replicas))  # fmt: skip
+    if summary is not None:  # the reporting process (rank 0 of a torchrun / accelerate launch)
+        typer.echo(summary.line())
 
 
 @app.command("train")
@@ -334,6 +316,7 @@ def train_cmd(
 
     From features made beforehand: t2i-data train --features feats/ --out runs/x (same --vae/--resolution/... as `features`)
     """
+    from t2i.features import features_line
     from t2i.stage import run_stage
     from t2i.train import TrainConfig
 
@@ -356,7 +339,7 @@ def train_cmd(
         raise UserError("no --shards or --features given: pass caption shards, features, or --manifest with shards per stage")
     r = run_stage(TrainConfig(**given), out, shards=shards, features=features, resume=resume)
     if "features_step" in r:
-        typer.echo(_features_line(r["features_step"]))
+        typer.echo(features_line(r["features_step"]))
     typer.echo(f"trained to step {r['step']}; checkpoint {r['checkpoint']}; log {r['log']}")
 
 

@@ -5,8 +5,8 @@
     run_caption(config, captioner=loaded)                  # reuse a loaded model across calls
     run_caption(replace(config, engine="ray", replicas=4))  # Ray Data (autolabel.engine_ray)
 
-Summary has `captioned`, `failed`, `skipped` (already done), `retried`, `seconds`, `shards`
-(all complete shard names in `out`) and `line()` (the one-line summary the CLI prints).
+The Summary (shards.job) has `captioned`, `failed`, `skipped` (already done), `retried`,
+`seconds`, `shards` (all complete shard names in `out`) and `line()` (what the CLI prints).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any, Sequence
 
 from shards import fs as shard_fs
 from shards.errors import UserError
-from shards.lock import output_lock
+from shards.job import Run, Summary, job_run
 from autolabel.backends import Captioner, make_captioner, size_policy_of
 from autolabel.config import CaptionConfig
 from autolabel.prompts import PROMPTS
-from autolabel.pipeline import Summary, caption_items
+from autolabel.pipeline import caption_items, caption_spec
 from shards.images.sources import count_items, iter_sources, validate_sources
 
 PROMPT_MODES = ("plain", "alt")
@@ -53,36 +53,35 @@ def run_caption(
     if use_alt is not None:
         cfg = replace(cfg, prompt_mode="alt" if use_alt else "plain")
     _validate(cfg)
-    out_dir = shard_fs.as_location(cfg.out)  # a Path, or an s3://, gs://, fsspec URI (shards.fs)
-    with output_lock(out_dir, "caption"):  # one writer per --out, taken before any clean-up or model load
-        return _caption_locked(cfg, out_dir, captioner)
+    if cfg.engine == "ray" and captioner is not None:
+        raise UserError("a loaded captioner cannot be shipped to Ray actors: pass the model name (model=...) with engine='ray'")
+    spec = caption_spec(cfg, captioner.model_name if captioner else cfg.model, captioner.name if captioner else cfg.backend)
+    # one writer per --out (a Path, or an s3://, gs://, fsspec URI); settings checked before any model loads
+    with job_run(spec) as run:
+        return _run_on_ray(cfg, run) if cfg.engine == "ray" else _caption_local(cfg, run, captioner)
 
 
-def _caption_locked(cfg: CaptionConfig, out_dir: shard_fs.Location, captioner: Captioner | None) -> Summary:
-    """The caption job, run while this process holds `out_dir`'s lock."""
-    if cfg.engine == "ray":
-        return _run_on_ray(cfg, out_dir, captioner)
+def _caption_local(cfg: CaptionConfig, run: Run, captioner: Captioner | None) -> Summary:
+    """The caption job in this process (the model loaded here unless `captioner` is given)."""
     owns = captioner is None
     if captioner is None:
         captioner = make_captioner(cfg.backend, cfg.model, **cfg.captioner_kwargs())
     policy = size_policy_of(captioner)
+    run.settings.update(cfg.recorded(captioner.model_name, captioner.name, policy))
     try:
-        return caption_items(iter_sources(cfg.src), captioner, out_dir, cfg, cfg.recorded(captioner.model_name, captioner.name, policy),
-                             policy, total=count_items(cfg.src) if cfg.progress else None)
+        return caption_items(iter_sources(cfg.src), captioner, run, cfg, policy, total=count_items(cfg.src) if cfg.progress else None)
     finally:
         if owns:
             captioner.close()
 
 
-def _run_on_ray(cfg: CaptionConfig, out_dir: shard_fs.Location, captioner: Captioner | None) -> Summary:
+def _run_on_ray(cfg: CaptionConfig, run: Run) -> Summary:
     """The same job on Ray Data: model replicas in Ray actors (autolabel.engine_ray)."""
-    if captioner is not None:
-        raise UserError("a loaded captioner cannot be shipped to Ray actors: pass the model name (model=...) with engine='ray'")
     from autolabel.engine_ray import caption_with_ray  # Ray is imported only here
     from shards.ray_session import import_ray
 
     import_ray()  # the install hint before any work
-    return caption_with_ray(cfg, out_dir, cfg.recorded(cfg.model, cfg.backend))
+    return caption_with_ray(cfg, run)
 
 
 def _validate_prompts(cfg: CaptionConfig) -> None:

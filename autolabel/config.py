@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from autolabel.backends import GenParams
 from autolabel.prompts import PAPER_PROMPT, PROMPTS
@@ -37,7 +37,14 @@ class CaptionConfig:
     engine: "local" (this process) or "ray" (a Ray Data pipeline, autolabel.engine_ray: at
     `ray_address`, or a local Ray when None; `replicas` model actors, one GPU each when the
     cluster has GPUs).
+
+    IDENTITY: the settings a resume must keep (they shape the rows; shards.job refuses a change
+    while the output holds shards). Sources, batch and shard sizes, workers, backend and engine
+    may change on resume.
     """
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("model", "prompt", "prompt_mode", "prompts", "temperature", "max_new_tokens", "seed",
+                                           "embed_images", "max_short", "max_long", "min_pixels", "max_pixels")  # fmt: skip
 
     src: Sequence[str | Path] = ()
     out: str | Path = "out"

@@ -18,11 +18,12 @@
   prompt formatting, sampling, hygiene and the row fields are the local engine's. One actor per
   replica; one GPU each when the cluster has GPUs, else one CPU.
 - Write: for a first version the driver collects the captioned rows in input order and writes
-  them with ShardWriter, to a local/mounted directory or straight to an object store (`--out
-  s3://...`, `gs://...`, any fsspec URI; shards.fs). Every shard commits with its `.done` marker
-  (locally temp -> rename -> .done; on object stores one PUT, then .done), so resume semantics
-  are the local engine's. The driver's writing is light next to the captioning, but it is one
-  process: a per-block writer in the workers would scale the writes further.
+  them into the job skeleton's run (shards.job: the local engine's lock, settings record,
+  writer, ledger and manifest), to a local/mounted directory or straight to an object store
+  (`--out s3://...`, `gs://...`, any fsspec URI; shards.fs). Every shard is committed by its
+  appearance (shards.writer), so resume semantics are the local engine's. The driver's writing
+  is light next to the captioning, but it is one process: a per-block writer in the workers
+  would scale the writes further.
 
 Ray is imported only here, and this module only when `--engine ray` is asked for.
 """
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
@@ -42,7 +42,8 @@ from shards.schema import CAPTION_SCHEMA
 from autolabel.backends import _load_processor
 from autolabel.sizing import pixel_limits, set_pixel_limits, size_policy
 from autolabel.config import CaptionConfig, PrepareOptions
-from autolabel.pipeline import RunRecorder, Summary, base_row, caption_batch
+from autolabel.pipeline import RunRecorder, base_row, caption_batch
+from shards.job import Run, Summary
 from shards.ray_session import actor_resources, fetch_once, import_ray, ray_session
 from shards.images.sources import ImageItem, SourceEntry, count_items, iter_entries, iter_entry
 
@@ -178,9 +179,9 @@ class CaptionActor:
 # --- the driver --------------------------------------------------------------------------------
 
 
-def caption_with_ray(cfg: CaptionConfig, out_dir: str | Path, recorded: dict) -> Summary:
-    """Caption every not-yet-done image of `cfg.src` into shards in `out_dir` on Ray (`recorded`
-    goes into the manifest); see the module docstring."""
+def caption_with_ray(cfg: CaptionConfig, run: Run) -> Summary:
+    """Caption every not-yet-done image of `cfg.src` into `run`'s shards on Ray; see the module
+    docstring."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     ray = import_ray()
@@ -195,7 +196,8 @@ def caption_with_ray(cfg: CaptionConfig, out_dir: str | Path, recorded: dict) ->
     processor = _load_processor(cfg.model)
     set_pixel_limits(processor, *(pixel_limits(processor, cfg.min_pixels, cfg.max_pixels) or (None, None)))
     prepare_opts = cfg.prepare_options(size_policy(processor))
-    rec = RunRecorder(out_dir, cfg.shard_size, {**recorded, "size_policy": prepare_opts.policy.why}, cfg.retry_failed)
+    run.settings["size_policy"] = prepare_opts.policy.why
+    rec = RunRecorder(run, cfg.retry_failed)
     skip_keys = rec.skip_keys
     with ray_session(cfg.ray_address):
         resources = actor_resources(ray.cluster_resources(), cfg.replicas)

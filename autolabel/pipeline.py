@@ -1,13 +1,14 @@
-"""The caption loop: prefetching workers -> batches -> captioner -> ShardWriter, resumable.
+"""The caption loop: prefetching workers -> batches -> captioner -> shards, resumable.
 
-Exactly-once: at start, leftovers of a crash are deleted (shards.reader.clean_incomplete) and
-keys in complete shards are skipped (shards.reader.done_keys). Rows only become visible when
-their shard's done-marker exists, so `kill -9` at any moment loses at most the unfinished shard,
-which the rerun redoes.
+The run is the job skeleton's (shards.job: lock, settings checked and recorded, a crash's
+leftovers deleted, done keys skipped, writer, ledger, manifest); this module supplies the
+per-batch function both engines call (`caption_batch`) and the local engine's loop. Rows only
+become visible when their shard is committed, so `kill -9` at any moment loses at most the
+unfinished shard, which the rerun redoes.
 
 `retry_failed` (exactly one row per key): rows whose `error` is set are captioned again and
-held until the pass ends, then swapped into their shards by shards.retry (copy-on-write of whole
-shards, journalled, so a crash never leaves a key in two complete shards at rest).
+held until the pass ends, then written into their shards by shards.retry (each shard rewritten
+in place, so no reader ever sees a key twice).
 
 `out_dir` may be a local path or an object-store / fsspec URI (shards.fs).
 """
@@ -15,21 +16,16 @@ shards, journalled, so a crash never leaves a key in two complete shards at rest
 from __future__ import annotations
 
 import functools
-import time
 from contextlib import closing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import pyarrow as pa
 
-from shards.ledger import Ledger
-from shards import fs
 from shards.errors import UserError
+from shards.job import JobSpec, Run, Summary
 from shards.prefetch import prefetch
-from shards.reader import clean_incomplete, done_keys
-from shards.retry import failed_keys, finish_interrupted_retry, replace_rows
-from shards.writer import ShardWriter, write_manifest
+from shards.reader import done_keys
+from shards.retry import replace_rows
 from autolabel.backends import Captioner, GenParams
 from autolabel.config import CaptionConfig, PrepareOptions
 from autolabel.hygiene import clean_caption, is_degenerate
@@ -41,21 +37,21 @@ from autolabel.sizing import SizePolicy
 from shards.images.sources import TRUNCATED, ImageItem
 
 
-@dataclass
-class Summary:
-    captioned: int = 0
-    failed: int = 0
-    skipped: int = 0
-    retried: int = 0
-    seconds: float = 0.0
-    shards: list[str] = field(default_factory=list)
+def caption_line(s: Mapping[str, Any]) -> str:
+    """The caption summary's line: captioned, failed, skipped (already done), retried, rate."""
+    rate = s["captioned"] / s["seconds"] if s.get("seconds") else 0.0
+    line = f"captioned {s['captioned']}, failed {s['failed']}, skipped as already done {s['skipped']}"
+    if s["retried"]:
+        line += f", retried {s['retried']}"
+    return line + f" ({rate:.2f} images/s)"
 
-    def line(self) -> str:
-        rate = self.captioned / self.seconds if self.seconds else 0.0
-        s = f"captioned {self.captioned}, failed {self.failed}, skipped as already done {self.skipped}"
-        if self.retried:
-            s += f", retried {self.retried}"
-        return s + f" ({rate:.2f} images/s)"
+
+def caption_spec(cfg: CaptionConfig, model: str, backend: str) -> JobSpec:
+    """The caption job for the run skeleton (shards.job): its settings (`model` and `backend`:
+    those that run), identity, shard size and summary."""
+    return JobSpec("caption", cfg.out, settings=cfg.recorded(model, backend), identity=CaptionConfig.IDENTITY,
+                   rows_per_shard=cfg.shard_size, summary=dict(captioned=0, failed=0, skipped=0, retried=0),
+                   describe=caption_line)  # fmt: skip
 
 
 def _prepare(item: ImageItem, opts: PrepareOptions) -> tuple[ImageItem, Prepared | None, str | None, bytes | None]:
@@ -136,28 +132,20 @@ def generate_or_isolate(captioner: Captioner, requests: Iterable[tuple], params:
 
 
 class RunRecorder:
-    """Where one caption run's rows go, for both engines (local and Ray).
+    """Where one caption run's rows go, for both engines (local and Ray), on the skeleton's Run.
 
-    At start: finish an interrupted retry swap, clean a crash's leftovers, and note the keys
-    already done and (with `retry_failed`) the failed keys to redo. During the run: `emit` each
-    row (retried keys are held back and swapped into their old shards at the end). At the end:
-    `finish` flushes, swaps, rewrites the manifest and returns the summary.
+    At start, the keys already done are skipped, except (with `retry_failed`) the failed ones,
+    which are captioned again. During the run: `emit` each row (retried keys are held back and
+    written into their old shards at the end). `finish` commits, swaps, and returns the summary.
     """
 
-    def __init__(self, out_dir: str | Path, shard_size: int, config: dict, retry_failed: bool) -> None:
-        out_dir = fs.as_location(out_dir)
-        fs.makedirs(out_dir)
-        finish_interrupted_retry(out_dir)
-        clean_incomplete(out_dir)
-        self.out_dir, self.config = out_dir, config
-        self.to_retry = failed_keys(out_dir) if retry_failed else set()
-        self.skip_keys = frozenset(done_keys(out_dir) - self.to_retry)
-        self.summary = Summary()
-        self.start = time.perf_counter()
-        self.ledger = Ledger(out_dir, "caption")  # the driver's device; Ray actors' GPUs are not metered
-        self.writer = ShardWriter(out_dir, rows_per_shard=shard_size, config=config)
-        self.retried_rows: dict[str, dict] = {}
+    def __init__(self, run: Run, retry_failed: bool) -> None:
+        self.run, self.summary = run, run.summary
+        self.to_retry = run.done - done_keys(run.out, where_ok=True) if retry_failed else frozenset()
+        self.skip_keys = run.done - self.to_retry
+        self.retried_rows: dict[str, dict | None] = {}
         self.seen: set[str] = set()
+        run.restart_clock()  # the rate counts from here: the model is loaded
 
     def first_sight(self, key: str) -> bool:
         """False for a key seen before in this run's input (the first one is kept)."""
@@ -171,7 +159,7 @@ class RunRecorder:
             self.retried_rows[row["key"]] = row
             self.summary.retried += 1
         else:
-            self.writer.add(row)
+            self.run.write([row])
         if row["error"] is None:
             self.summary.captioned += 1
         else:
@@ -179,22 +167,16 @@ class RunRecorder:
 
     def rate(self) -> str:
         done = self.summary.captioned + self.summary.failed
-        return f"{done / max(time.perf_counter() - self.start, 1e-9):.2f}"
+        return f"{done / max(self.run.seconds(), 1e-9):.2f}"
 
     def finish(self) -> Summary:
         s = self.summary
-        self.writer.flush()
+        self.run.writer.flush()
         for key in self.to_retry - self.retried_rows.keys():
             if key.endswith(TRUNCATED):  # the tar reads to its end now: its "ended early" row goes
                 self.retried_rows[key] = None
-        replace_rows(self.out_dir, self.writer, self.retried_rows)
-        s.seconds = time.perf_counter() - self.start
-        ledger = self.ledger.close(images=s.captioned + s.failed)
-        manifest = write_manifest(self.out_dir, config=self.config, extra={"last_run": {
-            "captioned": s.captioned, "failed": s.failed, "skipped": s.skipped,
-            "retried": s.retried, "seconds": round(s.seconds, 3), "ledger": ledger}})  # fmt: skip
-        s.shards = [m["shard"] for m in manifest["shards"]]
-        return s
+        replace_rows(self.run.out, self.retried_rows)
+        return self.run.finish(images=s.captioned + s.failed)
 
 
 def base_row(captioner: Captioner, params: GenParams, image: bytes | None, **fields) -> dict:
@@ -249,14 +231,13 @@ def caption_batch(captioner: Captioner, cfg: CaptionConfig, entries: Iterable[tu
     return rows
 
 
-def caption_items(items: Iterable[ImageItem], captioner: Captioner, out_dir: str | Path, cfg: CaptionConfig, recorded: dict,
-                  policy: SizePolicy, total: int | None = None) -> Summary:
-    """Caption every not-yet-done item into shards in `out_dir` with `cfg`'s settings (images
-    prepared at `policy`'s size: autolabel.sizing); `recorded` goes into the manifest. See the
-    module docstring."""
+def caption_items(items: Iterable[ImageItem], captioner: Captioner, run: Run, cfg: CaptionConfig, policy: SizePolicy,
+                  total: int | None = None) -> Summary:
+    """Caption every not-yet-done item into `run`'s shards with `cfg`'s settings (images
+    prepared at `policy`'s size: autolabel.sizing). See the module docstring."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    rec = RunRecorder(out_dir, cfg.shard_size, recorded, cfg.retry_failed)
+    rec = RunRecorder(run, cfg.retry_failed)
     params = cfg.gen_params()
 
     def todo() -> Iterator[ImageItem]:

@@ -1,23 +1,25 @@
-"""`run_score` and `run_select`: the score and select jobs as functions (cli.py calls them).
+"""`run_score`: the score job as a function (cli.py calls it); `run_select` is in curate.select.
 
-    run_score(ScoreConfig(shards="out", out="scores", scorers="clip,aesthetic,dedup")) -> ScoreSummary
-    run_select("out", "scores", "aesthetic >= 5.5 and not near_duplicate", "captions/aesthetic") -> SelectSummary
+    run_score(ScoreConfig(shards="out", out="scores", scorers="clip,aesthetic,dedup")) -> Summary
+
+The run is the job skeleton's (shards.job: lock, settings checked and recorded, clean-up, done
+keys, writer, ledger, manifest); this module supplies the engines around the per-batch function
+both call, curate.scorers.score_batch.
 """
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 from shards import fs
 from shards.errors import UserError
-from shards.lock import output_lock
-from shards.reader import ShardError, clean_incomplete, complete_shards, done_keys, read_manifest
-from shards.writer import ShardWriter, write_manifest
-from curate.scorers import Scorers, decode_ahead, decode_row, parse_scorers, score_batch
+from shards.job import JobSpec, Run, Summary, job_run
+from shards.reader import Shard, complete_shards, iter_batches, open_shards, read_manifest
+from shards.writer import ShardWriter, delete_shard, write_manifest
+from curate.scorers import Scorers, decode_ahead, decode_row, parse_scorers, score_batch, score_schema
 
 DEDUP_DIR = "dedup"  # scores/dedup/: the whole-dataset duplicate pass, rebuilt after new rows
 INPUT_COLUMNS = ("key", "address", "source", "member", "caption", "alt_text", "image")
@@ -25,7 +27,11 @@ INPUT_COLUMNS = ("key", "address", "source", "member", "caption", "alt_text", "i
 
 @dataclass
 class ScoreConfig:
-    """Every setting of a score run (CLI flags map 1:1)."""
+    """Every setting of a score run (CLI flags map 1:1). IDENTITY: the settings a resume must
+    keep (they shape the score rows); the others may change on resume."""
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("shards", "scorers", "clip_model", "aesthetic_weights", "fit_aesthetic",
+                                           "dedup_threshold", "decode_short")  # fmt: skip
 
     shards: str | Path = "out"
     out: str | Path = "scores"
@@ -43,89 +49,61 @@ class ScoreConfig:
     ray_address: str | None = None
     replicas: int = 1  # --engine ray: concurrent scoring tasks (each loads the models once)
 
-
-@dataclass
-class ScoreSummary:
-    scored: int = 0
-    failed: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    duplicates: int | None = None  # rows marked near_duplicate (exact copies included)
-    shards: list[str] = field(default_factory=list)
-
-    def line(self) -> str:
-        rate = (self.scored + self.failed) / self.seconds if self.seconds else 0.0
-        s = f"scored {self.scored}, unreadable {self.failed}, skipped as already done {self.skipped} ({rate:.2f} images/s)"
-        return s + (f"; {self.duplicates} near-duplicates" if self.duplicates is not None else "")
+    def recorded(self, names: list[str]) -> dict[str, Any]:
+        """What the run record and the manifest hold of this run (`names`: the parsed scorers)."""
+        rec = {"shards": str(self.shards), "scorers": names, "clip_model": self.clip_model, "aesthetic_weights": self.aesthetic_weights,
+               "fit_aesthetic": str(self.fit_aesthetic or ""), "dedup_threshold": self.dedup_threshold,
+               "decode_short": self.decode_short, "batch_size": self.batch_size, "shard_size": self.shard_size}  # fmt: skip
+        return {**rec, "engine": "ray"} if self.engine == "ray" else rec
 
 
-def _input_columns(shards: str | Path) -> list[str]:
-    if not complete_shards(shards):
-        raise ShardError(f"no complete caption shards in {shards}: run `t2i-data caption --out {shards}` first")
-    names = set(fs.read_schema(complete_shards(shards)[0]).names)
-    return [c for c in INPUT_COLUMNS if c in names]
+def score_line(s: Mapping[str, Any]) -> str:
+    """The score summary's line: scored, unreadable, skipped (already done), rate, duplicates."""
+    rate = (s["scored"] + s["failed"]) / s["seconds"] if s.get("seconds") else 0.0
+    line = f"scored {s['scored']}, unreadable {s['failed']}, skipped as already done {s['skipped']} ({rate:.2f} images/s)"
+    return line + (f"; {s['duplicates']} near-duplicates" if s.get("duplicates") is not None else "")
 
 
-def _input_batches(shards: str | Path, batch_size: int) -> Iterator[list[dict]]:
-    columns = _input_columns(shards)
-    for shard in complete_shards(shards):
-        for rb in fs.parquet_file(shard).iter_batches(batch_size=batch_size, columns=columns):
-            yield rb.to_pylist()
+def _input_batches(shards: list[Shard], batch_size: int) -> Iterator[list[dict]]:
+    for batch in iter_batches(shards, INPUT_COLUMNS, batch_size):
+        yield batch.to_pylist()
 
 
-def _check_same_scorers(out: fs.Location, names: list[str]) -> None:
-    before = read_manifest(out).get("config", {}).get("scorers")
-    if complete_shards(out) and before and before != names:
-        raise UserError(f"{out} holds scores of {','.join(before)}: pass --scorers {','.join(before)} to resume, or a new --out")
-
-
-def run_score(cfg: ScoreConfig) -> ScoreSummary:
+def run_score(cfg: ScoreConfig) -> Summary:
     """Score every caption row of `cfg.shards` not yet in `cfg.out`; rerunning resumes."""
     names = parse_scorers(cfg.scorers)
-    out = fs.as_location(cfg.out)
     if cfg.batch_size < 1 or cfg.shard_size < 1 or cfg.replicas < 1:
         raise UserError("--batch-size, --shard-size and --replicas must be at least 1: pass positive numbers")
     if cfg.engine not in ("local", "ray"):
         raise UserError(f"unknown --engine {cfg.engine!r}: use local or ray")
-    with output_lock(out, "score"):  # one writer per scores directory, taken before any clean-up
-        return _score_locked(cfg, out, names)
+    spec = JobSpec("score", cfg.out, settings=cfg.recorded(names), identity=ScoreConfig.IDENTITY, schema=score_schema(names),
+                   rows_per_shard=cfg.shard_size, summary=dict(scored=0, failed=0, skipped=0, duplicates=None), describe=score_line)
+    with job_run(spec) as run:  # one writer per scores directory, taken before any clean-up
+        shards = open_shards(cfg.shards, "caption")  # no caption shards: say so before any model loads
+        head = _fit_head(cfg, shards) if cfg.fit_aesthetic else None
+        if cfg.engine == "ray":
+            _score_rows_ray(cfg, run, names, shards)
+        else:
+            scorers = Scorers.load(names, cfg.clip_model, cfg.aesthetic_weights, aesthetic_head=head,
+                                   decode_short=cfg.decode_short, workers=cfg.workers)  # fmt: skip
+            _score_rows(cfg, run, scorers, shards)
+        s = run.summary
+        if "dedup" in names:
+            run.writer.flush()
+            s.duplicates = _dedup_pass(run.out, cfg.dedup_threshold, fresh=s.scored + s.failed > 0)
+        return run.finish(extra={"schema": "scores"}, images=s.scored + s.failed)
 
 
-def _score_locked(cfg: ScoreConfig, out: fs.Location, names: list[str]) -> ScoreSummary:
-    """run_score, while this process holds `out`'s lock."""
-    _check_same_scorers(out, names)
-    clean_incomplete(out)
-    _input_columns(cfg.shards)  # no caption shards: say so before any model loads
-    head = _fit_head(cfg) if cfg.fit_aesthetic else None
-    config = {"shards": str(cfg.shards), "scorers": names, "clip_model": cfg.clip_model,
-              "aesthetic_weights": cfg.aesthetic_weights, "fit_aesthetic": str(cfg.fit_aesthetic or ""),
-              "dedup_threshold": cfg.dedup_threshold}  # fmt: skip
-    if cfg.engine == "ray":
-        summary = _score_rows_ray(cfg, out, names, config)
-    else:
-        scorers = Scorers.load(names, cfg.clip_model, cfg.aesthetic_weights, aesthetic_head=head,
-                               decode_short=cfg.decode_short, workers=cfg.workers)  # fmt: skip
-        summary = _score_rows(cfg, out, scorers, config)
-    if "dedup" in names:
-        summary.duplicates = _dedup_pass(out, cfg.dedup_threshold, fresh=summary.scored + summary.failed > 0)
-    manifest = write_manifest(out, config=config, extra={"schema": "scores", "last_run": {
-        "scored": summary.scored, "failed": summary.failed, "skipped": summary.skipped}})  # fmt: skip
-    summary.shards = [s["shard"] for s in manifest["shards"]]
-    return summary
-
-
-def _score_rows(cfg: ScoreConfig, out: fs.Location, scorers: Scorers, config: dict) -> ScoreSummary:
+def _score_rows(cfg: ScoreConfig, run: Run, scorers: Scorers, shards: list[Shard]) -> None:
     """The local engine: decode the next batch in threads while this one is scored."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    done = done_keys(out)
-    writer = ShardWriter(out, rows_per_shard=cfg.shard_size, schema=scorers.schema, config=config)
-    summary, start, seen = ScoreSummary(), time.perf_counter(), set()
+    seen: set[str] = set()
 
     def todo() -> Iterator[list[dict]]:
-        for rows in _input_batches(cfg.shards, cfg.batch_size):
-            fresh = [r for r in rows if r["key"] not in done and r["key"] not in seen]
-            summary.skipped += len(rows) - len(fresh)
+        for rows in _input_batches(shards, cfg.batch_size):
+            fresh = [r for r in rows if r["key"] not in run.done and r["key"] not in seen]
+            run.summary.skipped += len(rows) - len(fresh)
             seen.update(r["key"] for r in fresh)
             if fresh:
                 yield fresh
@@ -138,54 +116,44 @@ def _score_rows(cfg: ScoreConfig, out: fs.Location, scorers: Scorers, config: di
         for rows in todo():
             ahead = (rows, decode_ahead(pool, rows, scorers))
             if pending is not None:
-                _emit(pending, scorers, writer, summary)
+                _emit(pending, scorers, run)
                 bar.advance(task, len(pending[0]))
             pending = ahead
         if pending is not None:
-            _emit(pending, scorers, writer, summary)
-    writer.flush()
-    summary.seconds = time.perf_counter() - start
-    return summary
+            _emit(pending, scorers, run)
 
 
-def _score_rows_ray(cfg: ScoreConfig, out: fs.Location, names: list[str], config: dict) -> ScoreSummary:
+def _score_rows_ray(cfg: ScoreConfig, run: Run, names: list[str], shards: list[Shard]) -> None:
     """The Ray engine: same per-batch function in Ray tasks, rows written here (one writer)."""
     from curate.engine_ray import score_with_ray
     from shards.ray_session import import_ray
-    from curate.scorers import score_schema
 
     import_ray()
-    weights = str(fs.join(out, "aesthetic-head.safetensors")) if cfg.fit_aesthetic else cfg.aesthetic_weights
+    weights = str(fs.join(run.out, "aesthetic-head.safetensors")) if cfg.fit_aesthetic else cfg.aesthetic_weights
     if "aesthetic" in names and not weights:
         raise UserError("the aesthetic scorer needs --aesthetic-weights FILE_OR_HF_ID or --fit-aesthetic ratings.parquet")
-    done = done_keys(out)
-    writer = ShardWriter(out, rows_per_shard=cfg.shard_size, schema=score_schema(names), config={**config, "engine": "ray"})
-    summary, start, seen = ScoreSummary(), time.perf_counter(), set(done)
-    total = sum(fs.parquet_file(s).metadata.num_rows for s in complete_shards(cfg.shards))
+    s, seen = run.summary, set(run.done)
     spec = (tuple(names), cfg.clip_model, weights, cfg.decode_short)
-    paths = [str(p) for p in complete_shards(cfg.shards)]
-    for rows in score_with_ray(paths, _input_columns(cfg.shards), spec, done, cfg.batch_size, cfg.replicas, cfg.ray_address):
+    columns = [c for c in INPUT_COLUMNS if all(c in shard.columns for shard in shards)]
+    paths = [str(shard.location) for shard in shards]
+    for rows in score_with_ray(paths, columns, spec, run.done, cfg.batch_size, cfg.replicas, cfg.ray_address):
         for row in rows:
             if row["key"] in seen:  # the same key twice in the input: the first is kept
                 continue
             seen.add(row["key"])
-            writer.add(row)
-            summary.failed += row["error"] is not None
-            summary.scored += row["error"] is None
-    writer.flush()
-    summary.skipped = total - summary.scored - summary.failed
-    summary.seconds = time.perf_counter() - start
-    return summary
+            run.write([row])
+            s.failed += row["error"] is not None
+            s.scored += row["error"] is None
+    s.skipped = sum(shard.rows for shard in shards) - s.scored - s.failed
 
 
-def _emit(pending, scorers: Scorers, writer: ShardWriter, summary: ScoreSummary) -> None:
+def _emit(pending, scorers: Scorers, run: Run) -> None:
     rows, loaded = pending
-    for row in score_batch(rows, scorers, loaded()):
-        writer.add(row)
-        if row["error"] is None:
-            summary.scored += 1
-        else:
-            summary.failed += 1
+    scored = score_batch(rows, scorers, loaded())
+    run.write(scored)
+    failed = sum(row["error"] is not None for row in scored)
+    run.summary.failed += failed
+    run.summary.scored += len(scored) - failed
 
 
 def _dedup_pass(out: fs.Location, threshold: float, fresh: bool) -> int:
@@ -200,18 +168,17 @@ def _dedup_pass(out: fs.Location, threshold: float, fresh: bool) -> int:
         if fs.exists(fs.join(dedup_dir, "manifest.json")):
             fs.delete(fs.join(dedup_dir, "manifest.json"))
         for shard in complete_shards(dedup_dir) if fs.exists(dedup_dir) else []:
-            fs.delete(fs.with_suffix_name(shard, ".done"))
-            fs.delete(shard)
+            delete_shard(shard)
         writer = ShardWriter(dedup_dir, schema=DEDUP_SCHEMA, prefix="dedup")
         for table in find_duplicates(out, threshold):  # a shard per 250k rows
             writer.write_table(table)
         write_manifest(dedup_dir, config={"threshold": threshold}, extra={"schema": "dedup"})
-    return sum(pc.sum(fs.read_table(s, columns=["near_duplicate"]).column(0)).as_py() or 0 for s in complete_shards(dedup_dir))
+    return sum(pc.sum(b.column(0)).as_py() or 0 for b in iter_batches(complete_shards(dedup_dir), ["near_duplicate"]))
 
 
-def _fit_head(cfg: ScoreConfig):
+def _fit_head(cfg: ScoreConfig, shards: list[Shard]):
     """Fit the aesthetic head on `cfg.fit_aesthetic` (a Parquet file with `key` and `rating`,
-    keys of rows in `cfg.shards`) and save it as OUT/aesthetic-head.safetensors."""
+    keys of rows in the caption `shards`) and save it as OUT/aesthetic-head.safetensors."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -228,7 +195,7 @@ def _fit_head(cfg: ScoreConfig):
     clip = ClipEmbedder(cfg.clip_model)
     probe = Scorers(["image"], decode_short=cfg.decode_short)
     embs, ratings = [], []
-    for rows in _input_batches(cfg.shards, cfg.batch_size):
+    for rows in _input_batches(shards, cfg.batch_size):
         rated = [r for r in rows if r["key"] in wanted]
         loaded = [(r, decode_row(r, probe)) for r in rated]
         ok = [(r, l) for r, l in loaded if not isinstance(l, str)]

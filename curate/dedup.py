@@ -22,9 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shards import fs
 from shards.errors import UserError
-from shards.reader import complete_shards
+from shards.reader import complete_shards, iter_batches, read_footer
 
 EXACT_LIMIT = 200_000
 DEDUP_SCHEMA = pa.schema([
@@ -38,15 +37,14 @@ DEDUP_SCHEMA = pa.schema([
 
 def _iter_embeddings(score_dir: str | Path, batch: int = 8192) -> Iterator[tuple[pa.Array, pa.Array, np.ndarray | None, np.ndarray]]:
     """(keys, sha256 hex strings, embeddings of the rows that have one, their row numbers in the batch)."""
-    for shard in complete_shards(score_dir):
-        for rb in fs.parquet_file(shard).iter_batches(batch_size=batch, columns=["key", "content_sha256", "clip_image_emb"]):
-            emb = rb.column("clip_image_emb")
-            has = np.flatnonzero(~np.asarray(emb.is_null()))
-            vecs = None
-            if len(has):  # one flatten of the list column, no per-row Python
-                flat = np.asarray(pc.list_flatten(emb.filter(pc.invert(emb.is_null()))), np.float32)
-                vecs = flat.reshape(len(has), -1)
-            yield pa.concat_arrays([rb.column("key")]), rb.column("content_sha256"), vecs, has  # own buffer: the batch can go
+    for rb in iter_batches(complete_shards(score_dir), ["key", "content_sha256", "clip_image_emb"], batch):
+        emb = rb.column("clip_image_emb")
+        has = np.flatnonzero(~np.asarray(emb.is_null()))
+        vecs = None
+        if len(has):  # one flatten of the list column, no per-row Python
+            flat = np.asarray(pc.list_flatten(emb.filter(pc.invert(emb.is_null()))), np.float32)
+            vecs = flat.reshape(len(has), -1)
+        yield pa.concat_arrays([rb.column("key")]), rb.column("content_sha256"), vecs, has  # own buffer: the batch can go
 
 
 def _digests(shas: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +111,7 @@ def find_duplicates(score_dir: str | Path, threshold: float = 0.95, rows_per_tab
     """DEDUP_SCHEMA tables, one row per score row in shard order, `rows_per_table` rows each.
     `threshold`: the cosine at or above which two images are near-duplicates. Memory per row:
     the key (Arrow), a 32-byte digest and a few integers, besides the faiss index."""
-    n_rows = sum(fs.parquet_file(s).metadata.num_rows for s in complete_shards(score_dir))
+    n_rows = sum(read_footer(s).rows for s in complete_shards(score_dir))
     keys: list[pa.Array] = []
     digests: list[np.ndarray] = []
     valid: list[np.ndarray] = []

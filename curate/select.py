@@ -7,14 +7,16 @@ terms are counted one after the other, so the summary says how many rows each on
 where a term is null (no score: an unreadable image) fails it.
 
 Only keys and the conditions' booleans are collected; the caption rows themselves are streamed
-shard by shard into a ShardWriter, so `kill -9` then a rerun resumes with no duplicate rows.
+batch by batch into the job skeleton's run (shards.job: lock, settings checked and recorded,
+clean-up, done keys, writer, ledger, manifest), so `kill -9` then a rerun resumes with no
+duplicate rows, and a rerun with another --where, --shards or --scores is refused.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 import polars as pl
 import pyarrow as pa
@@ -22,24 +24,19 @@ import pyarrow.compute as pc
 
 from shards import fs
 from shards.errors import UserError
-from shards.lock import output_lock
-from shards.reader import ShardError, clean_incomplete, complete_shards, done_keys, read_manifest
+from shards.job import JobSpec, Run, Summary, job_run
+from shards.reader import Shard, complete_shards, iter_batches, open_shards, read_manifest
 from shards.schema import CAPTION_SCHEMA
-from shards.writer import ShardWriter
 
 EMBEDDINGS = ("clip_image_emb", "clip_text_emb")  # never needed by a condition: not loaded
+IDENTITY = ("shards", "scores", "where")  # what a resume must keep; --shard-size may change
 
 
-@dataclass
-class SelectSummary:
-    total: int = 0
-    kept: int = 0
-    written: int = 0  # rows written by this run (the rest were already there: resumed)
-    removed: list[tuple[str, int]] = field(default_factory=list)  # (condition, rows it removed)
-
-    def lines(self) -> list[str]:
-        out = [f"{cond}: removed {n}" for cond, n in self.removed]
-        return out + [f"kept {self.kept} of {self.total} rows ({self.written} written now)"]
+def select_line(s: Mapping[str, Any]) -> str:
+    """What select reports: one line per condition (the rows it removed), then the rows kept
+    (`written`: by this run; the rest were already there)."""
+    out = [f"{cond}: removed {n}" for cond, n in s["removed"]]
+    return "\n".join(out + [f"kept {s['kept']} of {s['total']} rows ({s['written']} written now)"])
 
 
 def split_conditions(where: str) -> list[str]:
@@ -60,21 +57,17 @@ def split_conditions(where: str) -> list[str]:
     return [t.strip() for t in terms if t.strip()]
 
 
-def _frame(shards: str | Path, scores: str | Path) -> pl.LazyFrame:
+def _frame(shards: list[Shard], shards_dir: str | Path, scores: str | Path) -> pl.LazyFrame:
     """Scores (minus embeddings), left-joined with dedup flags, and the caption columns the
     scores lack, one row per caption row."""
-    score_files = [str(p) for p in complete_shards(scores)]
-    caption_files = [str(p) for p in complete_shards(shards)]
-    if not caption_files:
-        raise ShardError(f"no complete caption shards in {shards}: run `t2i-data caption --out {shards}` first")
-    if not score_files:
-        raise ShardError(f"no complete score shards in {scores}: run `t2i-data score --shards {shards} --out {scores}` first")
+    fix = f"run `t2i-data score --shards {shards_dir} --out {scores}` first"
+    score_files = [str(s.location) for s in open_shards(scores, "score", fix)]
     lf = pl.scan_parquet(score_files)
     lf = lf.select([c for c in lf.collect_schema().names() if c not in EMBEDDINGS])
     dedup = fs.join(fs.as_location(scores), "dedup")
     if fs.exists(dedup) and read_manifest(dedup):
         lf = lf.join(pl.scan_parquet([str(p) for p in complete_shards(dedup)]), on="key", how="left")
-    captions = pl.scan_parquet(caption_files)
+    captions = pl.scan_parquet([str(s.location) for s in shards])
     have = set(lf.collect_schema().names())
     captions = captions.select(["key"] + [c for c in captions.collect_schema().names() if c not in have and c != "image"])
     return captions.join(lf, on="key", how="left")
@@ -94,56 +87,45 @@ def _condition_flags(lf: pl.LazyFrame, conditions: list[str], where: str) -> pl.
         raise UserError(f"bad --where {where!r} ({reason}): use SQL over the columns {', '.join(columns)}") from None
 
 
-def run_select(shards: str | Path, scores: str | Path, where: str, out: str | Path, shard_size: int = 1000) -> SelectSummary:
+def run_select(shards: str | Path, scores: str | Path, where: str, out: str | Path, shard_size: int = 1000) -> Summary:
     """Write the caption rows of `shards` whose scores satisfy `where` to `out` (resumable)."""
     conditions = split_conditions(where)
     if not conditions:
         raise UserError("empty --where: pass a condition such as \"aesthetic >= 5.5 and not near_duplicate\"")
-    flags = _condition_flags(_frame(shards, scores), conditions, where)
-    summary = SelectSummary(total=flags.height)
-    mask = pl.Series([True] * flags.height)
+    caption_shards = open_shards(shards, "caption")
+    flags = _condition_flags(_frame(caption_shards, shards, scores), conditions, where)
+    mask, removed = pl.Series([True] * flags.height), []
     for i, cond in enumerate(conditions):
         col = flags[f"c{i}"]
-        summary.removed.append((cond, int((mask & ~col).sum())))
+        removed.append((cond, int((mask & ~col).sum())))
         mask = mask & col
     keep = pa.array(flags.filter(mask)["key"].to_list(), pa.string())
-    summary.kept = len(keep)
-    summary.written = _write_rows(shards, out, keep, {"shards": str(shards), "scores": str(scores), "where": where}, shard_size)
-    return summary
+    settings = {"shards": str(shards), "scores": str(scores), "where": where, "shard_size": shard_size}
+    spec = JobSpec("select", out, settings=settings, identity=IDENTITY, schema=_output_schema(caption_shards), rows_per_shard=shard_size,
+                   device="cpu", summary=dict(total=flags.height, kept=len(keep), written=0, removed=removed), describe=select_line)
+    with job_run(spec) as run:  # one writer per selection directory, taken before any clean-up
+        _write_rows(run, caption_shards, keep)
+        return run.finish(extra={"selected": len(keep)}, rows=run.summary.written)
 
 
-def _write_rows(shards: str | Path, out: str | Path, keep: pa.Array, config: dict, shard_size: int) -> int:
-    out = fs.as_location(out)
-    with output_lock(out, "select"):  # one writer per selection directory, taken before any clean-up
-        return _write_rows_locked(shards, out, keep, config, shard_size)
+def _write_rows(run: Run, shards: list[Shard], keep: pa.Array) -> None:
+    """Stream the caption rows whose keys are in `keep` and not yet in the output into `run`."""
+    done = pa.array(sorted(run.done), pa.string())
+    schema = run.writer.schema
+    for batch in iter_batches(shards, batch_size=1024):
+        table = pa.Table.from_batches([batch])
+        hit = pc.and_(pc.is_in(table["key"], value_set=keep), pc.invert(pc.is_in(table["key"], value_set=done)))
+        rows = _conform(table.filter(hit), schema).to_pylist()
+        run.write(rows)
+        run.summary.written += len(rows)
 
 
-def _write_rows_locked(shards: str | Path, out: fs.Location, keep: pa.Array, config: dict, shard_size: int) -> int:
-    before = read_manifest(out).get("config", {}).get("where")
-    if complete_shards(out) and before is not None and before != config["where"]:
-        raise UserError(f"{out} holds a selection by {before!r}: pass the same --where to resume, or a new --out")
-    clean_incomplete(out)
-    done = pa.array(sorted(done_keys(out)), pa.string())
-    schema = _output_schema(shards)
-    writer = ShardWriter(out, rows_per_shard=shard_size, config=config, schema=schema)
-    written = 0
-    for shard in complete_shards(shards):
-        for rb in fs.parquet_file(shard).iter_batches(batch_size=1024):
-            table = pa.Table.from_batches([rb])
-            hit = pc.and_(pc.is_in(table["key"], value_set=keep), pc.invert(pc.is_in(table["key"], value_set=done)))
-            rows = _conform(table.filter(hit), schema).to_pylist()
-            writer.add_many(rows)
-            written += len(rows)
-    writer.close(extra={"selected": len(keep)})
-    return written
-
-
-def _output_schema(shards: str | Path) -> pa.Schema:
+def _output_schema(shards: list[Shard]) -> pa.Schema:
     """The caption schema plus every extra column of the input shards (a class-cond stage's
     labels, further captions), so a selection loses nothing its source had."""
     extra: dict[str, pa.Field] = {}
-    for shard in complete_shards(shards):
-        for field in fs.parquet_file(shard).schema_arrow:
+    for shard in shards:
+        for field in shard.schema:
             if field.name not in CAPTION_SCHEMA.names:
                 extra.setdefault(field.name, field)
     return pa.schema([*CAPTION_SCHEMA, *extra.values()])

@@ -128,10 +128,12 @@ class Ledger:
     """
 
     def __init__(self, run_dir, job: str, device=None, rapl_root: str = RAPL_ROOT) -> None:
-        import torch
+        if device is None:  # torch only when the device is not known (a CPU job names it: no torch import)
+            import torch
 
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.run_dir, self.job = run_dir, job
-        self.device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = str(device)
         self.handle = _nvml_handle(self.device) if self.device.startswith("cuda") else None
         self.rapl = RaplCounter(rapl_root) if self.handle is None and not self.device.startswith("cuda") else None
         self.started = time.time()

@@ -1,19 +1,22 @@
-"""The retry swap: rows of a shard directory replaced by copy-on-write of whole shards, so every
-key stays in exactly one complete shard (the caption job's `--retry-failed` uses it).
+"""The retry swap: rows of a shard directory replaced by rewriting, in place, each shard that
+holds them, so every key stays in exactly one visible shard (the caption job's `--retry-failed`).
 
-Each complete shard holding replaced keys is rewritten as a NEW shard (same rows, the replaced
-ones swapped in) and the old shard is deleted, one shard at a time, in this order:
-  1. `retry-journal.json` = {new shard name: [old shard]} (atomic write);
-  2. the new shard via ShardWriter (temp -> rename -> `.done`);
-  3. the old shard's `.done`, then the old shard; then the journal.
-A crash before 2 completes leaves the old shard (the rerun's clean_incomplete drops the partial
-new one, and the job simply redoes its replacements); a crash after 2 leaves both, and the next
-run first finishes the swap from the journal (finish_interrupted_retry). Only in that crash
-window, or for the instant between steps 2 and 3 of a live run, can a reader see a key twice; at
-rest every key is in exactly one complete shard. Rows are never edited in place.
+Each complete shard holding replaced keys is rewritten under its own name, one at a time:
+  1. `retry-journal.json` = {"refresh": [the shard]} (atomic write);
+  2. the new rows committed over the shard (shards.writer.commit_table: staged, its marker, then
+     an atomic replace locally or one PUT on an object store);
+  3. the journal deleted.
+Readers, ours or any other, see the old rows or the new ones, never both, and never a key twice.
+A crash between the marker and the replace leaves a marker that describes rows not published:
+the next run first rewrites the marker of every journalled shard from the shard as it is
+(finish_interrupted_retry); a crash before that redoes the replacements. A shard left without
+rows is deleted (the shard, then its marker).
+
+Journals of earlier versions, which wrote a NEW shard and then deleted the old one ({new shard:
+[old shards]}), are finished as they were: once the new shard is complete, the old ones go.
 
 `out_dir` may be a local path or an object-store / fsspec URI: every file operation goes through
-shards.fs, and the commit points (done-markers, the journal) are single whole-object writes there.
+shards.fs, and the commit points (the shard, the journal) are single whole-object writes there.
 """
 
 from __future__ import annotations
@@ -28,20 +31,23 @@ from shards import fs
 from shards.layout import JOURNAL, done_marker
 from shards.reader import complete_shards, done_keys
 from shards.schema import CAPTION_SCHEMA, rows_to_table
-from shards.writer import ShardWriter
+from shards.writer import commit_table, delete_shard, refresh_marker
+
+REFRESH = "refresh"  # the journal's list of shards being rewritten in place
 
 
 def finish_interrupted_retry(out_dir: str | Path) -> None:
-    """Complete (or abandon) a retry swap a crash interrupted."""
+    """Complete a retry swap a crash interrupted (see the module docstring)."""
     journal = fs.join(out_dir, JOURNAL)
     if not fs.exists(journal):
         return
     plan = json.loads(fs.read_text(journal))
-    for new, olds in plan.items():
-        if fs.exists(done_marker(fs.join(out_dir, new))):  # the replacement is complete: drop what it replaces
+    for name in plan.pop(REFRESH, []):
+        refresh_marker(fs.join(out_dir, name))
+    for new, olds in plan.items():  # an earlier version's swap: the replacement is complete, so what it replaces goes
+        if fs.exists(done_marker(fs.join(out_dir, new))):
             for old in olds:
-                fs.delete(done_marker(fs.join(out_dir, old)))  # the marker first: the old shard stops counting
-                fs.delete(fs.join(out_dir, old))
+                delete_shard(fs.join(out_dir, old))
     fs.delete(journal)
 
 
@@ -50,9 +56,10 @@ def failed_keys(out_dir: str | Path) -> set[str]:
     return done_keys(out_dir) - done_keys(out_dir, where_ok=True)
 
 
-def replace_rows(out_dir: str | Path, writer: ShardWriter, replacements: dict[str, dict | None]) -> None:
-    """Rewrite every complete caption shard holding a key of `replacements`, with the new rows in
-    place (a key mapped to None loses its row), one journalled swap at a time."""
+def replace_rows(out_dir: str | Path, replacements: dict[str, dict | None]) -> None:
+    """Rewrite every complete caption shard holding a key of `replacements` in place, with the
+    new rows where the old ones were (a key mapped to None loses its row), one journalled shard
+    at a time."""
     if not replacements:
         return
     keys = pa.array(list(replacements), pa.string())
@@ -62,13 +69,11 @@ def replace_rows(out_dir: str | Path, writer: ShardWriter, replacements: dict[st
             continue
         rows = [replacements[r["key"]] if r["key"] in replacements else r for r in table.to_pylist()]
         rows = [r for r in rows if r is not None]
-        if not rows:  # every row of the shard is gone: the marker first, so it stops counting
-            fs.delete(done_marker(shard))
-            fs.delete(shard)
+        if not rows:  # every row of the shard is gone
+            delete_shard(shard)
             continue
-        name = writer.next_shard_name()
-        # the journal exists (written whole: temp + rename, or one PUT) before the replacement does
-        fs.write_text(fs.join(out_dir, JOURNAL), json.dumps({name: [fs.basename(shard)]}))
-        path = writer.write_table(rows_to_table(rows))
-        assert fs.basename(path) == name
-        finish_interrupted_retry(out_dir)
+        journal = fs.join(out_dir, JOURNAL)
+        fs.write_text(journal, json.dumps({REFRESH: [fs.basename(shard)]}))  # whole: temp + rename, or one PUT
+        commit_table(shard, rows_to_table(rows))
+        fs.delete(journal)
+

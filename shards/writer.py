@@ -1,12 +1,16 @@
-"""Atomic shard writing: shard -> done-marker -> manifest, in that order.
+"""Atomic shard writing: staged shard -> done-marker -> commit (the shard appears) -> manifest.
 
-A shard counts as complete only when its `.done` marker exists (img2dataset's `_stats.json`
-idea): the marker is the commit point. Locally the shard goes temp file -> fsync -> rename, then
-the marker. On an object store (`s3://`, `gs://`, any fsspec URI; see shards.fs) the shard is
-serialised in memory and uploaded in one PUT under its final name (an object appears whole or not
-at all; no rename, which object stores only emulate by copy + delete), then the marker is PUT.
-Either way a crash at any moment leaves complete shards plus, at worst, a shard without its
-marker, which readers ignore and the next run's clean_incomplete deletes.
+A shard is committed by its appearance under its visible name (shards.layout). Locally it is
+written under a staged name readers skip, fsynced, its done-marker (rows, SHA-256, bytes) is
+written, then it is renamed to its name. On an object store (`s3://`, `gs://`, any fsspec URI;
+see shards.fs) the shard is serialised in memory, its marker PUT, then the shard PUT in one
+piece under its name (an object appears whole or not at all; no rename, which object stores only
+emulate by copy + delete). So a visible shard is always complete and has its marker, and a crash
+at any moment leaves, besides complete shards, at worst a staged file and a marker without its
+shard: readers never see them, and the next run's clean_incomplete deletes them.
+
+The same commit rewrites a shard in place (the retry swap, shards.retry): readers see the old
+rows or the new ones, never both.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards import fs
-from shards.layout import MANIFEST, SHARD_RE, done_marker, shard_name
+from shards.layout import MANIFEST, SHARD_RE, done_marker, shard_name, staged
 from shards.reader import complete_shards
 from shards.schema import CAPTION_SCHEMA, CaptionRow, rows_to_table
 # Row groups of about this many uncompressed bytes (at least one row): a reader that wants one
@@ -95,43 +99,78 @@ class ShardWriter:
         return path
 
     def next_shard_name(self) -> str:
-        """The name the next shard written will have (a retry swap journals it beforehand)."""
+        """The name the next shard written will have (names are never reused in a directory)."""
         return shard_name(self.prefix, self._next_index, self.writer_id)
 
     def write_table(self, table: pa.Table) -> fs.Location:
-        """Write `table` as the next shard, then its done-marker (the commit point).
-        Local: temp name, fsync, rename. Object store: one PUT of the finished file."""
+        """Write `table` as the next shard (commit_table); returns where it is."""
         name = self.next_shard_name()
         self._next_index += 1
         final = fs.join(self.out_dir, name)
-        if isinstance(final, Path):
-            tmp = self.out_dir / f".{name}.tmp"
-            pq.write_table(table.cast(self.schema), tmp, compression="zstd", row_group_size=row_group_rows(table))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            digest, nbytes = sha256_file(final), final.stat().st_size
-        else:  # serialised here, so the checksum needs no download; the PUT is all or nothing
-            buf = pa.BufferOutputStream()
-            pq.write_table(table.cast(self.schema), buf, compression="zstd", row_group_size=row_group_rows(table))
-            data = buf.getvalue()  # a pyarrow Buffer: hashed and uploaded without a copy
-            fs.write_bytes(final, data)
-            digest, nbytes = hashlib.sha256(data).hexdigest(), data.size
-        info = {
-            "shard": name,
-            "rows": table.num_rows,
-            "sha256": digest,
-            "bytes": nbytes,
-            "written_at": time.time(),
-        }
-        fs.write_text(done_marker(final), _json(info))
-        self.written.append(info)
+        self.written.append(commit_table(final, table.cast(self.schema)))
         return final
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Flush the last partial shard and rewrite the manifest from the done-markers."""
         self.flush()
         return write_manifest(self.out_dir, config=self.config, extra=extra)
+
+
+def commit_table(shard: str | Path, table: pa.Table) -> dict[str, Any]:
+    """Write `table` as `shard` (new, or replacing the shard of that name), committed by its
+    appearance: staged where readers do not look, its done-marker, then the shard itself (a
+    rename; on object stores one PUT). Returns the marker's record."""
+    final = fs.as_location(shard)
+    staged_as, digest, nbytes = _stage(final, table)
+    info = _write_marker(final, table.num_rows, digest, nbytes)  # the marker first: a visible shard always has one
+    _publish(staged_as, final)  # the commit: the shard appears whole under its name
+    return info
+
+
+def _stage(final: fs.Location, table: pa.Table) -> tuple[Path | pa.Buffer, str, int]:
+    """`table` serialised where no reader looks: locally a staged file (fsynced), for an object
+    store in memory (so the checksum needs no download). Returns it, its SHA-256 and size."""
+    if isinstance(final, Path):
+        tmp = staged(final)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        return tmp, sha256_file(tmp), tmp.stat().st_size
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows(table))
+    data = buf.getvalue()  # a pyarrow Buffer: hashed and uploaded without a copy
+    return data, hashlib.sha256(data).hexdigest(), data.size
+
+
+def _publish(staged_as: Path | pa.Buffer, final: fs.Location) -> None:
+    """Make the staged shard visible under its name: a rename, or one PUT (all or nothing)."""
+    if isinstance(staged_as, Path):
+        os.replace(staged_as, final)
+    else:
+        fs.write_bytes(final, staged_as)
+
+
+def refresh_marker(shard: str | Path) -> None:
+    """Rewrite `shard`'s done-marker from the shard as it is (after a crash inside an in-place
+    rewrite, the marker may describe the rows that were not published); a shard that is gone
+    loses its marker."""
+    if not fs.exists(shard):
+        fs.delete(done_marker(shard))
+        return
+    _write_marker(shard, fs.parquet_file(shard).metadata.num_rows, sha256_file(shard), fs.size(shard))
+
+
+def delete_shard(shard: str | Path) -> None:
+    """Delete a committed shard: the shard first (readers stop seeing it at once), then its marker
+    (a marker alone is ignored, and cleaned by the next run)."""
+    fs.delete(shard)
+    fs.delete(done_marker(shard))
+
+
+def _write_marker(shard: fs.Location, rows: int, digest: str, nbytes: int) -> dict[str, Any]:
+    info = {"shard": fs.basename(shard), "rows": rows, "sha256": digest, "bytes": nbytes, "written_at": time.time()}
+    fs.write_text(done_marker(shard), _json(info))
+    return info
 
 
 def write_manifest(out_dir: str | Path, config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:

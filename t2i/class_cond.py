@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from shards import ShardError, UserError
+from shards import UserError
 from shards import fs as shard_fs
 from t2i.conditioning import Conditioning
 from t2i.dit import DiTWithNull, build_dit, load_dit
@@ -110,24 +110,23 @@ class ClassLabels:
 
 
 def check_label_column(shards_dir, column: str) -> list:
-    """The complete caption shards, every one checked to have `column` (schemas only: before any work)."""
-    from shards import complete_shards
-    files = complete_shards(shards_dir)
-    if not files:
-        raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
-    for f in files:
-        names = shard_fs.read_schema(f).names
-        if column not in names:
-            raise UserError(f"class_column {column!r} is not a column of {f} (columns: {', '.join(names)}): set class_column to one of them")
-    return files
+    """The complete caption shards, every one checked to have `column` (footers only: before any work)."""
+    from shards.reader import open_shards
+
+    shards = open_shards(shards_dir, "caption")
+    for shard in shards:
+        if column not in shard.columns:
+            raise UserError(f"class_column {column!r} is not a column of {shard.location} (columns: {', '.join(shard.columns)}): "
+                            "set class_column to one of them")
+    return shards
 
 
 def _label_batches(shards_dir, column: str) -> Iterator[tuple[pa.Array, pa.Array]]:
     """(keys, label values) of every row of the complete caption shards, streamed by batch."""
-    files = check_label_column(shards_dir, column)
-    for f in files:
-        for batch in shard_fs.parquet_file(f).iter_batches(batch_size=65536, columns=["key", column]):
-            yield batch.column("key"), batch.column(column)
+    from shards.reader import iter_batches
+
+    for batch in iter_batches(check_label_column(shards_dir, column), ["key", column], batch_size=65536):
+        yield batch.column("key"), batch.column(column)
 
 
 def label_classes(shards_dir, column: str, classes: list | None = None) -> list:

@@ -12,38 +12,38 @@
 - Resume: the keys already in complete shards (and those recorded as failures) go to the read
   tasks once through Ray's object store and are skipped there; a killed run loses at most the
   shards not yet committed, as in the local engine.
-- The directory, its cache key, manifest and failures are the local engine's: either engine
-  resumes the other's run.
+- The directory, its cache key, run record, manifest and failures are the local engine's (the
+  driver runs the job skeleton, shards.job): either engine resumes the other's run.
 
 Ray is imported only here, and this module only when `--engine ray` is asked for.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
 
-from shards import ShardError, UserError, complete_shards, done_keys
+from shards import UserError
 from shards import fs as shard_fs
-from shards.lock import output_lock
+from shards.job import Summary, job_run
 from shards.ray_session import actor_resources, fetch_once, ray_session
+from shards.reader import Shard, iter_rows
+from shards.writer import ShardWriter
 from t2i.caption_fields import DEFAULT_FIELDS
+from t2i.feature_encoder import FeatureEncoder, encode_rows
+from t2i.feature_images import RowImages
 from t2i.features import (
     FeatureConfig,
-    FeatureEncoder,
-    RowImages,
     caption_shards,
     count_row,
-    encode_rows,
+    feature_schema,
+    feature_spec,
     features_dir,
     finish_output,
-    new_stats,
     read_failures,
     row_columns,
-    shard_rows,
     start_output,
     usable,
 )
@@ -61,9 +61,9 @@ def read_todo_rows(batch: pa.Table, skip, fields: tuple[str, ...] = DEFAULT_FIEL
     """map_batches UDF: caption shards in, their usable rows not in `skip` out (a frozenset of
     keys, or an ObjectRef of one), with the columns of the caption `fields`."""
     skip, schema = fetch_once(skip), row_schema(fields)
-    for shard, cols in zip(batch.column("shard").to_pylist(), batch.column("cols").to_pylist()):
+    for shard in batch.column("shard").to_pylist():
         rows: list[dict[str, Any]] = []
-        for r in shard_rows(shard, json.loads(cols), schema.names):
+        for r in iter_rows([shard], schema.names):
             if usable(r, fields) and r["key"] not in skip:
                 rows.append(r)
             if len(rows) >= ROWS_PER_BLOCK:
@@ -81,7 +81,8 @@ class FeatureActor:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows a GPU actor its GPU only
-        self.encoder = FeatureEncoder(Path(out), cfg, device, prefix="features-ray")
+        writer = ShardWriter(Path(out), cfg.rows_per_shard, feature_schema(cfg.caption_fields), prefix="features-ray")
+        self.encoder = FeatureEncoder(writer, cfg, device)
         self.images = RowImages(cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -91,43 +92,37 @@ class FeatureActor:
         return pa.Table.from_pydict({"key": keys, "failed": [k in self.encoder.failures for k in keys]}, STATUS_SCHEMA)
 
 
-def _count(shards: list, skip: frozenset, stats: dict[str, Any], fields: tuple[str, ...] = DEFAULT_FIELDS) -> int:
+def _count(shards: list[Shard], skip: frozenset, stats: dict[str, Any], fields: tuple[str, ...] = DEFAULT_FIELDS) -> int:
     """Fill the summary counts (t2i.features.count_row) from the key, error and caption-field
     columns alone; returns how many usable rows are still to encode."""
     todo = 0
-    for shard in shards:
-        for r in shard_rows(shard.location, shard.columns, ("key", "caption", "error", *fields)):
-            if count_row(r, fields, stats):
-                todo += r["key"] not in skip
+    for r in iter_rows(shards, ("key", "caption", "error", *fields)):
+        if count_row(r, fields, stats):
+            todo += r["key"] not in skip
     return todo
 
 
 def compute_features_ray(shards_dir: str | Path, root: str | Path, cfg: FeatureConfig, address: str | None = None,
-                         replicas: int = 1, progress: bool = True) -> dict[str, Any]:
+                         replicas: int | None = None, progress: bool = True) -> Summary:
     """compute_features (same directory, rows, failures and summary) on Ray: `replicas` encoder
-    actors at `address` (default: a local Ray). See the module docstring."""
-    from shards.ledger import Ledger
+    actors at `address` (default: the config's). See the module docstring."""
     from shards.ray_session import import_ray
 
     import_ray()  # the install hint before any work
     cfg.validate()
+    address, replicas = address or cfg.ray_address, replicas or cfg.replicas
     if replicas < 1:
         raise UserError(f"--replicas {replicas} must be at least 1: pass a positive number")
     shards_dir = shard_fs.as_location(shards_dir)
-    if not complete_shards(shards_dir):
-        raise ShardError(f"no complete caption shards in {shards_dir}: run `t2i-data caption --out {shards_dir}` first")
+    shards = caption_shards(shards_dir, cfg.caption_fields)
     out = features_dir(root, cfg)
-    with output_lock(out, "features"):
+    with job_run(feature_spec(cfg, out)) as run:  # the driver's device in the ledger; the actors' are not metered
         start_output(out, cfg)
-        ledger = Ledger(out, "features")  # the driver's device; the actors' are not metered
-        shards = caption_shards(shards_dir, cfg.caption_fields)
-        stats = new_stats(out)
-        skip = frozenset(done_keys(out)) | frozenset(read_failures(out))
-        todo = _count(shards, skip, stats, cfg.caption_fields)
-        if todo and stats["valid"]:  # a finished run starts no Ray
-            stats["new"] = _encode_on_ray(shards, skip, todo, out, cfg, address, replicas, progress)
-        stats["ledger"] = ledger.close(images=stats["new"])
-        return finish_output(out, cfg, shards_dir, stats)
+        skip = run.done | frozenset(read_failures(out))
+        todo = _count(shards, skip, run.summary, cfg.caption_fields)
+        if todo and run.summary.valid:  # a finished run starts no Ray
+            run.summary.new = _encode_on_ray(shards, skip, todo, out, cfg, address, replicas, progress)
+        return finish_output(run, cfg, shards_dir)
 
 
 def _encode_on_ray(shards: list, skip: frozenset, todo: int, out: Path, cfg: FeatureConfig, address: str | None,
@@ -137,7 +132,7 @@ def _encode_on_ray(shards: list, skip: frozenset, todo: int, out: Path, cfg: Fea
 
     new = 0
     with ray_session(address) as ray:
-        ds = ray.data.from_items([{"shard": str(s.location), "cols": json.dumps(s.columns)} for s in shards], override_num_blocks=min(len(shards), 10_000))
+        ds = ray.data.from_items([{"shard": str(s.location)} for s in shards], override_num_blocks=min(len(shards), 10_000))
         ds = ds.map_batches(read_todo_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                             fn_kwargs={"skip": ray.put(skip) if skip else skip, "fields": cfg.caption_fields})  # fmt: skip
         ds = ds.map_batches(FeatureActor, batch_size=cfg.rows_per_shard, batch_format="pyarrow",

@@ -25,7 +25,7 @@ from autolabel.api import run_caption
 from autolabel.backends import Generation
 from shards import ShardError, ShardWriter, complete_shards
 from shards.errors import UserError
-from shards.images import Address, ImageReader, iter_sources
+from shards.images import Address, ImageReader, RowImageReader, decode_image, iter_sources
 from shards.images.sources import source_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +71,17 @@ def caption(srcs, out: Path, captioner=None) -> list[dict]:
 
 def rows(out: Path) -> list[dict]:
     return [r for s in complete_shards(out) for r in pq.read_table(s).to_pylist()]
+
+
+def load_image(row: dict) -> Image.Image:
+    """A caption row's image as features reads it (the image layer's bytes, its decode policy), full size."""
+    return decode_image(RowImageReader().read(row)).image
+
+
+def decode_raw(buf: bytes, dtype: str | None, shape) -> torch.Tensor:
+    """A tensor as features stores it (raw bytes in the row's dtype; None, in shards written before
+    the dtype column existed, is float32)."""
+    return torch.frombuffer(bytearray(buf), dtype=getattr(torch, dtype or "float32")).view(*shape)
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +176,6 @@ def test_exif_orientation_is_the_same_for_caption_and_features(tmp_path, models)
     assert (row["width"], row["height"]) == (60, 120) and shown.height > shown.width
     assert color_of(shown.crop((0, 0, shown.width, shown.height // 3))) == "red"
 
-    from t2i.features import load_image
-
     seen = load_image(row)
     assert seen.size == (60, 120) and color_of(seen.crop((0, 0, 60, 40))) == "red"
     _, feats = features(tmp_path / "caps", tmp_path / "feats", fcfg(models, resolution=256, buckets=True))
@@ -196,8 +205,6 @@ def test_duplicate_tar_member_names_caption_and_encode_the_same_bytes(tmp_path, 
     assert got["t.tar/sa_1.jpg"]["caption"] == "a red circle on the left"
     assert got["t.tar/sa_1.jpg~2"]["caption"] == "a blue circle on the left"
 
-    from t2i.features import load_image
-
     for key in ("t.tar/sa_1.jpg", "t.tar/sa_1.jpg~2"):  # the bytes features reads are the captioned ones
         assert f"a {color_of(load_image(got[key]))} circle on the left" == got[key]["caption"]
     _, feats = features(tmp_path / "caps", tmp_path / "feats", fcfg(models))
@@ -224,8 +231,6 @@ def test_undecodable_image_at_feature_time_is_recorded_and_skipped(tmp_path, mod
 
 
 def test_latent_dtype_stores_compact_latents(tmp_path, models):
-    from t2i.features import decode_raw
-
     (tmp_path / "imgs").mkdir()
     for i in range(4):
         (tmp_path / "imgs" / f"{i}.jpg").write_bytes(jpeg(40, 30, seed=i))
@@ -346,7 +351,7 @@ def embedded_caption_shards(out: Path, n: int, monkeypatch) -> Path:
 def in_process_rank(rank: int, world_size: int):
     """Ranks for running one rank at a time in this process: no process group to wait on, and
     each rank's own counts as its total (the test adds them up)."""
-    from t2i.features import Ranks
+    from t2i.ranks import Ranks
 
     class InProcess(Ranks):
         def barrier(self) -> None:

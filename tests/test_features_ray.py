@@ -11,12 +11,10 @@ import pytest
 import torch
 
 from shards import complete_shards
-from test_features_images import fcfg, features, many_images, models, rows  # noqa: F401 - models is a fixture
+from test_features_images import decode_raw, fcfg, features, many_images, models, rows  # noqa: F401 - models is a fixture
 
 
 def tensors(row: dict) -> dict[str, torch.Tensor]:
-    from t2i.features import decode_raw
-
     return {"latent_mean": decode_raw(row["latent_mean"], row["latent_dtype"], row["latent_shape"]),
             "latent_std": decode_raw(row["latent_std"], row["latent_dtype"], row["latent_shape"]),
             "text_emb": decode_raw(row["text_emb"], row["text_dtype"], (-1, row["text_channels"]))}

@@ -171,13 +171,13 @@ def _short_only_features(world, tmp_path) -> str:
 
 
 def _no_models(monkeypatch):
-    from t2i import features
+    from t2i import feature_encoder  # where the features job loads its models
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the error")
 
-    monkeypatch.setattr(features, "load_vae", refuse)
-    monkeypatch.setattr(features, "load_text_encoder", refuse)
+    monkeypatch.setattr(feature_encoder, "load_vae", refuse)
+    monkeypatch.setattr(feature_encoder, "load_text_encoder", refuse)
 
 
 @pytest.mark.parametrize(

@@ -257,7 +257,10 @@ def test_images_from_recorded_sources(tmp_path):
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from t2i.features import load_image
+    from shards.images import RowImageReader, decode_image
+
+    def load_image(row):  # the bytes features reads for a row, under the shared decode policy
+        return decode_image(RowImageReader().read(row)).image
 
     img = Image.new("RGB", (5, 3), (200, 10, 10))
     buf = io.BytesIO()
@@ -275,7 +278,8 @@ def test_images_from_recorded_sources(tmp_path):
 
 def test_aspect_ratio_buckets_one_bucket_per_batch(tmp_path):
     from t2i.data import StreamingFeatureDataset
-    from t2i.features import FEATURE_SCHEMA, target_size
+    from t2i.features import FEATURE_SCHEMA
+    from t2i.geometry import target_size
 
     assert target_size(1000, 1000, 256, buckets=False) == (256, 256)
     h, w = target_size(2000, 1000, 256, buckets=True)  # landscape 2:1 -> a wide bin

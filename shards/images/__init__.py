@@ -5,10 +5,12 @@
 - `address`: addresses (`path`, `tar#tar:offset+size`, `parquet#row:n`) and ImageReader, which
   reads by address with indexed access (tar offsets, Parquet row groups): N images cost O(N).
 - `decode`: the one decode policy (bomb guard, JPEG draft, EXIF orientation, RGB).
+- `rows`: a caption row's image bytes (embedded, by address, or by a schema-1 source + member).
 """
 
 from shards.images.address import Address, ImageReader, legacy_address
 from shards.images.decode import DEFAULT_MAX_PIXELS, Decoded, ImageError, decode_image
+from shards.images.rows import READ_ERRORS, RowImageReader
 from shards.images.sources import ImageItem, SourceEntry, count_items, iter_entries, iter_entry, iter_sources, validate_sources
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "ImageError",
     "ImageItem",
     "ImageReader",
+    "READ_ERRORS",
+    "RowImageReader",
     "SourceEntry",
     "count_items",
     "decode_image",

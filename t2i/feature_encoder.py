@@ -1,0 +1,124 @@
+"""The features job's per-batch function: decoded images grouped into batches of one size,
+encoded (VAE posterior mean + std, T5 features of each caption field) and written as feature
+rows. Every engine (this process, torchrun ranks, Ray actors) encodes through `encode_rows`."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+from shards import fs as shard_fs
+from shards.prefetch import prefetch
+from shards.writer import ShardWriter
+from t2i.caption_fields import text_columns
+from t2i.encoders import encode_text, load_text_encoder, load_vae
+
+if TYPE_CHECKING:
+    from t2i.feature_images import RowImages
+    from t2i.features import FeatureConfig
+
+
+def encode_rows(rows: Iterable[dict[str, Any]], images: "RowImages", encoder: "FeatureEncoder") -> int:
+    """The features of `rows` (caption rows): read and decoded ahead by threads, encoded in
+    batches of one size, written as `encoder`'s shards; unreadable images recorded as failures.
+    Returns the number of rows encoded; the last shard is flushed."""
+    cfg = encoder.cfg
+    workers = cfg.workers or min(8, os.cpu_count() or 1)
+    new = 0
+    for row, pixels, error in prefetch(images, map(images.locate, rows), workers, max(2 * cfg.batch_size, 4 * workers), "decode"):
+        if error is not None:
+            encoder.record_failure(row["key"], error)
+        else:
+            new += encoder.add(row, pixels)
+    return new + encoder.close()
+
+
+class FeatureEncoder:
+    """Groups decoded images by size into batches, encodes them (VAE + T5, models loaded on the
+    first batch: a fully cached run never loads them) and writes feature rows to `writer`'s
+    shards. Unreadable images go to `failures-<writer id>.json`, rewritten whole at every shard
+    commit and at the end."""
+
+    def __init__(self, writer: ShardWriter, cfg: "FeatureConfig", device: str) -> None:
+        self.writer, self.cfg, self.device = writer, cfg, device
+        self.pending: dict[tuple[int, int], list] = {}
+        self.failures: dict[str, str] = {}
+        self.models = None
+        self.compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+    def add(self, row: dict[str, Any], pixels: torch.Tensor) -> int:
+        """Queue one image; returns how many rows were encoded (a full batch of its size, or 0)."""
+        group = self.pending.setdefault(tuple(pixels.shape[1:]), [])
+        group.append((row, pixels))
+        if len(group) < self.cfg.batch_size:
+            return 0
+        self.pending.pop(tuple(pixels.shape[1:]))
+        return self._encode(group)
+
+    def record_failure(self, key: str, error: str) -> None:
+        """Note an image that could not be read or decoded (written with the next shard)."""
+        self.failures[key] = error
+
+    def close(self) -> int:
+        """Encode what is left, flush the last shard, write the failures; rows encoded here."""
+        n = sum(self._encode(group) for group in self.pending.values())
+        self.pending = {}
+        self.writer.flush()
+        self._write_failures()
+        return n
+
+    def _write_failures(self) -> None:
+        if self.failures:
+            path = shard_fs.join(self.writer.out_dir, f"failures-{self.writer.writer_id}.json")
+            shard_fs.write_text(path, json.dumps(self.failures, indent=0))
+
+    @torch.no_grad()
+    def _encode(self, group: list) -> int:
+        if self.models is None:
+            self.models = (load_vae(self.cfg.vae, self.device, self.compute_dtype),
+                           *load_text_encoder(self.cfg.text_encoder, self.device, self.compute_dtype))  # fmt: skip
+        vae = self.models[0]
+        x = torch.stack([t for _, t in group]).to(self.device, vae.dtype)
+        post = vae.encode(x).latent_dist
+        latent_dtype = getattr(torch, self.cfg.latent_dtype)
+        mean, std = post.mean.to(latent_dtype).cpu(), post.std.to(latent_dtype).cpu()
+        texts, channels = self._encode_texts([r for r, _ in group])
+        for i, (r, img) in enumerate(group):
+            before = len(self.writer.written)
+            self.writer.add({
+                "key": r["key"], "height": img.shape[1], "width": img.shape[2],
+                "latent_shape": list(mean.shape[1:]), "latent_mean": _raw(mean[i]), "latent_std": _raw(std[i]),
+                "text_channels": channels, "text_dtype": self.cfg.text_dtype, "latent_dtype": self.cfg.latent_dtype,
+                **texts[i],
+            })  # fmt: skip
+            if len(self.writer.written) > before:  # a shard was committed: its failures go with it
+                self._write_failures()
+        return len(group)
+
+    def _encode_texts(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        """Each caption field's T5 features (one batch per field, of the rows that have it) as
+        the feature-row columns of each row (null where a row lacks the field); text channels."""
+        _, tok, enc = self.models
+        cols: list[dict[str, Any]] = [{} for _ in rows]
+        channels = 0
+        for field in self.cfg.caption_fields:
+            names = text_columns(field)
+            has = [i for i, r in enumerate(rows) if r.get(field)]
+            for c in cols:
+                c.update({names.text: None, names.emb: None, names.len: None})
+            if not has:
+                continue
+            emb, mask = encode_text(tok, enc, [rows[i][field] for i in has], self.cfg.max_tokens)
+            emb, lens, channels = emb.to(getattr(torch, self.cfg.text_dtype)).cpu(), mask.sum(1).cpu(), emb.shape[-1]
+            for j, i in enumerate(has):
+                n = int(lens[j])
+                cols[i].update({names.text: rows[i][field], names.emb: _raw(emb[j, :n]), names.len: n})
+        return cols, channels
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    """A tensor's bytes in its own dtype (bfloat16 too, which numpy lacks)."""
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
