@@ -17,7 +17,8 @@ from typing import Any
 from shards.lock import ensure_output_dir
 from t2i import recovery
 from t2i.kinds import conditioning_class
-from t2i.features import Ranks, compute_features
+from t2i.features import compute_features
+from t2i.ranks import Ranks
 from t2i.train import TrainConfig, preflight, train
 
 
