@@ -76,8 +76,8 @@ def build_world(root: Path) -> dict:
     import numpy as np
     from PIL import Image
 
-    from autolabel.tiny_llava import build_tiny_llava
-    from t2i.tiny import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.llava import build_tiny_llava
+    from tiny.pixart import build_tiny_models, tiny_corpus, write_tiny_world
 
     world = {"llava": build_tiny_llava(root / "llava", seed=0), **build_tiny_models(root / "t2i-models", tiny_corpus(), vae_fit_steps=50)}
     images = root / "images"

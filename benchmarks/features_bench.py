@@ -35,7 +35,7 @@ from benchmarks.caption_bench import sam_like_jpeg  # noqa: E402
 from shards import ShardWriter, complete_shards, iter_batches  # noqa: E402
 from shards.images import iter_sources  # noqa: E402
 from t2i.features import FeatureConfig, compute_features, encode_text, image_to_tensor, load_text_encoder, load_vae  # noqa: E402
-from t2i.tiny import build_tiny_models, tiny_corpus  # noqa: E402
+from tiny.pixart import build_tiny_models, tiny_corpus  # noqa: E402
 
 RESOLUTION = 64
 BATCH = 16

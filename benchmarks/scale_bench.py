@@ -204,7 +204,7 @@ def import_seconds(code: str, repeats: int = 3) -> float:
 
 
 def bench_caption(args, tmp: Path, checks: list) -> list[str]:
-    from autolabel.tiny_llava import build_tiny_llava
+    from tiny.llava import build_tiny_llava
 
     model = str(build_tiny_llava(tmp / "tiny-llava", seed=0))
     src = tmp / "images"
@@ -268,7 +268,7 @@ steps = {steps}
 
 
 def bench_train(args, tmp: Path, checks: list) -> list[str]:
-    from t2i.tiny import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.pixart import build_tiny_models, tiny_corpus, write_tiny_world
 
     models = build_tiny_models(tmp / "models", tiny_corpus(), vae_fit_steps=20)  # quality does not matter here
     write_tiny_world(tmp / "captions", args.world, size=args.res, rows_per_shard=64)

@@ -98,7 +98,7 @@ def judge_checkpoint(ck: Path, scenes: list, prompts: list[str], cache: Path, st
     """Sample `prompts` from checkpoint `ck` and judge the images against `scenes`. Returns
     (score, images); the score is cached in `cache` (images are only needed for the final step,
     which the caller re-samples when its cache exists)."""
-    from demo import world as W
+    from tiny import world as W
     from t2i.checkpoint import write_text_atomic
     from t2i.sample import generate, pipeline_from_checkpoint
 
@@ -138,7 +138,7 @@ def judge_prior(dit_dir: Path, scenes: list, s: ArmSettings, seed: int) -> tuple
     """What the pixel prior knows before any text: the class-cond DiT's last checkpoint, asked for
     each held-out scene's label, judged on shape (and position, when its labels carry it). Scenes
     whose label the DiT never trained on are left out. Returns (score, images); the score is cached."""
-    from demo import world as W
+    from tiny import world as W
     from t2i.checkpoint import write_text_atomic
     from t2i.class_cond import CLASSES_JSON, generate_classes
 

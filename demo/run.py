@@ -164,7 +164,7 @@ def _quiet_libraries() -> None:
 def _build_world(cfg: DemoConfig, out: Path) -> tuple[Path, Path, dict]:
     """Stage 1: images in sam/<split>/ (what `caption --src` reads), ground truth in truth/<split>/.
     Returns (sam, truth, {key: (record, scene)})."""
-    from demo import world as W
+    from tiny import world as W
 
     sam, truth = out / "world" / "sam", out / "world" / "truth"
     for split, n in (("train", cfg.world_train), ("heldout", cfg.world_heldout)):
@@ -195,7 +195,7 @@ def _caption_world(cfg: DemoConfig, sam: Path, cap_dir: Path, captions_dir: Path
     """Stage 3: the real caption job over the whole world. Returns (summary, {key: caption},
     the captions' accuracy per split)."""
     from autolabel.api import run_caption
-    from demo import world as W
+    from tiny import world as W
     from shards import iter_batches
 
     summary = run_caption([sam], captions_dir, model=str(cap_dir), backend=cfg.caption_backend, temperature=0.0,
@@ -231,11 +231,11 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     a-c with their curves, arm d, and the aesthetic score of samples before and after."""
     import time
 
-    from demo import world as W
+    from tiny import world as W
     from demo.aesthetic_stage import WHERE, AestheticJudge, compare, ground_truth, run_finetune, select_subset
     from demo.arms import ArmSettings, run_arms, steps_to_reach, write_arm_shards
     from t2i.manifest import load_manifest
-    from t2i.tiny import build_tiny_text_encoder
+    from tiny.pixart import build_tiny_text_encoder
 
     timing: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from autolabel.hygiene import clean_caption, is_degenerate
 from autolabel.prepare import ImageError, prepare_image, target_size
 from autolabel.prompts import ALT_PROMPT, PAPER_PROMPT, family_template, question_for, render_prompt
 from shards.images.sources import count_items, iter_sources
-from autolabel.tiny_llava import build_tiny_llava
+from tiny.llava import build_tiny_llava
 from shards.reader import complete_shards
 from shards.schema import CAPTION_SCHEMA
 

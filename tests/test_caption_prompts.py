@@ -15,7 +15,7 @@ from PIL import Image
 from autolabel.api import run_caption
 from autolabel.backends import TransformersCaptioner
 from autolabel.prompts import PAPER_PROMPT, PROMPTS, SHORT_PROMPT
-from autolabel.tiny_llava import build_tiny_llava
+from tiny.llava import build_tiny_llava
 from shards.errors import UserError
 from shards.reader import complete_shards
 from shards.schema import CAPTION_SCHEMA

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from autolabel.api import run_caption
-from autolabel.tiny_llava import build_tiny_llava
+from tiny.llava import build_tiny_llava
 from shards.reader import complete_shards
 
 ROOT = Path(__file__).resolve().parent.parent

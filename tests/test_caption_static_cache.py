@@ -11,7 +11,7 @@ from PIL import Image
 
 from autolabel.backends import GenParams, TransformersCaptioner
 from autolabel.prompts import PAPER_PROMPT
-from autolabel.tiny_llava import build_tiny_llava
+from tiny.llava import build_tiny_llava
 
 ROOT = Path(__file__).resolve().parent.parent
 

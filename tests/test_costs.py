@@ -153,7 +153,7 @@ def check_record(r: dict, job: str) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from t2i.tiny import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.pixart import build_tiny_models, tiny_corpus, write_tiny_world
 
     root = tmp_path_factory.mktemp("costs")
     models = build_tiny_models(root / "models", tiny_corpus(), vae_fit_steps=20)

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from curate_world import make_world
-from demo import world as W
+from tiny.curate_world import make_world
+from tiny import world as W
 from shards.reader import complete_shards, done_keys, iter_batches
 from shards.schema import CAPTION_SCHEMA
 
@@ -28,7 +28,7 @@ PY = sys.executable
 
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory) -> Path:
-    from curate.tiny_clip import train_world_clip
+    from tiny.clip import train_world_clip
 
     return train_world_clip(tmp_path_factory.mktemp("clip") / "clip", n=600, seed=0)
 
@@ -54,7 +54,7 @@ def _emb(frame: pl.DataFrame, column: str) -> np.ndarray:
 
 def test_clip_score_ranks_own_caption_above_a_shuffled_one(clip_dir):
     from curate.clip import ClipEmbedder, clip_scores
-    from curate.tiny_clip import world_caption
+    from tiny.clip import world_caption
 
     clip = ClipEmbedder(str(clip_dir))
     scenes = W.sample_scenes(200, seed=5, split="heldout")  # triples the CLIP never saw

@@ -54,7 +54,7 @@ def one_line_error(text: str, expected: str) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from autolabel.tiny_llava import build_tiny_llava
+    from tiny.llava import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)
 

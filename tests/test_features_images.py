@@ -75,7 +75,7 @@ def rows(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    from t2i.tiny import build_tiny_models, tiny_corpus
+    from tiny.pixart import build_tiny_models, tiny_corpus
 
     return build_tiny_models(tmp_path_factory.mktemp("models"), tiny_corpus() + ["a green circle on the left"], vae_fit_steps=0)
 

@@ -39,7 +39,7 @@ def test_clip_size_dict_gives_its_short_side():
 
 def test_tiny_llava_job_uses_the_processor_input_size(tmp_path):
     from autolabel.backends import TransformersCaptioner, size_policy_of
-    from autolabel.tiny_llava import build_tiny_llava
+    from tiny.llava import build_tiny_llava
 
     model_dir = build_tiny_llava(tmp_path / "m", image_size=48, patch_size=8, seed=0)
     captioner = TransformersCaptioner(str(model_dir), device="cpu")

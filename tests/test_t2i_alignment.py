@@ -1,4 +1,4 @@
-"""The model learns text-image alignment: a tiny preset trained ~1 CPU minute on demo/world.py's
+"""The model learns text-image alignment: a tiny preset trained ~1 CPU minute on tiny/world.py's
 coloured shapes follows the prompt's colour and position far above chance (automatic judge).
 The longer curve is benchmarks/alignment_curve.py (BENCHMARKS.md)."""
 
@@ -8,9 +8,9 @@ import torch
 
 @pytest.mark.slow
 def test_tiny_model_follows_colour_and_position(tmp_path):
-    from demo.alignment import corpus, evaluate, write_world_shards
+    from tiny.alignment import corpus, evaluate, write_world_shards
     from t2i.sample import pipeline_from_checkpoint
-    from t2i.tiny import build_tiny_models
+    from tiny.pixart import build_tiny_models
     from t2i.stage import run_stage
     from t2i.train import TrainConfig
 

@@ -27,7 +27,7 @@ def write_two_field_world(out: Path, size: int = 16) -> dict[str, dict]:
     """Caption shards whose rows have a dense `caption` and a different `caption_short`, as
     `t2i-data caption --prompts dense,short` writes them; some rows lack the short one, one
     errored. Returns the rows by key."""
-    from t2i.tiny import COLORS, POSITIONS, SHAPES, draw_shape
+    from tiny.pixart import COLORS, POSITIONS, SHAPES, draw_shape
 
     rng = np.random.default_rng(1)
     w = ShardWriter(out, rows_per_shard=20, writer_id="0000f1e1")
@@ -49,7 +49,7 @@ def write_two_field_world(out: Path, size: int = 16) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from t2i.features import FeatureConfig, compute_features
-    from t2i.tiny import build_tiny_models, tiny_corpus
+    from tiny.pixart import build_tiny_models, tiny_corpus
 
     root = tmp_path_factory.mktemp("fields")
     models = build_tiny_models(root / "models", tiny_corpus(), vae_fit_steps=0)

@@ -45,7 +45,7 @@ RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from t2i.tiny import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.pixart import build_tiny_models, tiny_corpus, write_tiny_world
 
     root = tmp_path_factory.mktemp("ddp")
     models = build_tiny_models(root / "models", tiny_corpus(), vae_fit_steps=10)

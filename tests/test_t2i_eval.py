@@ -15,15 +15,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from demo import world as W
+from tiny import world as W
 
 PROMPT_SEED = 7
 
 
 def _train_tiny_clip(out: Path) -> Path:
     """A tiny CLIP at the generated images' size (16 px), fitted on rendered world scenes."""
-    from curate.tiny_clip import build_tiny_clip, fit_on_world, save_clip
-    from demo.alignment import corpus
+    from tiny.clip import build_tiny_clip, fit_on_world, save_clip
+    from tiny.alignment import corpus
 
     scenes = W.sample_scenes(400, seed=0)
     texts = [W.dense_caption(s) for s in scenes]
@@ -36,8 +36,8 @@ def _train_tiny_clip(out: Path) -> Path:
 def world(tmp_path_factory):
     """A run directory with an untrained checkpoint (step 1) and a trained one (800 steps), the
     tiny CLIP, and a folder of reference world images."""
-    from demo.alignment import corpus, write_world_shards
-    from t2i.tiny import build_tiny_models
+    from tiny.alignment import corpus, write_world_shards
+    from tiny.pixart import build_tiny_models
     from t2i.stage import run_stage
     from t2i.train import TrainConfig
 

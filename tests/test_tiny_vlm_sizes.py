@@ -1,4 +1,4 @@
-"""tests/tiny_vlms.py's "small" size: the real dimensions of small released captioners (random
+"""tiny/vlms.py's "small" size: the real dimensions of small released captioners (random
 weights, for benchmarks/vlm_throughput_bench.py --scale small). Config and processor only; the
 parameter counts come from a model built on the meta device (no memory, no weights)."""
 
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from autolabel.sizing import DEFAULT_MAX_PIXELS
-from tiny_vlms import SMALL, build_tiny_vlm, model_parts
+from tiny.vlms import SMALL, build_tiny_vlm, model_parts
 
 PROMPT = "Describe this image in one short sentence"
 

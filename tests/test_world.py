@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from demo import world as W
+from tiny import world as W
 
 
 def _jpeg(img: Image.Image, quality: int = 92) -> Image.Image:
@@ -124,7 +124,7 @@ def test_judge_image_large_renders_and_empty_images():
 
 
 def test_meta_dir_keeps_the_image_folder_a_pure_sam_source(tmp_path):
-    from demo.world import read_scenes, write_sam_folder
+    from tiny.world import read_scenes, write_sam_folder
 
     scenes = write_sam_folder(tmp_path / "sam", 5, seed=3, image_size=32, meta_dir=tmp_path / "truth")
     assert sorted(p.suffix for p in (tmp_path / "sam").iterdir()) == [".jpg"] * 5 + [".json"] * 5

@@ -23,7 +23,7 @@ QUALITY_PHRASE = {"high": "a sharp, clean, high quality photo", "low": "a blurry
 def world_caption(scene) -> str:
     """What the tiny CLIP learns to match: the dense caption, plus how the image looks when the
     scene is low quality (web captions carry such words; that is how CLIP learns quality)."""
-    from demo.world import dense_caption
+    from tiny.world import dense_caption
 
     suffix = " A blurry, grainy, low quality photo." if getattr(scene, "quality", "high") == "low" else ""
     return dense_caption(scene) + suffix
@@ -143,7 +143,7 @@ def train_world_clip(out_dir: str | Path, n: int = 600, seed: int = 0, low_quali
     and save it to `out_dir`. Deterministic for `seed`; a few seconds to a minute on CPU."""
     import dataclasses
 
-    from demo.world import render, sample_scenes, with_low_quality
+    from tiny.world import render, sample_scenes, with_low_quality
 
     scenes = with_low_quality(sample_scenes(n, seed), low_quality, seed)
     texts = [world_caption(s) for s in scenes]

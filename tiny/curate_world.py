@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from demo import world as W
+from tiny import world as W
 from shards.writer import ShardWriter
 
 NON_ENGLISH = {
@@ -48,7 +48,7 @@ def write_caption_shards(world: Path, out: Path, planted: dict[str, str], langua
                          shard_size: int = 50, keys: list[str] | None = None) -> dict:
     """Caption shards for every image of `world` (truthful world captions), its copies, a broken
     file and a missing one. Returns the ground truth: {key: record} with quality and scene."""
-    from curate.tiny_clip import world_caption
+    from tiny.clip import world_caption
 
     truth = {}
     writer = ShardWriter(out, rows_per_shard=shard_size)

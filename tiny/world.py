@@ -514,6 +514,6 @@ def read_scenes(world_dir: str | Path) -> list[tuple[dict, Scene]]:
     """The ground truth of a folder written by `write_sam_folder`: (record, Scene) per image."""
     path = Path(world_dir) / "scenes.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: write the world first (demo.world.write_sam_folder)")
+        raise FileNotFoundError(f"{path} not found: write the world first (tiny.world.write_sam_folder)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [(r, Scene.from_dict(r)) for r in rows]

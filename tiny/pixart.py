@@ -182,7 +182,7 @@ def build_tiny_models(out_dir: str | Path, corpus: Iterable[str], vae_fit_steps:
     return {"vae": str(out_dir / "vae"), "text_encoder": str(out_dir / "t5")}
 
 
-# ---- a minimal synthetic captioned world (tests and benchmarks; demo/world.py is the full one) ----
+# ---- a minimal synthetic captioned world (tests and benchmarks; tiny/world.py is the full one) ----
 
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 60, 220)}
 POSITIONS = ("left", "right")
