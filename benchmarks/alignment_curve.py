@@ -1,6 +1,6 @@
 """Text-image alignment vs training steps: the tiny preset on tiny/world.py's coloured shapes
 (16 px, dense captions, tiny local VAE + T5), CPU. Generated images are judged automatically
-(tiny.world.judge_image): accuracy of colour / position / shape, against chance.
+(tiny.judge.judge_image): accuracy of colour / position / shape, against chance.
 
     python benchmarks/alignment_curve.py [--steps 3000] [--every 250]
 writes the "train alignment" section of BENCHMARKS.md and benchmarks/alignment_curve.png.

@@ -35,7 +35,8 @@ from benchmarks.caption_bench import sam_like_jpeg  # noqa: E402
 from shards import ShardWriter, complete_shards, iter_batches  # noqa: E402
 from shards.images import iter_sources  # noqa: E402
 from t2i.features import FeatureConfig, compute_features, encode_text, image_to_tensor, load_text_encoder, load_vae  # noqa: E402
-from tiny.pixart import build_tiny_models, tiny_corpus  # noqa: E402
+from tiny.pixart import build_tiny_models  # noqa: E402
+from tiny.world import simple_corpus  # noqa: E402
 
 RESOLUTION = 64
 BATCH = 16
@@ -52,7 +53,7 @@ def write_tar(path: Path, n: int, pool: list[bytes]) -> None:
 
 def write_captions(tar: Path, out: Path) -> None:
     """Caption rows for every member, as `caption` writes them (key, source, member, address)."""
-    captions = tiny_corpus()
+    captions = simple_corpus()
     w = ShardWriter(out, rows_per_shard=1000)
     for i, it in enumerate(iter_sources([tar])):
         w.add({"key": it.key, "source": it.source, "member": it.member, "address": it.address, "caption": captions[i % len(captions)]})
@@ -116,7 +117,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=8, help="distinct SAM-sized JPEGs repeated in the tars")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="features_bench-"))
-    models = build_tiny_models(tmp / "models", tiny_corpus(), vae_fit_steps=0)
+    models = build_tiny_models(tmp / "models", simple_corpus(), vae_fit_steps=0)
     pool = [sam_like_jpeg(i) for i in range(args.pool)]
     model_startup(models)  # warm: file cache, imports
     startup = np.min([model_startup(models) for _ in range(3)], axis=0)

@@ -268,10 +268,11 @@ steps = {steps}
 
 
 def bench_train(args, tmp: Path, checks: list) -> list[str]:
-    from tiny.pixart import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus, write_simple_world
 
-    models = build_tiny_models(tmp / "models", tiny_corpus(), vae_fit_steps=20)  # quality does not matter here
-    write_tiny_world(tmp / "captions", args.world, size=args.res, rows_per_shard=64)
+    models = build_tiny_models(tmp / "models", simple_corpus(), vae_fit_steps=20)  # quality does not matter here
+    write_simple_world(tmp / "captions", args.world, size=args.res, rows_per_shard=64)
     (tmp / "m.toml").write_text(MANIFEST.format(preset=args.preset, res=args.res, batch=args.global_batch,
                                                 log_every=args.log_every, steps=args.steps))  # fmt: skip
     cores = os.cpu_count() or 1

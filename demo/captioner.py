@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 
 from autolabel import prompts as P
+from tiny import judge, world as W
 from tiny.llava import save_llava
-from tiny import world as W
 
 DEFAULT_IMAGE_SIZE = 32  # the vision tower's input: 4x4 patches of 8 px
 VISION_HIDDEN = 128  # at the builder's default 64, shapes were learnt slowly and unreliably
@@ -272,7 +272,7 @@ def evaluate_captioner(
     with_alt_text: bool = False,
 ) -> dict[str, Any]:
     """Caption `n` images of a world folder (or the given `scenes` + `images`) and score the
-    captions against the truth (`world.score_captions`): per-attribute accuracy and chance.
+    captions against the truth (`tiny.judge.score_captions`): per-attribute accuracy and chance.
     `with_alt_text` uses the folder's alt-texts in the alt-text prompt."""
     alts = None
     if world_dir is not None:
@@ -282,7 +282,7 @@ def evaluate_captioner(
         raise ValueError("give world_dir, or scenes and images")
     t0 = time.perf_counter()
     captions = caption_images(model_dir, images, alts)
-    result = W.score_captions(list(zip(scenes, captions)))
+    result = judge.score_captions(list(zip(scenes, captions)))
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["examples"] = [{"truth": W.dense_caption(s), "caption": c} for s, c in list(zip(scenes, captions))[:3]]
     return result

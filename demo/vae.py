@@ -28,7 +28,7 @@ def round_trip_accuracy(vae_dir: str | Path, n: int = 96, seed: int = 5, size: i
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from tiny import world as W
+    from tiny import judge, world as W
 
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     scenes = W.sample_scenes(n, seed, "any")
@@ -36,7 +36,7 @@ def round_trip_accuracy(vae_dir: str | Path, n: int = 96, seed: int = 5, size: i
     with torch.no_grad():
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     images = [Image.fromarray(((r.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for r in rec]
-    score = W.score(list(zip(scenes, images)), attributes=("color", "position", "shape"))
+    score = judge.score(list(zip(scenes, images)), attributes=("color", "position", "shape"))
     return {a: score[a]["accuracy"] for a in ("color", "position", "shape", "all")}
 
 
