@@ -37,7 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-LAION = ROOT.parent / "shared" / "data" / "laion_sample_10k.parquet"
+from benchmarks._data import LAION  # noqa: E402
+
 PY = sys.executable
 # `t2i-data` is cli.py's main: run this tree's cli.py (the venv's console script imports whichever
 # checkout the venv was installed from, which need not be this one)

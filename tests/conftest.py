@@ -10,5 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# Caption samples the repository carries (tests/data/README.md: source, licence, what is kept)
+TEST_DATA = ROOT / "tests" / "data"
+LAION_SAMPLE = TEST_DATA / "laion_sample_10k.parquet"  # 10k LAION alt-texts, TEXT column
+COCO_SAMPLE = TEST_DATA / "coco_captions_val2017_1k.json"  # the first 1,000 COCO val2017 captions
 sys.path.insert(0, str(ROOT))

@@ -25,7 +25,7 @@ from autolabel.api import run_caption
 from shards.layout import JOURNAL
 from shards.retry import finish_interrupted_retry
 from cli import app
-from conftest import ROOT, SHARED_DATA
+from conftest import LAION_SAMPLE, ROOT
 from shards import CaptionRow, ShardWriter, UserError, clean_incomplete, complete_shards, done_keys, fs, iter_batches, read_manifest
 from shards.schema import CAPTION_SCHEMA
 from shards.writer import done_marker, sha256_file
@@ -215,7 +215,7 @@ def test_cli_unknown_out_scheme_is_one_line_error(tmp_path, tiny_model):
 def test_stats_on_memory_shard_dir_and_parquet_equal_local(tmp_path):
     from dataset_stats.api import StatsOptions, run_stats
 
-    captions = pq.read_table(SHARED_DATA / "laion_sample_10k.parquet", columns=["TEXT"]).column("TEXT").to_pylist()[:150]
+    captions = pq.read_table(LAION_SAMPLE, columns=["TEXT"]).column("TEXT").to_pylist()[:150]
     local = tmp_path / "captions"
     w = ShardWriter(local, rows_per_shard=40)
     w.add_many({"key": f"k{i}", "caption": c} for i, c in enumerate(captions))
