@@ -22,8 +22,8 @@ PROMPT_SEED = 7
 
 def _train_tiny_clip(out: Path) -> Path:
     """A tiny CLIP at the generated images' size (16 px), fitted on rendered world scenes."""
-    from tiny.clip import build_tiny_clip, fit_on_world, save_clip
     from tiny.alignment import corpus
+    from tiny.clip import build_tiny_clip, fit_on_world, save_clip
 
     scenes = W.sample_scenes(400, seed=0)
     texts = [W.dense_caption(s) for s in scenes]
@@ -33,18 +33,17 @@ def _train_tiny_clip(out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, world_models):
     """A run directory with an untrained checkpoint (step 1) and a trained one (800 steps), the
     tiny CLIP, and a folder of reference world images."""
-    from tiny.alignment import corpus, write_world_shards
-    from tiny.pixart import build_tiny_models
     from t2i.stage import run_stage
     from t2i.train import TrainConfig
+    from tiny.alignment import write_world_shards
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval")
     clip = _train_tiny_clip(root / "clip")
-    models = build_tiny_models(root / "models", corpus(), vae_fit_steps=300)
+    models = world_models
     write_world_shards(root / "captions", 512)
     cfg = TrainConfig(preset="PixArt-tiny/2", resolution=16, vae=models["vae"], text_encoder=models["text_encoder"],
                       max_tokens=40, text_dtype="float32", batch_size=32, steps=1, lr=1e-3, warmup_steps=20,
