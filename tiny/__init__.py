@@ -10,5 +10,6 @@ import `tiny` (tests/test_layout.py checks it); the demo, the tests and the benc
 - `llava`: a tiny random LLaVA for the caption job; `vlms`: one per captioner family;
 - `clip`: a tiny CLIP fitted on the world (score, eval, the demo's aesthetic stage);
 - `alignment`: train-and-judge helpers for text-image alignment on the world;
-- `curate_world`: the world as caption shards with planted copies, languages and broken rows.
+- `curate_world`: the world as caption shards with planted copies, languages and broken rows;
+- `images`: image inputs for the caption and image-layer tests (random JPEGs, awkward files, tars).
 """
