@@ -1,17 +1,14 @@
 """The synthetic shape world: one coloured shape on a neutral background, a pure function of a seed.
 
-It stands in for SA-1B in the demo and the tests, because here we know the truth about every
-image (`tiny.judge` checks captions and generated images against it). Some (colour, shape,
-position) triples never occur in the training split (`is_heldout`), so a model that gets them
-right has composed, not memorised.
+It stands in for SA-1B in the demo and the tests: the truth about every image is known
+(`tiny.judge` checks captions and generated images against it), and the (colour, shape,
+position) triples of `is_heldout` never occur in the training split.
 
-- scenes (`sample_scenes`), rendering (`render`, `degrade` for the low-quality axis), texts
-  (`dense_caption`, `prompt_text`, LAION-like `alt_text`);
-- on disk like SA-1B (`write_sam_folder`): `sa_<id>.jpg` + `sa_<id>.json` (image info +
-  alt-text, empty annotations), plus two files SA-1B lacks: `alt_texts.parquet` (noisy
-  alt-texts, by key) and `scenes.jsonl` (the ground truth); or as caption shards with embedded
-  PNGs (`write_caption_shards`);
-- the simple world the trainer's tests use (`write_simple_world`): 3 colours x 2 shapes x 2
+- scenes (`sample_scenes`), rendering (`render`, `degrade`), texts (`dense_caption`,
+  `prompt_text`, LAION-like `alt_text`);
+- on disk as SA-1B (`write_sam_folder`: `sa_<id>.jpg` + `.json`, plus `alt_texts.parquet` and the
+  ground truth `scenes.jsonl`) or as caption shards with embedded PNGs (`write_caption_shards`);
+- the simple world of the trainer's tests (`write_simple_world`): 3 colours x 2 shapes x 2
   positions, one large shape on plain white, captioned "a red circle on the left".
 """
 
