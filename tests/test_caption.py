@@ -133,6 +133,7 @@ def test_transformers_rows_schema_and_readers(tmp_path, hf_captioner):
     assert Image.open(io.BytesIO(df.filter(pl.col("key") == "p.parquet/0")["image"][0])).size == (70, 50)
 
 
+@pytest.mark.slow
 def test_vllm_matches_transformers_greedy_float32(tmp_path, hf_captioner, vllm_captioner):
     images = [prepare_image(jpeg_bytes(120, 90, seed=s)).image for s in range(3)]
     prompts = [hf_captioner.format_prompt(q) for q in (PAPER_PROMPT, "What is this?", ALT_PROMPT.format(alt="a cat"))]
@@ -325,6 +326,7 @@ def test_shards_reader_does_not_import_the_writer():
 # --- the vLLM engine is fed each image as it is prepared (autolabel.pipeline.next_batch) ---------
 
 
+@pytest.mark.slow
 def test_streamed_requests_give_llm_generate_s_tokens(vllm_captioner):
     """VllmCaptioner feeds the engine request by request (LLMEngine.add_request, step): the
     tokens are those of `vllm.LLM.generate` on the same inputs (the path it replaced), in order,
@@ -343,6 +345,7 @@ def test_streamed_requests_give_llm_generate_s_tokens(vllm_captioner):
         assert len({tuple(t) for t in reference}) > 1  # the order is checked: the outputs differ
 
 
+@pytest.mark.slow
 def test_the_engine_starts_before_the_batch_is_prepared(tmp_path, vllm_captioner, monkeypatch):
     """The job hands each prepared image to the engine at once: the second image's preparation
     waits (up to 60 s) until the engine has the first request. A job that collected the whole
@@ -408,6 +411,7 @@ class _Rejecting:
         pass
 
 
+@pytest.mark.slow
 def test_a_streamed_image_the_engine_rejects_is_isolated(tmp_path, vllm_captioner):
     """One image failing mid-stream: the requests already in the engine are aborted (none
     lingers into the next batch), the batch is retried image by image, the bad image becomes its
@@ -433,6 +437,7 @@ def test_a_streamed_image_the_engine_rejects_is_isolated(tmp_path, vllm_captione
     assert good.select("key", "caption", "num_tokens").to_dicts() == clean.select("key", "caption", "num_tokens").to_dicts()
 
 
+@pytest.mark.slow
 def test_an_interrupted_streamed_run_resumes_exactly_once_with_the_same_captions(tmp_path, vllm_captioner):
     """A run stopped mid-batch (while the engine is being fed) keeps only complete shards; the
     rerun captions the rest once, and every row equals an uninterrupted run's."""

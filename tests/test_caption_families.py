@@ -148,6 +148,7 @@ def vllm_in_process():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.slow
 def test_family_on_vllm_matches_transformers(family, src, models_root, tmp_path_factory, tmp_path, vllm_in_process, caplog):
     reference = hf_reference(family, src, models_root, tmp_path / "hf")[0]
     captioner = VllmCaptioner(str(model_dir(family, models_root)), run_dir=tmp_path_factory.getbasetemp() / "vllm-run",
@@ -167,6 +168,7 @@ def test_family_on_vllm_matches_transformers(family, src, models_root, tmp_path_
 
 
 @pytest.mark.parametrize("family", BIDIRECTIONAL)
+@pytest.mark.slow
 def test_vllm_cpu_attends_causally_where_the_model_attends_bidirectionally(family, models_root, tmp_path_factory, vllm_in_process):
     """The cause recorded above VLLM_DIVERGES, measured on one image: vLLM's log-probs of the first
     generated token are those of transformers with every token attended causally (to float32

@@ -105,6 +105,7 @@ def test_ray_engine_rows_equal_local_engine_and_resume(tmp_path, tiny_llava):
     assert d.filter(pl.col("key") == "sam/corrupt.jpg")["caption"].str.len_chars()[0] > 0
 
 
+@pytest.mark.slow
 def test_local_engine_never_imports_ray(tmp_path, tiny_llava):
     (tmp_path / "src").mkdir()
     for i in range(2):

@@ -16,6 +16,7 @@ def _frame(directory) -> pl.DataFrame:
     return pl.read_parquet([str(p) for p in complete_shards(directory)]).sort("key")
 
 
+@pytest.mark.slow
 def test_ray_engine_writes_the_local_engines_rows_and_resumes(tmp_path):
     from curate.api import ScoreConfig, run_score
 

@@ -89,6 +89,7 @@ def test_lease_on_an_object_store(monkeypatch):
         pass
 
 
+@pytest.mark.slow
 def test_two_caption_runs_on_one_out_second_is_refused(tmp_path, tiny_llava):
     """Finding 1: two identical caption commands 1 s apart wrote every row twice."""
     src = image_folder(tmp_path / "src", 12)

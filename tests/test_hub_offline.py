@@ -88,6 +88,7 @@ def one_image(tmp_path):
     return src
 
 
+@pytest.mark.slow
 def test_caption_unknown_id_offline_is_one_line_error(tmp_path, one_image):
     r = _cli(["caption", "--src", str(one_image), "--out", str(tmp_path / "out"), "--model", UNKNOWN,
               "--backend", "transformers"], HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"))
@@ -97,6 +98,7 @@ def test_caption_unknown_id_offline_is_one_line_error(tmp_path, one_image):
     assert "Traceback" not in r.stderr and "Retrying" not in r.stderr
 
 
+@pytest.mark.slow
 def test_caption_unreachable_hub_fails_without_retries(tmp_path, one_image):
     """No network (here: a closed local port as the endpoint) and no HF_HUB_OFFLINE: one probe,
     no retries, the one-line error."""

@@ -326,6 +326,7 @@ def test_split_long_cuts_at_whitespace_and_keeps_every_character():
     assert split_long("short", limit=32) == ["short"]
 
 
+@pytest.mark.slow
 def test_million_character_caption_is_split_counted_and_reported(tmp_path):
     """spaCy refuses texts over 1,000,000 characters (E088); we tag such a caption in pieces."""
     sentence = "A dog on a sofa. "

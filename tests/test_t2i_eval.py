@@ -61,6 +61,7 @@ def prompts(n: int = 48) -> list[str]:
     return [W.dense_caption(s) for s in W.sample_scenes(n, seed=PROMPT_SEED)]
 
 
+@pytest.mark.slow
 def test_eval_ranks_trained_above_untrained_and_writes_json_and_html(world, tmp_path):
     from t2i.evaluate import evaluate_checkpoints
 
@@ -85,6 +86,7 @@ def test_eval_ranks_trained_above_untrained_and_writes_json_and_html(world, tmp_
     assert [json.loads(l)["prompt"] for l in lines] == prompts()
 
 
+@pytest.mark.slow
 def test_cli_eval_one_checkpoint_with_aesthetic_resumes(world, tmp_path):
     """The CLI on a single checkpoint directory with an aesthetic head; a rerun reuses the result."""
     import cli
@@ -109,6 +111,7 @@ def test_cli_eval_one_checkpoint_with_aesthetic_resumes(world, tmp_path):
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["checkpoints"] == result
 
 
+@pytest.mark.slow
 def test_eval_an_exported_pipeline_scores_as_its_checkpoint(world, tmp_path):
     """An `export` folder is sampled through diffusers' pipeline + the saved null caption: the same
     images, so the same scores, as the checkpoint it came from."""
@@ -124,6 +127,7 @@ def test_eval_an_exported_pipeline_scores_as_its_checkpoint(world, tmp_path):
     assert from_export[0]["clip_score"] == pytest.approx(from_checkpoint[0]["clip_score"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_eval_bad_inputs_are_one_line_errors(world, tmp_path):
     import cli
 

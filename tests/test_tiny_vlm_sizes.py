@@ -27,6 +27,7 @@ def parameters(module: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+@pytest.mark.slow
 def test_small_idefics_is_smolvlm_256m(family):
     cls, cfg, processor = model_parts(family, "small")
     t, v = cfg.text_config, cfg.vision_config
