@@ -1,6 +1,6 @@
-"""Text-image alignment vs training steps: the tiny preset on demo/world.py's coloured shapes
+"""Text-image alignment vs training steps: the tiny preset on tiny/world.py's coloured shapes
 (16 px, dense captions, tiny local VAE + T5), CPU. Generated images are judged automatically
-(demo.world.judge_image): accuracy of colour / position / shape, against chance.
+(tiny.judge.judge_image): accuracy of colour / position / shape, against chance.
 
     python benchmarks/alignment_curve.py [--steps 3000] [--every 250]
 writes the "train alignment" section of BENCHMARKS.md and benchmarks/alignment_curve.png.
@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import load_note, write_section  # noqa: E402
-from demo.alignment import corpus, evaluate, write_world_shards  # noqa: E402
+from tiny.alignment import corpus, evaluate, write_world_shards  # noqa: E402
 from t2i.sample import pipeline_from_checkpoint  # noqa: E402
-from t2i.tiny import build_tiny_models  # noqa: E402
+from tiny.pixart import build_tiny_models  # noqa: E402
 from t2i.stage import run_stage  # noqa: E402
 from t2i.train import TrainConfig  # noqa: E402
 

@@ -5,7 +5,7 @@
    `autolabel.sizing`: DCT-scaled draft decode + EXIF + RGB + one resize to the processor's
    size, with the processor's own torchvision resize) vs naive (open, full decode, convert, PIL
    resize to that same size), single-threaded, for LLaVA-1.5's processor (plus the job's worker
-   threads) and per family with its released processor settings (tests/tiny_vlms.released_processors).
+   threads) and per family with its released processor settings (tiny.vlms.released_processors).
 2. End to end on the tiny random LLaVA: the job (`run_caption`, prefetching workers, batches,
    shards) with the transformers and the vLLM backend vs a naive loop (naive preparation, one
    image per `generate` call).
@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny_vlms: processor settings
 
 import numpy as np
 from PIL import Image
@@ -62,7 +61,7 @@ def naive_prepare(data: bytes, size: tuple[int, int]) -> Image.Image:
 
 def job_policies() -> dict:
     """Each family's size policy as the job reads it (Qwen-VL: with the job's default pixel cap)."""
-    from tiny_vlms import released_processors
+    from tiny.vlms import released_processors
 
     out = {}
     for name, ip in released_processors().items():
@@ -141,7 +140,7 @@ def naive_loop(model_dir: str, paths: list[Path], tokens: int) -> float:
 def bench_end_to_end(blobs: list[bytes], tokens: int, batch: int, workers: int, backends: list[str]) -> str:
     from autolabel.api import run_caption
     from autolabel.backends import make_captioner
-    from autolabel.tiny_llava import build_tiny_llava
+    from tiny.llava import build_tiny_llava
 
     tmp = Path(tempfile.mkdtemp(prefix="caption-bench-"))
     src = tmp / "sam"

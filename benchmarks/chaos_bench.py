@@ -76,10 +76,11 @@ def build_world(root: Path) -> dict:
     import numpy as np
     from PIL import Image
 
-    from autolabel.tiny_llava import build_tiny_llava
-    from t2i.tiny import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.llava import build_tiny_llava
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus, write_simple_world
 
-    world = {"llava": build_tiny_llava(root / "llava", seed=0), **build_tiny_models(root / "t2i-models", tiny_corpus(), vae_fit_steps=50)}
+    world = {"llava": build_tiny_llava(root / "llava", seed=0), **build_tiny_models(root / "t2i-models", simple_corpus(), vae_fit_steps=50)}
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -89,7 +90,7 @@ def build_world(root: Path) -> dict:
         (images / f"sa_{i}.jpg").write_bytes(buf.getvalue())
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     world["images"], world["captions"] = images, root / "captions"
-    write_tiny_world(world["captions"], N_CAPTIONS, rows_per_shard=32)
+    write_simple_world(world["captions"], N_CAPTIONS, rows_per_shard=32)
     world["manifest"] = root / "chaos.toml"
     world["manifest"].write_text(
         'name = "chaos"\n[defaults]\npreset = "PixArt-tiny/2"\nresolution = 16\nmax_tokens = 16\ntext_dtype = "float32"\n'

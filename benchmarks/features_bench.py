@@ -37,7 +37,8 @@ from shards.images import iter_sources  # noqa: E402
 from t2i.encoders import encode_text, load_text_encoder, load_vae  # noqa: E402
 from t2i.features import FeatureConfig, compute_features  # noqa: E402
 from t2i.geometry import image_to_tensor  # noqa: E402
-from t2i.tiny import build_tiny_models, tiny_corpus  # noqa: E402
+from tiny.pixart import build_tiny_models  # noqa: E402
+from tiny.world import simple_corpus  # noqa: E402
 
 RESOLUTION = 64
 BATCH = 16
@@ -54,7 +55,7 @@ def write_tar(path: Path, n: int, pool: list[bytes]) -> None:
 
 def write_captions(tar: Path, out: Path) -> None:
     """Caption rows for every member, as `caption` writes them (key, source, member, address)."""
-    captions = tiny_corpus()
+    captions = simple_corpus()
     w = ShardWriter(out, rows_per_shard=1000)
     for i, it in enumerate(iter_sources([tar])):
         w.add({"key": it.key, "source": it.source, "member": it.member, "address": it.address, "caption": captions[i % len(captions)]})
@@ -118,7 +119,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=8, help="distinct SAM-sized JPEGs repeated in the tars")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="features_bench-"))
-    models = build_tiny_models(tmp / "models", tiny_corpus(), vae_fit_steps=0)
+    models = build_tiny_models(tmp / "models", simple_corpus(), vae_fit_steps=0)
     pool = [sam_like_jpeg(i) for i in range(args.pool)]
     model_startup(models)  # warm: file cache, imports
     startup = np.min([model_startup(models) for _ in range(3)], axis=0)

@@ -44,7 +44,7 @@ def build_captioner(device: str, smoke: bool, workdir: Path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from autolabel.backends import TransformersCaptioner
-    from autolabel.tiny_llava import build_tiny_llava
+    from tiny.llava import build_tiny_llava
 
     # The tiny builder gives a local tokenizer + processor + chat template at the right image size.
     tiny = build_tiny_llava(workdir / "llava", **(SMOKE if smoke else REAL))

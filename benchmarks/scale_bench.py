@@ -37,7 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-LAION = ROOT.parent / "shared" / "data" / "laion_sample_10k.parquet"
+from benchmarks._data import LAION  # noqa: E402
+
 PY = sys.executable
 # `t2i-data` is cli.py's main: run this tree's cli.py (the venv's console script imports whichever
 # checkout the venv was installed from, which need not be this one)
@@ -204,7 +205,7 @@ def import_seconds(code: str, repeats: int = 3) -> float:
 
 
 def bench_caption(args, tmp: Path, checks: list) -> list[str]:
-    from autolabel.tiny_llava import build_tiny_llava
+    from tiny.llava import build_tiny_llava
 
     model = str(build_tiny_llava(tmp / "tiny-llava", seed=0))
     src = tmp / "images"
@@ -268,10 +269,11 @@ steps = {steps}
 
 
 def bench_train(args, tmp: Path, checks: list) -> list[str]:
-    from t2i.tiny import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus, write_simple_world
 
-    models = build_tiny_models(tmp / "models", tiny_corpus(), vae_fit_steps=20)  # quality does not matter here
-    write_tiny_world(tmp / "captions", args.world, size=args.res, rows_per_shard=64)
+    models = build_tiny_models(tmp / "models", simple_corpus(), vae_fit_steps=20)  # quality does not matter here
+    write_simple_world(tmp / "captions", args.world, size=args.res, rows_per_shard=64)
     (tmp / "m.toml").write_text(MANIFEST.format(preset=args.preset, res=args.res, batch=args.global_batch,
                                                 log_every=args.log_every, steps=args.steps))  # fmt: skip
     cores = os.cpu_count() or 1

@@ -34,8 +34,8 @@ NOTE = '\n\n`image` and `lang` make no model call to amortise, so batching gains
 
 
 def make_rows(folder: Path, n: int, size: int) -> list[dict]:
-    from curate.tiny_clip import world_caption
-    from demo.world import render, sample_scenes
+    from tiny.clip import world_caption
+    from tiny.world import render, sample_scenes
 
     rows = []
     for i, scene in enumerate(sample_scenes(n, seed=0, split="any")):
@@ -47,7 +47,7 @@ def make_rows(folder: Path, n: int, size: int) -> list[dict]:
 
 def vit_b32_clip(folder: Path, corpus: list[str]) -> str:
     """A CLIP directory with ViT-B/32's architecture and random weights (no download)."""
-    from curate.tiny_clip import build_tiny_clip, save_clip
+    from tiny.clip import build_tiny_clip, save_clip
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     _, tokenizer, _ = build_tiny_clip(corpus)

@@ -37,11 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from benchmarks._data import LAION  # noqa: E402
 from benchmarks._report import write_section  # noqa: E402
 from dataset_stats.api import StatsOptions, run_stats  # noqa: E402
 from dataset_stats.nouns import POS_TAGS, default_workers, load_nlp  # noqa: E402
-
-LAION = Path(__file__).resolve().parents[2] / "shared" / "data" / "laion_sample_10k.parquet"
 
 
 def naive_counts(captions: list[str]) -> tuple[Counter, int]:

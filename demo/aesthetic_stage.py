@@ -1,8 +1,8 @@
 """Stage 3 in miniature: pick a better-looking subset with `score` + `select`, fine-tune on it,
 and measure the samples' aesthetic score before and after.
 
-The world has a quality axis with ground truth (`demo.world.degrade`: blurred, grainy, heavy
-JPEG). A tiny CLIP is fitted on the world (`curate.tiny_clip`), an aesthetic head is fitted on
+The world has a quality axis with ground truth (`tiny.world.degrade`: blurred, grainy, heavy
+JPEG). A tiny CLIP is fitted on the world (`tiny.clip`), an aesthetic head is fitted on
 a small rated sample through `score --fit-aesthetic` (ratings from the ground truth, as a user
 would rate a few hundred images), every training image is scored (`run_score`) and
 `run_select` keeps the rows the head rates well. The same head then scores generated samples:
@@ -27,7 +27,7 @@ def select_subset(out: Path, shards: Path, records: dict, seed: int, rated: int,
 
     from curate.api import ScoreConfig, run_score
     from curate.select import run_select
-    from curate.tiny_clip import train_world_clip
+    from tiny.clip import train_world_clip
     from shards import iter_batches
 
     clip_dir = out / "clip"

@@ -98,13 +98,13 @@ def judge_checkpoint(ck: Path, scenes: list, prompts: list[str], cache: Path, st
     """Sample `prompts` from checkpoint `ck` and judge the images against `scenes`. Returns
     (score, images); the score is cached in `cache` (images are only needed for the final step,
     which the caller re-samples when its cache exists)."""
-    from demo import world as W
     from shards.fs import write_text
     from t2i.sample import generate, pipeline_from_checkpoint
+    from tiny import judge
 
     pipe, null = pipeline_from_checkpoint(ck)
     images = generate(pipe, null, prompts, steps=steps, guidance=guidance, seed=seed)
-    score = W.score(list(zip(scenes, images)), attributes=("color", "position", "shape"))
+    score = judge.score(list(zip(scenes, images)), attributes=("color", "position", "shape"))
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_text(cache, json.dumps(score))
     return score, images
@@ -138,9 +138,9 @@ def judge_prior(dit_dir: Path, scenes: list, s: ArmSettings, seed: int) -> tuple
     """What the pixel prior knows before any text: the class-cond DiT's last checkpoint, asked for
     each held-out scene's label, judged on shape (and position, when its labels carry it). Scenes
     whose label the DiT never trained on are left out. Returns (score, images); the score is cached."""
-    from demo import world as W
     from shards.fs import write_text
     from t2i.class_cond import CLASSES_JSON, generate_classes
+    from tiny import judge
 
     step, ck = checkpoints(dit_dir)[-1]
     known = set(map(str, json.loads((ck / CLASSES_JSON).read_text())["classes"]))
@@ -151,7 +151,7 @@ def judge_prior(dit_dir: Path, scenes: list, s: ArmSettings, seed: int) -> tuple
     images = generate_classes(ck, labels, steps=s.sampler_steps, guidance=s.guidance, seed=seed)
     if cache.exists():
         return json.loads(cache.read_text()), images
-    judged = W.score(list(zip(asked, images)), attributes=attrs)
+    judged = judge.score(list(zip(asked, images)), attributes=attrs)
     score = {"step": step, "classes": s.dit_classes, "labels": labels, "n": judged["n"],
              **{a: judged[a]["accuracy"] for a in attrs}, "chance": {a: judged[a]["chance"] for a in attrs}}
     cache.parent.mkdir(parents=True, exist_ok=True)

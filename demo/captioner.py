@@ -9,7 +9,7 @@ Training sees exactly what inference sees: every example is built by the saved p
 the caption job's own prompt (both variants: the paper's plain prompt and the alt-text
 conditioned one, with the world's noisy alt-texts), rendered through the processor's chat
 template; the loss covers only the caption tokens and the end-of-sequence token. The model is
-built by the caption job's `autolabel.tiny_llava` (vision tower widened to 128); its vision
+built by the caption job's `tiny.llava` (vision tower widened to 128); its vision
 position embeddings start from 2-D sin-cos values, without which positions were learnt late and
 then guessed from colour and shape on held-out scenes.
 
@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 
 from autolabel import prompts as P
-from autolabel.tiny_llava import save_llava
-from demo import world as W
+from tiny import judge, world as W
+from tiny.llava import save_llava
 
 DEFAULT_IMAGE_SIZE = 32  # the vision tower's input: 4x4 patches of 8 px
 VISION_HIDDEN = 128  # at the builder's default 64, shapes were learnt slowly and unreliably
@@ -58,9 +58,9 @@ def build_captioner_model(
     out_dir: str | Path, image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0, vision_hidden: int = VISION_HIDDEN
 ) -> Path:
     """A random tiny LLaVA (+ processor) for the world, saved at `out_dir`, built by the caption
-    job's own builder (`autolabel.tiny_llava`) so it has the layout both backends are tested with.
+    job's own builder (`tiny.llava`) so it has the layout both backends are tested with.
     The vision tower is wider than the builder's default: shapes need it."""
-    from autolabel.tiny_llava import build_tiny_llava
+    from tiny.llava import build_tiny_llava
 
     return Path(build_tiny_llava(out_dir, corpus=training_corpus(), image_size=image_size, seed=seed, vision_hidden=vision_hidden))
 
@@ -272,7 +272,7 @@ def evaluate_captioner(
     with_alt_text: bool = False,
 ) -> dict[str, Any]:
     """Caption `n` images of a world folder (or the given `scenes` + `images`) and score the
-    captions against the truth (`world.score_captions`): per-attribute accuracy and chance.
+    captions against the truth (`tiny.judge.score_captions`): per-attribute accuracy and chance.
     `with_alt_text` uses the folder's alt-texts in the alt-text prompt."""
     alts = None
     if world_dir is not None:
@@ -282,7 +282,7 @@ def evaluate_captioner(
         raise ValueError("give world_dir, or scenes and images")
     t0 = time.perf_counter()
     captions = caption_images(model_dir, images, alts)
-    result = W.score_captions(list(zip(scenes, captions)))
+    result = judge.score_captions(list(zip(scenes, captions)))
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["examples"] = [{"truth": W.dense_caption(s), "caption": c} for s, c in list(zip(scenes, captions))[:3]]
     return result

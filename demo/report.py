@@ -35,7 +35,7 @@ def _pct(x: float | None) -> str:
 
 
 def score_rows(score: dict[str, Any], attributes=("color", "position", "shape")) -> list[tuple[str, str, str, str]]:
-    """(attribute, accuracy, chance, verdict) rows of a demo.world score dict."""
+    """(attribute, accuracy, chance, verdict) rows of a tiny.world score dict."""
     rows = []
     for a in (*attributes, "all"):
         if a not in score:
@@ -110,7 +110,7 @@ def chance_caveat(arms: dict[str, Any], t2i: dict[str, Any]) -> str:
     """A warning when (b)'s or (c)'s final accuracy on some attribute is within 2 standard errors
     of chance: their all-three accuracy is then the other attributes times a coin flip, and
     comparing arms on it shows noise. ((a) at chance is the alt-texts' effect, not a caveat.)"""
-    from demo.world import OPTIONS
+    from tiny.world import OPTIONS
 
     prompts = t2i.get("prompts", 48)
     n = len(prompts) if isinstance(prompts, list) else int(prompts)

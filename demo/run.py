@@ -164,7 +164,7 @@ def _quiet_libraries() -> None:
 def _build_world(cfg: DemoConfig, out: Path) -> tuple[Path, Path, dict]:
     """Stage 1: images in sam/<split>/ (what `caption --src` reads), ground truth in truth/<split>/.
     Returns (sam, truth, {key: (record, scene)})."""
-    from demo import world as W
+    from tiny import world as W
 
     sam, truth = out / "world" / "sam", out / "world" / "truth"
     for split, n in (("train", cfg.world_train), ("heldout", cfg.world_heldout)):
@@ -195,8 +195,8 @@ def _caption_world(cfg: DemoConfig, sam: Path, cap_dir: Path, captions_dir: Path
     """Stage 3: the real caption job over the whole world. Returns (summary, {key: caption},
     the captions' accuracy per split)."""
     from autolabel.api import run_caption
-    from demo import world as W
     from shards import iter_batches
+    from tiny import judge
 
     summary = run_caption([sam], captions_dir, model=str(cap_dir), backend=cfg.caption_backend, temperature=0.0,
                           max_new_tokens=64, seed=cfg.seed, batch_size=32, shard_size=500, progress=progress)
@@ -205,7 +205,7 @@ def _caption_world(cfg: DemoConfig, sam: Path, cap_dir: Path, captions_dir: Path
     missing = [k for k in records if k not in captions]
     if missing:
         raise RuntimeError(f"{len(missing)} world images have no caption (e.g. {missing[0]})")
-    accuracy = {split: W.score_captions([(s, captions[k]) for k, (r, s) in records.items() if r["split"] == split])
+    accuracy = {split: judge.score_captions([(s, captions[k]) for k, (r, s) in records.items() if r["split"] == split])
                 for split in ("heldout", "train")}
     return summary, captions, accuracy
 
@@ -231,11 +231,11 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     a-c with their curves, arm d, and the aesthetic score of samples before and after."""
     import time
 
-    from demo import world as W
     from demo.aesthetic_stage import WHERE, AestheticJudge, compare, ground_truth, run_finetune, select_subset
     from demo.arms import ArmSettings, run_arms, steps_to_reach, write_arm_shards
     from t2i.manifest import load_manifest
-    from t2i.tiny import build_tiny_text_encoder
+    from tiny import world as W
+    from tiny.pixart import build_tiny_text_encoder
 
     timing: dict[str, float] = {}
     t0 = time.perf_counter()

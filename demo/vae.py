@@ -5,7 +5,7 @@ demo's budget, so the weights live in `demo/assets/tiny_vae/` and this module ma
 
     python -m demo.vae --out demo/assets/tiny_vae --steps 3000
 
-It fits `t2i.tiny.build_tiny_vae(data="shapes")` on generic flat graphics (discs, boxes,
+It fits `tiny.pixart.build_tiny_vae(data="shapes")` on generic flat graphics (discs, boxes,
 triangles, plus signs of random colour, size and place; never the world's own scenes), then
 measures the ceiling it puts on the demo: the world's judge on VAE round trips of world images.
 """
@@ -28,7 +28,7 @@ def round_trip_accuracy(vae_dir: str | Path, n: int = 96, seed: int = 5, size: i
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from demo import world as W
+    from tiny import judge, world as W
 
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     scenes = W.sample_scenes(n, seed, "any")
@@ -36,14 +36,14 @@ def round_trip_accuracy(vae_dir: str | Path, n: int = 96, seed: int = 5, size: i
     with torch.no_grad():
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     images = [Image.fromarray(((r.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for r in rec]
-    score = W.score(list(zip(scenes, images)), attributes=("color", "position", "shape"))
+    score = judge.score(list(zip(scenes, images)), attributes=("color", "position", "shape"))
     return {a: score[a]["accuracy"] for a in ("color", "position", "shape", "all")}
 
 
 def main() -> None:
     import torch
 
-    from t2i.tiny import build_tiny_vae
+    from tiny.pixart import build_tiny_vae
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(SHIPPED_VAE))

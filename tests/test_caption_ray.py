@@ -12,26 +12,17 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from autolabel.api import run_caption
-from autolabel.tiny_llava import build_tiny_llava
 from shards.reader import complete_shards
+from tiny.images import jpeg_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDRESS = re.compile(r"0x[0-9a-f]+")  # PIL names the BytesIO object in some messages
-
-
-def jpeg_bytes(w: int, h: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def make_sources(root: Path) -> list[Path]:
@@ -59,17 +50,12 @@ def read_rows(out: Path) -> pl.DataFrame:
     return df.with_columns(pl.col("error").str.replace_all(ADDRESS.pattern, "0x"))
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)
-
-
 @pytest.mark.slow
-def test_ray_engine_rows_equal_local_engine_and_resume(tmp_path, tiny_model):
+def test_ray_engine_rows_equal_local_engine_and_resume(tmp_path, tiny_llava):
     pytest.importorskip("vllm")
     pytest.importorskip("ray.data")
     srcs = make_sources(tmp_path / "in")
-    kw = dict(model=str(tiny_model), backend="vllm", temperature=0.0, max_new_tokens=8, batch_size=4, shard_size=5,
+    kw = dict(model=str(tiny_llava), backend="vllm", temperature=0.0, max_new_tokens=8, batch_size=4, shard_size=5,
               prompt_mode="alt", embed_images=True, progress=False, backend_kwargs={"run_dir": str(tmp_path / "vllm")})  # fmt: skip
     local = run_caption(srcs, tmp_path / "local", **kw)
 
@@ -119,13 +105,14 @@ def test_ray_engine_rows_equal_local_engine_and_resume(tmp_path, tiny_model):
     assert d.filter(pl.col("key") == "sam/corrupt.jpg")["caption"].str.len_chars()[0] > 0
 
 
-def test_local_engine_never_imports_ray(tmp_path, tiny_model):
+@pytest.mark.slow
+def test_local_engine_never_imports_ray(tmp_path, tiny_llava):
     (tmp_path / "src").mkdir()
     for i in range(2):
         (tmp_path / "src" / f"{i}.jpg").write_bytes(jpeg_bytes(60, 40, seed=i))
     code = (
         "import sys; from autolabel.api import run_caption; import cli; "
-        f"s = run_caption([{str(tmp_path / 'src')!r}], {str(tmp_path / 'out')!r}, model={str(tiny_model)!r}, "
+        f"s = run_caption([{str(tmp_path / 'src')!r}], {str(tmp_path / 'out')!r}, model={str(tiny_llava)!r}, "
         "backend='transformers', max_new_tokens=2, progress=False); "
         "assert s.captioned == 2, s.line(); "
         "assert 'ray' not in sys.modules, 'ray imported by the local engine'; print('ok')"
@@ -143,7 +130,7 @@ def test_local_engine_never_imports_ray(tmp_path, tiny_model):
         (["--engine", "ray"], True, 'error: --engine ray needs Ray Data, which is not installed'),
     ],
 )
-def test_cli_engine_bad_input_is_one_line_error(tmp_path, tiny_model, extra, fake_no_ray, expected):
+def test_cli_engine_bad_input_is_one_line_error(tmp_path, tiny_llava, extra, fake_no_ray, expected):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.jpg").write_bytes(jpeg_bytes(40, 30, seed=0))
     env = {**os.environ}
@@ -153,7 +140,7 @@ def test_cli_engine_bad_input_is_one_line_error(tmp_path, tiny_model, extra, fak
         (fake / "ray" / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
         env["PYTHONPATH"] = f"{fake}{os.pathsep}{env.get('PYTHONPATH', '')}"
     cmd = [sys.executable, str(ROOT / "cli.py"), "caption", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
-           "--model", str(tiny_model), *extra]  # fmt: skip
+           "--model", str(tiny_llava), *extra]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     err = r.stderr.strip()
     assert r.returncode == 2 and err.startswith(expected) and len(err.splitlines()) == 1, err

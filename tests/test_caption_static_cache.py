@@ -11,7 +11,6 @@ from PIL import Image
 
 from autolabel.backends import GenParams, TransformersCaptioner
 from autolabel.prompts import PAPER_PROMPT
-from autolabel.tiny_llava import build_tiny_llava
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,9 +20,8 @@ def _image(seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
 
 
-def test_static_cache_gives_the_same_greedy_tokens(tmp_path):
-    model_dir = build_tiny_llava(tmp_path / "m", seed=0)
-    dynamic = TransformersCaptioner(str(model_dir))
+def test_static_cache_gives_the_same_greedy_tokens(tiny_llava):
+    dynamic = TransformersCaptioner(str(tiny_llava))  # its own: the test patches the model
     static = TransformersCaptioner.from_loaded(dynamic.model, dynamic.processor, "tiny", static_cache=True)
     images = [_image(s) for s in range(3)]
     prompts = [dynamic.format_prompt(PAPER_PROMPT)] * 3

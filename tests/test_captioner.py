@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from demo import captioner as C
-from demo import world as W
+from tiny import world as W
 
 
 @pytest.fixture(scope="module")

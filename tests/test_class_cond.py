@@ -19,7 +19,7 @@ N_IMAGES = 256
 def write_labelled_shards(world_dir: Path, out_dir: Path, column: str = "shape", rows_per_shard: int = 100) -> None:
     """Caption shards of a write_sam_folder world (images by address, the dense caption) with
     one more column: each image's `column` from the world's ground truth."""
-    from demo.world import read_scenes
+    from tiny.world import read_scenes
     from shards import CAPTION_SCHEMA, ShardWriter
 
     schema = CAPTION_SCHEMA.append(pa.field(column, pa.string()))
@@ -33,9 +33,9 @@ def write_labelled_shards(world_dir: Path, out_dir: Path, column: str = "shape",
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from demo.alignment import corpus
-    from demo.world import write_sam_folder
-    from t2i.tiny import build_tiny_models
+    from tiny.alignment import corpus
+    from tiny.world import write_sam_folder
+    from tiny.pixart import build_tiny_models
 
     root = tmp_path_factory.mktemp("class_cond")
     models = build_tiny_models(root / "models", corpus(300), vae_fit_steps=20)  # quality does not matter here

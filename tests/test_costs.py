@@ -154,11 +154,12 @@ def check_record(r: dict, job: str) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from t2i.tiny import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus, write_simple_world
 
     root = tmp_path_factory.mktemp("costs")
-    models = build_tiny_models(root / "models", tiny_corpus(), vae_fit_steps=20)
-    write_tiny_world(root / "captions", 64, rows_per_shard=64)
+    models = build_tiny_models(root / "models", simple_corpus(), vae_fit_steps=20)
+    write_simple_world(root / "captions", 64, rows_per_shard=64)
     return {"root": root, "captions": root / "captions", **models}
 
 

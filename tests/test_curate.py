@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from curate_world import make_world
-from demo import world as W
+from tiny.curate_world import make_world
+from tiny import world as W
 from shards.reader import complete_shards, done_keys, iter_batches
 from shards.schema import CAPTION_SCHEMA
 
@@ -28,7 +28,7 @@ PY = sys.executable
 
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory) -> Path:
-    from curate.tiny_clip import train_world_clip
+    from tiny.clip import train_world_clip
 
     return train_world_clip(tmp_path_factory.mktemp("clip") / "clip", n=600, seed=0)
 
@@ -52,9 +52,10 @@ def _emb(frame: pl.DataFrame, column: str) -> np.ndarray:
     return np.array(frame[column].to_list(), np.float32)
 
 
+@pytest.mark.slow
 def test_clip_score_ranks_own_caption_above_a_shuffled_one(clip_dir):
     from shards.models.clip import ClipEmbedder, clip_scores
-    from curate.tiny_clip import world_caption
+    from tiny.clip import world_caption
 
     clip = ClipEmbedder(str(clip_dir))
     scenes = W.sample_scenes(200, seed=5, split="heldout")  # triples the CLIP never saw
@@ -66,6 +67,7 @@ def test_clip_score_ranks_own_caption_above_a_shuffled_one(clip_dir):
         assert (own > shuffled).mean() >= 0.95
 
 
+@pytest.mark.slow
 def test_score_rows_keys_and_unreadable_images_are_recorded(scored):
     scores, truth = scored["scores"], scored["truth"]
     assert sorted(scores["key"].to_list()) == sorted([*truth, "broken", "missing"]), "one row per caption row"
@@ -102,12 +104,14 @@ def test_blur_and_jpeg_quality_estimates():
     assert jpeg_quality(buf.getvalue()) is None
 
 
+@pytest.mark.slow
 def test_language_id_flags_the_non_english_captions(scored):
     langs = dict(scored["scores"].select("key", "lang").iter_rows())
     for key, t in scored["truth"].items():
         assert langs[key] == t["lang"], key
 
 
+@pytest.mark.slow
 def test_near_duplicates_found_without_false_merges(scored):
     dedup, truth = scored["dedup"], scored["truth"]
     cluster = dict(dedup.select("key", "dup_cluster").iter_rows())
@@ -126,6 +130,7 @@ def test_near_duplicates_found_without_false_merges(scored):
     assert not near & {k for k, t in truth.items() if t["original"] == k}, "representatives are kept"
 
 
+@pytest.mark.slow
 def test_aesthetic_head_fitted_on_ratings_selects_the_high_quality_subset(tmp_path, clip_dir):
     from curate.api import ScoreConfig, run_score
     from curate.select import run_select
@@ -155,6 +160,7 @@ def test_nsfw_model_loads_offline_and_scores(tmp_path):
     assert all(isinstance(s, float) and 0.0 <= s < 0.2 and labels == "" for s, labels in results), results
 
 
+@pytest.mark.slow
 def test_select_writes_caption_shards_and_reports_each_condition(scored, tmp_path):
     from curate.select import run_select
 
@@ -174,6 +180,7 @@ def test_select_writes_caption_shards_and_reports_each_condition(scored, tmp_pat
     assert all(r["caption"] for r in rows)
 
 
+@pytest.mark.slow
 def test_bad_where_is_one_line_naming_the_columns(scored, tmp_path):
     from cli import app
 
@@ -189,6 +196,7 @@ def _keys(directory: Path) -> list[str]:
     return [k for b in iter_batches(directory, columns=["key"]) for k in b.column("key").to_pylist()]
 
 
+@pytest.mark.slow
 def test_score_resumes_after_kill_9_without_duplicates(scored, clip_dir, tmp_path):
     out = tmp_path / "scores"
     cmd = [PY, "cli.py", "score", "--shards", str(scored["captions"]), "--out", str(out), "--scorers", "clip,dedup,image",
@@ -211,6 +219,7 @@ def test_score_resumes_after_kill_9_without_duplicates(scored, clip_dir, tmp_pat
     assert sorted(dedup["key"].to_list()) == sorted(keys), "the dedup pass covers every row once"
 
 
+@pytest.mark.slow
 def test_select_resumes_after_a_crash_without_duplicates(scored, tmp_path):
     from curate.select import run_select
 

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from curate_world import make_world
+from tiny.curate_world import make_world
 from shards.reader import complete_shards
 
 pytest.importorskip("ray")
@@ -16,6 +16,7 @@ def _frame(directory) -> pl.DataFrame:
     return pl.read_parquet([str(p) for p in complete_shards(directory)]).sort("key")
 
 
+@pytest.mark.slow
 def test_ray_engine_writes_the_local_engines_rows_and_resumes(tmp_path):
     from curate.api import ScoreConfig, run_score
 
@@ -37,6 +38,6 @@ def test_ray_engine_writes_the_local_engines_rows_and_resumes(tmp_path):
 
 def _clip(tmp_path):
     """A tiny CLIP, untrained: the engines must agree whatever the weights."""
-    from curate.tiny_clip import build_tiny_clip, save_clip
+    from tiny.clip import build_tiny_clip, save_clip
 
     return save_clip(*build_tiny_clip(["a red circle"]), tmp_path / "clip")

@@ -133,9 +133,9 @@ def test_full_demo_keeps_the_whole_dense_caption(tmp_path):
     would cut their second sentence, which names colour and shape again)."""
     from transformers import T5TokenizerFast
 
-    from demo import world as W
+    from tiny import world as W
     from demo.run import DemoConfig
-    from t2i.tiny import build_tiny_text_encoder
+    from tiny.pixart import build_tiny_text_encoder
 
     captions = [W.dense_caption(s) for s in W.sample_scenes(200, 0, "any")]
     tok = T5TokenizerFast.from_pretrained(build_tiny_text_encoder(tmp_path / "t5", captions) / "tokenizer")

@@ -13,30 +13,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from shards.lock import LEASE_FILE, LOCK_FILE, OutputLocked, output_lock
 from shards.reader import complete_shards
+from tiny.images import jpeg_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def jpeg_bytes(w=64, h=48, seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def image_folder(root: Path, n: int) -> Path:
     root.mkdir(parents=True)
     for i in range(n):
-        (root / f"sa_{i}.jpg").write_bytes(jpeg_bytes(seed=i))
+        (root / f"sa_{i}.jpg").write_bytes(jpeg_bytes(64, 48, seed=i))
     return root
 
 
@@ -50,13 +42,6 @@ def one_line_error(text: str, expected: str) -> None:
     lines = [l for l in text.strip().splitlines() if l.strip()]
     errors = [l for l in lines if l.startswith("error: ")]
     assert "Traceback" not in text and len(errors) == 1 and errors[0] == lines[-1] and expected in errors[0], text
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from autolabel.tiny_llava import build_tiny_llava
-
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)
 
 
 # ---- the lock ---------------------------------------------------------------------------------
@@ -104,11 +89,12 @@ def test_lease_on_an_object_store(monkeypatch):
         pass
 
 
-def test_two_caption_runs_on_one_out_second_is_refused(tmp_path, tiny_model):
+@pytest.mark.slow
+def test_two_caption_runs_on_one_out_second_is_refused(tmp_path, tiny_llava):
     """Finding 1: two identical caption commands 1 s apart wrote every row twice."""
     src = image_folder(tmp_path / "src", 12)
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "cli.py"), "caption", "--src", str(src), "--out", str(out), "--model", str(tiny_model),
+    cmd = [sys.executable, str(ROOT / "cli.py"), "caption", "--src", str(src), "--out", str(out), "--model", str(tiny_llava),
            "--backend", "transformers", "--max-new-tokens", "8", "--temperature", "0", "--batch-size", "2",
            "--shard-size", "2", "--workers", "1", "--no-progress"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -184,7 +170,7 @@ def test_read_only_or_denied_output_is_one_line(tmp_path, monkeypatch, code, exp
     one_line_error(r.output, f"cannot create the output directory {tmp_path / 'out'}: {expected}")
 
 
-def test_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, tiny_model):
+def test_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, tiny_llava):
     from shards import writer
 
     src = image_folder(tmp_path / "src", 5)
@@ -198,12 +184,12 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, tiny
         return real(*a, **k)
 
     monkeypatch.setattr(writer.pq, "write_table", fills_up)
-    r = caption_cli(src, out, tiny_model)
+    r = caption_cli(src, out, tiny_llava)
     assert r.exit_code == 2
     one_line_error(r.output, f"cannot write {out}: no space left on the device")
     assert read_rows(out).height == 2  # only the complete shard counts
     monkeypatch.setattr(writer.pq, "write_table", real)
-    r = caption_cli(src, out, tiny_model)
+    r = caption_cli(src, out, tiny_llava)
     assert r.exit_code == 0, r.output
     rows = read_rows(out)
     assert rows.height == rows["key"].n_unique() == 5
@@ -248,7 +234,7 @@ def test_img2dataset_folder_is_not_refused_for_its_metadata_parquet(tmp_path):
     (root / "00000").mkdir(parents=True)
     for i in range(3):
         key = f"00000{i:04d}"
-        (root / "00000" / f"{key}.jpg").write_bytes(jpeg_bytes(seed=i))
+        (root / "00000" / f"{key}.jpg").write_bytes(jpeg_bytes(64, 48, seed=i))
         (root / "00000" / f"{key}.txt").write_text(f"alt {i}")
         (root / "00000" / f"{key}.json").write_text(json.dumps({"url": "http://x", "key": key, "caption": f"alt {i}",
                                                                  "status": "success", "width": 64, "height": 48}))
@@ -260,7 +246,7 @@ def test_img2dataset_folder_is_not_refused_for_its_metadata_parquet(tmp_path):
     assert count_items([root]) == 3
 
 
-def test_truncated_tar_error_row_goes_once_the_tar_is_whole(tmp_path, tiny_model):
+def test_truncated_tar_error_row_goes_once_the_tar_is_whole(tmp_path, tiny_llava):
     import tarfile
 
     from autolabel.api import run_caption
@@ -269,13 +255,13 @@ def test_truncated_tar_error_row_goes_once_the_tar_is_whole(tmp_path, tiny_model
     whole = io.BytesIO()
     with tarfile.open(fileobj=whole, mode="w") as tf:
         for i in range(3):
-            data = jpeg_bytes(seed=i)
+            data = jpeg_bytes(64, 48, seed=i)
             info = tarfile.TarInfo(f"sa_{i}.jpg")
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     tar = tmp_path / "sa_000000.tar"
     tar.write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])  # a download cut short
-    captioner = TransformersCaptioner(str(tiny_model))
+    captioner = TransformersCaptioner(str(tiny_llava))
     kw = dict(max_new_tokens=2, shard_size=2, progress=False, captioner=captioner)
     run_caption([tar], tmp_path / "out", **kw)
     rows = read_rows(tmp_path / "out")

@@ -86,9 +86,10 @@ def decode_raw(buf: bytes, dtype: str | None, shape) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    from t2i.tiny import build_tiny_models, tiny_corpus
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus
 
-    return build_tiny_models(tmp_path_factory.mktemp("models"), tiny_corpus() + ["a green circle on the left"], vae_fit_steps=0)
+    return build_tiny_models(tmp_path_factory.mktemp("models"), simple_corpus() + ["a green circle on the left"], vae_fit_steps=0)
 
 
 def fcfg(models, **kw):

@@ -39,7 +39,7 @@ def test_clip_size_dict_gives_its_short_side():
 
 def test_tiny_llava_job_uses_the_processor_input_size(tmp_path):
     from autolabel.backends import TransformersCaptioner, size_policy_of
-    from autolabel.tiny_llava import build_tiny_llava
+    from tiny.llava import build_tiny_llava
 
     model_dir = build_tiny_llava(tmp_path / "m", image_size=48, patch_size=8, seed=0)
     captioner = TransformersCaptioner(str(model_dir), device="cpu")
@@ -88,6 +88,7 @@ def one_image(tmp_path):
     return src
 
 
+@pytest.mark.slow
 def test_caption_unknown_id_offline_is_one_line_error(tmp_path, one_image):
     r = _cli(["caption", "--src", str(one_image), "--out", str(tmp_path / "out"), "--model", UNKNOWN,
               "--backend", "transformers"], HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"))
@@ -97,6 +98,7 @@ def test_caption_unknown_id_offline_is_one_line_error(tmp_path, one_image):
     assert "Traceback" not in r.stderr and "Retrying" not in r.stderr
 
 
+@pytest.mark.slow
 def test_caption_unreachable_hub_fails_without_retries(tmp_path, one_image):
     """No network (here: a closed local port as the endpoint) and no HF_HUB_OFFLINE: one probe,
     no retries, the one-line error."""

@@ -59,10 +59,10 @@ def assert_resumes(args: list[str], out: Path, keys: set[str]) -> None:
 
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory) -> Path:
-    from t2i.tiny import write_tiny_world
+    from tiny.world import write_simple_world
 
     caps = tmp_path_factory.mktemp("job-settings") / "captions"
-    write_tiny_world(caps, 8, rows_per_shard=8)
+    write_simple_world(caps, 8, rows_per_shard=8)
     return caps
 
 
@@ -72,7 +72,7 @@ def test_caption_rerun_with_other_settings_is_refused(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from autolabel.tiny_llava import build_tiny_llava
+    from tiny.llava import build_tiny_llava
 
     model = build_tiny_llava(tmp_path / "llava", seed=0)
     (tmp_path / "src").mkdir()
@@ -129,9 +129,10 @@ def test_features_settings_name_their_directory_and_a_foreign_one_is_refused(tmp
     with another --resolution writes its own directory and mixes nothing; a directory whose
     recorded settings are not its name's (moved, or made by another version) is refused."""
     from t2i.features import FeatureConfig, features_dir
-    from t2i.tiny import build_tiny_models, tiny_corpus
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus
 
-    models = build_tiny_models(tmp_path / "models", tiny_corpus(), vae_fit_steps=0)
+    models = build_tiny_models(tmp_path / "models", simple_corpus(), vae_fit_steps=0)
     root = tmp_path / "feats"
 
     def args(resolution: str) -> list[str]:

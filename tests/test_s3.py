@@ -26,7 +26,7 @@ from autolabel.api import run_caption
 from cli import app
 from conftest import ROOT
 from shards import complete_shards, fs, iter_batches, read_manifest
-from test_caption import hf_captioner, jpeg_bytes, tiny_model  # noqa: F401 - fixtures
+from tiny.images import jpeg_bytes
 
 
 
@@ -100,14 +100,14 @@ KW = dict(max_new_tokens=4, temperature=0.0, batch_size=2, shard_size=2, progres
 
 
 @pytest.mark.slow
-def test_cli_caption_to_s3_survives_a_lost_marker_and_stats_reads_it(s3, tmp_path, tiny_model, hf_captioner):
+def test_cli_caption_to_s3_survives_a_lost_marker_and_stats_reads_it(s3, tmp_path, tiny_llava, hf_captioner):
     src = tmp_path / "sam"
     make_sam(src)
     run_caption([src], tmp_path / "local", captioner=hf_captioner, **KW)
     expected = rows(tmp_path / "local")
 
     out = "s3://caps/run"
-    r = cli_caption(str(src), out, tiny_model, s3["env"])
+    r = cli_caption(str(src), out, tiny_llava, s3["env"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "captioned 4, failed 1" in r.stdout
     assert rows(out).equals(expected)
@@ -123,7 +123,7 @@ def test_cli_caption_to_s3_survives_a_lost_marker_and_stats_reads_it(s3, tmp_pat
     lost = set(pl.from_arrow(fs.read_table(f"s3://caps/{lost_shard}"))["key"])
     s3["client"].delete_object(Bucket="caps", Key=f"{lost_shard}.done")
     assert len(complete_shards(out)) == 2
-    r = cli_caption(str(src), out, tiny_model, s3["env"])
+    r = cli_caption(str(src), out, tiny_llava, s3["env"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"skipped as already done {5 - len(lost)}" in r.stdout
     assert rows(out).equals(expected)
@@ -142,7 +142,7 @@ def test_cli_caption_to_s3_survives_a_lost_marker_and_stats_reads_it(s3, tmp_pat
 
 
 @pytest.mark.slow
-def test_ray_engine_reads_images_from_s3_and_writes_shards_to_s3(s3, tmp_path, tiny_model, hf_captioner):
+def test_ray_engine_reads_images_from_s3_and_writes_shards_to_s3(s3, tmp_path, tiny_llava, hf_captioner):
     import ray
     src = tmp_path / "sam"
     make_sam(src, n=3)
@@ -152,7 +152,7 @@ def test_ray_engine_reads_images_from_s3_and_writes_shards_to_s3(s3, tmp_path, t
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # workers inherit the AWS_* env
     try:
-        s = run_caption(["s3://imgs/sam"], "s3://caps/ray", engine="ray", model=str(tiny_model), backend="transformers", **KW)
+        s = run_caption(["s3://imgs/sam"], "s3://caps/ray", engine="ray", model=str(tiny_llava), backend="transformers", **KW)
     finally:
         ray.shutdown()
     assert (s.captioned, s.failed) == (3, 1)

@@ -25,11 +25,11 @@ from autolabel.api import run_caption
 from shards.layout import JOURNAL
 from shards.retry import finish_interrupted_retry
 from cli import app
-from conftest import ROOT, SHARED_DATA
+from conftest import LAION_SAMPLE, ROOT
 from shards import CaptionRow, ShardWriter, UserError, clean_incomplete, complete_shards, done_keys, fs, iter_batches, read_manifest
 from shards.schema import CAPTION_SCHEMA
 from shards.writer import done_marker, sha256_file
-from test_caption import hf_captioner, jpeg_bytes, tiny_model  # noqa: F401 - fixtures
+from tiny.images import jpeg_bytes
 
 BUCKET = "memory://bucket"
 
@@ -185,25 +185,25 @@ def cli_caption(src: Path, out: str, model: Path) -> subprocess.CompletedProcess
 
 
 @pytest.mark.slow
-def test_cli_caption_to_a_file_uri_matches_a_local_path_and_resumes(tmp_path, tiny_model, hf_captioner):
+def test_cli_caption_to_a_file_uri_matches_a_local_path_and_resumes(tmp_path, tiny_llava, hf_captioner):
     src = tmp_path / "src"
     make_images(src, n=3)
     out = tmp_path / "out dir"  # as_uri() percent-encodes the space
-    r = cli_caption(src, out.as_uri(), tiny_model)
+    r = cli_caption(src, out.as_uri(), tiny_llava)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "captioned 3, failed 1" in r.stdout
     local = tmp_path / "local"
     run_caption([src], local, max_new_tokens=4, temperature=0.0, batch_size=2, shard_size=2, progress=False, captioner=hf_captioner)
     assert rows(out).equals(rows(local))  # the URI named this very directory
     assert json.loads((out / "manifest.json").read_text())["rows"] == 4
-    r = cli_caption(src, out.as_uri(), tiny_model)
+    r = cli_caption(src, out.as_uri(), tiny_llava)
     assert r.returncode == 0 and "captioned 0, failed 0, skipped as already done 4" in r.stdout, r.stderr[-2000:]
 
 
-def test_cli_unknown_out_scheme_is_one_line_error(tmp_path, tiny_model):
+def test_cli_unknown_out_scheme_is_one_line_error(tmp_path, tiny_llava):
     src = tmp_path / "src"
     make_images(src, n=1)
-    r = cli_caption(src, "nosuch://bucket/out", tiny_model)
+    r = cli_caption(src, "nosuch://bucket/out", tiny_llava)
     err = r.stderr.strip()
     assert r.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("error: nosuch://bucket/out: unknown filesystem scheme 'nosuch'"), err
@@ -215,7 +215,7 @@ def test_cli_unknown_out_scheme_is_one_line_error(tmp_path, tiny_model):
 def test_stats_on_memory_shard_dir_and_parquet_equal_local(tmp_path):
     from dataset_stats.api import StatsOptions, run_stats
 
-    captions = pq.read_table(SHARED_DATA / "laion_sample_10k.parquet", columns=["TEXT"]).column("TEXT").to_pylist()[:150]
+    captions = pq.read_table(LAION_SAMPLE, columns=["TEXT"]).column("TEXT").to_pylist()[:150]
     local = tmp_path / "captions"
     w = ShardWriter(local, rows_per_shard=40)
     w.add_many({"key": f"k{i}", "caption": c} for i, c in enumerate(captions))
@@ -254,7 +254,7 @@ def test_features_read_caption_shards_from_memory(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_engines_write_and_read_memory_uris(tmp_path, tiny_model, hf_captioner):
+def test_ray_engines_write_and_read_memory_uris(tmp_path, tiny_llava, hf_captioner):
     """--engine ray: the driver is the single writer, so it writes to any URI this process opens
     (memory:// included); stats on Ray reads a memory:// shard dir through the driver's readers."""
     ray = pytest.importorskip("ray")
@@ -267,7 +267,7 @@ def test_ray_engines_write_and_read_memory_uris(tmp_path, tiny_model, hf_caption
     run_caption([src], tmp_path / "local", captioner=hf_captioner, **kw)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # one Ray for both jobs
     try:
-        s = run_caption([src], f"{BUCKET}/ray", engine="ray", model=str(tiny_model), backend="transformers", **kw)
+        s = run_caption([src], f"{BUCKET}/ray", engine="ray", model=str(tiny_llava), backend="transformers", **kw)
         assert (s.captioned, s.failed) == (3, 1)
         assert rows(f"{BUCKET}/ray").equals(rows(tmp_path / "local"))
         assert read_manifest(f"{BUCKET}/ray")["config"]["engine"] == "ray"

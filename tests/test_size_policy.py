@@ -13,7 +13,7 @@ from PIL import Image
 from autolabel.prepare import prepare_for_model
 from autolabel.sizing import DEFAULT_MAX_PIXELS, pixel_limits, set_pixel_limits, size_policy
 from shards.errors import UserError
-from tiny_vlms import released_processors
+from tiny.vlms import released_processors
 
 SAM = (1500, 2250)  # an SA-1B image (portrait)
 

@@ -1,6 +1,6 @@
 """`t2i-data stats`: readers, noun counting, metrics, reports and the CLI's error handling.
 
-Small slices of the shared LAION sample and COCO captions keep this fast; one slow test runs
+Small slices of the LAION sample and COCO captions in tests/data keep this fast; one slow test runs
 the whole 10k LAION sample for the paper's 6.4 nouns per caption.
 """
 
@@ -20,13 +20,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import ROOT, SHARED_DATA
+from conftest import COCO_SAMPLE, LAION_SAMPLE, ROOT
 from dataset_stats.api import StatsOptions, run_stats
 from dataset_stats.metrics import NounStore
 from shards.errors import UserError
 
-LAION = SHARED_DATA / "laion_sample_10k.parquet"
-COCO = SHARED_DATA / "coco_captions_val2017.json"
+LAION = LAION_SAMPLE
+COCO = COCO_SAMPLE
 runner = CliRunner()
 
 
@@ -326,6 +326,7 @@ def test_split_long_cuts_at_whitespace_and_keeps_every_character():
     assert split_long("short", limit=32) == ["short"]
 
 
+@pytest.mark.slow
 def test_million_character_caption_is_split_counted_and_reported(tmp_path):
     """spaCy refuses texts over 1,000,000 characters (E088); we tag such a caption in pieces."""
     sentence = "A dog on a sofa. "

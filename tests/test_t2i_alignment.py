@@ -1,4 +1,4 @@
-"""The model learns text-image alignment: a tiny preset trained ~1 CPU minute on demo/world.py's
+"""The model learns text-image alignment: a tiny preset trained ~1 CPU minute on tiny/world.py's
 coloured shapes follows the prompt's colour and position far above chance (automatic judge).
 The longer curve is benchmarks/alignment_curve.py (BENCHMARKS.md)."""
 
@@ -7,15 +7,14 @@ import torch
 
 
 @pytest.mark.slow
-def test_tiny_model_follows_colour_and_position(tmp_path):
-    from demo.alignment import corpus, evaluate, write_world_shards
+def test_tiny_model_follows_colour_and_position(tmp_path, world_models):
     from t2i.sample import pipeline_from_checkpoint
-    from t2i.tiny import build_tiny_models
     from t2i.stage import run_stage
     from t2i.train import TrainConfig
+    from tiny.alignment import evaluate, write_world_shards
 
     torch.set_num_threads(1)
-    models = build_tiny_models(tmp_path / "models", corpus(), vae_fit_steps=300)
+    models = world_models
     write_world_shards(tmp_path / "captions", 2048)
     cfg = TrainConfig(preset="PixArt-tiny/2", resolution=16, vae=models["vae"], text_encoder=models["text_encoder"],
                       max_tokens=40, text_dtype="float32", batch_size=64, steps=2000, lr=1e-3, warmup_steps=20,

@@ -27,16 +27,17 @@ def write_two_field_world(out: Path, size: int = 16) -> dict[str, dict]:
     """Caption shards whose rows have a dense `caption` and a different `caption_short`, as
     `t2i-data caption --prompts dense,short` writes them; some rows lack the short one, one
     errored. Returns the rows by key."""
-    from t2i.tiny import COLORS, POSITIONS, SHAPES, draw_shape
+    from tiny.world import render, short_caption, simple_scene
 
     rng = np.random.default_rng(1)
     w = ShardWriter(out, rows_per_shard=20, writer_id="0000f1e1")
     rows = {}
     for i in range(N_ROWS):
-        c, p, s = rng.choice(list(COLORS)), rng.choice(POSITIONS), rng.choice(SHAPES)
+        scene = simple_scene(rng)
         buf = io.BytesIO()
-        draw_shape(c, p, s, size, jitter=1, rng=rng).save(buf, format="PNG")
-        row = CaptionRow(key=f"k{i:03d}", caption=f"a {c} {s} on the {p}", caption_short=None if i in NO_SHORT else f"{c} {s}",
+        render(scene, size).save(buf, format="PNG")
+        short = None if i in NO_SHORT else f"{scene.color} {scene.shape}"
+        row = CaptionRow(key=f"k{i:03d}", caption=short_caption(scene), caption_short=short,
                          width=size, height=size, image=buf.getvalue(), model="synthetic")
         if i == ERRORED:
             row.caption, row.caption_short, row.error = None, None, "captioning failed"
@@ -49,10 +50,11 @@ def write_two_field_world(out: Path, size: int = 16) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from t2i.features import FeatureConfig, compute_features
-    from t2i.tiny import build_tiny_models, tiny_corpus
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus
 
     root = tmp_path_factory.mktemp("fields")
-    models = build_tiny_models(root / "models", tiny_corpus(), vae_fit_steps=0)
+    models = build_tiny_models(root / "models", simple_corpus(), vae_fit_steps=0)
     rows = write_two_field_world(root / "captions")
     cfg = FeatureConfig(vae=models["vae"], text_encoder=models["text_encoder"], resolution=16, max_tokens=16,
                         text_dtype="float32", caption_fields=FIELDS, batch_size=8, rows_per_shard=25)

@@ -44,6 +44,7 @@ def test_compiled_blocks_match_eager_and_keep_state_dict_keys():
         torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.slow
 def test_one_compiled_graph_serves_every_block():
     graphs = {}
     for depth in (2, 6):

@@ -45,11 +45,12 @@ RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from t2i.tiny import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus, write_simple_world
 
     root = tmp_path_factory.mktemp("ddp")
-    models = build_tiny_models(root / "models", tiny_corpus(), vae_fit_steps=10)
-    write_tiny_world(root / "captions", 64, rows_per_shard=32)  # one epoch = 4 global batches of 16
+    models = build_tiny_models(root / "models", simple_corpus(), vae_fit_steps=10)
+    write_simple_world(root / "captions", 64, rows_per_shard=32)  # one epoch = 4 global batches of 16
     (root / "m.toml").write_text(MANIFEST)
     return {"root": root, **models}
 

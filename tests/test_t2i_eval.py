@@ -15,15 +15,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from demo import world as W
+from tiny import world as W
 
 PROMPT_SEED = 7
 
 
 def _train_tiny_clip(out: Path) -> Path:
     """A tiny CLIP at the generated images' size (16 px), fitted on rendered world scenes."""
-    from curate.tiny_clip import build_tiny_clip, fit_on_world, save_clip
-    from demo.alignment import corpus
+    from tiny.alignment import corpus
+    from tiny.clip import build_tiny_clip, fit_on_world, save_clip
 
     scenes = W.sample_scenes(400, seed=0)
     texts = [W.dense_caption(s) for s in scenes]
@@ -33,18 +33,17 @@ def _train_tiny_clip(out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, world_models):
     """A run directory with an untrained checkpoint (step 1) and a trained one (800 steps), the
     tiny CLIP, and a folder of reference world images."""
-    from demo.alignment import corpus, write_world_shards
-    from t2i.tiny import build_tiny_models
     from t2i.stage import run_stage
     from t2i.train import TrainConfig
+    from tiny.alignment import write_world_shards
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval")
     clip = _train_tiny_clip(root / "clip")
-    models = build_tiny_models(root / "models", corpus(), vae_fit_steps=300)
+    models = world_models
     write_world_shards(root / "captions", 512)
     cfg = TrainConfig(preset="PixArt-tiny/2", resolution=16, vae=models["vae"], text_encoder=models["text_encoder"],
                       max_tokens=40, text_dtype="float32", batch_size=32, steps=1, lr=1e-3, warmup_steps=20,
@@ -62,6 +61,7 @@ def prompts(n: int = 48) -> list[str]:
     return [W.dense_caption(s) for s in W.sample_scenes(n, seed=PROMPT_SEED)]
 
 
+@pytest.mark.slow
 def test_eval_ranks_trained_above_untrained_and_writes_json_and_html(world, tmp_path):
     from t2i.evaluate import evaluate_checkpoints
 
@@ -86,6 +86,7 @@ def test_eval_ranks_trained_above_untrained_and_writes_json_and_html(world, tmp_
     assert [json.loads(l)["prompt"] for l in lines] == prompts()
 
 
+@pytest.mark.slow
 def test_cli_eval_one_checkpoint_with_aesthetic_resumes(world, tmp_path):
     """The CLI on a single checkpoint directory with an aesthetic head; a rerun reuses the result."""
     import cli
@@ -110,6 +111,7 @@ def test_cli_eval_one_checkpoint_with_aesthetic_resumes(world, tmp_path):
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["checkpoints"] == result
 
 
+@pytest.mark.slow
 def test_eval_an_exported_pipeline_scores_as_its_checkpoint(world, tmp_path):
     """An `export` folder is sampled through diffusers' pipeline + the saved null caption: the same
     images, so the same scores, as the checkpoint it came from."""
@@ -125,6 +127,7 @@ def test_eval_an_exported_pipeline_scores_as_its_checkpoint(world, tmp_path):
     assert from_export[0]["clip_score"] == pytest.approx(from_checkpoint[0]["clip_score"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_eval_bad_inputs_are_one_line_errors(world, tmp_path):
     import cli
 

@@ -15,11 +15,12 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from t2i.tiny import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus, write_simple_world
 
     root = tmp_path_factory.mktemp("t2i-rec")
-    models = build_tiny_models(root / "models", tiny_corpus(), vae_fit_steps=50)
-    write_tiny_world(root / "captions", 128, rows_per_shard=64)
+    models = build_tiny_models(root / "models", simple_corpus(), vae_fit_steps=50)
+    write_simple_world(root / "captions", 128, rows_per_shard=64)
     return {"root": root, "captions": root / "captions", "features": root / "features", **models}
 
 

@@ -16,11 +16,12 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from t2i.tiny import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus, write_simple_world
 
     root = tmp_path_factory.mktemp("t2i")
-    models = build_tiny_models(root / "models", tiny_corpus(), vae_fit_steps=150)
-    write_tiny_world(root / "captions", 256, rows_per_shard=100)
+    models = build_tiny_models(root / "models", simple_corpus(), vae_fit_steps=150)
+    write_simple_world(root / "captions", 256, rows_per_shard=100)
     return {"root": root, "captions": root / "captions", **models}
 
 

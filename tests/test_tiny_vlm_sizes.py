@@ -1,4 +1,4 @@
-"""tests/tiny_vlms.py's "small" size: the real dimensions of small released captioners (random
+"""tiny/vlms.py's "small" size: the real dimensions of small released captioners (random
 weights, for benchmarks/vlm_throughput_bench.py --scale small). Config and processor only; the
 parameter counts come from a model built on the meta device (no memory, no weights)."""
 
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from autolabel.sizing import DEFAULT_MAX_PIXELS
-from tiny_vlms import SMALL, build_tiny_vlm, model_parts
+from tiny.vlms import SMALL, build_tiny_vlm, model_parts
 
 PROMPT = "Describe this image in one short sentence"
 
@@ -27,6 +27,7 @@ def parameters(module: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+@pytest.mark.slow
 def test_small_idefics_is_smolvlm_256m(family):
     cls, cfg, processor = model_parts(family, "small")
     t, v = cfg.text_config, cfg.vision_config

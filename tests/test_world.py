@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from demo import world as W
+from tiny import judge as J
+from tiny import world as W
 
 
 def _jpeg(img: Image.Image, quality: int = 92) -> Image.Image:
@@ -83,19 +84,19 @@ def test_alt_texts_are_noisy_and_usually_miss_the_object():
 
 def test_dense_caption_parses_back_to_the_scene():
     for s in W.sample_scenes(200, seed=5, split="any"):
-        got = W.parse_caption(W.dense_caption(s))
+        got = J.parse_caption(W.dense_caption(s))
         assert got == {"color": s.color, "shape": s.shape, "position": s.position, "size": s.size}
-        assert {k: v for k, v in W.parse_caption(W.prompt_text(s)).items()} == got
-    assert W.parse_caption("Two big violet discs in the middle.") == {
+        assert {k: v for k, v in J.parse_caption(W.prompt_text(s)).items()} == got
+    assert J.parse_caption("Two big violet discs in the middle.") == {
         "color": "purple", "shape": "circle", "position": "center", "size": "large"}  # fmt: skip
-    assert W.parse_caption("nice picture") == {"color": None, "shape": None, "position": None, "size": None}
-    assert W.parse_caption(None)["color"] is None
+    assert J.parse_caption("nice picture") == {"color": None, "shape": None, "position": None, "size": None}
+    assert J.parse_caption(None)["color"] is None
 
 
 def test_score_captions_counts_and_chance():
     scenes = W.sample_scenes(4, seed=0)
     captions = [W.dense_caption(scenes[0]), W.dense_caption(scenes[1]), "nothing here", W.dense_caption(scenes[0])]
-    r = W.score_captions(list(zip(scenes, captions)))
+    r = J.score_captions(list(zip(scenes, captions)))
     assert r["n"] == 4 and r["color"]["chance"] == pytest.approx(1 / 6) and r["position"]["chance"] == pytest.approx(1 / 5)
     assert r["all"]["correct"] >= 2 and r["all"]["correct"] <= 3
 
@@ -103,7 +104,7 @@ def test_score_captions_counts_and_chance():
 @pytest.mark.parametrize("size", [16, 32])
 def test_judge_image_reads_clean_renders(size):
     scenes = W.sample_scenes(300, seed=11, split="any")
-    r = W.score([(s, _jpeg(W.render(s, size))) for s in scenes])
+    r = J.score([(s, _jpeg(W.render(s, size))) for s in scenes])
     assert r["color"]["accuracy"] >= 0.95 and r["position"]["accuracy"] >= 0.95
     # measured (600 scenes): shape 0.99 at 32 px; at 16 px ~0.99 clean, ~0.87 after JPEG (a
     # small cross is ~5 px wide and JPEG blurs it into a disc)
@@ -113,18 +114,18 @@ def test_judge_image_reads_clean_renders(size):
 
 def test_judge_image_large_renders_and_empty_images():
     s = W.Scene("blue", "triangle", "right", "large", "beige", "gradient", texture_seed=4)
-    got = W.judge_image(W.render(s, 128))
+    got = J.judge_image(W.render(s, 128))
     assert (got["color"], got["shape"], got["position"], got["size"]) == ("blue", "triangle", "right", "large")
     blank = Image.new("RGB", (16, 16), (200, 200, 200))
-    assert W.judge_image(blank)["color"] is None
+    assert J.judge_image(blank)["color"] is None
     # a wrong image scores as wrong
     other = W.Scene("red", "circle", "left", "large", "white", "plain")
-    r = W.score([(s, W.render(other, 32))])
+    r = J.score([(s, W.render(other, 32))])
     assert r["color"]["correct"] == 0 and r["position"]["correct"] == 0 and r["shape"]["correct"] == 0
 
 
 def test_meta_dir_keeps_the_image_folder_a_pure_sam_source(tmp_path):
-    from demo.world import read_scenes, write_sam_folder
+    from tiny.world import read_scenes, write_sam_folder
 
     scenes = write_sam_folder(tmp_path / "sam", 5, seed=3, image_size=32, meta_dir=tmp_path / "truth")
     assert sorted(p.suffix for p in (tmp_path / "sam").iterdir()) == [".jpg"] * 5 + [".json"] * 5

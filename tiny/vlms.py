@@ -213,7 +213,7 @@ def build_internvl3(out: Path, seed: int = 0) -> Path:
 def build_llava_next(out: Path, seed: int = 0) -> Path:
     """LLaVA-NeXT (1.6): CLIP tiles on an anyres grid of pinpoints + Llama/Mistral text."""
     import transformers as T
-    from autolabel.tiny_llava import fix_vllm_keys
+    from tiny.llava import fix_vllm_keys
 
     tok = _tokenizer(["<pad>", "<s>", "</s>", "<image>"], "<s>", "</s>", "<pad>", add_bos=True,
                      extra_special_tokens={"image_token": "<image>"})  # fmt: skip
@@ -231,7 +231,7 @@ def build_llava_next(out: Path, seed: int = 0) -> Path:
 def build_llava_onevision(out: Path, seed: int = 0) -> Path:
     """LLaVA-OneVision: SigLIP tiles on an anyres_max_9 grid + Qwen2 text."""
     import transformers as T
-    from autolabel.tiny_llava import fix_vllm_keys
+    from tiny.llava import fix_vllm_keys
 
     tok = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"], None, "<|im_end|>", "<|endoftext|>",
                      add_bos=False, extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})  # fmt: skip
@@ -316,7 +316,7 @@ def build_gemma3(out: Path, seed: int = 0) -> Path:
                          image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"))  # fmt: skip
     ip = T.Gemma3ImageProcessor(size={"height": side, "width": side})
     processor = T.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=GEMMA3_TEMPLATE)
-    from autolabel.tiny_llava import fix_vllm_keys
+    from tiny.llava import fix_vllm_keys
 
     return _save(T.Gemma3ForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
 
@@ -325,7 +325,7 @@ def build_paligemma2(out: Path, seed: int = 0) -> Path:
     """PaliGemma 2: SigLIP at a fixed square + Gemma 2 text (soft-capped logits); no chat template:
     the processor puts the image tokens and <bos> before the prompt and a newline after it."""
     import transformers as T
-    from autolabel.tiny_llava import fix_vllm_keys
+    from tiny.llava import fix_vllm_keys
 
     tok = _tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], "<bos>", "<eos>", "<pad>", add_bos=True, gemma=True,
                      extra_special_tokens={"image_token": "<image>"})  # fmt: skip

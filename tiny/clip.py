@@ -1,4 +1,4 @@
-"""A tiny CLIP the project builds and trains itself in seconds, on the demo world.
+"""A tiny CLIP the project builds and trains itself in seconds, on the synthetic world (tiny.world).
 
 `build_tiny_clip` makes a small `CLIPModel` with a word-level tokenizer over the world's
 vocabulary and a `CLIPImageProcessor`; `fit_on_world` trains it contrastively (CLIP's symmetric
@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tiny.world import dense_caption, render, sample_scenes, with_low_quality
+
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 QUALITY_PHRASE = {"high": "a sharp, clean, high quality photo", "low": "a blurry, grainy, low quality photo"}
 
@@ -23,8 +25,6 @@ QUALITY_PHRASE = {"high": "a sharp, clean, high quality photo", "low": "a blurry
 def world_caption(scene) -> str:
     """What the tiny CLIP learns to match: the dense caption, plus how the image looks when the
     scene is low quality (web captions carry such words; that is how CLIP learns quality)."""
-    from demo.world import dense_caption
-
     suffix = " A blurry, grainy, low quality photo." if getattr(scene, "quality", "high") == "low" else ""
     return dense_caption(scene) + suffix
 
@@ -142,8 +142,6 @@ def train_world_clip(out_dir: str | Path, n: int = 600, seed: int = 0, low_quali
     """Build and fit a tiny CLIP on `n` rendered world scenes (train split, some low quality)
     and save it to `out_dir`. Deterministic for `seed`; a few seconds to a minute on CPU."""
     import dataclasses
-
-    from demo.world import render, sample_scenes, with_low_quality
 
     scenes = with_low_quality(sample_scenes(n, seed), low_quality, seed)
     texts = [world_caption(s) for s in scenes]

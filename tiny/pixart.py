@@ -68,25 +68,17 @@ def random_shape_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _outline(kind: str, cx: float, cy: float, h: float) -> list[tuple[float, float]]:
-    if kind == "box":
-        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
-    if kind == "triangle":
-        return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
-    a = 0.4 * h  # a plus sign
-    return [(cx - a, cy - h), (cx + a, cy - h), (cx + a, cy - a), (cx + h, cy - a), (cx + h, cy + a), (cx + a, cy + a),
-            (cx + a, cy + h), (cx - a, cy + h), (cx - a, cy + a), (cx - h, cy + a), (cx - h, cy - a), (cx - a, cy - a)]
-
-
 def shape_images(n: int, size: int = 32, seed: int = 0, degraded: float = 0.25) -> torch.Tensor:
     """`n` images in [-1, 1] of generic flat graphics: a plain, tilted or grainy background with
-    one or two anti-aliased discs, boxes, triangles or plus signs of random colour and size; a
-    share `degraded` blurred and grainy. What a VAE for illustration-like images should keep:
-    sharp edges and corners, flat colours, and blur and grain where the photo has them."""
-    from PIL import Image, ImageDraw, ImageFilter
+    one or two anti-aliased shapes of the world's kinds (tiny.world.shape_mask) of random colour,
+    size and place; a share `degraded` blurred and grainy. What a VAE for illustration-like
+    images should keep: sharp edges and corners, flat colours, and blur and grain where the photo
+    has them."""
+    from PIL import Image, ImageFilter
+
+    from tiny.world import SHAPES, shape_mask
 
     rng = np.random.default_rng(seed)
-    ss = 4  # supersampling: anti-aliased edges
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
     out = np.empty((n, 3, size, size), np.float32)
     for i in range(n):
@@ -98,16 +90,10 @@ def shape_images(n: int, size: int = 32, seed: int = 0, degraded: float = 0.25) 
         elif style == 2:
             img += rng.normal(0, 0.02, (size, size, 1))
         for _ in range(rng.integers(1, 3)):
-            kind = str(rng.choice(["disc", "box", "triangle", "plus"]))
+            shape = str(rng.choice(SHAPES))
             cx, cy = rng.uniform(0, size, 2)
-            h = rng.uniform(size / 12, size / 3.5)
-            mask = Image.new("L", (size * ss, size * ss), 0)
-            draw = ImageDraw.Draw(mask)
-            if kind == "disc":
-                draw.ellipse([(cx - h) * ss, (cy - h) * ss, (cx + h) * ss, (cy + h) * ss], fill=255)
-            else:
-                draw.polygon([(x * ss, y * ss) for x, y in _outline(kind, cx, cy, h)], fill=255)
-            alpha = np.asarray(mask.resize((size, size), Image.BOX), np.float32)[..., None] / 255
+            half = rng.uniform(size / 12, size / 3.5)
+            alpha = shape_mask(shape, cx, cy, 2 * half, size)[..., None]
             img = img * (1 - alpha) + rng.uniform(0, 1, 3) * alpha
         img = np.clip(img, 0, 1)
         if rng.uniform() < degraded:
@@ -180,53 +166,3 @@ def build_tiny_models(out_dir: str | Path, corpus: Iterable[str], vae_fit_steps:
     build_tiny_text_encoder(out_dir / "t5", corpus)
     build_tiny_vae(out_dir / "vae", fit_steps=vae_fit_steps)
     return {"vae": str(out_dir / "vae"), "text_encoder": str(out_dir / "t5")}
-
-
-# ---- a minimal synthetic captioned world (tests and benchmarks; demo/world.py is the full one) ----
-
-COLORS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 60, 220)}
-POSITIONS = ("left", "right")
-SHAPES = ("square", "circle")
-BACKGROUND = (235, 235, 235)
-
-
-def draw_shape(color: str, position: str, shape: str, size: int = 16, jitter: int = 0, rng=None):
-    """A PIL image: one `color` `shape` in the `position` half of a light background."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), BACKGROUND)
-    d = ImageDraw.Draw(img)
-    r = size // 4 - 1
-    cx = size // 4 if position == "left" else 3 * size // 4
-    cy = size // 2
-    if rng is not None and jitter:
-        cx += int(rng.integers(-jitter, jitter + 1))
-        cy += int(rng.integers(-jitter, jitter + 1))
-    box = (cx - r, cy - r, cx + r, cy + r)
-    (d.rectangle if shape == "square" else d.ellipse)(box, fill=COLORS[color])
-    return img
-
-
-def write_tiny_world(out_dir: str | Path, n: int, size: int = 16, seed: int = 0, rows_per_shard: int = 256) -> list[str]:
-    """Caption shards (shards.CAPTION_SCHEMA, embedded PNGs) of `n` random shapes with captions
-    like "a red circle on the left". Returns the captions."""
-    import io
-
-    from shards import CaptionRow, ShardWriter
-
-    rng = np.random.default_rng(seed)
-    w = ShardWriter(out_dir, rows_per_shard=rows_per_shard, writer_id=f"{seed % 2**32:08x}")
-    captions = []
-    for i in range(n):
-        c, p, s = rng.choice(list(COLORS)), rng.choice(POSITIONS), rng.choice(SHAPES)
-        buf = io.BytesIO()
-        draw_shape(c, p, s, size, jitter=1, rng=rng).save(buf, format="PNG")
-        cap = f"a {c} {s} on the {p}"
-        captions.append(cap)
-        w.add(CaptionRow(key=f"tiny-{i:06d}", caption=cap, width=size, height=size, image=buf.getvalue(), model="synthetic"))
-    w.close()
-    return captions
-
-
-def tiny_corpus() -> list[str]:
-    return [f"a {c} {s} on the {p}" for c in COLORS for s in SHAPES for p in POSITIONS]

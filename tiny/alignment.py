@@ -1,38 +1,26 @@
-"""Does the trained model follow the prompt? Train on demo/world.py's synthetic scenes (coloured
+"""Does the trained model follow the prompt? Train on tiny/world.py's synthetic scenes (coloured
 shapes at known positions, dense captions) and judge generated images automatically
-(`demo.world.judge_image`): accuracy of colour / position / shape against chance.
-(It lives in demo/, which uses t2i; t2i itself never imports demo.)"""
+(`tiny.judge.judge_image`): accuracy of colour / position / shape against chance.
+(t2i never imports tiny; tiny builds on t2i.)"""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from shards import CaptionRow, ShardWriter
+from tiny.judge import score
+from tiny.world import dense_caption, prompt_text, sample_scenes, write_caption_shards
 
 
 def write_world_shards(out_dir: str | Path, n: int, size: int = 16, seed: int = 0) -> list[str]:
     """Caption shards of `n` training-split scenes rendered at `size` px with their dense
     captions (embedded PNGs). Returns the captions (a corpus for the tiny tokenizer)."""
-    from demo.world import dense_caption, render, sample_scenes
-
-    w = ShardWriter(out_dir, rows_per_shard=512, writer_id=f"{seed % 2**32:08x}")
-    captions = []
-    for i, scene in enumerate(sample_scenes(n, seed, "train")):
-        buf = io.BytesIO()
-        render(scene, size).save(buf, format="PNG")
-        cap = dense_caption(scene)
-        captions.append(cap)
-        w.add(CaptionRow(key=f"world-{seed}-{i:07d}", caption=cap, width=size, height=size, image=buf.getvalue(), model="truth"))
-    w.close()
-    return captions
+    rows = ((f"world-{seed}-{i:07d}", scene, dense_caption(scene)) for i, scene in enumerate(sample_scenes(n, seed, "train")))
+    return write_caption_shards(out_dir, rows, size, "truth", rows_per_shard=512, seed=seed)
 
 
 def corpus(n: int = 2000, seed: int = 12345) -> list[str]:
     """Dense captions and prompts covering every word of the world's templates."""
-    from demo.world import dense_caption, prompt_text, sample_scenes
-
     scenes = sample_scenes(n, seed, "any")
     return [dense_caption(s) for s in scenes] + [prompt_text(s) for s in scenes]
 
@@ -45,8 +33,6 @@ def evaluate(pipe, null, n: int = 48, seed: int = 1, guidance: float = 4.5, step
     "short" with the world's one-sentence prompt. The tiny random T5 does not generalise from
     one template to the other (a real T5-XXL does), so "short" measures that gap, not alignment.
     """
-    from demo.world import dense_caption, prompt_text, sample_scenes, score
-
     from t2i.sample import generate
 
     scenes = sample_scenes(n, seed + 1000, split)

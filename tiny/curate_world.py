@@ -9,8 +9,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from demo import world as W
 from shards.writer import ShardWriter
+from tiny import world as W
+from tiny.clip import world_caption
 
 NON_ENGLISH = {
     "fr": "Un grand cercle rouge à gauche de l'image, sur un fond gris clair. C'est le seul objet de cette illustration simple.",
@@ -48,8 +49,6 @@ def write_caption_shards(world: Path, out: Path, planted: dict[str, str], langua
                          shard_size: int = 50, keys: list[str] | None = None) -> dict:
     """Caption shards for every image of `world` (truthful world captions), its copies, a broken
     file and a missing one. Returns the ground truth: {key: record} with quality and scene."""
-    from curate.tiny_clip import world_caption
-
     truth = {}
     writer = ShardWriter(out, rows_per_shard=shard_size)
     for rec, scene in W.read_scenes(world):
