@@ -10,7 +10,8 @@ from shards.errors import UserError
 
 from dataset_stats.metrics import DatasetCounts, NounAccumulator, size_matched
 from dataset_stats.nouns import DEFAULT_BATCH_TOKENS, NounConfig, TaggerPool, default_workers, model_name
-from dataset_stats.readers import CaptionSource, iter_caption_batches, resolve_source, validate
+from dataset_stats.readers import CaptionSource, iter_caption_batches, validate
+from dataset_stats.sources import resolve_source
 
 ENGINES = ("local", "ray")
 

@@ -435,7 +435,8 @@ def test_laion_alt_text_is_mostly_english(laion300):
 _MEMORY_PROBE = """
 import json, sys
 from dataset_stats.nouns import NounConfig, NounExtractor
-from dataset_stats.readers import iter_caption_batches, resolve_source
+from dataset_stats.readers import iter_caption_batches
+from dataset_stats.sources import resolve_source
 def status_kb(field):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
 ex = NounExtractor(NounConfig(batch_tokens=int(sys.argv[2])))
