@@ -155,6 +155,29 @@ def train_captioner(
     data = encode_examples(processor, images, prompts, [W.dense_caption(s) for s in scenes])
     t_build = time.perf_counter() - t0
 
+    losses, train_s = _fit(model, data, steps, batch_size, lr, rng, progress)
+    model.eval()
+    save_llava(model, processor, out)  # the layout both caption backends load
+    metrics: dict[str, Any] = {
+        "steps": steps, "batch_size": batch_size, "train_images": len(scenes), "seed": seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "build_seconds": round(t_build, 2), "train_seconds": round(train_s, 2),
+        "final_loss": float(np.mean(losses[-20:])), "first_loss": losses[0] if losses else None,
+    }  # fmt: skip
+    if eval_dir is not None:
+        metrics["heldout"] = evaluate_captioner(out, eval_dir, n=eval_n)
+    (out / "captioner_metrics.json").write_text(json.dumps(metrics, indent=2))
+    if log:
+        log(json.dumps(metrics))
+    return metrics
+
+
+def _fit(model, data: dict, steps: int, batch_size: int, lr: float, rng: np.random.Generator,
+         progress: bool) -> tuple[list[float], float]:
+    """AdamW, linear warm-up then cosine decay, on batches of `data` drawn by `rng`; returns the
+    per-step losses and the seconds it took."""
+    import torch
+
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -164,7 +187,7 @@ def train_captioner(
     losses: list[float] = []
     t_train = time.perf_counter()
     bar = _progress(progress, steps, "training captioner")
-    n = len(scenes)
+    n = len(data["input_ids"])
     for step in range(steps):
         idx = torch.as_tensor(rng.choice(n, size=min(batch_size, n), replace=False))
         batch = {k: v[idx] for k, v in data.items()}
@@ -181,21 +204,7 @@ def train_captioner(
             bar.update(1, description=f"training captioner  loss {np.mean(losses[-20:]):.3f}")
     if bar is not None:
         bar.close()
-    train_s = time.perf_counter() - t_train
-    model.eval()
-    save_llava(model, processor, out)  # the layout both caption backends load
-    metrics: dict[str, Any] = {
-        "steps": steps, "batch_size": batch_size, "train_images": n, "seed": seed,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "build_seconds": round(t_build, 2), "train_seconds": round(train_s, 2),
-        "final_loss": float(np.mean(losses[-20:])), "first_loss": losses[0] if losses else None,
-    }  # fmt: skip
-    if eval_dir is not None:
-        metrics["heldout"] = evaluate_captioner(out, eval_dir, n=eval_n)
-    (out / "captioner_metrics.json").write_text(json.dumps(metrics, indent=2))
-    if log:
-        log(json.dumps(metrics))
-    return metrics
+    return losses, time.perf_counter() - t_train
 
 
 def _sincos_position_init(model) -> None:

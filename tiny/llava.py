@@ -61,52 +61,19 @@ def build_tiny_llava(
     tokens per image. Same arguments and seed give the same weights and tokenizer.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
 
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     out = Path(out_dir)
-    texts = list(corpus) if corpus else list(DEFAULT_CORPUS)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )  # fmt: skip
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
-    )  # fmt: skip
+    tok, tokenizer = _bpe_tokenizer(list(corpus) if corpus else list(DEFAULT_CORPUS), vocab_size)
 
-    head_dim = 32  # vLLM's CPU attention needs 32/64/80/...; 16 fails
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
-        num_attention_heads=max(1, vision_hidden // 32), image_size=image_size, patch_size=patch_size,
-    )  # fmt: skip
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=3 * text_hidden,
-        num_hidden_layers=text_layers, num_attention_heads=text_hidden // head_dim,
-        num_key_value_heads=text_hidden // head_dim, head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
-    cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tok.token_to_id("<image>"),
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
-        image_seq_length=(image_size // patch_size) ** 2,
-    )  # fmt: skip
+    cfg = _llava_config(tok, tokenizer, image_size, patch_size, vision_hidden, text_hidden, vision_layers, text_layers,
+                        max_position_embeddings)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -120,6 +87,52 @@ def build_tiny_llava(
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
     )  # fmt: skip
     return save_llava(model, processor, out)
+
+
+def _llava_config(tok, tokenizer, image_size: int, patch_size: int, vision_hidden: int, text_hidden: int,
+                  vision_layers: int, text_layers: int, max_position_embeddings: int):
+    """The LlavaConfig of a tiny CLIP vision tower + Llama text model of these sizes."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    head_dim = 32  # vLLM's CPU attention needs 32/64/80/...; 16 fails
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden // 32), image_size=image_size, patch_size=patch_size,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=3 * text_hidden,
+        num_hidden_layers=text_layers, num_attention_heads=text_hidden // head_dim,
+        num_key_value_heads=text_hidden // head_dim, head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tok.token_to_id("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+        image_seq_length=(image_size // patch_size) ** 2,
+    )  # fmt: skip
+
+
+def _bpe_tokenizer(texts: list[str], vocab_size: int):
+    """(tokenizers.Tokenizer, PreTrainedTokenizerFast): a byte-level BPE trained on `texts`, with
+    the special tokens a LLaVA prompt needs, padding on the left."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+    )  # fmt: skip
+    return tok, tokenizer
 
 
 def save_llava(model, processor, out_dir: str | Path) -> Path:
