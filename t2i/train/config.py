@@ -46,11 +46,12 @@ class TrainConfig:
     # fields per epoch, drawn with caption_weights (default equal); t2i.caption_fields
     caption_fields: tuple = DEFAULT_FIELDS
     caption_weights: tuple = ()
-    # the objective (t2i.objective; DDPM with the IDDPM hybrid loss, t2i.diffusion):
-    learned_sigma: bool = True
+    # the objective (t2i.objective: DDPM with the IDDPM hybrid loss, t2i.diffusion, or flow matching,
+    # t2i.flow); another objective's setting is refused, and so is any change on --resume
+    learned_sigma: bool = True  # ddpm: the model also outputs the variance (IDDPM); flow predicts v only and ignores it
     prediction_type: str = "epsilon"  # epsilon (the paper's) | v_prediction (better on small latents)
-    # timesteps drawn as floor(T * u**p) (draw_timesteps): 1 is uniform, the paper's; p < 1 trains
-    # the noisy steps, where an object's outline is decided, more often
+    # ddpm: timesteps drawn as floor(T * u**p) (draw_timesteps): 1 is uniform, the paper's; p < 1
+    # trains the noisy steps, where an object's outline is decided, more often
     timestep_power: float = 1.0
     objective: str = "ddpm"  # ddpm (the paper's, t2i.diffusion) | flow (rectified flow, t2i.flow)
     loss_weighting: str = "none"  # ddpm: none | min_snr (min-SNR-gamma); flow: none | sigma_sqrt | cosmap (SD3's)
