@@ -6,7 +6,8 @@ kWh and kgCO2e. The model is the one MFU is defined by:
 
     GPU-seconds = FLOPs / (peak FLOP/s x MFU)
 
-with FLOPs from `t2i.models.flops_per_image` (training: 3x the forward matmuls), the peak from
+with FLOPs from `t2i.models.flops_per_image` (training: 3x the forward matmuls; a stage's token
+dropping counted: its routed blocks at the tokens they keep), the peak from
 `shards.gpus`, and the MFU measured (a `benchmarks/gpu_bench.py` JSON) or assumed (stated in the
 output). Energy = GPU-hours x board power x PUE; CO2e = energy x grid intensity.
 """
@@ -195,10 +196,24 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
     per_step = (cfg.global_batch or cfg.batch_size * gpus) * cfg.grad_accum
     images = float(cfg.steps * per_step)
     latent = cfg.resolution // VAE_FACTOR
+    routed, lever = routed_of(cfg)
     flops = images * flops_per_image(cfg.preset, (latent, latent), cfg.max_tokens, caption_channels(cfg.text_encoder),
-                                     cross_attention=conditioning_class(cfg.kind).cross_attention)  # a class-conditional DiT has none
+                                     cross_attention=conditioning_class(cfg.kind).cross_attention,  # a class-conditional DiT has none
+                                     token_drop=cfg.token_drop, routed_blocks=routed)
     mfu, basis = stage_mfu(stage, gpu, opts)
-    return Row("train", cfg.name, images, flops, flops / (gpu.peak_flops * mfu) / 3600, gpus, f"MFU {mfu:.1%} {basis}")
+    return Row("train", cfg.name, images, flops, flops / (gpu.peak_flops * mfu) / 3600, gpus, f"MFU {mfu:.1%} {basis}{lever}")
+
+
+def routed_of(cfg) -> tuple[int, str]:
+    """(blocks a stage's token dropping routes, the basis note) from its preset's depth; (0, "") without."""
+    from t2i.models import get_preset
+    from t2i.routing import routed_blocks
+
+    if not cfg.token_drop:
+        return 0, ""
+    depth = get_preset(cfg.preset).depth
+    start, end = routed_blocks(depth, cfg.token_drop_start, cfg.token_drop_end)
+    return end - start, f"; token_drop {cfg.token_drop:.0%} on {end - start} of {depth} blocks"
 
 
 def dataset_of(stage, names: list[str]) -> str | None:
@@ -293,6 +308,8 @@ def assumptions(gpu: GPU, opts: PlanOptions, unused: list[str]) -> list[str]:
         f"captioning: every image of {', '.join(opts.captioned if opts.captioned is not None else opts.images) or 'no dataset'}; "
         f"FLOPs ~ 2 x 7.06e9 parameters x 900 tokens per image (LLaVA-1.5-7B)",
         "features: VAE encoder at each stage resolution + T5 per caption, once per dataset and resolution (the features cache key)",
+        "token dropping (token_drop): the routed blocks counted at the tokens they keep, the others at all of them; the MFU "
+        "is taken as without it (measured on CPU: BENCHMARKS.md levers_bench)",
         f"power: board power for the whole GPU-hour (an upper bound; busy training GPUs draw close to it), x PUE {opts.pue}",
         f"grid intensity {opts.grid_gco2_kwh:.0f} gCO2e/kWh" + (" (world average, IEA 2019)" if opts.grid_gco2_kwh == GRID_GCO2_KWH else ""),
         "$: " + (f"{opts.price} per GPU-hour" if opts.price is not None else "no --price given"),

@@ -48,6 +48,8 @@ from shards import UserError
 from shards import fs as shard_fs
 from t2i.conditioning import Conditioning
 from t2i.dit import DiTWithNull, build_dit, load_dit
+from t2i.import_dit import dit_directory
+from t2i.objective import check_init_objective
 from t2i.models import LATENT_CHANNELS
 
 CLASSES_JSON = "classes.json"
@@ -243,6 +245,7 @@ class ClassConditioning(Conditioning):
         if kind == "scratch":
             dit = build_dit(cfg.preset, latent_size, self.labels.num_classes, learned_sigma)
         else:
+            check_init_objective(vars(cfg), dit_directory(arg)[0])  # DDPM <-> flow: refused
             dit = load_dit(arg, which="model" if kind == "checkpoint" else "ema")
         n = dit.config.num_embeds_ada_norm
         if n != self.labels.num_classes:

@@ -14,6 +14,9 @@ reads in torch DataLoader workers with prefetch and pinned memory.
 With several caption fields (t2i.caption_fields) each sample trains on one field per epoch,
 picked from (seed, epoch, sample) with the configured weights: only that field's text columns
 are read for it.
+
+A `Holdout` (the validation loss's keys, chosen by key hash) is taken out of the buckets, so no
+batch of global_batches ever holds one; `val_indices` lists them, `val_hashes` their key hashes.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from shards import ShardError, complete_shards
+from shards import ShardError, UserError, complete_shards
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights, pick_fields, text_columns, uniforms
 from t2i.feature_index import BIG_ROW_GROUP, open_index
+from t2i.noise import uniforms as word_uniforms
 
 ROW_COLUMNS = ["key", "latent_mean", "latent_std"]  # read per sample (each column costs a read), + the text of its field
 LAYOUT_COLUMNS = ["latent_shape", "text_channels", "text_dtype", "height", "width"]  # read once per bucket
@@ -56,6 +60,32 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pin-memory thread: the tensors moved to page-locked memory."""
         return Batch(**{f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Keys held out of training for the validation loss: a share of them (`fraction`) or a number
+    (`count`: the keys with the smallest hashes), chosen by key hash (t2i.noise.string_hashes),
+    so the same keys on every process, rerun and resume, whatever the shards' order."""
+
+    fraction: float = 0.0
+    count: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.fraction or self.count)
+
+    def select(self, hashes: np.ndarray) -> np.ndarray:
+        """A bool mask over the samples (their key hashes): True for a held-out key."""
+        held = np.zeros(len(hashes), bool)
+        if self.count:
+            if self.count >= len(hashes):
+                raise UserError(f"val_keys = {self.count} holds out every one of the {len(hashes)} samples: hold out fewer")
+            held[np.argsort(hashes, kind="stable")[: self.count]] = True
+        elif self.fraction:
+            held = word_uniforms(hashes) < self.fraction
+            if not held.any():
+                raise UserError(f"val_fraction = {self.fraction} holds out none of the {len(hashes)} samples: raise it, or set val_keys")
+        return held
 
 
 class RowLayout(NamedTuple):
@@ -86,7 +116,8 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
     costs one read per distinct row group it touches. t2i.loader.make_loader runs the reads in
     DataLoader workers."""
 
-    def __init__(self, features_dir: str | Path, max_tokens: int, caption_fields=DEFAULT_FIELDS, caption_weights=()) -> None:
+    def __init__(self, features_dir: str | Path, max_tokens: int, caption_fields=DEFAULT_FIELDS, caption_weights=(),
+                 holdout: Holdout = Holdout()) -> None:
         self.features_dir = features_dir
         self.shards = [str(s) for s in complete_shards(features_dir)]
         if not self.shards:
@@ -96,6 +127,12 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         self.text_columns = [text_columns(f) for f in self.caption_fields]
         self.weights = normalised(parse_weights(caption_weights, self.caption_fields), len(self.caption_fields))
         self._open_index()
+        held = holdout.select(self.key_hash)
+        self.val_indices = np.flatnonzero(held)  # the held-out samples, in key order
+        self.val_hashes = self.key_hash[self.val_indices]  # their key hashes (the rest are not kept)
+        del self.key_hash
+        if len(self.val_indices):
+            self.buckets = {b: m[~held[m]] for b, m in self.buckets.items()}
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._layouts: dict[int, RowLayout] = {}
         self._pid = os.getpid()
@@ -106,6 +143,7 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         arrays = open_index(self.features_dir, self.shards, self.caption_fields)
         _warn_big_groups([self.shards[s] for s in arrays["big_groups"]])
         self.shard, self.group, self.row, self.bucket_of = arrays["shard"], arrays["group"], arrays["row"], arrays["bucket_of"]
+        self.key_hash = arrays["key_hash"]
         members = np.split(arrays["members"], np.cumsum(arrays["bucket_sizes"])[:-1])
         self.buckets: dict[tuple[int, int], np.ndarray] = {(int(h), int(w)): m for (h, w), m in zip(arrays["sizes"], members)}
         # a bit per caption field the sample has (None: one field, which every sample has)

@@ -2,6 +2,8 @@
 sigma, diffusers' DDPMScheduler for the noise schedule, plus the one piece diffusers lacks, the
 IDDPM hybrid loss (MSE on the prediction + VLB). It draws the training timesteps
 (`draw_timesteps`, `timestep_power`) and names the sampler that matches it (DPM-Solver++).
+`loss_weighting = "min_snr"` weights the MSE term by min-SNR-gamma (Hang et al. 2023; diffusers'
+compute_snr): min(SNR_t, gamma) / SNR_t for epsilon, min(SNR_t, gamma) / (SNR_t + 1) for v.
 
 The model predicts epsilon (the paper's choice, and ImageNet DiT's) or v = sqrt(acp) eps -
 sqrt(1 - acp) x0 (`prediction_type="v_prediction"`, Salimans & Ho 2022). On small latents v is
@@ -53,6 +55,7 @@ def _mean_flat(x):
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' names, as schedulers take them
+WEIGHTINGS = ("none", "min_snr")
 
 
 def draw_timesteps(words: np.ndarray, num_timesteps: int, power: float = 1.0) -> torch.Tensor:
@@ -72,9 +75,14 @@ class Diffusion:
 
     kind = "ddpm"
     terms = ("loss", "mse", "vb")  # the per-sample losses `loss` returns, the total first
+    # this objective's own settings (TrainConfig fields) and their defaults (learned_sigma, default
+    # True, is left out: a flow stage ignores it)
+    OWN = {"prediction_type": "epsilon", "timestep_power": 1.0, "snr_gamma": 5.0}
+    WEIGHTINGS = WEIGHTINGS
 
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, learned_sigma: bool = True,
-                 prediction_type: str = "epsilon", timestep_power: float = 1.0):
+                 prediction_type: str = "epsilon", timestep_power: float = 1.0, loss_weighting: str = "none",
+                 snr_gamma: float = 5.0):
         from diffusers import DDPMScheduler
 
         if prediction_type not in PREDICTION_TYPES:
@@ -94,6 +102,7 @@ class Diffusion:
         self.learned_sigma = learned_sigma
         self.prediction_type = prediction_type
         self.timestep_power = timestep_power
+        self.loss_weighting, self.snr_gamma = loss_weighting, snr_gamma
         # float64 tables, as in improved-diffusion, computed from the scheduler's betas
         betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
         alphas_cumprod = np.cumprod(1.0 - betas)
@@ -108,6 +117,7 @@ class Diffusion:
             "post_c1": betas * np.sqrt(prev) / (1.0 - alphas_cumprod),
             "post_c2": (1.0 - prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
             "log_betas": np.log(betas),
+            "snr": alphas_cumprod / (1.0 - alphas_cumprod),
         }
         self._cache: dict = {}
 
@@ -116,7 +126,8 @@ class Diffusion:
         """The objective a stage's settings (a TrainConfig's fields, or the config a checkpoint
         recorded) describe; settings from before an option existed take its default."""
         return cls(learned_sigma=settings.get("learned_sigma", True), prediction_type=settings.get("prediction_type", "epsilon"),
-                   timestep_power=settings.get("timestep_power", 1.0))
+                   timestep_power=settings.get("timestep_power", 1.0), loss_weighting=settings.get("loss_weighting", "none"),
+                   snr_gamma=settings.get("snr_gamma", 5.0))
 
     @staticmethod
     def check_settings(settings: Mapping[str, Any]) -> None:
@@ -127,6 +138,8 @@ class Diffusion:
         power = settings.get("timestep_power", 1.0)
         if power <= 0:
             raise UserError(f"timestep_power must be > 0 (1: uniform timesteps), got {power}")
+        if not settings.get("snr_gamma", 5.0) > 0:
+            raise UserError(f"snr_gamma must be > 0 (min-SNR's gamma; 5 is common), got {settings.get('snr_gamma')}")
 
     @property
     def predicts(self) -> str:
@@ -169,14 +182,21 @@ class Diffusion:
             return self._t("sqrt_recip_acp", t, nd) * x_t - self._t("sqrt_recipm1_acp", t, nd) * pred
         return self._t("sqrt_acp", t, nd) * x_t - self._t("sqrt_1m_acp", t, nd) * pred
 
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights of the MSE term: min-SNR-gamma, or ones."""
+        if self.loss_weighting != "min_snr":
+            return torch.ones(t.shape, device=t.device)
+        snr = self._t("snr", t, 1)
+        return snr.clamp(max=self.snr_gamma) / (snr if self.prediction_type == "epsilon" else snr + 1)
+
     def loss(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample losses {"loss", "mse", "vb"} (vb = 0 without learned sigma)."""
+        """Per-sample losses {"loss": weighted MSE + VB, "mse" (unweighted), "vb"} (vb = 0 without learned sigma)."""
         model_output = model_output.float()
         x0, x_t, noise = x0.float(), x_t.float(), noise.float()
         target = self.target(x0, noise, t)
         if not self.learned_sigma:
             mse = _mean_flat((target - model_output) ** 2)
-            return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}
+            return {"loss": self.weights(t) * mse, "mse": mse, "vb": torch.zeros_like(mse)}
         pred, v = model_output.chunk(2, dim=1)
         mse = _mean_flat((target - pred) ** 2)
         nd = x0.ndim
@@ -193,4 +213,4 @@ class Diffusion:
         kl = _mean_flat(_normal_kl(true_mean, min_log, model_mean, model_logvar)) / math.log(2.0)
         nll = -_mean_flat(_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)) / math.log(2.0)
         vb = torch.where(t == 0, nll, kl) * (self.num_timesteps / 1000.0)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        return {"loss": self.weights(t) * mse + vb, "mse": mse, "vb": vb}

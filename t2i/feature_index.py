@@ -30,9 +30,10 @@ import pyarrow.parquet as pq
 
 from shards import ShardError
 from t2i.caption_fields import text_columns
+from t2i.noise import string_hashes
 
 INDEX_FILE = "index.npz"
-INDEX_VERSION = 1  # bump when the arrays change meaning
+INDEX_VERSION = 2  # bump when the arrays change meaning (2: key_hash)
 INDEX_COLUMNS = ["key", "height", "width"]
 BIG_ROW_GROUP = 64 << 20  # uncompressed bytes: bigger groups make every random row read costly
 
@@ -49,8 +50,9 @@ def open_index(features_dir: str | Path, shards: list[str], caption_fields: tupl
 
 
 def build_index(shards: list[str], caption_fields: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """shard/group/row of every sample in key order, its bucket, the samples of each bucket
-    (sizes, then members in bucket order) and the caption fields it has."""
+    """shard/group/row of every sample in key order, its key's hash (t2i.noise.string_hashes),
+    its bucket, the samples of each bucket (sizes, then members in bucket order) and the caption
+    fields it has."""
     # Parquet decoding releases the GIL: shards are indexed in parallel threads (at 10M samples,
     # 10k shards of ~0.2 s each)
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
@@ -59,7 +61,7 @@ def build_index(shards: list[str], caption_fields: tuple[str, ...]) -> dict[str,
     keys = pa.chunked_array([c for p in parts for c in p["key"].chunks], pa.string())
     order = pc.sort_indices(keys).to_numpy()
     del keys
-    index = {c: np.concatenate([p[c] for p in parts])[order] for c in ("shard", "group", "row", "has")}
+    index = {c: np.concatenate([p[c] for p in parts])[order] for c in ("shard", "group", "row", "has", "key_hash")}
     if len(caption_fields) == 1:
         index["has"] = index["has"][:0]  # one field, which every sample has
     hw = np.stack([np.concatenate([p[c] for p in parts])[order] for c in ("height", "width")], 1)
@@ -91,9 +93,20 @@ def index_shard(s: int, path: str, caption_fields: tuple[str, ...]) -> dict:
     if len(lens) > 1:
         for bit, name in enumerate(lens):
             has |= (t.column(name).fill_null(0).to_numpy() > 0).astype(np.uint8) << bit
-    return {"key": t.column("key"), "height": t.column("height").to_numpy(), "width": t.column("width").to_numpy(),
+    return {"key": t.column("key"), "key_hash": key_hashes(t.column("key")), "height": t.column("height").to_numpy(), "width": t.column("width").to_numpy(),
             "shard": np.full(md.num_rows, s, np.int32), "group": np.repeat(np.arange(len(sizes), dtype=np.int32), sizes),
             "row": (np.arange(md.num_rows) - np.repeat(starts, sizes)).astype(np.int32), "has": has, "big": big}
+
+
+def key_hashes(column: pa.ChunkedArray) -> np.ndarray:
+    """t2i.noise.string_hashes of a string column, read from its Arrow buffers (no Python strings)."""
+    parts = [np.zeros(0, np.uint64)]
+    for arr in column.chunks:
+        _, offs, data = arr.buffers()
+        width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+        offsets = np.frombuffer(offs, width)[arr.offset : arr.offset + len(arr) + 1]
+        parts.append(string_hashes(offsets, np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)))
+    return np.concatenate(parts)
 
 
 def fingerprint(shards: list[str], caption_fields: tuple[str, ...]) -> str:

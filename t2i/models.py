@@ -177,23 +177,30 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
 
 
 def flops_per_image(preset: str | Preset, latent_hw: tuple[int, int], caption_tokens: int = 120, caption_channels: int = 4096,
-                    cross_attention: bool = True) -> float:
+                    cross_attention: bool = True, token_drop: float = 0.0, routed_blocks: int = 0) -> float:
     """Training FLOPs for one image (forward + backward = 3x forward), counting matmuls only.
 
     Per block: self-attention qkv/out (4 h^2 per token), cross-attention q/out (2 h^2 per token)
     and k/v over the caption (2 h^2 per caption token), MLP (8 h^2 per token), attention scores
     and weighted sums (2 T^2 h + 2 T L h). Plus the caption projection. x2 for multiply-add.
     `cross_attention=False`: a class-conditional DiT (no cross-attention, no caption projection).
+    `token_drop`: `routed_blocks` of the blocks see only the tokens kept by routing
+    (t2i.routing: T - floor(token_drop T) of them).
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
     h = p.hidden
     t = (latent_hw[0] // p.patch) * (latent_hw[1] // p.patch)
     if not cross_attention:
         caption_tokens = 0
-    per_block = t * (4 + 2 * cross_attention + 8) * h * h + caption_tokens * 2 * h * h + 2 * t * t * h + 2 * t * caption_tokens * h
+
+    def per_block(t: int) -> int:
+        return t * (4 + 2 * cross_attention + 8) * h * h + caption_tokens * 2 * h * h + 2 * t * t * h + 2 * t * caption_tokens * h
+
+    routed = routed_blocks if token_drop else 0
+    blocks = (p.depth - routed) * per_block(t) + routed * per_block(t - int(token_drop * t))
     caption_proj = caption_tokens * (caption_channels * h + h * h)
     patch = t * (LATENT_CHANNELS * p.patch**2) * h * 3  # patch embed in, 8 channels out
-    forward_macs = p.depth * per_block + caption_proj + patch
+    forward_macs = blocks + caption_proj + patch
     return 3 * 2 * forward_macs
 
 

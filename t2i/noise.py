@@ -8,6 +8,10 @@ The key is a hash of (seed, epoch, global batch index, position in the global ba
 draws the same numbers whatever its batch neighbours, the batch size of its process, the number
 of processes, and after an exact resume. Normals come from the words by Box-Muller (two 24-bit
 uniforms a word: float32's precision).
+
+Numbers tied to a sample's identity rather than to its place in training (the held-out keys of
+the validation loss and their fixed noise) come from its key string: `string_hashes`, FNV-1a over
+the key's bytes finished by SplitMix64, the same on every machine, process and version.
 """
 
 from __future__ import annotations
@@ -35,6 +39,36 @@ def _mix(z: np.ndarray) -> np.ndarray:
 def _fold(h: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The hash h combined with one more integer per element (uint64 arrays that broadcast)."""
     return _mix((h ^ values) + _GAMMA)
+
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def string_hashes(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """uint64 hashes of strings held as Arrow holds them: `offsets` (n + 1) into the bytes `data`.
+    FNV-1a over each string's bytes (all strings a byte position at a time), then SplitMix64's
+    output function for full avalanche."""
+    offsets = np.asarray(offsets, np.int64)
+    lens, starts = np.diff(offsets), offsets[:-1]
+    h = np.full(len(lens), _FNV_OFFSET, np.uint64)
+    live = np.arange(len(lens))
+    for j in range(int(lens.max(initial=0))):
+        live = live[lens[live] > j]
+        h[live] = (h[live] ^ data[starts[live] + j].astype(np.uint64)) * _FNV_PRIME
+    return _mix(h)
+
+
+def hash_strings(strings: list[str]) -> np.ndarray:
+    """`string_hashes` of Python strings (their UTF-8 bytes)."""
+    encoded = [x.encode() for x in strings]
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in encoded])])
+    return string_hashes(offsets, np.frombuffer(b"".join(encoded), np.uint8))
+
+
+def derive_keys(keys, index: int) -> np.ndarray:
+    """Keys of independent streams derived from `keys` (one per `index`: 0, 1, ...)."""
+    return _fold(np.asarray(keys).astype(np.uint64), np.uint64(index))
 
 
 def sample_keys(seed: int, epoch: int, batch_pos: int, positions) -> np.ndarray:

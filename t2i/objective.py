@@ -2,23 +2,27 @@
 sampler that matches them) and the auxiliary `LossTerm`s added to its loss.
 
 Kinds of objective (OBJECTIVES, chosen by a stage's `objective` setting; "ddpm" when it has none):
-- "ddpm": t2i.diffusion.Diffusion, epsilon or v-prediction with the IDDPM hybrid loss.
+- "ddpm": t2i.diffusion.Diffusion, epsilon or v-prediction with the IDDPM hybrid loss (min-SNR-gamma
+  weighting optional);
+- "flow": t2i.flow.FlowMatching, rectified flow (v = eps - x0) with SD3's timestep densities,
+  resolution shift and loss weightings, sampled by the flow DPM-Solver++.
+
+Each kind lists its own settings (`OWN`, TrainConfig fields with their defaults); a stage that
+sets another kind's setting is refused (it would do nothing), as is one that changes any of
+OBJECTIVE_FIELDS on --resume (`check_resume_objective`), or that starts from a model trained with
+the other kind (`check_init_objective`: no weight conversion maps a DDPM model onto a flow one).
 
 A kind is a class with `from_settings(settings)` and `check_settings(settings)`, where settings
 are a TrainConfig's fields or the config a checkpoint recorded in its trainer_state.json: so
 sample, export, eval and the class-cond sampler rebuild the objective a checkpoint was trained
 with (`objective_of_state`) from what training already records, nothing more.
 
-Where the next levers plug in, each at one place and without an `if` in the loop:
-- a new kind (flow matching): a class with the methods of `Objective` (its timestep density in
-  `draw_timesteps`, x_t = (1 - t) x0 + t eps in `add_noise`, v = eps - x0 in `target`, its loss
-  and log columns in `loss` / `terms`, its `sampler`), registered in OBJECTIVES; its settings
-  are fields of TrainConfig, recorded in every checkpoint's config. The sampler runs inside
-  diffusers' PixArtAlphaPipeline, which calls `scale_model_input` and `init_noise_sigma`:
-  DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-  flow_shift=...) has them, FlowMatchEulerDiscreteScheduler does not (it needs a subclass that
-  adds them);
-- loss weighting (min-SNR-gamma): inside a kind's `loss`, from its settings;
+Where levers plug in, each at one place and without an `if` in the loop:
+- a kind: a class with the methods of `Objective`, registered in OBJECTIVES; its settings are
+  fields of TrainConfig, recorded in every checkpoint's config. The sampler runs inside
+  diffusers' PixArtAlphaPipeline, which calls `scale_model_input` and `init_noise_sigma`
+  (FlowMatchEulerDiscreteScheduler has neither: flow uses the flow DPM-Solver++, which has both);
+- loss weighting: inside a kind's `loss`, from its settings;
 - an auxiliary loss (REPA): a `LossTerm` handed to t2i.train.TrainStep (`terms`); it adds its
   own modules and hooks to the trained model in `attach`, takes what it needs from each batch
   in `inputs` (the stored teacher features) and adds its value to the total and the log.
@@ -36,9 +40,14 @@ import torch
 
 from shards.errors import UserError
 from t2i.diffusion import Diffusion
+from t2i.flow import FlowMatching
 
-OBJECTIVES: dict[str, Any] = {Diffusion.kind: Diffusion}  # kind -> class (from_settings, check_settings)
+OBJECTIVES: dict[str, Any] = {Diffusion.kind: Diffusion, FlowMatching.kind: FlowMatching}  # kind -> class
 DEFAULT_OBJECTIVE = Diffusion.kind
+# every setting that fixes what a stage trains its model to do, and its default (a checkpoint
+# from before a setting existed trained with the default)
+OBJECTIVE_FIELDS: dict[str, Any] = {"objective": DEFAULT_OBJECTIVE, "learned_sigma": True, "loss_weighting": "none",
+                                    **{k: v for cls in OBJECTIVES.values() for k, v in cls.OWN.items()}}
 
 
 class Objective(Protocol):
@@ -107,8 +116,18 @@ def objective_class(settings: Mapping[str, Any]):
 
 
 def check_objective(settings: Mapping[str, Any]) -> None:
-    """A UserError for an unknown objective or settings it cannot train with (before any work)."""
-    objective_class(settings).check_settings(settings)
+    """A UserError for an unknown objective, settings it cannot train with, or a setting of
+    another kind (which would do nothing), before any work."""
+    cls = objective_class(settings)
+    weighting = settings.get("loss_weighting", "none")
+    if weighting not in cls.WEIGHTINGS:
+        raise UserError(f"loss_weighting {weighting!r} is not one for objective {cls.kind!r} ({', '.join(cls.WEIGHTINGS)}): pick one")
+    cls.check_settings(settings)
+    for other in OBJECTIVES.values():
+        for key, default in other.OWN.items():
+            if other is not cls and key not in cls.OWN and settings.get(key, default) != default:
+                raise UserError(f"{key} = {settings[key]!r} is a setting of objective {other.kind!r}, this stage trains "
+                                f"objective = {cls.kind!r}: remove it, or set objective = {other.kind!r}")
 
 
 def build_objective(settings: Mapping[str, Any]) -> Objective:
@@ -121,14 +140,54 @@ def objective_of_state(trainer_state: Mapping[str, Any]) -> Objective:
     return build_objective(trainer_state.get("config", {}))
 
 
-def warn_on_objective_change(settings: Mapping[str, Any], source: Path) -> None:
-    """Warn when the init checkpoint (one of ours: it has a trainer state) was trained to predict
-    something else than this stage: allowed (a fine-tune can switch), but it starts off wrong."""
+def _objective_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: settings.get(k, default) for k, default in OBJECTIVE_FIELDS.items()}
+
+
+def check_resume_objective(ck: Path, saved: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    """Refuse to resume checkpoint `ck` (its recorded config `saved`) with other objective
+    settings: the run would change what it trains from the middle on."""
+    theirs, ours = _objective_settings(saved), _objective_settings(settings)
+    differ = [f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in OBJECTIVE_FIELDS if theirs[k] != ours[k]]
+    if differ:
+        raise UserError(f"checkpoint {ck} was trained with other objective settings: {'; '.join(differ)}: resume with the "
+                        "checkpoint's settings, or start a new --out with init = \"checkpoint:...\"")
+
+
+def recorded_objective(source: Path) -> dict[str, Any] | None:
+    """The objective settings a model directory records: one of our checkpoints (its trainer
+    state), a pipeline folder whose scheduler samples flow (an export of a flow model); None for
+    anything else (an ImageNet DiT, a released PixArt: DDPM models)."""
     state = source / "trainer_state.json"
-    if not state.is_file():
-        return  # not ours (an ImageNet DiT, a diffusers model): nothing recorded to compare
-    theirs, ours = objective_of_state(json.loads(state.read_text())), build_objective(settings)
+    if state.is_file():
+        return json.loads(state.read_text()).get("config", {})
+    sched = source / "scheduler" / "scheduler_config.json"
+    if sched.is_file() and json.loads(sched.read_text()).get("prediction_type") == "flow_prediction":
+        return {"objective": FlowMatching.kind}
+    return None
+
+
+def check_init_objective(settings: Mapping[str, Any], source: Path) -> None:
+    """Refuse an init model trained with another kind of objective (DDPM <-> flow): they read
+    inputs on other noise scales at other timesteps and predict other quantities, and no weight
+    conversion maps one onto the other. Warn when it only predicts something else (epsilon <-> v)."""
+    recorded = recorded_objective(source)
+    theirs = build_objective(recorded if recorded is not None else {})
+    ours = build_objective(settings)
+    if theirs.kind != ours.kind:
+        raise UserError(f"init {source} was trained with objective {theirs.kind!r}, this stage trains {ours.kind!r}: a DDPM "
+                        "model reads sqrt(acp) x0 + sqrt(1 - acp) eps at integer steps and predicts eps or v, a flow model "
+                        "reads (1 - t) x0 + t eps and predicts eps - x0, and no weight conversion maps one onto the other: "
+                        f"train the earlier stage with objective = {ours.kind!r} too (a class-cond stage can), or set "
+                        f"objective = {theirs.kind!r}")
+    if recorded is not None:
+        warn_on_objective_change(theirs, ours, source)
+
+
+def warn_on_objective_change(theirs: Objective, ours: Objective, source: Path) -> None:
+    """Warn when the init checkpoint was trained to predict something else than this stage:
+    allowed (a fine-tune can switch), but it starts off wrong."""
     if theirs.predicts != ours.predicts:
         fix = ", ".join(f"{k} = {v!r}" for k, v in theirs.settings().items())
         warnings.warn(f"init {source} predicts {theirs.predicts}, this stage trains {ours.predicts}: its first steps re-learn "
-                      f"the output; set {fix} to continue as it was trained", stacklevel=3)
+                      f"the output; set {fix} to continue as it was trained", stacklevel=4)

@@ -1,5 +1,5 @@
 """A text-to-image checkpoint as diffusers' PixArtAlphaPipeline, with the scheduler of the objective
-it was trained with (DPM-Solver++ for DDPM), and sampling from it (20 steps, guidance 4.5 by
+it was trained with (DPM-Solver++ for DDPM, its flow form for flow), and sampling from it (20 steps, guidance 4.5 by
 default); `image_grid` for a grid of samples. t2i.sample is the entry point.
 
 Classifier-free guidance uses the LEARNED null caption as the unconditional branch (passed as
@@ -48,15 +48,17 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, tex
 
 @torch.no_grad()
 def generate(pipe, null_caption: torch.Tensor | None, prompts: Sequence[str], steps: int = 20, guidance: float = 4.5,
-             seed: int = 0, height: int | None = None, width: int | None = None, max_tokens: int | None = None):
-    """PIL images for `prompts`. With `null_caption` the learned null is the unconditional branch;
-    with None the pipeline's own T5("") negative is used (the stock behaviour)."""
+             seed: int = 0, height: int | None = None, width: int | None = None, max_tokens: int | None = None,
+             output_type: str = "pil"):
+    """Images for `prompts` (PIL, or as diffusers' `output_type` says: "np" for float arrays). With
+    `null_caption` the learned null is the unconditional branch; with None the pipeline's own
+    T5("") negative is used (the stock behaviour)."""
     prompts = list(prompts)
     cfg = pipe.transformer.config
     size = cfg.sample_size * pipe.vae_scale_factor
     max_tokens = max_tokens or (null_caption.shape[0] if null_caption is not None else 120)
     kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=height or size, width=width or size,
-              use_resolution_binning=False, generator=torch.Generator("cpu").manual_seed(seed), output_type="pil",
+              use_resolution_binning=False, generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type,
               max_sequence_length=max_tokens, clean_caption=False)
     if null_caption is None or guidance <= 1:
         return pipe(prompt=prompts, **kw).images

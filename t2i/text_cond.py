@@ -15,7 +15,7 @@ from t2i import checkpoint as ckpt
 from t2i.conditioning import Conditioning
 from t2i.import_dit import dit_directory, import_dit
 from t2i.models import PixArtWithNull, build_transformer, get_preset
-from t2i.objective import warn_on_objective_change
+from t2i.objective import check_init_objective
 from t2i.pipeline import generate, pipeline_from_checkpoint
 
 
@@ -31,7 +31,8 @@ class TextConditioning(Conditioning):
 
     def build_model(self, cfg, latent_size: int, caption_channels: int, learned_sigma: bool = True) -> PixArtWithNull:
         """PixArtWithNull from the stage's `init`: scratch, dit:PATH, pixart:DIR or checkpoint:DIR (a
-        model trained to predict something else than the stage's objective is taken, with a warning)."""
+        model trained to predict something else than the stage's objective is taken, with a
+        warning; one trained with another kind of objective, DDPM or flow, is refused)."""
         from diffusers import PixArtTransformer2DModel
 
         kind, _, arg = cfg.init.partition(":")
@@ -43,14 +44,14 @@ class TextConditioning(Conditioning):
                 raise UserError(f"{cfg.preset} at {cfg.resolution} px: size/aspect embeddings need hidden divisible by 3: use a PixArt-*/2 preset or a lower resolution")
             tr = build_transformer(cfg.preset, latent_size, caption_channels, learned_sigma=learned_sigma, use_additional_conditions=micro)
         elif kind == "dit":
-            if Path(arg).exists() and not Path(arg).is_file():
-                warn_on_objective_change(vars(cfg), dit_directory(arg)[0])
+            check_init_objective(vars(cfg), dit_directory(arg)[0] if Path(arg).is_dir() else Path(arg))  # a .pt: ImageNet DDPM
             tr, _ = import_dit(arg, caption_channels=caption_channels, latent_size=latent_size)
         elif kind == "pixart":
+            check_init_objective(vars(cfg), Path(arg))
             tr = PixArtTransformer2DModel.from_pretrained(arg, subfolder="transformer" if (Path(arg) / "transformer").is_dir() else None)
         elif kind == "checkpoint":
             ck = ckpt.require_checkpoint(arg)
-            warn_on_objective_change(vars(cfg), ck)
+            check_init_objective(vars(cfg), ck)
             tr, null = ckpt.load_transformer(ck, which="model", sample_size=latent_size, use_additional_conditions=micro)
         else:
             raise UserError(f"init {cfg.init!r} is not scratch, dit:PATH, pixart:DIR or checkpoint:DIR: fix the stage's init")

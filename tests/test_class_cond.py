@@ -182,6 +182,51 @@ steps = 2
     assert [r.get("skipped") for r in again] == ["finished", "finished"]
 
 
+def test_flow_chain_class_cond_then_text_to_image_and_ddpm_dit_into_flow_refused(world, dit_run, tmp_path):
+    """The clean path to a flow text-to-image stage from a DiT: the class-cond stage trains with
+    objective = "flow" too (its checkpoints record it, its samples come from the flow sampler) and
+    the next stage imports it; a DDPM DiT into a flow stage is refused in one line."""
+    from t2i.class_cond import generate_classes
+    from t2i.manifest import parse_manifest, run_manifest
+    from t2i.stage import run_stage
+    from t2i.train import TrainConfig
+
+    toml = """
+[defaults]
+objective = "flow"
+timestep_density = "logit_normal"
+resolution = 16
+max_tokens = 16
+text_dtype = "float32"
+batch_size = 32
+lr = 1e-3
+warmup_steps = 2
+log_every = 1
+loader_workers = 0
+checkpoint_every = 2
+[[stages]]
+name = "dit"
+kind = "class-cond"
+class_column = "shape"
+preset = "DiT-tiny/2"
+steps = 2
+[[stages]]
+name = "align"
+init = "previous"
+steps = 2
+"""
+    over = {"vae": world["vae"], "text_encoder": world["text_encoder"]}
+    res = run_manifest(parse_manifest(toml), tmp_path / "runs", world["captions"], overrides=over, progress=False)
+    assert [r["step"] for r in res] == [2, 2]
+    assert json.loads((tmp_path / "runs" / "dit" / "log.jsonl").read_text().splitlines()[0]).keys() >= {"loss", "mse"}
+    images = generate_classes(tmp_path / "runs" / "dit", ["circle"], steps=3, device="cpu")
+    assert images[0].size == (16, 16)
+    cfg = TrainConfig(**{**dit_cfg(world).__dict__, "kind": "text-to-image", "preset": "PixArt-tiny/2", "class_column": "",
+                         "objective": "flow", "init": f"dit:{dit_run}", "steps": 1})
+    with pytest.raises(UserError, match="was trained with objective 'ddpm', this stage trains 'flow'"):
+        run_stage(cfg, tmp_path / "refused", shards=world["captions"], features=world["root"] / "feats", progress=False)
+
+
 def test_class_cond_stage_continues_a_class_cond_stage(world, dit_run, tmp_path):
     """init = "checkpoint:<class-cond stage>" (what "previous" becomes between two class-cond
     stages) starts from its training weights; with lr 0 they stay exactly those."""

@@ -86,6 +86,20 @@ def test_plan_prices_t5_once_per_caption_field(tmp_path):
     assert hours[1] == pytest.approx(hours[0] + t5)
 
 
+def test_plan_prices_token_dropping_at_the_kept_tokens(tmp_path):
+    """A stage with token_drop = 0.5 (routed blocks 1..10 of PixArt-S/2's 12): those blocks at 128
+    of the 256 tokens, the same as t2i.models.flops_per_image counts, in FLOPs and GPU-hours."""
+    from t2i.models import flops_per_image
+
+    opts = lambda: PlanOptions(gpu="H100", mfu=MfuRule.parse("0.5"))  # noqa: E731
+    dropped = SMALL.replace("steps = 10", "steps = 10\ntoken_drop = 0.5")
+    plain, half = (next(r for r in plan(write_manifest(tmp_path, m), opts())["rows"] if r["step"] == "train") for m in (SMALL, dropped))
+    want = flops_per_image("PixArt-S/2", (32, 32), token_drop=0.5, routed_blocks=10) / flops_per_image("PixArt-S/2", (32, 32))
+    assert half["flops"] / plain["flops"] == pytest.approx(want) and 0.5 < want < 0.7
+    assert half["gpu_hours"] / plain["gpu_hours"] == pytest.approx(want)
+    assert "token_drop 50% on 10 of 12 blocks" in half["basis"]
+
+
 def test_plan_takes_mfu_from_a_gpu_bench_json(tmp_path):
     bench = {"device": "NVIDIA H100 80GB HBM3", "results": [
         {"name": "a", "latent": 32, "batch": 64, "images_per_s": 1, "mfu": 0.30},

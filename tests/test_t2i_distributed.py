@@ -227,3 +227,53 @@ def test_global_batches_do_not_depend_on_world_size(tmp_path):
     ranks = [StreamingFeatureDataset.rank_slice(b, r, 2) for b in two for r in (0, 1)]
     flat = np.concatenate(ranks)
     assert len(flat) == len(set(flat.tolist())) == 50 - 1 - 1  # each bucket's odd sample waits
+
+
+LEVERS = MANIFEST.replace("trace_keys = true", """trace_keys = true
+objective = "flow"
+timestep_density = "logit_normal"
+loss_weighting = "cosmap"
+token_drop = 0.5
+token_drop_start = 0
+token_drop_end = 1
+val_fraction = 0.25
+val_every = 2""")
+
+
+@pytest.mark.slow
+def test_levers_give_the_same_run_on_two_processes(world, tmp_path):
+    """Flow matching, token routing and the validation loss on 2 gloo ranks and on 1 process:
+    the same training losses and validation losses (each sample's noise, timestep and routed
+    tokens are its own; the held-out keys and their fixed noise are the same on every rank), no
+    held-out key in any rank's batches; then the 2-rank run resumed on 1 process continues it."""
+    import cli
+
+    (world["root"] / "levers.toml").write_text(LEVERS)
+
+    def args(out: Path, steps: int) -> list[str]:
+        return [*cli_args(world, out, steps)[:2], str(world["root"] / "levers.toml"), *cli_args(world, out, steps)[3:]]
+
+    r = CliRunner().invoke(cli.app, args(tmp_path / "one", 6))
+    assert r.exit_code == 0, r.output
+    torchrun(args(tmp_path / "two", 4))
+    r = CliRunner().invoke(cli.app, args(tmp_path / "two", 6))  # the step-4 checkpoint resumed on 1 process
+    assert r.exit_code == 0, r.output
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    assert [x["step"] for x in one] == [x["step"] for x in two] == list(range(1, 7))
+    np.testing.assert_allclose([x["loss"] for x in two], [x["loss"] for x in one], rtol=RTOL)
+    val_one = [(x["step"], x["val_loss"]) for x in one if "val_loss" in x]
+    val_two = [(x["step"], x["val_loss"]) for x in two if "val_loss" in x]
+    assert [s for s, _ in val_one] == [s for s, _ in val_two] == [2, 4, 6]
+    print("max relative validation-loss difference, 2 ranks vs 1:",
+          max(abs(b - a) / abs(a) for (_, a), (_, b) in zip(val_one, val_two)))
+    np.testing.assert_allclose([v for _, v in val_two], [v for _, v in val_one], rtol=RTOL)
+    keys = {k for rank in (0, 1) for x in trace(tmp_path / "two", rank) for k in x.get("keys", [])}
+    keys |= {k for x in trace(tmp_path / "one", 0) for k in x.get("keys", [])}
+    import pyarrow.parquet as pq
+
+    from t2i.data import Holdout
+    from t2i.noise import hash_strings
+
+    every = [k for f in sorted((world["root"] / "captions").glob("*.parquet")) for k in pq.read_table(f, columns=["key"])["key"].to_pylist()]
+    held = {k for k, h in zip(every, Holdout(0.25).select(hash_strings(every))) if h}
+    assert 8 <= len(held) <= 24 and keys == set(every) - held  # every other key trained, no held-out one

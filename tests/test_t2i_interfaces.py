@@ -1,4 +1,4 @@
-"""The trainer's two seams: the Objective (t2i.objective; today the DDPM one, t2i.diffusion) rebuilt
+"""The trainer's two seams: the Objective (t2i.objective; DDPM, t2i.diffusion, or flow, t2i.flow) rebuilt
 from a stage's settings or a checkpoint's config, with auxiliary loss terms added to its loss; and
 the Conditioning of each stage kind (t2i.conditioning, t2i.kinds)."""
 
@@ -22,8 +22,8 @@ def test_objective_comes_back_from_what_a_checkpoint_records():
     assert torch.equal(objective.draw_timesteps(words), draw_timesteps(words, 1000, 0.6))
     old = objective_of_state({})  # a checkpoint from before the options: epsilon, learned sigma, uniform steps
     assert old.predicts == "epsilon" and old.learned_sigma and old.timestep_power == 1.0 and old.terms == ("loss", "mse", "vb")
-    with pytest.raises(UserError, match="objective 'flow' is not one of ddpm"):
-        build_objective({"objective": "flow"})
+    with pytest.raises(UserError, match="objective 'edm' is not one of ddpm, flow"):
+        build_objective({"objective": "edm"})
     with pytest.raises(UserError, match="timestep_power must be > 0"):
         check_objective({"timestep_power": -1})
 

@@ -7,13 +7,15 @@
 The loop trains on a features directory (t2i.features; t2i.stage.run_stage computes it from
 caption shards first, as its own step); it samples latents from the stored posterior (mean +
 std * noise), drops 10% of captions to the learned null caption (the stage's conditioning,
-t2i.conditioning), trains with its objective (t2i.objective: today the IDDPM hybrid loss), and
+t2i.conditioning), trains with its objective (t2i.objective: DDPM with the IDDPM hybrid loss, or flow
+matching), optionally routing tokens past the middle blocks (t2i.routing), and
 writes checkpoints (t2i.checkpoint) that `--resume` continues from exactly: same data order,
 same noise, same losses.
 
 Modules, by concern: `config` (TrainConfig and the checks before any work), `resume` (the
 features directory for the settings, resuming from a checkpoint and what must match), `step`
-(a micro-batch's inputs, TrainStep, optimizer and accelerator) and `loop` (Run, the loop, train).
+(a micro-batch's inputs, TrainStep, optimizer and accelerator), `validate` (the validation loss on
+held-out keys) and `loop` (Run, the loop, train).
 """
 
 from t2i.train.config import TrainConfig, check_resolution, per_process_batch, preflight

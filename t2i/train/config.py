@@ -6,11 +6,13 @@ from dataclasses import dataclass, fields
 
 from shards.errors import UserError
 from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, parse_weights
+from t2i.data import Holdout
 from t2i.kinds import conditioning_class
 from t2i.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, VaeFactors, vae_factors
 from t2i.features import FeatureConfig
 from t2i.models import ATTENTION_ORDERS, get_preset
 from t2i.objective import check_objective
+from t2i.routing import routed_blocks
 from t2i.trackers import check_report_to
 
 
@@ -44,12 +46,31 @@ class TrainConfig:
     # fields per epoch, drawn with caption_weights (default equal); t2i.caption_fields
     caption_fields: tuple = DEFAULT_FIELDS
     caption_weights: tuple = ()
-    # the objective (t2i.objective; DDPM with the IDDPM hybrid loss, t2i.diffusion):
-    learned_sigma: bool = True
+    # the objective (t2i.objective: DDPM with the IDDPM hybrid loss, t2i.diffusion, or flow matching,
+    # t2i.flow); another objective's setting is refused, and so is any change on --resume
+    learned_sigma: bool = True  # ddpm: the model also outputs the variance (IDDPM); flow predicts v only and ignores it
     prediction_type: str = "epsilon"  # epsilon (the paper's) | v_prediction (better on small latents)
-    # timesteps drawn as floor(T * u**p) (draw_timesteps): 1 is uniform, the paper's; p < 1 trains
-    # the noisy steps, where an object's outline is decided, more often
+    # ddpm: timesteps drawn as floor(T * u**p) (draw_timesteps): 1 is uniform, the paper's; p < 1
+    # trains the noisy steps, where an object's outline is decided, more often
     timestep_power: float = 1.0
+    objective: str = "ddpm"  # ddpm (the paper's, t2i.diffusion) | flow (rectified flow, t2i.flow)
+    loss_weighting: str = "none"  # ddpm: none | min_snr (min-SNR-gamma); flow: none | sigma_sqrt | cosmap (SD3's)
+    snr_gamma: float = 5.0  # ddpm, min_snr: the gamma
+    timestep_density: str = "uniform"  # flow: uniform | logit_normal (t = sigmoid(N(logit_mean, logit_std)))
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_shift: float = 1.0  # flow: SD3's resolution shift t' = s t / (1 + (s - 1) t) in training and sampling (1: none)
+    # token dropping (TREAD-style routing, t2i.routing): in training, this share of the patch tokens
+    # skips blocks [token_drop_start, token_drop_end) (negative: from the end); 0: off
+    token_drop: float = 0.0
+    token_drop_start: int = 1
+    token_drop_end: int = -1
+    # a validation loss on held-out keys (t2i.train.validate): a share of the keys, or a number of
+    # them, chosen by key hash and never trained on; fixed noise and timesteps per key
+    val_fraction: float = 0.0
+    val_keys: int = 0
+    val_every: int = 0  # optimizer steps between validations (0: at every checkpoint)
+    val_timesteps: int = 4  # timesteps per held-out sample, averaged (stratified over the objective's density)
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False
     compile: bool = False
@@ -100,7 +121,28 @@ class TrainConfig:
             raise UserError(f"global_batch must be >= 0 (0: batch_size x processes), got {self.global_batch}")
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        self._validate_levers()
         check_report_to(self.report_to)
+
+
+    def _validate_levers(self) -> None:
+        """Token dropping and the validation loss settings."""
+        if not 0 <= self.token_drop < 1:
+            raise UserError(f"token_drop must be in [0, 1) (the share of patch tokens routed past the middle blocks), got {self.token_drop}")
+        if self.token_drop and self.init == "scratch":
+            routed_blocks(get_preset(self.preset).depth, self.token_drop_start, self.token_drop_end)
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"val_fraction must be in [0, 1) (the share of keys held out for the validation loss), got {self.val_fraction}")
+        if self.val_keys < 0 or (self.val_keys and self.val_fraction):
+            raise UserError(f"val_keys = {self.val_keys} with val_fraction = {self.val_fraction}: hold out keys by one of them "
+                            "(val_keys >= 1 or val_fraction in (0, 1)), set the other to 0")
+        if self.val_every < 0 or self.val_timesteps < 1:
+            raise UserError(f"val_every must be >= 0 (0: at every checkpoint) and val_timesteps >= 1, got {self.val_every} "
+                            f"and {self.val_timesteps}: fix the stage settings")
+
+    def holdout(self) -> Holdout:
+        """The held-out keys of the validation loss (none when val_fraction and val_keys are 0)."""
+        return Holdout(self.val_fraction, self.val_keys)
 
 
 def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:

@@ -24,10 +24,12 @@ from t2i.kinds import conditioning_class
 from t2i.encoders import VaeFactors
 from t2i.noise import sample_keys
 from t2i.objective import build_objective
+from t2i.routing import RoutedBlocks, attach_routing
 from t2i.trackers import Trackers
 from t2i.train.config import TrainConfig, check_resolution, per_process_batch, preflight
 from t2i.train.resume import failed_images, find_features, load_resume_weights, restore_training_state
 from t2i.train.step import TrainStep, make_accelerator, make_inputs, setup_optimization
+from t2i.train.validate import Validation
 
 
 class TrainingDiverged(UserError):
@@ -45,6 +47,7 @@ class Run:
         self.sched, self.ema, self.global_batch, self.state_extra = sched, ema, global_batch, state_extra
         self.rank, self.world = accel.process_index, accel.num_processes
         self.stepper: TrainStep | None = None
+        self.validation: Validation | None = None  # set by train() once the data is open
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.log_path = out / "log.jsonl"
         self.last_ck: Path | None = ckpt.latest_checkpoint(out)
@@ -101,6 +104,12 @@ class Run:
         return self.last_ck
 
 
+def routed_count(model) -> int:
+    """How many blocks of `model` route tokens (t2i.routing; 0 without token dropping)."""
+    blocks = model.transformer.transformer_blocks
+    return blocks.end - blocks.start if isinstance(blocks, RoutedBlocks) else 0
+
+
 def train_loop(run: Run, data, target: int, latent_hw: tuple[int, int], caption_channels: int, progress: bool) -> None:
     """Optimizer steps until `target`: grad_accum micro-batches each (an epoch's last step may
     have fewer), from the loader's batches of this rank; logs, checks and checkpoints as it goes."""
@@ -111,7 +120,8 @@ def train_loop(run: Run, data, target: int, latent_hw: tuple[int, int], caption_
 
     cfg, accel = run.cfg, run.accel
     flops_img = flops_per_image(preset_of(run.model.transformer.config), latent_hw, cfg.max_tokens, caption_channels,
-                                cross_attention=run.conditioning.cross_attention)
+                                cross_attention=run.conditioning.cross_attention, token_drop=cfg.token_drop,
+                                routed_blocks=routed_count(run.model))
     peak = device_peak_flops(accel.device)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not (progress and accel.is_main_process))
@@ -127,10 +137,11 @@ def train_loop(run: Run, data, target: int, latent_hw: tuple[int, int], caption_
         while run.step < target:
             last = train_step(run, batches)
             images += last.samples
-            if run.step % cfg.log_every == 0 or run.step == target:
+            val = run.validation.measure() if run.validation.due(run.step) else {}
+            if run.step % cfg.log_every == 0 or run.step == target or val:
                 now = time.perf_counter()
                 ips = images / max(now - t_last, 1e-9)
-                loss = log_step(run, last.grad_norm, ips, flops_img, peak)
+                loss = log_step(run, last.grad_norm, ips, flops_img, peak, val)
                 bar.update(task, completed=run.step, info=f"loss {loss:.4f} {ips:.1f} img/s")
                 images, t_last = 0, now
             else:
@@ -162,7 +173,7 @@ def train_step(run: Run, batches) -> StepResult:
             recovery.append_jsonl(run.trace, {"step": run.step + 1, "epoch": b.epoch, "batch": b.batch_pos, "rank": run.rank,
                                               "world": run.world, "keys": b.keys, **fields})
         run.epoch, run.batch_pos = b.epoch, b.batch_pos + 1
-        inp = make_inputs(b, run.state_extra["scaling_factor"], stepper.objective, cfg.caption_dropout, keys)
+        inp = make_inputs(b, run.state_extra["scaling_factor"], stepper.objective, cfg.caption_dropout, keys, stepper.token_drop)
         inp["cond"] = run.conditioning.inputs(b)
         inp.update({term.name: term.inputs(b) for term in stepper.terms})
         last_micro = micro == cfg.grad_accum - 1 or b.last_in_epoch
@@ -176,13 +187,15 @@ def train_step(run: Run, batches) -> StepResult:
     return StepResult(grad_norm, samples, b.last_in_epoch)
 
 
-def log_step(run: Run, grad_norm: torch.Tensor, ips: float, flops_img: float, peak: float | None) -> float:
-    """Check the losses since the last line and append one log line (rank 0 writes); returns the loss."""
+def log_step(run: Run, grad_norm: torch.Tensor, ips: float, flops_img: float, peak: float | None,
+             extra: dict[str, float] | None = None) -> float:
+    """Check the losses since the last line and append one log line (rank 0 writes), with `extra`
+    (the validation losses when one ran at this step); returns the loss."""
     run.check_finite()
     vals = torch.cat(run.window).mean(0).tolist()
     losses = dict(zip(run.stepper.log_terms, vals))  # the objective's terms (loss, mse, vb), then auxiliary ones
     rec = {"step": run.step, "epoch": run.epoch, **losses, "lr": run.sched.get_last_lr()[0], "grad_norm": float(grad_norm), "images_per_s": ips, "mfu": (ips * flops_img / peak) if peak else None,
-           "params_local": run.params_local, "time": time.time()}
+           "params_local": run.params_local, **(extra or {}), "time": time.time()}
     if run.accel.is_main_process:
         recovery.append_jsonl(run.log_path, rec)
     run.trackers.log(rec, run.step)
@@ -199,6 +212,7 @@ def start_run(cfg: TrainConfig, accel, out: Path, fdir: Path, probe, vae: VaeFac
     torch.manual_seed(cfg.seed)
     model = conditioning.build_model(cfg, latent_size, probe.text.shape[-1], objective.learned_sigma)
     check_resolution(cfg.resolution, model.transformer.config.patch_size, vae.spatial)
+    token_drop = attach_routing(model, cfg.token_drop, cfg.token_drop_start, cfg.token_drop_end)
     # resume: whole tensors, the weights go in before FSDP shards the model, the EMA and
     # optimizer state after, split the way their parameters are
     names = [n for n, _ in model.named_parameters()]
@@ -212,7 +226,7 @@ def start_run(cfg: TrainConfig, accel, out: Path, fdir: Path, probe, vae: VaeFac
         restore_training_state(run, ck, st, opt)
     elif run.log_path.exists() and accel.is_main_process:
         run.log_path.unlink()
-    run.stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, objective)
+    run.stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, objective, token_drop=token_drop)
     return run
 
 
@@ -242,14 +256,16 @@ def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None,
     conditioning = conditioning_class(cfg.kind).open(cfg, out, label_shards, resume, accel)
     fdir = find_features(Path(features) if features is not None else out / "features", cfg)  # made beforehand: only opened
     with accel.main_process_first():  # rank 0 builds and caches the index (t2i.feature_index); the others load it
-        data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights)
+        data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights, cfg.holdout())
     ledger = Ledger(out, "train", accel.device)
     probe = data.get(np.array([0]))
     run = start_run(cfg, accel, out, fdir, probe, vae, conditioning, resume, global_batch, local_batch)
+    run.validation = Validation(data, cfg, run)
     target = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
     summary: dict[str, Any] = {"out": str(out), "features": str(fdir), "samples": len(data), "start_step": run.step,
                                "skipped_images": failed_images(fdir), "world_size": accel.num_processes,
-                               "global_batch": global_batch, "params_local": run.params_local}
+                               "global_batch": global_batch, "params_local": run.params_local,
+                               "val_samples": len(data.val_indices)}
     train_loop(run, data, target, tuple(probe.latent_mean.shape[-2:]), probe.text.shape[-1], progress)
     run.save()
     summary.update({"step": run.step, "epoch": run.epoch, "checkpoint": str(run.last_ck), "log": str(run.log_path)})

@@ -17,6 +17,7 @@ from t2i import recovery
 from t2i import sharding
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
 from t2i.features import features_dir
+from t2i.objective import check_resume_objective
 from t2i.train.config import TrainConfig
 
 
@@ -61,7 +62,8 @@ def load_resume_weights(out: Path, model, global_batch: int, world: int, local_b
                         set_aside: bool = True, cfg: TrainConfig | None = None) -> tuple[Path, dict[str, Any]]:
     """The newest checkpoint of `out` that verifies (a damaged newer one is set aside, with a
     warning, when `set_aside`) and its trainer state, its model weights loaded into `model`.
-    With `cfg`, a run whose caption fields or weights differ from the checkpoint's is refused."""
+    With `cfg`, a run whose caption fields or weights, objective settings or held-out keys differ
+    from the checkpoint's is refused."""
     ck = recovery.resumable_checkpoint(out, set_aside=set_aside)
     if ck is None:
         raise UserError(f"--resume but no checkpoint in {out}: drop --resume to start fresh")
@@ -73,6 +75,8 @@ def load_resume_weights(out: Path, model, global_batch: int, world: int, local_b
                         f"(a multiple of the number of processes) to resume on {world} processes")
     if cfg is not None:
         check_caption_settings(ck, st, cfg)
+        check_resume_objective(ck, st.get("config", {}), vars(cfg))
+        check_holdout(ck, st.get("config", {}), cfg)
     ckpt.load_matching(model, ckpt.load_weights(ck, "model"), f"checkpoint {ck}")
     return ck, st
 
@@ -95,6 +99,15 @@ def check_caption_settings(ck: Path, st: dict[str, Any], cfg: TrainConfig) -> No
         raise UserError(f"checkpoint {ck} was trained with {_caption_settings(fields, weights)}, this run has "
                         f"{_caption_settings(cfg.caption_fields, cfg.caption_weights)}: resume with the checkpoint's "
                         "caption_fields and caption_weights, or train into a new --out")
+
+
+def check_holdout(ck: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to resume with other held-out keys (val_fraction, val_keys) than checkpoint `ck`'s:
+    they change which samples train, so every batch from then on."""
+    theirs = (saved.get("val_fraction", 0.0), saved.get("val_keys", 0))
+    if theirs != (cfg.val_fraction, cfg.val_keys):
+        raise UserError(f"checkpoint {ck} was trained holding out val_fraction {theirs[0]} val_keys {theirs[1]}, this run "
+                        f"val_fraction {cfg.val_fraction} val_keys {cfg.val_keys}: resume with the checkpoint's, or train into a new --out")
 
 
 def _caption_settings(fields: tuple[str, ...], weights: tuple[float, ...]) -> str:

@@ -15,19 +15,23 @@ from t2i import sharding
 from t2i.models import attention_kernels, compile_blocks
 from t2i.noise import normal_pairs, random_words, uniforms
 from t2i.objective import LossTerm, Objective, add_terms
+from t2i.routing import TokenDrop, routing
 from t2i.train.config import TrainConfig
 
 
-def make_inputs(b, scaling: float, objective: Objective, caption_dropout: float, keys) -> dict[str, torch.Tensor]:
+def make_inputs(b, scaling: float, objective: Objective, caption_dropout: float, keys,
+                token_drop: TokenDrop = TokenDrop()) -> dict[str, torch.Tensor | None]:
     """CPU tensors of one micro-batch: x0 drawn from the stored posterior, noise, timesteps (the
-    objective's draw) and caption-drop flags, each sample's from its own noise key (keys[i],
-    t2i.noise.sample_keys), all samples in one batched draw."""
+    objective's draw), caption-drop flags and the tokens routing keeps ("keep", None without
+    token dropping), each sample's from its own noise key (keys[i], t2i.noise.sample_keys), all
+    samples in one batched draw."""
     shape = tuple(b.latent_mean.shape[1:])
-    words = random_words(keys, 2)  # each stream: timestep, caption drop, then the normals
+    words = random_words(keys, 2)  # each stream: timestep, caption drop, then the normals, then the routing
     eps, noise = (torch.from_numpy(z).view(len(words), *shape) for z in normal_pairs(keys, math.prod(shape), first=2))
     x0 = b.latent_mean.float() + b.latent_std.float() * eps  # the posterior draw; stored maybe in 16 bits
     return {"x0": x0 * scaling, "noise": noise, "t": objective.draw_timesteps(words[:, 0]),
-            "drop": torch.from_numpy(uniforms(words[:, 1]) < caption_dropout)}
+            "drop": torch.from_numpy(uniforms(words[:, 1]) < caption_dropout),
+            "keep": token_drop.keep(keys, shape, first=2 + math.prod(shape))}
 
 
 def _on_device(x: torch.Tensor, device) -> torch.Tensor:
@@ -46,17 +50,20 @@ class TrainStep:
     caller logs them."""
 
     def __init__(self, accel, run_model, model, opt, sched, ema, objective: Objective, grad_accum: int = 1,
-                 grad_clip: float = 0.0, fsdp: bool = False, attention: str = "auto", terms: Sequence[LossTerm] = ()) -> None:
+                 grad_clip: float = 0.0, fsdp: bool = False, attention: str = "auto", terms: Sequence[LossTerm] = (),
+                 token_drop: TokenDrop = TokenDrop()) -> None:
         self.accel, self.run_model, self.model = accel, run_model, model
         self.opt, self.sched, self.ema, self.objective = opt, sched, ema, objective
         self.grad_accum, self.grad_clip, self.fsdp, self.attention = grad_accum, grad_clip, fsdp, attention
         self.terms = tuple(terms)
+        self.token_drop = token_drop  # which tokens a micro-batch routes past the middle blocks (make_inputs' "keep")
         self.log_terms = tuple(objective.terms) + tuple(t.name for t in self.terms)  # what micro() returns, in order
         self.use_added = getattr(model.transformer, "use_additional_conditions", False)  # a DiT has none
 
     @classmethod
     def prepare(cls, cfg: TrainConfig, accel, model, opt, sched, ema, objective: Objective,
-                compile_backend: str = "inductor", terms: Sequence[LossTerm] = ()) -> "TrainStep":
+                compile_backend: str = "inductor", terms: Sequence[LossTerm] = (),
+                token_drop: TokenDrop = TokenDrop()) -> "TrainStep":
         """Regional torch.compile of the blocks (when cfg.compile) and accelerate.prepare (DDP,
         autocast) around `model`; a model already sharded by FSDP is not wrapped again, only the
         optimizer is prepared."""
@@ -68,24 +75,36 @@ class TrainStep:
         else:
             run_model, opt = accel.prepare(run_model, opt)
         return cls(accel, run_model, model, opt, sched, ema, objective, cfg.grad_accum, cfg.grad_clip, cfg.fsdp,
-                   cfg.attention, terms)
+                   cfg.attention, terms, token_drop)
 
     def micro(self, inp: dict[str, Any], sync: bool = True, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Forward + loss + backward; `sync=False` skips the DDP all-reduce (inside grad accumulation).
         `inp`: make_inputs' tensors, and the conditioning's under "cond" (the model's keyword
         arguments). Returns the detached per-micro-batch means of `log_terms` (a device tensor)."""
-        dev = self.accel.device
-        x0, noise, t, drop = (inp[k].to(dev, non_blocking=True) for k in ("x0", "noise", "t", "drop"))
-        cond = {k: _on_device(v, dev) for k, v in inp["cond"].items()}
-        x_t = self.objective.add_noise(x0, noise, t)
-        added = self._added_conditions(size, x0.shape[0]) if self.use_added else None
-        with self._sync_context(sync), attention_kernels(self.attention):
+        x0, noise, t, x_t, kwargs = self._model_inputs(inp, size)
+        with self._sync_context(sync), attention_kernels(self.attention), routing(self.model, inp.get("keep")):
             with self.accel.autocast():
-                pred = self.run_model(x_t, t, **cond, drop=drop, added_cond_kwargs=added)
+                pred = self.run_model(x_t, t, **kwargs)
                 losses = add_terms(self.objective.loss(pred, x0, x_t, noise, t), self.terms, inp)
                 loss = losses["loss"].mean()
             self.accel.backward(loss / self.grad_accum)
         return torch.stack([losses[k].detach().mean() for k in self.log_terms])
+
+    @torch.no_grad()
+    def evaluate(self, inp: dict[str, Any], size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """The objective's per-sample losses of a micro-batch, without gradients, every token
+        through every block (the validation loss; the model is called as it is, outside DDP)."""
+        x0, noise, t, x_t, kwargs = self._model_inputs(inp, size)
+        with attention_kernels(self.attention), self.accel.autocast():
+            return self.objective.loss(self.model(x_t, t, **kwargs), x0, x_t, noise, t)
+
+    def _model_inputs(self, inp: dict[str, Any], size: tuple[int, int] | None):
+        """(x0, noise, t, x_t, the model's keyword arguments) of a micro-batch, on the device."""
+        dev = self.accel.device
+        x0, noise, t, drop = (inp[k].to(dev, non_blocking=True) for k in ("x0", "noise", "t", "drop"))
+        cond = {k: _on_device(v, dev) for k, v in inp["cond"].items()}
+        added = self._added_conditions(size, x0.shape[0]) if self.use_added else None
+        return x0, noise, t, self.objective.add_noise(x0, noise, t), {**cond, "drop": drop, "added_cond_kwargs": added}
 
     def _added_conditions(self, size: tuple[int, int], batch: int) -> dict[str, torch.Tensor]:
         """PixArt's size and aspect-ratio micro-conditions (1024 px models) of a micro-batch."""
