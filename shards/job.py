@@ -65,6 +65,10 @@ class Summary(dict):
         describe = getattr(self, "_describe", None)
         return describe(self) if describe else ", ".join(f"{k} {v}" for k, v in self.items() if isinstance(v, (int, float)))
 
+    def shards_line(self, out: Any) -> str:
+        """`line()` and the complete shards the output `out` holds (what caption and score print)."""
+        return f"{self.line()}; {len(self.shards)} shards in {out}"
+
 
 @dataclass
 class JobSpec:
