@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from shards.errors import UserError
 from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, parse_weights
-from t2i.kinds import conditioning_class
-from t2i.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, VaeFactors, vae_factors
-from t2i.features import FeatureConfig
-from t2i.models import ATTENTION_ORDERS, get_preset
-from t2i.objective import check_objective
-from t2i.trackers import check_report_to
+from t2i.feature_config import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig
+
+if TYPE_CHECKING:
+    from t2i.encoders import VaeFactors
+
+# The checks below import the model code they need (torch) when they run, so that the settings
+# and their defaults read without it (the CLI's --help).
 
 
 @dataclass
@@ -83,6 +86,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """A UserError naming the first bad setting (and its fix)."""
+        from t2i.kinds import conditioning_class
+        from t2i.models import ATTENTION_ORDERS, get_preset
+        from t2i.objective import check_objective
+        from t2i.trackers import check_report_to
+
         if self.init == "scratch":
             get_preset(self.preset)
         conditioning_class(self.kind).check_config(self)
@@ -118,6 +126,8 @@ def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
 def preflight(cfg: TrainConfig) -> VaeFactors:
     """The checks a stage passes before any work (features included): its settings, and a
     resolution that splits into whole patches of latent cells. Returns the VAE's factors."""
+    from t2i.encoders import vae_factors
+
     cfg.validate()
     vae = vae_factors(cfg.vae)
     check_resolution(cfg.resolution, _patch_of(cfg), vae.spatial)
@@ -125,6 +135,8 @@ def preflight(cfg: TrainConfig) -> VaeFactors:
 
 
 def _patch_of(cfg: TrainConfig) -> int:
+    from t2i.models import get_preset
+
     if cfg.init == "scratch":
         return get_preset(cfg.preset).patch
     return 0  # known only once the init model is loaded; checked then
@@ -134,3 +146,33 @@ def check_resolution(resolution: int, patch: int, spatial: int) -> None:
     """The image side must split into whole patches of latent cells (patch 0: not known yet)."""
     if patch and resolution % (patch * spatial):
         raise UserError(f"resolution {resolution} is not divisible by patch x VAE factor ({patch} x {spatial} = {patch * spatial}): pick a multiple of {patch * spatial}")
+
+
+@dataclass
+class TrainRun:
+    """The train command: where the run goes and what it trains on (caption shards, features, or
+    a manifest's stages), and `overrides`, the TrainConfig settings given as flags (over a
+    manifest's stages, or over TrainConfig's defaults for a single stage)."""
+
+    out: Path
+    shards: str | None = None  # caption shards: features are computed from them first, as their own step
+    features: Path | None = None  # a features directory or root (default OUT/features)
+    manifest: str | None = None  # a TOML stage recipe: every stage in order
+    stage: str | None = None  # only this manifest stage
+    resume: bool = False  # continue from the last checkpoint in `out`
+    threads: int = 0  # torch CPU threads for the whole run, features included (0: torch's default)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> TrainRun:
+        """A run from the flags given: the run's own (out, shards, ..., threads), and the others,
+        each named after the TrainConfig field it sets, as overrides."""
+        own = {f.name for f in fields(cls)} - {"overrides"}
+        return cls(**{k: v for k, v in flags.items() if k in own}, overrides={k: v for k, v in flags.items() if k not in own})
+
+    def validate(self) -> None:
+        """A UserError for flags that contradict each other or leave nothing to train on."""
+        if self.manifest and "kind" in self.overrides:
+            raise UserError("--kind sets a single stage's kind: set kind per stage in the manifest instead")
+        if not self.manifest and self.shards is None and self.features is None and not self.resume:
+            raise UserError("no --shards or --features given: pass caption shards, features, or --manifest with shards per stage")
