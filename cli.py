@@ -48,7 +48,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-PROGRESS = "--progress/--no-progress"
 GIVEN = ("COMMANDLINE", "ENVIRONMENT", "PROMPT")  # where a parameter's value came from (click's ParameterSource)
 
 
@@ -97,6 +96,17 @@ def _options(table: dict[str, tuple[Any, ...]]) -> Callable:
         return fn
 
     return add
+
+
+def _progress(default: bool, help: str = "show the progress bar (--no-progress: hide it)") -> Any:
+    """The --progress/--no-progress option."""
+    return typer.Option(default, "--progress/--no-progress", help=help)
+
+
+def _ray_address(default: str | None) -> Any:
+    """The --ray-address option of the jobs with a Ray engine."""
+    return typer.Option(default, "--ray-address",
+                        help="--engine ray: connect to this Ray cluster (default: start a local Ray)")  # fmt: skip
 
 
 def _echo(text: str | None) -> None:
@@ -156,8 +166,7 @@ def stats_cmd(
         StatsOptions.engine, "--engine", help="local (process pool) or ray (Ray Data map_batches)."),
     ray_address: Optional[str] = typer.Option(
         StatsOptions.ray_address, "--ray-address", help="Connect to this Ray cluster (--engine ray)."),
-    progress: bool = typer.Option(
-        StatsOptions.progress, PROGRESS, help="Show the progress bar (--no-progress: hide it)."),
+    progress: bool = _progress(StatsOptions.progress, "Show the progress bar (--no-progress: hide it)."),
 ) -> None:
     """How informative are the captions, in the terms of PixArt-alpha's Table 1.
 
@@ -219,12 +228,10 @@ def caption_cmd(
         "pixel-count processors (Qwen2/2.5/3-VL): fewest pixels per image")),
     max_pixels: Optional[int] = typer.Option(CaptionConfig.max_pixels, "--max-pixels", help=(
         f"pixel-count processors (Qwen2/2.5/3-VL): most pixels per image (default {DEFAULT_MAX_PIXELS}: ~576 tokens)")),
-    progress: bool = typer.Option(
-        CaptionConfig.progress, PROGRESS, help="show the progress bar (--no-progress: hide it)"),
+    progress: bool = _progress(CaptionConfig.progress),
     engine: str = typer.Option(CaptionConfig.engine, "--engine", help=(
         "local (this process) | ray (Ray Data: model replicas in actors)")),
-    ray_address: Optional[str] = typer.Option(CaptionConfig.ray_address, "--ray-address", help=(
-        "--engine ray: connect to this Ray cluster (default: start a local Ray)")),
+    ray_address: Optional[str] = _ray_address(CaptionConfig.ray_address),
     replicas: int = typer.Option(CaptionConfig.replicas, "--replicas", help=(
         "--engine ray: model replicas (one GPU each on a GPU cluster)")),
     static_cache: bool = typer.Option(CaptionConfig.static_cache, "--static-cache", help=(
@@ -265,12 +272,10 @@ def score_cmd(
     batch_size: int = typer.Option(ScoreConfig.batch_size, "--batch-size"),
     shard_size: int = typer.Option(ScoreConfig.shard_size, "--shard-size", help="rows per score shard"),
     workers: int = typer.Option(ScoreConfig.workers, "--workers", help="image decoding threads"),
-    progress: bool = typer.Option(
-        ScoreConfig.progress, PROGRESS, help="show the progress bar (--no-progress: hide it)"),
+    progress: bool = _progress(ScoreConfig.progress),
     engine: str = typer.Option(ScoreConfig.engine, "--engine", help=(
         "local (this process) | ray (Ray Data tasks, same per-batch function)")),
-    ray_address: Optional[str] = typer.Option(ScoreConfig.ray_address, "--ray-address", help=(
-        "--engine ray: connect to this Ray cluster (default: start a local Ray)")),
+    ray_address: Optional[str] = _ray_address(ScoreConfig.ray_address),
     replicas: int = typer.Option(ScoreConfig.replicas, "--replicas", help=(
         "--engine ray: concurrent scoring tasks, each with its own models")),
 ) -> None:
@@ -330,8 +335,7 @@ def features_cmd(
     threads: int = typer.Option(FeaturesRun.threads, help="torch CPU threads (0: default)"),
     engine: str = typer.Option(FeatureConfig.engine, "--engine", help=(
         "local (this process; torchrun ranks) | ray (encoder actors on a Ray cluster)")),
-    ray_address: Optional[str] = typer.Option(FeatureConfig.ray_address, "--ray-address", help=(
-        "--engine ray: connect to this Ray cluster (default: start a local Ray)")),
+    ray_address: Optional[str] = _ray_address(FeatureConfig.ray_address),
     replicas: int = typer.Option(FeatureConfig.replicas, "--replicas", help=(
         "--engine ray: encoder actors (one GPU each on a GPU cluster)")),
 ) -> None:
@@ -483,7 +487,7 @@ def eval_cmd(
     which: str = typer.Option(EvalConfig.which, "--weights", help="ema | model"),
     vae: Optional[str] = typer.Option(EvalConfig.vae, help="default: the VAE the features used"),
     text_encoder: Optional[str] = typer.Option(EvalConfig.text_encoder, "--text-encoder"),
-    progress: bool = typer.Option(EvalConfig.progress, PROGRESS, help="show the progress bar (--no-progress: hide it)"),
+    progress: bool = _progress(EvalConfig.progress),
 ) -> None:
     """Sample checkpoints and score them side by side: CLIPScore, aesthetic score, FID; eval.json + eval.html.
 
@@ -579,8 +583,7 @@ def demo_cmd(
         DemoOptions.quick, "--quick", help="A much smaller world and fewer steps (a smoke run, ~2 min)."),
     full: bool = typer.Option(DemoOptions.full, "--full", help=(
         "A larger model trained long enough to learn shape (~1.5 h on 2 cores).")),
-    progress: bool = typer.Option(
-        DemoOptions.progress, PROGRESS, help="Show progress bars (--no-progress: hide them)."),
+    progress: bool = _progress(DemoOptions.progress, "Show progress bars (--no-progress: hide them)."),
 ) -> None:
     """The whole recipe on a synthetic miniature world, on CPU, in about 10 minutes.
 
