@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from shards.writer import ROWS_PER_SHARD
 from autolabel.backends import GenParams
 from autolabel.prompts import PAPER_PROMPT, PROMPTS
 from autolabel.sizing import SizePolicy
@@ -58,7 +59,7 @@ class CaptionConfig:
     max_new_tokens: int = 1024
     seed: int = 0
     batch_size: int = 32
-    shard_size: int = 1000
+    shard_size: int = ROWS_PER_SHARD
     embed_images: bool = False
     retry_failed: bool = False
     workers: int | None = None  # image preparation threads (default: cores, at most 8)

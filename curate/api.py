@@ -18,7 +18,7 @@ from shards import fs
 from shards.errors import UserError
 from shards.job import JobSpec, Run, Summary, job_run
 from shards.reader import Shard, complete_shards, iter_batches, open_shards, read_manifest
-from shards.writer import ShardWriter, delete_shard, write_manifest
+from shards.writer import ROWS_PER_SHARD, ShardWriter, delete_shard, write_manifest
 from shards.models import DEFAULT_CLIP
 from curate.scorers import Scorers, decode_ahead, decode_row, parse_scorers, score_batch, score_schema
 
@@ -42,7 +42,7 @@ class ScoreConfig:
     fit_aesthetic: str | Path | None = None  # ratings.parquet (key, rating): fit a head first
     dedup_threshold: float = 0.95
     batch_size: int = 32
-    shard_size: int = 1000
+    shard_size: int = ROWS_PER_SHARD
     decode_short: int = 448
     workers: int = 2
     progress: bool = True

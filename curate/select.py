@@ -27,6 +27,7 @@ from shards.errors import UserError
 from shards.job import JobSpec, Run, Summary, job_run
 from shards.reader import Shard, complete_shards, iter_batches, open_shards, read_manifest
 from shards.schema import CAPTION_SCHEMA
+from shards.writer import ROWS_PER_SHARD
 
 if TYPE_CHECKING:
     import polars as pl
@@ -44,7 +45,7 @@ class SelectConfig:
     scores: str | Path
     where: str
     out: str | Path
-    shard_size: int = 1000
+    shard_size: int = ROWS_PER_SHARD
 
 
 def select_command(cfg: SelectConfig) -> str:

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from shards.errors import UserError
 from shards.images import DEFAULT_MAX_PIXELS
+from shards.writer import ROWS_PER_SHARD
 from t2i.caption_fields import DEFAULT_FIELDS, parse_fields
 
 FEATURE_VERSION = 2  # 2: shared decode policy (EXIF, draft), latent_dtype
@@ -37,7 +38,7 @@ class FeatureConfig:
     latent_dtype: str = "float32"  # how latents are stored; float16/bfloat16 halve the disk
     draft: bool = True  # JPEG DCT-scaled decoding down to what the resize needs
     batch_size: int = 16
-    rows_per_shard: int = 1000
+    rows_per_shard: int = ROWS_PER_SHARD
     workers: int = 0  # decode threads (0: cores, at most 8)
     max_pixels: int = DEFAULT_MAX_PIXELS  # bomb guard: larger images are recorded as failures
     caption_fields: tuple[str, ...] = DEFAULT_FIELDS  # caption-shard fields to encode, each its own T5 features

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shards.errors import UserError
-from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, parse_weights
-from t2i.feature_config import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FeatureConfig
+from t2i.caption_fields import parse_fields, parse_weights
+from t2i.feature_config import FeatureConfig
 
 if TYPE_CHECKING:
     from t2i.encoders import VaeFactors
@@ -26,13 +26,14 @@ class TrainConfig:
     class_column: str = ""  # class-cond: the caption-shard column holding each image's label
     preset: str = "PixArt-XL/2"
     init: str = "scratch"  # scratch | dit:PATH | pixart:DIR | checkpoint:DIR
-    resolution: int = 256
-    buckets: bool = False
-    vae: str = DEFAULT_VAE
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    max_tokens: int = 120
-    text_dtype: str = "float16"
-    latent_dtype: str = "float32"  # how features store latents (t2i.features.FeatureConfig)
+    # the features' settings (t2i.feature_config.FeatureConfig), with its defaults
+    resolution: int = FeatureConfig.resolution
+    buckets: bool = FeatureConfig.buckets
+    vae: str = FeatureConfig.vae
+    text_encoder: str = FeatureConfig.text_encoder
+    max_tokens: int = FeatureConfig.max_tokens
+    text_dtype: str = FeatureConfig.text_dtype
+    latent_dtype: str = FeatureConfig.latent_dtype  # how features store latents
     batch_size: int = 64  # per process, per micro-batch (ignored when global_batch is set)
     global_batch: int = 0  # samples per micro-batch over all processes; 0: batch_size x processes
     grad_accum: int = 1
@@ -45,7 +46,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     # several captions per image (Sana-style): each sample trains on one of these caption-shard
     # fields per epoch, drawn with caption_weights (default equal); t2i.caption_fields
-    caption_fields: tuple = DEFAULT_FIELDS
+    caption_fields: tuple = FeatureConfig.caption_fields
     caption_weights: tuple = ()
     # the objective (t2i.objective; DDPM with the IDDPM hybrid loss, t2i.diffusion):
     learned_sigma: bool = True
