@@ -102,7 +102,8 @@ class DemoOptions:
     def config(self) -> DemoConfig:
         """The named configuration these options pick, captioned with their backend."""
         self.validate()
-        cfg = DemoConfig.for_mode("quick" if self.quick else "full" if self.full else "default", str(self.out), self.seed)
+        mode = "quick" if self.quick else "full" if self.full else "default"
+        cfg = DemoConfig.for_mode(mode, str(self.out), self.seed)
         cfg.caption_backend = self.backend
         return cfg
 

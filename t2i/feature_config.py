@@ -95,4 +95,5 @@ class FeaturesRun:
         """A run from the flags given: the run's own (shards, out, threads), and the others, each
         named after the FeatureConfig field it sets."""
         own = {f.name for f in fields(cls)} - {"config"}
-        return cls(**{k: v for k, v in flags.items() if k in own}, config=FeatureConfig(**{k: v for k, v in flags.items() if k not in own}))
+        config = FeatureConfig(**{k: v for k, v in flags.items() if k not in own})
+        return cls(**{k: v for k, v in flags.items() if k in own}, config=config)

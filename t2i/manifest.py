@@ -180,8 +180,12 @@ def train_command(run: TrainRun) -> str:
     if run.manifest:
         done = run_manifest(load_manifest(run.manifest), run.out, run.shards, resume=True, only=run.stage,
                             overrides=run.overrides, features=run.features)  # fmt: skip
-        return "\n".join(f"stage {r['stage']}: " + (r.get("skipped") or f"step {r['step']}, checkpoint {r['checkpoint']}")
-                         for r in done)  # fmt: skip
+        return "\n".join(_stage_line(r) for r in done)
     r = run_stage(TrainConfig(**run.overrides), run.out, shards=run.shards, features=run.features, resume=run.resume)
     lines = [features_line(r["features_step"])] if "features_step" in r else []
     return "\n".join([*lines, f"trained to step {r['step']}; checkpoint {r['checkpoint']}; log {r['log']}"])
+
+
+def _stage_line(r: dict[str, Any]) -> str:
+    """A manifest stage's line: skipped (and why), or the step and checkpoint it reached."""
+    return f"stage {r['stage']}: " + (r.get("skipped") or f"step {r['step']}, checkpoint {r['checkpoint']}")

@@ -49,8 +49,8 @@ class SampleConfig:
 
 def sample_command(cfg: SampleConfig) -> str:
     """`t2i-data sample`: the grid, then what the command prints (where it went)."""
-    path = sample(cfg.checkpoint, cfg.prompts(), cfg.out, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, vae=cfg.vae,
-                  text_encoder=cfg.text_encoder, which=cfg.which)  # fmt: skip
+    path = sample(cfg.checkpoint, cfg.prompts(), cfg.out, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed,
+                  vae=cfg.vae, text_encoder=cfg.text_encoder, which=cfg.which)  # fmt: skip
     return f"wrote {path}"
 
 

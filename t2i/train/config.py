@@ -169,11 +169,13 @@ class TrainRun:
         """A run from the flags given: the run's own (out, shards, ..., threads), and the others,
         each named after the TrainConfig field it sets, as overrides."""
         own = {f.name for f in fields(cls)} - {"overrides"}
-        return cls(**{k: v for k, v in flags.items() if k in own}, overrides={k: v for k, v in flags.items() if k not in own})
+        overrides = {k: v for k, v in flags.items() if k not in own}
+        return cls(**{k: v for k, v in flags.items() if k in own}, overrides=overrides)
 
     def validate(self) -> None:
         """A UserError for flags that contradict each other or leave nothing to train on."""
         if self.manifest and "kind" in self.overrides:
             raise UserError("--kind sets a single stage's kind: set kind per stage in the manifest instead")
         if not self.manifest and self.shards is None and self.features is None and not self.resume:
-            raise UserError("no --shards or --features given: pass caption shards, features, or --manifest with shards per stage")
+            raise UserError("no --shards or --features given: pass caption shards, features, "
+                            "or --manifest with shards per stage")
