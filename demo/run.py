@@ -168,7 +168,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
         "load_avg": os.getloadavg(),
         "timing": timing,
         "captioner": {"train": cap_train, "backend": cfg.caption_backend, "accuracy": accuracy,
-                      "summary": summary.as_dict() if hasattr(summary, "as_dict") else asdict(summary)},
+                      "summary": dict(summary)},
         "stats": {"header": header, "rows": data_rows, "datasets": report.get("datasets")},
         "t2i": {k: v for k, v in t2i.items() if k not in ("scenes", "prior_images")} | {"arms": _strip_images(t2i["arms"])},
         "cost": recipe_cost(out),  # this run's ledgers, and the full-size recipe from `plan`
