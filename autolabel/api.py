@@ -61,6 +61,11 @@ def run_caption(
         return _run_on_ray(cfg, run) if cfg.engine == "ray" else _caption_local(cfg, run, captioner)
 
 
+def caption_command(cfg: CaptionConfig) -> str:
+    """`t2i-data caption`: the run, then what it prints (its summary and the shards in `out`)."""
+    return run_caption(cfg).shards_line(cfg.out)
+
+
 def _caption_local(cfg: CaptionConfig, run: Run, captioner: Captioner | None) -> Summary:
     """The caption job in this process (the model loaded here unless `captioner` is given)."""
     owns = captioner is None
@@ -97,6 +102,9 @@ def _validate_prompts(cfg: CaptionConfig) -> None:
 def _validate(cfg: CaptionConfig) -> None:
     """UserError one-liners for bad settings, before the (slow) model load. (The Ray engine
     checks its sources itself, as it lists them: they may be S3/GCS URIs.)"""
+    if cfg.static_cache and cfg.backend != "transformers":
+        raise UserError(f"--static-cache is a transformers-backend setting, not {cfg.backend}'s: "
+                        "drop it or use --backend transformers")
     if cfg.engine != "ray":
         validate_sources(cfg.src)
     for name, v in (("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size),

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shards import fs
 from shards.errors import UserError
 from shards.ledger import LEDGER
+
+
+@dataclass
+class CostConfig:
+    """The cost command's settings (its flags map 1:1): run directories, and JSON or Markdown."""
+
+    run_dirs: list[str]
+    json_out: bool = False  # print JSON instead of Markdown
+
+
+def cost_command(cfg: CostConfig) -> str:
+    """`t2i-data cost`: the ledgers under `cfg.run_dirs` summed, as the command prints them."""
+    result = sum_ledgers(cfg.run_dirs)
+    return json.dumps(result, indent=2) if cfg.json_out else cost_markdown(result)
 
 
 def find_ledgers(run_dirs: list[str]) -> list:

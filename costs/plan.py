@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from shards.gpus import GPU, get_gpu, match_device_name
 from shards.errors import UserError
@@ -103,16 +103,32 @@ def parse_images(text: str | None) -> dict[str, float]:
 
 @dataclass
 class PlanOptions:
+    """Every setting of a plan (the plan command's flags map 1:1). `images`, `mfu`, `gpu_bench`
+    and `captioned` also take the flags' text: "sam=10M,aesthetic=14M", "0.3,1024=0.1", a JSON
+    file, "sam,aesthetic"."""
+
     gpu: str = "A100-80GB"
-    images: dict[str, float] = field(default_factory=dict)  # dataset name -> images (captioning, features)
+    images: dict[str, float] | str | None = field(default_factory=dict)  # dataset name -> images (captioning, features)
     price: float | None = None  # $ per GPU-hour
-    mfu: MfuRule = field(default_factory=MfuRule)
-    gpu_bench: dict[str, Any] | None = None  # a benchmarks/gpu_bench.py report
+    mfu: MfuRule | str | None = field(default_factory=MfuRule)
+    gpu_bench: dict[str, Any] | str | Path | None = None  # a benchmarks/gpu_bench.py report
     caption_rate: float | None = None  # captioner images/s per GPU on the planned GPU
-    captioned: list[str] | None = None  # datasets to caption (default: all of `images`)
+    captioned: list[str] | str | None = None  # datasets to caption (default: all of `images`)
     gpus: int | None = None  # GPUs for stages without `gpus`, and for captioning / features
     grid_gco2_kwh: float = GRID_GCO2_KWH
     pue: float = PUE
+    out: Path | None = None  # write plan.json and plan.md here
+    json_out: bool = False  # print JSON instead of Markdown
+
+    def __post_init__(self) -> None:
+        if self.images is None or isinstance(self.images, str):
+            self.images = parse_images(self.images)
+        if self.mfu is None or isinstance(self.mfu, str):
+            self.mfu = MfuRule.parse(self.mfu)
+        if isinstance(self.gpu_bench, (str, Path)):
+            self.gpu_bench = load_gpu_bench(self.gpu_bench)
+        if isinstance(self.captioned, str):
+            self.captioned = [c.strip() for c in self.captioned.split(",") if c.strip()]
 
 
 @dataclass
@@ -276,6 +292,15 @@ def price(row: Row, gpu: GPU, opts: PlanOptions) -> Row:
     row.kwh = row.gpu_hours * gpu.watts / 1000 * opts.pue
     row.kg_co2e = row.kwh * opts.grid_gco2_kwh / 1000
     return row
+
+
+def plan_command(manifest_path: str | Path, opts: PlanOptions, note: Callable[[str], None] = print) -> str:
+    """`t2i-data plan`: the plan, written to `opts.out` when set (`note` says where), then what
+    the command prints: Markdown, or JSON."""
+    result = plan(manifest_path, opts)
+    if opts.out is not None:
+        note(f"wrote {', '.join(str(p) for p in write_plan(result, opts.out))}")
+    return json.dumps(result, indent=2) if opts.json_out else to_markdown(result)
 
 
 def plan(manifest_path: str | Path, opts: PlanOptions) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from shards import fs
 from shards.errors import UserError
 from shards.job import JobSpec, Run, Summary, job_run
 from shards.reader import Shard, complete_shards, iter_batches, open_shards, read_manifest
-from shards.writer import ShardWriter, delete_shard, write_manifest
+from shards.writer import ROWS_PER_SHARD, ShardWriter, delete_shard, write_manifest
+from shards.models import DEFAULT_CLIP
 from curate.scorers import Scorers, decode_ahead, decode_row, parse_scorers, score_batch, score_schema
 
 DEDUP_DIR = "dedup"  # scores/dedup/: the whole-dataset duplicate pass, rebuilt after new rows
@@ -36,12 +37,12 @@ class ScoreConfig:
     shards: str | Path = "out"
     out: str | Path = "scores"
     scorers: str | list[str] = "clip,aesthetic,dedup,nsfw,lang,image"
-    clip_model: str = "openai/clip-vit-large-patch14"
+    clip_model: str = DEFAULT_CLIP
     aesthetic_weights: str | None = None  # file or HF id of a LAION v2 head
     fit_aesthetic: str | Path | None = None  # ratings.parquet (key, rating): fit a head first
     dedup_threshold: float = 0.95
     batch_size: int = 32
-    shard_size: int = 1000
+    shard_size: int = ROWS_PER_SHARD
     decode_short: int = 448
     workers: int = 2
     progress: bool = True
@@ -55,6 +56,11 @@ class ScoreConfig:
                "fit_aesthetic": str(self.fit_aesthetic or ""), "dedup_threshold": self.dedup_threshold,
                "decode_short": self.decode_short, "batch_size": self.batch_size, "shard_size": self.shard_size}  # fmt: skip
         return {**rec, "engine": "ray"} if self.engine == "ray" else rec
+
+
+def score_command(cfg: ScoreConfig) -> str:
+    """`t2i-data score`: the run, then what it prints (its summary and the shards in `out`)."""
+    return run_score(cfg).shards_line(cfg.out)
 
 
 def score_line(s: Mapping[str, Any]) -> str:

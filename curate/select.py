@@ -15,10 +15,10 @@ duplicate rows, and a rerun with another --where, --shards or --scores is refuse
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -27,9 +27,30 @@ from shards.errors import UserError
 from shards.job import JobSpec, Run, Summary, job_run
 from shards.reader import Shard, complete_shards, iter_batches, open_shards, read_manifest
 from shards.schema import CAPTION_SCHEMA
+from shards.writer import ROWS_PER_SHARD
+
+if TYPE_CHECKING:
+    import polars as pl
 
 EMBEDDINGS = ("clip_image_emb", "clip_text_emb")  # never needed by a condition: not loaded
 IDENTITY = ("shards", "scores", "where")  # what a resume must keep; --shard-size may change
+
+
+@dataclass
+class SelectConfig:
+    """Every setting of a select run (CLI flags map 1:1): the caption shards, their scores, the
+    condition, the new caption shard directory and its rows per shard."""
+
+    shards: str | Path
+    scores: str | Path
+    where: str
+    out: str | Path
+    shard_size: int = ROWS_PER_SHARD
+
+
+def select_command(cfg: SelectConfig) -> str:
+    """`t2i-data select`: the run, then what it prints (select_line)."""
+    return run_select(cfg.shards, cfg.scores, cfg.where, cfg.out, shard_size=cfg.shard_size).line()
 
 
 def select_line(s: Mapping[str, Any]) -> str:
@@ -60,6 +81,8 @@ def split_conditions(where: str) -> list[str]:
 def _frame(shards: list[Shard], shards_dir: str | Path, scores: str | Path) -> pl.LazyFrame:
     """Scores (minus embeddings), left-joined with dedup flags, and the caption columns the
     scores lack, one row per caption row."""
+    import polars as pl
+
     fix = f"run `t2i-data score --shards {shards_dir} --out {scores}` first"
     score_files = [str(s.location) for s in open_shards(scores, "score", fix)]
     lf = pl.scan_parquet(score_files)
@@ -75,6 +98,8 @@ def _frame(shards: list[Shard], shards_dir: str | Path, scores: str | Path) -> p
 
 def _condition_flags(lf: pl.LazyFrame, conditions: list[str], where: str) -> pl.DataFrame:
     """key + one boolean column per condition (null counts as failed)."""
+    import polars as pl
+
     columns = lf.collect_schema().names()
     try:
         exprs = [pl.sql_expr(c).cast(pl.Boolean).fill_null(False).alias(f"c{i}") for i, c in enumerate(conditions)]
@@ -87,8 +112,11 @@ def _condition_flags(lf: pl.LazyFrame, conditions: list[str], where: str) -> pl.
         raise UserError(f"bad --where {where!r} ({reason}): use SQL over the columns {', '.join(columns)}") from None
 
 
-def run_select(shards: str | Path, scores: str | Path, where: str, out: str | Path, shard_size: int = 1000) -> Summary:
+def run_select(shards: str | Path, scores: str | Path, where: str, out: str | Path,
+               shard_size: int = SelectConfig.shard_size) -> Summary:
     """Write the caption rows of `shards` whose scores satisfy `where` to `out` (resumable)."""
+    import polars as pl
+
     conditions = split_conditions(where)
     if not conditions:
         raise UserError("empty --where: pass a condition such as \"aesthetic >= 5.5 and not near_duplicate\"")

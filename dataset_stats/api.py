@@ -37,6 +37,20 @@ class StatsOptions:
     engine: str = "local"
     ray_address: Optional[str] = None
     progress: bool = True
+    out: Optional[Path] = None  # write report.md, report.json and the PNG plots here
+    json_out: bool = False  # print the report as JSON instead of the table
+
+
+def stats_command(datasets: list[str], options: StatsOptions, note: Callable[[str], None] = print) -> str:
+    """`t2i-data stats`: the report, written to `options.out` when set (`note` says where), then
+    what the command prints: the JSON, or the table with the paper's Table 1."""
+    from dataset_stats.report import table_text, to_json, write_outputs
+
+    report = run_stats(datasets, options)
+    if options.out is not None:
+        written = write_outputs(report, options.out)
+        note(f"wrote {', '.join(p.name for p in written)} to {options.out}")
+    return to_json(report) if options.json_out else table_text(report)
 
 
 def run_stats(

@@ -80,6 +80,39 @@ class DemoConfig:
         return {"quick": cls.quick, "full": cls.full}.get(mode, cls)(out=out, seed=seed)
 
 
+@dataclass
+class DemoOptions:
+    """The demo command's flags (they map 1:1): where, the seed, the captioning backend, and which
+    named DemoConfig runs (default, --quick or --full)."""
+
+    out: str = DemoConfig.out
+    seed: int = DemoConfig.seed
+    backend: str = DemoConfig.caption_backend
+    quick: bool = False
+    full: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """A UserError for an unknown backend, or both modes at once."""
+        if self.backend not in ("transformers", "vllm"):
+            raise UserError(f"unknown --backend {self.backend!r}: use transformers or vllm")
+        if self.quick and self.full:
+            raise UserError("--quick and --full contradict each other: pass one of them")
+
+    def config(self) -> DemoConfig:
+        """The named configuration these options pick, captioned with their backend."""
+        self.validate()
+        mode = "quick" if self.quick else "full" if self.full else "default"
+        cfg = DemoConfig.for_mode(mode, str(self.out), self.seed)
+        cfg.caption_backend = self.backend
+        return cfg
+
+
+def demo_command(options: DemoOptions, log: Callable[[str], None] = print) -> None:
+    """`t2i-data demo`: the whole recipe into `options.out`, its stages told to `log`."""
+    run_demo(options.config(), log=log, progress=options.progress)
+
+
 def _stage(log: Callable[[str], None], n: int, title: str) -> float:
     log(f"[{n}/6] {title}")
     return time.perf_counter()
@@ -135,7 +168,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
         "load_avg": os.getloadavg(),
         "timing": timing,
         "captioner": {"train": cap_train, "backend": cfg.caption_backend, "accuracy": accuracy,
-                      "summary": summary.as_dict() if hasattr(summary, "as_dict") else asdict(summary)},
+                      "summary": dict(summary)},
         "stats": {"header": header, "rows": data_rows, "datasets": report.get("datasets")},
         "t2i": {k: v for k, v in t2i.items() if k not in ("scenes", "prior_images")} | {"arms": _strip_images(t2i["arms"])},
         "cost": recipe_cost(out),  # this run's ledgers, and the full-size recipe from `plan`

@@ -40,7 +40,7 @@ from shards.lock import output_lock
 from shards.reader import clean_incomplete, complete_shards, done_keys, read_manifest
 from shards.retry import finish_interrupted_retry
 from shards.schema import CAPTION_SCHEMA
-from shards.writer import ShardWriter, write_manifest
+from shards.writer import ROWS_PER_SHARD, ShardWriter, write_manifest
 
 
 class Summary(dict):
@@ -65,6 +65,10 @@ class Summary(dict):
         describe = getattr(self, "_describe", None)
         return describe(self) if describe else ", ".join(f"{k} {v}" for k, v in self.items() if isinstance(v, (int, float)))
 
+    def shards_line(self, out: Any) -> str:
+        """`line()` and the complete shards the output `out` holds (what caption and score print)."""
+        return f"{self.line()}; {len(self.shards)} shards in {out}"
+
 
 @dataclass
 class JobSpec:
@@ -81,7 +85,7 @@ class JobSpec:
     settings: dict[str, Any]
     identity: tuple[str, ...] | dict[str, Any]
     schema: pa.Schema | None = CAPTION_SCHEMA
-    rows_per_shard: int = 1000
+    rows_per_shard: int = ROWS_PER_SHARD
     prefix: str = "part"
     device: str | None = None  # the ledger's (None: CUDA when there is one)
     summary: dict[str, Any] = field(default_factory=dict)

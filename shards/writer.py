@@ -31,6 +31,8 @@ from shards import fs
 from shards.layout import MANIFEST, SHARD_RE, done_marker, shard_name, staged
 from shards.reader import complete_shards
 from shards.schema import CAPTION_SCHEMA, CaptionRow, rows_to_table
+
+ROWS_PER_SHARD = 1000  # every job's default shard size (--shard-size)
 # Row groups of about this many uncompressed bytes (at least one row): a reader that wants one
 # row decodes its whole group, so rows of MiB-sized tensors (T5-XXL features) get a group each.
 ROW_GROUP_BYTES = 1 << 20
@@ -58,7 +60,7 @@ class ShardWriter:
     def __init__(
         self,
         out_dir: str | Path,
-        rows_per_shard: int = 1000,
+        rows_per_shard: int = ROWS_PER_SHARD,
         schema: pa.Schema = CAPTION_SCHEMA,
         prefix: str = "part",
         writer_id: str | None = None,

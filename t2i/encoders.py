@@ -16,9 +16,6 @@ import torch
 from shards.errors import UserError
 from shards.hub import hub_kwargs
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-DEFAULT_TEXT_ENCODER = "google/t5-v1_1-xxl"
-
 
 def _subfolder(spec: str, name: str) -> str | None:
     """Pipeline-layout repos keep each model in a subfolder; plain model repos do not."""

@@ -21,37 +21,43 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import torch
-
 from shards import fs as shard_fs
 from shards.errors import UserError
-from t2i import checkpoint as ckpt
+from shards.models import DEFAULT_CLIP
+from t2i.sample import SampleConfig
+
+# The model code (torch) is imported by the functions that sample and score, so that EvalConfig
+# and its defaults read without it (the CLI's --help).
 
 GRID_IMAGES = 16  # samples shown per checkpoint on the page (all are saved as PNGs)
 
 
 @dataclass
 class EvalConfig:
-    """What `evaluate_checkpoints` samples and how it scores. `prompts` is the prompt list."""
+    """What `evaluate_checkpoints` samples and how it scores (the eval command's flags map 1:1).
+    `prompts` is the prompt list, or a text file of them, one per line (read here)."""
 
-    prompts: list[str]
+    prompts: list[str] | str | Path
     out: str | Path = "eval"
-    clip: str = "openai/clip-vit-large-patch14"
+    clip: str = DEFAULT_CLIP
     aesthetic: str | None = None  # LAION aesthetic v2 head: .pth/.safetensors file or HF id
     reference: str | Path | None = None  # folder of reference images for FID
     inception: str | Path | None = None  # torch-fidelity Inception v3 weights file
     fid_features: str = "inception"  # inception | clip
     fid_dims: int = 2048  # Inception layer: 64 | 192 | 768 | 2048 (the standard FID)
-    steps: int = 20
-    guidance: float = 4.5
-    seed: int = 0
+    steps: int = SampleConfig.steps
+    guidance: float = SampleConfig.guidance
+    seed: int = SampleConfig.seed  # batch b is sampled with seed + b, the same for every checkpoint
     batch_size: int = 16
-    which: str = "ema"  # ema | model (checkpoints only)
+    which: str = SampleConfig.which  # ema | model (checkpoints only)
     vae: str | None = None
     text_encoder: str | None = None
     device: str | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompts, (str, Path)):  # a file of prompts (the CLI's --prompts)
+            self.prompts = read_prompts(self.prompts)
 
     def fingerprint(self) -> str:
         """What a checkpoint's cached result depends on (not where it is written, nor the display)."""
@@ -94,6 +100,8 @@ def read_prompts(path: str | Path) -> list[str]:
 def find_targets(path: str | Path) -> list[Target]:
     """An exported pipeline folder, one checkpoint directory, or every checkpoint of a run
     directory (oldest step first)."""
+    from t2i import checkpoint as ckpt
+
     p = Path(path)
     if (p / "model_index.json").is_file():
         return [Target(p.name, p, "export")]
@@ -107,6 +115,8 @@ def find_targets(path: str | Path) -> list[Target]:
 
 
 def _step(ck: Path) -> int | None:
+    from t2i import checkpoint as ckpt
+
     state = ck / ckpt.TRAINER_STATE
     if state.is_file():
         return json.loads(state.read_text()).get("step")
@@ -200,6 +210,8 @@ def sample_and_score(target: Target, cfg: EvalConfig, scorers, out_dir: Path, ad
 
 
 def _result(target: Target, acc: Scored, fid: float | None, out_dir: Path) -> dict[str, Any]:
+    import numpy as np
+
     clip = np.asarray(acc.clip)
     return {
         "name": target.name, "path": str(target.path), "kind": target.kind, "step": target.step, "samples": len(clip),
@@ -217,11 +229,20 @@ def _cached_result(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     return saved["result"] if saved.get("fingerprint") == fingerprint else None
 
 
+def eval_command(target: str | Path, cfg: EvalConfig) -> str:
+    """`t2i-data eval`: score every checkpoint at `target`, then what the command prints."""
+    from t2i.eval_report import summary_lines
+
+    return summary_lines(evaluate_checkpoints(target, cfg))
+
+
 def evaluate_checkpoints(target: str | Path, cfg: EvalConfig | None = None, **options: Any) -> dict[str, Any]:
     """Sample and score every checkpoint at `target`; write `<out>/eval.json` and `<out>/eval.html`.
     Settings: an EvalConfig, or its fields as keywords (`prompts=[...], clip="dir", out="eval"`).
     Returns the JSON's dict: {"checkpoints": [one result per checkpoint, oldest first: name, step,
     samples, clip_score, clip_score_std, aesthetic, fid, grid], "settings", "reference", "files"}."""
+    import torch
+
     from t2i.eval_report import write_report
 
     cfg = cfg if cfg is not None else EvalConfig(**options)

@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
 
 from shards.errors import UserError
 
@@ -47,8 +45,27 @@ A plain `pipe(prompt)` guides against T5("") instead, which the model never saw 
 """
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, which: str = "ema", vae: str | None = None, text_encoder: str | None = None) -> Path:
+@dataclass
+class ExportConfig:
+    """Every setting of the export command (its flags map 1:1)."""
+
+    checkpoint: Path  # a run directory or a checkpoints/step-* directory
+    out: Path  # a new directory for the diffusers pipeline
+    which: str = "ema"  # ema | model weights
+    vae: str | None = None  # default: the VAE the features used
+    text_encoder: str | None = None
+
+
+def export_command(cfg: ExportConfig) -> str:
+    """`t2i-data export`: the pipeline folder, then what the command prints (where it went)."""
+    return f"wrote {export(cfg.checkpoint, cfg.out, which=cfg.which, vae=cfg.vae, text_encoder=cfg.text_encoder)}"
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, which: str = ExportConfig.which, vae: str | None = None,
+           text_encoder: str | None = None) -> Path:
     """Write the pipeline folder (atomically: temp dir, then rename). Returns `out_dir`."""
+    from safetensors.torch import save_file
+
     from t2i.pipeline import pipeline_from_checkpoint
 
     out_dir = Path(out_dir)
@@ -67,9 +84,13 @@ def export(checkpoint: str | Path, out_dir: str | Path, which: str = "ema", vae:
     return out_dir
 
 
-def load_exported(path: str | Path, device: str | None = None, dtype=torch.float32):
-    """(PixArtAlphaPipeline, null_caption or None) from an exported folder."""
+def load_exported(path: str | Path, device: str | None = None, dtype=None):
+    """(PixArtAlphaPipeline, null_caption or None) from an exported folder; `dtype` default float32."""
+    import torch
     from diffusers import PixArtAlphaPipeline
+    from safetensors.torch import load_file
+
+    dtype = dtype or torch.float32
 
     path = Path(path)
     if not (path / "model_index.json").exists():

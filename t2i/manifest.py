@@ -29,7 +29,7 @@ from typing import Any
 
 from shards.errors import UserError
 from t2i.kinds import conditioning_class
-from t2i.train import TrainConfig
+from t2i.train import TrainConfig, TrainRun
 
 TOP_KEYS = {"name", "description", "defaults", "stages"}
 STAGE_EXTRA = {"shards", "gpus"}  # gpus: what `plan` prices the stage on (train uses the processes it runs on)
@@ -166,3 +166,26 @@ def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None 
         res = run_stage(cfg, sdir, shards=src, features=features, resume=resume and has_checkpoints(sdir), progress=progress)
         results.append({"stage": cfg.name, **res})
     return results
+
+
+def train_command(run: TrainRun) -> str:
+    """`t2i-data train`: every stage of `run.manifest` (a line each), or one stage from the flags
+    (the features step's line, then where training ended); returns what the command prints."""
+    from t2i.features import features_line
+    from t2i.ranks import set_threads
+    from t2i.stage import run_stage
+
+    set_threads(run.threads)
+    run.validate()
+    if run.manifest:
+        done = run_manifest(load_manifest(run.manifest), run.out, run.shards, resume=True, only=run.stage,
+                            overrides=run.overrides, features=run.features)  # fmt: skip
+        return "\n".join(_stage_line(r) for r in done)
+    r = run_stage(TrainConfig(**run.overrides), run.out, shards=run.shards, features=run.features, resume=run.resume)
+    lines = [features_line(r["features_step"])] if "features_step" in r else []
+    return "\n".join([*lines, f"trained to step {r['step']}; checkpoint {r['checkpoint']}; log {r['log']}"])
+
+
+def _stage_line(r: dict[str, Any]) -> str:
+    """A manifest stage's line: skipped (and why), or the step and checkpoint it reached."""
+    return f"stage {r['stage']}: " + (r.get("skipped") or f"step {r['step']}, checkpoint {r['checkpoint']}")

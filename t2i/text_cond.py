@@ -13,7 +13,8 @@ import torch
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
 from t2i.conditioning import Conditioning
-from t2i.import_dit import dit_directory, import_dit
+from t2i.dit_source import dit_directory
+from t2i.import_dit import import_dit
 from t2i.models import PixArtWithNull, build_transformer, get_preset
 from t2i.objective import check_init_objective
 from t2i.pipeline import generate, pipeline_from_checkpoint

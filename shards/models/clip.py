@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+from shards.models import DEFAULT_CLIP
 
 
 class ClipEmbedder:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from shards.errors import UserError
-from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, parse_weights
-from t2i.data import Holdout
-from t2i.kinds import conditioning_class
-from t2i.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, VaeFactors, vae_factors
-from t2i.features import FeatureConfig
-from t2i.models import ATTENTION_ORDERS, get_preset
-from t2i.objective import check_objective
-from t2i.routing import routed_blocks
-from t2i.trackers import check_report_to
+from t2i.caption_fields import parse_fields, parse_weights
+from t2i.feature_config import FeatureConfig
+
+if TYPE_CHECKING:
+    from t2i.data import Holdout
+    from t2i.encoders import VaeFactors
+
+# The checks below import the model code they need (torch) when they run, so that the settings
+# and their defaults read without it (the CLI's --help).
 
 
 @dataclass
@@ -25,13 +27,14 @@ class TrainConfig:
     class_column: str = ""  # class-cond: the caption-shard column holding each image's label
     preset: str = "PixArt-XL/2"
     init: str = "scratch"  # scratch | dit:PATH | pixart:DIR | checkpoint:DIR
-    resolution: int = 256
-    buckets: bool = False
-    vae: str = DEFAULT_VAE
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    max_tokens: int = 120
-    text_dtype: str = "float16"
-    latent_dtype: str = "float32"  # how features store latents (t2i.features.FeatureConfig)
+    # the features' settings (t2i.feature_config.FeatureConfig), with its defaults
+    resolution: int = FeatureConfig.resolution
+    buckets: bool = FeatureConfig.buckets
+    vae: str = FeatureConfig.vae
+    text_encoder: str = FeatureConfig.text_encoder
+    max_tokens: int = FeatureConfig.max_tokens
+    text_dtype: str = FeatureConfig.text_dtype
+    latent_dtype: str = FeatureConfig.latent_dtype  # how features store latents
     batch_size: int = 64  # per process, per micro-batch (ignored when global_batch is set)
     global_batch: int = 0  # samples per micro-batch over all processes; 0: batch_size x processes
     grad_accum: int = 1
@@ -44,7 +47,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     # several captions per image (Sana-style): each sample trains on one of these caption-shard
     # fields per epoch, drawn with caption_weights (default equal); t2i.caption_fields
-    caption_fields: tuple = DEFAULT_FIELDS
+    caption_fields: tuple = FeatureConfig.caption_fields
     caption_weights: tuple = ()
     # the objective (t2i.objective: DDPM with the IDDPM hybrid loss, t2i.diffusion, or flow matching,
     # t2i.flow); another objective's setting is refused, and so is any change on --resume
@@ -104,6 +107,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """A UserError naming the first bad setting (and its fix)."""
+        from t2i.kinds import conditioning_class
+        from t2i.models import ATTENTION_ORDERS, get_preset
+        from t2i.objective import check_objective
+        from t2i.trackers import check_report_to
+
         if self.init == "scratch":
             get_preset(self.preset)
         conditioning_class(self.kind).check_config(self)
@@ -124,9 +132,11 @@ class TrainConfig:
         self._validate_levers()
         check_report_to(self.report_to)
 
-
     def _validate_levers(self) -> None:
         """Token dropping and the validation loss settings."""
+        from t2i.models import get_preset
+        from t2i.routing import routed_blocks
+
         if not 0 <= self.token_drop < 1:
             raise UserError(f"token_drop must be in [0, 1) (the share of patch tokens routed past the middle blocks), got {self.token_drop}")
         if self.token_drop and self.init == "scratch":
@@ -142,6 +152,8 @@ class TrainConfig:
 
     def holdout(self) -> Holdout:
         """The held-out keys of the validation loss (none when val_fraction and val_keys are 0)."""
+        from t2i.data import Holdout
+
         return Holdout(self.val_fraction, self.val_keys)
 
 
@@ -160,6 +172,8 @@ def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
 def preflight(cfg: TrainConfig) -> VaeFactors:
     """The checks a stage passes before any work (features included): its settings, and a
     resolution that splits into whole patches of latent cells. Returns the VAE's factors."""
+    from t2i.encoders import vae_factors
+
     cfg.validate()
     vae = vae_factors(cfg.vae)
     check_resolution(cfg.resolution, _patch_of(cfg), vae.spatial)
@@ -167,6 +181,8 @@ def preflight(cfg: TrainConfig) -> VaeFactors:
 
 
 def _patch_of(cfg: TrainConfig) -> int:
+    from t2i.models import get_preset
+
     if cfg.init == "scratch":
         return get_preset(cfg.preset).patch
     return 0  # known only once the init model is loaded; checked then
@@ -176,3 +192,35 @@ def check_resolution(resolution: int, patch: int, spatial: int) -> None:
     """The image side must split into whole patches of latent cells (patch 0: not known yet)."""
     if patch and resolution % (patch * spatial):
         raise UserError(f"resolution {resolution} is not divisible by patch x VAE factor ({patch} x {spatial} = {patch * spatial}): pick a multiple of {patch * spatial}")
+
+
+@dataclass
+class TrainRun:
+    """The train command: where the run goes and what it trains on (caption shards, features, or
+    a manifest's stages), and `overrides`, the TrainConfig settings given as flags (over a
+    manifest's stages, or over TrainConfig's defaults for a single stage)."""
+
+    out: Path
+    shards: str | None = None  # caption shards: features are computed from them first, as their own step
+    features: Path | None = None  # a features directory or root (default OUT/features)
+    manifest: str | None = None  # a TOML stage recipe: every stage in order
+    stage: str | None = None  # only this manifest stage
+    resume: bool = False  # continue from the last checkpoint in `out`
+    threads: int = 0  # torch CPU threads for the whole run, features included (0: torch's default)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> TrainRun:
+        """A run from the flags given: the run's own (out, shards, ..., threads), and the others,
+        each named after the TrainConfig field it sets, as overrides."""
+        own = {f.name for f in fields(cls)} - {"overrides"}
+        overrides = {k: v for k, v in flags.items() if k not in own}
+        return cls(**{k: v for k, v in flags.items() if k in own}, overrides=overrides)
+
+    def validate(self) -> None:
+        """A UserError for flags that contradict each other or leave nothing to train on."""
+        if self.manifest and "kind" in self.overrides:
+            raise UserError("--kind sets a single stage's kind: set kind per stage in the manifest instead")
+        if not self.manifest and self.shards is None and self.features is None and not self.resume:
+            raise UserError("no --shards or --features given: pass caption shards, features, "
+                            "or --manifest with shards per stage")
