@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from demo.vae import SHIPPED_VAE
+from shards.checks import SEED, check_output_dir
 from shards.errors import UserError
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
@@ -93,11 +94,14 @@ class DemoOptions:
     progress: bool = True
 
     def validate(self) -> None:
-        """A UserError for an unknown backend, or both modes at once."""
+        """A UserError for an unknown backend, both modes at once, a seed out of range or an
+        --out that cannot be written (before any work)."""
         if self.backend not in ("transformers", "vllm"):
             raise UserError(f"unknown --backend {self.backend!r}: use transformers or vllm")
         if self.quick and self.full:
             raise UserError("--quick and --full contradict each other: pass one of them")
+        SEED.check("seed", self.seed)
+        check_output_dir(self.out)
 
     def config(self) -> DemoConfig:
         """The named configuration these options pick, captioned with their backend."""
@@ -160,8 +164,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     _stage(log, 6, "writing the report")
     timing["total_s"] = time.perf_counter() - t_start
     from costs.summary import recipe_cost
+    from demo.figures import figures
 
-    figures = _figures(out, t2i)
+    pictures = figures(out, t2i)
     results = {
         "config": asdict(cfg),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -175,7 +180,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     examples = _examples(records, captions, sam.parent, cfg.examples)
-    plots = {p.stem: p for p in (out / "stats").glob("*.png")} | figures
+    plots = {p.stem: p for p in (out / "stats").glob("*.png")} | pictures
     from demo.report import write_report
 
     html_path, _ = write_report(out, results, examples, plots)
@@ -321,76 +326,6 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
             "vae_ceiling": json.loads(ceiling.read_text()) if ceiling.exists() else None,
             "resolution": cfg.t2i_resolution, "steps": cfg.arm_steps, "dit_steps": cfg.dit_steps,
             "dit_classes": cfg.dit_classes, "prompts": prompts, "scenes": scenes}
-
-
-def _figures(out: Path, t2i: dict[str, Any]) -> dict[str, Path]:
-    """The curves (accuracy against steps per arm) and the side-by-side sample grid, as PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from demo.arms import ATTRS
-
-    fig_dir = out / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), sharey=True)
-    for ax, attr in zip(axes, ATTRS):
-        for arm, run in t2i["arms"].items():
-            pts = run["curve"]
-            if arm == "d" and t2i["arms"]["c"]["curve"]:
-                pts = [t2i["arms"]["c"]["curve"][-1], *pts]
-            ax.plot([p["step"] for p in pts], [p[attr] for p in pts], marker="o", ms=3, label=f"({arm}) {run['label']}")
-        chance = {"color": 1 / 6, "shape": 1 / 4, "position": 1 / 5, "all": 1 / 120}[attr]
-        ax.axhline(chance, color="grey", ls="--", lw=0.8)  # chance
-        ax.set_title({"all": "all three right"}.get(attr, attr))
-        ax.set_xlabel("training step")
-        ax.set_ylim(0, 1)
-    axes[0].set_ylabel("held-out accuracy (judged)")
-    axes[-1].legend(fontsize=7, loc="upper left")  # all-three stays low: the top is free
-    fig.tight_layout()
-    curves = fig_dir / "curves.png"
-    fig.savefig(curves, dpi=100)
-    plt.close(fig)
-    return {"curves": curves, **_grids(fig_dir, t2i), **_prior_grid(fig_dir, t2i)}
-
-
-def _grids(fig_dir: Path, t2i: dict[str, Any], cols: int = 10, scale: int = 3) -> dict[str, Path]:
-    """One row of final samples per arm, the same held-out prompts in each column."""
-    from PIL import Image
-
-    arms = [a for a in ("a", "b", "c", "d") if t2i["arms"].get(a, {}).get("images")]
-    if not arms:
-        return {}
-    side = t2i["arms"][arms[0]]["images"][0].size[0] * scale
-    n = min(cols, len(t2i["arms"][arms[0]]["images"]))
-    grid = Image.new("RGB", (n * (side + 2), len(arms) * (side + 2)), "white")
-    for r, arm in enumerate(arms):
-        for c, im in enumerate(t2i["arms"][arm]["images"][:n]):
-            grid.paste(im.resize((side, side), Image.NEAREST), (c * (side + 2), r * (side + 2)))
-    path = fig_dir / "samples.png"
-    grid.save(path)
-    return {"samples": path}
-
-
-def _prior_grid(fig_dir: Path, t2i: dict[str, Any], cols: int = 10) -> dict[str, Path]:
-    """The class-cond DiT's samples, each titled with the label it was asked for."""
-    import matplotlib.pyplot as plt
-
-    images = t2i.get("prior_images") or []
-    if not images:
-        return {}
-    n = min(cols, len(images))
-    fig, axes = plt.subplots(1, n, figsize=(1.3 * n, 1.6), squeeze=False)
-    for ax, im, label in zip(axes[0], images, t2i["prior"]["labels"]):
-        ax.imshow(im, interpolation="nearest")
-        ax.set_title(label, fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    path = fig_dir / "prior.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return {"prior": path}
 
 
 def _examples(records: dict, captions: dict, world_root: Path, n: int) -> list[dict[str, Any]]:
