@@ -17,11 +17,12 @@ from typing import Any, ClassVar, Iterator, Mapping
 from shards import fs
 from shards.checks import WORKERS, Range, check_output_dir, check_ranges
 from shards.errors import UserError
+from shards.hub import check_model
 from shards.job import JobSpec, Run, Summary, job_run
 from shards.reader import Shard, complete_shards, iter_batches, open_shards, read_manifest
 from shards.writer import ROWS_PER_SHARD, ShardWriter, delete_shard, write_manifest
 from shards.models import DEFAULT_CLIP
-from curate.scorers import Scorers, decode_ahead, decode_row, parse_scorers, score_batch, score_schema
+from curate.scorers import NEEDS_CLIP, Scorers, decode_ahead, decode_row, parse_scorers, score_batch, score_schema
 
 DEDUP_DIR = "dedup"  # scores/dedup/: the whole-dataset duplicate pass, rebuilt after new rows
 INPUT_COLUMNS = ("key", "address", "source", "member", "caption", "alt_text", "image")
@@ -64,6 +65,8 @@ class ScoreConfig:
             raise UserError(f"unknown --engine {self.engine!r}: use local or ray")
         check_ranges(self, SCORE_RANGES)
         check_output_dir(self.out)
+        if any(n in NEEDS_CLIP for n in names):
+            check_model(self.clip_model, "CLIP model", "--clip-model")  # in seconds, before the model code loads
         return names
 
     def recorded(self, names: list[str]) -> dict[str, Any]:

@@ -109,24 +109,28 @@ def decode_text(data: bytes, what: str, fix: str) -> str:
 # ---- outputs ---------------------------------------------------------------------------------
 
 
-def check_output_dir(path: str | Path, flag: str = "--out", empty: bool = False) -> None:
+def check_output_dir(path: str | Path, flag: str = "--out", empty: bool = False, shown: str | Path | None = None) -> None:
     """Create the output directory `path` (with its parents) and prove it writable with a probe
-    file, before any work; `empty`: it must hold nothing yet. One-line UserError otherwise."""
+    file, before any work; `empty`: it must hold nothing yet. One-line UserError otherwise,
+    naming `shown` (default `path`: what the user passed)."""
+    shown = path if shown is None else shown
     loc = fs.as_location(path)
     if not isinstance(loc, Path):
         fs.makedirs(loc)  # object stores: the bucket reachable with the credentials at hand
         return
     if loc.exists() and not loc.is_dir():
-        raise UserError(f"{flag} {path} is a file, not a directory: pass a directory")
+        if shown == path:
+            raise UserError(f"{flag} {path} is a file, not a directory: pass a directory")
+        raise _output_error(NotADirectoryError(20, "Not a directory"), shown, flag)
     try:
         loc.mkdir(parents=True, exist_ok=True)
         probe = loc / f".t2i-probe-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise _output_error(e, loc, flag) from None
+        raise _output_error(e, shown, flag) from None
     if empty and any(loc.iterdir()):
-        raise UserError(f"{flag} {path} exists and is not empty: pass a new directory")
+        raise UserError(f"{flag} {shown} exists and is not empty: pass a new directory")
 
 
 def check_output_file(path: str | Path, flag: str = "--out") -> None:
@@ -134,10 +138,10 @@ def check_output_file(path: str | Path, flag: str = "--out") -> None:
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {path} is a directory: pass a file name")
-    check_output_dir(p.parent if str(p.parent) else Path("."), flag)
+    check_output_dir(p.parent if str(p.parent) else Path("."), flag, shown=path)
 
 
-def _output_error(e: OSError, where: Path, flag: str) -> UserError:
+def _output_error(e: OSError, where: str | Path, flag: str) -> UserError:
     """An OSError of creating or probing an output, as one line."""
     if isinstance(e, (FileExistsError, NotADirectoryError)) or e.errno == 20:
         return UserError(f"cannot create {flag} {where}: a part of the path is a file, not a directory: "

@@ -83,6 +83,14 @@ class FeatureConfig:
             raise UserError(f"unknown --engine {self.engine!r}: use local or ray")
         check_ranges(self, FEATURE_RANGES)
 
+    def check_models(self) -> None:
+        """The VAE and the text encoder, checked before any row is read (shards.hub: a hub id in
+        seconds, a missing or empty folder); the encoders themselves load on the first batch."""
+        from shards.hub import check_model
+
+        check_model(self.vae, "the VAE", "--vae")
+        check_model(self.text_encoder, "the text encoder", "--text-encoder")
+
 
 @dataclass
 class FeaturesRun:

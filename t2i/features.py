@@ -97,6 +97,7 @@ def run_features(shards_dir: str | Path, root: str | Path, cfg: FeatureConfig, p
     or accelerate launch, this rank's share) or "ray" (t2i.features_ray). Returns the summary on
     the process that reports it, None on the other ranks."""
     cfg.validate()
+    cfg.check_models()
     if cfg.engine == "ray":
         from t2i.features_ray import compute_features_ray  # Ray is imported only here
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from shards.errors import UserError
-from t2i.kinds import conditioning_class
 from t2i.train import TrainConfig, TrainRun
 
 TOP_KEYS = {"name", "description", "defaults", "stages"}
@@ -138,6 +137,7 @@ def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None 
     their own step, into `features` (a features root; default `<stage dir>/features`), then the
     training loop on them (t2i.stage.run_stage). Finished stages are skipped; an interrupted one
     resumes from its checkpoint when `resume`."""
+    from t2i.kinds import conditioning_class
     from t2i.recovery import has_checkpoints
     from t2i.stage import run_stage
 
@@ -176,13 +176,14 @@ def train_command(run: TrainRun) -> str:
     """`t2i-data train`: every stage of `run.manifest` (a line each), or one stage from the flags
     (the features step's line, then where training ended); returns what the command prints."""
     from shards.checks import check_output_dir
+
+    run.validate()  # settings, and a single stage's models (a hub id in seconds), before the model code loads
+    check_output_dir(run.out)  # under a file, read-only: one line before any features or training
     from t2i.features import features_line
     from t2i.ranks import set_threads
     from t2i.stage import run_stage
 
-    run.validate()
     set_threads(run.threads)
-    check_output_dir(run.out)  # under a file, read-only: one line before any features or training
     if run.manifest:
         done = run_manifest(load_manifest(run.manifest), run.out, run.shards, resume=True, only=run.stage,
                             overrides=run.overrides, features=run.features)  # fmt: skip

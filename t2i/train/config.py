@@ -198,7 +198,7 @@ def preflight(cfg: TrainConfig) -> VaeFactors:
 def check_models(cfg: TrainConfig) -> None:
     """Every model a stage loads, checked before any work (shards.hub: one line within seconds
     for a hub id that cannot be reached, a folder that is missing or empty): the VAE, the text
-    encoder, and a `pixart:` init (a local folder or a hub id)."""
+    encoder, and a `pixart:` (a local folder or a hub id) or `dit:` init."""
     from shards.hub import check_model
 
     check_model(cfg.vae, "the VAE", "vae")
@@ -206,6 +206,14 @@ def check_models(cfg: TrainConfig) -> None:
     kind, _, arg = cfg.init.partition(":")
     if kind == "pixart":
         check_model(arg, "PixArt model", "init pixart:")
+    if kind == "dit" and Path(arg).is_file():  # a .pt/.safetensors: readable as weights (mapped, not read)
+        from shards.hub import load_weights_file
+
+        load_weights_file(arg, "DiT checkpoint", "init dit:", mmap=True)
+    elif kind == "dit":
+        from t2i.dit_source import dit_directory
+
+        dit_directory(arg)  # a missing path, or a folder that holds no DiT
 
 
 def _patch_of(cfg: TrainConfig) -> int:
@@ -253,3 +261,5 @@ class TrainRun:
             raise UserError("no --shards or --features given: pass caption shards, features, "
                             "or --manifest with shards per stage")
         WORKERS.check("threads", self.threads)
+        if not self.manifest:
+            check_models(TrainConfig(**self.overrides))  # before the model code loads (a manifest's: by preflight)
