@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from demo.vae import SHIPPED_VAE
+from shards.checks import SEED, check_output_dir
 from shards.errors import UserError
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
@@ -93,11 +94,14 @@ class DemoOptions:
     progress: bool = True
 
     def validate(self) -> None:
-        """A UserError for an unknown backend, or both modes at once."""
+        """A UserError for an unknown backend, both modes at once, a seed out of range or an
+        --out that cannot be written (before any work)."""
         if self.backend not in ("transformers", "vllm"):
             raise UserError(f"unknown --backend {self.backend!r}: use transformers or vllm")
         if self.quick and self.full:
             raise UserError("--quick and --full contradict each other: pass one of them")
+        SEED.check("seed", self.seed)
+        check_output_dir(self.out)
 
     def config(self) -> DemoConfig:
         """The named configuration these options pick, captioned with their backend."""
