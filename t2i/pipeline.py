@@ -22,9 +22,10 @@ from t2i.objective import objective_of_state
 
 
 def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, text_encoder: str | None = None,
-                             which: str = "ema", device: str | None = None, dtype=torch.float32):
+                             which: str = "ema", device: str | None = None, dtype=torch.float32, adapter: str = "merge"):
     """(PixArtAlphaPipeline, null_caption) assembled from a training checkpoint. The VAE and text
-    encoder default to the ones the checkpoint's features were computed with."""
+    encoder default to the ones the checkpoint's features were computed with. A LoRA checkpoint's
+    adapter is merged into the transformer, or kept as peft layers (`adapter="keep"`)."""
     from diffusers import PixArtAlphaPipeline
 
     from t2i.encoders import load_text_encoder, load_vae
@@ -36,7 +37,7 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, tex
     te_spec = text_encoder or recorded_model(feats.get("text_encoder"), ck, "--text-encoder")
     if not vae_spec or not te_spec:
         raise UserError(f"checkpoint {ck} does not record its VAE/text encoder: pass --vae and --text-encoder")
-    transformer, null = ckpt.load_transformer(ck, which)
+    transformer, null = ckpt.load_transformer(ck, which, adapter=adapter)
     tok, enc = load_text_encoder(te_spec)
     pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=enc, vae=load_vae(vae_spec), transformer=transformer,
                                scheduler=objective_of_state(state).sampler())

@@ -99,6 +99,12 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    # LoRA (t2i.lora, through peft): lora_rank > 0 trains only an adapter on these modules of the
+    # transformer (names or dotted suffixes), everything else frozen; checkpoints hold the adapter alone
+    lora_rank: int = 0  # 0: off (full fine-tune)
+    lora_alpha: float = 0.0  # the adapter's scale is alpha / rank; 0: alpha = rank
+    lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # t2i.lora.DEFAULT_TARGETS
+    lora_variant: str = "lora"  # lora | dora (peft's weight-decomposed LoRA)
     report_to: str = ""  # experiment trackers, comma-separated: tensorboard | wandb | mlflow (t2i.trackers)
     sample_prompts: str = ""  # '|'-separated prompts sampled at every checkpoint for the trackers
 
@@ -106,6 +112,8 @@ class TrainConfig:
         # a TOML list, a comma-separated CLI string or a tuple; bad names fail here, before any work
         self.caption_fields = parse_fields(self.caption_fields)
         self.caption_weights = parse_weights(self.caption_weights, self.caption_fields)
+        if isinstance(self.lora_targets, (str, list)):
+            self.lora_targets = tuple(t.strip() for t in (self.lora_targets.split(",") if isinstance(self.lora_targets, str) else self.lora_targets))
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -144,6 +152,10 @@ class TrainConfig:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         self._validate_levers()
         check_ranges(self, TRAIN_RANGES, dashes=False)
+        from t2i.lora import check_settings, check_targets_early
+
+        check_settings(self)
+        check_targets_early(self)
         check_report_to(self.report_to)
 
     def _validate_levers(self) -> None:
@@ -262,4 +274,6 @@ class TrainRun:
                             "or --manifest with shards per stage")
         WORKERS.check("threads", self.threads)
         if not self.manifest:
-            check_models(TrainConfig(**self.overrides))  # before the model code loads (a manifest's: by preflight)
+            cfg = TrainConfig(**self.overrides)
+            cfg.validate()  # a bad setting is one line before any model is looked for
+            check_models(cfg)  # before the model code loads (a manifest's: by preflight)
