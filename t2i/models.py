@@ -52,6 +52,7 @@ def build_transformer(
     in_channels: int = LATENT_CHANNELS,
     learned_sigma: bool = True,
     use_additional_conditions: bool | None = None,
+    norm_eps: float = 1e-6,
 ):
     """A fresh `PixArtTransformer2DModel` for `preset` on `latent_size`^2 latents.
 
@@ -77,7 +78,7 @@ def build_transformer(
         norm_type="ada_norm_single",
         num_embeds_ada_norm=1000,
         norm_elementwise_affine=False,
-        norm_eps=1e-6,
+        norm_eps=norm_eps,  # PixArt's; an imported DiT's own (t2i.import_dit)
         activation_fn="gelu-approximate",
         attention_bias=True,
     )
