@@ -227,3 +227,9 @@ def _load_transformer(ck: Path, which: str, **config_overrides):
     new = ("adaln_single.emb.resolution_embedder", "adaln_single.emb.aspect_ratio_embedder") if config_overrides else ()
     load_matching(model, inner, f"checkpoint {ck}", allow_missing=new)
     return model.eval(), sd["null_caption"]
+
+
+def null_tokens_of(ck: Path) -> int:
+    """How many tokens of a checkpoint's null caption are attended (0: all; t2i.models.null_mask)."""
+    state = Path(ck) / TRAINER_STATE
+    return int(json.loads(state.read_text()).get("null_tokens", 0)) if state.is_file() else 0

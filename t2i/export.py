@@ -39,7 +39,8 @@ its objective, the sampler defaults; the scheduler in `scheduler/` is the one it
 Sample exactly as t2i does (`t2i.sample.generate`), with diffusers alone: the prompts encoded at the
 trained token length, as written (`clean_caption=False`: t2i never lower-cases or cleans captions,
 in training or sampling), and the learned null caption (`null_caption.safetensors`, shape
-[tokens, channels], mask all ones) as the unconditional branch of classifier-free guidance. Run
+[tokens, channels], mask all ones, or its first `null_tokens` tokens when t2i_export.json says so)
+as the unconditional branch of classifier-free guidance. Run
 from inside this folder (or set `folder`):
 
 ```python
@@ -60,8 +61,11 @@ def sample(prompts, seed=0, output_type="pil"):
     emb, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=tokens,
                                          clean_caption=False)
     neg = null.to(emb.dtype)[None].expand(len(prompts), -1, -1)
+    neg_mask = torch.ones(neg.shape[:2], dtype=mask.dtype)
+    if settings.get("null_tokens"):  # a null caption from the empty prompt: only its first tokens attended
+        neg_mask[:, settings["null_tokens"]:] = 0
     return pipe(prompt=None, negative_prompt=None, prompt_embeds=emb, prompt_attention_mask=mask,
-                negative_prompt_embeds=neg, negative_prompt_attention_mask=torch.ones(neg.shape[:2], dtype=mask.dtype),
+                negative_prompt_embeds=neg, negative_prompt_attention_mask=neg_mask,
                 num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
                 height=settings["height"], width=settings["width"], use_resolution_binning=False,
                 max_sequence_length=tokens, clean_caption=False, output_type=output_type,
@@ -190,7 +194,7 @@ def export_settings(checkpoint: str | Path, which: str, pipe, null) -> dict[str,
     return {"checkpoint": str(Path(ck).resolve()), "step": state.get("step"), "weights": which,
             "max_sequence_length": int(null.shape[0]), "clean_caption": False,
             "objective": {"kind": objective.kind, **objective.settings()}, "scheduler": type(pipe.scheduler).__name__,
-            "null_caption": NULL_FILE, "num_inference_steps": SampleConfig.steps, "guidance_scale": TextConditioning.guidance,
+            "null_caption": NULL_FILE, "null_tokens": int(getattr(pipe, "t2i_null_tokens", 0)), "num_inference_steps": SampleConfig.steps, "guidance_scale": TextConditioning.guidance,
             "height": size, "width": size}  # fmt: skip
 
 
@@ -212,4 +216,6 @@ def load_exported(path: str | Path, device: str | None = None, dtype=None):
     null = None
     if (path / NULL_FILE).exists():
         null = load_weights_file(path / NULL_FILE, "null caption", "export folder")["null_caption"].to(device, dtype)
+    if (path / SETTINGS_FILE).exists():
+        pipe.t2i_null_tokens = int(json.loads((path / SETTINGS_FILE).read_text()).get("null_tokens", 0))
     return pipe, null

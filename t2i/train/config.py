@@ -218,6 +218,9 @@ def check_models(cfg: TrainConfig) -> None:
     kind, _, arg = cfg.init.partition(":")
     if kind == "pixart":
         check_model(arg, "PixArt model", "init pixart:")
+        from t2i.text_cond import check_pixart_folder
+
+        check_pixart_folder(arg)
     if kind == "dit" and Path(arg).is_file():  # a .pt/.safetensors: readable as weights (mapped, not read)
         from shards.hub import load_weights_file
 

@@ -70,7 +70,8 @@ class Run:
         """What trainer_state.json records: the data position, schedule and EMA step, the settings."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_pos, "global_batch": self.global_batch,
                 "world_size": self.world, "scheduler": self.sched.state_dict(), "ema_step": self.ema.optimization_step,
-                "config": recorded_config(self.cfg), **self.state_extra}
+                "config": recorded_config(self.cfg), **self.state_extra,
+                **({"null_tokens": self.model.null_tokens} if getattr(self.model, "null_tokens", 0) else {})}
 
     def check_finite(self) -> None:
         """One host sync (and one all-reduce) for all steps since the last check: raise on the
