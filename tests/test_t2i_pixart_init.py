@@ -117,6 +117,10 @@ def test_a_folder_with_another_model_and_an_unreachable_hub_id_are_one_line(worl
                                          "--vae", world["vae"], "--text-encoder", world["text_encoder"], "--resolution", "16"])
         assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert "Traceback" not in r.output and not (tmp_path / "o" / "features").exists()
+    # with the default VAE and text encoder (hub ids, unreachable here) the released model is named first
+    r = CliRunner().invoke(cli.app, ["train", "--shards", str(world["captions"]), "--out", str(tmp_path / "o"),
+                                     "--init", "pixart:PixArt-alpha/PixArt-XL-2-512x512"])
+    assert r.exit_code == 2 and "PixArt-alpha/PixArt-XL-2-512x512" in r.output and "VAE" not in r.output, r.output
     with pytest.raises(UserError, match="holds a DiTTransformer2DModel"):
         from t2i.text_cond import load_pixart
 

@@ -213,14 +213,17 @@ def check_models(cfg: TrainConfig) -> None:
     encoder, and a `pixart:` (a local folder or a hub id) or `dit:` init."""
     from shards.hub import check_model
 
-    check_model(cfg.vae, "the VAE", "vae")
-    check_model(cfg.text_encoder, "the text encoder", "text_encoder")
     kind, _, arg = cfg.init.partition(":")
+    if kind != "pixart":  # a released model is named first: the one a fine-tune is about
+        check_model(cfg.vae, "the VAE", "vae")
+        check_model(cfg.text_encoder, "the text encoder", "text_encoder")
     if kind == "pixart":
         check_model(arg, "PixArt model", "init pixart:")
         from t2i.text_cond import check_pixart_folder
 
         check_pixart_folder(arg)
+        check_model(cfg.vae, "the VAE", "vae")
+        check_model(cfg.text_encoder, "the text encoder", "text_encoder")
     if kind == "dit" and Path(arg).is_file():  # a .pt/.safetensors: readable as weights (mapped, not read)
         from shards.hub import load_weights_file
 
