@@ -209,3 +209,12 @@ def test_plan_prices_a_lora_stage(tmp_path):
         rows.append(next(r for r in plan(tmp_path / "m.toml", PlanOptions(gpu="H100", mfu=MfuRule.parse("0.5")))["rows"] if r["step"] == "train"))
     assert rows[1]["flops"] / rows[0]["flops"] == pytest.approx(lora["step_flops_per_image"] / full["step_flops_per_image"])
     assert "LoRA r16: 8.3M trainable, AdamW state 63 MiB, step FLOPs 68% of full" in rows[1]["basis"]
+
+
+def test_manifest_lora_settings_are_checked_when_read():
+    from t2i.manifest import parse_manifest
+
+    manifest = parse_manifest('[[stages]]\nname = "ft"\nlora_rank = 8\nlora_targets = ["to_q", "attn2.to_v"]\n')
+    assert manifest.stages[0].config.lora_targets == ("to_q", "attn2.to_v")
+    with pytest.raises(UserError, match="lora target 'to_z' is no linear layer"):
+        parse_manifest('[[stages]]\nname = "ft"\nlora_rank = 8\nlora_targets = ["to_z"]\n')
