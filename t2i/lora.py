@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ SETTINGS = ("lora_rank", "lora_alpha", "lora_targets", "lora_variant")  # what a
 def parse_targets(value: Any) -> tuple[str, ...]:
     """Target module names from a TOML list, a comma-separated CLI string or a tuple."""
     if isinstance(value, str):
-        value = [v for v in value.split(",")]
+        value = value.split(",")
     out = tuple(str(v).strip() for v in value)
     if not out or any(not v for v in out):
         raise UserError(f"lora_targets {','.join(out)!r} has an empty name: list module names, e.g. {','.join(DEFAULT_TARGETS)}")
@@ -130,8 +131,6 @@ def save_base(out: Path, model: nn.Module) -> Path:
 
     base = Path(out) / BASE_DIR
     tmp = base.with_name(f".{BASE_DIR}.tmp")
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.transformer.save_config(tmp / "transformer")
