@@ -446,6 +446,12 @@ TRAIN_OPTIONS: dict[str, tuple[Any, ...]] = {
                        "on one per epoch"),
     "caption_weights": (str, C.caption_weights, "how often each of --caption-fields is drawn, e.g. 3,1 "
                         "(default: equal)"),
+    "lora_rank": (int, C.lora_rank, "train only a LoRA adapter of this rank on the transformer (0: off, full "
+                  "fine-tune)"),
+    "lora_alpha": (float, C.lora_alpha, "LoRA scale alpha/rank (0: alpha = rank)"),
+    "lora_targets": (str, ",".join(C.lora_targets), "the transformer's linear layers the adapter goes on (names or "
+                     "dotted suffixes, comma-separated)"),
+    "lora_variant": (str, C.lora_variant, "lora | dora (weight-decomposed LoRA)"),
 }
 
 
@@ -501,6 +507,10 @@ def export_cmd(
     which: str = typer.Option(ExportConfig.which, "--weights", help="ema | model"),
     vae: Optional[str] = typer.Option(ExportConfig.vae),
     text_encoder: Optional[str] = typer.Option(ExportConfig.text_encoder, "--text-encoder"),
+    lora: bool = typer.Option(ExportConfig.lora, "--lora", help=(
+        "LoRA checkpoint: the base pipeline + the adapter as a peft folder (transformer_lora/)")),
+    merge: bool = typer.Option(ExportConfig.merge, "--merge", help=(
+        "LoRA checkpoint: the adapter merged into the weights")),
 ) -> None:
     """Export a checkpoint as a PixArtAlphaPipeline folder (+ its learned null caption).
 

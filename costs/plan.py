@@ -130,8 +130,46 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
     flops = images * flops_per_image(cfg.preset, (latent, latent), cfg.max_tokens, caption_channels(cfg.text_encoder),
                                      cross_attention=conditioning_class(cfg.kind).cross_attention,  # a class-conditional DiT has none
                                      token_drop=cfg.token_drop, routed_blocks=routed)
+    if cfg.lora_rank:
+        lora = lora_stage_price(cfg.preset, cfg.resolution, cfg.lora_rank, cfg.lora_targets, cfg.lora_variant, cfg.max_tokens,
+                                caption_channels(cfg.text_encoder), cfg.token_drop, routed)
+        flops = images * lora["step_flops_per_image"]
+        lever += (f"; LoRA r{cfg.lora_rank}: {lora['trainable_params'] / 1e6:.1f}M trainable, AdamW state "
+                  f"{lora['optimizer_bytes'] / 2**20:.0f} MiB, step FLOPs {lora['step_flops_per_image'] / lora['full_step_flops_per_image']:.0%} of full")
     mfu, basis = stage_mfu(stage, gpu, opts)
     return Row("train", cfg.name, images, flops, flops / (gpu.peak_flops * mfu) / 3600, gpus, f"MFU {mfu:.1%} {basis}{lever}")
+
+
+def lora_stage_price(preset: str, resolution: int, lora_rank: int, lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
+                     lora_variant: str = "lora", max_tokens: int = 120, channels: int = 4096, token_drop: float = 0.0,
+                     routed_blocks: int = 0) -> dict[str, float]:
+    """What a stage trains and computes, with LoRA of `lora_rank` (0: a full fine-tune): trainable
+    parameters (counted on the preset's model, built on the meta device), AdamW state bytes (two
+    fp32 moments each: 8 bytes a parameter) and training FLOPs per image. A LoRA step runs the
+    forward (1x) and the input gradients (1x) of every matmul but no frozen weight gradient (the
+    third 1x), plus the adapter's own matmuls x3: about 2/3 of a full step."""
+    import torch
+    from torch import nn
+
+    from t2i.models import Preset, build_transformer, flops_per_image, get_preset
+
+    p, latent = get_preset(preset), resolution // VAE_FACTOR
+    with torch.device("meta"):
+        tr = build_transformer(Preset(p.depth, p.hidden, p.heads, p.patch), latent, channels, use_additional_conditions=False)
+    full = flops_per_image(preset, (latent, latent), max_tokens, channels, token_drop=token_drop, routed_blocks=routed_blocks)
+    if not lora_rank:
+        n = sum(x.numel() for x in tr.parameters())
+        return {"trainable_params": n, "optimizer_bytes": 8 * n, "step_flops_per_image": full, "full_step_flops_per_image": full}
+    tokens = (latent // p.patch) ** 2
+    params = macs = 0
+    for name, m in tr.named_modules():
+        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in lora_targets):
+            n = lora_rank * (m.in_features + m.out_features) + (m.out_features if lora_variant == "dora" else 0)
+            params += n
+            caption_side = ".attn2.to_k" in name or ".attn2.to_v" in name  # cross-attention keys/values: caption tokens
+            macs += lora_rank * (m.in_features + m.out_features) * (max_tokens if caption_side else tokens)
+    return {"trainable_params": params, "optimizer_bytes": 8 * params, "step_flops_per_image": full * 2 / 3 + 3 * 2 * macs,
+            "full_step_flops_per_image": full}
 
 
 def routed_of(cfg) -> tuple[int, str]:

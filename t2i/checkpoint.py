@@ -196,11 +196,25 @@ def load_weights(ck: Path, which: str = "model") -> dict[str, torch.Tensor]:
     return load_file(str(Path(ck) / f"{which}.safetensors"))
 
 
-def load_transformer(ck: Path, which: str = "ema", **config_overrides):
-    """(PixArtTransformer2DModel, null_caption) from a checkpoint; `which` is "ema" or "model"."""
+def load_transformer(ck: Path, which: str = "ema", adapter: str = "merge", **config_overrides):
+    """(PixArtTransformer2DModel, null_caption) from a checkpoint; `which` is "ema" or "model".
+    A LoRA checkpoint's adapter goes onto its run's frozen base (t2i.lora), merged into the
+    weights (`adapter="merge"`), or kept as peft layers (`"keep"`)."""
+    ck = require_checkpoint(ck)
+    state_file = ck / TRAINER_STATE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if state.get("lora", {}).get("lora_rank"):
+        from t2i import lora
+
+        model, null = _load_transformer(lora.base_of(ck, state), "model", **config_overrides)
+        lora.attach(model, state["lora"], load_weights(ck, which), f"checkpoint {ck}")
+        return (lora.merge(model) if adapter == "merge" else model).eval(), null
+    return _load_transformer(ck, which, **config_overrides)
+
+
+def _load_transformer(ck: Path, which: str, **config_overrides):
     from diffusers import PixArtTransformer2DModel
 
-    ck = require_checkpoint(ck)
     cfg = PixArtTransformer2DModel.load_config(ck / "transformer")
     if cfg.get("_class_name") == "DiTTransformer2DModel":
         raise UserError(f"{ck} is a class-conditional DiT (a class-cond stage), not a PixArt model: "
@@ -213,3 +227,9 @@ def load_transformer(ck: Path, which: str = "ema", **config_overrides):
     new = ("adaln_single.emb.resolution_embedder", "adaln_single.emb.aspect_ratio_embedder") if config_overrides else ()
     load_matching(model, inner, f"checkpoint {ck}", allow_missing=new)
     return model.eval(), sd["null_caption"]
+
+
+def null_tokens_of(ck: Path) -> int:
+    """How many tokens of a checkpoint's null caption are attended (0: all; t2i.models.null_mask)."""
+    state = Path(ck) / TRAINER_STATE
+    return int(json.loads(state.read_text()).get("null_tokens", 0)) if state.is_file() else 0

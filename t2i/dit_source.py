@@ -48,6 +48,8 @@ class DiTSource:
     pos_embed: torch.Tensor | None = None
     dropped: list[str] = field(default_factory=list)
     heads: int | None = None  # known from a diffusers config; guessed for an official state dict
+    norm_eps: float = 1e-6  # the LayerNorm eps before each MLP (official DiT: 1e-6; diffusers' DiT: its config's, default 1e-5)
+    null_class: int | None = None  # the row of the class table folded into the modulation (None: no null row)
 
 
 def _mlp(x, w0, b0, w2, b2):
@@ -86,9 +88,14 @@ def source_from_official(sd: dict[str, torch.Tensor]) -> DiTSource:
     pos = sd.get("pos_embed")
     latent_size = int(round(math.sqrt(pos.shape[1]))) * patch if pos is not None else 32
     t_w = [sd[f"t_embedder.mlp.{j}.{n}"] for j in (0, 2) for n in ("weight", "bias")]
+    # the null class: the table's last row (the official LabelEmbedder appends it when trained with
+    # class dropout, as every released DiT is); c = t_emb(t) + y_null, as the DiT's unconditional forward
+    table = sd.get("y_embedder.embedding_table.weight")
+    null = table.shape[0] - 1 if table is not None else None
+    y_null = table[null] if table is not None else torch.zeros(hidden)
 
     def t_emb(t):
-        return _mlp(official_timestep_embedding(t), *t_w)
+        return _mlp(official_timestep_embedding(t), *t_w) + y_null
 
     weights = {
         "pos_embed.proj.weight": xw, "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
@@ -114,7 +121,7 @@ def source_from_official(sd: dict[str, torch.Tensor]) -> DiTSource:
         hidden, depth, patch, in_ch, out_ch, latent_size, weights,
         (sd["blocks.0.adaLN_modulation.1.weight"], sd["blocks.0.adaLN_modulation.1.bias"]),
         block_mod, final_mod, pos_embed=pos,
-        dropped=[k for k in sd if k.startswith("y_embedder.")],
+        dropped=[k for k in sd if k.startswith("y_embedder.")], null_class=null,
     )
 
 
@@ -141,10 +148,16 @@ def source_from_diffusers(dit) -> DiTSource:
             "attn1.to_out.0.weight", "attn1.to_out.0.bias", "ff.net.0.proj.weight", "ff.net.0.proj.bias",
             "ff.net.2.weight", "ff.net.2.bias"))))
 
+    labels = blocks[0].norm1.emb.class_embedder
+    # the null class (row num_classes, present when the DiT was built with class dropout): each
+    # block's own embedding of it is part of that block's conditioning, as in the DiT's unconditional forward
+    null = labels.num_classes if labels.embedding_table.num_embeddings > labels.num_classes else None
+
     @torch.no_grad()
     def cond(i, t):
-        emb = blocks[i].norm1.emb  # CombinedTimestepLabelEmbeddings; the class term is left out
-        return emb.timestep_embedder(emb.time_proj(t).float())
+        emb = blocks[i].norm1.emb  # CombinedTimestepLabelEmbeddings at the null class
+        c = emb.timestep_embedder(emb.time_proj(t).float())
+        return c if null is None else c + emb.class_embedder.embedding_table.weight[null].float()
 
     @torch.no_grad()
     def block_mod(i, t):
@@ -158,7 +171,7 @@ def source_from_diffusers(dit) -> DiTSource:
     return DiTSource(
         hidden, len(blocks), cfg.patch_size, cfg.in_channels, dit.out_channels, cfg.sample_size, weights,
         (lin0.weight.detach().float(), lin0.bias.detach().float()), block_mod, final_mod,
-        dropped=[k for k in sd if "class_embedder" in k], heads=cfg.num_attention_heads,
+        dropped=[k for k in sd if "class_embedder" in k], heads=cfg.num_attention_heads, norm_eps=cfg.norm_eps, null_class=null,
     )
 
 

@@ -7,14 +7,22 @@ a class-cond stage of our trainer (t2i.class_cond: its run directory or a checkp
 What happens:
 - shared weights are copied: patch embedding, self-attention (qkv split into q/k/v), MLP,
   timestep embedder, final projection;
-- the class embedder is dropped; cross-attention output projections are zero, so the new
-  cross-attention adds nothing at first;
+- the class embedder is dropped, its null-class row folded into the modulation; cross-attention
+  output projections are zero, so the new cross-attention adds nothing at first;
 - adaLN-single: the global MLP f is initialised from block 0's adaLN MLP, and every block's
-  table is E(i) = adaLN_i(t_emb(500)) - f(t_emb_pixart(500)), the final layer's table likewise;
-  so at t = 500 (and only there) the PixArt model computes the DiT's function without a class
-  term. The table absorbs differences in timestep features (diffusers' DiT uses
+  table is E(i) = adaLN_i(t_emb(500) + y_null) - f(t_emb_pixart(500)), the final layer's table
+  likewise; so at t = 500 (and only there) the PixArt model computes the DiT's unconditional
+  (null-class) function, whatever the null class embeds to (a learned vector in facebookresearch's
+  and diffusers' DiTs; zero in our class-cond stage). The table absorbs differences in timestep features (diffusers' DiT uses
   downscale_freq_shift=1, PixArt 0) and per-block timestep embedders (diffusers' DiT has one
   per block; the official DiT shares one).
+LayerNorm eps: PixArt has one `norm_eps` for both of a block's norms (before attention and
+before the MLP). The official DiT uses 1e-6 for both: exact. diffusers' DiT hard-codes 1e-6 before
+attention (AdaLayerNormZero) and uses its config's `norm_eps` (default 1e-5) before the MLP, which
+no PixArt config can hold at once; the import keeps 1e-6 (carrying 1e-5 would move the attention
+norm, the larger error: 7e-4 against 1e-4 on a random tiny DiT with outputs of size 4; 2.3e-5 on
+outputs of size 0.6) and says so
+(`info["norm_eps"]`, the command's line). With `norm_eps` 1e-6 (our class-cond stage's) it is exact.
 The official PixArt code for this was never released; this is our implementation.
 """
 
@@ -30,6 +38,7 @@ from shards.errors import UserError
 # ImportDitConfig and its defaults read without it (the CLI's --help).
 
 REPARAM_T = 500
+ATTENTION_EPS = 1e-6  # the DiT's LayerNorm eps before attention, in both layouts
 
 
 @dataclass
@@ -52,8 +61,11 @@ def import_dit_command(cfg: ImportDitConfig) -> str:
     cfg.validate()
     model, info = import_dit(cfg.ckpt, caption_channels=cfg.caption_channels, num_heads=cfg.heads)
     model.save_pretrained(cfg.out)
+    eps = (f"; the DiT's MLP LayerNorm eps is {info['norm_eps']:g}, PixArt's one norm_eps keeps its attention norm's "
+           f"{ATTENTION_EPS:g}: equal at t={REPARAM_T} up to that difference" if info["norm_eps"] != ATTENTION_EPS else "")
+    null = f"null class {info['null_class']} folded in" if info["null_class"] is not None else "no null class row (class term left out)"
     return (f"wrote {cfg.out}: depth {info['depth']}, hidden {info['hidden']}, {info['heads']} heads, "
-            f"{len(info['copied'])} tensors copied, dropped {', '.join(info['dropped']) or 'nothing'}")
+            f"{len(info['copied'])} tensors copied, dropped {', '.join(info['dropped']) or 'nothing'}, {null}{eps}")
 
 
 def guess_heads(hidden: int, depth: int) -> int:
@@ -103,7 +115,8 @@ def _import_dit(src, caption_channels: int, num_heads: int | None, latent_size: 
     # build_transformer initialises the new parts: cross-attention (zero out-proj), caption projection
     model = build_transformer(Preset(depth=s.depth, hidden=s.hidden, heads=heads, patch=s.patch), size, caption_channels,
                               in_channels=s.in_channels, learned_sigma=s.out_channels == 2 * s.in_channels,
-                              use_additional_conditions=False)  # size embeddings would break exactness at t=500
+                              use_additional_conditions=False,  # size embeddings would break exactness at t=500
+                              norm_eps=ATTENTION_EPS)  # see the module docstring: the DiT's pre-attention eps
     state = model.state_dict()
     for k, v in s.weights.items():
         if state[k].shape != v.shape:
@@ -119,7 +132,8 @@ def _import_dit(src, caption_channels: int, num_heads: int | None, latent_size: 
         block.scale_shift_table.copy_((s.block_modulation(i, t) - shared).view(6, s.hidden))
     model.scale_shift_table.copy_(s.final_modulation(t).view(2, s.hidden) - t_emb)
 
-    info = {"copied": sorted(s.weights), "dropped": s.dropped, "heads": heads, "hidden": s.hidden, "depth": s.depth, "patch": s.patch}
+    info = {"copied": sorted(s.weights), "dropped": s.dropped, "heads": heads, "hidden": s.hidden, "depth": s.depth, "patch": s.patch,
+            "null_class": s.null_class, "norm_eps": s.norm_eps}
     if s.pos_embed is not None and s.pos_embed.shape == model.pos_embed.pos_embed.shape:
         info["pos_embed_max_abs_diff"] = float((s.pos_embed - model.pos_embed.pos_embed).abs().max())
     return model, info

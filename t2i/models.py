@@ -52,6 +52,7 @@ def build_transformer(
     in_channels: int = LATENT_CHANNELS,
     learned_sigma: bool = True,
     use_additional_conditions: bool | None = None,
+    norm_eps: float = 1e-6,
 ):
     """A fresh `PixArtTransformer2DModel` for `preset` on `latent_size`^2 latents.
 
@@ -77,7 +78,7 @@ def build_transformer(
         norm_type="ada_norm_single",
         num_embeds_ada_norm=1000,
         norm_elementwise_affine=False,
-        norm_eps=1e-6,
+        norm_eps=norm_eps,  # PixArt's; an imported DiT's own (t2i.import_dit)
         activation_fn="gelu-approximate",
         attention_bias=True,
     )
@@ -124,6 +125,9 @@ class PixArtWithNull(nn.Module):
         c = transformer.config.caption_channels
         # the official PixArt buffer's initialisation, but a parameter: it is learned here
         self.null_caption = nn.Parameter(torch.randn(max_tokens, c) / c**0.5)
+        # the null caption's attended tokens: 0, all of them (a learned null); k, its first k (the
+        # text encoder's padded empty prompt, as a released pipeline's unconditional branch: t2i.text_cond)
+        self.null_tokens = 0
 
     def forward(self, latents, timesteps, captions, caption_mask, drop=None, added_cond_kwargs=None):
         # always through torch.where (even when nothing is dropped): the null caption stays in the
@@ -131,7 +135,7 @@ class PixArtWithNull(nn.Module):
         if drop is not None:
             d = drop.view(-1, 1, 1)
             captions = torch.where(d, self.null_caption.to(captions.dtype)[None], captions)
-            caption_mask = torch.where(drop.view(-1, 1), torch.ones_like(caption_mask), caption_mask)
+            caption_mask = torch.where(drop.view(-1, 1), null_mask(caption_mask, self.null_tokens), caption_mask)
         return self.transformer(
             latents,
             encoder_hidden_states=captions,
@@ -140,6 +144,14 @@ class PixArtWithNull(nn.Module):
             added_cond_kwargs=added_cond_kwargs or {"resolution": None, "aspect_ratio": None},
             return_dict=False,
         )[0]
+
+
+def null_mask(like: torch.Tensor, null_tokens: int) -> torch.Tensor:
+    """The null caption's attention mask, shaped and typed as `like` (batch x tokens): ones, or
+    ones on the first `null_tokens` tokens only."""
+    if not null_tokens:
+        return torch.ones_like(like)
+    return (torch.arange(like.shape[-1], device=like.device) < null_tokens).to(like.dtype).expand_as(like)
 
 
 # SDPA kernel orders for `TrainConfig.attention`: torch tries them in order and takes the first that

@@ -17,14 +17,16 @@ import torch
 from shards import fs
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
+from t2i.models import null_mask
 from t2i.recovery import usable_checkpoint
 from t2i.objective import objective_of_state
 
 
 def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, text_encoder: str | None = None,
-                             which: str = "ema", device: str | None = None, dtype=torch.float32):
+                             which: str = "ema", device: str | None = None, dtype=torch.float32, adapter: str = "merge"):
     """(PixArtAlphaPipeline, null_caption) assembled from a training checkpoint. The VAE and text
-    encoder default to the ones the checkpoint's features were computed with."""
+    encoder default to the ones the checkpoint's features were computed with. A LoRA checkpoint's
+    adapter is merged into the transformer, or kept as peft layers (`adapter="keep"`)."""
     from diffusers import PixArtAlphaPipeline
 
     from t2i.encoders import load_text_encoder, load_vae
@@ -36,7 +38,7 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, tex
     te_spec = text_encoder or recorded_model(feats.get("text_encoder"), ck, "--text-encoder")
     if not vae_spec or not te_spec:
         raise UserError(f"checkpoint {ck} does not record its VAE/text encoder: pass --vae and --text-encoder")
-    transformer, null = ckpt.load_transformer(ck, which)
+    transformer, null = ckpt.load_transformer(ck, which, adapter=adapter)
     tok, enc = load_text_encoder(te_spec)
     pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=enc, vae=load_vae(vae_spec), transformer=transformer,
                                scheduler=objective_of_state(state).sampler())
@@ -45,6 +47,7 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, tex
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
+    pipe.t2i_null_tokens = int(state.get("null_tokens", 0))  # the null caption's attended tokens (generate)
     return pipe, null.to(device, dtype)
 
 
@@ -67,9 +70,10 @@ def recorded_model(spec: str | None, ck: Path, flag: str) -> str | None:
 @torch.no_grad()
 def generate(pipe, null_caption: torch.Tensor | None, prompts: Sequence[str], steps: int = 20, guidance: float = 4.5,
              seed: int = 0, height: int | None = None, width: int | None = None, max_tokens: int | None = None,
-             output_type: str = "pil"):
+             output_type: str = "pil", null_tokens: int | None = None):
     """Images for `prompts` (PIL, or as diffusers' `output_type` says: "np" for float arrays). With
-    `null_caption` the learned null is the unconditional branch; with None the pipeline's own
+    `null_caption` the learned null is the unconditional branch (attended on its first `null_tokens`
+    tokens, default the pipeline's `t2i_null_tokens`; 0: all); with None the pipeline's own
     T5("") negative is used (the stock behaviour)."""
     prompts = list(prompts)
     cfg = pipe.transformer.config
@@ -82,7 +86,8 @@ def generate(pipe, null_caption: torch.Tensor | None, prompts: Sequence[str], st
         return pipe(prompt=prompts, **kw).images
     emb, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=max_tokens, clean_caption=False)
     neg = null_caption.to(emb.dtype)[None].expand(len(prompts), -1, -1)
-    neg_mask = torch.ones(neg.shape[:2], dtype=mask.dtype, device=mask.device)
+    tokens = getattr(pipe, "t2i_null_tokens", 0) if null_tokens is None else null_tokens
+    neg_mask = null_mask(torch.ones(neg.shape[:2], dtype=mask.dtype, device=mask.device), tokens)
     return pipe(prompt=None, negative_prompt=None, prompt_embeds=emb, prompt_attention_mask=mask,
                 negative_prompt_embeds=neg, negative_prompt_attention_mask=neg_mask, **kw).images
 

@@ -38,7 +38,7 @@ class TextConditioning(Conditioning):
         from diffusers import PixArtTransformer2DModel
 
         kind, _, arg = cfg.init.partition(":")
-        null = None
+        null, null_tokens = None, 0
         # size/aspect micro-conditions at 1024 px, as PixArt-XL-2-1024-MS (diffusers ties them to latent 128)
         micro = cfg.resolution >= 1024
         if kind == "scratch":
@@ -51,11 +51,13 @@ class TextConditioning(Conditioning):
         elif kind == "pixart":
             check_init_objective(vars(cfg), Path(arg))
             sub = "transformer" if (Path(arg) / "transformer").is_dir() or is_hub_id(arg) else None  # a pipeline's, or the model itself
-            tr = load_pretrained(PixArtTransformer2DModel.from_pretrained, arg, "PixArt model", "init pixart:", subfolder=sub)
+            tr = load_pixart(arg, sub)
+            null, null_tokens = empty_prompt(cfg.text_encoder, cfg.max_tokens)
         elif kind == "checkpoint":
             ck = ckpt.require_checkpoint(arg)
             check_init_objective(vars(cfg), ck)
             tr, null = ckpt.load_transformer(ck, which="model", sample_size=latent_size, use_additional_conditions=micro)
+            null_tokens = ckpt.null_tokens_of(ck)
         else:
             raise UserError(f"init {cfg.init!r} is not scratch, dit:PATH, pixart:DIR or checkpoint:DIR: fix the stage's init")
         if tr.config.caption_channels != caption_channels:
@@ -66,6 +68,7 @@ class TextConditioning(Conditioning):
         if null is not None and null.shape == model.null_caption.shape:
             with torch.no_grad():
                 model.null_caption.copy_(null)
+            model.null_tokens = null_tokens
         return model
 
     def inputs(self, batch) -> dict[str, torch.Tensor]:
@@ -80,3 +83,36 @@ class TextConditioning(Conditioning):
         pipe, null = pipeline_from_checkpoint(checkpoint, vae, text_encoder, which, dtype=dtype)
         return generate(pipe, null, prompts, steps, cls.guidance if guidance is None else guidance, seed)
 
+
+def load_pixart(arg: str, sub: str | None):
+    """A released PixArt transformer (diffusers layout: the model's own folder, or a pipeline's
+    `transformer/`; a hub id), refused in one line when the folder holds another model."""
+    from diffusers import PixArtTransformer2DModel
+
+    check_pixart_folder(arg)
+    return load_pretrained(PixArtTransformer2DModel.from_pretrained, arg, "PixArt model", "init pixart:", subfolder=sub)
+
+
+def check_pixart_folder(arg: str) -> None:
+    """One line when a local `pixart:` folder (the model's own, or a pipeline's `transformer/`)
+    holds another model than a PixArtTransformer2DModel (a hub id is checked when it loads)."""
+    import json
+
+    for config in (Path(arg) / "transformer" / "config.json", Path(arg) / "config.json"):
+        if config.is_file():
+            kind = json.loads(config.read_text()).get("_class_name")
+            if kind != "PixArtTransformer2DModel":
+                raise UserError(f"init pixart:{arg} holds a {kind}, not a PixArtTransformer2DModel: pass a PixArt-alpha model "
+                                "(its folder, or a pipeline folder with transformer/), or init dit:PATH for a DiT")
+            return
+
+
+def empty_prompt(text_encoder: str, max_tokens: int) -> tuple[torch.Tensor, int]:
+    """(the text encoder's features of the empty prompt, padded to `max_tokens` as
+    PixArtAlphaPipeline pads its negative prompt; how many of its tokens the mask keeps): a released
+    model's unconditional branch, so a stage from `pixart:` guides as the released pipeline does."""
+    from t2i.encoders import encode_text, load_text_encoder
+
+    tok, enc = load_text_encoder(text_encoder)
+    emb, mask = encode_text(tok, enc, [""], max_tokens)
+    return emb[0].float(), int(mask[0].sum())

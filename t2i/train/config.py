@@ -100,6 +100,12 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    # LoRA (t2i.lora, through peft): lora_rank > 0 trains only an adapter on these modules of the
+    # transformer (names or dotted suffixes), everything else frozen; checkpoints hold the adapter alone
+    lora_rank: int = 0  # 0: off (full fine-tune)
+    lora_alpha: float = 0.0  # the adapter's scale is alpha / rank; 0: alpha = rank
+    lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # t2i.lora.DEFAULT_TARGETS
+    lora_variant: str = "lora"  # lora | dora (peft's weight-decomposed LoRA)
     report_to: str = ""  # experiment trackers, comma-separated: tensorboard | wandb | mlflow (t2i.trackers)
     sample_prompts: str = ""  # '|'-separated prompts sampled at every checkpoint for the trackers
 
@@ -107,6 +113,8 @@ class TrainConfig:
         # a TOML list, a comma-separated CLI string or a tuple; bad names fail here, before any work
         self.caption_fields = parse_fields(self.caption_fields)
         self.caption_weights = parse_weights(self.caption_weights, self.caption_fields)
+        if isinstance(self.lora_targets, (str, list)):
+            self.lora_targets = tuple(t.strip() for t in (self.lora_targets.split(",") if isinstance(self.lora_targets, str) else self.lora_targets))
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -145,6 +153,10 @@ class TrainConfig:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         self._validate_levers()
         check_ranges(self, TRAIN_RANGES, dashes=False)
+        from t2i.lora import check_settings, check_targets_early
+
+        check_settings(self)
+        check_targets_early(self)
         check_report_to(self.report_to)
 
     def _validate_levers(self) -> None:
@@ -202,11 +214,17 @@ def check_models(cfg: TrainConfig) -> None:
     encoder, and a `pixart:` (a local folder or a hub id) or `dit:` init."""
     from shards.hub import check_model
 
-    check_model(cfg.vae, "the VAE", "vae")
-    check_model(cfg.text_encoder, "the text encoder", "text_encoder")
     kind, _, arg = cfg.init.partition(":")
+    if kind != "pixart":  # a released model is named first: the one a fine-tune is about
+        check_model(cfg.vae, "the VAE", "vae")
+        check_model(cfg.text_encoder, "the text encoder", "text_encoder")
     if kind == "pixart":
         check_model(arg, "PixArt model", "init pixart:")
+        from t2i.text_cond import check_pixart_folder
+
+        check_pixart_folder(arg)
+        check_model(cfg.vae, "the VAE", "vae")
+        check_model(cfg.text_encoder, "the text encoder", "text_encoder")
     if kind == "dit" and Path(arg).is_file():  # a .pt/.safetensors: readable as weights (mapped, not read)
         from shards.hub import load_weights_file
 

@@ -18,10 +18,12 @@ from shards.errors import UserError
 from shards.hub import absolute_model
 from shards.ledger import Ledger
 from t2i import checkpoint as ckpt
+from t2i import lora
 from t2i import recovery
 from t2i import sharding
 from t2i.conditioning import Conditioning
 from t2i.kinds import conditioning_class
+from t2i.lora import trainable
 from t2i.encoders import VaeFactors
 from t2i.noise import sample_keys
 from t2i.objective import build_objective
@@ -47,6 +49,8 @@ class Run:
         self.conditioning = conditioning
         self.sched, self.ema, self.global_batch, self.state_extra = sched, ema, global_batch, state_extra
         self.rank, self.world = accel.process_index, accel.num_processes
+        # what checkpoints hold: every weight and buffer, or a LoRA stage's adapter alone
+        self.saved = set(names) if cfg.lora_rank else set(model.state_dict())
         self.stepper: TrainStep | None = None
         self.validation: Validation | None = None  # set by train() once the data is open
         self.step, self.epoch, self.batch_pos = 0, 0, 0
@@ -66,7 +70,8 @@ class Run:
         """What trainer_state.json records: the data position, schedule and EMA step, the settings."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_pos, "global_batch": self.global_batch,
                 "world_size": self.world, "scheduler": self.sched.state_dict(), "ema_step": self.ema.optimization_step,
-                "config": recorded_config(self.cfg), **self.state_extra}
+                "config": recorded_config(self.cfg), **self.state_extra,
+                **({"null_tokens": self.model.null_tokens} if getattr(self.model, "null_tokens", 0) else {})}
 
     def check_finite(self) -> None:
         """One host sync (and one all-reduce) for all steps since the last check: raise on the
@@ -91,7 +96,7 @@ class Run:
         self.check_finite()
         accel.wait_for_everyone()
         if self.cfg.fsdp or accel.is_main_process:  # under FSDP every rank joins the gathers
-            weights = sharding.full_model_state(self.model)
+            weights = {n: v for n, v in sharding.full_model_state(self.model).items() if n in self.saved}
             ema_state = dict(zip(self.names, sharding.full_tensors(self.ema.shadow_params)))
             opt_state = sharding.full_optimizer_state(opt.optimizer if hasattr(opt, "optimizer") else opt)
         if accel.is_main_process:
@@ -221,15 +226,16 @@ def start_run(cfg: TrainConfig, accel, out: Path, fdir: Path, probe, vae: VaeFac
     torch.manual_seed(cfg.seed)
     model = conditioning.build_model(cfg, latent_size, probe.text.shape[-1], objective.learned_sigma)
     check_resolution(cfg.resolution, model.transformer.config.patch_size, vae.spatial)
+    extra_lora = adapt(cfg, model, out, resume, accel)
     token_drop = attach_routing(model, cfg.token_drop, cfg.token_drop_start, cfg.token_drop_end)
     # resume: whole tensors, the weights go in before FSDP shards the model, the EMA and
     # optimizer state after, split the way their parameters are
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, _ in trainable(model)]  # a LoRA stage's: the adapter's alone
     ck, st = (load_resume_weights(out, model, global_batch, accel.num_processes, local_batch, accel.is_main_process, cfg)
               if resume else (None, None))
     opt, sched, ema = setup_optimization(cfg, model, accel.device)
     extra = {"features": recorded_config(json.loads((fdir / "config.json").read_text())), "scaling_factor": vae.scaling,
-             "vae_scale_factor": vae.spatial}
+             "vae_scale_factor": vae.spatial, **extra_lora}
     run = Run(cfg, accel, out, model, names, sched, ema, global_batch, extra, conditioning)
     if ck is not None:
         restore_training_state(run, ck, st, opt)
@@ -237,6 +243,22 @@ def start_run(cfg: TrainConfig, accel, out: Path, fdir: Path, probe, vae: VaeFac
         run.log_path.unlink()
     run.stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, objective, token_drop=token_drop)
     return run
+
+
+def adapt(cfg: TrainConfig, model, out: Path, resume: bool, accel) -> dict[str, Any]:
+    """A LoRA stage (cfg.lora_rank > 0): the frozen base written once to `<out>/lora_base/` (on
+    resume, read back from there: the adapter goes on the very base it was trained on), then the
+    adapter added (t2i.lora). Returns what trainer_state records of it (nothing without LoRA)."""
+    if not cfg.lora_rank:
+        return {}
+    base = out / lora.BASE_DIR
+    if resume and (base / "model.safetensors").is_file():
+        ckpt.load_matching(model, ckpt.load_weights(base, "model"), f"LoRA base {base}")
+    elif accel.is_main_process:
+        lora.save_base(out, model)
+    accel.wait_for_everyone()
+    lora.add_lora(model, cfg)
+    return {"lora_base": str(base.resolve()), "lora": lora.settings_of(cfg)}
 
 
 @recovery.guard_run_dir  # one writer per run directory; no fresh run into an old one

@@ -13,6 +13,7 @@ import torch
 
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
+from t2i import lora
 from t2i import recovery
 from t2i import sharding
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
@@ -77,7 +78,12 @@ def load_resume_weights(out: Path, model, global_batch: int, world: int, local_b
         check_caption_settings(ck, st, cfg)
         check_resume_objective(ck, st.get("config", {}), vars(cfg))
         check_holdout(ck, st.get("config", {}), cfg)
-    ckpt.load_matching(model, ckpt.load_weights(ck, "model"), f"checkpoint {ck}")
+        check_lora(ck, st.get("config", {}), cfg)
+    weights = ckpt.load_weights(ck, "model")
+    if cfg is not None and cfg.lora_rank:  # the adapter alone: into the adapter's parameters
+        lora.attach_weights(model, weights, f"checkpoint {ck}")
+    else:
+        ckpt.load_matching(model, weights, f"checkpoint {ck}")
     return ck, st
 
 
@@ -108,6 +114,16 @@ def check_holdout(ck: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
     if theirs != (cfg.val_fraction, cfg.val_keys):
         raise UserError(f"checkpoint {ck} was trained holding out val_fraction {theirs[0]} val_keys {theirs[1]}, this run "
                         f"val_fraction {cfg.val_fraction} val_keys {cfg.val_keys}: resume with the checkpoint's, or train into a new --out")
+
+
+def check_lora(ck: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to resume with other LoRA settings (rank, alpha, targets, variant; on or off) than
+    checkpoint `ck`'s: they change which parameters exist and train."""
+    theirs, mine = lora.settings_of(saved), lora.settings_of(cfg)
+    if theirs != mine:
+        show = lambda s: " ".join(f"{k} {s[k]}" for k in lora.SETTINGS if k in s) if s["lora_rank"] else "lora_rank 0 (no LoRA)"  # noqa: E731
+        raise UserError(f"checkpoint {ck} was trained with {show(theirs)}, this run has {show(mine)}: resume with the "
+                        "checkpoint's LoRA settings, or train into a new --out (init = checkpoint:... to start from it)")
 
 
 def _caption_settings(fields: tuple[str, ...], weights: tuple[float, ...]) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from t2i import sharding
+from t2i.lora import trainable
 from t2i.models import attention_kernels, compile_blocks
 from t2i.noise import normal_pairs, random_words, uniforms
 from t2i.objective import LossTerm, Objective, add_terms
@@ -59,6 +60,7 @@ class TrainStep:
         self.token_drop = token_drop  # which tokens a micro-batch routes past the middle blocks (make_inputs' "keep")
         self.log_terms = tuple(objective.terms) + tuple(t.name for t in self.terms)  # what micro() returns, in order
         self.use_added = getattr(model.transformer, "use_additional_conditions", False)  # a DiT has none
+        self.params = [p for _, p in trainable(model)]  # what trains: all, or a LoRA stage's adapter
 
     @classmethod
     def prepare(cls, cfg: TrainConfig, accel, model, opt, sched, ema, objective: Objective,
@@ -124,9 +126,9 @@ class TrainStep:
     def update(self) -> torch.Tensor:
         """Clip, optimizer step, LR schedule, EMA; returns the grad norm before clipping (device tensor)."""
         if self.grad_clip > 0:
-            grad_norm = self.accel.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            grad_norm = self.accel.clip_grad_norm_(self.params, self.grad_clip)
         else:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grads = [p.grad for p in self.params if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.accel.device)
         if sharding.is_sharded(grad_norm):
             grad_norm = grad_norm.full_tensor()
@@ -134,7 +136,7 @@ class TrainStep:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step(self.model.parameters())
+            self.ema.step(self.params)
         return grad_norm
 
 
@@ -149,7 +151,8 @@ class _null:
 def setup_optimization(cfg: TrainConfig, model, device):
     """Move `model` to `device` (gradient checkpointing on when asked; sharded with FSDP when
     cfg.fsdp) and build AdamW (fused on CUDA), the constant-with-warmup schedule and the EMA
-    (foreach: one kernel per tensor group). Under FSDP the optimizer and EMA see the shards."""
+    (foreach: one kernel per tensor group), over the parameters that train (a LoRA stage's: the
+    adapter alone). Under FSDP the optimizer and EMA see the shards."""
     from diffusers.optimization import get_constant_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
@@ -159,9 +162,10 @@ def setup_optimization(cfg: TrainConfig, model, device):
     if cfg.fsdp:
         sharding.shard_model(model)
     fused = torch.device(device).type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    params = [p for _, p in trainable(model)]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    ema = EMAModel(params, decay=cfg.ema_decay, foreach=True)
     return opt, sched, ema
 
 
