@@ -32,6 +32,11 @@ rows' pixels come from t2i.feature_images, their sizes from t2i.geometry, the ra
   skipped for that image (counted per field in the summary's `missing_fields`).
 - Latents are stored in `latent_dtype` (float32 | float16 | bfloat16, column `latent_dtype`;
   shards without the column hold float32), text features in `text_dtype`.
+- With a `teacher` (REPA's, t2i.teacher: a ViT-family vision model by HF id or directory), its
+  patch tokens of the same clean image the VAE encodes, in `teacher_dtype`: columns `teacher_emb`
+  (rows x columns x channels values, row-major over the patch grid), `teacher_shape` and
+  `teacher_dtype` (t2i.repa trains on them; training never runs the teacher). The teacher and
+  its dtype join the cache key: features made with a teacher never mix with ones made without.
 """
 
 from __future__ import annotations
@@ -79,15 +84,25 @@ FEATURE_SCHEMA = pa.schema(
 )
 
 
-def feature_schema(fields: tuple[str, ...]) -> pa.Schema:
+# a teacher's patch tokens (REPA, t2i.repa), with features --teacher
+TEACHER_COLUMNS = [
+    pa.field("teacher_emb", pa.binary()),  # (rows x columns, channels) patch tokens, row-major, in `teacher_dtype`
+    pa.field("teacher_shape", pa.list_(pa.int32())),  # (rows, columns, channels) of the teacher's patch grid
+    pa.field("teacher_dtype", pa.string()),
+]
+
+
+def feature_schema(fields: tuple[str, ...], teacher: bool = False) -> pa.Schema:
     """FEATURE_SCHEMA for the default `caption` field; with other caption fields, the text
-    columns of each (t2i.caption_fields.text_columns) in place of caption/text_emb/text_len."""
-    if tuple(fields) == DEFAULT_FIELDS:
-        return FEATURE_SCHEMA
-    base = [f for f in FEATURE_SCHEMA if f.name not in ("caption", "text_emb", "text_len")]
-    per_field = [pa.field(name, kind) for c in map(text_columns, fields)
-                 for name, kind in ((c.text, pa.string()), (c.emb, pa.binary()), (c.len, pa.int32()))]  # fmt: skip
-    return pa.schema(base[:1] + per_field + base[1:], metadata=FEATURE_SCHEMA.metadata)
+    columns of each (t2i.caption_fields.text_columns) in place of caption/text_emb/text_len;
+    with a `teacher`, its columns (TEACHER_COLUMNS) at the end."""
+    schema = FEATURE_SCHEMA
+    if tuple(fields) != DEFAULT_FIELDS:
+        base = [f for f in FEATURE_SCHEMA if f.name not in ("caption", "text_emb", "text_len")]
+        per_field = [pa.field(name, kind) for c in map(text_columns, fields)
+                     for name, kind in ((c.text, pa.string()), (c.emb, pa.binary()), (c.len, pa.int32()))]  # fmt: skip
+        schema = pa.schema(base[:1] + per_field + base[1:], metadata=FEATURE_SCHEMA.metadata)
+    return pa.schema(list(schema) + TEACHER_COLUMNS, metadata=schema.metadata) if teacher else schema
 
 
 @dataclass
@@ -96,7 +111,7 @@ class FeatureConfig:
     into the cache key, so they name the directory); the others may change on resume."""
 
     IDENTITY: ClassVar[tuple[str, ...]] = ("vae", "text_encoder", "resolution", "buckets", "max_tokens", "text_dtype",
-                                           "latent_dtype", "draft", "caption_fields")  # fmt: skip
+                                           "latent_dtype", "draft", "caption_fields", "teacher", "teacher_dtype")  # fmt: skip
 
     vae: str = DEFAULT_VAE
     text_encoder: str = DEFAULT_TEXT_ENCODER
@@ -111,6 +126,8 @@ class FeatureConfig:
     workers: int = 0  # decode threads (0: cores, at most 8)
     max_pixels: int = DEFAULT_MAX_PIXELS  # bomb guard: larger images are recorded as failures
     caption_fields: tuple[str, ...] = DEFAULT_FIELDS  # caption-shard fields to encode, each its own T5 features
+    teacher: str = ""  # REPA's teacher (t2i.teacher): a vision model by HF id or directory whose patch tokens are stored
+    teacher_dtype: str = "float16"  # how its patch tokens are stored
     engine: str = "local"  # "local": this process (torchrun / accelerate ranks: its share); "ray": t2i.features_ray
     ray_address: str | None = None  # engine "ray": this cluster (default: a local Ray)
     replicas: int = 1  # engine "ray": encoder actors, one GPU each on a GPU cluster
@@ -122,9 +139,11 @@ class FeatureConfig:
         """The identity settings as they are compared: a local model directory by its absolute path."""
         ident: dict[str, Any] = {k: getattr(self, k) for k in self.IDENTITY}
         ident["caption_fields"] = list(self.caption_fields)
-        for k in ("vae", "text_encoder"):
+        for k in ("vae", "text_encoder", "teacher"):
             p = Path(ident[k])
-            ident[k] = str(p.resolve()) if p.exists() else ident[k]
+            ident[k] = str(p.resolve()) if ident[k] and p.exists() else ident[k]
+        if not self.teacher:  # so features made (and runs recorded) before the option keep their key and identity
+            del ident["teacher"], ident["teacher_dtype"]
         return ident
 
     def cache_key(self) -> str:
@@ -137,7 +156,7 @@ class FeatureConfig:
 
     def validate(self) -> None:
         """UserError (one line) for a setting out of range."""
-        for name in ("text_dtype", "latent_dtype"):
+        for name in ("text_dtype", "latent_dtype", "teacher_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(DTYPES)}: pick one")
         for name in ("batch_size", "rows_per_shard", "resolution", "max_tokens"):
@@ -147,6 +166,15 @@ class FeatureConfig:
             raise UserError(f"unknown --engine {self.engine!r}: use local or ray")
         if self.replicas < 1:
             raise UserError(f"--replicas {self.replicas} must be at least 1: pass a positive number")
+
+
+def check_teacher(cfg: FeatureConfig) -> None:
+    """A UserError (one line, within seconds) for a teacher that cannot be loaded or has no patch
+    tokens, before any work (its config and processor only: the weights load with the encoders)."""
+    if cfg.teacher:
+        from t2i.teacher import teacher_shape
+
+        teacher_shape(cfg.teacher)
 
 
 def features_dir(root: str | Path, cfg: FeatureConfig) -> Path:
@@ -182,7 +210,7 @@ def feature_spec(cfg: FeatureConfig, out: Path, device: str | None = None, prefi
     """The features job for the run skeleton; with `prefix`, this process writes feature shards
     (its own: each rank's prefix differs), without, its encoders do (Ray actors)."""
     return JobSpec("features", out, settings={**asdict(cfg), "cache_key": cfg.cache_key()}, identity=cfg.identity(),
-                   schema=feature_schema(cfg.caption_fields) if prefix else None, rows_per_shard=cfg.rows_per_shard,
+                   schema=feature_schema(cfg.caption_fields, bool(cfg.teacher)) if prefix else None, rows_per_shard=cfg.rows_per_shard,
                    prefix=prefix or "features", device=device, describe=features_line,
                    summary={"dir": str(out), "new": 0, "skipped_invalid": 0, "failed": 0, "failures": [], "valid": 0,
                             "missing_fields": {}})  # fmt: skip
@@ -274,6 +302,7 @@ def compute_features(
     from rich.progress import Progress
 
     cfg.validate()
+    check_teacher(cfg)
     ranks = ranks or Ranks()
     shards_dir = shard_fs.as_location(shards_dir)  # caption shards may be on an object store (s3://, gs://, ...)
     shards = caption_shards(shards_dir, cfg.caption_fields)  # bad shards or fields: before the output is touched

@@ -37,6 +37,7 @@ from t2i.feature_images import RowImages
 from t2i.features import (
     FeatureConfig,
     caption_shards,
+    check_teacher,
     count_row,
     feature_schema,
     feature_spec,
@@ -81,7 +82,8 @@ class FeatureActor:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows a GPU actor its GPU only
-        writer = ShardWriter(Path(out), cfg.rows_per_shard, feature_schema(cfg.caption_fields), prefix="features-ray")
+        writer = ShardWriter(Path(out), cfg.rows_per_shard, feature_schema(cfg.caption_fields, bool(cfg.teacher)),
+                             prefix="features-ray")
         self.encoder = FeatureEncoder(writer, cfg, device)
         self.images = RowImages(cfg)
 
@@ -110,6 +112,7 @@ def compute_features_ray(shards_dir: str | Path, root: str | Path, cfg: FeatureC
 
     import_ray()  # the install hint before any work
     cfg.validate()
+    check_teacher(cfg)
     address, replicas = address or cfg.ray_address, replicas or cfg.replicas
     if replicas < 1:
         raise UserError(f"--replicas {replicas} must be at least 1: pass a positive number")
