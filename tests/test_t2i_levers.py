@@ -20,7 +20,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from t2i.tiny import build_tiny_models, tiny_corpus, write_tiny_world
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus as tiny_corpus, write_simple_world as write_tiny_world
 
     root = tmp_path_factory.mktemp("levers")
     models = build_tiny_models(root / "models", tiny_corpus(), vae_fit_steps=10)  # quality does not matter here
