@@ -246,6 +246,8 @@ def features_cmd(
     text_dtype: str = typer.Option("float16", "--text-dtype", help="float32 | float16 | bfloat16"),
     latent_dtype: str = typer.Option("float32", "--latent-dtype", help="stored latents: float32 | float16 | bfloat16"),
     caption_fields: str = typer.Option("caption", "--caption-fields", help="caption-shard fields to encode, each its own T5 features, e.g. caption,caption_short (train samples one per step)"),
+    teacher: str = typer.Option("", "--teacher", help="REPA: also store this vision model's patch tokens (HF id or directory, e.g. facebook/dinov2-base)"),
+    teacher_dtype: str = typer.Option("float16", "--teacher-dtype", help="stored teacher patch tokens: float32 | float16 | bfloat16"),
     batch_size: int = typer.Option(16, "--batch-size"),
     shard_size: int = typer.Option(1000, "--shard-size", help="rows per feature shard"),
     workers: int = typer.Option(0, "--workers", help="image decode threads (0: cores, at most 8)"),
@@ -269,7 +271,7 @@ def features_cmd(
     summary = run_features(shards, out, FeatureConfig(
         vae=vae, text_encoder=text_encoder, resolution=resolution, buckets=buckets, max_tokens=max_tokens, text_dtype=text_dtype,
         latent_dtype=latent_dtype, batch_size=batch_size, rows_per_shard=shard_size, workers=workers, caption_fields=caption_fields,
-        engine=engine, ray_address=ray_address, replicas=replicas))  # fmt: skip
+        teacher=teacher, teacher_dtype=teacher_dtype, engine=engine, ray_address=ray_address, replicas=replicas))  # fmt: skip
     if summary is not None:  # the reporting process (rank 0 of a torchrun / accelerate launch)
         typer.echo(summary.line())
 
@@ -303,6 +305,9 @@ def train_cmd(
     timestep_density: Optional[str] = typer.Option(None, "--timestep-density", help="flow: uniform (default) | logit_normal"),
     flow_shift: Optional[float] = typer.Option(None, "--flow-shift", help="flow: SD3's resolution shift of the timesteps, training and sampling (1: none)"),
     token_drop: Optional[float] = typer.Option(None, "--token-drop", help="share of patch tokens routed past the middle blocks in training, in [0, 1) (0: off)"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="REPA's teacher: a vision model (HF id or directory) whose patch tokens features stores"),
+    repa_weight: Optional[float] = typer.Option(None, "--repa-weight", help="REPA loss weight lambda (0: off, default; the paper's 0.5)"),
+    repa_block: Optional[int] = typer.Option(None, "--repa-block", help="REPA aligns the output of the first N blocks (0: a third of the depth)"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of the keys held out for a validation loss (chosen by key hash)"),
     val_every: Optional[int] = typer.Option(None, "--val-every", help="steps between validation losses (default: every checkpoint)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
@@ -333,6 +338,7 @@ def train_cmd(
                                    lr=lr, mixed_precision=mixed_precision, prediction_type=prediction_type, timestep_power=timestep_power,
                                    objective=objective, loss_weighting=loss_weighting, timestep_density=timestep_density,
                                    flow_shift=flow_shift, token_drop=token_drop, val_fraction=val_fraction, val_every=val_every,
+                                   teacher=teacher, repa_weight=repa_weight, repa_block=repa_block,
                                    loader_workers=loader_workers, report_to=report_to,
                                    sample_prompts=sample_prompts, checkpoint_every=checkpoint_every,
                                    keep_checkpoints=keep_checkpoints, caption_fields=caption_fields,

@@ -12,6 +12,7 @@ from t2i.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, VaeFactors, vae_fact
 from t2i.features import FeatureConfig
 from t2i.models import ATTENTION_ORDERS, get_preset
 from t2i.objective import check_objective
+from t2i.repa import check_repa
 from t2i.routing import routed_blocks
 from t2i.trackers import check_report_to
 
@@ -65,6 +66,15 @@ class TrainConfig:
     token_drop: float = 0.0
     token_drop_start: int = 1
     token_drop_end: int = -1
+    # REPA (t2i.repa): the output of the first repa_block blocks (0: a third of the depth), through a
+    # projector repa_proj wide (0: REPA's 2048, at most 4 x the width), trained to match by cosine
+    # the patch tokens of `teacher` that features stored (t2i.teacher); loss += repa_weight x
+    # (1 - cos); 0: off. `teacher` also makes features store its tokens, in teacher_dtype
+    teacher: str = ""
+    teacher_dtype: str = "float16"
+    repa_weight: float = 0.0
+    repa_block: int = 0
+    repa_proj: int = 0
     # a validation loss on held-out keys (t2i.train.validate): a share of the keys, or a number of
     # them, chosen by key hash and never trained on; fixed noise and timesteps per key
     val_fraction: float = 0.0
@@ -100,7 +110,8 @@ class TrainConfig:
         """The settings of the features this stage trains on."""
         return FeatureConfig(vae=self.vae, text_encoder=self.text_encoder, resolution=self.resolution,
                              buckets=self.buckets, max_tokens=self.max_tokens, text_dtype=self.text_dtype,
-                             latent_dtype=self.latent_dtype, caption_fields=self.caption_fields)
+                             latent_dtype=self.latent_dtype, caption_fields=self.caption_fields, teacher=self.teacher,
+                             teacher_dtype=self.teacher_dtype)
 
     def validate(self) -> None:
         """A UserError naming the first bad setting (and its fix)."""
@@ -126,11 +137,12 @@ class TrainConfig:
 
 
     def _validate_levers(self) -> None:
-        """Token dropping and the validation loss settings."""
+        """Token dropping, REPA and the validation loss settings."""
         if not 0 <= self.token_drop < 1:
             raise UserError(f"token_drop must be in [0, 1) (the share of patch tokens routed past the middle blocks), got {self.token_drop}")
         if self.token_drop and self.init == "scratch":
             routed_blocks(get_preset(self.preset).depth, self.token_drop_start, self.token_drop_end)
+        check_repa(vars(self), get_preset(self.preset).depth if self.init == "scratch" else None)
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must be in [0, 1) (the share of keys held out for the validation loss), got {self.val_fraction}")
         if self.val_keys < 0 or (self.val_keys and self.val_fraction):
