@@ -230,7 +230,8 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         text = _empty((n, self.max_tokens, layout.channels), layout.text_dtype)
         rows, cols, channels = layout.teacher or (0, 0, 0)
         teacher = _empty((n, rows * cols, channels), layout.teacher_dtype) if layout.teacher else None
-        keys, lens, names = self.fill(reads, _raw(text), _raw(means), _raw(stds), None if teacher is None else _raw(teacher.view(n, -1)))
+        raw_teacher = None if teacher is None else _raw(teacher.view(n, -1))
+        keys, lens, names = self.fill(reads, _raw(text), _raw(means), _raw(stds), raw_teacher)
         return Batch(keys=keys, latent_mean=means, latent_std=stds, text=text, mask=mask_of(lens, self.max_tokens),
                      height=layout.height, width=layout.width, caption_fields=names, teacher=teacher, teacher_grid=(rows, cols))
 

@@ -38,10 +38,10 @@ def encode_rows(rows: Iterable[dict[str, Any]], images: "RowImages", encoder: "F
 
 
 class FeatureEncoder:
-    """Groups decoded images by size into batches, encodes them (VAE + T5 + the teacher, when
-    there is one: models loaded on the first batch, so a fully cached run never loads them) and writes feature rows to `writer`'s
-    shards. Unreadable images go to `failures-<writer id>.json`, rewritten whole at every shard
-    commit and at the end."""
+    """Groups decoded images by size into batches, encodes them (VAE + T5, and the teacher when
+    there is one; models loaded on the first batch: a fully cached run never loads them) and
+    writes feature rows to `writer`'s shards. Unreadable images go to `failures-<writer id>.json`,
+    rewritten whole at every shard commit and at the end."""
 
     def __init__(self, writer: ShardWriter, cfg: "FeatureConfig", device: str) -> None:
         self.writer, self.cfg, self.device = writer, cfg, device

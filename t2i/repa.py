@@ -74,7 +74,8 @@ def check_repa(settings: Mapping[str, Any], depth: int | None) -> None:
     if settings.get("repa_proj", 0) < 0:
         raise UserError(f"repa_proj must be >= 0 (the projector's width; 0: REPA's), got {settings['repa_proj']}")
     if settings.get("repa_block", 0) < 0:
-        raise UserError(f"repa_block must be >= 0 (blocks before the aligned tokens; 0: a third of the depth), got {settings['repa_block']}")
+        raise UserError(f"repa_block must be >= 0 (blocks before the aligned tokens; 0: a third of the depth), "
+                        f"got {settings['repa_block']}")
     if weight and not settings.get("teacher"):
         raise UserError(f"repa_weight = {weight} needs a teacher: set teacher (--teacher) to a vision model, e.g. "
                         "facebook/dinov2-base, whose patch tokens features stores")
