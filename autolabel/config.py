@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from shards.writer import ROWS_PER_SHARD
 from autolabel.backends import GenParams
 from autolabel.prompts import PAPER_PROMPT, PROMPTS
 from autolabel.sizing import SizePolicy
@@ -33,7 +34,8 @@ class CaptionConfig:
     caption-conditioned prompt for images with an alt-text and `prompt` for the others.
     prompts: several named prompts per image in one pass (`--prompts dense,short`); the first
     replaces `prompt` and fills `caption`, each other fills `caption_<name>`.
-    backend_kwargs go to the backend's constructor (e.g. dtype, max_model_len, run_dir).
+    backend_kwargs go to the backend's constructor (e.g. dtype, max_model_len, run_dir);
+    static_cache (transformers backend only) too.
     engine: "local" (this process) or "ray" (a Ray Data pipeline, autolabel.engine_ray: at
     `ray_address`, or a local Ray when None; `replicas` model actors, one GPU each when the
     cluster has GPUs).
@@ -52,12 +54,12 @@ class CaptionConfig:
     backend: str = "vllm"
     prompt: str | None = None
     prompt_mode: str = "plain"
-    prompts: Sequence[str] = ()  # names of autolabel.prompts.PROMPTS, e.g. ("dense", "short"): one field each
+    prompts: Sequence[str] | str = ()  # names of autolabel.prompts.PROMPTS, e.g. ("dense", "short") or "dense,short"
     temperature: float = 0.2
     max_new_tokens: int = 1024
     seed: int = 0
     batch_size: int = 32
-    shard_size: int = 1000
+    shard_size: int = ROWS_PER_SHARD
     embed_images: bool = False
     retry_failed: bool = False
     workers: int | None = None  # image preparation threads (default: cores, at most 8)
@@ -71,6 +73,11 @@ class CaptionConfig:
     engine: str = "local"
     ray_address: str | None = None
     replicas: int = 1
+    static_cache: bool = False  # transformers backend: a fixed-size KV cache (compiled on GPU)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompts, str):  # the CLI's comma-separated names
+            self.prompts = [p.strip() for p in self.prompts.split(",") if p.strip()]
 
     @property
     def use_alt(self) -> bool:
@@ -89,9 +96,10 @@ class CaptionConfig:
         return PrepareOptions(policy, self.max_short, self.max_long)
 
     def captioner_kwargs(self) -> dict[str, Any]:
-        """The backend's constructor arguments: `backend_kwargs`, plus the pixel limits when set."""
+        """The backend's constructor arguments: `backend_kwargs`, plus the pixel limits and the
+        static cache when set."""
         limits = {k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v is not None}
-        return {**self.backend_kwargs, **limits}
+        return {**self.backend_kwargs, **limits, **({"static_cache": True} if self.static_cache else {})}
 
     def first_prompt(self) -> str | None:
         """The question behind `caption`: the first of `prompts`, else `prompt` (None: the paper's)."""

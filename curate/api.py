@@ -15,14 +15,22 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping
 
 from shards import fs
+from shards.checks import WORKERS, Range, check_output_dir, check_ranges
 from shards.errors import UserError
+from shards.hub import check_model
 from shards.job import JobSpec, Run, Summary, job_run
 from shards.reader import Shard, complete_shards, iter_batches, open_shards, read_manifest
-from shards.writer import ShardWriter, delete_shard, write_manifest
-from curate.scorers import Scorers, decode_ahead, decode_row, parse_scorers, score_batch, score_schema
+from shards.writer import ROWS_PER_SHARD, ShardWriter, delete_shard, write_manifest
+from shards.models import DEFAULT_CLIP
+from curate.scorers import NEEDS_CLIP, Scorers, decode_ahead, decode_row, parse_scorers, score_batch, score_schema
 
 DEDUP_DIR = "dedup"  # scores/dedup/: the whole-dataset duplicate pass, rebuilt after new rows
 INPUT_COLUMNS = ("key", "address", "source", "member", "caption", "alt_text", "image")
+
+
+SCORE_RANGES = {"dedup_threshold": Range(0, 1, lo_open=True), "batch_size": Range(1, 65536),
+                "shard_size": Range(1, 10_000_000), "decode_short": Range(16, 8192), "workers": WORKERS,
+                "replicas": Range(1, 4096)}  # dedup_threshold: a CLIP image cosine
 
 
 @dataclass
@@ -36,12 +44,12 @@ class ScoreConfig:
     shards: str | Path = "out"
     out: str | Path = "scores"
     scorers: str | list[str] = "clip,aesthetic,dedup,nsfw,lang,image"
-    clip_model: str = "openai/clip-vit-large-patch14"
+    clip_model: str = DEFAULT_CLIP
     aesthetic_weights: str | None = None  # file or HF id of a LAION v2 head
     fit_aesthetic: str | Path | None = None  # ratings.parquet (key, rating): fit a head first
     dedup_threshold: float = 0.95
     batch_size: int = 32
-    shard_size: int = 1000
+    shard_size: int = ROWS_PER_SHARD
     decode_short: int = 448
     workers: int = 2
     progress: bool = True
@@ -49,12 +57,29 @@ class ScoreConfig:
     ray_address: str | None = None
     replicas: int = 1  # --engine ray: concurrent scoring tasks (each loads the models once)
 
+    def validate(self) -> list[str]:
+        """The scorers' names, after a one-line UserError for anything out of range or unknown,
+        and for an output that cannot be written (before any shard is read or model loaded)."""
+        names = parse_scorers(self.scorers)
+        if self.engine not in ("local", "ray"):
+            raise UserError(f"unknown --engine {self.engine!r}: use local or ray")
+        check_ranges(self, SCORE_RANGES)
+        check_output_dir(self.out)
+        if any(n in NEEDS_CLIP for n in names):
+            check_model(self.clip_model, "CLIP model", "--clip-model")  # in seconds, before the model code loads
+        return names
+
     def recorded(self, names: list[str]) -> dict[str, Any]:
         """What the run record and the manifest hold of this run (`names`: the parsed scorers)."""
         rec = {"shards": str(self.shards), "scorers": names, "clip_model": self.clip_model, "aesthetic_weights": self.aesthetic_weights,
                "fit_aesthetic": str(self.fit_aesthetic or ""), "dedup_threshold": self.dedup_threshold,
                "decode_short": self.decode_short, "batch_size": self.batch_size, "shard_size": self.shard_size}  # fmt: skip
         return {**rec, "engine": "ray"} if self.engine == "ray" else rec
+
+
+def score_command(cfg: ScoreConfig) -> str:
+    """`t2i-data score`: the run, then what it prints (its summary and the shards in `out`)."""
+    return run_score(cfg).shards_line(cfg.out)
 
 
 def score_line(s: Mapping[str, Any]) -> str:
@@ -71,11 +96,7 @@ def _input_batches(shards: list[Shard], batch_size: int) -> Iterator[list[dict]]
 
 def run_score(cfg: ScoreConfig) -> Summary:
     """Score every caption row of `cfg.shards` not yet in `cfg.out`; rerunning resumes."""
-    names = parse_scorers(cfg.scorers)
-    if cfg.batch_size < 1 or cfg.shard_size < 1 or cfg.replicas < 1:
-        raise UserError("--batch-size, --shard-size and --replicas must be at least 1: pass positive numbers")
-    if cfg.engine not in ("local", "ray"):
-        raise UserError(f"unknown --engine {cfg.engine!r}: use local or ray")
+    names = cfg.validate()
     spec = JobSpec("score", cfg.out, settings=cfg.recorded(names), identity=ScoreConfig.IDENTITY, schema=score_schema(names),
                    rows_per_shard=cfg.shard_size, summary=dict(scored=0, failed=0, skipped=0, duplicates=None), describe=score_line)
     with job_run(spec) as run:  # one writer per scores directory, taken before any clean-up
@@ -180,6 +201,7 @@ def _fit_head(cfg: ScoreConfig, shards: list[Shard]):
     """Fit the aesthetic head on `cfg.fit_aesthetic` (a Parquet file with `key` and `rating`,
     keys of rows in the caption `shards`) and save it as OUT/aesthetic-head.safetensors."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from shards.models.aesthetic import fit_head, save_head
@@ -188,10 +210,16 @@ def _fit_head(cfg: ScoreConfig, shards: list[Shard]):
     path = Path(cfg.fit_aesthetic)
     if not path.is_file():
         raise UserError(f"--fit-aesthetic {path} not found: pass a Parquet file with columns key and rating")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"--fit-aesthetic {path} is not a readable Parquet file ({str(e).splitlines()[0]}): pass a Parquet "
+                        "file with columns key and rating") from None
     if not {"key", "rating"} <= set(table.schema.names):
         raise UserError(f"--fit-aesthetic {path} has columns {', '.join(table.schema.names)}: it needs key and rating")
-    wanted = dict(zip(table.column("key").to_pylist(), table.column("rating").to_pylist()))
+    if not pa.types.is_integer(table.schema.field("rating").type) and not pa.types.is_floating(table.schema.field("rating").type):
+        raise UserError(f"--fit-aesthetic {path}: its rating column holds {table.schema.field('rating').type}: write ratings as numbers")
+    wanted = {k: v for k, v in zip(table.column("key").to_pylist(), table.column("rating").to_pylist()) if v is not None}
     clip = ClipEmbedder(cfg.clip_model)
     probe = Scorers(["image"], decode_short=cfg.decode_short)
     embs, ratings = [], []

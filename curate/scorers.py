@@ -18,7 +18,6 @@ import pyarrow as pa
 from shards.images import ImageError
 from shards.errors import UserError
 from curate.images import LoadedImage, read_image
-from curate.quality import image_stats
 
 SCORERS = ("clip", "aesthetic", "dedup", "nsfw", "lang", "image")
 NEEDS_CLIP = ("clip", "aesthetic", "dedup")  # they reuse the CLIP image embedding
@@ -129,6 +128,8 @@ def score_batch(rows: list[dict], scorers: Scorers, loaded: list[LoadedImage | s
     ok = [i for i, l in enumerate(loaded) if isinstance(l, LoadedImage)]
     images = [loaded[i] for i in ok]
     if "image" in scorers.names:
+        from curate.quality import image_stats  # OpenCV: imported by the first batch that needs it
+
         for i, im in zip(ok, images):
             out[i].update(image_stats(im.data, im.image, im.width, im.height))
     if "dedup" in scorers.names:

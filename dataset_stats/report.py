@@ -74,14 +74,20 @@ def dataset_notes(d: dict[str, Any], top: bool = True) -> str:
     return "; ".join(parts)
 
 
-def print_table(report: dict[str, Any], console=None) -> None:
-    """The side-by-side table, with the paper's Table 1 as dimmed reference rows."""
-    from rich.console import Console
-    from rich.table import Table
-
+def _console():
+    """A rich console on stdout: the terminal's, or 160 columns wide in a pipe (no squeezing)."""
     import sys
 
-    console = console or (Console() if sys.stdout.isatty() else Console(width=160))  # pipes: no squeezing
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def print_table(report: dict[str, Any], console=None) -> None:
+    """The side-by-side table, with the paper's Table 1 as dimmed reference rows."""
+    from rich.table import Table
+
+    console = console or _console()
     header, ours, paper = table_rows(report)
     table = Table(title="Caption informativeness (paper Table 1 terms)", caption=f"{report['definition']['noun']}; VN: count > {report['definition']['valid_min']}; 1x: share of DN seen once. {PAPER_NOTE}")
     for i, h in enumerate(header):
@@ -94,6 +100,14 @@ def print_table(report: dict[str, Any], console=None) -> None:
     console.print(table)
     for d in report["datasets"]:
         console.print(f"[bold]{d['name']}[/]: {dataset_notes(d)}", highlight=False)
+
+
+def table_text(report: dict[str, Any]) -> str:
+    """print_table's output as text: styled for a terminal, 160 columns wide in a pipe."""
+    console = _console()
+    with console.capture() as captured:
+        print_table(report, console)
+    return captured.get().rstrip("\n")
 
 
 def to_json(report: dict[str, Any]) -> str:

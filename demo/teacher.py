@@ -9,7 +9,7 @@ place on plain, tilted or grainy backgrounds, a quarter blurred and grainy), wit
 objective: each patch token predicts the shape kind of each of its 4x4 pixels (a linear head,
 dropped after fitting). So its patch features know which shape covers each place.
 
-    python -m demo.teacher --out demo/assets/tiny_teacher --steps 2000
+    python -m demo.teacher  # ~1.5 min on one CPU thread; --out demo/assets/tiny_teacher --steps 400 --batch 32
 
 writes a model directory any `teacher` setting takes (t2i.teacher: AutoModel + AutoImageProcessor,
 1 prefix token, 8x8 patch tokens of 64 channels) and `fit.json`: how it was made and its pixel
@@ -51,7 +51,7 @@ def pixel_logits(model, head, x):
     return out.permute(0, 3, 1, 4, 2, 5).reshape(-1, KINDS, SIZE, SIZE)
 
 
-def fit_teacher(steps: int = 2000, batch: int = 64, lr: float = 2e-3, seed: int = 0, progress: bool = False):
+def fit_teacher(steps: int = 400, batch: int = 32, lr: float = 3e-3, seed: int = 0, progress: bool = False):
     """(teacher, head, log): the teacher fitted `steps` AdamW steps (one-cycle lr) on fresh batches
     of labelled generic graphics, per-pixel cross-entropy (background weighted BACKGROUND_WEIGHT);
     log rows every 100 steps."""
@@ -112,13 +112,14 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(SHIPPED_TEACHER))
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, head, log = fit_teacher(args.steps, seed=args.seed, progress=True)
+    model, head, log = fit_teacher(args.steps, args.batch, seed=args.seed, progress=True)
     seconds = time.perf_counter() - start
     out = Path(args.out)
     save_teacher(model, out)
@@ -128,7 +129,7 @@ def main() -> None:
               "data": "tiny.pixart.labelled_shape_images: generic flat graphics (no world scenes), fresh each step",
               "objective": "per-pixel shape kind (background + 4 kinds) from each patch token by a linear head (dropped), "
                            f"cross-entropy with background weighted {BACKGROUND_WEIGHT}",
-              "steps": args.steps, "batch": 64, "lr": "one-cycle, max 2e-3, AdamW", "seed": args.seed, "threads": args.threads,
+              "steps": args.steps, "batch": args.batch, "lr": "one-cycle, max 3e-3, AdamW", "seed": args.seed, "threads": args.threads,
               "seconds": round(seconds, 1), "held_out": held_out_accuracy(model, head), "log": log}
     (out / "fit.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record["held_out"]), f"{seconds:.0f} s")

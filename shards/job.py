@@ -40,7 +40,7 @@ from shards.lock import output_lock
 from shards.reader import clean_incomplete, complete_shards, done_keys, read_manifest
 from shards.retry import finish_interrupted_retry
 from shards.schema import CAPTION_SCHEMA
-from shards.writer import ShardWriter, write_manifest
+from shards.writer import ROWS_PER_SHARD, ShardWriter, write_manifest
 
 
 class Summary(dict):
@@ -65,6 +65,10 @@ class Summary(dict):
         describe = getattr(self, "_describe", None)
         return describe(self) if describe else ", ".join(f"{k} {v}" for k, v in self.items() if isinstance(v, (int, float)))
 
+    def shards_line(self, out: Any) -> str:
+        """`line()` and the complete shards the output `out` holds (what caption and score print)."""
+        return f"{self.line()}; {len(self.shards)} shards in {out}"
+
 
 @dataclass
 class JobSpec:
@@ -81,7 +85,7 @@ class JobSpec:
     settings: dict[str, Any]
     identity: tuple[str, ...] | dict[str, Any]
     schema: pa.Schema | None = CAPTION_SCHEMA
-    rows_per_shard: int = 1000
+    rows_per_shard: int = ROWS_PER_SHARD
     prefix: str = "part"
     device: str | None = None  # the ledger's (None: CUDA when there is one)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -151,10 +155,11 @@ def job_run(spec: JobSpec, leader: bool = True, sync: Callable[[], None] | None 
         yield Run(spec, out)
 
 
-def check_settings(out: fs.Location, spec: JobSpec) -> None:
-    """UserError (one line) when `out` holds committed shards made by another job, or with other
+def check_settings(out: fs.Location, spec: JobSpec, committed: bool | None = None) -> None:
+    """UserError (one line) when `out` holds committed output (default: complete shards; a job
+    that writes something else says whether it has any) made by another job, or with other
     identity settings than `spec`'s (see the module docstring)."""
-    if not complete_shards(out):
+    if not (complete_shards(out) if committed is None else committed):
         return  # nothing committed: nothing to mix with
     record = _read_json(fs.join(out, RUN_RECORD))
     legacy = record is None  # written before run records: the manifest's config says what it can

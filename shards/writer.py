@@ -1,6 +1,7 @@
 """Atomic shard writing: staged shard -> done-marker -> commit (the shard appears) -> manifest.
 
-A shard is committed by its appearance under its visible name (shards.layout). Locally it is
+A shard is committed by its appearance under its visible name (shards.layout), its pages written
+with CRC checksums that every read through shards.fs verifies. Locally it is
 written under a staged name readers skip, fsynced, its done-marker (rows, SHA-256, bytes) is
 written, then it is renamed to its name. On an object store (`s3://`, `gs://`, any fsspec URI;
 see shards.fs) the shard is serialised in memory, its marker PUT, then the shard PUT in one
@@ -31,6 +32,8 @@ from shards import fs
 from shards.layout import MANIFEST, SHARD_RE, done_marker, shard_name, staged
 from shards.reader import complete_shards
 from shards.schema import CAPTION_SCHEMA, CaptionRow, rows_to_table
+
+ROWS_PER_SHARD = 1000  # every job's default shard size (--shard-size)
 # Row groups of about this many uncompressed bytes (at least one row): a reader that wants one
 # row decodes its whole group, so rows of MiB-sized tensors (T5-XXL features) get a group each.
 ROW_GROUP_BYTES = 1 << 20
@@ -58,7 +61,7 @@ class ShardWriter:
     def __init__(
         self,
         out_dir: str | Path,
-        rows_per_shard: int = 1000,
+        rows_per_shard: int = ROWS_PER_SHARD,
         schema: pa.Schema = CAPTION_SCHEMA,
         prefix: str = "part",
         writer_id: str | None = None,
@@ -132,12 +135,12 @@ def _stage(final: fs.Location, table: pa.Table) -> tuple[Path | pa.Buffer, str, 
     store in memory (so the checksum needs no download). Returns it, its SHA-256 and size."""
     if isinstance(final, Path):
         tmp = staged(final)
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table))
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table), write_page_checksum=True)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         return tmp, sha256_file(tmp), tmp.stat().st_size
     buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows(table))
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows(table), write_page_checksum=True)
     data = buf.getvalue()  # a pyarrow Buffer: hashed and uploaded without a copy
     return data, hashlib.sha256(data).hexdigest(), data.size
 

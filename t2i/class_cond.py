@@ -48,7 +48,7 @@ from shards import UserError
 from shards import fs as shard_fs
 from t2i.conditioning import Conditioning
 from t2i.dit import DiTWithNull, build_dit, load_dit
-from t2i.import_dit import dit_directory
+from t2i.dit_source import dit_directory
 from t2i.objective import check_init_objective
 from t2i.models import LATENT_CHANNELS
 

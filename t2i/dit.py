@@ -84,7 +84,7 @@ def load_dit(path: str | Path, which: str = "ema"):
     from diffusers import DiTTransformer2DModel
 
     from t2i import checkpoint as ckpt
-    from t2i.import_dit import dit_directory
+    from t2i.dit_source import dit_directory
 
     directory, sub = dit_directory(path)
     dit = DiTTransformer2DModel.from_pretrained(directory, subfolder=sub).float()

@@ -24,6 +24,17 @@ CSS = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td
        ".grids figure{margin:0}pre{white-space:pre-wrap}.grids img{image-rendering:pixelated;width:512px;max-width:90vw}")  # fmt: skip
 
 
+def summary_lines(report: dict[str, Any]) -> str:
+    """What `t2i-data eval` prints: a line per checkpoint (CLIPScore, aesthetic and FID when
+    measured, samples), then the files written."""
+    lines = []
+    for r in report["checkpoints"]:
+        fid = "" if r["fid"] is None else f", FID {r['fid']:.3f}"
+        aes = "" if r["aesthetic"] is None else f", aesthetic {r['aesthetic']:.3f}"
+        lines.append(f"{r['name']}: CLIPScore {r['clip_score']:.4f}{aes}{fid} ({r['samples']} samples)")
+    return "\n".join([*lines, f"wrote {', '.join(report['files'])}"])
+
+
 def _best(rows: list[dict[str, Any]], key: str, better: str) -> float | None:
     values = [r[key] for r in rows if r.get(key) is not None]
     if len(values) < 2:

@@ -19,7 +19,7 @@ from t2i.encoders import encode_text, load_text_encoder, load_vae
 
 if TYPE_CHECKING:
     from t2i.feature_images import RowImages
-    from t2i.features import FeatureConfig
+    from t2i.feature_config import FeatureConfig
 
 
 def encode_rows(rows: Iterable[dict[str, Any]], images: "RowImages", encoder: "FeatureEncoder") -> int:

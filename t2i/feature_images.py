@@ -12,7 +12,7 @@ from shards.images import READ_ERRORS, ImageError, RowImageReader, decode_image
 from t2i.geometry import draft_short, image_to_tensor, target_size
 
 if TYPE_CHECKING:
-    from t2i.features import FeatureConfig
+    from t2i.feature_config import FeatureConfig
 
 
 class RowImages:

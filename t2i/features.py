@@ -43,27 +43,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import pyarrow as pa
 
 from shards import ShardError, UserError, done_keys
 from shards import fs as shard_fs
-from shards.images import DEFAULT_MAX_PIXELS
+from shards.checks import WORKERS, check_output_dir
 from shards.job import JobSpec, Run, Summary, job_run
 from shards.reader import Shard, complete_shards, iter_rows, open_shards
 from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, text_columns
-from t2i.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
+from t2i.feature_config import FEATURE_VERSION, FeatureConfig, FeaturesRun
 from t2i.feature_encoder import FeatureEncoder, encode_rows
 from t2i.feature_images import RowImages
 from t2i.feature_index import open_index
-from t2i.ranks import Ranks, default_device, ranks_from_env
+from t2i.ranks import Ranks, default_device, ranks_from_env, set_threads
 
-FEATURE_VERSION = 2  # 2: shared decode policy (EXIF, draft), latent_dtype
-DTYPES = ("float32", "float16", "bfloat16")
-ENGINES = ("local", "ray")
 
 FEATURE_SCHEMA = pa.schema(
     [
@@ -105,78 +102,6 @@ def feature_schema(fields: tuple[str, ...], teacher: bool = False) -> pa.Schema:
     return pa.schema(list(schema) + TEACHER_COLUMNS, metadata=schema.metadata) if teacher else schema
 
 
-@dataclass
-class FeatureConfig:
-    """Every setting of a features run. IDENTITY: the settings that shape the features (hashed
-    into the cache key, so they name the directory); the others may change on resume."""
-
-    IDENTITY: ClassVar[tuple[str, ...]] = ("vae", "text_encoder", "resolution", "buckets", "max_tokens", "text_dtype",
-                                           "latent_dtype", "draft", "caption_fields", "teacher", "teacher_dtype")  # fmt: skip
-
-    vae: str = DEFAULT_VAE
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    resolution: int = 256
-    buckets: bool = False  # multi-aspect: the 256/512/1024 aspect-ratio bins of PixArt
-    max_tokens: int = 120
-    text_dtype: str = "float16"
-    latent_dtype: str = "float32"  # how latents are stored; float16/bfloat16 halve the disk
-    draft: bool = True  # JPEG DCT-scaled decoding down to what the resize needs
-    batch_size: int = 16
-    rows_per_shard: int = 1000
-    workers: int = 0  # decode threads (0: cores, at most 8)
-    max_pixels: int = DEFAULT_MAX_PIXELS  # bomb guard: larger images are recorded as failures
-    caption_fields: tuple[str, ...] = DEFAULT_FIELDS  # caption-shard fields to encode, each its own T5 features
-    teacher: str = ""  # REPA's teacher (t2i.teacher): a vision model by HF id or directory whose patch tokens are stored
-    teacher_dtype: str = "float16"  # how its patch tokens are stored
-    engine: str = "local"  # "local": this process (torchrun / accelerate ranks: its share); "ray": t2i.features_ray
-    ray_address: str | None = None  # engine "ray": this cluster (default: a local Ray)
-    replicas: int = 1  # engine "ray": encoder actors, one GPU each on a GPU cluster
-
-    def __post_init__(self) -> None:
-        self.caption_fields = parse_fields(self.caption_fields)
-
-    def identity(self) -> dict[str, Any]:
-        """The identity settings as they are compared: a local model directory by its absolute path."""
-        ident: dict[str, Any] = {k: getattr(self, k) for k in self.IDENTITY}
-        ident["caption_fields"] = list(self.caption_fields)
-        for k in ("vae", "text_encoder", "teacher"):
-            p = Path(ident[k])
-            ident[k] = str(p.resolve()) if ident[k] and p.exists() else ident[k]
-        if not self.teacher:  # so features made (and runs recorded) before the option keep their key and identity
-            del ident["teacher"], ident["teacher_dtype"]
-        return ident
-
-    def cache_key(self) -> str:
-        """A digest of the identity settings (and the feature version): the directory's name."""
-        ident = self.identity()
-        if self.caption_fields == DEFAULT_FIELDS:  # so features made before the option keep their key
-            del ident["caption_fields"]
-        ident["version"] = FEATURE_VERSION
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-    def validate(self) -> None:
-        """UserError (one line) for a setting out of range."""
-        for name in ("text_dtype", "latent_dtype", "teacher_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(DTYPES)}: pick one")
-        for name in ("batch_size", "rows_per_shard", "resolution", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} {getattr(self, name)} must be at least 1: pass a positive number")
-        if self.engine not in ENGINES:
-            raise UserError(f"unknown --engine {self.engine!r}: use local or ray")
-        if self.replicas < 1:
-            raise UserError(f"--replicas {self.replicas} must be at least 1: pass a positive number")
-
-
-def check_teacher(cfg: FeatureConfig) -> None:
-    """A UserError (one line, within seconds) for a teacher that cannot be loaded or has no patch
-    tokens, before any work (its config and processor only: the weights load with the encoders)."""
-    if cfg.teacher:
-        from t2i.teacher import teacher_shape
-
-        teacher_shape(cfg.teacher)
-
-
 def features_dir(root: str | Path, cfg: FeatureConfig) -> Path:
     """Where features of `cfg`'s settings live under the features root `root`."""
     return Path(root) / cfg.cache_key()
@@ -187,6 +112,7 @@ def run_features(shards_dir: str | Path, root: str | Path, cfg: FeatureConfig, p
     or accelerate launch, this rank's share) or "ray" (t2i.features_ray). Returns the summary on
     the process that reports it, None on the other ranks."""
     cfg.validate()
+    cfg.check_models()
     if cfg.engine == "ray":
         from t2i.features_ray import compute_features_ray  # Ray is imported only here
 
@@ -197,6 +123,17 @@ def run_features(shards_dir: str | Path, root: str | Path, cfg: FeatureConfig, p
     finally:
         ranks.close()
     return summary if ranks.rank == 0 else None
+
+
+def features_command(run: FeaturesRun) -> str | None:
+    """`t2i-data features`: the job on `run.threads` torch threads; returns its summary line on
+    the reporting process (rank 0 of a torchrun / accelerate launch), None on the others."""
+    run.config.validate()
+    WORKERS.check("threads", run.threads)
+    check_output_dir(run.out)  # under a file, read-only: one line before any model loads
+    set_threads(run.threads)
+    summary = run_features(run.shards, run.out, run.config)
+    return summary.line() if summary is not None else None
 
 
 def features_line(r: Mapping[str, Any]) -> str:
@@ -302,7 +239,6 @@ def compute_features(
     from rich.progress import Progress
 
     cfg.validate()
-    check_teacher(cfg)
     ranks = ranks or Ranks()
     shards_dir = shard_fs.as_location(shards_dir)  # caption shards may be on an object store (s3://, gs://, ...)
     shards = caption_shards(shards_dir, cfg.caption_fields)  # bad shards or fields: before the output is touched

@@ -37,7 +37,6 @@ from t2i.feature_images import RowImages
 from t2i.features import (
     FeatureConfig,
     caption_shards,
-    check_teacher,
     count_row,
     feature_schema,
     feature_spec,
@@ -112,7 +111,6 @@ def compute_features_ray(shards_dir: str | Path, root: str | Path, cfg: FeatureC
 
     import_ray()  # the install hint before any work
     cfg.validate()
-    check_teacher(cfg)
     address, replicas = address or cfg.ray_address, replicas or cfg.replicas
     if replicas < 1:
         raise UserError(f"--replicas {replicas} must be at least 1: pass a positive number")

@@ -72,3 +72,9 @@ def default_device(ranks: Ranks) -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', ranks.rank)) % torch.cuda.device_count()}"
     return "cpu"
+
+
+def set_threads(threads: int) -> None:
+    """torch's CPU threads in this process (0: leave torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)

@@ -68,14 +68,7 @@ def aligned_block(depth: int, block: int) -> int:
 def check_repa(settings: Mapping[str, Any], depth: int | None) -> None:
     """A UserError for REPA settings it cannot train with (`depth`: the model's blocks, None
     when not known before the init model loads)."""
-    weight = settings.get("repa_weight", 0.0)
-    if weight < 0:
-        raise UserError(f"repa_weight must be >= 0 (the REPA loss weight lambda; 0: off), got {weight}")
-    if settings.get("repa_proj", 0) < 0:
-        raise UserError(f"repa_proj must be >= 0 (the projector's width; 0: REPA's), got {settings['repa_proj']}")
-    if settings.get("repa_block", 0) < 0:
-        raise UserError(f"repa_block must be >= 0 (blocks before the aligned tokens; 0: a third of the depth), "
-                        f"got {settings['repa_block']}")
+    weight = settings.get("repa_weight", 0.0)  # its range, and the others', checked by TrainConfig (shards.checks)
     if weight and not settings.get("teacher"):
         raise UserError(f"repa_weight = {weight} needs a teacher: set teacher (--teacher) to a vision model, e.g. "
                         "facebook/dinov2-base, whose patch tokens features stores")

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from shards.errors import UserError
-from shards.hub import hub_kwargs
+from shards.hub import check_model, load_pretrained
 
 WHAT = "the REPA teacher"
+FLAG = "--teacher"
 MAX_PREFIX = 16  # CLS + registers: more tokens than the grid beyond this is not a ViT's patch sequence
 
 
@@ -78,7 +79,7 @@ def load_config(spec: str) -> tuple[Any, dict[str, Any]]:
     be loaded or has no patch grid."""
     from transformers import AutoConfig
 
-    hub = hub_kwargs(spec, WHAT)  # an unreachable or unknown hub id fails here in seconds
+    hub = check_model(spec, WHAT, FLAG)  # an unreachable or unknown hub id, a missing or empty folder: in seconds
     try:
         config = AutoConfig.from_pretrained(spec, **hub)
     except (OSError, ValueError, KeyError) as e:
@@ -138,10 +139,7 @@ class Teacher:
 
         vision, hub = load_config(spec)
         processor = load_processor(spec, hub)
-        try:
-            model = AutoModel.from_pretrained(spec, config=vision, **hub)
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"cannot load {WHAT} {spec!r} ({e.__class__.__name__}): pass a transformers vision model") from None
+        model = load_pretrained(AutoModel.from_pretrained, spec, WHAT, FLAG, config=vision)  # bad weights: one line
         model = model.to(device, dtype).eval().requires_grad_(False)
         stats = [torch.tensor(getattr(processor, k, None) or [0.5] * 3, dtype=torch.float32, device=device).view(1, -1, 1, 1)
                  for k in ("image_mean", "image_std")]

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 
 from shards.errors import UserError
+from shards.hub import is_hub_id, load_pretrained
 from t2i import checkpoint as ckpt
 from t2i.conditioning import Conditioning
-from t2i.import_dit import dit_directory, import_dit
+from t2i.dit_source import dit_directory
+from t2i.import_dit import import_dit
 from t2i.models import PixArtWithNull, build_transformer, get_preset
 from t2i.objective import check_init_objective
 from t2i.pipeline import generate, pipeline_from_checkpoint
@@ -48,7 +50,8 @@ class TextConditioning(Conditioning):
             tr, _ = import_dit(arg, caption_channels=caption_channels, latent_size=latent_size)
         elif kind == "pixart":
             check_init_objective(vars(cfg), Path(arg))
-            tr = PixArtTransformer2DModel.from_pretrained(arg, subfolder="transformer" if (Path(arg) / "transformer").is_dir() else None)
+            sub = "transformer" if (Path(arg) / "transformer").is_dir() or is_hub_id(arg) else None  # a pipeline's, or the model itself
+            tr = load_pretrained(PixArtTransformer2DModel.from_pretrained, arg, "PixArt model", "init pixart:", subfolder=sub)
         elif kind == "checkpoint":
             ck = ckpt.require_checkpoint(arg)
             check_init_objective(vars(cfg), ck)

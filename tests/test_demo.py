@@ -68,8 +68,8 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert html.count("data:image/png;base64") >= cfg["examples"] + 2
     assert (out / "report.md").exists() and (out / "figures" / "curves.png").exists() and (out / "figures" / "samples.png").exists()
     assert (out / "figures" / "prior.png").exists() and "The pixel prior (c) starts from" in html
-    # 7. what it cost: the ledgers of its caption, features and train jobs, and the full-size plan
-    assert {r["job"] for r in results["cost"]["run"]["rows"]} == {"caption", "features", "train"}
+    # 7. what it cost: the ledgers of its writing jobs (caption, score, select, features, train), and the full-size plan
+    assert {r["job"] for r in results["cost"]["run"]["rows"]} == {"caption", "score", "select", "features", "train"}
     assert "What it cost" in html and [f["gpu"] for f in results["cost"]["full_size"]][:3] == ["V100", "A100-80GB", "H100"]
 
     # A rerun resumes: captions and the T2I stage are done, so nothing is redone.

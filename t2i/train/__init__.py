@@ -19,11 +19,25 @@ features directory for the settings, resuming from a checkpoint and what must ma
 held-out keys) and `loop` (Run, the loop, train).
 """
 
-from t2i.train.config import TrainConfig, check_resolution, per_process_batch, preflight
-from t2i.train.loop import Run, TrainingDiverged, log_step, train, train_loop, train_step
-from t2i.train.resume import check_caption_settings, find_features, load_resume_weights, restore_training_state
-from t2i.train.step import TrainStep, make_accelerator, make_inputs, setup_optimization
+import importlib
+from typing import Any
 
-__all__ = ["TrainConfig", "check_resolution", "per_process_batch", "preflight", "Run", "TrainingDiverged", "log_step",
-           "train", "train_loop", "train_step", "check_caption_settings", "find_features", "load_resume_weights",
-           "restore_training_state", "TrainStep", "make_accelerator", "make_inputs", "setup_optimization"]
+_MODULE_OF = {
+    **dict.fromkeys(("TrainConfig", "TrainRun", "check_resolution", "per_process_batch", "preflight"), "config"),
+    **dict.fromkeys(("Run", "TrainingDiverged", "log_step", "train", "train_loop", "train_step"), "loop"),
+    **dict.fromkeys(("check_caption_settings", "find_features", "load_resume_weights", "restore_training_state"),
+                    "resume"),
+    **dict.fromkeys(("TrainStep", "make_accelerator", "make_inputs", "setup_optimization"), "step"),
+}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    """Each name from its module when first asked for: `from t2i.train import TrainConfig` reads
+    the config without importing torch (the CLI's --help shows its defaults); the loop's names
+    bring the rest."""
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 't2i.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"t2i.train.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value

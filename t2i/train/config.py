@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from shards.checks import SEED, WORKERS, Range, check_ranges
 from shards.errors import UserError
-from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, parse_weights
-from t2i.data import Holdout
-from t2i.kinds import conditioning_class
-from t2i.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, VaeFactors, vae_factors
-from t2i.features import FeatureConfig
-from t2i.models import ATTENTION_ORDERS, get_preset
-from t2i.objective import check_objective
-from t2i.repa import check_repa
-from t2i.routing import routed_blocks
-from t2i.trackers import check_report_to
+from t2i.caption_fields import parse_fields, parse_weights
+from t2i.feature_config import DTYPES, FeatureConfig
+
+if TYPE_CHECKING:
+    from t2i.data import Holdout
+    from t2i.encoders import VaeFactors
+
+# The checks below import the model code they need (torch) when they run, so that the settings
+# and their defaults read without it (the CLI's --help).
+
+# The range of every numeric setting (shards.checks: one line naming it and its range); the
+# objective's own settings (timestep_power, snr_gamma, flow_shift, ...) are checked by their objective.
+REPA_RANGES = {"repa_weight": Range(0, 100), "repa_block": Range(0, 4096), "repa_proj": Range(0, 65536)}
+TRAIN_RANGES: dict[str, Range] = {
+    "resolution": Range(8, 4096), "max_tokens": Range(1, 1024), "batch_size": Range(1, 65536),
+    "global_batch": Range(0, 10_000_000), "grad_accum": Range(1, 4096), "steps": Range(1, 10**9),
+    "lr": Range(0, 10, lo_open=True), "warmup_steps": Range(0, 10**9), "weight_decay": Range(0, 10),
+    "grad_clip": Range(0, 10**6), "ema_decay": Range(0, 1), "caption_dropout": Range(0, 1, hi_open=True),
+    "logit_mean": Range(-10, 10), "val_keys": Range(0, 10**9), "val_every": Range(0, 10**9),
+    "checkpoint_every": Range(1, 10**9), "keep_checkpoints": Range(0, 10**6), "log_every": Range(1, 10**9),
+    "seed": SEED, "threads": WORKERS, "loader_workers": WORKERS,
+    **REPA_RANGES,
+}  # fmt: skip
 
 
 @dataclass
@@ -26,13 +42,14 @@ class TrainConfig:
     class_column: str = ""  # class-cond: the caption-shard column holding each image's label
     preset: str = "PixArt-XL/2"
     init: str = "scratch"  # scratch | dit:PATH | pixart:DIR | checkpoint:DIR
-    resolution: int = 256
-    buckets: bool = False
-    vae: str = DEFAULT_VAE
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    max_tokens: int = 120
-    text_dtype: str = "float16"
-    latent_dtype: str = "float32"  # how features store latents (t2i.features.FeatureConfig)
+    # the features' settings (t2i.feature_config.FeatureConfig), with its defaults
+    resolution: int = FeatureConfig.resolution
+    buckets: bool = FeatureConfig.buckets
+    vae: str = FeatureConfig.vae
+    text_encoder: str = FeatureConfig.text_encoder
+    max_tokens: int = FeatureConfig.max_tokens
+    text_dtype: str = FeatureConfig.text_dtype
+    latent_dtype: str = FeatureConfig.latent_dtype  # how features store latents
     batch_size: int = 64  # per process, per micro-batch (ignored when global_batch is set)
     global_batch: int = 0  # samples per micro-batch over all processes; 0: batch_size x processes
     grad_accum: int = 1
@@ -45,7 +62,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     # several captions per image (Sana-style): each sample trains on one of these caption-shard
     # fields per epoch, drawn with caption_weights (default equal); t2i.caption_fields
-    caption_fields: tuple = DEFAULT_FIELDS
+    caption_fields: tuple = FeatureConfig.caption_fields
     caption_weights: tuple = ()
     # the objective (t2i.objective: DDPM with the IDDPM hybrid loss, t2i.diffusion, or flow matching,
     # t2i.flow); another objective's setting is refused, and so is any change on --resume
@@ -70,8 +87,8 @@ class TrainConfig:
     # projector repa_proj wide (0: REPA's 2048, at most 4 x the width), trained to match by cosine
     # the patch tokens of `teacher` that features stored (t2i.teacher); loss += repa_weight x
     # (1 - cos); 0: off. `teacher` also makes features store its tokens, in teacher_dtype
-    teacher: str = ""
-    teacher_dtype: str = "float16"
+    teacher: str = FeatureConfig.teacher
+    teacher_dtype: str = FeatureConfig.teacher_dtype
     repa_weight: float = 0.0
     repa_block: int = 0
     repa_proj: int = 0
@@ -115,6 +132,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """A UserError naming the first bad setting (and its fix)."""
+        from t2i.kinds import conditioning_class
+        from t2i.models import ATTENTION_ORDERS, get_preset
+        from t2i.objective import check_objective
+        from t2i.trackers import check_report_to
+
         if self.init == "scratch":
             get_preset(self.preset)
         conditioning_class(self.kind).check_config(self)
@@ -133,15 +155,22 @@ class TrainConfig:
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         self._validate_levers()
+        check_ranges(self, TRAIN_RANGES, dashes=False)
         check_report_to(self.report_to)
-
 
     def _validate_levers(self) -> None:
         """Token dropping, REPA and the validation loss settings."""
+        from t2i.models import get_preset
+        from t2i.repa import check_repa
+        from t2i.routing import routed_blocks
+
         if not 0 <= self.token_drop < 1:
             raise UserError(f"token_drop must be in [0, 1) (the share of patch tokens routed past the middle blocks), got {self.token_drop}")
         if self.token_drop and self.init == "scratch":
             routed_blocks(get_preset(self.preset).depth, self.token_drop_start, self.token_drop_end)
+        check_ranges(self, REPA_RANGES, dashes=False)
+        if self.teacher_dtype not in DTYPES:
+            raise UserError(f"teacher_dtype {self.teacher_dtype!r} is not one of {', '.join(DTYPES)}: pick one")
         check_repa(vars(self), get_preset(self.preset).depth if self.init == "scratch" else None)
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must be in [0, 1) (the share of keys held out for the validation loss), got {self.val_fraction}")
@@ -154,6 +183,8 @@ class TrainConfig:
 
     def holdout(self) -> Holdout:
         """The held-out keys of the validation loss (none when val_fraction and val_keys are 0)."""
+        from t2i.data import Holdout
+
         return Holdout(self.val_fraction, self.val_keys)
 
 
@@ -172,13 +203,42 @@ def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
 def preflight(cfg: TrainConfig) -> VaeFactors:
     """The checks a stage passes before any work (features included): its settings, and a
     resolution that splits into whole patches of latent cells. Returns the VAE's factors."""
+    from t2i.encoders import vae_factors
+
     cfg.validate()
+    check_models(cfg)
     vae = vae_factors(cfg.vae)
     check_resolution(cfg.resolution, _patch_of(cfg), vae.spatial)
     return vae
 
 
+def check_models(cfg: TrainConfig) -> None:
+    """Every model a stage loads, checked before any work (shards.hub: one line within seconds
+    for a hub id that cannot be reached, a folder that is missing or empty): the VAE, the text
+    encoder, REPA's teacher (its config and processor: a patch grid), and a `pixart:` (a local
+    folder or a hub id) or `dit:` init."""
+    from shards.hub import check_model
+    from t2i.feature_config import check_teacher
+
+    check_model(cfg.vae, "the VAE", "vae")
+    check_model(cfg.text_encoder, "the text encoder", "text_encoder")
+    check_teacher(cfg.teacher)
+    kind, _, arg = cfg.init.partition(":")
+    if kind == "pixart":
+        check_model(arg, "PixArt model", "init pixart:")
+    if kind == "dit" and Path(arg).is_file():  # a .pt/.safetensors: readable as weights (mapped, not read)
+        from shards.hub import load_weights_file
+
+        load_weights_file(arg, "DiT checkpoint", "init dit:", mmap=True)
+    elif kind == "dit":
+        from t2i.dit_source import dit_directory
+
+        dit_directory(arg)  # a missing path, or a folder that holds no DiT
+
+
 def _patch_of(cfg: TrainConfig) -> int:
+    from t2i.models import get_preset
+
     if cfg.init == "scratch":
         return get_preset(cfg.preset).patch
     return 0  # known only once the init model is loaded; checked then
@@ -188,3 +248,38 @@ def check_resolution(resolution: int, patch: int, spatial: int) -> None:
     """The image side must split into whole patches of latent cells (patch 0: not known yet)."""
     if patch and resolution % (patch * spatial):
         raise UserError(f"resolution {resolution} is not divisible by patch x VAE factor ({patch} x {spatial} = {patch * spatial}): pick a multiple of {patch * spatial}")
+
+
+@dataclass
+class TrainRun:
+    """The train command: where the run goes and what it trains on (caption shards, features, or
+    a manifest's stages), and `overrides`, the TrainConfig settings given as flags (over a
+    manifest's stages, or over TrainConfig's defaults for a single stage)."""
+
+    out: Path
+    shards: str | None = None  # caption shards: features are computed from them first, as their own step
+    features: Path | None = None  # a features directory or root (default OUT/features)
+    manifest: str | None = None  # a TOML stage recipe: every stage in order
+    stage: str | None = None  # only this manifest stage
+    resume: bool = False  # continue from the last checkpoint in `out`
+    threads: int = 0  # torch CPU threads for the whole run, features included (0: torch's default)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> TrainRun:
+        """A run from the flags given: the run's own (out, shards, ..., threads), and the others,
+        each named after the TrainConfig field it sets, as overrides."""
+        own = {f.name for f in fields(cls)} - {"overrides"}
+        overrides = {k: v for k, v in flags.items() if k not in own}
+        return cls(**{k: v for k, v in flags.items() if k in own}, overrides=overrides)
+
+    def validate(self) -> None:
+        """A UserError for flags that contradict each other or leave nothing to train on."""
+        if self.manifest and "kind" in self.overrides:
+            raise UserError("--kind sets a single stage's kind: set kind per stage in the manifest instead")
+        if not self.manifest and self.shards is None and self.features is None and not self.resume:
+            raise UserError("no --shards or --features given: pass caption shards, features, "
+                            "or --manifest with shards per stage")
+        WORKERS.check("threads", self.threads)
+        if not self.manifest:
+            check_models(TrainConfig(**self.overrides))  # before the model code loads (a manifest's: by preflight)

@@ -22,8 +22,7 @@ from t2i.repa import check_resume_repa
 from t2i.train.config import TrainConfig
 
 
-FEATURE_IDENTITY = ("vae", "text_encoder", "resolution", "buckets", "max_tokens", "text_dtype", "latent_dtype", "draft", "caption_fields",
-                    "teacher", "teacher_dtype")
+FEATURE_IDENTITY = FeatureConfig.IDENTITY
 
 
 def _made_with(made: dict[str, Any], key: str) -> Any:
