@@ -282,4 +282,6 @@ class TrainRun:
                             "or --manifest with shards per stage")
         WORKERS.check("threads", self.threads)
         if not self.manifest:
-            check_models(TrainConfig(**self.overrides))  # before the model code loads (a manifest's: by preflight)
+            stage = TrainConfig(**self.overrides)
+            stage.validate()  # its settings first: they are free to check, the models are not
+            check_models(stage)  # before the model code loads (a manifest's: by preflight)
