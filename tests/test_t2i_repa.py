@@ -64,9 +64,22 @@ def test_shipped_teacher_loads_through_the_generic_path_and_gives_the_8x8_grid()
     tokens, grid = teacher.encode(pixels)
     assert grid == (8, 8) and tokens.shape == (3, 64, 64) and not tokens.requires_grad  # the demo's 8x8 token grid
     fit = json.loads((SHIPPED_TEACHER / "fit.json").read_text())
-    assert fit["grid"] == [8, 8] and fit["steps"] >= 1000 and fit["held_out"]["pixel_accuracy"] > 0.85
+    assert fit["grid"] == [8, 8] and fit["steps"] >= 400 and fit["held_out"]["shape_vs_background"] > 0.9
     assert sum(f.stat().st_size for f in SHIPPED_TEACHER.iterdir()) < 1 << 20  # small enough to ship
     assert DemoConfig().teacher == "" and DemoConfig.full("x").teacher == ""  # the demo does not use it yet
+
+
+def test_the_demo_teacher_fit_is_deterministic():
+    """`python -m demo.teacher` makes the same weights on every run (seeded data, init and order;
+    one thread): a few steps twice give identical tensors."""
+    from demo.teacher import fit_teacher
+
+    torch.set_num_threads(1)
+    (a, head_a, log_a), (b, head_b, log_b) = fit_teacher(steps=3, batch=4), fit_teacher(steps=3, batch=4)
+    assert log_a == log_b
+    for (name, x), (_, y) in zip([*a.state_dict().items(), *head_a.state_dict().items()],
+                                 [*b.state_dict().items(), *head_b.state_dict().items()]):
+        assert torch.equal(x, y), name
 
 
 def test_teachers_of_each_family_and_models_without_patch_tokens(tmp_path):
@@ -280,7 +293,7 @@ def _bad(tmp_path):
     from transformers import BertConfig, BertModel
 
     BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path / "bert")
-    return [(["--repa-weight", "-0.5"], "repa_weight must be >= 0"),
+    return [(["--repa-weight", "-0.5"], "repa_weight -0.5 is out of range: pass a number from 0 to 100"),
             (["--repa-weight", "0.5"], "repa_weight = 0.5 needs a teacher"),
             (["--teacher", TEACHER, "--repa-weight", "0.5", "--repa-block", "3"], "repa_block = 3 is not a block of a 2-block model"),
             (["--teacher", str(tmp_path / "bert"), "--repa-weight", "0.5"], "(bert) has no patch tokens"),
@@ -305,14 +318,18 @@ def test_bad_repa_settings_are_one_line_errors_with_exit_2_within_15_s(world, tm
 def test_an_unreachable_hub_fails_the_teacher_at_once(tmp_path, monkeypatch):
     """Not offline, but no network: the hub check's one probe, no retries, one line."""
     from shards import hub
-    from t2i.features import FeatureConfig, compute_features
+    from t2i.features import FeatureConfig, run_features
 
+    for name in ("vae", "t5"):  # local model folders pass the hub check; the teacher is the one asked for
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hub, "offline", lambda: False)
     monkeypatch.setattr("huggingface_hub.HfApi.model_info", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("no route")))
     start = time.perf_counter()
     with pytest.raises(UserError, match=r"cannot load the REPA teacher 'facebook/dinov2-base': the Hugging Face Hub is not reachable"):
-        compute_features(tmp_path / "captions", tmp_path / "f", FeatureConfig(teacher="facebook/dinov2-base"), progress=False)
+        run_features(tmp_path / "captions", tmp_path / "f", FeatureConfig(vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "t5"),
+                                                                          teacher="facebook/dinov2-base"), progress=False)
     assert time.perf_counter() - start < 15 and not (tmp_path / "f").exists()
 
 
