@@ -252,7 +252,13 @@ def test_repa_weight_zero_is_the_plain_run_and_repa_resumes_exactly(world, tmp_p
     assert all(0 < x["repa"] < 2 for x in a) and a[-1]["repa"] < a[0]["repa"]  # 1 - cos, learning to align
     assert [x["mse"] for x in a] != [x["mse"] for x in log(tmp_path / "plain")]  # it changes the training
     with safe_open(str(Path(full["checkpoint"]) / "model.safetensors"), "pt") as f:
-        assert {k for k in f.keys() if k.startswith("repa_projector.")} == {f"repa_projector.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")}
+        trained = set(f.keys())
+        assert {k for k in trained if k.startswith("repa_projector.")} == {f"repa_projector.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")}
+    with safe_open(str(Path(full["checkpoint"]) / "optimizer.safetensors"), "pt") as f:
+        states = {k.split(".")[1] for k in f.keys() if k.startswith("state.")}
+    # the teacher is never loaded in training: none of its weights is in the model or the optimizer,
+    # whose AdamW states are exactly one per trained tensor (the model's and the projector's)
+    assert not [k for k in trained if k.startswith(("embeddings.", "encoder.", "layernorm"))] and len(states) == len(trained)
     for kw, message in [({"repa_weight": 0.25}, "repa_weight 0.5 (this run: 0.25)"), ({"repa_block": 2}, "repa_block 0 (this run: 2)")]:
         with pytest.raises(UserError, match=r"other REPA settings: " + message.replace("(", r"\(").replace(")", r"\)")):
             train(tiny_cfg(world, steps=8, **repa(world, **kw)), tmp_path / "part", features=world["feats"], resume=True, progress=False)
