@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--set", default="", help="--ablate: DemoConfig fields to change, e.g. arm_steps=100,dit_steps=50")
     ap.add_argument("--captions", default="vlm", help="--ablate: vlm (the demo's captioner) | truth (ground-truth captions)")
     ap.add_argument("--batch-size", type=int, default=0, help="--ablate: the arms' batch (0: the demo manifest's)")
+    ap.add_argument("--levers", default="", help="--ablate: these levers only, e.g. flow,repa (default: all)")
     args = ap.parse_args()
     mode = "quick" if args.quick else "full" if args.full else "default"
     root = Path(args.root)
@@ -145,7 +146,7 @@ def main() -> None:
 
         seeds = [int(s) for s in args.seeds.split(",")]
         write_ablation_section(run_seeds(root, seeds, mode, args.threads, args.report_only, args.set, args.captions,
-                                         args.batch_size), mode)
+                                         args.batch_size, args.levers), mode)
         return
     results = {}
     for seed in (int(s) for s in args.seeds.split(",")):
