@@ -372,8 +372,8 @@ def features_cmd(
         "per step)")),
     teacher: str = typer.Option(FeatureConfig.teacher, "--teacher", help=(
         "REPA: also store this vision model's patch tokens (HF id or directory, e.g. facebook/dinov2-base)")),
-    teacher_dtype: str = typer.Option(
-        FeatureConfig.teacher_dtype, "--teacher-dtype", help="stored teacher patch tokens: float32 | float16 | bfloat16"),
+    teacher_dtype: str = typer.Option(FeatureConfig.teacher_dtype, "--teacher-dtype", help=(
+        "stored teacher patch tokens: float32 | float16 | bfloat16")),
     batch_size: int = typer.Option(FeatureConfig.batch_size, "--batch-size"),
     rows_per_shard: int = typer.Option(FeatureConfig.rows_per_shard, "--shard-size", help="rows per feature shard"),
     workers: int = typer.Option(FeatureConfig.workers, "--workers", help="image decode threads (0: cores, at most 8)"),

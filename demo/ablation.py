@@ -183,7 +183,8 @@ def run_ablation(cfg, out: Path, log: Callable[[str], None] = print, progress: b
     best = best_combination({k: v["final"] for k, v in arms.items()})
     if len(best) > 1:  # a single lever's combination is its own arm
         arms["best"] = run_arm(p, out / "t2i", "best", best, cfg.dit_steps, cfg.seed, log)
-    result = {"seed": cfg.seed, "config": dict(vars(cfg)), "captions": captions, "batch_size": p["settings"].base.batch_size, "best": best, "arms": arms,
+    result = {"seed": cfg.seed, "config": dict(vars(cfg)), "captions": captions, "batch_size": p["settings"].base.batch_size,
+              "best": best, "arms": arms,
               "prompts": len(p["prompts"]), "wall_s": time.perf_counter() - t0}
     (out / "ablation.json").write_text(json.dumps(result, indent=1, default=str))
     return result
