@@ -370,6 +370,10 @@ def features_cmd(
     caption_fields: str = typer.Option(FeatureConfig.caption_fields, "--caption-fields", help=(
         "caption-shard fields to encode, each its own T5 features, e.g. caption,caption_short (train samples one "
         "per step)")),
+    teacher: str = typer.Option(FeatureConfig.teacher, "--teacher", help=(
+        "REPA: also store this vision model's patch tokens (HF id or directory, e.g. facebook/dinov2-base)")),
+    teacher_dtype: str = typer.Option(FeatureConfig.teacher_dtype, "--teacher-dtype", help=(
+        "stored teacher patch tokens: float32 | float16 | bfloat16")),
     batch_size: int = typer.Option(FeatureConfig.batch_size, "--batch-size"),
     rows_per_shard: int = typer.Option(FeatureConfig.rows_per_shard, "--shard-size", help="rows per feature shard"),
     workers: int = typer.Option(FeatureConfig.workers, "--workers", help="image decode threads (0: cores, at most 8)"),
@@ -432,6 +436,10 @@ TRAIN_OPTIONS: dict[str, tuple[Any, ...]] = {
                    "(1: none)"),
     "token_drop": (float, C.token_drop, "share of patch tokens routed past the middle blocks in training, in [0, 1) "
                    "(0: off)"),
+    "teacher": (str, C.teacher, "REPA's teacher: a vision model (HF id or directory) whose patch tokens features "
+                "stores"),
+    "repa_weight": (float, C.repa_weight, "REPA loss weight lambda (0: off; the paper's 0.5)"),
+    "repa_block": (int, C.repa_block, "REPA aligns the output of the first N blocks (0: a third of the depth)"),
     "val_fraction": (float, C.val_fraction, "share of the keys held out for a validation loss (chosen by key hash)"),
     "val_every": (int, C.val_every, "steps between validation losses (0: at every checkpoint)"),
     "resume": (bool, R.resume, "continue from the last checkpoint in --out", "--resume"),

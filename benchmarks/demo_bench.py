@@ -3,6 +3,11 @@ claims" section of BENCHMARKS.md from the results.json of `t2i-data demo` runs.
 
     python benchmarks/demo_bench.py --seeds 0,1 --root demo_bench_out [--quick | --full] [--threads N]
 
+`--ablate` runs the levers' ablation instead (demo.ablation: arm (c) alone, with each lever of issue
+29 and with the best combination; benchmarks/_ablation.py) and writes the "levers ablation"
+section; `--set arm_steps=100,...` changes its scale, `--captions truth` trains on the ground-truth
+captions instead of training the captioner, `--batch-size` sets the arms' batch.
+
 `--full` (the larger model, ~1.5 h a seed) writes its own section, "demo claims (--full)". Seeds
 may run as separate processes (`--seeds 0 --threads 1` beside `--seeds 1 --threads 1`), then one
 `--report-only --seeds 0,1` writes the section. Each seed runs the demo into ROOT/seed-<n> (a
@@ -128,9 +133,21 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="the --full demo (its own section)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per seed (1 when seeds run side by side)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the section from ROOT/seed-*/results.json")
+    ap.add_argument("--ablate", action="store_true", help="the levers' ablation (its own section, 'levers ablation')")
+    ap.add_argument("--set", default="", help="--ablate: DemoConfig fields to change, e.g. arm_steps=100,dit_steps=50")
+    ap.add_argument("--captions", default="vlm", help="--ablate: vlm (the demo's captioner) | truth (ground-truth captions)")
+    ap.add_argument("--batch-size", type=int, default=0, help="--ablate: the arms' batch (0: the demo manifest's)")
+    ap.add_argument("--levers", default="", help="--ablate: these levers only, e.g. flow,repa (default: all)")
     args = ap.parse_args()
     mode = "quick" if args.quick else "full" if args.full else "default"
     root = Path(args.root)
+    if args.ablate:
+        from benchmarks._ablation import run_seeds, write_ablation_section
+
+        seeds = [int(s) for s in args.seeds.split(",")]
+        write_ablation_section(run_seeds(root, seeds, mode, args.threads, args.report_only, args.set, args.captions,
+                                         args.batch_size, args.levers), mode)
+        return
     results = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         path = root / f"seed-{seed}" / "results.json"

@@ -7,7 +7,9 @@ kWh and kgCO2e. The model is the one MFU is defined by:
     GPU-seconds = FLOPs / (peak FLOP/s x MFU)
 
 with FLOPs from `t2i.models.flops_per_image` (training: 3x the forward matmuls; a stage's token
-dropping counted: its routed blocks at the tokens they keep), the peak from
+dropping counted: its routed blocks at the tokens they keep; REPA's projector on every token), the
+features' encoders (VAE, T5 and a stage's REPA teacher, whose stored patch tokens the features row
+also counts in bytes per image), the peak from
 `shards.gpus`, and the MFU measured (a `benchmarks/gpu_bench.py` JSON) or assumed (stated in the
 output). Energy = GPU-hours x board power x PUE; CO2e = energy x grid intensity.
 """
@@ -57,6 +59,7 @@ class Row:
     usd: float | None = None
     kwh: float = 0.0
     kg_co2e: float = 0.0
+    teacher_bytes_per_image: int = 0  # features: the REPA teacher's patch tokens each image adds to the cache
 
     @property
     def gpu_days(self) -> float:
@@ -129,7 +132,8 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
     routed, lever = routed_of(cfg)
     flops = images * flops_per_image(cfg.preset, (latent, latent), cfg.max_tokens, caption_channels(cfg.text_encoder),
                                      cross_attention=conditioning_class(cfg.kind).cross_attention,  # a class-conditional DiT has none
-                                     token_drop=cfg.token_drop, routed_blocks=routed)
+                                     token_drop=cfg.token_drop, routed_blocks=routed, token_macs=repa_macs(cfg))
+    lever += f"; REPA lambda {cfg.repa_weight:g}" if cfg.repa_weight else ""
     if cfg.lora_rank:
         lora = lora_stage_price(cfg.preset, cfg.resolution, cfg.lora_rank, cfg.lora_targets, cfg.lora_variant, cfg.max_tokens,
                                 caption_channels(cfg.text_encoder), cfg.token_drop, routed)
@@ -184,6 +188,31 @@ def routed_of(cfg) -> tuple[int, str]:
     return end - start, f"; token_drop {cfg.token_drop:.0%} on {end - start} of {depth} blocks"
 
 
+def repa_macs(cfg) -> int:
+    """Multiply-adds per token of a stage's REPA projector (t2i.repa; 0 without REPA)."""
+    from t2i.models import get_preset
+    from t2i.repa import projector_macs, projector_width
+    from t2i.teacher import shape_of
+
+    if not cfg.repa_weight:
+        return 0
+    hidden = get_preset(cfg.preset).hidden
+    return projector_macs(hidden, projector_width(hidden, cfg.repa_proj), shape_of(cfg.teacher).hidden)
+
+
+def teacher_cost(cfg) -> tuple[float, int, str]:
+    """(FLOPs per image, stored bytes per image, basis note) of a stage's REPA teacher in features
+    (t2i.teacher: one forward per image at its own input size); (0, 0, "") without a teacher."""
+    from t2i.teacher import shape_of
+
+    if not cfg.teacher:
+        return 0.0, 0, ""
+    shape = shape_of(cfg.teacher)
+    rows, cols = shape.grid(cfg.resolution, cfg.resolution)
+    size = rows * cols * shape.hidden * {"float32": 4}.get(cfg.teacher_dtype, 2)
+    return shape.forward_flops(cfg.resolution, cfg.resolution), size, f"; teacher {rows}x{cols}x{shape.hidden} patches, {size:,} B/image"
+
+
 def dataset_of(stage, names: list[str]) -> str | None:
     """The --images dataset a stage reads: the name found in its shards path (longest match)."""
     path = (stage.shards or "").lower()
@@ -199,15 +228,17 @@ def feature_rows(manifest, gpu: GPU, opts: PlanOptions, gpus: int) -> list[Row]:
     seen, rows = set(), []
     for stage in manifest.stages:
         cfg, ds = stage.config, dataset_of(stage, list(opts.images))
-        if ds is None or (ds, cfg.resolution, cfg.max_tokens, cfg.caption_fields) in seen:
+        key = (ds, cfg.resolution, cfg.max_tokens, cfg.caption_fields, cfg.teacher, cfg.teacher_dtype)
+        if ds is None or key in seen:
             continue
-        seen.add((ds, cfg.resolution, cfg.max_tokens, cfg.caption_fields))
+        seen.add(key)
         vae = f["vae_gflop_per_image"] * 1e9 * (cfg.resolution / f["resolution"]) ** 2
         t5 = f["t5_gflop_per_caption"] * 1e9 * cfg.max_tokens / f["tokens"] * len(cfg.caption_fields)
-        seconds = vae / (gpu.peak_flops * f["vae_mfu"]) + t5 / (gpu.peak_flops * f["t5_mfu"])
+        teacher, size, note = teacher_cost(cfg)  # a ViT encoder, priced at T5's MFU
+        seconds = vae / (gpu.peak_flops * f["vae_mfu"]) + (t5 + teacher) / (gpu.peak_flops * f["t5_mfu"])
         n = opts.images[ds]
-        rows.append(Row("features", f"{ds} @ {cfg.resolution} px", n, n * (vae + t5), n * seconds / 3600, gpus,
-                        f"VAE MFU {f['vae_mfu']:.1%}, T5 MFU {f['t5_mfu']:.1%} ({src})"))
+        rows.append(Row("features", f"{ds} @ {cfg.resolution} px", n, n * (vae + t5 + teacher), n * seconds / 3600, gpus,
+                        f"VAE MFU {f['vae_mfu']:.1%}, T5 MFU {f['t5_mfu']:.1%} ({src}){note}", teacher_bytes_per_image=size))
     return rows
 
 
@@ -288,6 +319,8 @@ def assumptions(gpu: GPU, opts: PlanOptions, unused: list[str]) -> list[str]:
         "features: VAE encoder at each stage resolution + T5 per caption, once per dataset and resolution (the features cache key)",
         "token dropping (token_drop): the routed blocks counted at the tokens they keep, the others at all of them; the MFU "
         "is taken as without it (measured on CPU: BENCHMARKS.md levers_bench)",
+        "REPA: the teacher's forward in features (its patch grid at its own input size, at T5's MFU) and its stored patch "
+        "tokens (bytes per image in the features row); in training the projector's matmuls on every token",
         f"power: board power for the whole GPU-hour (an upper bound; busy training GPUs draw close to it), x PUE {opts.pue}",
         f"grid intensity {opts.grid_gco2_kwh:.0f} gCO2e/kWh" + (" (world average, IEA 2019)" if opts.grid_gco2_kwh == GRID_GCO2_KWH else ""),
         "$: " + (f"{opts.price} per GPU-hour" if opts.price is not None else "no --price given"),

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from demo.teacher import SHIPPED_TEACHER  # noqa: F401  (what `teacher` may name: the shipped REPA teacher)
 from demo.vae import SHIPPED_VAE
 from shards.checks import SEED, check_output_dir
 from shards.errors import UserError
@@ -48,6 +49,7 @@ class DemoConfig:
     max_tokens: int = 0  # caption tokens the T5 keeps (0: the manifest's 16, which cuts the ~28-token dense captions)
     lr: float = 3e-3  # with epsilon (2026-11-26), colour/position 35/27% at step 400 against 10/12% at 1e-3
     vae: str = str(SHIPPED_VAE)  # frozen, fitted offline by `python -m demo.vae` (as PixArt uses SD's VAE)
+    teacher: str = ""  # REPA's teacher (t2i.repa), e.g. str(SHIPPED_TEACHER) (`python -m demo.teacher`); "": no REPA, as today
     dit_steps: int = 400  # stage 1: the class-conditional DiT
     dit_classes: str = "shape"  # its labels: "shape", or "layout" (shape x position: it learns where to draw, then what)
     arm_steps: int = 800  # arms a, b, c each (equal compute, same seed); 1000 took the demo to 614-631 s (quiet)

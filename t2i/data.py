@@ -15,6 +15,9 @@ With several caption fields (t2i.caption_fields) each sample trains on one field
 picked from (seed, epoch, sample) with the configured weights: only that field's text columns
 are read for it.
 
+With `teacher` (REPA, t2i.repa) each sample's stored teacher patch tokens are read with its
+latents (one more binary column of the same row group, copied the same way): `Batch.teacher`.
+
 A `Holdout` (the validation loss's keys, chosen by key hash) is taken out of the buckets, so no
 batch of global_batches ever holds one; `val_indices` lists them, `val_hashes` their key hashes.
 """
@@ -41,6 +44,7 @@ from t2i.noise import uniforms as word_uniforms
 
 ROW_COLUMNS = ["key", "latent_mean", "latent_std"]  # read per sample (each column costs a read), + the text of its field
 LAYOUT_COLUMNS = ["latent_shape", "text_channels", "text_dtype", "height", "width"]  # read once per bucket
+TEACHER_LAYOUT = ["teacher_shape", "teacher_dtype"]  # with teacher features, also read once per bucket
 OPEN_FILES = 64  # Parquet files kept open per process (footer parsed once, then reused)
 
 
@@ -57,6 +61,8 @@ class Batch:
     batch_pos: int = 0
     last_in_epoch: bool = False  # no non-empty global batch follows in this epoch
     caption_fields: list[str] = field(default_factory=list)  # the caption field each sample's text is of
+    teacher: torch.Tensor | None = None  # (B, rows x columns, channels) teacher patch tokens (REPA), stored dtype
+    teacher_grid: tuple[int, int] = (0, 0)  # their patch grid (rows, columns)
 
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pin-memory thread: the tensors moved to page-locked memory."""
@@ -98,6 +104,13 @@ class RowLayout(NamedTuple):
     height: int
     width: int
     latent_dtype: torch.dtype = torch.float32  # features --latent-dtype; shards without the column: float32
+    teacher: tuple[int, ...] = ()  # (rows, columns, channels) of the teacher patch tokens; (): not read
+    teacher_dtype: torch.dtype = torch.float16
+
+    @property
+    def teacher_bytes(self) -> int:
+        """Bytes of one sample's teacher patch tokens (0 when they are not read)."""
+        return int(np.prod(self.teacher)) * self.teacher_dtype.itemsize if self.teacher else 0
 
 
 class GroupRead(NamedTuple):
@@ -118,12 +131,16 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
     DataLoader workers."""
 
     def __init__(self, features_dir: str | Path, max_tokens: int, caption_fields=DEFAULT_FIELDS, caption_weights=(),
-                 holdout: Holdout = Holdout()) -> None:
+                 holdout: Holdout = Holdout(), teacher: bool = False) -> None:
         self.features_dir = features_dir
         self.shards = [str(s) for s in complete_shards(features_dir)]
         if not self.shards:
             raise ShardError(f"no complete feature shards in {features_dir}: run `t2i-data features` first")
         self.max_tokens = max_tokens
+        self.teacher = teacher  # read the teacher patch tokens too (REPA)
+        if teacher and "teacher_emb" not in pq.read_schema(self.shards[0]).names:
+            raise UserError(f"the features in {features_dir} hold no teacher patch tokens: make them with a teacher "
+                            "(`t2i-data features --teacher ...`, or train with --shards and teacher set)")
         self.caption_fields = parse_fields(caption_fields)
         self.text_columns = [text_columns(f) for f in self.caption_fields]
         self.weights = normalised(parse_weights(caption_weights, self.caption_fields), len(self.caption_fields))
@@ -212,9 +229,12 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         means = _empty((n, *layout.latent_shape), layout.latent_dtype)
         stds = _empty((n, *layout.latent_shape), layout.latent_dtype)
         text = _empty((n, self.max_tokens, layout.channels), layout.text_dtype)
-        keys, lens, names = self.fill(reads, _raw(text), _raw(means), _raw(stds))
+        rows, cols, channels = layout.teacher or (0, 0, 0)
+        teacher = _empty((n, rows * cols, channels), layout.teacher_dtype) if layout.teacher else None
+        raw_teacher = None if teacher is None else _raw(teacher.view(n, -1))
+        keys, lens, names = self.fill(reads, _raw(text), _raw(means), _raw(stds), raw_teacher)
         return Batch(keys=keys, latent_mean=means, latent_std=stds, text=text, mask=mask_of(lens, self.max_tokens),
-                     height=layout.height, width=layout.width, caption_fields=names)
+                     height=layout.height, width=layout.width, caption_fields=names, teacher=teacher, teacher_grid=(rows, cols))
 
     def read(self, indices: np.ndarray, field_ids: np.ndarray | None = None) -> tuple[list[GroupRead], RowLayout]:
         """The row groups holding `indices` (one read per distinct shard and row group, of the
@@ -232,18 +252,23 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         if b not in self._layouts:
             f = self._file(int(self.shard[i]))
             extra = ["latent_dtype"] if "latent_dtype" in f.schema_arrow.names else []
-            t = f.read_row_group(int(self.group[i]), columns=LAYOUT_COLUMNS + extra)
+            t = self._read_group(int(self.shard[i]), int(self.group[i]),
+                                 LAYOUT_COLUMNS + extra + (TEACHER_LAYOUT if self.teacher else []))
             r = int(self.row[i])
-            latent_dtype = (t.column("latent_dtype")[r].as_py() if extra else None) or "float32"
-            self._layouts[b] = RowLayout(tuple(t.column("latent_shape")[r].as_py()), t.column("text_channels")[r].as_py(),
-                                         getattr(torch, t.column("text_dtype")[r].as_py()), t.column("height")[r].as_py(),
-                                         t.column("width")[r].as_py(), getattr(torch, latent_dtype))
+            row = {name: t.column(name)[r].as_py() for name in t.column_names}
+            teacher = {}
+            if self.teacher:
+                teacher = {"teacher": tuple(row["teacher_shape"]), "teacher_dtype": getattr(torch, row["teacher_dtype"])}
+            self._layouts[b] = RowLayout(tuple(row["latent_shape"]), row["text_channels"], getattr(torch, row["text_dtype"]),
+                                         row["height"], row["width"], getattr(torch, row.get("latent_dtype") or "float32"), **teacher)
         return self._layouts[b]
 
-    def fill(self, reads: list[GroupRead], text: np.ndarray, means: np.ndarray, stds: np.ndarray) -> tuple[list[str], np.ndarray, list[str]]:
+    def fill(self, reads: list[GroupRead], text: np.ndarray, means: np.ndarray, stds: np.ndarray,
+             teacher: np.ndarray | None = None) -> tuple[list[str], np.ndarray, list[str]]:
         """Copy the rows of `reads` straight from their Arrow buffers into raw byte views of the
-        batch tensors: text (n, max_tokens, row bytes), zero-padded; means, stds (n, bytes).
-        Returns the keys, the kept token counts and each sample's caption field."""
+        batch tensors: text (n, max_tokens, row bytes), zero-padded; means, stds and, when read,
+        the teacher patch tokens (n, bytes). Returns the keys, the kept token counts and each
+        sample's caption field."""
         n = len(text)
         lens = np.zeros(n, np.int64)
         keys: list[str] = [""] * n
@@ -251,6 +276,8 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         for positions, table, rows, field_ids in reads:
             _copy_rows(table.column("latent_mean"), rows, means, positions)
             _copy_rows(table.column("latent_std"), rows, stds, positions)
+            if teacher is not None:
+                _copy_rows(table.column("teacher_emb"), rows, teacher, positions)
             for f in np.unique(field_ids):
                 at, cols = field_ids == f, self.text_columns[f]
                 lens[positions[at]] = np.minimum(table.column(cols.len).fill_null(0).to_numpy()[rows[at]], self.max_tokens)
@@ -267,7 +294,8 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         for u in np.unique(unit):
             positions = np.flatnonzero(unit == u)
             texts = [c for f in np.unique(field_ids[positions]) for c in (self.text_columns[f].emb, self.text_columns[f].len)]
-            table = self._read_group(int(u >> 32), int(u & 0xFFFFFFFF), ROW_COLUMNS + texts)
+            columns = ROW_COLUMNS + (["teacher_emb"] if self.teacher else []) + texts
+            table = self._read_group(int(u >> 32), int(u & 0xFFFFFFFF), columns)
             reads.append(GroupRead(positions, table.combine_chunks(), row[positions], field_ids[positions]))
         return reads
 

@@ -90,5 +90,7 @@ def load_dit(path: str | Path, which: str = "ema"):
     dit = DiTTransformer2DModel.from_pretrained(directory, subfolder=sub).float()
     if which == "model":
         sd = ckpt.load_weights(directory, "model")
-        ckpt.load_matching(dit, {k.removeprefix("transformer."): v for k, v in sd.items()}, f"checkpoint {directory}")
+        # the transformer's weights only (a REPA projector, t2i.repa, stays with the checkpoint)
+        inner = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
+        ckpt.load_matching(dit, inner, f"checkpoint {directory}")
     return dit

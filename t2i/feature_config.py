@@ -35,7 +35,7 @@ class FeatureConfig:
     into the cache key, so they name the directory); the others may change on resume."""
 
     IDENTITY: ClassVar[tuple[str, ...]] = ("vae", "text_encoder", "resolution", "buckets", "max_tokens", "text_dtype",
-                                           "latent_dtype", "draft", "caption_fields")  # fmt: skip
+                                           "latent_dtype", "draft", "caption_fields", "teacher", "teacher_dtype")  # fmt: skip
 
     vae: str = DEFAULT_VAE
     text_encoder: str = DEFAULT_TEXT_ENCODER
@@ -50,6 +50,8 @@ class FeatureConfig:
     workers: int = 0  # decode threads (0: cores, at most 8)
     max_pixels: int = DEFAULT_MAX_PIXELS  # bomb guard: larger images are recorded as failures
     caption_fields: tuple[str, ...] = DEFAULT_FIELDS  # caption-shard fields to encode, each its own T5 features
+    teacher: str = ""  # REPA's teacher (t2i.teacher): a vision model by HF id or directory whose patch tokens are stored
+    teacher_dtype: str = "float16"  # how its patch tokens are stored
     engine: str = "local"  # "local": this process (torchrun / accelerate ranks: its share); "ray": t2i.features_ray
     ray_address: str | None = None  # engine "ray": this cluster (default: a local Ray)
     replicas: int = 1  # engine "ray": encoder actors, one GPU each on a GPU cluster
@@ -61,9 +63,11 @@ class FeatureConfig:
         """The identity settings as they are compared: a local model directory by its absolute path."""
         ident: dict[str, Any] = {k: getattr(self, k) for k in self.IDENTITY}
         ident["caption_fields"] = list(self.caption_fields)
-        for k in ("vae", "text_encoder"):
+        for k in ("vae", "text_encoder", "teacher"):
             p = Path(ident[k])
-            ident[k] = str(p.resolve()) if p.exists() else ident[k]
+            ident[k] = str(p.resolve()) if ident[k] and p.exists() else ident[k]
+        if not self.teacher:  # so features made (and runs recorded) before the option keep their key and identity
+            del ident["teacher"], ident["teacher_dtype"]
         return ident
 
     def cache_key(self) -> str:
@@ -76,7 +80,7 @@ class FeatureConfig:
 
     def validate(self) -> None:
         """UserError (one line) for a setting out of range."""
-        for name in ("text_dtype", "latent_dtype"):
+        for name in ("text_dtype", "latent_dtype", "teacher_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(DTYPES)}: pick one")
         if self.engine not in ENGINES:
@@ -90,6 +94,16 @@ class FeatureConfig:
 
         check_model(self.vae, "the VAE", "--vae")
         check_model(self.text_encoder, "the text encoder", "--text-encoder")
+        check_teacher(self.teacher)
+
+
+def check_teacher(teacher: str) -> None:
+    """A UserError (one line, within seconds) for a REPA teacher that cannot be loaded or has no
+    patch tokens, before any work (its config and processor only: the weights load with the encoders)."""
+    if teacher:
+        from t2i.teacher import teacher_shape
+
+        teacher_shape(teacher)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The features job's per-batch function: decoded images grouped into batches of one size,
-encoded (VAE posterior mean + std, T5 features of each caption field) and written as feature
-rows. Every engine (this process, torchrun ranks, Ray actors) encodes through `encode_rows`."""
+encoded (VAE posterior mean + std, T5 features of each caption field, and with a `teacher` its
+patch tokens of the same pixels: t2i.teacher) and written as feature rows. Every engine (this
+process, torchrun ranks, Ray actors) encodes through `encode_rows`."""
 
 from __future__ import annotations
 
@@ -37,16 +38,17 @@ def encode_rows(rows: Iterable[dict[str, Any]], images: "RowImages", encoder: "F
 
 
 class FeatureEncoder:
-    """Groups decoded images by size into batches, encodes them (VAE + T5, models loaded on the
-    first batch: a fully cached run never loads them) and writes feature rows to `writer`'s
-    shards. Unreadable images go to `failures-<writer id>.json`, rewritten whole at every shard
-    commit and at the end."""
+    """Groups decoded images by size into batches, encodes them (VAE + T5, and the teacher when
+    there is one; models loaded on the first batch: a fully cached run never loads them) and
+    writes feature rows to `writer`'s shards. Unreadable images go to `failures-<writer id>.json`,
+    rewritten whole at every shard commit and at the end."""
 
     def __init__(self, writer: ShardWriter, cfg: "FeatureConfig", device: str) -> None:
         self.writer, self.cfg, self.device = writer, cfg, device
         self.pending: dict[tuple[int, int], list] = {}
         self.failures: dict[str, str] = {}
         self.models = None
+        self.teacher = None  # t2i.teacher.Teacher, with the other models when cfg.teacher is set
         self.compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
 
     def add(self, row: dict[str, Any], pixels: torch.Tensor) -> int:
@@ -78,25 +80,43 @@ class FeatureEncoder:
     @torch.no_grad()
     def _encode(self, group: list) -> int:
         if self.models is None:
-            self.models = (load_vae(self.cfg.vae, self.device, self.compute_dtype),
-                           *load_text_encoder(self.cfg.text_encoder, self.device, self.compute_dtype))  # fmt: skip
+            self._load_models()
         vae = self.models[0]
         x = torch.stack([t for _, t in group]).to(self.device, vae.dtype)
         post = vae.encode(x).latent_dist
         latent_dtype = getattr(torch, self.cfg.latent_dtype)
         mean, std = post.mean.to(latent_dtype).cpu(), post.std.to(latent_dtype).cpu()
         texts, channels = self._encode_texts([r for r, _ in group])
+        patches = self._encode_teacher(x)
         for i, (r, img) in enumerate(group):
             before = len(self.writer.written)
             self.writer.add({
                 "key": r["key"], "height": img.shape[1], "width": img.shape[2],
                 "latent_shape": list(mean.shape[1:]), "latent_mean": _raw(mean[i]), "latent_std": _raw(std[i]),
                 "text_channels": channels, "text_dtype": self.cfg.text_dtype, "latent_dtype": self.cfg.latent_dtype,
-                **texts[i],
+                **texts[i], **patches[i],
             })  # fmt: skip
             if len(self.writer.written) > before:  # a shard was committed: its failures go with it
                 self._write_failures()
         return len(group)
+
+    def _load_models(self) -> None:
+        self.models = (load_vae(self.cfg.vae, self.device, self.compute_dtype),
+                       *load_text_encoder(self.cfg.text_encoder, self.device, self.compute_dtype))  # fmt: skip
+        if self.cfg.teacher:
+            from t2i.teacher import Teacher
+
+            self.teacher = Teacher.load(self.cfg.teacher, self.device, self.compute_dtype)
+
+    def _encode_teacher(self, x: torch.Tensor) -> list[dict[str, Any]]:
+        """Each image's teacher columns (t2i.features.TEACHER_COLUMNS; none without a teacher):
+        the patch tokens of the pixels the VAE encoded, in teacher_dtype."""
+        if self.teacher is None:
+            return [{} for _ in x]
+        tokens, (rows, cols) = self.teacher.encode(x)
+        tokens = tokens.to(getattr(torch, self.cfg.teacher_dtype)).cpu()
+        return [{"teacher_emb": _raw(t), "teacher_shape": [rows, cols, t.shape[-1]], "teacher_dtype": self.cfg.teacher_dtype}
+                for t in tokens]
 
     def _encode_texts(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
         """Each caption field's T5 features (one batch per field, of the rows that have it) as

@@ -32,6 +32,11 @@ rows' pixels come from t2i.feature_images, their sizes from t2i.geometry, the ra
   skipped for that image (counted per field in the summary's `missing_fields`).
 - Latents are stored in `latent_dtype` (float32 | float16 | bfloat16, column `latent_dtype`;
   shards without the column hold float32), text features in `text_dtype`.
+- With a `teacher` (REPA's, t2i.teacher: a ViT-family vision model by HF id or directory), its
+  patch tokens of the same clean image the VAE encodes, in `teacher_dtype`: columns `teacher_emb`
+  (rows x columns x channels values, row-major over the patch grid), `teacher_shape` and
+  `teacher_dtype` (t2i.repa trains on them; training never runs the teacher). The teacher and
+  its dtype join the cache key: features made with a teacher never mix with ones made without.
 """
 
 from __future__ import annotations
@@ -76,15 +81,25 @@ FEATURE_SCHEMA = pa.schema(
 )
 
 
-def feature_schema(fields: tuple[str, ...]) -> pa.Schema:
+# a teacher's patch tokens (REPA, t2i.repa), with features --teacher
+TEACHER_COLUMNS = [
+    pa.field("teacher_emb", pa.binary()),  # (rows x columns, channels) patch tokens, row-major, in `teacher_dtype`
+    pa.field("teacher_shape", pa.list_(pa.int32())),  # (rows, columns, channels) of the teacher's patch grid
+    pa.field("teacher_dtype", pa.string()),
+]
+
+
+def feature_schema(fields: tuple[str, ...], teacher: bool = False) -> pa.Schema:
     """FEATURE_SCHEMA for the default `caption` field; with other caption fields, the text
-    columns of each (t2i.caption_fields.text_columns) in place of caption/text_emb/text_len."""
-    if tuple(fields) == DEFAULT_FIELDS:
-        return FEATURE_SCHEMA
-    base = [f for f in FEATURE_SCHEMA if f.name not in ("caption", "text_emb", "text_len")]
-    per_field = [pa.field(name, kind) for c in map(text_columns, fields)
-                 for name, kind in ((c.text, pa.string()), (c.emb, pa.binary()), (c.len, pa.int32()))]  # fmt: skip
-    return pa.schema(base[:1] + per_field + base[1:], metadata=FEATURE_SCHEMA.metadata)
+    columns of each (t2i.caption_fields.text_columns) in place of caption/text_emb/text_len;
+    with a `teacher`, its columns (TEACHER_COLUMNS) at the end."""
+    schema = FEATURE_SCHEMA
+    if tuple(fields) != DEFAULT_FIELDS:
+        base = [f for f in FEATURE_SCHEMA if f.name not in ("caption", "text_emb", "text_len")]
+        per_field = [pa.field(name, kind) for c in map(text_columns, fields)
+                     for name, kind in ((c.text, pa.string()), (c.emb, pa.binary()), (c.len, pa.int32()))]  # fmt: skip
+        schema = pa.schema(base[:1] + per_field + base[1:], metadata=FEATURE_SCHEMA.metadata)
+    return pa.schema(list(schema) + TEACHER_COLUMNS, metadata=schema.metadata) if teacher else schema
 
 
 def features_dir(root: str | Path, cfg: FeatureConfig) -> Path:
@@ -132,7 +147,7 @@ def feature_spec(cfg: FeatureConfig, out: Path, device: str | None = None, prefi
     """The features job for the run skeleton; with `prefix`, this process writes feature shards
     (its own: each rank's prefix differs), without, its encoders do (Ray actors)."""
     return JobSpec("features", out, settings={**asdict(cfg), "cache_key": cfg.cache_key()}, identity=cfg.identity(),
-                   schema=feature_schema(cfg.caption_fields) if prefix else None, rows_per_shard=cfg.rows_per_shard,
+                   schema=feature_schema(cfg.caption_fields, bool(cfg.teacher)) if prefix else None, rows_per_shard=cfg.rows_per_shard,
                    prefix=prefix or "features", device=device, describe=features_line,
                    summary={"dir": str(out), "new": 0, "skipped_invalid": 0, "failed": 0, "failures": [], "valid": 0,
                             "missing_fields": {}})  # fmt: skip

@@ -81,7 +81,8 @@ class FeatureActor:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows a GPU actor its GPU only
-        writer = ShardWriter(Path(out), cfg.rows_per_shard, feature_schema(cfg.caption_fields), prefix="features-ray")
+        writer = ShardWriter(Path(out), cfg.rows_per_shard, feature_schema(cfg.caption_fields, bool(cfg.teacher)),
+                             prefix="features-ray")
         self.encoder = FeatureEncoder(writer, cfg, device)
         self.images = RowImages(cfg)
 

@@ -69,11 +69,13 @@ class SlotRing:
     workers fork, so every process maps the same pages), and a shared free flag per slot.
     Worker w only claims its own slots; the training process only frees them."""
 
-    def __init__(self, workers: int, per_worker: int, share: int, text_row_bytes: int, latent_bytes: int) -> None:
+    def __init__(self, workers: int, per_worker: int, share: int, text_row_bytes: int, latent_bytes: int,
+                 teacher_bytes: int = 0) -> None:
         self.id = next(_RING_IDS)
         _RINGS[self.id] = self  # the training process finds its own mapping by id (see SlotBatch)
         self.per_worker = per_worker
-        self.parts = {"text": share * text_row_bytes, "mean": share * latent_bytes, "std": share * latent_bytes}
+        self.parts = {"text": share * text_row_bytes, "mean": share * latent_bytes, "std": share * latent_bytes,
+                      "teacher": share * teacher_bytes}
         self.slot_bytes = sum(self.parts.values())
         slots = max(workers, 1) * per_worker
         # pages are only backed once written: an unused slot costs nothing
@@ -104,9 +106,9 @@ class SlotRing:
         self.free.numpy()[slot] = 1
 
     def views(self, slot: int, n: int, max_tokens: int, layout: RowLayout, lease: bool = False) -> dict[str, np.ndarray]:
-        """Raw byte views of slot `slot` for a batch of n: text (n, max_tokens, row bytes), mean
-        and std (n, latent bytes). With `lease`, the slot is freed when the last view (and every
-        tensor made from it) is gone."""
+        """Raw byte views of slot `slot` for a batch of n: text (n, max_tokens, row bytes), mean,
+        std (n, latent bytes) and teacher (n, teacher bytes; None when not read). With `lease`,
+        the slot is freed when the last view (and every tensor made from it) is gone."""
         raw = self._bytes()[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]
         if lease:
             raw = raw.view(_Lease)
@@ -114,8 +116,10 @@ class SlotRing:
         row = layout.channels * layout.text_dtype.itemsize
         latent = int(np.prod(layout.latent_shape)) * layout.latent_dtype.itemsize
         t_end, m_end = n * max_tokens * row, self.parts["text"] + n * latent
+        s_start = self.parts["text"] + self.parts["mean"]
+        teacher = raw[s_start + self.parts["std"] :][: n * layout.teacher_bytes].reshape(n, -1) if layout.teacher else None
         return {"text": raw[:t_end].reshape(n, max_tokens, row), "mean": raw[self.parts["text"] : m_end].reshape(n, latent),
-                "std": raw[self.parts["text"] + self.parts["mean"] :][: n * latent].reshape(n, latent)}
+                "std": raw[s_start:][: n * latent].reshape(n, latent), "teacher": teacher}
 
 
 _RINGS: weakref.WeakValueDictionary[int, SlotRing] = weakref.WeakValueDictionary()
@@ -145,10 +149,13 @@ class SlotBatch:
         n, lay = len(self.keys), self.layout
         v = _RINGS[self.ring_id].views(self.slot, n, self.max_tokens, lay, lease=True)
         text = torch.from_numpy(v["text"]).view(lay.text_dtype).view(n, self.max_tokens, lay.channels)
+        rows, cols, channels = lay.teacher or (0, 0, 0)
+        teacher = torch.from_numpy(v["teacher"]).view(lay.teacher_dtype).view(n, rows * cols, channels) if lay.teacher else None
         return Batch(keys=self.keys, latent_mean=torch.from_numpy(v["mean"]).view(lay.latent_dtype).view(n, *lay.latent_shape),
                      latent_std=torch.from_numpy(v["std"]).view(lay.latent_dtype).view(n, *lay.latent_shape), text=text,
                      mask=mask_of(self.lens, self.max_tokens), height=lay.height, width=lay.width, epoch=self.request.epoch,
-                     batch_pos=self.request.batch_pos, last_in_epoch=self.request.last_in_epoch, caption_fields=self.caption_fields)
+                     batch_pos=self.request.batch_pos, last_in_epoch=self.request.last_in_epoch, caption_fields=self.caption_fields,
+                     teacher=teacher, teacher_grid=(rows, cols))
 
     def pin_memory(self) -> Batch:
         """On the DataLoader's pin thread: copied into page-locked memory; the slot frees at once."""
@@ -172,7 +179,7 @@ class RingReader(torch.utils.data.Dataset):
             return b
         try:
             v = self.ring.views(slot, len(request.indices), ds.max_tokens, layout)
-            keys, lens, names = ds.fill(reads, v["text"], v["mean"], v["std"])
+            keys, lens, names = ds.fill(reads, v["text"], v["mean"], v["std"], v["teacher"])
         except BaseException:
             self.ring.release(slot)
             raise
@@ -216,7 +223,7 @@ def _ring_for(dataset: StreamingFeatureDataset, share: int, workers: int, per_wo
     layouts = [dataset.read(idx[:1])[1] for idx in dataset.buckets.values() if len(idx)]
     row = max(lay.channels * lay.text_dtype.itemsize for lay in layouts)
     latent = max(int(np.prod(lay.latent_shape)) * lay.latent_dtype.itemsize for lay in layouts)
-    return SlotRing(workers, per_worker, share, dataset.max_tokens * row, latent)
+    return SlotRing(workers, per_worker, share, dataset.max_tokens * row, latent, max(lay.teacher_bytes for lay in layouts))
 
 
 def _as_is(item):

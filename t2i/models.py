@@ -189,7 +189,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
 
 
 def flops_per_image(preset: str | Preset, latent_hw: tuple[int, int], caption_tokens: int = 120, caption_channels: int = 4096,
-                    cross_attention: bool = True, token_drop: float = 0.0, routed_blocks: int = 0) -> float:
+                    cross_attention: bool = True, token_drop: float = 0.0, routed_blocks: int = 0, token_macs: int = 0) -> float:
     """Training FLOPs for one image (forward + backward = 3x forward), counting matmuls only.
 
     Per block: self-attention qkv/out (4 h^2 per token), cross-attention q/out (2 h^2 per token)
@@ -197,7 +197,8 @@ def flops_per_image(preset: str | Preset, latent_hw: tuple[int, int], caption_to
     and weighted sums (2 T^2 h + 2 T L h). Plus the caption projection. x2 for multiply-add.
     `cross_attention=False`: a class-conditional DiT (no cross-attention, no caption projection).
     `token_drop`: `routed_blocks` of the blocks see only the tokens kept by routing
-    (t2i.routing: T - floor(token_drop T) of them).
+    (t2i.routing: T - floor(token_drop T) of them). `token_macs`: multiply-adds per token of
+    modules outside the blocks that train with the model (REPA's projector, t2i.repa), on every token.
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
     h = p.hidden
@@ -212,7 +213,7 @@ def flops_per_image(preset: str | Preset, latent_hw: tuple[int, int], caption_to
     blocks = (p.depth - routed) * per_block(t) + routed * per_block(t - int(token_drop * t))
     caption_proj = caption_tokens * (caption_channels * h + h * h)
     patch = t * (LATENT_CHANNELS * p.patch**2) * h * 3  # patch embed in, 8 channels out
-    forward_macs = blocks + caption_proj + patch
+    forward_macs = blocks + caption_proj + patch + t * token_macs
     return 3 * 2 * forward_macs
 
 

@@ -23,9 +23,9 @@ Where levers plug in, each at one place and without an `if` in the loop:
   diffusers' PixArtAlphaPipeline, which calls `scale_model_input` and `init_noise_sigma`
   (FlowMatchEulerDiscreteScheduler has neither: flow uses the flow DPM-Solver++, which has both);
 - loss weighting: inside a kind's `loss`, from its settings;
-- an auxiliary loss (REPA): a `LossTerm` handed to t2i.train.TrainStep (`terms`); it adds its
-  own modules and hooks to the trained model in `attach`, takes what it needs from each batch
-  in `inputs` (the stored teacher features) and adds its value to the total and the log.
+- an auxiliary loss (REPA, t2i.repa): a `LossTerm` handed to t2i.train.TrainStep (`terms`); it
+  adds its own modules and hooks to the trained model in `attach`, takes what it needs from each
+  batch in `inputs` (the stored teacher features) and adds its value to the total and the log.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ class LossTerm(Protocol):
 
     name: str
     weight: float
+    macs: int  # multiply-adds per token of the modules it trains with the model (counted in the FLOPs; set by attach)
 
     def attach(self, model: torch.nn.Module) -> None:
         """Add the term's trained modules and forward hooks to the model (before the optimizer is built)."""

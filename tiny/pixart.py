@@ -74,6 +74,13 @@ def shape_images(n: int, size: int = 32, seed: int = 0, degraded: float = 0.25) 
     size and place; a share `degraded` blurred and grainy. What a VAE for illustration-like
     images should keep: sharp edges and corners, flat colours, and blur and grain where the photo
     has them."""
+    return labelled_shape_images(n, size, seed, degraded)[0]
+
+
+def labelled_shape_images(n: int, size: int = 32, seed: int = 0, degraded: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shape_images` (the same images for the same arguments) and (n, size, size) int64 labels:
+    per pixel, 0 for background or 1 + the index in tiny.world.SHAPES of the topmost shape
+    covering more than half of it (the dense targets the demo's teacher is fitted on)."""
     from PIL import Image, ImageFilter
 
     from tiny.world import SHAPES, shape_mask
@@ -81,6 +88,7 @@ def shape_images(n: int, size: int = 32, seed: int = 0, degraded: float = 0.25) 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
     out = np.empty((n, 3, size, size), np.float32)
+    labels = np.zeros((n, size, size), np.int64)
     for i in range(n):
         img = np.broadcast_to(rng.uniform(0, 1, 3), (size, size, 3)).copy()
         style = rng.integers(0, 3)
@@ -95,12 +103,13 @@ def shape_images(n: int, size: int = 32, seed: int = 0, degraded: float = 0.25) 
             half = rng.uniform(size / 12, size / 3.5)
             alpha = shape_mask(shape, cx, cy, 2 * half, size)[..., None]
             img = img * (1 - alpha) + rng.uniform(0, 1, 3) * alpha
+            labels[i][alpha[..., 0] > 0.5] = 1 + SHAPES.index(shape)
         img = np.clip(img, 0, 1)
         if rng.uniform() < degraded:
             pil = Image.fromarray((img * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(size / 28))
             img = np.clip(np.asarray(pil, np.float32) / 255 + rng.normal(0, 0.08, (size, size, 3)), 0, 1)
         out[i] = img.transpose(2, 0, 1) * 2 - 1
-    return torch.from_numpy(out)
+    return torch.from_numpy(out), torch.from_numpy(labels)
 
 
 def build_tiny_vae(out_dir: str | Path, fit_steps: int = 300, size: int = 16, seed: int = 0, data: str = "boxes",

@@ -8,7 +8,8 @@ The loop trains on a features directory (t2i.features; t2i.stage.run_stage compu
 caption shards first, as its own step); it samples latents from the stored posterior (mean +
 std * noise), drops 10% of captions to the learned null caption (the stage's conditioning,
 t2i.conditioning), trains with its objective (t2i.objective: DDPM with the IDDPM hybrid loss, or flow
-matching), optionally routing tokens past the middle blocks (t2i.routing), and
+matching), optionally routing tokens past the middle blocks (t2i.routing) and aligning an early
+block with a frozen teacher's stored patch tokens (REPA, t2i.repa), and
 writes checkpoints (t2i.checkpoint) that `--resume` continues from exactly: same data order,
 same noise, same losses.
 

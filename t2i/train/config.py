@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from shards.checks import SEED, WORKERS, Range, check_ranges
 from shards.errors import UserError
 from t2i.caption_fields import parse_fields, parse_weights
-from t2i.feature_config import FeatureConfig
+from t2i.feature_config import DTYPES, FeatureConfig
 
 if TYPE_CHECKING:
     from t2i.data import Holdout
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 # The range of every numeric setting (shards.checks: one line naming it and its range); the
 # objective's own settings (timestep_power, snr_gamma, flow_shift, ...) are checked by their objective.
+REPA_RANGES = {"repa_weight": Range(0, 100), "repa_block": Range(0, 4096), "repa_proj": Range(0, 65536)}
 TRAIN_RANGES: dict[str, Range] = {
     "resolution": Range(8, 4096), "max_tokens": Range(1, 1024), "batch_size": Range(1, 65536),
     "global_batch": Range(0, 10_000_000), "grad_accum": Range(1, 4096), "steps": Range(1, 10**9),
@@ -29,6 +30,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "logit_mean": Range(-10, 10), "val_keys": Range(0, 10**9), "val_every": Range(0, 10**9),
     "checkpoint_every": Range(1, 10**9), "keep_checkpoints": Range(0, 10**6), "log_every": Range(1, 10**9),
     "seed": SEED, "threads": WORKERS, "loader_workers": WORKERS,
+    **REPA_RANGES,
 }  # fmt: skip
 
 
@@ -82,6 +84,15 @@ class TrainConfig:
     token_drop: float = 0.0
     token_drop_start: int = 1
     token_drop_end: int = -1
+    # REPA (t2i.repa): the output of the first repa_block blocks (0: a third of the depth), through a
+    # projector repa_proj wide (0: REPA's 2048, at most 4 x the width), trained to match by cosine
+    # the patch tokens of `teacher` that features stored (t2i.teacher); loss += repa_weight x
+    # (1 - cos); 0: off. `teacher` also makes features store its tokens, in teacher_dtype
+    teacher: str = FeatureConfig.teacher
+    teacher_dtype: str = FeatureConfig.teacher_dtype
+    repa_weight: float = 0.0
+    repa_block: int = 0
+    repa_proj: int = 0
     # a validation loss on held-out keys (t2i.train.validate): a share of the keys, or a number of
     # them, chosen by key hash and never trained on; fixed noise and timesteps per key
     val_fraction: float = 0.0
@@ -125,7 +136,8 @@ class TrainConfig:
         """The settings of the features this stage trains on."""
         return FeatureConfig(vae=self.vae, text_encoder=self.text_encoder, resolution=self.resolution,
                              buckets=self.buckets, max_tokens=self.max_tokens, text_dtype=self.text_dtype,
-                             latent_dtype=self.latent_dtype, caption_fields=self.caption_fields)
+                             latent_dtype=self.latent_dtype, caption_fields=self.caption_fields, teacher=self.teacher,
+                             teacher_dtype=self.teacher_dtype)
 
     def validate(self) -> None:
         """A UserError naming the first bad setting (and its fix)."""
@@ -160,14 +172,19 @@ class TrainConfig:
         check_report_to(self.report_to)
 
     def _validate_levers(self) -> None:
-        """Token dropping and the validation loss settings."""
+        """Token dropping, REPA and the validation loss settings."""
         from t2i.models import get_preset
+        from t2i.repa import check_repa
         from t2i.routing import routed_blocks
 
         if not 0 <= self.token_drop < 1:
             raise UserError(f"token_drop must be in [0, 1) (the share of patch tokens routed past the middle blocks), got {self.token_drop}")
         if self.token_drop and self.init == "scratch":
             routed_blocks(get_preset(self.preset).depth, self.token_drop_start, self.token_drop_end)
+        check_ranges(self, REPA_RANGES, dashes=False)
+        if self.teacher_dtype not in DTYPES:
+            raise UserError(f"teacher_dtype {self.teacher_dtype!r} is not one of {', '.join(DTYPES)}: pick one")
+        check_repa(vars(self), get_preset(self.preset).depth if self.init == "scratch" else None)
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must be in [0, 1) (the share of keys held out for the validation loss), got {self.val_fraction}")
         if self.val_keys < 0 or (self.val_keys and self.val_fraction):
@@ -211,8 +228,10 @@ def preflight(cfg: TrainConfig) -> VaeFactors:
 def check_models(cfg: TrainConfig) -> None:
     """Every model a stage loads, checked before any work (shards.hub: one line within seconds
     for a hub id that cannot be reached, a folder that is missing or empty): the VAE, the text
-    encoder, and a `pixart:` (a local folder or a hub id) or `dit:` init."""
+    encoder, REPA's teacher (its config and processor: a patch grid), and a `pixart:` (a local
+    folder or a hub id) or `dit:` init."""
     from shards.hub import check_model
+    from t2i.feature_config import check_teacher
 
     kind, _, arg = cfg.init.partition(":")
     if kind != "pixart":  # a released model is named first: the one a fine-tune is about
@@ -225,6 +244,7 @@ def check_models(cfg: TrainConfig) -> None:
         check_pixart_folder(arg)
         check_model(cfg.vae, "the VAE", "vae")
         check_model(cfg.text_encoder, "the text encoder", "text_encoder")
+    check_teacher(cfg.teacher)
     if kind == "dit" and Path(arg).is_file():  # a .pt/.safetensors: readable as weights (mapped, not read)
         from shards.hub import load_weights_file
 

@@ -27,6 +27,7 @@ from t2i.lora import trainable
 from t2i.encoders import VaeFactors
 from t2i.noise import sample_keys
 from t2i.objective import build_objective
+from t2i.repa import check_teacher_grids, repa_terms
 from t2i.routing import RoutedBlocks, attach_routing
 from t2i.trackers import Trackers
 from t2i.train.config import TrainConfig, check_resolution, per_process_batch, preflight
@@ -135,7 +136,7 @@ def train_loop(run: Run, data, target: int, latent_hw: tuple[int, int], caption_
     cfg, accel = run.cfg, run.accel
     flops_img = flops_per_image(preset_of(run.model.transformer.config), latent_hw, cfg.max_tokens, caption_channels,
                                 cross_attention=run.conditioning.cross_attention, token_drop=cfg.token_drop,
-                                routed_blocks=routed_count(run.model))
+                                routed_blocks=routed_count(run.model), token_macs=sum(t.macs for t in run.stepper.terms))
     peak = device_peak_flops(accel.device)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not (progress and accel.is_main_process))
@@ -228,6 +229,7 @@ def start_run(cfg: TrainConfig, accel, out: Path, fdir: Path, probe, vae: VaeFac
     check_resolution(cfg.resolution, model.transformer.config.patch_size, vae.spatial)
     extra_lora = adapt(cfg, model, out, resume, accel)
     token_drop = attach_routing(model, cfg.token_drop, cfg.token_drop_start, cfg.token_drop_end)
+    terms = repa_terms(vars(cfg), model, probe.teacher.shape[-1] if probe.teacher is not None else 0)  # its projector: before resume
     # resume: whole tensors, the weights go in before FSDP shards the model, the EMA and
     # optimizer state after, split the way their parameters are
     names = [n for n, _ in trainable(model)]  # a LoRA stage's: the adapter's alone
@@ -241,7 +243,7 @@ def start_run(cfg: TrainConfig, accel, out: Path, fdir: Path, probe, vae: VaeFac
         restore_training_state(run, ck, st, opt)
     elif run.log_path.exists() and accel.is_main_process:
         run.log_path.unlink()
-    run.stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, objective, token_drop=token_drop)
+    run.stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, objective, terms=terms, token_drop=token_drop)
     return run
 
 
@@ -287,10 +289,13 @@ def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None,
     conditioning = conditioning_class(cfg.kind).open(cfg, out, label_shards, resume, accel)
     fdir = find_features(Path(features) if features is not None else out / "features", cfg)  # made beforehand: only opened
     with accel.main_process_first():  # rank 0 builds and caches the index (t2i.feature_index); the others load it
-        data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights, cfg.holdout())
+        data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights, cfg.holdout(),
+                                       teacher=bool(cfg.repa_weight))  # REPA reads the stored teacher tokens too
     ledger = Ledger(out, "train", accel.device)
     probe = data.get(np.array([0]))
     run = start_run(cfg, accel, out, fdir, probe, vae, conditioning, resume, global_batch, local_batch)
+    if run.stepper.terms:  # REPA: every bucket's teacher grid fits the model's token grid, before any step
+        check_teacher_grids(data, run.model.transformer.config.patch_size)
     run.validation = Validation(data, cfg, run)
     target = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
     summary: dict[str, Any] = {"out": str(out), "features": str(fdir), "samples": len(data), "start_step": run.step,

@@ -17,12 +17,13 @@ from t2i import lora
 from t2i import recovery
 from t2i import sharding
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
-from t2i.features import features_dir
+from t2i.features import FeatureConfig, features_dir
 from t2i.objective import check_resume_objective
+from t2i.repa import check_resume_repa
 from t2i.train.config import TrainConfig
 
 
-FEATURE_IDENTITY = ("vae", "text_encoder", "resolution", "buckets", "max_tokens", "text_dtype", "latent_dtype", "draft", "caption_fields")
+FEATURE_IDENTITY = FeatureConfig.IDENTITY
 
 
 def _made_with(made: dict[str, Any], key: str) -> Any:
@@ -30,6 +31,8 @@ def _made_with(made: dict[str, Any], key: str) -> Any:
     made before caption_fields existed hold the default field)."""
     if key == "caption_fields":
         return tuple(made.get(key) or DEFAULT_FIELDS)
+    if key in ("teacher", "teacher_dtype"):  # made before the option: no teacher
+        return made.get(key, FeatureConfig.teacher if key == "teacher" else FeatureConfig.teacher_dtype)
     return made.get(key)
 
 
@@ -63,8 +66,8 @@ def load_resume_weights(out: Path, model, global_batch: int, world: int, local_b
                         set_aside: bool = True, cfg: TrainConfig | None = None) -> tuple[Path, dict[str, Any]]:
     """The newest checkpoint of `out` that verifies (a damaged newer one is set aside, with a
     warning, when `set_aside`) and its trainer state, its model weights loaded into `model`.
-    With `cfg`, a run whose caption fields or weights, objective settings or held-out keys differ
-    from the checkpoint's is refused."""
+    With `cfg`, a run whose caption fields or weights, objective settings, REPA settings or
+    held-out keys differ from the checkpoint's is refused."""
     ck = recovery.resumable_checkpoint(out, set_aside=set_aside)
     if ck is None:
         raise UserError(f"--resume but no checkpoint in {out}: drop --resume to start fresh")
@@ -77,6 +80,7 @@ def load_resume_weights(out: Path, model, global_batch: int, world: int, local_b
     if cfg is not None:
         check_caption_settings(ck, st, cfg)
         check_resume_objective(ck, st.get("config", {}), vars(cfg))
+        check_resume_repa(ck, st.get("config", {}), vars(cfg))
         check_holdout(ck, st.get("config", {}), cfg)
         check_lora(ck, st.get("config", {}), cfg)
     weights = ckpt.load_weights(ck, "model")
