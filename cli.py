@@ -295,15 +295,22 @@ def select_cmd(
     ctx: typer.Context,
     shards: str = typer.Option(..., "--shards", help="caption shard directory"),
     scores: str = typer.Option(..., "--scores", help="score shard directory (t2i-data score --out)"),
-    where: str = typer.Option(..., "--where", help=(
+    where: Optional[str] = typer.Option(None, "--where", help=(
         "SQL condition over score and caption columns, e.g. \"aesthetic >= 5.5 and not near_duplicate\"")),
     out: str = typer.Option(..., "--out", help="new caption shard directory for the selected rows"),
     shard_size: int = typer.Option(SelectConfig.shard_size, "--shard-size", help="rows per shard"),
+    top: Optional[str] = typer.Option(SelectConfig.top, "--top", help=(
+        "COLUMN:P%: then keep exactly ceil(P% of N) of the N rows passing --where, best first, e.g. clip_score:30%")),
+    by: Optional[str] = typer.Option(SelectConfig.by, "--by", help=(
+        "with --top: the share applies per value of this column, e.g. lang")),
 ) -> None:
-    """Write the caption rows whose scores pass --where as ordinary caption shards; says what each condition removed.
+    """Write the caption rows passing --where (then --top) as ordinary caption shards; says what each step removed.
 
     Example: t2i-data select --shards out/ --scores scores/ --where "aesthetic >= 5.5 and nsfw < 0.2 and not
     near_duplicate" --out captions/aesthetic
+
+    Example: t2i-data select --shards out/ --scores scores/ --where "not near_duplicate" --top clip_score:30% --by lang
+    --out captions/top30
     """
     _echo(select_command(SelectConfig(**_given(ctx, locals()))))
 
