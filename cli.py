@@ -261,7 +261,8 @@ def score_cmd(
     shards: str = typer.Option(..., "--shards", help="caption shard directory to score"),
     out: str = typer.Option(ScoreConfig.out, "--out", help="score shard directory (rerun the same command to resume)"),
     scorers: str = typer.Option(
-        ScoreConfig.scorers, "--scorers", help="comma-separated: clip,aesthetic,dedup,nsfw,lang,image"),
+        ScoreConfig.scorers, "--scorers", help=(
+            "comma-separated: clip,aesthetic,dedup,nsfw,lang,image,watermark,text,phash,captions")),
     clip_model: str = typer.Option(ScoreConfig.clip_model, "--clip-model", help="CLIPModel: HF id or local directory"),
     aesthetic_weights: Optional[str] = typer.Option(ScoreConfig.aesthetic_weights, "--aesthetic-weights", help=(
         "LAION aesthetic v2 head: .pth/.safetensors file or HF id")),
@@ -269,6 +270,19 @@ def score_cmd(
         "ratings.parquet (key, rating): fit the aesthetic head on them first")),
     dedup_threshold: float = typer.Option(ScoreConfig.dedup_threshold, "--dedup-threshold", help=(
         "CLIP image cosine at or above which images are near-duplicates")),
+    watermark_weights: Optional[str] = typer.Option(ScoreConfig.watermark_weights, "--watermark-weights", help=(
+        "watermark head on CLIP image embeddings: .safetensors file or HF id")),
+    fit_watermark: Optional[Path] = typer.Option(ScoreConfig.fit_watermark, "--fit-watermark", help=(
+        "labels.parquet (key, label: 1 watermarked, 0 clean): fit the watermark head on them first")),
+    text_detector: str = typer.Option(ScoreConfig.text_detector, "--text-detector", help=(
+        "text detector: HF id or directory")),
+    text_recognizer: str = typer.Option(ScoreConfig.text_recognizer, "--text-recognizer", help=(
+        "text recogniser: HF id or directory (none: text coverage only)")),
+    text_threshold: float = typer.Option(ScoreConfig.text_threshold, "--text-threshold", help="text map threshold"),
+    text_box_threshold: float = typer.Option(ScoreConfig.text_box_threshold, "--text-box-threshold", help=(
+        "text box score threshold")),
+    phash_distance: int = typer.Option(ScoreConfig.phash_distance, "--phash-distance", help=(
+        "pHash bits (of 64) within which images share a perceptual-duplicate group")),
     batch_size: int = typer.Option(ScoreConfig.batch_size, "--batch-size"),
     shard_size: int = typer.Option(ScoreConfig.shard_size, "--shard-size", help="rows per score shard"),
     workers: int = typer.Option(ScoreConfig.workers, "--workers", help="image decoding threads"),
@@ -279,7 +293,7 @@ def score_cmd(
     replicas: int = typer.Option(ScoreConfig.replicas, "--replicas", help=(
         "--engine ray: concurrent scoring tasks, each with its own models")),
 ) -> None:
-    """Score caption shards: CLIPScore + embeddings, aesthetic, duplicates, NSFW, caption language, image stats.
+    """Score caption shards: CLIPScore + embeddings, aesthetic, duplicates, NSFW, language, image stats, watermarks, text.
 
     Example: t2i-data score --shards out/ --out scores/ --scorers clip,aesthetic,dedup,nsfw,lang,image
     --aesthetic-weights head.pth
@@ -412,6 +426,12 @@ TRAIN_OPTIONS: dict[str, tuple[Any, ...]] = {
                        "on one per epoch"),
     "caption_weights": (str, C.caption_weights, "how often each of --caption-fields is drawn, e.g. 3,1 "
                         "(default: equal)"),
+    "caption_scores": (str, C.caption_scores, "score directory with clip_score_<field> (score --scorers captions): "
+                       "draw the fields by softmax(score / temperature) instead"),
+    "caption_score_temperature": (float, C.caption_score_temperature, "with --caption-scores: the softmax temperature, "
+                                  "in CLIP-score points (100 x cosine)"),
+    "caption_score_threshold": (float, C.caption_score_threshold, "with --caption-scores: drop fields scoring below "
+                                "(points; Sana: 25; none left: the best)"),
 }
 
 

@@ -1,7 +1,7 @@
 """`t2i-data select`: caption rows whose scores pass a condition, written as caption shards.
 
-The condition is a polars SQL expression over the score columns (scores/, plus scores/dedup/
-when the dedup scorer ran) and the caption columns, e.g.
+The condition is a polars SQL expression over the score columns (scores/, plus scores/dedup/ and
+scores/phash/ when those scorers ran) and the caption columns, e.g.
 `aesthetic >= 5.5 and nsfw < 0.2 and not near_duplicate and lang = 'en'`. Its top-level `and`
 terms are counted one after the other, so the summary says how many rows each one removed. A row
 where a term is null (no score: an unreadable image) fails it.
@@ -33,6 +33,7 @@ from shards.job import JobSpec, Run, Summary, job_run
 from shards.reader import Shard, complete_shards, iter_batches, open_shards, read_manifest
 from shards.schema import CAPTION_SCHEMA
 from shards.writer import ROWS_PER_SHARD
+from curate.passes import PASSES
 
 if TYPE_CHECKING:
     import polars as pl
@@ -87,17 +88,18 @@ def split_conditions(where: str) -> list[str]:
 
 
 def _frame(shards: list[Shard], shards_dir: str | Path, scores: str | Path) -> pl.LazyFrame:
-    """Scores (minus embeddings), left-joined with dedup flags, and the caption columns the
-    scores lack, one row per caption row."""
+    """Scores (minus embeddings), left-joined with the passes' columns (dedup, phash), and the
+    caption columns the scores lack, one row per caption row."""
     import polars as pl
 
     fix = f"run `t2i-data score --shards {shards_dir} --out {scores}` first"
     score_files = [str(s.location) for s in open_shards(scores, "score", fix)]
     lf = pl.scan_parquet(score_files)
     lf = lf.select([c for c in lf.collect_schema().names() if c not in EMBEDDINGS])
-    dedup = fs.join(fs.as_location(scores), "dedup")
-    if fs.exists(dedup) and read_manifest(dedup):
-        lf = lf.join(pl.scan_parquet([str(p) for p in complete_shards(dedup)]), on="key", how="left")
+    for name in PASSES:  # dedup/, phash/: the whole-dataset passes, when complete
+        pass_dir = fs.join(fs.as_location(scores), name)
+        if fs.exists(pass_dir) and read_manifest(pass_dir):
+            lf = lf.join(pl.scan_parquet([str(p) for p in complete_shards(pass_dir)]), on="key", how="left")
     captions = pl.scan_parquet([str(s.location) for s in shards])
     have = set(lf.collect_schema().names())
     captions = captions.select(["key"] + [c for c in captions.collect_schema().names() if c not in have and c != "image"])
