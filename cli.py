@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer vendors click (its own exception classes)
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer: click's
+    from click import exceptions as click_errors
 
 from autolabel.config import CaptionConfig
 from autolabel.sizing import DEFAULT_MAX_PIXELS
@@ -34,8 +41,41 @@ from t2i.import_dit import ImportDitConfig, import_dit_command
 from t2i.sample import SampleConfig, sample_command
 from t2i.train.config import TrainConfig, TrainRun
 
+class OneLineErrors(TyperGroup):
+    """The command group: a bad flag, an unknown command or a value of the wrong type (click's
+    usage errors) ends in one line `error: <problem>: <fix>` with exit code 2, as every other bad
+    input does (user_errors), not click's usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as e:  # bare `t2i-data`: the help, as before
+            typer.echo(e.ctx.get_help() if e.ctx else str(e))
+            sys.exit(e.exit_code)
+        except click_errors.ClickException as e:
+            where = e.ctx.command_path if getattr(e, "ctx", None) else "t2i-data"
+            typer.secho(f"error: {one_line(e.format_message()).rstrip('.')}: see `{where} --help`", fg=typer.colors.RED, err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.secho("interrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def one_line(message: str) -> str:
+    """An error message on one line: lines joined; for an error re-raised from a worker process
+    (its message quotes the worker's traceback), only the error's own last line."""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and any(line.startswith("Traceback") for line in lines):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines)
+
+
 app = typer.Typer(
     name="t2i-data",
+    cls=OneLineErrors,
     help=(
         "Build a PixArt-alpha-class text-to-image model on a budget.\n\n"
         "  t2i-data caption --src sam/ --out out/     dense VLM captions into Parquet shards\n\n"
@@ -60,13 +100,13 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {one_line(str(e))}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
         except Exception as e:  # resource errors only (full disk, read-only, ...); anything else is a bug: re-raised
             err = resource_error(e, getattr(e, "filename", None) or kwargs.get("out"))
             if err is None:
                 raise
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {one_line(str(err))}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.secho("interrupted; rerun the same command to resume", err=True)
@@ -618,7 +658,7 @@ def demo_cmd(
     quick: bool = typer.Option(
         DemoOptions.quick, "--quick", help="A much smaller world and fewer steps (a smoke run, ~2 min)."),
     full: bool = typer.Option(DemoOptions.full, "--full", help=(
-        "A larger model trained long enough to learn shape (~1.5 h on 2 cores).")),
+        "A larger model trained long enough to learn shape (~1.8 h on 2 cores).")),
     progress: bool = _progress(DemoOptions.progress, "Show progress bars (--no-progress: hide them)."),
 ) -> None:
     """The whole recipe on a synthetic miniature world, on CPU, in about 10 minutes.

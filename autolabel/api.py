@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from shards import fs as shard_fs
+from shards.checks import SEED, WORKERS, Range, check_ranges
 from shards.errors import UserError
+from shards.hub import check_model
 from shards.job import Run, Summary, job_run
 from autolabel.backends import Captioner, make_captioner, size_policy_of
 from autolabel.config import CaptionConfig
@@ -26,6 +28,11 @@ from shards.images.sources import count_items, iter_sources, validate_sources
 
 PROMPT_MODES = ("plain", "alt")
 ENGINES = ("local", "ray")
+# the upper ends of the numeric settings (their lower ends have their own messages in _validate)
+CAPTION_RANGES = {"temperature": Range(0, 10), "max_new_tokens": Range(1, 32768), "seed": SEED,
+                  "batch_size": Range(1, 65536), "shard_size": Range(1, 10_000_000), "workers": WORKERS,
+                  "prefetch": Range(1, 1_000_000), "max_short": Range(1, 65536), "max_long": Range(1, 65536),
+                  "min_pixels": Range(1, 10**9), "max_pixels": Range(1, 10**9), "replicas": Range(1, 4096)}
 
 
 def run_caption(
@@ -53,6 +60,8 @@ def run_caption(
     if use_alt is not None:
         cfg = replace(cfg, prompt_mode="alt" if use_alt else "plain")
     _validate(cfg)
+    if captioner is None:
+        check_model(cfg.model, "caption model", "--model")  # a hub id in seconds, an empty folder: before any work
     if cfg.engine == "ray" and captioner is not None:
         raise UserError("a loaded captioner cannot be shipped to Ray actors: pass the model name (model=...) with engine='ray'")
     spec = caption_spec(cfg, captioner.model_name if captioner else cfg.model, captioner.name if captioner else cfg.backend)
@@ -123,6 +132,7 @@ def _validate(cfg: CaptionConfig) -> None:
         raise UserError(f"--replicas {cfg.replicas} must be at least 1: pass a positive number")
     if cfg.backend not in ("vllm", "transformers"):
         raise UserError(f"unknown --backend {cfg.backend!r}: use vllm or transformers")
+    check_ranges(cfg, CAPTION_RANGES)
     out = shard_fs.as_location(cfg.out)
     # a URI: unknown scheme, missing backend, bad credentials fail here, in one line, before any
     # model loads (both engines write from this process; on Ray, the driver)

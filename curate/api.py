@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping
 
 from shards import fs
+from shards.checks import WORKERS, Range, check_output_dir, check_ranges
 from shards.errors import UserError
+from shards.hub import check_model
 from shards.job import JobSpec, Run, Summary, job_run
 from shards.reader import Shard, open_shards
 from shards.writer import ROWS_PER_SHARD
 from shards.models import DEFAULT_CLIP
 from curate.fit import INPUT_COLUMNS, input_batches
-from curate.scorers import ModelRefs, Scorers, decode_ahead, parse_scorers, score_batch, score_schema
+from curate.scorers import NEEDS_CLIP, ModelRefs, Scorers, decode_ahead, parse_scorers, score_batch, score_schema
 from curate.text_ocr import DEFAULT_DETECTOR, DEFAULT_RECOGNIZER
 
 DEDUP_DIR = "dedup"  # scores/dedup/: the whole-dataset duplicate pass, rebuilt after new rows
@@ -30,6 +32,11 @@ PHASH_DIR = "phash"  # scores/phash/: the perceptual-duplicate groups, rebuilt a
 # directory made before them resumes as it was
 SCORER_IDENTITY = {"watermark": ("watermark_weights", "fit_watermark"), "phash": ("phash_distance",),
                    "text": ("text_detector", "text_recognizer", "text_threshold", "text_box_threshold")}  # fmt: skip
+
+SCORE_RANGES = {"dedup_threshold": Range(0, 1, lo_open=True), "batch_size": Range(1, 65536),
+                "shard_size": Range(1, 10_000_000), "decode_short": Range(16, 8192), "workers": WORKERS,
+                "replicas": Range(1, 4096), "phash_distance": Range(0, 12), "text_threshold": Range(0, 1, lo_open=True, hi_open=True),
+                "text_box_threshold": Range(0, 1, lo_open=True, hi_open=True)}  # fmt: skip  # dedup_threshold: a CLIP image cosine
 
 
 @dataclass
@@ -81,19 +88,21 @@ class ScoreConfig:
         recognizer = None if self.text_recognizer.strip().lower() in ("", "none") else self.text_recognizer
         return ModelRefs(weights or self.watermark_weights, self.text_detector, recognizer, self.text_threshold, self.text_box_threshold)
 
-    def check(self) -> None:
-        """One-line errors for settings out of range, before any work."""
-        if self.batch_size < 1 or self.shard_size < 1 or self.replicas < 1:
-            raise UserError("--batch-size, --shard-size and --replicas must be at least 1: pass positive numbers")
+    def validate(self) -> list[str]:
+        """The scorers' names, after a one-line UserError for anything out of range or unknown,
+        and for an output that cannot be written (before any shard is read or model loaded)."""
+        names = parse_scorers(self.scorers)
         if self.engine not in ("local", "ray"):
             raise UserError(f"unknown --engine {self.engine!r}: use local or ray")
-        if not 0 < self.dedup_threshold <= 1:
-            raise UserError(f"--dedup-threshold {self.dedup_threshold} is not a cosine in (0, 1]: pass e.g. 0.95")
-        if not 0 <= self.phash_distance <= 12:
-            raise UserError(f"--phash-distance {self.phash_distance} is not in 0-12 bits: pass e.g. 4 (copies differ by 0-4 of 64 bits)")
-        for flag, v in (("--text-threshold", self.text_threshold), ("--text-box-threshold", self.text_box_threshold)):
-            if not 0 < v < 1:
-                raise UserError(f"{flag} {v} is not a probability in (0, 1): pass e.g. 0.3 (map) or 0.6 (box)")
+        check_ranges(self, SCORE_RANGES)
+        check_output_dir(self.out)
+        if any(n in NEEDS_CLIP for n in names):
+            check_model(self.clip_model, "CLIP model", "--clip-model")  # in seconds, before the model code loads
+        if "text" in names:
+            check_model(self.text_detector, "text detector", "--text-detector")
+            if self.refs().text_recognizer:
+                check_model(self.text_recognizer, "text recogniser", "--text-recognizer")
+        return names
 
 
 def score_command(cfg: ScoreConfig) -> str:
@@ -111,8 +120,7 @@ def score_line(s: Mapping[str, Any]) -> str:
 
 def run_score(cfg: ScoreConfig) -> Summary:
     """Score every caption row of `cfg.shards` not yet in `cfg.out`; rerunning resumes."""
-    names = parse_scorers(cfg.scorers)
-    cfg.check()
+    names = cfg.validate()
     spec = JobSpec("score", cfg.out, settings=cfg.recorded(names), identity=cfg.identity(names), schema=score_schema(names),
                    rows_per_shard=cfg.shard_size, summary=dict(scored=0, failed=0, skipped=0, duplicates=None, scorer_seconds={}),
                    describe=score_line)  # fmt: skip

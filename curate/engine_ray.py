@@ -1,7 +1,8 @@
 """`--engine ray`: the score job as a Ray Data `map_batches` over the caption rows.
 
 Ray tasks read the caption shards (`ray.data.read_parquet`), and each worker process loads the
-scorers once (cached per process) and calls the same per-batch function as the local engine,
+scorers once (cached per process; CLIP on the task's GPU: each task requests one on a GPU
+cluster) and calls the same per-batch function as the local engine,
 `curate.scorers.score_batch`. Keys already scored are dropped inside the tasks. The driver is
 the single writer: rows come back in input order through `iter_batches` into the local engine's
 ShardWriter, so shards, done markers, resume and the dedup pass are the local engine's. Each
@@ -50,8 +51,9 @@ def score_with_ray(paths: list[str], columns: list[str], spec: tuple, done: set[
         ds = ray.data.read_parquet(paths).select_columns(columns)
         if len(paths) < 2 * replicas:  # one shard is one block: split it so every replica gets work
             ds = ds.repartition(2 * replicas)
+        gpus = {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) > 0 else {}  # CLIP on a GPU each, as caption's actors
         scored = ds.map_batches(score_block, fn_kwargs={"spec": spec, "done": pa.array(sorted(done), pa.string())},
-                                batch_size=batch_size, batch_format="pyarrow", concurrency=replicas)  # fmt: skip
+                                batch_size=batch_size, batch_format="pyarrow", concurrency=replicas, **gpus)  # fmt: skip
         for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
             if block.num_rows:
                 seconds: dict[str, float] = {}

@@ -29,6 +29,7 @@ def input_batches(shards: list[Shard], batch_size: int) -> Iterator[list[dict]]:
 def labelled_embeddings(cfg: ScoreConfig, shards: list[Shard], path: str | Path, column: str, flag: str) -> tuple[np.ndarray, np.ndarray]:
     """(CLIP image embeddings, labels) of the rows of `shards` whose keys the Parquet file at
     `path` labels in `column`; one-line errors for a missing file, column or too few rows."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from curate.scorers import Scorers, decode_row
@@ -37,15 +38,22 @@ def labelled_embeddings(cfg: ScoreConfig, shards: list[Shard], path: str | Path,
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path} not found: pass a Parquet file with columns key and {column}")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{flag} {path} is not a readable Parquet file ({str(e).splitlines()[0]}): pass a Parquet "
+                        f"file with columns key and {column}") from None
     if not {"key", column} <= set(table.schema.names):
         raise UserError(f"{flag} {path} has columns {', '.join(table.schema.names)}: it needs key and {column}")
-    wanted = dict(zip(table.column("key").to_pylist(), table.column(column).to_pylist()))
+    kind = table.schema.field(column).type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+        raise UserError(f"{flag} {path}: its {column} column holds {kind}: write {column}s as numbers")
+    wanted = {k: v for k, v in zip(table.column("key").to_pylist(), table.column(column).to_pylist()) if v is not None}
     clip = ClipEmbedder(cfg.clip_model)
     probe = Scorers(["image"], decode_short=cfg.decode_short)
     embs, values = [], []
     for rows in input_batches(shards, cfg.batch_size):
-        rated = [r for r in rows if r["key"] in wanted and wanted[r["key"]] is not None]
+        rated = [r for r in rows if r["key"] in wanted]
         loaded = [(r, decode_row(r, probe)) for r in rated]
         ok = [(r, l) for r, l in loaded if not isinstance(l, str)]
         if ok:

@@ -28,9 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shards import fs
+from shards.checks import Range, check_output_dir
 from shards.errors import UserError
 from shards.job import JobSpec, Run, Summary, job_run
-from shards.reader import Shard, complete_shards, iter_batches, open_shards, read_manifest
+from shards.reader import Shard, ShardError, complete_shards, iter_batches, open_shards, read_manifest
 from shards.schema import CAPTION_SCHEMA
 from shards.writer import ROWS_PER_SHARD
 from curate.passes import PASSES
@@ -55,11 +56,22 @@ class SelectConfig:
     top: str | None = None  # COLUMN:P%: keep the best P% (after --where) by that score
     by: str | None = None  # with --top: the quota applies per value of this score column
 
+    def validate(self) -> None:
+        """A one-line UserError for a shard size out of range, an empty condition (without --top),
+        a bad --top, --by without --top or an output that cannot be written (before the shards are read)."""
+        Range(1, 10_000_000).check("shard_size", self.shard_size)
+        _check_terms(self.where, self.top, self.by)
+        if self.top:
+            from curate.rank import parse_top
+
+            parse_top(self.top)  # a bad share or form: one line before any shard is read
+        check_output_dir(self.out)
+
 
 def select_command(cfg: SelectConfig) -> str:
     """`t2i-data select`: the run, then what it prints (select_line)."""
-    summary = run_select(cfg.shards, cfg.scores, cfg.where, cfg.out, shard_size=cfg.shard_size, top=cfg.top, by=cfg.by)
-    return summary.line()
+    cfg.validate()
+    return run_select(cfg.shards, cfg.scores, cfg.where, cfg.out, shard_size=cfg.shard_size, top=cfg.top, by=cfg.by).line()
 
 
 def select_line(s: Mapping[str, Any]) -> str:
@@ -93,14 +105,13 @@ def _frame(shards: list[Shard], shards_dir: str | Path, scores: str | Path) -> p
     import polars as pl
 
     fix = f"run `t2i-data score --shards {shards_dir} --out {scores}` first"
-    score_files = [str(s.location) for s in open_shards(scores, "score", fix)]
-    lf = pl.scan_parquet(score_files)
+    lf = _scan(open_shards(scores, "score", fix))
     lf = lf.select([c for c in lf.collect_schema().names() if c not in EMBEDDINGS])
     for name in PASSES:  # dedup/, phash/: the whole-dataset passes, when complete
-        pass_dir = fs.join(fs.as_location(scores), name)
-        if fs.exists(pass_dir) and read_manifest(pass_dir):
-            lf = lf.join(pl.scan_parquet([str(p) for p in complete_shards(pass_dir)]), on="key", how="left")
-    captions = pl.scan_parquet([str(s.location) for s in shards])
+        done = _pass_shards(scores, name)
+        if done:
+            lf = lf.join(_scan(done), on="key", how="left")
+    captions = _scan(shards)
     have = set(lf.collect_schema().names())
     captions = captions.select(["key"] + [c for c in captions.collect_schema().names() if c not in have and c != "image"])
     return captions.join(lf, on="key", how="left")
@@ -120,6 +131,29 @@ def _bad_where(e: Exception, where: str, columns: list[str]) -> UserError:
     return UserError(f"bad --where {where!r} ({reason}): use SQL over the columns {', '.join(columns)}")
 
 
+def _pass_shards(scores: str | Path, name: str) -> list[Shard]:
+    """The shards of scores/<name>/ (dedup, phash) when that pass finished (its manifest), else none."""
+    pass_dir = fs.join(fs.as_location(scores), name)
+    return open_shards(pass_dir, name) if fs.exists(pass_dir) and read_manifest(pass_dir) and complete_shards(pass_dir) else []
+
+
+def _scan(shards: list[Shard]) -> pl.LazyFrame:
+    """The shards as one lazy frame, read through pyarrow so that every page's checksum is
+    verified (polars' own Parquet reader skips them)."""
+    import polars as pl
+
+    return pl.scan_pyarrow_dataset(fs.parquet_dataset([s.location for s in shards]))
+
+
+def _find_damaged(shards: list[Shard], e: BaseException) -> ShardError:
+    """The shard a failed scan tripped on (read again one by one, each read verified), named."""
+    for shard in shards:
+        for _ in iter_batches([shard]):  # raises the one-line error naming a damaged shard
+            pass
+    return ShardError(f"reading the shards failed ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): "
+                      "rerun the job that wrote them")
+
+
 def _condition_flags(lf: pl.LazyFrame, conditions: list[str], where: str) -> pl.DataFrame:
     """key + one boolean column per condition (null counts as failed)."""
     import polars as pl
@@ -129,6 +163,8 @@ def _condition_flags(lf: pl.LazyFrame, conditions: list[str], where: str) -> pl.
         flags = lf.select([pl.col("key"), *_exprs(conditions)])
         flags.collect_schema()
         return flags.collect(engine="streaming")
+    except (OSError, pa.ArrowException):
+        raise  # the data, not the condition: run_select names the shard
     except Exception as e:  # noqa: BLE001 - polars parse/column/type errors: one line naming the columns
         raise _bad_where(e, where, columns) from None
 
@@ -137,12 +173,7 @@ def run_select(shards: str | Path, scores: str | Path, where: str | None, out: s
                shard_size: int = SelectConfig.shard_size, top: str | None = None, by: str | None = None) -> Summary:
     """Write the caption rows of `shards` whose scores satisfy `where` (and, with `top`, rank
     among the best P%, per `by` group) to `out` (resumable)."""
-    conditions = split_conditions(where or "")
-    if not conditions and not top:
-        raise UserError("empty --where: pass a condition such as \"aesthetic >= 5.5 and not near_duplicate\" "
-                        "(or --top clip_score:30%)")
-    if by and not top:
-        raise UserError("--by needs --top: pass e.g. --top clip_score:30% --by lang")
+    conditions = _check_terms(where, top, by)
     caption_shards = open_shards(shards, "caption")
     if top:
         total, kept, removed, hit = _ranked(caption_shards, shards, scores, conditions, where or "", top, by)
@@ -158,11 +189,26 @@ def run_select(shards: str | Path, scores: str | Path, where: str | None, out: s
         return run.finish(extra={"selected": kept}, rows=run.summary.written)
 
 
+def _check_terms(where: str | None, top: str | None, by: str | None) -> list[str]:
+    """The --where terms; a one-line error when there are none and no --top, or --by lacks --top."""
+    conditions = split_conditions(where or "")
+    if not conditions and not top:
+        raise UserError("empty --where: pass a condition such as \"aesthetic >= 5.5 and not near_duplicate\" "
+                        "(or --top clip_score:30%)")
+    if by and not top:
+        raise UserError("--by needs --top: pass e.g. --top clip_score:30% --by lang")
+    return conditions
+
+
 def _filtered(caption_shards: list[Shard], shards, scores, conditions: list[str], where: str):
     """--where: (rows, rows removed by each condition, the keys of the rows that pass them all)."""
     import polars as pl
 
-    flags = _condition_flags(_frame(caption_shards, shards, scores), conditions, where)
+    try:
+        flags = _condition_flags(_frame(caption_shards, shards, scores), conditions, where)
+    except (OSError, pa.ArrowException) as e:  # a page whose checksum fails, a truncated shard
+        damaged = [s for name in PASSES for s in _pass_shards(scores, name)]
+        raise _find_damaged(caption_shards + open_shards(scores, "score") + damaged, e) from None
     mask, removed = pl.Series([True] * flags.height), []
     for i, cond in enumerate(conditions):
         col = flags[f"c{i}"]

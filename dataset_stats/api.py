@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from shards.checks import SEED, Range, check_output_dir, check_ranges
 from shards.errors import UserError
 
 from dataset_stats.metrics import DatasetCounts, NounAccumulator, size_matched
@@ -40,6 +41,22 @@ class StatsOptions:
     out: Optional[Path] = None  # write report.md, report.json and the PNG plots here
     json_out: bool = False  # print the report as JSON instead of the table
 
+    def validate(self) -> None:
+        """A one-line UserError for an unknown engine, a number out of range or an --out that
+        cannot be written: before any caption is read or tagged (hours at scale), not after."""
+        if self.engine not in ENGINES:
+            raise UserError(f"unknown --engine {self.engine!r}: use local or ray")
+        if self.valid_min < 0 or self.repeats < 1 or (self.sample_size is not None and self.sample_size < 1):
+            raise UserError("--valid-min must be >= 0, --repeats >= 1 and --sample-size >= 1: fix the flag")
+        check_ranges(self, STATS_RANGES)
+        if self.out is not None:
+            check_output_dir(self.out)
+
+
+STATS_RANGES = {"valid_min": Range(0, 10**9), "sample_size": Range(1, 10**10), "repeats": Range(1, 10_000), "seed": SEED,
+                "top": Range(0, 100_000), "workers": Range(1, 1024), "batch_tokens": Range(1, 10**7),
+                "chunk_size": Range(1, 10**6)}
+
 
 def stats_command(datasets: list[str], options: StatsOptions, note: Callable[[str], None] = print) -> str:
     """`t2i-data stats`: the report, written to `options.out` when set (`note` says where), then
@@ -62,14 +79,11 @@ def run_stats(
     given, receives each dataset's name and full noun -> count mapping (benchmarks, checks)."""
     if not datasets:
         raise UserError("no dataset given: pass at least one path, e.g. `t2i-data stats laion.parquet`")
-    if options.engine not in ENGINES:
-        raise UserError(f"unknown --engine {options.engine!r}: use local or ray")
+    options.validate()
     if options.engine == "ray":
         from shards.ray_session import import_ray
 
         import_ray()  # the install hint before any work
-    if options.valid_min < 0 or options.repeats < 1 or (options.sample_size is not None and options.sample_size < 1):
-        raise UserError("--valid-min must be >= 0, --repeats >= 1 and --sample-size >= 1: fix the flag")
     config = NounConfig(pos=options.pos, lemma=options.lemma, tokens=options.tokens, batch_tokens=options.batch_tokens, lang=options.lang)
     sources = [resolve_source(d, options.column, options.skip_bad_lines) for d in datasets]
     _dedupe_names(sources)

@@ -11,7 +11,6 @@ its ground truth is how it rates real clean and real degraded held-out images.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 

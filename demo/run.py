@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from demo.vae import SHIPPED_VAE
+from shards.checks import SEED, check_output_dir
 from shards.errors import UserError
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
@@ -93,11 +94,14 @@ class DemoOptions:
     progress: bool = True
 
     def validate(self) -> None:
-        """A UserError for an unknown backend, or both modes at once."""
+        """A UserError for an unknown backend, both modes at once, a seed out of range or an
+        --out that cannot be written (before any work)."""
         if self.backend not in ("transformers", "vllm"):
             raise UserError(f"unknown --backend {self.backend!r}: use transformers or vllm")
         if self.quick and self.full:
             raise UserError("--quick and --full contradict each other: pass one of them")
+        SEED.check("seed", self.seed)
+        check_output_dir(self.out)
 
     def config(self) -> DemoConfig:
         """The named configuration these options pick, captioned with their backend."""
@@ -159,9 +163,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     # 6. report
     _stage(log, 6, "writing the report")
     timing["total_s"] = time.perf_counter() - t_start
-    from costs.summary import recipe_cost
-
-    figures = _figures(out, t2i)
     results = {
         "config": asdict(cfg),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -170,17 +171,28 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
         "captioner": {"train": cap_train, "backend": cfg.caption_backend, "accuracy": accuracy,
                       "summary": dict(summary)},
         "stats": {"header": header, "rows": data_rows, "datasets": report.get("datasets")},
-        "t2i": {k: v for k, v in t2i.items() if k not in ("scenes", "prior_images")} | {"arms": _strip_images(t2i["arms"])},
-        "cost": recipe_cost(out),  # this run's ledgers, and the full-size recipe from `plan`
+        "t2i": t2i,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    examples = _examples(records, captions, sam.parent, cfg.examples)
-    plots = {p.stem: p for p in (out / "stats").glob("*.png")} | figures
-    from demo.report import write_report
-
-    html_path, _ = write_report(out, results, examples, plots)
+    html_path = _write_outputs(out, results, _examples(records, captions, sam.parent, cfg.examples))
     log(f"report: {html_path.resolve()}")
     return results
+
+
+def _write_outputs(out: Path, results: dict[str, Any], examples: list[dict[str, Any]]) -> Path:
+    """The figures, results.json (with what the run cost: its ledgers and the full-size recipe from
+    `plan`) and the report; `results["t2i"]` loses its images on the way. Returns report.html."""
+    from costs.summary import recipe_cost
+    from demo.figures import figures as draw_figures
+    from demo.report import write_report
+
+    t2i = results["t2i"]
+    figures = draw_figures(out, t2i)
+    results["t2i"] = {k: v for k, v in t2i.items() if k not in ("scenes", "prior_images")} | {"arms": _strip_images(t2i["arms"])}
+    results["cost"] = recipe_cost(out)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    plots = {p.stem: p for p in (out / "stats").glob("*.png")} | figures
+    html_path, _ = write_report(out, results, examples, plots)
+    return html_path
 
 
 def _quiet_libraries() -> None:
@@ -265,8 +277,7 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     import time
 
     from demo.aesthetic_stage import WHERE, AestheticJudge, compare, ground_truth, run_finetune, select_subset
-    from demo.arms import ArmSettings, run_arms, steps_to_reach, write_arm_shards
-    from t2i.manifest import load_manifest
+    from demo.arms import run_arms, write_arm_shards
     from tiny import world as W
     from tiny.pixart import build_tiny_text_encoder
 
@@ -286,12 +297,7 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     subset = select_subset(out / "curate", shards["vlm"], records, cfg.seed, cfg.rated, cfg.clip_steps, progress)
     timing["score_select_s"] = time.perf_counter() - t0
 
-    base = load_manifest(cfg.t2i_manifest).stages[0].config
-    base.vae, base.text_encoder, base.resolution, base.seed = cfg.vae, str(tiny / "t5"), cfg.t2i_resolution, cfg.seed
-    base.preset, base.lr, base.threads, base.prediction_type = cfg.preset, cfg.lr, cfg.threads, cfg.prediction_type
-    base.timestep_power, base.max_tokens = cfg.timestep_power, cfg.max_tokens or base.max_tokens
-    s = ArmSettings(base=base, steps=cfg.arm_steps, curve_every=max(cfg.arm_steps // cfg.curve_points, 1),
-                    sampler_steps=cfg.sampler_steps, guidance=4.5, progress=progress, dit_classes=cfg.dit_classes)
+    s = _arm_settings(cfg, tiny / "t5", progress)
     scenes = W.sample_scenes(cfg.curve_prompts, cfg.seed + 2024, "heldout")
     prompts = [W.dense_caption(sc) for sc in scenes]
     res = run_arms(s, out / "t2i", shards, cfg.dit_steps, scenes, prompts, cfg.seed, log)
@@ -307,14 +313,7 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     threshold = float(WHERE.split(">=")[1])
     aesthetic = {"where": WHERE, "samples": compare(judge, arms["c"]["images"], arms["d"]["images"], threshold),
                  "real_heldout": ground_truth(judge, records, cfg.t2i_resolution, out / "world"), "subset": subset}
-    b_final = arms["b"]["final"]["all"]
-    reach = steps_to_reach(arms["c"]["curve"], b_final)
-    claims = {
-        "captions_ratio": b_final / max(arms["a"]["final"]["all"], 1e-9) if arms["a"]["final"]["all"] else None,
-        "b_final_all": b_final, "a_final_all": arms["a"]["final"]["all"],
-        "c_steps_to_b_final": reach, "c_steps_fraction": (reach / cfg.arm_steps) if reach is not None else None,
-        "d_all_change": arms["d"]["final"]["all"] - arms["c"]["final"]["all"],
-    }
+    claims = _claims(arms, cfg.arm_steps)
     ceiling = Path(cfg.vae) / "round_trip.json"  # the judge on the VAE's round trips (demo.vae)
     return {"arms": arms, "prior": res["prior"], "prior_images": res["prior_images"], "aesthetic": aesthetic,
             "claims": claims, "timing": timing, "rows": rows,
@@ -323,74 +322,33 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
             "dit_classes": cfg.dit_classes, "prompts": prompts, "scenes": scenes}
 
 
-def _figures(out: Path, t2i: dict[str, Any]) -> dict[str, Path]:
-    """The curves (accuracy against steps per arm) and the side-by-side sample grid, as PNGs."""
-    import matplotlib
+def _arm_settings(cfg: DemoConfig, text_encoder: Path, progress: bool):
+    """What every arm shares: the tiny manifest's first stage with the demo's model, resolution,
+    objective settings and seed, and the curve's judging schedule."""
+    from demo.arms import ArmSettings
+    from t2i.manifest import load_manifest
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from demo.arms import ATTRS
-
-    fig_dir = out / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), sharey=True)
-    for ax, attr in zip(axes, ATTRS):
-        for arm, run in t2i["arms"].items():
-            pts = run["curve"]
-            if arm == "d" and t2i["arms"]["c"]["curve"]:
-                pts = [t2i["arms"]["c"]["curve"][-1], *pts]
-            ax.plot([p["step"] for p in pts], [p[attr] for p in pts], marker="o", ms=3, label=f"({arm}) {run['label']}")
-        chance = {"color": 1 / 6, "shape": 1 / 4, "position": 1 / 5, "all": 1 / 120}[attr]
-        ax.axhline(chance, color="grey", ls="--", lw=0.8)  # chance
-        ax.set_title({"all": "all three right"}.get(attr, attr))
-        ax.set_xlabel("training step")
-        ax.set_ylim(0, 1)
-    axes[0].set_ylabel("held-out accuracy (judged)")
-    axes[-1].legend(fontsize=7, loc="upper left")  # all-three stays low: the top is free
-    fig.tight_layout()
-    curves = fig_dir / "curves.png"
-    fig.savefig(curves, dpi=100)
-    plt.close(fig)
-    return {"curves": curves, **_grids(fig_dir, t2i), **_prior_grid(fig_dir, t2i)}
+    base = load_manifest(cfg.t2i_manifest).stages[0].config
+    base.vae, base.text_encoder, base.resolution, base.seed = cfg.vae, str(text_encoder), cfg.t2i_resolution, cfg.seed
+    base.preset, base.lr, base.threads, base.prediction_type = cfg.preset, cfg.lr, cfg.threads, cfg.prediction_type
+    base.timestep_power, base.max_tokens = cfg.timestep_power, cfg.max_tokens or base.max_tokens
+    return ArmSettings(base=base, steps=cfg.arm_steps, curve_every=max(cfg.arm_steps // cfg.curve_points, 1),
+                       sampler_steps=cfg.sampler_steps, guidance=4.5, progress=progress, dit_classes=cfg.dit_classes)
 
 
-def _grids(fig_dir: Path, t2i: dict[str, Any], cols: int = 10, scale: int = 3) -> dict[str, Path]:
-    """One row of final samples per arm, the same held-out prompts in each column."""
-    from PIL import Image
+def _claims(arms: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The figures behind the report's claims: (b) over (a) on all three, when (c) reached (b)'s
+    final all-three accuracy, and what the aesthetic fine-tune (d) did to it."""
+    from demo.arms import steps_to_reach
 
-    arms = [a for a in ("a", "b", "c", "d") if t2i["arms"].get(a, {}).get("images")]
-    if not arms:
-        return {}
-    side = t2i["arms"][arms[0]]["images"][0].size[0] * scale
-    n = min(cols, len(t2i["arms"][arms[0]]["images"]))
-    grid = Image.new("RGB", (n * (side + 2), len(arms) * (side + 2)), "white")
-    for r, arm in enumerate(arms):
-        for c, im in enumerate(t2i["arms"][arm]["images"][:n]):
-            grid.paste(im.resize((side, side), Image.NEAREST), (c * (side + 2), r * (side + 2)))
-    path = fig_dir / "samples.png"
-    grid.save(path)
-    return {"samples": path}
-
-
-def _prior_grid(fig_dir: Path, t2i: dict[str, Any], cols: int = 10) -> dict[str, Path]:
-    """The class-cond DiT's samples, each titled with the label it was asked for."""
-    import matplotlib.pyplot as plt
-
-    images = t2i.get("prior_images") or []
-    if not images:
-        return {}
-    n = min(cols, len(images))
-    fig, axes = plt.subplots(1, n, figsize=(1.3 * n, 1.6), squeeze=False)
-    for ax, im, label in zip(axes[0], images, t2i["prior"]["labels"]):
-        ax.imshow(im, interpolation="nearest")
-        ax.set_title(label, fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    path = fig_dir / "prior.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return {"prior": path}
+    b_final = arms["b"]["final"]["all"]
+    reach = steps_to_reach(arms["c"]["curve"], b_final)
+    return {
+        "captions_ratio": b_final / max(arms["a"]["final"]["all"], 1e-9) if arms["a"]["final"]["all"] else None,
+        "b_final_all": b_final, "a_final_all": arms["a"]["final"]["all"],
+        "c_steps_to_b_final": reach, "c_steps_fraction": (reach / steps) if reach is not None else None,
+        "d_all_change": arms["d"]["final"]["all"] - arms["c"]["final"]["all"],
+    }
 
 
 def _examples(records: dict, captions: dict, world_root: Path, n: int) -> list[dict[str, Any]]:

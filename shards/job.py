@@ -155,10 +155,11 @@ def job_run(spec: JobSpec, leader: bool = True, sync: Callable[[], None] | None 
         yield Run(spec, out)
 
 
-def check_settings(out: fs.Location, spec: JobSpec) -> None:
-    """UserError (one line) when `out` holds committed shards made by another job, or with other
+def check_settings(out: fs.Location, spec: JobSpec, committed: bool | None = None) -> None:
+    """UserError (one line) when `out` holds committed output (default: complete shards; a job
+    that writes something else says whether it has any) made by another job, or with other
     identity settings than `spec`'s (see the module docstring)."""
-    if not complete_shards(out):
+    if not (complete_shards(out) if committed is None else committed):
         return  # nothing committed: nothing to mix with
     record = _read_json(fs.join(out, RUN_RECORD))
     legacy = record is None  # written before run records: the manifest's config says what it can

@@ -4,7 +4,10 @@
     shards = open_shards("out/", "caption")                       # footers: columns, row groups
     iter_batches([(shards[0], [0, 2])], columns=["key"])          # some row groups (a rank's share)
 
-A shard counts once it and its done-marker are both visible (shards.layout). `out_dir` is a local
+A shard counts once it and its done-marker are both visible (shards.layout). Every read checks
+the Parquet page checksums the writer records (shards.fs), so a flipped bit is an error, not
+wrong rows; a damaged or foreign committed file (random bytes, truncated, no `key` column) is
+one ShardError line naming it and the fix, whichever job reads it. `out_dir` is a local
 path or a URI (s3://, gs://, any fsspec scheme; see shards.fs). Shard paths come back as `Path`
 for local directories and as URI strings otherwise.
 """
@@ -19,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shards import fs
-from shards.errors import UserError
+from shards.errors import UserError, resource_error
 from shards.layout import DONE, MANIFEST, SHARD_RE, is_staged
 
 
@@ -71,32 +74,86 @@ def clean_incomplete(out_dir: str | Path) -> list[fs.Location]:
     return removed
 
 
+def damaged(location: fs.Location, e: BaseException) -> UserError:
+    """The one-line error for a committed shard that cannot be read: damaged (truncated, a
+    flipped bit its page checksums catch) or no Parquet at all. A resource error (denied, ...)
+    keeps its own message."""
+    found = resource_error(e, location, "read")
+    if found is not None:
+        return found
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return ShardError(f"{location} is damaged or not a Parquet shard ({reason}): move it and its {DONE} marker out of "
+                      f"{_parent(location)}, then rerun the job that wrote it to redo its rows")
+
+
+def _parent(location: fs.Location) -> str:
+    return str(location.parent) if isinstance(location, Path) else str(location).rsplit("/", 1)[0]
+
+
+def _read_keys(shard: fs.Location, where_ok: bool) -> list[str]:
+    cols = ["key", "error"] if where_ok else ["key"]
+    try:
+        t = fs.read_table(shard, columns=cols)
+    except (pa.ArrowException, OSError) as e:
+        if "key" not in _columns(shard):
+            raise foreign(shard) from None
+        raise damaged(shard, e) from None
+    if where_ok:
+        t = t.filter(pc.is_null(t.column("error")))
+    return t.column("key").to_pylist()
+
+
+def _columns(shard: fs.Location) -> list[str]:
+    try:
+        return fs.read_schema(shard).names
+    except (pa.ArrowException, OSError) as e:
+        raise damaged(shard, e) from None
+
+
+def foreign(shard: fs.Location, columns: Sequence[str] = ()) -> ShardError:
+    """The error for a committed file that is no shard of this project (it has no `key` column)."""
+    have = f" (its columns: {', '.join(columns)})" if columns else ""
+    return ShardError(f"{shard} has no key column{have}: it is not a t2i-data shard: move it and its {DONE} marker "
+                      f"out of {_parent(shard)}")
+
+
 def done_keys(out_dir: str | Path, where_ok: bool = False) -> set[str]:
     """Keys already present in complete shards (with `where_ok`, only rows without an error)."""
     keys: set[str] = set()
     for shard in complete_shards(out_dir):
-        cols = ["key", "error"] if where_ok else ["key"]
-        t = fs.read_table(shard, columns=cols)
-        if where_ok:
-            t = t.filter(pc.is_null(t.column("error")))
-        keys.update(t.column("key").to_pylist())
+        keys.update(_read_keys(shard, where_ok))
     return keys
 
 
-def read_footer(location: str | Path) -> Shard:
-    """One shard's footer: its schema and the rows of each row group."""
-    md = fs.parquet_file(location).metadata
-    return Shard(location, md.schema.to_arrow_schema(), tuple(md.row_group(g).num_rows for g in range(md.num_row_groups)))
+def read_footer(location: str | Path, required: Sequence[str] = ("key",)) -> Shard:
+    """One shard's footer: its schema and the rows of each row group. ShardError (one line) for
+    a damaged file or one without the `required` columns (a foreign file)."""
+    try:
+        md = fs.parquet_file(location).metadata
+        shard = Shard(location, md.schema.to_arrow_schema(), tuple(md.row_group(g).num_rows for g in range(md.num_row_groups)))
+    except (pa.ArrowException, OSError) as e:
+        raise damaged(location, e) from None
+    if "key" in required and "key" not in shard.columns:
+        raise foreign(location, shard.columns)
+    missing = [c for c in required if c not in shard.columns]
+    if missing:
+        raise ShardError(f"{location} has no {', '.join(missing)} column: pass shards written by the job that makes them")
+    return shard
 
 
-def open_shards(out_dir: str | Path, kind: str = "", fix: str | None = None) -> list[Shard]:
+def open_shards(out_dir: str | Path, kind: str = "", fix: str | None = None, required: Sequence[str] = ("key",)) -> list[Shard]:
     """The committed shards of `out_dir` with their footers, in name order; ShardError (one
-    line: no complete `kind` shards, then `fix`) when there are none."""
+    line: no complete `kind` shards, then `fix`) when there are none, or for a damaged or
+    foreign one (read_footer)."""
+    loc = fs.as_location(out_dir)
+    if isinstance(loc, Path) and loc.is_file():
+        raise ShardError(f"{out_dir} is a file, not a shard directory: pass the directory the {kind or 'caption'} job wrote")
     found = complete_shards(out_dir)
     if not found:
         fix = fix or f"run `t2i-data caption --out {out_dir}` first"
-        raise ShardError(f"no complete {kind + ' ' if kind else ''}shards in {out_dir}: {fix}")
-    return [read_footer(s) for s in found]
+        gone = "" if fs.exists(loc) else " (it does not exist)"
+        raise ShardError(f"no complete {kind + ' ' if kind else ''}shards in {out_dir}{gone}: {fix}")
+    return [read_footer(s, required) for s in found]
 
 
 def iter_batches(source: Source, columns: Sequence[str] | None = None, batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
@@ -108,13 +165,22 @@ def iter_batches(source: Source, columns: Sequence[str] | None = None, batch_siz
         source = open_shards(source)
     for item in source:
         shard, groups = item if isinstance(item, tuple) and not isinstance(item, Shard) else (item, None)
-        pf = fs.parquet_file(shard.location if isinstance(shard, Shard) else shard)
-        wanted = None if columns is None else [c for c in columns if c in pf.schema_arrow.names]
-        if groups is None:
-            yield from pf.iter_batches(batch_size=batch_size, columns=wanted)
-            continue
-        for g in groups:  # one row group (~1 MiB with embedded images) in memory at a time
-            yield from pf.read_row_group(g, columns=wanted).to_batches(batch_size)
+        location = shard.location if isinstance(shard, Shard) else shard
+        try:
+            yield from _shard_batches(location, columns, batch_size, groups)
+        except (pa.ArrowException, OSError) as e:  # truncated, or a page whose checksum fails
+            raise damaged(location, e) from None
+
+
+def _shard_batches(location: fs.Location, columns: Sequence[str] | None, batch_size: int,
+                   groups: Sequence[int] | None) -> Iterator[pa.RecordBatch]:
+    pf = fs.parquet_file(location)
+    wanted = None if columns is None else [c for c in columns if c in pf.schema_arrow.names]
+    if groups is None:
+        yield from pf.iter_batches(batch_size=batch_size, columns=wanted)
+        return
+    for g in groups:  # one row group (~1 MiB with embedded images) in memory at a time
+        yield from pf.read_row_group(g, columns=wanted).to_batches(batch_size)
 
 
 def iter_rows(source: Source, columns: Sequence[str] | None = None, batch_size: int = 256) -> Iterator[dict]:

@@ -1,6 +1,7 @@
 """Atomic shard writing: staged shard -> done-marker -> commit (the shard appears) -> manifest.
 
-A shard is committed by its appearance under its visible name (shards.layout). Locally it is
+A shard is committed by its appearance under its visible name (shards.layout), its pages written
+with CRC checksums that every read through shards.fs verifies. Locally it is
 written under a staged name readers skip, fsynced, its done-marker (rows, SHA-256, bytes) is
 written, then it is renamed to its name. On an object store (`s3://`, `gs://`, any fsspec URI;
 see shards.fs) the shard is serialised in memory, its marker PUT, then the shard PUT in one
@@ -134,12 +135,12 @@ def _stage(final: fs.Location, table: pa.Table) -> tuple[Path | pa.Buffer, str, 
     store in memory (so the checksum needs no download). Returns it, its SHA-256 and size."""
     if isinstance(final, Path):
         tmp = staged(final)
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table))
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table), write_page_checksum=True)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         return tmp, sha256_file(tmp), tmp.stat().st_size
     buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows(table))
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows(table), write_page_checksum=True)
     data = buf.getvalue()  # a pyarrow Buffer: hashed and uploaded without a copy
     return data, hashlib.sha256(data).hexdigest(), data.size
 

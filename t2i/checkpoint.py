@@ -7,8 +7,10 @@ Layout of `<run>/checkpoints/step-0000100/`:
   optimizer.safetensors     AdamW state tensors; param groups in the metadata
   rng.safetensors           torch CPU (and CUDA) generator states
   trainer_state.json        step, data position, scheduler state, config
+  checksums.json            SHA-256 of every file above, taken when it was written
 A checkpoint is written into a temp directory and renamed into place, then `latest` is updated,
-so a crash never leaves a half-written checkpoint that looks complete.
+so a crash never leaves a half-written checkpoint that looks complete. The checksums let resume,
+sample, export and eval catch a changed byte in a file of the right size (t2i.recovery).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from shards.errors import UserError
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+CHECKSUMS = "checksums.json"  # relative path -> SHA-256 of each file, written with the checkpoint
+DAMAGED_PREFIX = "damaged-"  # a checkpoint set aside because it does not verify (t2i.recovery)
 STEP_RE = re.compile(r"^step-(?P<step>\d+)$")
 
 
@@ -88,6 +92,7 @@ def save_checkpoint(run_dir: Path, step: int, transformer, model_state: dict[str
     (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, default=str))
     if extras is not None:
         extras(tmp)
+    write_checksums(tmp)
     _fsync_tree(tmp)
     if final.exists():  # the same step again (a resumed run): set the old one aside, never leave a gap
         old = ckdir / f".old-{final.name}"
@@ -105,12 +110,15 @@ def save_checkpoint(run_dir: Path, step: int, transformer, model_state: dict[str
 def rotate(ckdir: Path, current_step: int, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints, by step number, among those no newer than
     `current_step`: a checkpoint from past this run's step (an older run's, set aside by a
-    fallback) is never what this run wrote, and is left alone."""
+    fallback) is never what this run wrote, and is left alone. Checkpoints set aside as damaged
+    (`damaged-step-*`) count too, each older than a good one of its step, so their space is
+    freed as the run goes on."""
     if keep <= 0:
         return
-    mine = sorted((s, p) for p in ckdir.iterdir() if (s := parse_step(p.name)) is not None and s <= current_step)
-    for _, p in mine[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+    mine = sorted((s, not p.name.startswith(DAMAGED_PREFIX), p.name) for p in ckdir.iterdir()
+                  if (s := parse_step(p.name.removeprefix(DAMAGED_PREFIX))) is not None and s <= current_step)
+    for _, _, name in mine[:-keep]:
+        shutil.rmtree(ckdir / name, ignore_errors=True)
 
 
 def step_name(step: int) -> str:
@@ -121,6 +129,12 @@ def parse_step(name: str) -> int | None:
     """The step of a `step-0000100` directory name, or None for anything else."""
     m = STEP_RE.match(name)
     return int(m["step"]) if m else None
+
+
+def write_checksums(ck: Path) -> None:
+    """Record the SHA-256 of every file of checkpoint directory `ck` in its checksums.json."""
+    sums = {p.relative_to(ck).as_posix(): fs.sha256(p) for p in sorted(ck.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+    (ck / CHECKSUMS).write_text(json.dumps(sums, indent=2, sort_keys=True))
 
 
 def _fsync_tree(root: Path) -> None:

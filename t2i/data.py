@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from shards import ShardError, UserError, complete_shards
+from shards.reader import damaged
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights, pick_fields, text_columns, uniforms
 from t2i.caption_scores import CaptionScoring, field_probabilities
 from t2i.feature_index import BIG_ROW_GROUP, open_index
@@ -272,9 +273,16 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         for u in np.unique(unit):
             positions = np.flatnonzero(unit == u)
             texts = [c for f in np.unique(field_ids[positions]) for c in (self.text_columns[f].emb, self.text_columns[f].len)]
-            table = self._file(int(u >> 32)).read_row_group(int(u & 0xFFFFFFFF), columns=ROW_COLUMNS + texts)
+            table = self._read_group(int(u >> 32), int(u & 0xFFFFFFFF), ROW_COLUMNS + texts)
             reads.append(GroupRead(positions, table.combine_chunks(), row[positions], field_ids[positions]))
         return reads
+
+    def _read_group(self, s: int, group: int, columns: list[str]) -> pa.Table:
+        """Row group `group` of shard `s` (page checksums verified: a damaged shard is one line)."""
+        try:
+            return self._file(s).read_row_group(group, columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise damaged(self.shards[s], e) from None
 
     def _file(self, s: int) -> pq.ParquetFile:
         """Shard `s`, opened lazily per process (a forked loader worker opens its own)."""
@@ -283,7 +291,7 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         if s in self._files:
             self._files.move_to_end(s)
         else:
-            self._files[s] = pq.ParquetFile(self.shards[s], memory_map=True)
+            self._files[s] = pq.ParquetFile(self.shards[s], memory_map=True, page_checksum_verification=True)
             if len(self._files) > OPEN_FILES:
                 self._files.popitem(last=False)
         return self._files[s]

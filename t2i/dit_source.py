@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from shards.errors import UserError
+from shards.hub import load_pretrained, load_weights_file
 
 
 def official_timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10000) -> torch.Tensor:
@@ -73,7 +74,7 @@ def source_from_official(sd: dict[str, torch.Tensor]) -> DiTSource:
         if wrapper in sd and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]
             break
-    sd = {k.removeprefix("module."): v.float() for k, v in sd.items()}
+    sd = {k.removeprefix("module."): v.float() for k, v in sd.items() if torch.is_tensor(v)}
     required = ["x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight", "blocks.0.attn.qkv.weight"]
     missing = [k for k in required if k not in sd]
     if missing:
@@ -194,13 +195,6 @@ def load_dit_source(src) -> DiTSource:
         raise UserError(f"DiT checkpoint {path} does not exist: pass a facebookresearch/DiT .pt or a diffusers DiT directory")
     if path.is_dir():
         directory, sub = dit_directory(path)
-        return source_from_diffusers(DiTTransformer2DModel.from_pretrained(directory, subfolder=sub).float())
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return source_from_official(load_file(path))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files
-        raise UserError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}): pass a facebookresearch/DiT .pt") from e
-    return source_from_official(sd)
+        dit = load_pretrained(DiTTransformer2DModel.from_pretrained, str(directory), "DiT", "DiT checkpoint", subfolder=sub)
+        return source_from_diffusers(dit.float())
+    return source_from_official(load_weights_file(path, "DiT checkpoint", "DiT checkpoint"))

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from shards.errors import UserError
-from shards.hub import hub_kwargs
+from shards.hub import check_model
 
 
 def _subfolder(spec: str, name: str) -> str | None:
@@ -29,7 +29,7 @@ def load_vae(spec: str, device="cpu", dtype=torch.float32):
     """A frozen diffusers AutoencoderKL from a pipeline-layout or plain VAE directory / HF id."""
     from diffusers import AutoencoderKL
 
-    hub = hub_kwargs(spec, "the VAE")  # an unreachable hub id fails here in seconds
+    hub = check_model(spec, "the VAE", "--vae")  # an unreachable hub id or an empty folder fails here in seconds
     try:
         sub = _subfolder(spec, "vae")
         try:
@@ -38,8 +38,8 @@ def load_vae(spec: str, device="cpu", dtype=torch.float32):
             if sub is None:
                 raise
             vae = AutoencoderKL.from_pretrained(spec, **hub)
-    except (OSError, EnvironmentError, ValueError) as e:
-        raise UserError(f"cannot load the VAE {spec!r} ({e.__class__.__name__}): pass a local AutoencoderKL directory or a reachable HF id") from e
+    except Exception as e:  # noqa: BLE001 - no such model, random weights, a damaged file: one line
+        raise UserError(f"cannot load the VAE {spec!r} ({e.__class__.__name__}): pass a local AutoencoderKL directory or a reachable HF id") from None
     return vae.to(device, dtype).eval().requires_grad_(False)
 
 
@@ -47,7 +47,7 @@ def load_text_encoder(spec: str, device="cpu", dtype=torch.float32):
     """(tokenizer, T5 encoder) from a pipeline-layout or plain T5 directory / HF id."""
     from transformers import AutoTokenizer, T5EncoderModel
 
-    hub = hub_kwargs(spec, "the text encoder")  # an unreachable hub id fails here in seconds
+    hub = check_model(spec, "the text encoder", "--text-encoder")  # an unreachable hub id or an empty folder fails here in seconds
     try:
         tsub, msub = _subfolder(spec, "tokenizer"), _subfolder(spec, "text_encoder")
         try:
@@ -58,8 +58,8 @@ def load_text_encoder(spec: str, device="cpu", dtype=torch.float32):
                 raise
             tok = AutoTokenizer.from_pretrained(spec, **hub)
             enc = T5EncoderModel.from_pretrained(spec, **hub)
-    except (OSError, EnvironmentError, ValueError) as e:
-        raise UserError(f"cannot load the text encoder {spec!r} ({e.__class__.__name__}): pass a local T5 directory or a reachable HF id") from e
+    except Exception as e:  # noqa: BLE001 - no such model, random weights, a damaged file: one line
+        raise UserError(f"cannot load the text encoder {spec!r} ({e.__class__.__name__}): pass a local T5 directory or a reachable HF id") from None
     return tok, enc.to(device, dtype).eval().requires_grad_(False)
 
 
@@ -82,11 +82,14 @@ def vae_factors(vae_spec: str) -> VaeFactors:
     """The VAE's spatial and scaling factors, from its config (read once, no weights loaded)."""
     from diffusers import AutoencoderKL
 
+    hub = check_model(vae_spec, "the VAE", "--vae")  # in seconds, not minutes of hub retries
     try:
-        cfg = AutoencoderKL.load_config(vae_spec, subfolder=_subfolder(vae_spec, "vae"))
+        cfg = AutoencoderKL.load_config(vae_spec, subfolder=_subfolder(vae_spec, "vae"), **hub)
     except Exception:
         try:
-            cfg = AutoencoderKL.load_config(vae_spec)
-        except Exception as e:
-            raise UserError(f"cannot read the VAE config of {vae_spec!r}: pass a local AutoencoderKL directory or a reachable HF id") from e
+            cfg = AutoencoderKL.load_config(vae_spec, **hub)
+        except Exception:
+            raise UserError(f"cannot read the VAE config of {vae_spec!r}: pass a local AutoencoderKL directory or a reachable HF id") from None
+    if not isinstance(cfg.get("block_out_channels"), (list, tuple)):
+        raise UserError(f"{vae_spec!r} is not an AutoencoderKL (its config has no block_out_channels): pass a VAE")
     return VaeFactors(2 ** (len(cfg["block_out_channels"]) - 1), float(cfg.get("scaling_factor", 0.18215)))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from shards import fs as shard_fs
+from shards.checks import Range, check_output_dir, check_ranges, read_text_input
 from shards.errors import UserError
 from shards.models import DEFAULT_CLIP
 from t2i.sample import SampleConfig
@@ -30,6 +31,10 @@ from t2i.sample import SampleConfig
 # and its defaults read without it (the CLI's --help).
 
 GRID_IMAGES = 16  # samples shown per checkpoint on the page (all are saved as PNGs)
+INCEPTION_DIMS = (64, 192, 768, 2048)  # t2i.fid's layers (checked here without importing torch)
+# what a checkpoint's result depends on: a rerun into the same --out with another value is refused
+IDENTITY = ("prompts", "clip", "aesthetic", "reference", "inception", "fid_features", "fid_dims", "steps", "guidance", "seed",
+            "which", "vae", "text_encoder")  # fmt: skip
 
 
 @dataclass
@@ -59,12 +64,29 @@ class EvalConfig:
         if isinstance(self.prompts, (str, Path)):  # a file of prompts (the CLI's --prompts)
             self.prompts = read_prompts(self.prompts)
 
+    def identity(self) -> dict[str, Any]:
+        """The settings a checkpoint's result depends on (not where it is written, nor the
+        display, nor the batch size): a rerun into the same --out must keep them. The prompts by
+        their digest."""
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k in IDENTITY}
+        settings["prompts"] = hashlib.sha256(json.dumps(settings["prompts"]).encode()).hexdigest()[:12]
+        return settings
+
     def fingerprint(self) -> str:
         """What a checkpoint's cached result depends on (not where it is written, nor the display)."""
-        keys = ("prompts", "clip", "aesthetic", "reference", "inception", "fid_features", "fid_dims", "steps", "guidance", "seed",
-                "which", "vae", "text_encoder")  # fmt: skip
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k in keys}
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k in IDENTITY}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        """A UserError for a setting out of range or unknown weights (before any model loads)."""
+        from t2i.sample import SAMPLER_RANGES, check_overrides, check_weights
+
+        check_ranges(self, {**SAMPLER_RANGES, "batch_size": Range(1, 4096)})
+        check_weights(self.which)
+        check_overrides(self.vae, self.text_encoder)
+        if self.fid_dims not in INCEPTION_DIMS:
+            raise UserError(f"--fid-dims {self.fid_dims} is not an Inception feature size: use one of "
+                            f"{', '.join(map(str, INCEPTION_DIMS))}")
 
 
 @dataclass
@@ -87,27 +109,36 @@ class Scored:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Non-empty lines of a text file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prompts file {path} not found: pass --prompts FILE with one prompt per line")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Non-empty lines of a UTF-8 text file."""
+    text = read_text_input(path, "prompts file", "pass --prompts FILE with one prompt per line")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompts file {path} has no prompts: write one prompt per line")
     return prompts
 
 
-def find_targets(path: str | Path) -> list[Target]:
+def find_targets(path: str | Path, which: str = "ema") -> list[Target]:
     """An exported pipeline folder, one checkpoint directory, or every checkpoint of a run
-    directory (oldest step first)."""
+    directory (oldest step first). Checkpoints are verified first (t2i.recovery: sizes, headers,
+    checksums of the files sampling reads): one given alone must verify; of a run's, the damaged
+    ones are left out with one warning."""
     from t2i import checkpoint as ckpt
+    from t2i.recovery import DamagedCheckpoint, usable_checkpoint, verify_checkpoint, warn
 
     p = Path(path)
     if (p / "model_index.json").is_file():
         return [Target(p.name, p, "export")]
     if (p / "model.safetensors").is_file():
-        return [Target(p.name, p, "checkpoint", _step(p))]
-    found = [ck for ck in reversed(ckpt.checkpoint_dirs(p)) if (ck / "model.safetensors").is_file()]
+        return [Target(p.name, usable_checkpoint(p, which), "checkpoint", _step(p))]
+    found, damaged = [], []
+    for ck in reversed(ckpt.checkpoint_dirs(p)):
+        try:
+            verify_checkpoint(ck, (which,))
+            found.append(ck)
+        except DamagedCheckpoint as e:
+            damaged.append(f"{ck.name} ({e})")
+    if damaged:
+        warn(f"left out damaged checkpoint(s) {'; '.join(damaged)}")
     if not found:
         raise UserError(f"nothing to evaluate at {path}: pass a `t2i-data train` run directory, one of its "
                         "checkpoints/step-* directories, or a `t2i-data export` folder")  # fmt: skip
@@ -126,10 +157,7 @@ def _step(ck: Path) -> int | None:
 def _check(cfg: EvalConfig) -> None:
     if not cfg.prompts:
         raise UserError("no prompts: pass --prompts FILE with one prompt per line")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise UserError("--steps and --batch-size must be at least 1: pass positive numbers")
-    if cfg.which not in ("ema", "model"):
-        raise UserError(f"--weights {cfg.which!r} is not ema or model: pick one")
+    cfg.validate()
     if cfg.reference is not None:
         from t2i.fid import check_options
 
@@ -138,12 +166,9 @@ def _check(cfg: EvalConfig) -> None:
         if len(cfg.prompts) < 2:
             raise UserError("FID needs at least 2 samples: pass at least 2 prompts")
         check_options(cfg.fid_features, cfg.inception, cfg.fid_dims)
-    clip = Path(cfg.clip).expanduser()
-    if not clip.exists() and (cfg.clip.startswith((".", "/", "~")) or cfg.clip.count("/") > 1):
-        raise UserError(f"--clip {cfg.clip} does not exist: pass a CLIP model directory or an HF id")
-    from shards.hub import hub_kwargs
+    from shards.hub import check_model
 
-    hub_kwargs(cfg.clip, "CLIP model")  # an unreachable, uncached hub id fails here, in seconds
+    check_model(cfg.clip, "CLIP model", "--clip")  # in seconds; its answer is kept for the load (shards.hub)
 
 
 def load_scorers(cfg: EvalConfig, device: str):
@@ -151,8 +176,8 @@ def load_scorers(cfg: EvalConfig, device: str):
     from shards.models.aesthetic import load_head
     from shards.models.clip import ClipEmbedder
 
-    clip = ClipEmbedder(cfg.clip, device=device)
-    head = load_head(cfg.aesthetic, clip.dim) if cfg.aesthetic else None
+    clip = ClipEmbedder(cfg.clip, device=device, flag="--clip")
+    head = load_head(cfg.aesthetic, clip.dim, flag="--aesthetic") if cfg.aesthetic else None
     fid = None
     if cfg.reference is not None:
         from t2i.fid import FidMeter
@@ -240,17 +265,40 @@ def evaluate_checkpoints(target: str | Path, cfg: EvalConfig | None = None, **op
     """Sample and score every checkpoint at `target`; write `<out>/eval.json` and `<out>/eval.html`.
     Settings: an EvalConfig, or its fields as keywords (`prompts=[...], clip="dir", out="eval"`).
     Returns the JSON's dict: {"checkpoints": [one result per checkpoint, oldest first: name, step,
-    samples, clip_score, clip_score_std, aesthetic, fid, grid], "settings", "reference", "files"}."""
+    samples, clip_score, clip_score_std, aesthetic, fid, grid], "settings", "reference", "files"}.
+    A rerun with the same settings skips the checkpoints already scored; one with other identity
+    settings into the same `out` is refused."""
+    from shards.lock import output_lock
+
+    cfg = cfg if cfg is not None else EvalConfig(**options)
+    _check(cfg)
+    check_output_dir(cfg.out)  # under a file, read-only: one line before any model loads
+    targets = find_targets(target, cfg.which)
+    out = Path(cfg.out)
+    with output_lock(out, "eval"):  # one eval per --out; its settings recorded before any result
+        _record_settings(out, cfg)
+        return _evaluate(target, targets, cfg, out)
+
+
+def _record_settings(out: Path, cfg: EvalConfig) -> None:
+    """Refuse a rerun into `out` (results written) with other identity settings, in one line;
+    then record this run's (`run.json`, as the shard jobs do: shards.job)."""
+    from shards.job import JobSpec, check_settings, record_settings
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "prompts"}
+    spec = JobSpec("eval", out, settings=settings, identity=cfg.identity(), schema=None)
+    check_settings(out, spec, committed=any(out.glob("*/result.json")))
+    record_settings(out, spec)
+
+
+def _evaluate(target: str | Path, targets: list[Target], cfg: EvalConfig, out: Path) -> dict[str, Any]:
+    """evaluate_checkpoints' work, once its output is locked and its settings recorded."""
     import torch
 
     from t2i.eval_report import write_report
 
-    cfg = cfg if cfg is not None else EvalConfig(**options)
-    _check(cfg)
-    targets = find_targets(target)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out, fingerprint = Path(cfg.out), cfg.fingerprint()
-    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = cfg.fingerprint()
     scorers = load_scorers(cfg, device)
     reference = _add_reference(cfg, scorers[2]) if scorers[2] is not None else None
     results = []
@@ -280,7 +328,7 @@ def _add_reference(cfg: EvalConfig, fid) -> dict[str, Any]:
     files, failed = reference_files(cfg.reference), []
     with _progress(cfg.progress) as bar:
         task = bar.add_task("reference", total=len(files), info=str(cfg.reference))
-        for batch in read_reference(files, cfg.batch_size, failed):
+        for batch in read_reference(files, cfg.batch_size, failed, fid.size):
             fid.add(batch, real=True)
             bar.advance(task, len(batch))
     if fid.reference_count < 2:

@@ -1,12 +1,18 @@
-"""Export a training checkpoint as a diffusers pipeline folder.
+"""Export a training checkpoint as a diffusers pipeline folder that carries its own settings.
 
 `PixArtAlphaPipeline.from_pretrained(dir)` loads it and samples from it with no t2i code at all.
-The learned null caption cannot be folded into the pipeline (its unconditional branch is T5("")
-by construction), so it is saved next to the pipeline as `null_caption.safetensors` and
-`load_exported(dir)` / `t2i.sample.generate(pipe, null, prompts)` pass it as
-`negative_prompt_embeds`; that reproduces the guidance the model was trained for. A plain
-`pipe(prompt)` call still works but guides against T5("") instead (documented in
-`T2I_EXPORT.md` inside the folder).
+The folder holds what reproducing our sampler needs, read from it alone:
+- the scheduler of the objective the model was trained with (`scheduler/`: DPM-Solver++ on the
+  DDPM schedule with its prediction type, or its flow-matching form with the training shift);
+- `null_caption.safetensors`: the learned null caption, the unconditional branch the model was
+  trained with (the stock pipeline's is T5(""), which it never saw; it cannot be folded in);
+- `t2i_export.json`: the caption token length it was trained with (`max_sequence_length`: the
+  pipeline's default of 120 is not it), the objective, the sampler defaults (steps, guidance,
+  size), and `clean_caption: false`: t2i encodes captions as written, in training and sampling,
+  so prompts must not go through the pipeline's lower-casing `clean_caption` either.
+`T2I_EXPORT.md` in the folder gives the recipe for a client with diffusers alone; it reproduces
+`t2i.sample.generate` (tests/test_export_client.py). A plain `pipe(prompt)` call still works but
+guides against T5("") at 120 tokens, with cleaned prompts: not what the model was trained for.
 """
 
 from __future__ import annotations
@@ -16,32 +22,58 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from shards.checks import check_output_dir
 from shards.errors import UserError
 
 NULL_FILE = "null_caption.safetensors"
+SETTINGS_FILE = "t2i_export.json"
 
 NOTE = """# Exported by t2i-data
 
-A `PixArtAlphaPipeline` folder: `PixArtAlphaPipeline.from_pretrained(this_dir)`.
-Pass `use_resolution_binning=False` unless the sample size is 32/64/128, and `clean_caption=False`
-if bs4/ftfy are not installed.
+A `PixArtAlphaPipeline` folder: `PixArtAlphaPipeline.from_pretrained(this_folder)`. Its settings are
+in `t2i_export.json`: the caption token length the model was trained with (`max_sequence_length`),
+its objective, the sampler defaults; the scheduler in `scheduler/` is the one it was trained for.
 
-Classifier-free guidance: this model was trained with a learned null caption
-(`null_caption.safetensors`, key `null_caption`, shape [tokens, channels], mask all ones).
-To guide exactly as in training, pass it as the negative branch:
+Sample exactly as t2i does (`t2i.sample.generate`), with diffusers alone: the prompts encoded at the
+trained token length, as written (`clean_caption=False`: t2i never lower-cases or cleans captions,
+in training or sampling), and the learned null caption (`null_caption.safetensors`, shape
+[tokens, channels], mask all ones) as the unconditional branch of classifier-free guidance. Run
+from inside this folder (or set `folder`):
 
 ```python
-from t2i.export import load_exported
-from t2i.sample import generate
-pipe, null = load_exported(this_dir)
-images = generate(pipe, null, ["a red circle on the left"])
+import json
+
+import torch
+from diffusers import PixArtAlphaPipeline
+from safetensors.torch import load_file
+
+folder = "."
+settings = json.load(open(f"{folder}/t2i_export.json"))
+pipe = PixArtAlphaPipeline.from_pretrained(folder)
+null = load_file(f"{folder}/null_caption.safetensors")["null_caption"]
+tokens = settings["max_sequence_length"]
+
+
+def sample(prompts, seed=0, output_type="pil"):
+    emb, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=tokens,
+                                         clean_caption=False)
+    neg = null.to(emb.dtype)[None].expand(len(prompts), -1, -1)
+    return pipe(prompt=None, negative_prompt=None, prompt_embeds=emb, prompt_attention_mask=mask,
+                negative_prompt_embeds=neg, negative_prompt_attention_mask=torch.ones(neg.shape[:2], dtype=mask.dtype),
+                num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
+                height=settings["height"], width=settings["width"], use_resolution_binning=False,
+                max_sequence_length=tokens, clean_caption=False, output_type=output_type,
+                generator=torch.Generator("cpu").manual_seed(seed)).images
+
+
+images = sample(["a red circle on the left"])
 ```
 
-or without t2i: encode the prompt with `pipe.encode_prompt(..., do_classifier_free_guidance=False)`
-and call `pipe(prompt_embeds=..., prompt_attention_mask=..., negative_prompt=None,
-negative_prompt_embeds=null[None].expand(B, -1, -1), negative_prompt_attention_mask=ones)`.
-A plain `pipe(prompt)` guides against T5("") instead, which the model never saw in training.
+With t2i installed the same is `pipe, null = t2i.export.load_exported(folder)` and
+`t2i.sample.generate(pipe, null, prompts)`. A plain `pipe(prompt)` guides against T5("") at 120
+tokens with cleaned prompts instead, which the model never saw in training: expect worse samples.
 """
 
 
@@ -56,8 +88,20 @@ class ExportConfig:
     text_encoder: str | None = None
 
 
+    def validate(self) -> None:
+        """A UserError for unknown weights or an output that cannot be written (before any model loads)."""
+        from t2i.sample import check_overrides, check_weights
+
+        check_weights(self.which)
+        check_overrides(self.vae, self.text_encoder)
+        check_output_dir(self.out.parent if str(self.out.parent) else Path("."), shown=self.out)
+        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+            raise UserError(f"--out {self.out} exists and is not an empty directory: pass a new --out directory")
+
+
 def export_command(cfg: ExportConfig) -> str:
     """`t2i-data export`: the pipeline folder, then what the command prints (where it went)."""
+    cfg.validate()
     return f"wrote {export(cfg.checkpoint, cfg.out, which=cfg.which, vae=cfg.vae, text_encoder=cfg.text_encoder)}"
 
 
@@ -77,18 +121,38 @@ def export(checkpoint: str | Path, out_dir: str | Path, which: str = ExportConfi
     pipe.save_pretrained(tmp)
     save_file({"null_caption": null.float().contiguous().cpu()}, tmp / NULL_FILE)
     (tmp / "T2I_EXPORT.md").write_text(NOTE)
-    (tmp / "t2i_export.json").write_text(json.dumps({"checkpoint": str(checkpoint), "weights": which}, indent=2))
+    (tmp / SETTINGS_FILE).write_text(json.dumps(export_settings(checkpoint, which, pipe, null), indent=2))
     if out_dir.exists():
         out_dir.rmdir()
     os.replace(tmp, out_dir)
     return out_dir
 
 
+def export_settings(checkpoint: str | Path, which: str, pipe, null) -> dict[str, Any]:
+    """What t2i_export.json records: where the weights came from, and every setting a client
+    needs to sample as t2i does (the token length, the objective, the sampler's defaults)."""
+    from t2i.objective import objective_of_state
+    from t2i.recovery import usable_checkpoint
+    from t2i.sample import SampleConfig
+    from t2i.text_cond import TextConditioning
+
+    ck = usable_checkpoint(checkpoint, which)
+    state = json.loads((ck / "trainer_state.json").read_text())
+    objective = objective_of_state(state)
+    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    return {"checkpoint": str(Path(ck).resolve()), "step": state.get("step"), "weights": which,
+            "max_sequence_length": int(null.shape[0]), "clean_caption": False,
+            "objective": {"kind": objective.kind, **objective.settings()}, "scheduler": type(pipe.scheduler).__name__,
+            "null_caption": NULL_FILE, "num_inference_steps": SampleConfig.steps, "guidance_scale": TextConditioning.guidance,
+            "height": size, "width": size}  # fmt: skip
+
+
 def load_exported(path: str | Path, device: str | None = None, dtype=None):
     """(PixArtAlphaPipeline, null_caption or None) from an exported folder; `dtype` default float32."""
     import torch
     from diffusers import PixArtAlphaPipeline
-    from safetensors.torch import load_file
+
+    from shards.hub import load_pretrained, load_weights_file
 
     dtype = dtype or torch.float32
 
@@ -96,7 +160,9 @@ def load_exported(path: str | Path, device: str | None = None, dtype=None):
     if not (path / "model_index.json").exists():
         raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json): run `t2i-data export` first")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = PixArtAlphaPipeline.from_pretrained(path, dtype=dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    null = load_file(str(path / NULL_FILE))["null_caption"].to(device, dtype) if (path / NULL_FILE).exists() else None
+    pipe = load_pretrained(PixArtAlphaPipeline.from_pretrained, str(path), "exported pipeline", "export folder", dtype=dtype)
+    pipe.to(device).set_progress_bar_config(disable=True)
+    null = None
+    if (path / NULL_FILE).exists():
+        null = load_weights_file(path / NULL_FILE, "null caption", "export folder")["null_caption"].to(device, dtype)
     return pipe, null

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from shards.checks import WORKERS, Range, check_ranges
 from shards.errors import UserError
 from shards.images import DEFAULT_MAX_PIXELS
 from shards.writer import ROWS_PER_SHARD
@@ -19,6 +20,13 @@ DTYPES = ("float32", "float16", "bfloat16")
 ENGINES = ("local", "ray")
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_TEXT_ENCODER = "google/t5-v1_1-xxl"
+
+
+# the range of every numeric setting (shards.checks); a resolution past 4096 px would only
+# allocate images for minutes before failing
+FEATURE_RANGES = {"resolution": Range(8, 4096), "max_tokens": Range(1, 1024), "batch_size": Range(1, 65536),
+                  "rows_per_shard": Range(1, 10_000_000, flag="--shard-size"), "workers": WORKERS,
+                  "max_pixels": Range(1, 10**10), "replicas": Range(1, 4096)}
 
 
 @dataclass
@@ -71,13 +79,17 @@ class FeatureConfig:
         for name in ("text_dtype", "latent_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(DTYPES)}: pick one")
-        for name in ("batch_size", "rows_per_shard", "resolution", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} {getattr(self, name)} must be at least 1: pass a positive number")
         if self.engine not in ENGINES:
             raise UserError(f"unknown --engine {self.engine!r}: use local or ray")
-        if self.replicas < 1:
-            raise UserError(f"--replicas {self.replicas} must be at least 1: pass a positive number")
+        check_ranges(self, FEATURE_RANGES)
+
+    def check_models(self) -> None:
+        """The VAE and the text encoder, checked before any row is read (shards.hub: a hub id in
+        seconds, a missing or empty folder); the encoders themselves load on the first batch."""
+        from shards.hub import check_model
+
+        check_model(self.vae, "the VAE", "--vae")
+        check_model(self.text_encoder, "the text encoder", "--text-encoder")
 
 
 @dataclass

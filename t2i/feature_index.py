@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from shards import ShardError
 from shards.hashing import column_hashes as key_hashes
+from shards.reader import damaged
 from t2i.caption_fields import text_columns
 
 INDEX_FILE = "index.npz"
@@ -77,7 +78,14 @@ def index_shard(s: int, path: str, caption_fields: tuple[str, ...]) -> dict:
     """The index columns of shard number `s` (key, height, width: no tensor bytes read), the row
     group and row of each of its rows, the caption fields each row has, and whether it has
     oversized row groups."""
-    pf = pq.ParquetFile(path, memory_map=True)
+    try:
+        return _index_shard(s, path, caption_fields)
+    except (pa.ArrowException, OSError) as e:  # truncated, or a page whose checksum fails
+        raise damaged(path, e) from None
+
+
+def _index_shard(s: int, path: str, caption_fields: tuple[str, ...]) -> dict:
+    pf = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
     md = pf.metadata
     columns = [text_columns(f) for f in caption_fields]
     lens = [c.len for c in columns]

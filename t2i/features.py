@@ -46,6 +46,7 @@ import pyarrow as pa
 
 from shards import ShardError, UserError, done_keys
 from shards import fs as shard_fs
+from shards.checks import WORKERS, check_output_dir
 from shards.job import JobSpec, Run, Summary, job_run
 from shards.reader import Shard, complete_shards, iter_rows, open_shards
 from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, text_columns
@@ -96,6 +97,7 @@ def run_features(shards_dir: str | Path, root: str | Path, cfg: FeatureConfig, p
     or accelerate launch, this rank's share) or "ray" (t2i.features_ray). Returns the summary on
     the process that reports it, None on the other ranks."""
     cfg.validate()
+    cfg.check_models()
     if cfg.engine == "ray":
         from t2i.features_ray import compute_features_ray  # Ray is imported only here
 
@@ -111,6 +113,9 @@ def run_features(shards_dir: str | Path, root: str | Path, cfg: FeatureConfig, p
 def features_command(run: FeaturesRun) -> str | None:
     """`t2i-data features`: the job on `run.threads` torch threads; returns its summary line on
     the reporting process (rank 0 of a torchrun / accelerate launch), None on the others."""
+    run.config.validate()
+    WORKERS.check("threads", run.threads)
+    check_output_dir(run.out)  # under a file, read-only: one line before any model loads
     set_threads(run.threads)
     summary = run_features(run.shards, run.out, run.config)
     return summary.line() if summary is not None else None

@@ -29,7 +29,6 @@ from shards.errors import UserError
 FID_FEATURES = ("inception", "clip")
 INCEPTION_DIMS = (64, 192, 768, 2048)  # the Inception layers torchmetrics offers; 2048 (pool3) is the standard FID
 INCEPTION_SIZE = 299
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 INSTALL_HINT = "pip install 't2i-data[eval]' (torchmetrics + torch-fidelity)"
 
 
@@ -109,29 +108,36 @@ class FidMeter:
         return value
 
 
-def reference_files(folder: str | Path) -> list[Path]:
-    """Image files under `folder` (recursive, sorted); a missing or imageless folder is a UserError."""
+def reference_files(folder: str | Path) -> list:
+    """The images under `folder` (recursive, sorted; tars and Parquet files of images too), listed
+    by the image layer (shards.images) as every job lists its sources; a missing or imageless
+    folder is a UserError."""
+    from shards.images import iter_entries
+
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"--reference {folder} is not a directory: pass a folder of reference images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if len(files) < 2:
-        raise UserError(f"--reference {folder} holds {len(files)} images (.jpg/.png/.webp/.bmp): FID needs at least 2")
-    return files
+    entries = list(iter_entries([root]))
+    if len(entries) < 2:
+        raise UserError(f"--reference {folder} holds {len(entries)} images (.jpg/.png/.webp/...): FID needs at least 2")
+    return entries
 
 
-def read_reference(files: Sequence[Path], batch_size: int, failed: list[str]) -> Iterator[list[Image.Image]]:
-    """Batches of decoded reference images; unreadable files are listed in `failed`, not fatal."""
+def read_reference(entries: Sequence, batch_size: int, failed: list[str], size: int | None = None) -> Iterator[list[Image.Image]]:
+    """Batches of decoded reference images, under the one decode policy (shards.images: EXIF
+    orientation, RGB, bomb guard, JPEG draft decode down to `size`); unreadable files are listed
+    in `failed`, not fatal."""
+    from shards.images import READ_ERRORS, ImageError, decode_image, iter_entry
+
     batch: list[Image.Image] = []
-    for path in files:
+    for entry in entries:
         try:
-            with Image.open(path) as im:
-                batch.append(im.convert("RGB"))
-        except Exception as e:  # noqa: BLE001 - corrupt or truncated: recorded, the rest still count
-            failed.append(f"{path}: {type(e).__name__}")
-            continue
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
+            for item in iter_entry(entry):
+                batch.append(decode_image(item.read_bytes(), size).image)
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+        except (ImageError, *READ_ERRORS) as e:  # corrupt, truncated, a bomb: recorded, the rest still count
+            failed.append(f"{entry.location}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if batch:
         yield batch

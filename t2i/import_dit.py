@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.checks import Range, check_output_dir, check_ranges
 from shards.errors import UserError
 
 # The model code (torch, t2i.models, t2i.dit_source) is imported when a DiT is imported, so that
@@ -40,9 +41,15 @@ class ImportDitConfig:
     caption_channels: int = 4096  # the text encoder's width (T5-XXL: 4096)
     heads: int | None = None  # attention heads (default: the DiT preset's)
 
+    def validate(self) -> None:
+        """A one-line UserError for a number out of range or an --out that cannot be written."""
+        check_ranges(self, {"caption_channels": Range(1, 65536), "heads": Range(1, 1024)})
+        check_output_dir(self.out)
+
 
 def import_dit_command(cfg: ImportDitConfig) -> str:
     """`t2i-data import-dit`: the PixArt model saved to `cfg.out`, then what the command prints."""
+    cfg.validate()
     model, info = import_dit(cfg.ckpt, caption_channels=cfg.caption_channels, num_heads=cfg.heads)
     model.save_pretrained(cfg.out)
     return (f"wrote {cfg.out}: depth {info['depth']}, hidden {info['hidden']}, {info['heads']} heads, "

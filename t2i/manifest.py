@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from shards.errors import UserError
-from t2i.kinds import conditioning_class
 from t2i.train import TrainConfig, TrainRun
 
 TOP_KEYS = {"name", "description", "defaults", "stages"}
@@ -75,7 +74,7 @@ def parse_manifest(text: str, source: str = "manifest") -> Manifest:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{source} is not valid TOML ({e}): fix the syntax") from e
+        raise UserError(f"{source} is not valid TOML ({str(e).splitlines()[0]}): fix the syntax") from None
     _check_keys(source, raw, TOP_KEYS)
     allowed = set(TrainConfig.field_names()) | STAGE_EXTRA
     defaults = raw.get("defaults", {})
@@ -109,6 +108,10 @@ def parse_manifest(text: str, source: str = "manifest") -> Manifest:
 
 
 def load_manifest(path: str | Path) -> Manifest:
+    """The manifest at `path` (or a built-in one of manifests/ by name); one-line UserError for a
+    missing, binary or non-UTF-8 file, or bad TOML."""
+    from shards.checks import read_text_input
+
     path = Path(path)
     if not path.exists():
         builtin = Path(__file__).resolve().parent.parent / "manifests" / f"{path.name}"
@@ -116,7 +119,7 @@ def load_manifest(path: str | Path) -> Manifest:
         if not alt.exists():
             raise UserError(f"manifest {path} not found: pass a TOML file (see manifests/)")
         path = alt
-    return parse_manifest(path.read_text(), str(path))
+    return parse_manifest(read_text_input(path, "manifest", "pass a TOML file (see manifests/)"), str(path))
 
 
 def _finished(stage_dir: Path, steps: int) -> bool:
@@ -134,6 +137,7 @@ def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None 
     their own step, into `features` (a features root; default `<stage dir>/features`), then the
     training loop on them (t2i.stage.run_stage). Finished stages are skipped; an interrupted one
     resumes from its checkpoint when `resume`."""
+    from t2i.kinds import conditioning_class
     from t2i.recovery import has_checkpoints
     from t2i.stage import run_stage
 
@@ -171,12 +175,15 @@ def run_manifest(manifest: Manifest, out: str | Path, shards: str | Path | None 
 def train_command(run: TrainRun) -> str:
     """`t2i-data train`: every stage of `run.manifest` (a line each), or one stage from the flags
     (the features step's line, then where training ended); returns what the command prints."""
+    from shards.checks import check_output_dir
+
+    run.validate()  # settings, and a single stage's models (a hub id in seconds), before the model code loads
+    check_output_dir(run.out)  # under a file, read-only: one line before any features or training
     from t2i.features import features_line
     from t2i.ranks import set_threads
     from t2i.stage import run_stage
 
     set_threads(run.threads)
-    run.validate()
     if run.manifest:
         done = run_manifest(load_manifest(run.manifest), run.out, run.shards, resume=True, only=run.stage,
                             overrides=run.overrides, features=run.features)  # fmt: skip

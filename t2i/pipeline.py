@@ -14,8 +14,10 @@ from typing import Sequence
 
 import torch
 
+from shards import fs
 from shards.errors import UserError
 from t2i import checkpoint as ckpt
+from t2i.recovery import usable_checkpoint
 from t2i.objective import objective_of_state
 
 
@@ -27,11 +29,11 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, tex
 
     from t2i.encoders import load_text_encoder, load_vae
 
-    ck = ckpt.require_checkpoint(checkpoint)
+    ck = usable_checkpoint(checkpoint, which)  # verified: a damaged file is one line (or a warning and an older one)
     state = json.loads((ck / "trainer_state.json").read_text())
     feats = state.get("features", {})
-    vae_spec = vae or feats.get("vae")
-    te_spec = text_encoder or feats.get("text_encoder")
+    vae_spec = vae or recorded_model(feats.get("vae"), ck, "--vae")
+    te_spec = text_encoder or recorded_model(feats.get("text_encoder"), ck, "--text-encoder")
     if not vae_spec or not te_spec:
         raise UserError(f"checkpoint {ck} does not record its VAE/text encoder: pass --vae and --text-encoder")
     transformer, null = ckpt.load_transformer(ck, which)
@@ -44,6 +46,22 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, tex
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, null.to(device, dtype)
+
+
+def recorded_model(spec: str | None, ck: Path, flag: str) -> str | None:
+    """A model a checkpoint records (its VAE, text encoder), usable from any working directory:
+    absolute paths and hub ids as they are; a relative path (checkpoints written before paths
+    were recorded absolute) from the current directory, else from the folders above the
+    checkpoint (the run's own folder tree); a one-line UserError saying how to fix it otherwise."""
+    if not spec or Path(spec).is_absolute() or fs.is_uri(spec) or Path(spec).exists():
+        return spec
+    for folder in Path(ck).resolve().parents:
+        if (folder / spec).exists():
+            return str(folder / spec)
+    if spec.count("/") <= 1 and not spec.startswith("."):
+        return spec  # a hub id (org/name): checked when it loads
+    raise UserError(f"checkpoint {ck} records {flag.removeprefix('--').replace('-', ' ')} {spec!r}, a path relative to "
+                    f"the folder the run was made in, not found from here: run from that folder, or pass {flag} PATH")
 
 
 @torch.no_grad()

@@ -6,7 +6,10 @@
 
 A checkpoint verifies when every safetensors file's header is whole and the file is as long as
 the header says (a truncated file fails without reading gigabytes), the small files load fully
-(rng tensors, trainer_state.json, transformer/config.json) and its step matches its name.
+(rng tensors, trainer_state.json, transformer/config.json), its step matches its name, and every
+file has the SHA-256 recorded when it was written (checksums.json: a flipped byte in a file of
+the right size). Sample, export and eval load through `usable_checkpoint`, the same checks on
+the files they read.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from typing import Callable
 
 from shards.errors import UserError
 from shards.fs import write_text
-from t2i.checkpoint import LATEST, TRAINER_STATE, checkpoint_dirs, latest_checkpoint, parse_step
+from t2i.checkpoint import (CHECKSUMS, DAMAGED_PREFIX, LATEST, TRAINER_STATE, checkpoint_dirs, latest_checkpoint, parse_step,
+                            require_checkpoint)
 
 SAFETENSORS = ("model", "ema", "optimizer", "rng")
-DAMAGED_PREFIX = "damaged-"
 
 
 class DamagedCheckpoint(Exception):
@@ -53,14 +56,39 @@ def check_safetensors(path: Path) -> None:
         raise DamagedCheckpoint(f"{path.name} is {size} bytes, its header describes {8 + n + end}: truncated or damaged")
 
 
-def verify_checkpoint(ck: Path) -> dict:
-    """The checkpoint's trainer state, after checking every file; DamagedCheckpoint otherwise."""
+def check_checksums(ck: Path, names: tuple[str, ...] | None = None) -> None:
+    """Raise DamagedCheckpoint when a file of `ck` (those in `names`, default all) differs from
+    the SHA-256 recorded when it was written (checksums.json; checkpoints from before it: not
+    checked), e.g. a flipped byte in a file whose size is right."""
+    from shards.fs import sha256
+
+    path = ck / CHECKSUMS
+    if not path.is_file():
+        return
+    try:
+        sums = json.loads(path.read_text())
+    except ValueError:
+        raise DamagedCheckpoint(f"{CHECKSUMS} is damaged") from None
+    for name, digest in sums.items():
+        if names is not None and name not in names:
+            continue
+        if not (ck / name).is_file():
+            raise DamagedCheckpoint(f"{name} is missing")
+        if sha256(ck / name) != digest:
+            raise DamagedCheckpoint(f"{name} does not match the checksum recorded when it was written (a changed byte)")
+
+
+def verify_checkpoint(ck: Path, weights: tuple[str, ...] = SAFETENSORS) -> dict:
+    """The checkpoint's trainer state, after checking its files (of the safetensors, those in
+    `weights`: all for a resume, the ones a sampler loads otherwise) and their checksums;
+    DamagedCheckpoint otherwise."""
     from safetensors.torch import load_file
 
-    for name in SAFETENSORS:
+    for name in weights:
         check_safetensors(ck / f"{name}.safetensors")
     try:
-        load_file(str(ck / "rng.safetensors"))  # small: loaded whole
+        if "rng" in weights:
+            load_file(str(ck / "rng.safetensors"))  # small: loaded whole
         json.loads((ck / "transformer" / "config.json").read_text())
         state = json.loads((ck / TRAINER_STATE).read_text())
     except FileNotFoundError as e:
@@ -71,6 +99,8 @@ def verify_checkpoint(ck: Path) -> dict:
         raise DamagedCheckpoint(f"{TRAINER_STATE} has no step")
     if parse_step(ck.name) is not None and state["step"] != parse_step(ck.name):
         raise DamagedCheckpoint(f"{TRAINER_STATE} says step {state['step']}, the directory says {parse_step(ck.name)}")
+    every = weights == SAFETENSORS
+    check_checksums(ck, None if every else (*(f"{w}.safetensors" for w in weights), TRAINER_STATE, "transformer/config.json"))
     return state
 
 
@@ -78,10 +108,12 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def resumable_checkpoint(run_dir: str | Path, set_aside: bool = True) -> Path | None:
-    """The newest checkpoint of `run_dir` that verifies (`latest` first, then by step number).
-    Each damaged newer one is named in a warning and, with `set_aside`, renamed
-    `damaged-step-*` so no later scan picks it again. None when the run has no checkpoint;
+def resumable_checkpoint(run_dir: str | Path, set_aside: bool = True, weights: tuple[str, ...] = SAFETENSORS,
+                         doing: str = "resuming from") -> Path | None:
+    """The newest checkpoint of `run_dir` that verifies (`latest` first, then by step number;
+    `weights`: the safetensors checked, all for a resume). Each damaged newer one is named in
+    one warning and, with `set_aside`, renamed `damaged-step-*` so no later scan picks it again
+    (rotation counts those toward keep_checkpoints). None when the run has no checkpoint;
     UserError when it has some but none verifies."""
     run_dir = Path(run_dir)
     first = latest_checkpoint(run_dir)
@@ -89,20 +121,47 @@ def resumable_checkpoint(run_dir: str | Path, set_aside: bool = True) -> Path | 
     damaged = []
     for ck in candidates:
         try:
-            verify_checkpoint(ck)
+            verify_checkpoint(ck, weights)
         except DamagedCheckpoint as e:
             damaged.append(f"{ck.name} ({e})")
             if set_aside:
                 os.replace(ck, ck.with_name(DAMAGED_PREFIX + ck.name))
             continue
         if damaged:
-            warn(f"resuming from {ck.name} instead: damaged checkpoint(s) {'; '.join(damaged)}"
+            warn(f"{doing} {ck.name} instead: damaged checkpoint(s) {'; '.join(damaged)}"
                  + (f", renamed {DAMAGED_PREFIX}*" if set_aside else ""))
-            write_text(ck.parent / LATEST, ck.name)
+            if set_aside:
+                write_text(ck.parent / LATEST, ck.name)
         return ck
     if damaged:
-        raise UserError(f"no checkpoint in {run_dir} can be resumed: {'; '.join(damaged)}: start again with a fresh --out")
+        what = "resumed" if set_aside else "used"
+        raise UserError(f"no checkpoint in {run_dir} can be {what}: {'; '.join(damaged)}: start again with a fresh --out")
     return None
+
+
+_verified: set[tuple[str, float, tuple[str, ...]]] = set()  # (checkpoint, its mtime, weights) verified in this process
+
+
+def usable_checkpoint(path: str | Path, which: str = "ema") -> Path:
+    """The checkpoint sample, export and eval load: `path` itself when it is a checkpoint
+    directory (UserError when it does not verify), or a run directory's newest checkpoint whose
+    `which` weights verify (damaged newer ones named in one warning, left in place)."""
+    path = Path(path)
+    weights = (which,)
+    ck = require_checkpoint(path)
+    key = (str(ck.resolve()), ck.stat().st_mtime, weights)
+    if key in _verified:
+        return ck
+    if ck == path:
+        try:
+            verify_checkpoint(ck, weights)
+        except DamagedCheckpoint as e:
+            raise UserError(f"checkpoint {ck} is damaged ({e}): pass another checkpoint of the run, or the run "
+                            "directory (its newest good checkpoint is used)") from None
+    else:
+        ck = resumable_checkpoint(path, set_aside=False, weights=weights, doing="using")
+    _verified.add((str(ck.resolve()), ck.stat().st_mtime, weights))
+    return ck
 
 
 def checkpoint_step(ck: Path | None) -> int | None:

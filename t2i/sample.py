@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from shards.checks import SEED, Range, check_output_file, check_ranges, read_text_input
 from shards.errors import UserError
 
 __all__ = ["SampleConfig", "sample", "sample_command", "generate", "image_grid", "pipeline_from_checkpoint"]
@@ -38,17 +39,46 @@ class SampleConfig:
     text_encoder: str | None = None
 
     def prompts(self) -> list[str]:
-        """`prompt`, then the non-empty lines of `prompts_file`."""
+        """`prompt`, then the non-empty lines of `prompts_file` (UTF-8 text)."""
         prompts = list(self.prompt)
         if self.prompts_file:
-            if not self.prompts_file.exists():
-                raise UserError(f"prompts file {self.prompts_file} not found: pass an existing text file")
-            prompts += [line.strip() for line in self.prompts_file.read_text().splitlines() if line.strip()]
+            text = read_text_input(self.prompts_file, "--prompts-file", "pass a UTF-8 text file with one prompt per line")
+            prompts += [line.strip() for line in text.splitlines() if line.strip()]
         return prompts
+
+    def validate(self) -> None:
+        """A UserError for a setting out of range, or an output that cannot be written (before any model loads)."""
+        check_ranges(self, SAMPLER_RANGES)
+        check_weights(self.which)
+        check_output_file(self.out)
+        check_overrides(self.vae, self.text_encoder)
+
+
+# the sampler's settings (sample, eval): their ranges
+SAMPLER_RANGES = {"steps": Range(1, 1000), "guidance": Range(0, 100), "seed": SEED}
+WEIGHTS = ("ema", "model")
+
+
+def check_weights(which: str) -> None:
+    """`--weights` names one of a checkpoint's weight sets."""
+    if which not in WEIGHTS:
+        raise UserError(f"--weights {which!r} is not one of {', '.join(WEIGHTS)}: pick one")
+
+
+def check_overrides(vae: str | None, text_encoder: str | None) -> None:
+    """The --vae / --text-encoder given in place of the checkpoint's, checked before any model
+    code loads (shards.hub: a hub id in seconds, a missing or empty folder)."""
+    from shards.hub import check_model
+
+    if vae:
+        check_model(vae, "the VAE", "--vae")
+    if text_encoder:
+        check_model(text_encoder, "the text encoder", "--text-encoder")
 
 
 def sample_command(cfg: SampleConfig) -> str:
     """`t2i-data sample`: the grid, then what the command prints (where it went)."""
+    cfg.validate()
     path = sample(cfg.checkpoint, cfg.prompts(), cfg.out, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed,
                   vae=cfg.vae, text_encoder=cfg.text_encoder, which=cfg.which)  # fmt: skip
     return f"wrote {path}"
@@ -61,11 +91,14 @@ def sample(checkpoint: str | Path, prompts: Sequence[str], out_png: str | Path, 
     A class-cond checkpoint (t2i.class_cond) takes class labels as prompts."""
     from t2i.kinds import checkpoint_conditioning
     from t2i.pipeline import image_grid
+    from t2i.recovery import usable_checkpoint
 
     if not prompts:
         raise UserError("no prompts given: pass --prompt TEXT (repeatable) or --prompts-file FILE")
-    kind = checkpoint_conditioning(checkpoint)
-    images = kind.images(checkpoint, list(prompts), steps=steps, guidance=guidance, seed=seed, vae=vae, text_encoder=text_encoder,
+    check_weights(which)
+    ck = usable_checkpoint(checkpoint, which)  # verified first: a damaged file is one line, not a traceback
+    kind = checkpoint_conditioning(ck)
+    images = kind.images(ck, list(prompts), steps=steps, guidance=guidance, seed=seed, vae=vae, text_encoder=text_encoder,
                          which=which)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from shards.errors import UserError
+from shards.hub import is_hub_id, load_pretrained
 from t2i import checkpoint as ckpt
 from t2i.conditioning import Conditioning
 from t2i.dit_source import dit_directory
@@ -49,7 +50,8 @@ class TextConditioning(Conditioning):
             tr, _ = import_dit(arg, caption_channels=caption_channels, latent_size=latent_size)
         elif kind == "pixart":
             check_init_objective(vars(cfg), Path(arg))
-            tr = PixArtTransformer2DModel.from_pretrained(arg, subfolder="transformer" if (Path(arg) / "transformer").is_dir() else None)
+            sub = "transformer" if (Path(arg) / "transformer").is_dir() or is_hub_id(arg) else None  # a pipeline's, or the model itself
+            tr = load_pretrained(PixArtTransformer2DModel.from_pretrained, arg, "PixArt model", "init pixart:", subfolder=sub)
         elif kind == "checkpoint":
             ck = ckpt.require_checkpoint(arg)
             check_init_objective(vars(cfg), ck)

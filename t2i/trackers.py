@@ -1,7 +1,8 @@
 """Experiment trackers for `train --report-to`: accelerate's own tracker classes (TensorBoard, W&B,
 MLflow), fed the same rows as log.jsonl (loss, mse, vb, lr, grad norm, images/s, MFU), a grid of
-samples at every checkpoint when `sample_prompts` is set ('|'-separated; also written to
-`<out>/samples/step-N.png`), and, at the end, the run's ledger (device-hours, kWh, kgCO2e).
+samples at every checkpoint when `sample_prompts` is set ('|'-separated; written to
+`<out>/samples/step-N.png` with or without a tracker), and, at the end, the run's ledger
+(device-hours, kWh, kgCO2e).
 
 Where they write: TensorBoard event files in `<out>/trackers/<stage name>/` (works offline); MLflow a
 file store in `<out>/mlruns` unless MLFLOW_TRACKING_URI is set; W&B its project `<stage name>`,
@@ -63,6 +64,7 @@ class Trackers:
         check_report_to(report_to)
         names = parse_report_to(report_to)
         self.trackers = [_make(n, run_name, Path(out)) for n in names] if main else []
+        self.main = main
         self.out = Path(out)
         self.prompts = [p.strip() for p in str(config.get("sample_prompts", "")).split("|") if p.strip()]
         hparams = {k: v for k, v in config.items() if isinstance(v, (bool, str, int, float))}
@@ -78,9 +80,10 @@ class Trackers:
 
     def samples(self, checkpoint: str | Path, step: int) -> None:
         """Sample the prompts from `checkpoint` (EMA weights, 20 steps, through the conditioning it
-        was trained with: t2i.conditioning) and log the grid. On a GPU a text-to-image pipeline is
-        loaded in bf16 next to the training state and freed afterwards."""
-        if not self.trackers or not self.prompts:
+        was trained with: t2i.conditioning) into `<out>/samples/step-N.png`, with or without
+        trackers, and log the grid to each tracker. On a GPU a text-to-image pipeline is loaded in
+        bf16 next to the training state and freed afterwards."""
+        if not self.main or not self.prompts:
             return
         import numpy as np
         import torch

@@ -22,104 +22,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-CORPUS = [
-    "Describe this image and its style in a very detailed manner",
-    "Describe this image in one short sentence",
-    "The image shows a red circle, a blue square and a green triangle on a white background.",
-    "A photograph of a city street with cars, people, trees, buildings and a cloudy sky.",
-    "The style is realistic with soft lighting, warm colours and a shallow depth of field.",
-    "user assistant system model User: Assistant: You are a helpful assistant.",
-]  # fmt: skip
+from tiny.vlm_parts import HEAD_DIM, TEXT, bpe_tokenizer, chat_template, save_vlm, token_ids
 
-HEAD_DIM = 32  # vLLM's CPU attention needs 32/64/80/...; 16 fails
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=HEAD_DIM, max_position_embeddings=2048, tie_word_embeddings=False)  # fmt: skip
-
-
-def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, add_bos: bool, gemma: bool = False,
-               vocab_size: int | None = None, **extra):  # fmt: skip
-    """A BPE tokenizer trained on CORPUS with the family's special tokens: byte-level (GPT-2 /
-    Llama 3 / Qwen style), or with `gemma` Gemma's style (spaces as "▁", byte fallback, so "\n"
-    is a token of its own, which vLLM's PaliGemma looks up). `vocab_size`: padded to that many
-    tokens (a released model's vocabulary size, so its embedding and output layer cost as much)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if gemma:
-        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-        tok.normalizer = normalizers.Replace(" ", "▁")
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-        specials = ["<unk>", *specials, *(f"<0x{b:02X}>" for b in range(256))]
-        alphabet = sorted(set("".join(CORPUS).replace(" ", "▁")) | {"\n"})
-    else:
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=500 + 260 * gemma, special_tokens=specials, initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator(CORPUS * 3, trainer)
-    if gemma:
-        tok.add_tokens(["\n" * n for n in (2, 3, 4)])  # tokens of Gemma's vocabulary that vLLM's Gemma 3 looks up
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
-    if vocab_size:
-        tok = _padded(tok, vocab_size)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, padding_side="left", **extra)
-
-
-def _padded(tok, vocab_size: int):
-    """`tok` with filler entries appended to its BPE vocabulary up to `vocab_size` ids: no merge
-    produces them, so text tokenizes as before, and every id the model can emit decodes."""
-    import json
-
-    from tokenizers import Tokenizer
-
-    spec = json.loads(tok.to_str())
-    first = tok.get_vocab_size()  # with the added tokens: the fillers come after every id in use
-    spec["model"]["vocab"].update({f"<fill{i}>": first + i for i in range(vocab_size - first)})
-    return Tokenizer.from_str(json.dumps(spec))
-
-
-def _ids(tok, model_cfg_text: dict) -> dict:
-    return dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                **model_cfg_text)  # fmt: skip
-
-
-def _save(model_cls, cfg, processor, out: Path, seed: int, fix: Callable[[Path], None] | None = None) -> Path:
-    import torch
-
-    torch.manual_seed(seed)
-    model = model_cls(cfg).eval()
-    tok = processor.tokenizer
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    if fix:
-        fix(out)
-    return out
-
-
-# --- chat templates: one user turn (image + text) in each family's real format ------------------
-
-def _template(user_open: str, image: str, user_close: str, assistant: str, image_after: bool = False) -> str:
-    text = "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    img = "{% for c in message['content'] %}{% if c['type'] == 'image' %}" + image + "{% endif %}{% endfor %}"
-    body = text + img if image_after else img + text
-    return ("{% for message in messages %}" + user_open + body + user_close + "{% endfor %}"
-            "{% if add_generation_prompt %}" + assistant + "{% endif %}")  # fmt: skip
-
-
-QWEN_TEMPLATE = _template("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
+QWEN_TEMPLATE = chat_template("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
                           "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end|>\n", "<|im_start|>assistant\n")
-QWEN3_TEMPLATE = _template("<|im_start|>user\n", "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end|>\n", "<|im_start|>assistant\n")
-INTERNVL_TEMPLATE = _template("<|im_start|>user\n", "<IMG_CONTEXT>\n", "<|im_end|>\n", "<|im_start|>assistant\n")
-NEXT_TEMPLATE = _template("[INST] ", "<image>\n", " [/INST]", "")
-ONEVISION_TEMPLATE = _template("<|im_start|>user ", "<image>\n", "<|im_end|>", "<|im_start|>assistant\n")
-IDEFICS3_TEMPLATE = _template("User:", "<image>", "<end_of_utterance>\n", "Assistant:")
-GEMMA3_TEMPLATE = _template("<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n")
+QWEN3_TEMPLATE = chat_template("<|im_start|>user\n", "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end|>\n", "<|im_start|>assistant\n")
+INTERNVL_TEMPLATE = chat_template("<|im_start|>user\n", "<IMG_CONTEXT>\n", "<|im_end|>\n", "<|im_start|>assistant\n")
+NEXT_TEMPLATE = chat_template("[INST] ", "<image>\n", " [/INST]", "")
+ONEVISION_TEMPLATE = chat_template("<|im_start|>user ", "<image>\n", "<|im_end|>", "<|im_start|>assistant\n")
+IDEFICS3_TEMPLATE = chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:")
+GEMMA3_TEMPLATE = chat_template("<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n")
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
@@ -136,7 +48,7 @@ QWEN2_VL_SMALL = dict(
 
 
 def _qwen_family(version: str, out: Path, seed: int, scale: str = "tiny") -> Path:
-    return _save(*_qwen_parts(version, scale), out, seed)
+    return save_vlm(*_qwen_parts(version, scale), out, seed)
 
 
 def _qwen_parts(version: str, scale: str = "tiny") -> tuple:
@@ -144,7 +56,7 @@ def _qwen_parts(version: str, scale: str = "tiny") -> tuple:
     import transformers as T
 
     small = QWEN2_VL_SMALL if scale == "small" else None
-    tok = _tokenizer(QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", add_bos=False, vocab_size=small and small["vocab_size"],
+    tok = bpe_tokenizer(QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", add_bos=False, vocab_size=small and small["vocab_size"],
                      extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                            "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})  # fmt: skip
     ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
@@ -156,7 +68,7 @@ def _qwen_parts(version: str, scale: str = "tiny") -> tuple:
     image_processor = T.Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2,
                                               size={"shortest_edge": pixels[0], "longest_edge": pixels[1]})  # fmt: skip
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}  # sums to head_dim / 2
-    text = _ids(tok, small["text"] if small else dict(TEXT, rope_parameters=rope))
+    text = token_ids(tok, small["text"] if small else dict(TEXT, rope_parameters=rope))
     if version == "2":
         vision = small["vision"] if small else dict(depth=1, embed_dim=32, hidden_size=64, num_heads=1, patch_size=patch, spatial_merge_size=2,
                                                     mlp_ratio=2)  # fmt: skip
@@ -194,20 +106,20 @@ def build_internvl3(out: Path, seed: int = 0) -> Path:
     """InternVL3: InternViT tiles (crop_to_patches) + pixel shuffle + Qwen2.5 text."""
     import transformers as T
 
-    tok = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"], None,
+    tok = bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"], None,
                      "<|im_end|>", "<|endoftext|>", add_bos=False,
                      extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
                                            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})  # fmt: skip
     side = 56  # (56 / 14)^2 patches, pixel shuffle 0.5: 4 tokens per tile
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=[side, side],
                   patch_size=[14, 14])  # fmt: skip
-    cfg = T.InternVLConfig(vision_config=vision, text_config=dict(_ids(tok, TEXT), model_type="qwen2"),
+    cfg = T.InternVLConfig(vision_config=vision, text_config=dict(token_ids(tok, TEXT), model_type="qwen2"),
                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4,
                            tie_word_embeddings=False)  # fmt: skip
     ip = T.GotOcr2ImageProcessor(size={"height": side, "width": side}, crop_to_patches=True, min_patches=1, max_patches=4)
     processor = T.InternVLProcessor(image_processor=ip, tokenizer=tok, video_processor=T.InternVLVideoProcessor(),
                                     image_seq_length=4, chat_template=INTERNVL_TEMPLATE)  # fmt: skip
-    return _save(T.InternVLForConditionalGeneration, cfg, processor, out, seed)
+    return save_vlm(T.InternVLForConditionalGeneration, cfg, processor, out, seed)
 
 
 def build_llava_next(out: Path, seed: int = 0) -> Path:
@@ -215,17 +127,17 @@ def build_llava_next(out: Path, seed: int = 0) -> Path:
     import transformers as T
     from tiny.llava import fix_vllm_keys
 
-    tok = _tokenizer(["<pad>", "<s>", "</s>", "<image>"], "<s>", "</s>", "<pad>", add_bos=True,
+    tok = bpe_tokenizer(["<pad>", "<s>", "</s>", "<image>"], "<s>", "</s>", "<pad>", add_bos=True,
                      extra_special_tokens={"image_token": "<image>"})  # fmt: skip
     side, pinpoints = 28, [[28, 56], [56, 28], [56, 56]]
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=side, patch_size=14)
-    cfg = T.LlavaNextConfig(vision_config=dict(vision, model_type="clip_vision_model"), text_config=dict(_ids(tok, TEXT), model_type="llama"),
+    cfg = T.LlavaNextConfig(vision_config=dict(vision, model_type="clip_vision_model"), text_config=dict(token_ids(tok, TEXT), model_type="llama"),
                             image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
                             vision_feature_layer=-1, image_seq_length=4)  # fmt: skip
     ip = T.LlavaNextImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, image_grid_pinpoints=pinpoints)
     processor = T.LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                                      num_additional_image_tokens=1, chat_template=NEXT_TEMPLATE)  # fmt: skip
-    return _save(T.LlavaNextForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
+    return save_vlm(T.LlavaNextForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
 
 
 def build_llava_onevision(out: Path, seed: int = 0) -> Path:
@@ -233,19 +145,19 @@ def build_llava_onevision(out: Path, seed: int = 0) -> Path:
     import transformers as T
     from tiny.llava import fix_vllm_keys
 
-    tok = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"], None, "<|im_end|>", "<|endoftext|>",
+    tok = bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"], None, "<|im_end|>", "<|endoftext|>",
                      add_bos=False, extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})  # fmt: skip
     side = 28
     pinpoints = [[side * i, side * j] for i in range(1, 4) for j in range(1, 4)]
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=side, patch_size=14)
     cfg = T.LlavaOnevisionConfig(vision_config=dict(vision, model_type="siglip_vision_model"),
-                                 text_config=dict(_ids(tok, TEXT), model_type="qwen2"), image_grid_pinpoints=pinpoints,
+                                 text_config=dict(token_ids(tok, TEXT), model_type="qwen2"), image_grid_pinpoints=pinpoints,
                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
                                  video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1)  # fmt: skip
     ip = T.LlavaOnevisionImageProcessor(size={"height": side, "width": side}, image_grid_pinpoints=pinpoints)
     processor = T.LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=T.LlavaOnevisionVideoProcessor(),
                                           num_image_tokens=4, vision_feature_select_strategy="full", chat_template=ONEVISION_TEMPLATE)  # fmt: skip
-    return _save(T.LlavaOnevisionForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
+    return save_vlm(T.LlavaOnevisionForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
 
 
 # Idefics3 / SmolVLM sizes. tiny: 64 px tiles, (64 / 16)^2 patches, pixel shuffle 2: 4 tokens per tile.
@@ -273,9 +185,9 @@ def _idefics_parts(smol: bool, scale: str) -> tuple:
     size = IDEFICS_SIZES[scale]
     tiles = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     bos = "<|im_start|>" if smol else "<|begin_of_text|>"
-    tok = _tokenizer(["<|endoftext|>", bos, "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>", *tiles],
+    tok = bpe_tokenizer(["<|endoftext|>", bos, "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>", *tiles],
                      bos, "<end_of_utterance>", "<|endoftext|>", add_bos=not smol, vocab_size=size["vocab_size"])  # fmt: skip
-    vision, text = size["vision"], dict(_ids(tok, size["text"]), model_type="llama")
+    vision, text = size["vision"], dict(token_ids(tok, size["text"]), model_type="llama")
     tile, scale_factor = vision["image_size"], size["scale_factor"]
     seq_len = (tile // vision["patch_size"]) ** 2 // scale_factor**2
     ip_kwargs = dict(size={"longest_edge": size["longest_edge"]}, max_image_size={"longest_edge": tile})
@@ -290,11 +202,11 @@ def _idefics_parts(smol: bool, scale: str) -> tuple:
 
 
 def build_idefics3(out: Path, seed: int = 0, scale: str = "tiny") -> Path:
-    return _save(*_idefics_parts(False, scale), out, seed)
+    return save_vlm(*_idefics_parts(False, scale), out, seed)
 
 
 def build_smolvlm(out: Path, seed: int = 0, scale: str = "tiny") -> Path:
-    return _save(*_idefics_parts(True, scale), out, seed)
+    return save_vlm(*_idefics_parts(True, scale), out, seed)
 
 
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
@@ -304,12 +216,12 @@ def build_gemma3(out: Path, seed: int = 0) -> Path:
     """Gemma 3: SigLIP at a fixed square, pooled to mm_tokens_per_image, + Gemma 3 text (sliding + full)."""
     import transformers as T
 
-    tok = _tokenizer(GEMMA_SPECIALS, "<bos>", "<end_of_turn>", "<pad>", add_bos=True, gemma=True,
+    tok = bpe_tokenizer(GEMMA_SPECIALS, "<bos>", "<end_of_turn>", "<pad>", add_bos=True, gemma=True,
                      extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                                            "image_token": "<image_soft_token>"})  # fmt: skip
     side = 28  # 2x2 patches of 14: 4 image tokens
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=side, patch_size=14)
-    text = dict(_ids(tok, TEXT), query_pre_attn_scalar=HEAD_DIM, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    text = dict(token_ids(tok, TEXT), query_pre_attn_scalar=HEAD_DIM, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
     cfg = T.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=4,
                          boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
                          eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
@@ -318,7 +230,7 @@ def build_gemma3(out: Path, seed: int = 0) -> Path:
     processor = T.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=GEMMA3_TEMPLATE)
     from tiny.llava import fix_vllm_keys
 
-    return _save(T.Gemma3ForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
+    return save_vlm(T.Gemma3ForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
 
 
 def build_paligemma2(out: Path, seed: int = 0) -> Path:
@@ -327,7 +239,7 @@ def build_paligemma2(out: Path, seed: int = 0) -> Path:
     import transformers as T
     from tiny.llava import fix_vllm_keys
 
-    tok = _tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], "<bos>", "<eos>", "<pad>", add_bos=True, gemma=True,
+    tok = bpe_tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], "<bos>", "<eos>", "<pad>", add_bos=True, gemma=True,
                      extra_special_tokens={"image_token": "<image>"})  # fmt: skip
     side = 28
     ip = T.SiglipImageProcessor(size={"height": side, "width": side})
@@ -336,11 +248,11 @@ def build_paligemma2(out: Path, seed: int = 0) -> Path:
 
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=side,
                   patch_size=14, projection_dim=64)  # fmt: skip
-    text = dict(_ids(tok, TEXT), model_type="gemma2", query_pre_attn_scalar=HEAD_DIM, sliding_window=64,
+    text = dict(token_ids(tok, TEXT), model_type="gemma2", query_pre_attn_scalar=HEAD_DIM, sliding_window=64,
                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0)  # fmt: skip
     cfg = T.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                             projection_dim=64, hidden_size=64)  # fmt: skip
-    return _save(T.PaliGemmaForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
+    return save_vlm(T.PaliGemmaForConditionalGeneration, cfg, processor, out, seed, fix=fix_vllm_keys)
 
 
 FAMILIES: dict[str, Callable[..., Path]] = {

@@ -39,39 +39,48 @@ class AestheticMLP(nn.Module):
         return self(torch.from_numpy(np.ascontiguousarray(embeddings, np.float32))).numpy()
 
 
-def _state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _resolve(weights: str) -> Path:
-    """A local file, or an HF id (`repo` -> its first .safetensors/.pth, or `repo/file`)."""
+def _resolve(weights: str, flag: str) -> Path:
+    """A local file, or an HF id (`repo` -> its first .safetensors/.pth, or `repo/file`), checked
+    first (shards.hub: one line within seconds when the hub cannot be reached)."""
     path = Path(weights)
-    if path.is_file():
+    if path.exists() or weights.startswith((".", "/", "~")):
         return path
     from huggingface_hub import hf_hub_download, list_repo_files
 
+    from shards.hub import hub_kwargs
+
     parts = weights.split("/")
+    repo = "/".join(parts[:2])
+    local = hub_kwargs(repo, "aesthetic head").get("local_files_only", False)
     try:
         if len(parts) > 2:
-            return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+            return Path(hf_hub_download(repo, "/".join(parts[2:]), local_files_only=local))
         files = [f for f in list_repo_files(weights) if f.endswith((".safetensors", ".pth", ".pt"))]
-        return Path(hf_hub_download(weights, files[0]))
+        return Path(hf_hub_download(weights, files[0], local_files_only=local))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, no weights: one line
-        raise UserError(f"aesthetic weights {weights!r} not found ({type(e).__name__}): pass a local .pth/.safetensors file or fit one with --fit-aesthetic") from None
+        raise UserError(f"{flag} {weights!r} not found ({type(e).__name__}): pass a local .pth/.safetensors file or fit "
+                        "one with --fit-aesthetic") from None
 
 
-def load_head(weights: str, dim: int) -> AestheticMLP:
-    """The head from a file or HF id; its input size must match the CLIP embedding size."""
-    state = _state_dict(_resolve(weights))
-    got = state["layers.0.weight"].shape[1] if "layers.0.weight" in state else None
+def load_head(weights: str, dim: int, flag: str = "--aesthetic-weights") -> AestheticMLP:
+    """The head from a file or HF id; its input size must match the CLIP embedding size. A
+    file that is not such a head (random bytes, other weights) is a one-line UserError."""
+    from shards.hub import load_weights_file
+
+    state = load_weights_file(_resolve(weights, flag), "LAION aesthetic head", flag)
+    got = tuple(state["layers.0.weight"].shape)[1] if hasattr(state.get("layers.0.weight"), "shape") else None
+    if got is None:
+        raise UserError(f"{flag} {weights} is not a LAION aesthetic head (no layers.0.weight): pass the head's weights, "
+                        "or fit one with --fit-aesthetic")
     if got != dim:
-        raise UserError(f"aesthetic weights {weights} expect {got}-d CLIP embeddings, the CLIP model gives {dim}-d: use the CLIP the head was trained on")
+        raise UserError(f"{flag} {weights} expects {got}-d CLIP embeddings, the CLIP model gives {dim}-d: use the CLIP "
+                        "the head was trained on")
     head = AestheticMLP(dim)
-    head.load_state_dict(state)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{flag} {weights} does not fit the aesthetic head ({str(e).splitlines()[0]}): pass a LAION "
+                        "aesthetic v2 head") from None
     return head.eval()
 
 

@@ -23,14 +23,19 @@ from shards.models import DEFAULT_CLIP
 class ClipEmbedder:
     """A loaded CLIP model with its tokenizer and image processor."""
 
-    def __init__(self, model: str = DEFAULT_CLIP, device: str = "cpu") -> None:
+    def __init__(self, model: str = DEFAULT_CLIP, device: str | None = None, flag: str = "--clip-model") -> None:
+        """Load `model` (checked first, shards.hub: one line within seconds for a hub id that
+        cannot be reached or a folder that holds no CLIP) on `device` (default: CUDA when there
+        is one, else the CPU); `flag` names the option it came from in errors."""
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
+        from shards.hub import load_pretrained
+
         self.name = model
-        self.device = device
-        self.model = CLIPModel.from_pretrained(model).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.processor = CLIPImageProcessor.from_pretrained(model)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_pretrained(CLIPModel.from_pretrained, model, "CLIP model", flag).to(self.device).eval()
+        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, model, "CLIP model", flag)
+        self.processor = load_pretrained(CLIPImageProcessor.from_pretrained, model, "CLIP model", flag)
         self.max_tokens = self.model.config.text_config.max_position_embeddings
         self.dim = self.model.config.projection_dim
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shards.checks import SEED, WORKERS, Range, check_ranges
 from shards.errors import UserError
 from t2i.caption_fields import parse_fields, parse_weights
 from t2i.feature_config import FeatureConfig
@@ -16,6 +17,18 @@ if TYPE_CHECKING:
 
 # The checks below import the model code they need (torch) when they run, so that the settings
 # and their defaults read without it (the CLI's --help).
+
+# The range of every numeric setting (shards.checks: one line naming it and its range); the
+# objective's own settings (timestep_power, snr_gamma, flow_shift, ...) are checked by their objective.
+TRAIN_RANGES: dict[str, Range] = {
+    "resolution": Range(8, 4096), "max_tokens": Range(1, 1024), "batch_size": Range(1, 65536),
+    "global_batch": Range(0, 10_000_000), "grad_accum": Range(1, 4096), "steps": Range(1, 10**9),
+    "lr": Range(0, 10, lo_open=True), "warmup_steps": Range(0, 10**9), "weight_decay": Range(0, 10),
+    "grad_clip": Range(0, 10**6), "ema_decay": Range(0, 1), "caption_dropout": Range(0, 1, hi_open=True),
+    "logit_mean": Range(-10, 10), "val_keys": Range(0, 10**9), "val_every": Range(0, 10**9),
+    "checkpoint_every": Range(1, 10**9), "keep_checkpoints": Range(0, 10**6), "log_every": Range(1, 10**9),
+    "seed": SEED, "threads": WORKERS, "loader_workers": WORKERS,
+}  # fmt: skip
 
 
 @dataclass
@@ -136,6 +149,7 @@ class TrainConfig:
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         self._validate_levers()
+        check_ranges(self, TRAIN_RANGES, dashes=False)
         check_report_to(self.report_to)
         if self.caption_scores:
             self.caption_scoring().check()
@@ -192,9 +206,31 @@ def preflight(cfg: TrainConfig) -> VaeFactors:
     from t2i.encoders import vae_factors
 
     cfg.validate()
+    check_models(cfg)
     vae = vae_factors(cfg.vae)
     check_resolution(cfg.resolution, _patch_of(cfg), vae.spatial)
     return vae
+
+
+def check_models(cfg: TrainConfig) -> None:
+    """Every model a stage loads, checked before any work (shards.hub: one line within seconds
+    for a hub id that cannot be reached, a folder that is missing or empty): the VAE, the text
+    encoder, and a `pixart:` (a local folder or a hub id) or `dit:` init."""
+    from shards.hub import check_model
+
+    check_model(cfg.vae, "the VAE", "vae")
+    check_model(cfg.text_encoder, "the text encoder", "text_encoder")
+    kind, _, arg = cfg.init.partition(":")
+    if kind == "pixart":
+        check_model(arg, "PixArt model", "init pixart:")
+    if kind == "dit" and Path(arg).is_file():  # a .pt/.safetensors: readable as weights (mapped, not read)
+        from shards.hub import load_weights_file
+
+        load_weights_file(arg, "DiT checkpoint", "init dit:", mmap=True)
+    elif kind == "dit":
+        from t2i.dit_source import dit_directory
+
+        dit_directory(arg)  # a missing path, or a folder that holds no DiT
 
 
 def _patch_of(cfg: TrainConfig) -> int:
@@ -241,3 +277,6 @@ class TrainRun:
         if not self.manifest and self.shards is None and self.features is None and not self.resume:
             raise UserError("no --shards or --features given: pass caption shards, features, "
                             "or --manifest with shards per stage")
+        WORKERS.check("threads", self.threads)
+        if not self.manifest:
+            check_models(TrainConfig(**self.overrides))  # before the model code loads (a manifest's: by preflight)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from shards.errors import UserError
+from shards.hub import absolute_model
 from shards.ledger import Ledger
 from t2i import checkpoint as ckpt
 from t2i import recovery
@@ -65,7 +66,7 @@ class Run:
         """What trainer_state.json records: the data position, schedule and EMA step, the settings."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_pos, "global_batch": self.global_batch,
                 "world_size": self.world, "scheduler": self.sched.state_dict(), "ema_step": self.ema.optimization_step,
-                "config": asdict(self.cfg), **self.state_extra}
+                "config": recorded_config(self.cfg), **self.state_extra}
 
     def check_finite(self) -> None:
         """One host sync (and one all-reduce) for all steps since the last check: raise on the
@@ -102,6 +103,14 @@ class Run:
                 recovery.append_jsonl(self.trace, {"event": "checkpoint", "step": self.step, "rank": self.rank})
         accel.wait_for_everyone()
         return self.last_ck
+
+
+def recorded_config(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+    """Settings as a checkpoint records them: the VAE, text encoder and init as absolute paths
+    (or hub ids), so sample, export and eval of the run work from any working directory."""
+    rec = asdict(cfg) if isinstance(cfg, TrainConfig) else dict(cfg)
+    paths = [k for k in ("vae", "text_encoder") if isinstance(rec.get(k), str)] + (["init"] if ":" in str(rec.get("init", "")) else [])
+    return {**rec, **{k: absolute_model(rec[k]) for k in paths}}
 
 
 def routed_count(model) -> int:
@@ -219,7 +228,7 @@ def start_run(cfg: TrainConfig, accel, out: Path, fdir: Path, probe, vae: VaeFac
     ck, st = (load_resume_weights(out, model, global_batch, accel.num_processes, local_batch, accel.is_main_process, cfg)
               if resume else (None, None))
     opt, sched, ema = setup_optimization(cfg, model, accel.device)
-    extra = {"features": json.loads((fdir / "config.json").read_text()), "scaling_factor": vae.scaling,
+    extra = {"features": recorded_config(json.loads((fdir / "config.json").read_text())), "scaling_factor": vae.scaling,
              "vae_scale_factor": vae.spatial}
     run = Run(cfg, accel, out, model, names, sched, ema, global_batch, extra, conditioning)
     if ck is not None:
