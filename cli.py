@@ -302,7 +302,7 @@ def score_cmd(
     out: str = typer.Option(ScoreConfig.out, "--out", help="score shard directory (rerun the same command to resume)"),
     scorers: str = typer.Option(
         ScoreConfig.scorers, "--scorers", help=(
-            "comma-separated: clip,aesthetic,dedup,nsfw,lang,image,watermark,text,phash,captions")),
+            "comma-separated: clip,aesthetic,dedup,nsfw,lang,image,watermark,phash,captions")),
     clip_model: str = typer.Option(ScoreConfig.clip_model, "--clip-model", help="CLIPModel: HF id or local directory"),
     aesthetic_weights: Optional[str] = typer.Option(ScoreConfig.aesthetic_weights, "--aesthetic-weights", help=(
         "LAION aesthetic v2 head: .pth/.safetensors file or HF id")),
@@ -314,13 +314,6 @@ def score_cmd(
         "watermark head on CLIP image embeddings: .safetensors file or HF id")),
     fit_watermark: Optional[Path] = typer.Option(ScoreConfig.fit_watermark, "--fit-watermark", help=(
         "labels.parquet (key, label: 1 watermarked, 0 clean): fit the watermark head on them first")),
-    text_detector: str = typer.Option(ScoreConfig.text_detector, "--text-detector", help=(
-        "text detector: HF id or directory")),
-    text_recognizer: str = typer.Option(ScoreConfig.text_recognizer, "--text-recognizer", help=(
-        "text recogniser: HF id or directory (none: text coverage only)")),
-    text_threshold: float = typer.Option(ScoreConfig.text_threshold, "--text-threshold", help="text map threshold"),
-    text_box_threshold: float = typer.Option(ScoreConfig.text_box_threshold, "--text-box-threshold", help=(
-        "text box score threshold")),
     phash_distance: int = typer.Option(ScoreConfig.phash_distance, "--phash-distance", help=(
         "pHash bits (of 64) within which images share a perceptual-duplicate group")),
     batch_size: int = typer.Option(ScoreConfig.batch_size, "--batch-size"),
@@ -333,7 +326,7 @@ def score_cmd(
     replicas: int = typer.Option(ScoreConfig.replicas, "--replicas", help=(
         "--engine ray: concurrent scoring tasks, each with its own models")),
 ) -> None:
-    """Score caption shards: CLIPScore + embeddings, aesthetic, duplicates, NSFW, language, image stats, watermarks, text.
+    """Score caption shards: CLIPScore + embeddings, aesthetic, duplicates, NSFW, language, image stats, watermarks, pHash copies, per-field caption scores.
 
     Example: t2i-data score --shards out/ --out scores/ --scorers clip,aesthetic,dedup,nsfw,lang,image
     --aesthetic-weights head.pth

@@ -24,19 +24,16 @@ from shards.writer import ROWS_PER_SHARD
 from shards.models import DEFAULT_CLIP
 from curate.fit import INPUT_COLUMNS, input_batches
 from curate.scorers import NEEDS_CLIP, ModelRefs, Scorers, decode_ahead, parse_scorers, score_batch, score_schema
-from curate.text_ocr import DEFAULT_DETECTOR, DEFAULT_RECOGNIZER
 
 DEDUP_DIR = "dedup"  # scores/dedup/: the whole-dataset duplicate pass, rebuilt after new rows
 PHASH_DIR = "phash"  # scores/phash/: the perceptual-duplicate groups, rebuilt after new rows
 # identity settings of the scorers added later: recorded only when their scorer runs, so a score
 # directory made before them resumes as it was
-SCORER_IDENTITY = {"watermark": ("watermark_weights", "fit_watermark"), "phash": ("phash_distance",),
-                   "text": ("text_detector", "text_recognizer", "text_threshold", "text_box_threshold")}  # fmt: skip
+SCORER_IDENTITY = {"watermark": ("watermark_weights", "fit_watermark"), "phash": ("phash_distance",)}
 
 SCORE_RANGES = {"dedup_threshold": Range(0, 1, lo_open=True), "batch_size": Range(1, 65536),
                 "shard_size": Range(1, 10_000_000), "decode_short": Range(16, 8192), "workers": WORKERS,
-                "replicas": Range(1, 4096), "phash_distance": Range(0, 12), "text_threshold": Range(0, 1, lo_open=True, hi_open=True),
-                "text_box_threshold": Range(0, 1, lo_open=True, hi_open=True)}  # fmt: skip  # dedup_threshold: a CLIP image cosine
+                "replicas": Range(1, 4096), "phash_distance": Range(0, 12)}  # dedup_threshold: a CLIP image cosine
 
 
 @dataclass
@@ -56,10 +53,6 @@ class ScoreConfig:
     dedup_threshold: float = 0.95
     watermark_weights: str | None = None  # file or HF id of a watermark head (curate.watermark)
     fit_watermark: str | Path | None = None  # labels.parquet (key, label 0/1): fit a watermark head first
-    text_detector: str = DEFAULT_DETECTOR  # transformers text detector (DBNet-style map): HF id or directory
-    text_recognizer: str = DEFAULT_RECOGNIZER  # transformers CTC text recogniser ("" or none: coverage only)
-    text_threshold: float = 0.3  # the detector map's binarisation threshold
-    text_box_threshold: float = 0.6  # a text box's minimum mean map score
     phash_distance: int = 4  # Hamming distance (bits of 64) within which pHashes share a group
     batch_size: int = 32
     shard_size: int = ROWS_PER_SHARD
@@ -84,9 +77,8 @@ class ScoreConfig:
         return ScoreConfig.IDENTITY + tuple(n for scorer in names for n in SCORER_IDENTITY.get(scorer, ()))
 
     def refs(self, weights: str | None = None) -> ModelRefs:
-        """The watermark and text models (`weights`: a fitted head's file, over --watermark-weights)."""
-        recognizer = None if self.text_recognizer.strip().lower() in ("", "none") else self.text_recognizer
-        return ModelRefs(weights or self.watermark_weights, self.text_detector, recognizer, self.text_threshold, self.text_box_threshold)
+        """The watermark head (`weights`: a fitted head's file, over --watermark-weights)."""
+        return ModelRefs(weights or self.watermark_weights)
 
     def validate(self) -> list[str]:
         """The scorers' names, after a one-line UserError for anything out of range or unknown,
@@ -98,10 +90,6 @@ class ScoreConfig:
         check_output_dir(self.out)
         if any(n in NEEDS_CLIP for n in names):
             check_model(self.clip_model, "CLIP model", "--clip-model")  # in seconds, before the model code loads
-        if "text" in names:
-            check_model(self.text_detector, "text detector", "--text-detector")
-            if self.refs().text_recognizer:
-                check_model(self.text_recognizer, "text recogniser", "--text-recognizer")
         return names
 
 

@@ -22,11 +22,10 @@ from shards.images import ImageError
 from shards.errors import UserError
 from shards.schema import CAPTION_SCHEMA
 from curate.images import LoadedImage, read_image
-from curate.text_ocr import DEFAULT_DETECTOR, DEFAULT_RECOGNIZER
 
-SCORERS = ("clip", "aesthetic", "dedup", "nsfw", "lang", "image", "watermark", "text", "phash", "captions")
+SCORERS = ("clip", "aesthetic", "dedup", "nsfw", "lang", "image", "watermark", "phash", "captions")
 NEEDS_CLIP = ("clip", "aesthetic", "dedup", "watermark", "captions")  # they reuse the CLIP image embedding
-NEEDS_PIXELS = ("image", "clip", "nsfw", "dedup", "text", "phash")
+NEEDS_PIXELS = ("image", "clip", "nsfw", "dedup", "phash")
 # every caption-shard text field: `captions` scores each (caption, caption_<prompt>, alt_text)
 CAPTION_TEXT_FIELDS = tuple(n for n in CAPTION_SCHEMA.names if n == "caption" or n.startswith("caption_")) + ("alt_text",)
 
@@ -40,7 +39,6 @@ _COLUMNS: dict[str, list[pa.Field]] = {
     "nsfw": [pa.field("nsfw", pa.float32()), pa.field("nsfw_labels", pa.string())],
     "lang": [pa.field("lang", pa.string()), pa.field("lang_prob", pa.float32())],
     "watermark": [pa.field("watermark", pa.float32())],
-    "text": [pa.field("text_coverage", pa.float32()), pa.field("text_boxes", pa.int32()), pa.field("text", pa.string())],
     "phash": [pa.field("phash", pa.uint64())],
     "captions": [pa.field(f"clip_score_{f}", pa.float32()) for f in CAPTION_TEXT_FIELDS],
 }  # fmt: skip
@@ -48,15 +46,10 @@ _COLUMNS: dict[str, list[pa.Field]] = {
 
 @dataclass(frozen=True)
 class ModelRefs:
-    """Where the watermark and text scorers' models come from (hashable: the Ray engine keeps
-    loaded scorers per process by it). watermark: head file or HF id; text_recognizer None: no
-    recognition (coverage only); thresholds: the detector map's and each box's score."""
+    """Where the later scorers' models come from (hashable: the Ray engine keeps loaded scorers
+    per process by it). watermark: the watermark head's file or HF id."""
 
     watermark: str | None = None
-    text_detector: str = DEFAULT_DETECTOR
-    text_recognizer: str | None = DEFAULT_RECOGNIZER
-    text_threshold: float = 0.3
-    text_box_threshold: float = 0.6
 
 
 def parse_scorers(spec: str | list[str]) -> list[str]:
@@ -86,7 +79,6 @@ class Scorers:
     nsfw: object | None = None  # curate.safety.NsfwDetector
     lang: object | None = None  # shards.models.language.LanguageId
     watermark: object | None = None  # curate.watermark.WatermarkHead
-    text: object | None = None  # curate.text_ocr.TextReader
     decode_short: int = 448  # images are decoded within this short side (and twice it, long)
     workers: int = 2  # decoding threads
     schema: pa.Schema = field(init=False)
@@ -123,17 +115,13 @@ class Scorers:
         return s
 
     def _load_new(self, refs: ModelRefs, watermark_head) -> None:
-        """The watermark head and the text models, when chosen."""
+        """The watermark head, when chosen."""
         if "watermark" in self.names:
             from curate.watermark import load_watermark_head
 
             if watermark_head is None and not refs.watermark:
                 raise UserError("the watermark scorer needs --watermark-weights FILE_OR_HF_ID or --fit-watermark labels.parquet")
             self.watermark = watermark_head if watermark_head is not None else load_watermark_head(refs.watermark, self.clip.dim)
-        if "text" in self.names:
-            from curate.text_ocr import TextReader
-
-            self.text = TextReader(refs.text_detector, refs.text_recognizer, refs.text_threshold, refs.text_box_threshold)
 
     @property
     def needs_image(self) -> bool:
@@ -164,7 +152,7 @@ def decode_ahead(pool, rows: list[dict], scorers: Scorers) -> Callable[[], list[
     decoded inline, when the images are asked for."""
     if not scorers.needs_image:
         return lambda: ["" for _ in rows]
-    if scorers.clip is None and scorers.nsfw is None and scorers.text is None:
+    if scorers.clip is None and scorers.nsfw is None:
         return lambda: [decode_row(r, scorers) for r in rows]
     step = -(-len(rows) // max(1, scorers.workers))
     futures = [pool.submit(lambda chunk: [decode_row(r, scorers) for r in chunk], rows[i : i + step]) for i in range(0, len(rows), step)]
@@ -200,10 +188,6 @@ def score_batch(rows: list[dict], scorers: Scorers, loaded: list[LoadedImage | s
         for i, (s, labels) in zip(ok, scorers.nsfw.score([im.image for im in images])):
             out[i].update(nsfw=s, nsfw_labels=labels)
         t = scorers.timed("nsfw", t)
-    if scorers.text is not None:
-        for i, found in zip(ok, scorers.text.read([im.image for im in images])):
-            out[i].update(text_coverage=found.coverage, text_boxes=len(found.boxes), text=found.text)
-        t = scorers.timed("text", t)
     if scorers.lang is not None:
         for o, (lang, prob) in zip(out, scorers.lang.classify([caption_text(r) for r in rows])):
             o.update(lang=lang, lang_prob=prob)

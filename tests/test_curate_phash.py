@@ -118,3 +118,63 @@ def test_recompressed_and_resized_copies_share_a_group_and_different_images_do_n
     assert sum(dup.values()) == s.phash_duplicates == 3 * len(set(truth.values()))
     assert set(groups["phash_group_size"].to_list()) == {4}
     assert "phash" in s.scorer_seconds and "phash" in s.ledger["scorer_seconds"]
+
+
+def test_grouping_compares_far_fewer_pairs_than_all_pairs(monkeypatch):
+    """Sub-quadratic: the full comparisons multi-index hashing makes (counted, not timed) grow
+    about linearly with the hashes, and stay a tiny share of the n^2/2 all pairs."""
+    import curate.phash_groups as G
+
+    compared = []
+
+    def counting(a, b):
+        compared.append(len(a))
+        return G.phash_hamming(a, b)
+
+    monkeypatch.setattr(G, "phash_hamming", G.hamming, raising=False)
+    monkeypatch.setattr(G, "hamming", counting)
+    work = {}
+    for n in (20_000, 200_000):
+        rng = np.random.default_rng(n)
+        codes = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+        codes[: n // 5] = codes[n // 5 : 2 * (n // 5)] ^ (np.uint64(1) << rng.integers(0, 64, n // 5).astype(np.uint64))  # 20% copies
+        compared.clear()
+        rep = G.group_rows(codes, np.ones(n, bool), 4)
+        work[n] = sum(compared)
+        assert (rep[: n // 5] == np.arange(n // 5)).all() and (rep[n // 5 : 2 * (n // 5)] == np.arange(n // 5)).all()
+        assert work[n] < 0.01 * n * n / 2, (n, work[n])
+    assert work[200_000] < 20 * work[20_000], work  # 10x the hashes: ~10x the work (all pairs: 100x)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scorers", "phash", "--phash-distance", "13"], "error: --phash-distance 13 is out of range: pass a whole number from 0 to 12"),
+    (["--scorers", "phash", "--phash-distance", "-1"], "error: --phash-distance -1 is out of range"),
+    (["--scorers", "phsh"], "error: unknown scorer phsh: use some of"),
+    (["--scorers", "text"], "error: unknown scorer text: use some of clip,aesthetic,dedup,nsfw,lang,image,watermark,phash,captions"),
+])  # fmt: skip
+def test_bad_score_settings_are_one_line_before_any_work(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    captions, _ = _copies_world(tmp_path, n=1)
+    res = CliRunner().invoke(app, ["score", "--shards", str(captions), "--out", str(tmp_path / "scores"), *args])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and message in lines[0], res.output
+    assert not (tmp_path / "scores").exists() or not list((tmp_path / "scores").glob("*.parquet"))
+
+
+def test_watermark_without_a_head_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from tiny.clip import build_tiny_clip, save_clip
+
+    captions, _ = _copies_world(tmp_path, n=1)
+    clip = save_clip(*build_tiny_clip(["a photo"]), tmp_path / "clip")
+    for extra, message in (([], "the watermark scorer needs --watermark-weights FILE_OR_HF_ID or --fit-watermark labels.parquet"),
+                           (["--fit-watermark", str(tmp_path / "nope.parquet")], "--fit-watermark")):  # fmt: skip
+        res = CliRunner().invoke(app, ["score", "--shards", str(captions), "--out", str(tmp_path / f"s{len(extra)}"), "--scorers", "watermark",
+                                       "--clip-model", str(clip), *extra])  # fmt: skip
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and message in lines[0], res.output

@@ -1,12 +1,10 @@
-"""Web artefacts drawn on the world's photos: stock-photo watermarks and text strings, with their
-ground truth, for the `watermark` and `text` scorers' tiny models and tests.
+"""Web artefacts drawn on the world's photos: stock-photo watermarks, with their ground truth, for
+the `watermark` scorer's tiny models, tests and benchmarks.
 
 - `add_watermark(image, rng)`: a semi-transparent stock-site mark ("© stockfoto" and the like),
   in rows across the image, as stock sites stamp their previews;
-- `add_text(image, rng)`: an opaque text string (a short phrase of words and numbers, as memes,
-  ads and screenshots carry), returned with its box and the string itself;
 - `overlay_world(folder, ...)`: an SA-1B folder of world photos (tiny.world) where a share of
-  the photos carry one kind of overlay; `overlays.jsonl` holds the truth per key.
+  the photos carry a watermark; `overlays.jsonl` holds the truth per key.
 
 Everything is a pure function of its seed. Fonts: Pillow's bundled FreeType font (no file needed).
 """
@@ -23,56 +21,21 @@ from PIL import Image, ImageDraw, ImageFont
 from tiny import world as W
 
 WATERMARKS = ("© stockfoto", "© dreamstock", "© photobank", "© imagepro", "© picstore", "© shotbase")
-WORDS = ("sale", "best", "price", "hello", "happy", "new", "free", "buy", "now", "big", "summer",
-         "deal", "love", "top", "shop", "open", "today", "cool", "win", "go")  # fmt: skip
-ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789%© "  # what text strings are made of (the tiny recogniser's keys)
 
 
 @dataclass
 class Overlay:
-    """What was drawn on one photo: its kind (`watermark`, `text` or "" for none), the text
-    string and its boxes (x0, y0, x1, y1) in pixels."""
+    """What was drawn on one photo: its kind (`watermark`, or "" for none), the mark's text and
+    its boxes (x0, y0, x1, y1) in pixels."""
 
     kind: str = ""
     text: str = ""
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
 
-    @property
-    def coverage_of(self) -> float:
-        return 0.0
-
 
 def font(size: int) -> ImageFont.FreeTypeFont:
     """Pillow's bundled font at `size` px."""
     return ImageFont.load_default(size)
-
-
-def text_phrase(rng: np.random.Generator) -> str:
-    """One to two words, sometimes with a number ("sale 50%", "happy 2024", "buy now")."""
-    words = [str(rng.choice(WORDS)) for _ in range(int(rng.integers(1, 3)))]
-    if rng.uniform() < 0.4:
-        words.append(str(rng.choice([f"{int(rng.integers(10, 100))}%", str(int(rng.integers(1, 3000)))])))
-    return " ".join(words)
-
-
-def add_text(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, Overlay]:
-    """`image` with an opaque text string drawn on it (dark on light or light on dark, with an
-    outline so it reads on any background); the Overlay has the string and its box."""
-    img = image.convert("RGB").copy()
-    w, h = img.size
-    phrase = text_phrase(rng)
-    f = font(max(9, int(h * rng.uniform(0.16, 0.22))))
-    x0, y0, x1, y1 = ImageDraw.Draw(img).textbbox((0, 0), phrase, font=f, stroke_width=1)
-    while x1 - x0 > w - 2 and " " in phrase:  # too wide: drop the last word
-        phrase = phrase.rsplit(" ", 1)[0]
-        x0, y0, x1, y1 = ImageDraw.Draw(img).textbbox((0, 0), phrase, font=f, stroke_width=1)
-    x = int(rng.integers(0, max(1, w - (x1 - x0)))) - x0
-    y = int(rng.integers(0, max(1, h - (y1 - y0)))) - y0
-    light = rng.uniform() < 0.5
-    fill, stroke = ((250, 250, 250), (20, 20, 20)) if light else ((15, 15, 15), (245, 245, 245))
-    ImageDraw.Draw(img).text((x, y), phrase, font=f, fill=fill, stroke_width=1, stroke_fill=stroke)
-    box = (max(0, x + x0), max(0, y + y0), min(w, x + x1), min(h, y + y1))
-    return img, Overlay("text", phrase, [box])
 
 
 def add_watermark(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, Overlay]:
@@ -96,11 +59,11 @@ def add_watermark(image: Image.Image, rng: np.random.Generator) -> tuple[Image.I
 
 
 def overlay(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, Overlay]:
-    """`image` with an overlay of `kind` (watermark | text | "": none)."""
+    """`image` with an overlay of `kind` (watermark | "": none)."""
     if kind == "watermark":
         return add_watermark(image, rng)
-    if kind == "text":
-        return add_text(image, rng)
+    if kind:
+        raise ValueError(f"unknown overlay kind {kind!r}: use watermark")
     return image, Overlay()
 
 
@@ -133,13 +96,3 @@ def overlay_world(folder: str | Path, n: int, kind: str, fraction: float = 0.2, 
     (folder / "overlays.jsonl").write_text("".join(json.dumps({"key": k, **asdict(o)}) + "\n" for k, o in truth.items()))
     return truth
 
-
-def text_mask(overlay_: Overlay, size: tuple[int, int], shrink: float = 0.1) -> np.ndarray:
-    """(h, w) float32 in {0, 1}: the boxes of a text overlay, shrunk by `shrink` of their short
-    side on each edge (DBNet's shrunk text kernels; the detector's post-processing expands them back)."""
-    w, h = size
-    mask = np.zeros((h, w), np.float32)
-    for x0, y0, x1, y1 in overlay_.boxes:
-        d = int(round(shrink * min(x1 - x0, y1 - y0)))
-        mask[max(0, y0 + d) : max(0, y1 - d), max(0, x0 + d) : max(0, x1 - d)] = 1.0
-    return mask
