@@ -142,6 +142,7 @@ def save_clip(model, tokenizer, processor, out_dir: str | Path) -> Path:
 
 
 WATERMARK_PHRASE = " A stock watermark is stamped over the photo."
+WATERMARK_LABEL = " with a stock watermark"
 
 
 def train_world_clip(out_dir: str | Path, n: int = 600, seed: int = 0, low_quality: float = 0.4, steps: int = 450,
@@ -149,8 +150,9 @@ def train_world_clip(out_dir: str | Path, n: int = 600, seed: int = 0, low_quali
     """Build and fit a tiny CLIP on `n` rendered world scenes (train split, some low quality)
     and save it to `out_dir`. Deterministic for `seed`; a few seconds to a minute on CPU.
     `watermarks`: the share of scenes drawn with a stock watermark (tiny.overlays), their
-    captions saying so, as web captions sometimes do: a web CLIP's embedding shows watermarks,
-    which is what the watermark head reads; 0 (default) trains the CLIP it always was."""
+    captions saying so, as web captions sometimes do, and the zero-shot phrases telling stamped
+    from clean photos: a web CLIP's embedding shows watermarks, which is what the watermark head
+    reads; 0 (default) trains the CLIP it always was."""
     import dataclasses
 
     scenes = with_low_quality(sample_scenes(n, seed), low_quality, seed)
@@ -162,9 +164,10 @@ def train_world_clip(out_dir: str | Path, n: int = 600, seed: int = 0, low_quali
     # rendered at twice the model's input: copies resized down to 60% are still down-sampled to
     # the input, never blurred by up-sampling (which would teach the model to ignore blur)
     images = [_marked(render(s, 64), m, seed, i) for i, (s, m) in enumerate(zip(scenes, marked))]
-    corpus = texts + other_quality + other_mark + list(QUALITY_PHRASE.values())
+    # the zero-shot term's phrases: the quality, and (with watermarks) whether the photo is stamped
+    labels = [QUALITY_PHRASE[s.quality] + (WATERMARK_LABEL if m else "") for s, m in zip(scenes, marked)]
+    corpus = texts + other_quality + other_mark + list(QUALITY_PHRASE.values()) + labels
     model, tokenizer, processor = build_tiny_clip(corpus, seed=seed)
-    labels = [QUALITY_PHRASE[s.quality] for s in scenes]
     # hard negatives: the caption with the other quality, or (every other scene) the other watermark state
     negatives = [w if watermarks and i % 2 else o for i, (o, w) in enumerate(zip(other_quality, other_mark))]
     fit_on_world(model, tokenizer, processor, images, texts, steps=steps, seed=seed, hard_negatives=negatives, labels=labels)
