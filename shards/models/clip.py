@@ -77,7 +77,7 @@ class ClipEmbedder:
         starts = list(range(0, len(offsets) - span, max(1, span // 2))) + [len(offsets) - span]
         return [text[offsets[s][0] : offsets[s + span - 1][1]] for s in starts]
 
-    def window_scores(self, image_emb: np.ndarray, texts: Sequence[str], batch: int = 256) -> np.ndarray:
+    def window_scores(self, image_emb: np.ndarray, texts: Sequence[str], batch: int = 64) -> np.ndarray:
         """The mean cosine of each unit image embedding with its text's windows, (n, dim), n -> (n,)."""
         pieces, owner = [], []
         for k, text in enumerate(texts):
@@ -86,7 +86,13 @@ class ClipEmbedder:
             owner += [k] * len(cut)
         if not pieces:
             return np.zeros(0, np.float32)
-        emb = np.concatenate([self.embed_texts(pieces[i : i + batch]) for i in range(0, len(pieces), batch)])
+        # embedded shortest first, so a batch pads to its own longest piece (a short caption is
+        # not padded to a full window), then put back in order
+        by_length = np.argsort([len(p) for p in pieces], kind="stable")
+        emb = np.empty((len(pieces), self.dim), np.float32)
+        for i in range(0, len(pieces), batch):
+            at = by_length[i : i + batch]
+            emb[at] = self.embed_texts([pieces[j] for j in at])
         owner_ = np.asarray(owner)
         cosines = np.einsum("nd,nd->n", np.asarray(image_emb, np.float32)[owner_], emb)
         return (np.bincount(owner_, cosines, len(texts)) / np.bincount(owner_, minlength=len(texts))).astype(np.float32)
