@@ -56,7 +56,8 @@ class OneLineErrors(TyperGroup):
             sys.exit(e.exit_code)
         except click_errors.ClickException as e:
             where = e.ctx.command_path if getattr(e, "ctx", None) else "t2i-data"
-            typer.secho(f"error: {one_line(e.format_message()).rstrip('.')}: see `{where} --help`", fg=typer.colors.RED, err=True)
+            problem = one_line(e.format_message()).rstrip(".")
+            typer.secho(f"error: {problem}: see `{where} --help`", fg=typer.colors.RED, err=True)
             sys.exit(e.exit_code)
         except typer.Abort:
             typer.secho("interrupted; rerun the same command to resume", err=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from shards import fs as shard_fs
-from shards.checks import SEED, WORKERS, Range, check_ranges
+from shards.checks import SEED, WORKERS, Range, check_output_dir, check_ranges
 from shards.errors import UserError
 from shards.hub import check_model
 from shards.job import Run, Summary, job_run
@@ -60,6 +60,7 @@ def run_caption(
     if use_alt is not None:
         cfg = replace(cfg, prompt_mode="alt" if use_alt else "plain")
     _validate(cfg)
+    check_output_dir(cfg.out)  # the output first: it fails in no time, a model check may take seconds
     if captioner is None:
         check_model(cfg.model, "caption model", "--model")  # a hub id in seconds, an empty folder: before any work
     if cfg.engine == "ray" and captioner is not None:

@@ -123,7 +123,7 @@ def check_output_dir(path: str | Path, flag: str = "--out", empty: bool = False,
             raise UserError(f"{flag} {path} is a file, not a directory: pass a directory")
         raise _output_error(NotADirectoryError(20, "Not a directory"), shown, flag)
     try:
-        loc.mkdir(parents=True, exist_ok=True)
+        fs.makedirs(loc)
         probe = loc / f".t2i-probe-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()

@@ -177,8 +177,9 @@ def train_command(run: TrainRun) -> str:
     (the features step's line, then where training ended); returns what the command prints."""
     from shards.checks import check_output_dir
 
-    run.validate()  # settings, and a single stage's models (a hub id in seconds), before the model code loads
-    check_output_dir(run.out)  # under a file, read-only: one line before any features or training
+    run.validate()  # the settings: free to check
+    check_output_dir(run.out)  # under a file, read-only: one line in no time
+    run.check_models()  # a hub id may take seconds; all before the model code loads
     from t2i.features import features_line
     from t2i.ranks import set_threads
     from t2i.stage import run_stage

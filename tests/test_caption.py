@@ -188,7 +188,7 @@ def test_an_image_the_model_rejects_is_recorded_not_fatal(tmp_path, hf_captioner
         ("empty src", [], "error: no images found"),
         ("unknown backend", ["--backend", "onnx"], "error: unknown --backend"),
         ("unknown prompt mode", ["--prompt-mode", "fancy"], "error: unknown --prompt-mode"),
-        ("missing model dir", ["--backend", "transformers", "--model", "./no/such/model"], "error: model directory"),
+        ("missing model dir", ["--backend", "transformers", "--model", "./no/such/model"], "error: --model ./no/such/model does not exist"),
     ],
 )
 def test_cli_bad_input_is_one_line_error(tmp_path, case, extra, expected):

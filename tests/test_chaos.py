@@ -22,3 +22,17 @@ def test_chaos_short(tmp_path):
     assert not bad, bad
     assert len(result["faults"]) == 12
     assert "| train | 2 |" in render(result, 2)
+
+
+@pytest.mark.slow
+def test_chaos_score_select_eval_short(tmp_path):
+    """One kill trial each of score, select and eval (benchmarks/chaos_curate_bench.py), with the
+    settings change after the kill refused, and nothing lost, duplicated or mixed."""
+    from benchmarks.chaos_curate_bench import run_chaos
+
+    results = run_chaos(1, tmp_path, seed=2, log=lambda m: None)
+    for name, r in results.items():
+        assert r.trials == 1 and not r.failed_reruns, (name, r)
+        assert r.lost == 0 and r.duplicated == 0 and r.mixed == 0, (name, r)
+        assert r.changes_refused == r.changes_tried, (name, r)
+        assert r.changes_tried == r.killed_after_commit, (name, r)

@@ -167,7 +167,7 @@ def test_read_only_or_denied_output_is_one_line(tmp_path, monkeypatch, code, exp
     src = image_folder(tmp_path / "src", 1)
     r = caption_cli(src, tmp_path / "out", "no/such/model")
     assert r.exit_code == 2
-    one_line_error(r.output, f"cannot create the output directory {tmp_path / 'out'}: {expected}")
+    one_line_error(r.output, f"cannot write --out {tmp_path / 'out'}: {expected}")  # shards.checks: before any model
 
 
 def test_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, tiny_llava):

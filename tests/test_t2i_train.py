@@ -372,4 +372,4 @@ def test_cli_end_to_end_with_manifest_and_dit_import(world, tmp_path):
     pipe = PixArtAlphaPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.transformer.config.num_layers == 2
     r = run(cli.app, ["export", str(tmp_path / "runs" / "tiny"), "--out", str(tmp_path / "pipe")])
-    assert r.exit_code == 2 and "not empty" in r.output
+    assert r.exit_code == 2 and "exists and is not an empty directory" in r.output

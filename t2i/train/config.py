@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 TRAIN_RANGES: dict[str, Range] = {
     "resolution": Range(8, 4096), "max_tokens": Range(1, 1024), "batch_size": Range(1, 65536),
     "global_batch": Range(0, 10_000_000), "grad_accum": Range(1, 4096), "steps": Range(1, 10**9),
-    "lr": Range(0, 10, lo_open=True), "warmup_steps": Range(0, 10**9), "weight_decay": Range(0, 10),
+    "lr": Range(0, 10),  # 0: the weights stay as they are (an import check)
+    "warmup_steps": Range(0, 10**9), "weight_decay": Range(0, 10),
     "grad_clip": Range(0, 10**6), "ema_decay": Range(0, 1), "caption_dropout": Range(0, 1, hi_open=True),
     "logit_mean": Range(-10, 10), "val_keys": Range(0, 10**9), "val_every": Range(0, 10**9),
     "checkpoint_every": Range(1, 10**9), "keep_checkpoints": Range(0, 10**6), "log_every": Range(1, 10**9),
@@ -279,4 +280,10 @@ class TrainRun:
                             "or --manifest with shards per stage")
         WORKERS.check("threads", self.threads)
         if not self.manifest:
-            check_models(TrainConfig(**self.overrides))  # before the model code loads (a manifest's: by preflight)
+            TrainConfig(**self.overrides).validate()
+
+    def check_models(self) -> None:
+        """A single stage's models (a hub id in seconds), before the model code loads; a
+        manifest's stages are checked by preflight, each before its own work."""
+        if not self.manifest:
+            check_models(TrainConfig(**self.overrides))
