@@ -327,7 +327,8 @@ def score_cmd(
     replicas: int = typer.Option(ScoreConfig.replicas, "--replicas", help=(
         "--engine ray: concurrent scoring tasks, each with its own models")),
 ) -> None:
-    """Score caption shards: CLIPScore + embeddings, aesthetic, duplicates, NSFW, language, image stats, watermarks, pHash copies, per-field caption scores.
+    """Score caption shards: CLIPScore + embeddings, aesthetic, duplicates, NSFW, language, image stats,
+    watermarks, pHash copies, per-field caption scores.
 
     Example: t2i-data score --shards out/ --out scores/ --scorers clip,aesthetic,dedup,nsfw,lang,image
     --aesthetic-weights head.pth
