@@ -34,8 +34,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on an oversubscribed machine, no thread waits on a descheduled one)")
     a = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     load = os.getloadavg()[0]
     from curate.watermark import WatermarkHead, save_watermark_head
     from tiny.clip import long_caption
@@ -59,11 +60,11 @@ def main() -> None:
             b, o = batched(rows, scorers, a.batch_size), one_by_one(rows, scorers)
             table.append(f"| {label} | {b:.1f} | {o:.1f} | **{b / o:.2f}x** |")
             print(table[-1], flush=True)
-    body = (f"{a.images} demo-world JPEGs of {a.size}x{a.size} px, batch {a.batch_size}, 2 torch threads, 2 decoding threads; both "
+    body = (f"{a.images} demo-world JPEGs of {a.size}x{a.size} px, batch {a.batch_size}, {a.threads} torch thread(s), 2 decoding threads; both "
             "columns run `curate.scorers.score_batch` (decode included). Ratio > 1: batching is faster. CLIP = ViT-B/32 "
             "architecture, random weights; each row has a ~150-token caption (3 windows of 77), a short caption and an "
-            "alt-text.\n\n"
-            + "\n".join(table) + "\n\n" + load_note(load) + " Command: `nice python benchmarks/curate_scorers_bench.py`.")
+            "alt-text. `watermark` costs its CLIP's image embedding (the head is one small MLP a batch).\n\n"
+            + "\n".join(table) + "\n\n" + load_note(load) + f" Command: `nice python benchmarks/curate_scorers_bench.py --images {a.images} --threads {a.threads}`.")
     print(write_section("curate_scorers_bench", body))
 
 
