@@ -302,7 +302,8 @@ def score_cmd(
     shards: str = typer.Option(..., "--shards", help="caption shard directory to score"),
     out: str = typer.Option(ScoreConfig.out, "--out", help="score shard directory (rerun the same command to resume)"),
     scorers: str = typer.Option(
-        ScoreConfig.scorers, "--scorers", help="comma-separated: clip,aesthetic,dedup,nsfw,lang,image"),
+        ScoreConfig.scorers, "--scorers", help=(
+            "comma-separated: clip,aesthetic,dedup,nsfw,lang,image,watermark,phash,captions")),
     clip_model: str = typer.Option(ScoreConfig.clip_model, "--clip-model", help="CLIPModel: HF id or local directory"),
     aesthetic_weights: Optional[str] = typer.Option(ScoreConfig.aesthetic_weights, "--aesthetic-weights", help=(
         "LAION aesthetic v2 head: .pth/.safetensors file or HF id")),
@@ -310,6 +311,12 @@ def score_cmd(
         "ratings.parquet (key, rating): fit the aesthetic head on them first")),
     dedup_threshold: float = typer.Option(ScoreConfig.dedup_threshold, "--dedup-threshold", help=(
         "CLIP image cosine at or above which images are near-duplicates")),
+    watermark_weights: Optional[str] = typer.Option(ScoreConfig.watermark_weights, "--watermark-weights", help=(
+        "watermark head on CLIP image embeddings: .safetensors file or HF id")),
+    fit_watermark: Optional[Path] = typer.Option(ScoreConfig.fit_watermark, "--fit-watermark", help=(
+        "labels.parquet (key, label: 1 watermarked, 0 clean): fit the watermark head on them first")),
+    phash_distance: int = typer.Option(ScoreConfig.phash_distance, "--phash-distance", help=(
+        "pHash bits (of 64) within which images share a perceptual-duplicate group")),
     batch_size: int = typer.Option(ScoreConfig.batch_size, "--batch-size"),
     shard_size: int = typer.Option(ScoreConfig.shard_size, "--shard-size", help="rows per score shard"),
     workers: int = typer.Option(ScoreConfig.workers, "--workers", help="image decoding threads"),
@@ -320,7 +327,8 @@ def score_cmd(
     replicas: int = typer.Option(ScoreConfig.replicas, "--replicas", help=(
         "--engine ray: concurrent scoring tasks, each with its own models")),
 ) -> None:
-    """Score caption shards: CLIPScore + embeddings, aesthetic, duplicates, NSFW, caption language, image stats.
+    """Score caption shards: CLIPScore + embeddings, aesthetic, duplicates, NSFW, language, image stats,
+    watermarks, pHash copies, per-field caption scores.
 
     Example: t2i-data score --shards out/ --out scores/ --scorers clip,aesthetic,dedup,nsfw,lang,image
     --aesthetic-weights head.pth
@@ -336,15 +344,22 @@ def select_cmd(
     ctx: typer.Context,
     shards: str = typer.Option(..., "--shards", help="caption shard directory"),
     scores: str = typer.Option(..., "--scores", help="score shard directory (t2i-data score --out)"),
-    where: str = typer.Option(..., "--where", help=(
+    where: Optional[str] = typer.Option(None, "--where", help=(
         "SQL condition over score and caption columns, e.g. \"aesthetic >= 5.5 and not near_duplicate\"")),
     out: str = typer.Option(..., "--out", help="new caption shard directory for the selected rows"),
     shard_size: int = typer.Option(SelectConfig.shard_size, "--shard-size", help="rows per shard"),
+    top: Optional[str] = typer.Option(SelectConfig.top, "--top", help=(
+        "COLUMN:P%: then keep exactly ceil(P% of N) of the N rows passing --where, best first, e.g. clip_score:30%")),
+    by: Optional[str] = typer.Option(SelectConfig.by, "--by", help=(
+        "with --top: the share applies per value of this column, e.g. lang")),
 ) -> None:
-    """Write the caption rows whose scores pass --where as ordinary caption shards; says what each condition removed.
+    """Write the caption rows passing --where (then --top) as ordinary caption shards; says what each step removed.
 
     Example: t2i-data select --shards out/ --scores scores/ --where "aesthetic >= 5.5 and nsfw < 0.2 and not
     near_duplicate" --out captions/aesthetic
+
+    Example: t2i-data select --shards out/ --scores scores/ --where "not near_duplicate" --top clip_score:30% --by lang
+    --out captions/top30
     """
     _echo(select_command(SelectConfig(**_given(ctx, locals()))))
 
@@ -460,6 +475,12 @@ TRAIN_OPTIONS: dict[str, tuple[Any, ...]] = {
     "lora_targets": (str, ",".join(C.lora_targets), "the transformer's linear layers the adapter goes on (names or "
                      "dotted suffixes, comma-separated)"),
     "lora_variant": (str, C.lora_variant, "lora | dora (weight-decomposed LoRA)"),
+    "caption_scores": (str, C.caption_scores, "score directory with clip_score_<field> (score --scorers captions): "
+                       "draw the fields by softmax(score / temperature) instead"),
+    "caption_score_temperature": (float, C.caption_score_temperature, "with --caption-scores: the softmax temperature, "
+                                  "in CLIP-score points (100 x cosine)"),
+    "caption_score_threshold": (float, C.caption_score_threshold, "with --caption-scores: drop fields scoring below "
+                                "(points; Sana: 25; none left: the best)"),
 }
 
 

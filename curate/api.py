@@ -19,18 +19,21 @@ from shards.checks import WORKERS, Range, check_output_dir, check_ranges
 from shards.errors import UserError
 from shards.hub import check_model
 from shards.job import JobSpec, Run, Summary, job_run
-from shards.reader import Shard, complete_shards, iter_batches, open_shards, read_manifest
-from shards.writer import ROWS_PER_SHARD, ShardWriter, delete_shard, write_manifest
+from shards.reader import Shard, open_shards
+from shards.writer import ROWS_PER_SHARD
 from shards.models import DEFAULT_CLIP
-from curate.scorers import NEEDS_CLIP, Scorers, decode_ahead, decode_row, parse_scorers, score_batch, score_schema
+from curate.fit import INPUT_COLUMNS, input_batches
+from curate.scorers import NEEDS_CLIP, ModelRefs, Scorers, decode_ahead, parse_scorers, score_batch, score_schema
 
 DEDUP_DIR = "dedup"  # scores/dedup/: the whole-dataset duplicate pass, rebuilt after new rows
-INPUT_COLUMNS = ("key", "address", "source", "member", "caption", "alt_text", "image")
-
+PHASH_DIR = "phash"  # scores/phash/: the perceptual-duplicate groups, rebuilt after new rows
+# identity settings of the scorers added later: recorded only when their scorer runs, so a score
+# directory made before them resumes as it was
+SCORER_IDENTITY = {"watermark": ("watermark_weights", "fit_watermark"), "phash": ("phash_distance",)}
 
 SCORE_RANGES = {"dedup_threshold": Range(0, 1, lo_open=True), "batch_size": Range(1, 65536),
                 "shard_size": Range(1, 10_000_000), "decode_short": Range(16, 8192), "workers": WORKERS,
-                "replicas": Range(1, 4096)}  # dedup_threshold: a CLIP image cosine
+                "replicas": Range(1, 4096), "phash_distance": Range(0, 12)}  # dedup_threshold: a CLIP image cosine
 
 
 @dataclass
@@ -48,6 +51,9 @@ class ScoreConfig:
     aesthetic_weights: str | None = None  # file or HF id of a LAION v2 head
     fit_aesthetic: str | Path | None = None  # ratings.parquet (key, rating): fit a head first
     dedup_threshold: float = 0.95
+    watermark_weights: str | None = None  # file or HF id of a watermark head (curate.watermark)
+    fit_watermark: str | Path | None = None  # labels.parquet (key, label 0/1): fit a watermark head first
+    phash_distance: int = 4  # Hamming distance (bits of 64) within which pHashes share a group
     batch_size: int = 32
     shard_size: int = ROWS_PER_SHARD
     decode_short: int = 448
@@ -56,6 +62,23 @@ class ScoreConfig:
     engine: str = "local"  # or "ray": the same per-batch function in Ray Data tasks
     ray_address: str | None = None
     replicas: int = 1  # --engine ray: concurrent scoring tasks (each loads the models once)
+
+    def recorded(self, names: list[str]) -> dict[str, Any]:
+        """What the run record and the manifest hold of this run (`names`: the parsed scorers)."""
+        rec = {"shards": str(self.shards), "scorers": names, "clip_model": self.clip_model, "aesthetic_weights": self.aesthetic_weights,
+               "fit_aesthetic": str(self.fit_aesthetic or ""), "dedup_threshold": self.dedup_threshold,
+               "decode_short": self.decode_short, "batch_size": self.batch_size, "shard_size": self.shard_size}  # fmt: skip
+        for name in (n for scorer in names for n in SCORER_IDENTITY.get(scorer, ())):
+            rec[name] = str(getattr(self, name) or "") if name == "fit_watermark" else getattr(self, name)
+        return {**rec, "engine": "ray"} if self.engine == "ray" else rec
+
+    def identity(self, names: list[str]) -> tuple[str, ...]:
+        """The settings a resume must keep: IDENTITY, and those of the later scorers in `names`."""
+        return ScoreConfig.IDENTITY + tuple(n for scorer in names for n in SCORER_IDENTITY.get(scorer, ()))
+
+    def refs(self, weights: str | None = None) -> ModelRefs:
+        """The watermark head (`weights`: a fitted head's file, over --watermark-weights)."""
+        return ModelRefs(weights or self.watermark_weights)
 
     def validate(self) -> list[str]:
         """The scorers' names, after a one-line UserError for anything out of range or unknown,
@@ -69,13 +92,6 @@ class ScoreConfig:
             check_model(self.clip_model, "CLIP model", "--clip-model")  # in seconds, before the model code loads
         return names
 
-    def recorded(self, names: list[str]) -> dict[str, Any]:
-        """What the run record and the manifest hold of this run (`names`: the parsed scorers)."""
-        rec = {"shards": str(self.shards), "scorers": names, "clip_model": self.clip_model, "aesthetic_weights": self.aesthetic_weights,
-               "fit_aesthetic": str(self.fit_aesthetic or ""), "dedup_threshold": self.dedup_threshold,
-               "decode_short": self.decode_short, "batch_size": self.batch_size, "shard_size": self.shard_size}  # fmt: skip
-        return {**rec, "engine": "ray"} if self.engine == "ray" else rec
-
 
 def score_command(cfg: ScoreConfig) -> str:
     """`t2i-data score`: the run, then what it prints (its summary and the shards in `out`)."""
@@ -86,33 +102,58 @@ def score_line(s: Mapping[str, Any]) -> str:
     """The score summary's line: scored, unreadable, skipped (already done), rate, duplicates."""
     rate = (s["scored"] + s["failed"]) / s["seconds"] if s.get("seconds") else 0.0
     line = f"scored {s['scored']}, unreadable {s['failed']}, skipped as already done {s['skipped']} ({rate:.2f} images/s)"
-    return line + (f"; {s['duplicates']} near-duplicates" if s.get("duplicates") is not None else "")
-
-
-def _input_batches(shards: list[Shard], batch_size: int) -> Iterator[list[dict]]:
-    for batch in iter_batches(shards, INPUT_COLUMNS, batch_size):
-        yield batch.to_pylist()
+    line += f"; {s['duplicates']} near-duplicates" if s.get("duplicates") is not None else ""
+    return line + (f"; {s['phash_duplicates']} pHash copies" if s.get("phash_duplicates") is not None else "")
 
 
 def run_score(cfg: ScoreConfig) -> Summary:
     """Score every caption row of `cfg.shards` not yet in `cfg.out`; rerunning resumes."""
     names = cfg.validate()
-    spec = JobSpec("score", cfg.out, settings=cfg.recorded(names), identity=ScoreConfig.IDENTITY, schema=score_schema(names),
-                   rows_per_shard=cfg.shard_size, summary=dict(scored=0, failed=0, skipped=0, duplicates=None), describe=score_line)
+    spec = JobSpec("score", cfg.out, settings=cfg.recorded(names), identity=cfg.identity(names), schema=score_schema(names),
+                   rows_per_shard=cfg.shard_size, summary=dict(scored=0, failed=0, skipped=0, duplicates=None, scorer_seconds={}),
+                   describe=score_line)  # fmt: skip
     with job_run(spec) as run:  # one writer per scores directory, taken before any clean-up
         shards = open_shards(cfg.shards, "caption")  # no caption shards: say so before any model loads
-        head = _fit_head(cfg, shards) if cfg.fit_aesthetic else None
+        heads = _fit_heads(cfg, shards)
         if cfg.engine == "ray":
             _score_rows_ray(cfg, run, names, shards)
         else:
-            scorers = Scorers.load(names, cfg.clip_model, cfg.aesthetic_weights, aesthetic_head=head,
-                                   decode_short=cfg.decode_short, workers=cfg.workers)  # fmt: skip
+            scorers = Scorers.load(names, cfg.clip_model, cfg.aesthetic_weights, aesthetic_head=heads.get("aesthetic"), refs=cfg.refs(),
+                                   watermark_head=heads.get("watermark"), decode_short=cfg.decode_short, workers=cfg.workers)  # fmt: skip
             _score_rows(cfg, run, scorers, shards)
+            run.summary.scorer_seconds = {k: round(v, 3) for k, v in scorers.seconds.items()}
         s = run.summary
-        if "dedup" in names:
-            run.writer.flush()
-            s.duplicates = _dedup_pass(run.out, cfg.dedup_threshold, fresh=s.scored + s.failed > 0)
-        return run.finish(extra={"schema": "scores"}, images=s.scored + s.failed)
+        run.writer.flush()
+        _passes(cfg, run, names, fresh=s.scored + s.failed > 0)
+        return run.finish(extra={"schema": "scores"}, images=s.scored + s.failed, scorer_seconds=s.scorer_seconds)
+
+
+def _fit_heads(cfg: ScoreConfig, shards: list[Shard]) -> dict[str, Any]:
+    """The heads fitted on the user's labels before scoring (saved into the score directory)."""
+    from curate.fit import fit_aesthetic, fit_watermark
+
+    heads = {}
+    if cfg.fit_aesthetic:
+        heads["aesthetic"] = fit_aesthetic(cfg, shards)
+    if cfg.fit_watermark:
+        heads["watermark"] = fit_watermark(cfg, shards)
+    return heads
+
+
+def _passes(cfg: ScoreConfig, run: Run, names: list[str], fresh: bool) -> None:
+    """The whole-dataset passes of the chosen scorers (curate.passes): dedup/, phash/."""
+    from curate.passes import rebuild
+
+    if "dedup" in names:
+        from curate.dedup import DEDUP_SCHEMA, find_duplicates
+
+        run.summary.duplicates = rebuild(run.out, DEDUP_DIR, lambda: find_duplicates(run.out, cfg.dedup_threshold), DEDUP_SCHEMA,
+                                         {"threshold": cfg.dedup_threshold}, fresh, "near_duplicate")  # fmt: skip
+    if "phash" in names:
+        from curate.phash_groups import PHASH_SCHEMA, find_phash_groups
+
+        run.summary.phash_duplicates = rebuild(run.out, PHASH_DIR, lambda: find_phash_groups(run.out, cfg.phash_distance), PHASH_SCHEMA,
+                                               {"distance": cfg.phash_distance}, fresh, "phash_duplicate")  # fmt: skip
 
 
 def _score_rows(cfg: ScoreConfig, run: Run, scorers: Scorers, shards: list[Shard]) -> None:
@@ -122,7 +163,7 @@ def _score_rows(cfg: ScoreConfig, run: Run, scorers: Scorers, shards: list[Shard
     seen: set[str] = set()
 
     def todo() -> Iterator[list[dict]]:
-        for rows in _input_batches(shards, cfg.batch_size):
+        for rows in input_batches(shards, cfg.batch_size):
             fresh = [r for r in rows if r["key"] not in run.done and r["key"] not in seen]
             run.summary.skipped += len(rows) - len(fresh)
             seen.update(r["key"] for r in fresh)
@@ -149,15 +190,22 @@ def _score_rows_ray(cfg: ScoreConfig, run: Run, names: list[str], shards: list[S
     from curate.engine_ray import score_with_ray
     from shards.ray_session import import_ray
 
+    from curate.watermark import HEAD_FILE
+
     import_ray()
     weights = str(fs.join(run.out, "aesthetic-head.safetensors")) if cfg.fit_aesthetic else cfg.aesthetic_weights
     if "aesthetic" in names and not weights:
         raise UserError("the aesthetic scorer needs --aesthetic-weights FILE_OR_HF_ID or --fit-aesthetic ratings.parquet")
+    if "watermark" in names and not (cfg.fit_watermark or cfg.watermark_weights):
+        raise UserError("the watermark scorer needs --watermark-weights FILE_OR_HF_ID or --fit-watermark labels.parquet")
     s, seen = run.summary, set(run.done)
-    spec = (tuple(names), cfg.clip_model, weights, cfg.decode_short)
+    refs = cfg.refs(str(fs.join(run.out, HEAD_FILE)) if cfg.fit_watermark else None)
+    spec = (tuple(names), cfg.clip_model, weights, cfg.decode_short, refs)
     columns = [c for c in INPUT_COLUMNS if all(c in shard.columns for shard in shards)]
     paths = [str(shard.location) for shard in shards]
-    for rows in score_with_ray(paths, columns, spec, run.done, cfg.batch_size, cfg.replicas, cfg.ray_address):
+    for rows, seconds in score_with_ray(paths, columns, spec, run.done, cfg.batch_size, cfg.replicas, cfg.ray_address):
+        for name, v in seconds.items():
+            s.scorer_seconds[name] = round(s.scorer_seconds.get(name, 0.0) + v, 3)
         for row in rows:
             if row["key"] in seen:  # the same key twice in the input: the first is kept
                 continue
@@ -175,63 +223,3 @@ def _emit(pending, scorers: Scorers, run: Run) -> None:
     failed = sum(row["error"] is not None for row in scored)
     run.summary.failed += failed
     run.summary.scored += len(scored) - failed
-
-
-def _dedup_pass(out: fs.Location, threshold: float, fresh: bool) -> int:
-    """(Re)build scores/dedup/ when rows were added or it is missing; its manifest is written
-    last, so a directory without one is a crashed pass and is rebuilt."""
-    import pyarrow.compute as pc
-
-    from curate.dedup import DEDUP_SCHEMA, find_duplicates
-
-    dedup_dir = fs.join(out, DEDUP_DIR)
-    if fresh or not read_manifest(dedup_dir):
-        if fs.exists(fs.join(dedup_dir, "manifest.json")):
-            fs.delete(fs.join(dedup_dir, "manifest.json"))
-        for shard in complete_shards(dedup_dir) if fs.exists(dedup_dir) else []:
-            delete_shard(shard)
-        writer = ShardWriter(dedup_dir, schema=DEDUP_SCHEMA, prefix="dedup")
-        for table in find_duplicates(out, threshold):  # a shard per 250k rows
-            writer.write_table(table)
-        write_manifest(dedup_dir, config={"threshold": threshold}, extra={"schema": "dedup"})
-    return sum(pc.sum(b.column(0)).as_py() or 0 for b in iter_batches(complete_shards(dedup_dir), ["near_duplicate"]))
-
-
-def _fit_head(cfg: ScoreConfig, shards: list[Shard]):
-    """Fit the aesthetic head on `cfg.fit_aesthetic` (a Parquet file with `key` and `rating`,
-    keys of rows in the caption `shards`) and save it as OUT/aesthetic-head.safetensors."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from shards.models.aesthetic import fit_head, save_head
-    from shards.models.clip import ClipEmbedder
-
-    path = Path(cfg.fit_aesthetic)
-    if not path.is_file():
-        raise UserError(f"--fit-aesthetic {path} not found: pass a Parquet file with columns key and rating")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise UserError(f"--fit-aesthetic {path} is not a readable Parquet file ({str(e).splitlines()[0]}): pass a Parquet "
-                        "file with columns key and rating") from None
-    if not {"key", "rating"} <= set(table.schema.names):
-        raise UserError(f"--fit-aesthetic {path} has columns {', '.join(table.schema.names)}: it needs key and rating")
-    if not pa.types.is_integer(table.schema.field("rating").type) and not pa.types.is_floating(table.schema.field("rating").type):
-        raise UserError(f"--fit-aesthetic {path}: its rating column holds {table.schema.field('rating').type}: write ratings as numbers")
-    wanted = {k: v for k, v in zip(table.column("key").to_pylist(), table.column("rating").to_pylist()) if v is not None}
-    clip = ClipEmbedder(cfg.clip_model)
-    probe = Scorers(["image"], decode_short=cfg.decode_short)
-    embs, ratings = [], []
-    for rows in _input_batches(shards, cfg.batch_size):
-        rated = [r for r in rows if r["key"] in wanted]
-        loaded = [(r, decode_row(r, probe)) for r in rated]
-        ok = [(r, l) for r, l in loaded if not isinstance(l, str)]
-        if ok:
-            embs.append(clip.embed_images([l.image for _, l in ok]))
-            ratings.extend(float(wanted[r["key"]]) for r, _ in ok)
-    if len(ratings) < 2:
-        raise UserError(f"--fit-aesthetic {path}: only {len(ratings)} of its keys are readable rows of {cfg.shards}: rate images of these shards")
-    head = fit_head(np.concatenate(embs), np.asarray(ratings))
-    save_head(head, fs.join(fs.as_location(cfg.out), "aesthetic-head.safetensors"))
-    return head

@@ -11,7 +11,8 @@ each field's T5 features live in a feature row, and which field a sample trains 
   default single `caption` field is exactly what it always was.
 - The loader picks one field per sample and epoch (a sample is seen once per epoch) from a hash
   of (seed, epoch, sample): the same on every rank, run and resume. Only the fields an image has
-  are candidates, with the weights renormalised over them.
+  are candidates, with the weights renormalised over them. With `caption_scores` the weights are
+  per sample, from how well each field matches its image (t2i.caption_scores).
 """
 
 from __future__ import annotations
@@ -100,9 +101,10 @@ def uniforms(seed: int, epoch: int, samples: np.ndarray) -> np.ndarray:
 
 
 def pick_fields(u: np.ndarray, weights: np.ndarray, has: np.ndarray) -> np.ndarray:
-    """The field id of each sample: field f with probability weights[f] among the fields the
-    sample has (`has`: a bit per field; a sample has at least one)."""
-    present = (has[:, None] >> np.arange(len(weights), dtype=has.dtype)) & 1
-    cum = np.cumsum(weights[None, :] * present, axis=1)
+    """The field id of each sample: field f with probability weights[f] (or, per sample,
+    weights[i, f]) among the fields the sample has (`has`: a bit per field; a sample has at least one)."""
+    weights = np.asarray(weights, np.float64)
+    present = (has[:, None] >> np.arange(weights.shape[-1], dtype=has.dtype)) & 1
+    cum = np.cumsum((weights if weights.ndim == 2 else weights[None, :]) * present, axis=1)
     # the first field whose cumulative weight passes u x total (fields without weight never do)
     return (cum <= (u * cum[:, -1])[:, None]).sum(1).astype(np.uint8)

@@ -12,8 +12,8 @@ buffers into the batch tensors: no Python object per row. t2i.loader.make_loader
 reads in torch DataLoader workers with prefetch and pinned memory.
 
 With several caption fields (t2i.caption_fields) each sample trains on one field per epoch,
-picked from (seed, epoch, sample) with the configured weights: only that field's text columns
-are read for it.
+picked from (seed, epoch, sample) with the configured weights (or, with caption scores, each
+sample's own weights: t2i.caption_scores): only that field's text columns are read for it.
 
 With `teacher` (REPA, t2i.repa) each sample's stored teacher patch tokens are read with its
 latents (one more binary column of the same row group, copied the same way): `Batch.teacher`.
@@ -39,6 +39,7 @@ import torch
 from shards import ShardError, UserError, complete_shards
 from shards.reader import damaged
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights, pick_fields, text_columns, uniforms
+from t2i.caption_scores import CaptionScoring, field_probabilities
 from t2i.feature_index import BIG_ROW_GROUP, open_index
 from t2i.noise import uniforms as word_uniforms
 
@@ -131,7 +132,8 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
     DataLoader workers."""
 
     def __init__(self, features_dir: str | Path, max_tokens: int, caption_fields=DEFAULT_FIELDS, caption_weights=(),
-                 holdout: Holdout = Holdout(), teacher: bool = False) -> None:
+                 holdout: Holdout = Holdout(), teacher: bool = False,
+                 scoring: CaptionScoring | None = None) -> None:
         self.features_dir = features_dir
         self.shards = [str(s) for s in complete_shards(features_dir)]
         if not self.shards:
@@ -145,6 +147,10 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         self.text_columns = [text_columns(f) for f in self.caption_fields]
         self.weights = normalised(parse_weights(caption_weights, self.caption_fields), len(self.caption_fields))
         self._open_index()
+        # per sample and field (float16), when the draw is weighted by caption scores
+        self.field_probs = None
+        if scoring is not None and self.has is not None:
+            self.field_probs = field_probabilities(scoring, self.caption_fields, self.key_hash, self.has, self.weights)
         held = holdout.select(self.key_hash)
         self.val_indices = np.flatnonzero(held)  # the held-out samples, in key order
         self.val_hashes = self.key_hash[self.val_indices]  # their key hashes (the rest are not kept)
@@ -206,7 +212,8 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         indices = np.asarray(indices)
         if self.has is None:
             return np.zeros(len(indices), np.uint8)
-        return pick_fields(uniforms(seed, epoch, indices), self.weights, self.has[indices])
+        weights = self.weights if self.field_probs is None else self.field_probs[indices]
+        return pick_fields(uniforms(seed, epoch, indices), weights, self.has[indices])
 
     def first_fields(self, indices: np.ndarray) -> np.ndarray:
         """The first of caption_fields each sample has (what `get` reads)."""

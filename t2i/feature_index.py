@@ -29,9 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shards import ShardError
+from shards.hashing import column_hashes as key_hashes
 from shards.reader import damaged
 from t2i.caption_fields import text_columns
-from t2i.noise import string_hashes
 
 INDEX_FILE = "index.npz"
 INDEX_VERSION = 2  # bump when the arrays change meaning (2: key_hash)
@@ -104,17 +104,6 @@ def _index_shard(s: int, path: str, caption_fields: tuple[str, ...]) -> dict:
     return {"key": t.column("key"), "key_hash": key_hashes(t.column("key")), "height": t.column("height").to_numpy(), "width": t.column("width").to_numpy(),
             "shard": np.full(md.num_rows, s, np.int32), "group": np.repeat(np.arange(len(sizes), dtype=np.int32), sizes),
             "row": (np.arange(md.num_rows) - np.repeat(starts, sizes)).astype(np.int32), "has": has, "big": big}
-
-
-def key_hashes(column: pa.ChunkedArray) -> np.ndarray:
-    """t2i.noise.string_hashes of a string column, read from its Arrow buffers (no Python strings)."""
-    parts = [np.zeros(0, np.uint64)]
-    for arr in column.chunks:
-        _, offs, data = arr.buffers()
-        width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-        offsets = np.frombuffer(offs, width)[arr.offset : arr.offset + len(arr) + 1]
-        parts.append(string_hashes(offsets, np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)))
-    return np.concatenate(parts)
 
 
 def fingerprint(shards: list[str], caption_fields: tuple[str, ...]) -> str:

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from shards.hashing import hash_strings, string_hashes  # noqa: F401 - the key hashes live in shards (curate uses them too)
+from shards.hashing import mix as _mix
+
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (2^64 / golden ratio, odd)
 _MASK64 = (1 << 64) - 1
 _TWO_PI_2_24 = np.float32(2 * np.pi / (1 << 24))
@@ -25,45 +28,9 @@ _2_24 = np.float32(1.0 / (1 << 24))
 _BLOCK_WORDS = 1 << 15  # words hashed at once (256 KiB): the temporaries stay in cache
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's output function (a bijection of uint64 with full avalanche), element-wise, in
-    place on `z` (a fresh array). uint64 arrays wrap on overflow, which the hash relies on."""
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return z
-
-
 def _fold(h: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The hash h combined with one more integer per element (uint64 arrays that broadcast)."""
     return _mix((h ^ values) + _GAMMA)
-
-
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
-
-
-def string_hashes(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """uint64 hashes of strings held as Arrow holds them: `offsets` (n + 1) into the bytes `data`.
-    FNV-1a over each string's bytes (all strings a byte position at a time), then SplitMix64's
-    output function for full avalanche."""
-    offsets = np.asarray(offsets, np.int64)
-    lens, starts = np.diff(offsets), offsets[:-1]
-    h = np.full(len(lens), _FNV_OFFSET, np.uint64)
-    live = np.arange(len(lens))
-    for j in range(int(lens.max(initial=0))):
-        live = live[lens[live] > j]
-        h[live] = (h[live] ^ data[starts[live] + j].astype(np.uint64)) * _FNV_PRIME
-    return _mix(h)
-
-
-def hash_strings(strings: list[str]) -> np.ndarray:
-    """`string_hashes` of Python strings (their UTF-8 bytes)."""
-    encoded = [x.encode() for x in strings]
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in encoded])])
-    return string_hashes(offsets, np.frombuffer(b"".join(encoded), np.uint8))
 
 
 def derive_keys(keys, index: int) -> np.ndarray:

@@ -41,3 +41,26 @@ def _clip(tmp_path):
     from tiny.clip import build_tiny_clip, save_clip
 
     return save_clip(*build_tiny_clip(["a red circle"]), tmp_path / "clip")
+
+
+@pytest.mark.slow
+def test_ray_engine_scores_the_new_scorers_as_the_local_engine(tmp_path):
+    """watermark, phash and the per-field caption scores: the same per-batch function
+    (curate.scorers.score_batch) on both engines, so the same values, and the same pHash groups."""
+    from curate.api import ScoreConfig, run_score
+    from curate.watermark import WatermarkHead, save_watermark_head
+
+    _, captions, truth = make_world(tmp_path, n=16, dup_keys=2)
+    clip = _clip(tmp_path)
+    save_watermark_head(WatermarkHead(48), tmp_path / "wm.safetensors")  # untrained: the engines must agree whatever the weights
+    base = dict(shards=captions, scorers="watermark,phash,captions", clip_model=str(clip), watermark_weights=str(tmp_path / "wm.safetensors"),
+                progress=False, shard_size=10)  # fmt: skip
+    local = run_score(ScoreConfig(out=tmp_path / "local", **base))
+    ray = run_score(ScoreConfig(out=tmp_path / "ray", engine="ray", replicas=2, batch_size=8, **base))
+    assert (ray.scored, ray.failed) == (local.scored, local.failed) == (len(truth), 2)
+    assert {"watermark", "phash", "captions"} <= set(ray.scorer_seconds) and set(ray.scorer_seconds) == set(local.scorer_seconds)
+    a, b = _frame(tmp_path / "local"), _frame(tmp_path / "ray")
+    assert a["key"].to_list() == b["key"].to_list() and a["phash"].to_list() == b["phash"].to_list()
+    for column in ("watermark", "clip_score_caption"):
+        np.testing.assert_allclose(a[column].to_numpy().astype(float), b[column].to_numpy().astype(float), atol=1e-5, equal_nan=True)
+    assert _frame(tmp_path / "local" / "phash").equals(_frame(tmp_path / "ray" / "phash"))

@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tiny.world import COLORS as W_COLORS
+from tiny.world import SHAPES as W_SHAPES
 from tiny.world import dense_caption, render, sample_scenes, with_low_quality
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -29,7 +31,8 @@ def world_caption(scene) -> str:
     return dense_caption(scene) + suffix
 
 
-def build_tiny_clip(corpus: Sequence[str], image_size: int = 32, patch: int = 8, hidden: int = 48, layers: int = 2, seed: int = 0):
+def build_tiny_clip(corpus: Sequence[str], image_size: int = 32, patch: int = 8, hidden: int = 48, layers: int = 2, seed: int = 0,
+                    max_positions: int = 64):
     """(CLIPModel, tokenizer, image processor), randomly initialised; the vocabulary is every
     word of `corpus` (lowercased), so every world caption tokenises without <unk>."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -44,7 +47,7 @@ def build_tiny_clip(corpus: Sequence[str], image_size: int = 32, patch: int = 8,
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     config = CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3),
+                         num_attention_heads=4, max_position_embeddings=max_positions, pad_token_id=0, bos_token_id=2, eos_token_id=3),
         vision_config=dict(image_size=image_size, patch_size=patch, hidden_size=hidden, intermediate_size=2 * hidden,
                            num_hidden_layers=layers, num_attention_heads=4),
         projection_dim=hidden,
@@ -138,18 +141,86 @@ def save_clip(model, tokenizer, processor, out_dir: str | Path) -> Path:
     return out
 
 
-def train_world_clip(out_dir: str | Path, n: int = 600, seed: int = 0, low_quality: float = 0.4, steps: int = 450) -> Path:
+WATERMARK_PHRASE = " A stock watermark is stamped over the photo."
+WATERMARK_LABEL = " with a stock watermark"
+
+
+def train_world_clip(out_dir: str | Path, n: int = 600, seed: int = 0, low_quality: float = 0.4, steps: int = 450,
+                     watermarks: float = 0.0) -> Path:
     """Build and fit a tiny CLIP on `n` rendered world scenes (train split, some low quality)
-    and save it to `out_dir`. Deterministic for `seed`; a few seconds to a minute on CPU."""
+    and save it to `out_dir`. Deterministic for `seed`; a few seconds to a minute on CPU.
+    `watermarks`: the share of scenes drawn with a stock watermark (tiny.overlays), their
+    captions saying so, as web captions sometimes do, and the zero-shot phrases telling stamped
+    from clean photos: a web CLIP's embedding shows watermarks, which is what the watermark head
+    reads; 0 (default) trains the CLIP it always was."""
     import dataclasses
 
     scenes = with_low_quality(sample_scenes(n, seed), low_quality, seed)
-    texts = [world_caption(s) for s in scenes]
-    other_quality = [world_caption(dataclasses.replace(s, quality="high" if s.quality == "low" else "low")) for s in scenes]
+    marked = _watermarked(len(scenes), watermarks, seed)
+    mark = [WATERMARK_PHRASE if m else "" for m in marked]
+    texts = [world_caption(s) + w for s, w in zip(scenes, mark)]
+    other_quality = [world_caption(dataclasses.replace(s, quality="high" if s.quality == "low" else "low")) + w for s, w in zip(scenes, mark)]
+    other_mark = [world_caption(s) + ("" if w else WATERMARK_PHRASE) for s, w in zip(scenes, mark)]
     # rendered at twice the model's input: copies resized down to 60% are still down-sampled to
     # the input, never blurred by up-sampling (which would teach the model to ignore blur)
+    images = [_marked(render(s, 64), m, seed, i) for i, (s, m) in enumerate(zip(scenes, marked))]
+    # the zero-shot term's phrases: the quality, and (with watermarks) whether the photo is stamped
+    labels = [QUALITY_PHRASE[s.quality] + (WATERMARK_LABEL if m else "") for s, m in zip(scenes, marked)]
+    corpus = texts + other_quality + other_mark + list(QUALITY_PHRASE.values()) + labels
+    model, tokenizer, processor = build_tiny_clip(corpus, seed=seed)
+    # hard negatives: the caption with the other quality, or (every other scene) the other watermark state
+    negatives = [w if watermarks and i % 2 else o for i, (o, w) in enumerate(zip(other_quality, other_mark))]
+    fit_on_world(model, tokenizer, processor, images, texts, steps=steps, seed=seed, hard_negatives=negatives, labels=labels)
+    return save_clip(model, tokenizer, processor, out_dir)
+
+
+def _watermarked(n: int, share: float, seed: int) -> list[bool]:
+    """Which of `n` scenes carry a watermark (a share of them, by their own rng)."""
+    rng = np.random.default_rng([seed, 41])
+    return [bool(share) and rng.uniform() < share for _ in range(n)]
+
+
+def _marked(image, watermarked: bool, seed: int, i: int):
+    """`image`, with a stock watermark when `watermarked`."""
+    if not watermarked:
+        return image
+    from tiny.overlays import add_watermark
+
+    return add_watermark(image, np.random.default_rng([seed, i, 43]))[0]
+
+
+def long_caption(scene, rng: np.random.Generator, tokens: int = 70, last: str | None = None) -> str:
+    """A caption of about `tokens` word tokens: the dense caption, then short true sentences about
+    the scene in random order (`last`, when given, ends it)."""
+    facts = [f"The {scene.color} {scene.shape} is {scene.size}.", f"The {scene.shape} is {scene.color}.",
+             f"The background is {scene.background}.", f"The {scene.color} object is a {scene.shape}.",
+             "Nothing else is in the picture."]  # fmt: skip
+    text = dense_caption(scene)
+    while len(re.findall(r"\w+|[^\w\s]", text)) < tokens:
+        text += " " + str(rng.choice(facts))
+    return text + (" " + last if last else "")
+
+
+def wrong_colour(text: str, scene, rng: np.random.Generator, after: int = 0) -> str:
+    """`text` with one mention of the scene's colour, past character `after`, replaced by another colour."""
+    from tiny.world import COLORS
+
+    spots = [m.start() for m in re.finditer(rf"\b{scene.color}\b", text) if m.start() >= after]
+    at = int(rng.choice(spots))
+    other = str(rng.choice([c for c in COLORS if c != scene.color]))
+    return text[:at] + other + text[at + len(scene.color) :]
+
+
+def train_long_caption_clip(out_dir: str | Path, n: int = 600, seed: int = 0, steps: int = 450) -> Path:
+    """A tiny CLIP with OpenAI CLIP's 77-token window, fitted on long world captions (30-75
+    tokens) against hard negatives with one colour word wrong anywhere in them: every position
+    of its window learns to read colours (for the windowed caption score's test)."""
+    rng = np.random.default_rng([seed, 47])
+    scenes = sample_scenes(n, seed)
+    texts = [long_caption(s, rng, int(rng.integers(30, 70))) for s in scenes]
+    negatives = [wrong_colour(t, s, rng) for t, s in zip(texts, scenes)]
     images = [render(s, 64) for s in scenes]
-    model, tokenizer, processor = build_tiny_clip(texts + other_quality + list(QUALITY_PHRASE.values()), seed=seed)
-    labels = [QUALITY_PHRASE[s.quality] for s in scenes]
-    fit_on_world(model, tokenizer, processor, images, texts, steps=steps, seed=seed, hard_negatives=other_quality, labels=labels)
+    corpus = texts + negatives + [f"{c} {s}" for c in W_COLORS for s in W_SHAPES]
+    model, tokenizer, processor = build_tiny_clip(corpus, seed=seed, max_positions=77)
+    fit_on_world(model, tokenizer, processor, images, texts, steps=steps, seed=seed, hard_negatives=negatives)
     return save_clip(model, tokenizer, processor, out_dir)

@@ -23,6 +23,20 @@ def jpeg_bytes(w=120, h=80, seed=0, mode="RGB", **save) -> bytes:
     return buf.getvalue()
 
 
+def photo(seed: int, size: int = 256, slope: float = 1.5) -> Image.Image:
+    """A photo-like RGB image: random colour noise with a natural image's 1/f^slope spectrum (smooth
+    regions, edges at every scale), a pure function of `seed`. What perceptual hashes are made
+    for; the shape world's flat graphics are not (their low frequencies sit near the median)."""
+    rng = np.random.default_rng(seed)
+    f = np.fft.fftfreq(size)[:, None] ** 2 + np.fft.fftfreq(size)[None, :] ** 2
+    f[0, 0] = 1.0
+    spectrum = (rng.normal(size=(3, size, size)) + 1j * rng.normal(size=(3, size, size))) / f ** (slope / 2)
+    img = np.real(np.fft.ifft2(spectrum))
+    img -= img.min(axis=(1, 2), keepdims=True)
+    img /= img.max(axis=(1, 2), keepdims=True)
+    return Image.fromarray((img.transpose(1, 2, 0) * 255).astype(np.uint8))
+
+
 def bad_and_odd_inputs(root: Path) -> dict[str, bool]:
     """Write every awkward input; returns file name -> readable?"""
     root.mkdir(parents=True, exist_ok=True)

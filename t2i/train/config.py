@@ -65,6 +65,12 @@ class TrainConfig:
     # fields per epoch, drawn with caption_weights (default equal); t2i.caption_fields
     caption_fields: tuple = FeatureConfig.caption_fields
     caption_weights: tuple = ()
+    # or drawn by how well each field matches its image (t2i.caption_scores, Sana-style): a score
+    # directory with clip_score_<field> columns (`score --scorers captions`); softmax(points / T),
+    # points = 100 x cosine; fields below the threshold are dropped (none left: the best one)
+    caption_scores: str = ""
+    caption_score_temperature: float = 3.0
+    caption_score_threshold: float = float("-inf")  # -inf: no threshold (Sana's configs use 25)
     # the objective (t2i.objective: DDPM with the IDDPM hybrid loss, t2i.diffusion, or flow matching,
     # t2i.flow); another objective's setting is refused, and so is any change on --resume
     learned_sigma: bool = True  # ddpm: the model also outputs the variance (IDDPM); flow predicts v only and ignores it
@@ -170,6 +176,17 @@ class TrainConfig:
         check_settings(self)
         check_targets_early(self)
         check_report_to(self.report_to)
+        if self.caption_scores:
+            self.caption_scoring().check()
+
+    def caption_scoring(self):
+        """The caption-score draw's settings (t2i.caption_scores.CaptionScoring), or None without caption_scores."""
+        from t2i.caption_scores import CaptionScoring
+
+        if not self.caption_scores:
+            return None
+        threshold = None if self.caption_score_threshold == float("-inf") else self.caption_score_threshold
+        return CaptionScoring(self.caption_scores, self.caption_score_temperature, threshold)
 
     def _validate_levers(self) -> None:
         """Token dropping, REPA and the validation loss settings."""

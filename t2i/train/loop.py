@@ -290,7 +290,8 @@ def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None,
     fdir = find_features(Path(features) if features is not None else out / "features", cfg)  # made beforehand: only opened
     with accel.main_process_first():  # rank 0 builds and caches the index (t2i.feature_index); the others load it
         data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights, cfg.holdout(),
-                                       teacher=bool(cfg.repa_weight))  # REPA reads the stored teacher tokens too
+                                       teacher=bool(cfg.repa_weight),  # REPA reads the stored teacher tokens too
+                                       scoring=cfg.caption_scoring())
     ledger = Ledger(out, "train", accel.device)
     probe = data.get(np.array([0]))
     run = start_run(cfg, accel, out, fdir, probe, vae, conditioning, resume, global_batch, local_batch)

@@ -109,6 +109,12 @@ def check_caption_settings(ck: Path, st: dict[str, Any], cfg: TrainConfig) -> No
         raise UserError(f"checkpoint {ck} was trained with {_caption_settings(fields, weights)}, this run has "
                         f"{_caption_settings(cfg.caption_fields, cfg.caption_weights)}: resume with the checkpoint's "
                         "caption_fields and caption_weights, or train into a new --out")
+    saved = st.get("config", {})
+    for name in ("caption_scores", "caption_score_temperature", "caption_score_threshold"):  # the draw by caption scores
+        theirs, ours = saved.get(name, getattr(TrainConfig, name)), getattr(cfg, name)
+        if str(theirs) != str(ours):
+            raise UserError(f"checkpoint {ck} was trained with {name} {theirs}, this run has {ours}: resume with the "
+                            "checkpoint's, or train into a new --out")
 
 
 def check_holdout(ck: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
