@@ -46,6 +46,7 @@ class ChaosJob:
 @dataclass
 class CurateResult(JobResult):
     mixed: int = 0
+    kills: int = 0  # SIGKILLs that landed (a double-kill trial may count two)
     changes_tried: int = 0
     changes_refused: int = 0
     refusal: str = ""  # one refusal line, for the report
@@ -195,6 +196,7 @@ def trial(cj: ChaosJob, out: Path, rng: random.Random, res: CurateResult) -> Non
         if not kill_during(job, out, rng, res):
             res.finished_before_kill += 1
             break
+        res.kills += 1
     committed = job.committed(out)
     res.killed_after_commit += committed
     if committed:
@@ -244,11 +246,12 @@ def render(results: dict, trials: int) -> str:
         "opposite `--where`, eval `--steps 4`) must be refused: exit 2, one `error:` line, the output's files unchanged.",
         "Then the original command runs to the end and is compared with an uninterrupted run (`mixed`: score shards with",
         "other columns, selected keys outside the clean selection, eval rows whose CLIPScore differs).", "",
-        "| job | trials | double kills | finished first | kills after first commit | changes refused | lost | duplicated | mixed | failed reruns | clean run s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "`kills`: SIGKILLs that landed (a double-kill trial can count two; `finished first`: a run ended before its kill moment).", "",
+        "| job | trials | kills | double kills | finished first | commits before the rerun | changes refused | lost | duplicated | mixed | failed reruns | clean run s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r.trials} | {r.double_kills} | {r.finished_before_kill} | {r.killed_after_commit} | "
+        lines.append(f"| {name} | {r.trials} | {r.kills} | {r.double_kills} | {r.finished_before_kill} | {r.killed_after_commit} | "
                      f"{r.changes_refused}/{r.changes_tried} | {r.lost} | {r.duplicated} | {r.mixed} | {len(r.failed_reruns)} | {r.clean_s:.1f} |")
     refusals = [f"- {name}: `{r.refusal}`" for name, r in results.items() if r.refusal]
     failures = [f"- {name}: `{f}`" for name, r in results.items() for f in r.failed_reruns]
