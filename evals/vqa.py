@@ -36,13 +36,16 @@ class Verdict:
 
 
 def first_token_ids(tokenizer, spellings: Sequence[str]) -> set[int]:
-    """The first token id of each spelling (no special tokens added)."""
-    ids = set()
+    """The first token id of each spelling (no special tokens added): those that are the whole
+    word (" Yes", "yes"), or, when the tokenizer has no such token, the first pieces ("Y")."""
+    firsts = set()
     for text in spellings:
         encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
         if encoded:
-            ids.add(int(encoded[0]))
-    return ids
+            firsts.add(int(encoded[0]))
+    words = {s.strip().lower() for s in spellings}
+    whole = {i for i in firsts if tokenizer.decode([i]).strip().lower() in words}
+    return whole or firsts
 
 
 def answer_ids(tokenizer) -> tuple[list[int], list[int]]:

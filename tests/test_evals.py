@@ -60,8 +60,13 @@ def test_own_suite_holds_out_exactly_the_worlds_unseen_triples():
 
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
+    """The tiny judge VLM, trained here (about 8 CPU-minutes); T2I_TEST_JUDGE_VLM names a directory
+    that `train_judge_vlm` already wrote with these settings (its judge_metrics.json says so), to reuse."""
     from demo.judge_vlm import train_judge_vlm
 
+    given = os.environ.get("T2I_TEST_JUDGE_VLM")
+    if given and json.loads((Path(given) / "judge_metrics.json").read_text()).get("steps") == JUDGE_STEPS:
+        return Path(given)
     out = tmp_path_factory.mktemp("judge") / "vlm"
     train_judge_vlm(out, steps=JUDGE_STEPS, threads=2)
     return out
