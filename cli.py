@@ -34,6 +34,8 @@ from curate.select import SelectConfig, select_command
 from dataset_stats.api import StatsOptions, stats_command
 from demo.run import DemoOptions, demo_command
 from shards.errors import UserError, resource_error
+from evals.judge_job import JudgeConfig, judge_command
+from evals.suite import SuiteConfig, suite_command
 from t2i.evaluate import EvalConfig, eval_command
 from t2i.export import ExportConfig, export_command
 from t2i.feature_config import FeatureConfig, FeaturesRun
@@ -555,9 +557,16 @@ def eval_cmd(
     ctx: typer.Context,
     target: Path = typer.Argument(..., help=(
         "run directory (all its checkpoints), one checkpoints/step-* directory, or an export folder")),
-    prompts: Path = typer.Option(..., "--prompts", help="text file, one prompt per line"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="text file, one prompt per line (or --suite)"),
     out: Path = typer.Option(EvalConfig.out, "--out", help=(
         "eval.json, eval.html and each checkpoint's samples (rerun to resume)")),
+    suite: Optional[str] = typer.Option(None, "--suite", help=(
+        "own: prompts drawn from --shards, held-out combinations, paraphrases, judged by --judge")),
+    shards: Optional[Path] = typer.Option(SuiteConfig.shards, "--shards", help="--suite own: the caption shards"),
+    judge: str = typer.Option(SuiteConfig.judge, "--judge", help="--suite: the judge VLM (HF id or local directory)"),
+    judge_backend: str = typer.Option(SuiteConfig.judge_backend, "--judge-backend", help="transformers | vllm"),
+    suite_prompts: int = typer.Option(SuiteConfig.suite_prompts, "--suite-prompts", help=(
+        "--suite own: combinations per split (each in 4 wordings)")),
     clip: str = typer.Option(EvalConfig.clip, "--clip", help="CLIPModel for CLIPScore: HF id or local directory"),
     aesthetic: Optional[str] = typer.Option(EvalConfig.aesthetic, "--aesthetic", help=(
         "LAION aesthetic v2 head on that CLIP: .pth/.safetensors file or HF id")),
@@ -578,13 +587,45 @@ def eval_cmd(
     text_encoder: Optional[str] = typer.Option(EvalConfig.text_encoder, "--text-encoder"),
     progress: bool = _progress(EvalConfig.progress),
 ) -> None:
-    """Sample checkpoints and score them side by side: CLIPScore, aesthetic score, FID; eval.json + eval.html.
+    """Sample checkpoints and score them side by side: CLIPScore, aesthetic score, FID, KID; eval.json + eval.html.
+    With --suite own: the own-captions benchmark judged by a VLM (VQAScore), per category.
 
     Example: t2i-data eval runs/x --prompts prompts.txt --reference ref_images/ --inception
     pt_inception-2015-12-05-6726825d.pth --out eval/
     """
     flags = _given(ctx, locals())
-    _echo(eval_command(flags.pop("target"), EvalConfig(**flags)))
+    target = flags.pop("target")
+    keep = set(SuiteConfig.__dataclass_fields__ if suite is not None else EvalConfig.__dataclass_fields__)
+    if stray := sorted(set(flags) - keep):
+        flag = "--" + stray[0].replace("_", "-")
+        raise UserError(f"{flag} is not a flag of eval {'--suite' if suite is not None else 'without --suite'}: drop it"
+                        f"{'' if suite is not None else ' or add --suite own'}")
+    if suite is not None:
+        _echo(suite_command(target, SuiteConfig(**flags)))
+    elif prompts is None:
+        raise UserError("no prompts: pass --prompts FILE with one prompt per line, or --suite own --shards CAPTIONS")
+    else:
+        _echo(eval_command(target, EvalConfig(**flags)))
+
+
+@app.command("judge")
+@user_errors
+def judge_cmd(
+    ctx: typer.Context,
+    questions: Path = typer.Option(..., "--questions", help=(
+        'JSONL, one {"image": path, "question": text, "prompt"?, "category"?, "key"?} per line')),
+    out: Path = typer.Option(JudgeConfig.out, "--out", help="judge shards (rerun to resume)"),
+    model: str = typer.Option(JudgeConfig.model, "--judge", help="the judge VLM: HF id or local directory"),
+    backend: str = typer.Option(JudgeConfig.backend, "--judge-backend", help="transformers | vllm"),
+    batch_size: int = typer.Option(JudgeConfig.batch_size, "--batch-size"),
+    progress: bool = _progress(JudgeConfig.progress),
+) -> None:
+    """A VLM answers yes/no questions about images (VQAScore: P(Yes) from the first answer token) into shards.
+
+    Example: t2i-data judge --questions q.jsonl --judge llava-hf/llava-1.5-7b-hf --out judged/
+    """
+    flags = _given(ctx, locals())
+    _echo(judge_command(flags.pop("questions"), JudgeConfig(**flags)))
 
 
 @app.command("import-dit")

@@ -17,6 +17,7 @@ COLUMNS = (
     ("clip_score", "CLIPScore (cosine)", "{:.4f}", "high"),
     ("aesthetic", "aesthetic", "{:.3f}", "high"),
     ("fid", "FID", "{:.3f}", "low"),
+    ("kid", "KID (x1000)", "{:.3f}", "low"),
 )
 
 CSS = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
@@ -30,6 +31,7 @@ def summary_lines(report: dict[str, Any]) -> str:
     lines = []
     for r in report["checkpoints"]:
         fid = "" if r["fid"] is None else f", FID {r['fid']:.3f}"
+        fid += "" if r.get("kid") is None else f", KID {1000 * r['kid']:.3f}e-3 ± {1000 * r['kid_std']:.3f}e-3"
         aes = "" if r["aesthetic"] is None else f", aesthetic {r['aesthetic']:.3f}"
         lines.append(f"{r['name']}: CLIPScore {r['clip_score']:.4f}{aes}{fid} ({r['samples']} samples)")
     return "\n".join([*lines, f"wrote {', '.join(report['files'])}"])
@@ -46,8 +48,14 @@ def _cell(row: dict[str, Any], key: str, fmt: str, best: float | None) -> str:
     value = row.get(key)
     if value is None:
         return "<td>n/a</td>"
+    if key == "kid":  # shown x1000 (its usual scale), with its std over subsets
+        return _bold(f"{1000 * value:.3f} ± {1000 * row['kid_std']:.3f}", best is not None and value == best)
     text = fmt.format(value) + (f" ± {row['clip_score_std']:.4f}" if key == "clip_score" else "")
     return f"<td><b>{text}</b></td>" if best is not None and value == best else f"<td>{text}</td>"
+
+
+def _bold(text: str, bold: bool) -> str:
+    return f"<td><b>{text}</b></td>" if bold else f"<td>{text}</td>"
 
 
 def to_html(report: dict[str, Any]) -> str:
@@ -60,7 +68,7 @@ def to_html(report: dict[str, Any]) -> str:
                  f"<td>{r['samples']}</td>", *(_cell(r, key, fmt, best[key]) for key, _, fmt, _ in COLUMNS)]  # fmt: skip
         body.append("<tr>" + "".join(cells) + "</tr>")
     ref = report.get("reference")
-    fid_note = (f"FID on {html.escape(ref['features'])} features against {ref['images']} images of "
+    fid_note = (f"FID and KID on {html.escape(ref['features'])} features against {ref['images']} images of "
                 f"<code>{html.escape(ref['folder'])}</code>." if ref else "No --reference: no FID.")  # fmt: skip
     grids = "".join(f"<figure><img src='{html.escape(r['grid'])}' alt='{html.escape(r['name'])}'>"
                     f"<figcaption>{html.escape(r['name'])}</figcaption></figure>" for r in rows)  # fmt: skip

@@ -6,8 +6,8 @@ learned null caption, `t2i.sample.generate`), and the samples are scored:
 - CLIPScore: cosine of each sample's CLIP image embedding with its prompt's text embedding
   (`shards.models.clip`, the same model and numbers as `t2i-data score`'s `clip_score`);
 - aesthetic: the LAION aesthetic predictor v2 head on those image embeddings (`shards.models.aesthetic`);
-- FID against a folder of reference images (`t2i.fid`: torchmetrics, Inception weights from a
-  local file, or CLIP features).
+- FID and KID against a folder of reference images (`t2i.fid`: torchmetrics, Inception weights
+  from a local file, or CLIP features; KID's mean and std over subsets).
 Results: `<out>/eval.json` and `<out>/eval.html` (one row per checkpoint, a sample grid each).
 Each checkpoint's result is written to `<out>/<name>/result.json` once complete, so a rerun with
 the same settings skips the checkpoints already scored.
@@ -231,18 +231,20 @@ def sample_and_score(target: Target, cfg: EvalConfig, scorers, out_dir: Path, ad
     (out_dir / "samples.jsonl.tmp").replace(out_dir / "samples.jsonl")
     image_grid(acc.grid, cols=min(8, len(acc.grid))).save(out_dir / "grid.png")
     del pipe
-    return _result(target, acc, fid.compute() if fid is not None else None, out_dir)
+    return _result(target, acc, fid, out_dir)
 
 
-def _result(target: Target, acc: Scored, fid: float | None, out_dir: Path) -> dict[str, Any]:
+def _result(target: Target, acc: Scored, meter, out_dir: Path) -> dict[str, Any]:
     import numpy as np
 
+    fid = meter.compute() if meter is not None else None
+    kid, kid_std = meter.kid if meter is not None else (None, None)
     clip = np.asarray(acc.clip)
     return {
         "name": target.name, "path": str(target.path), "kind": target.kind, "step": target.step, "samples": len(clip),
         "clip_score": float(clip.mean()), "clip_score_std": float(clip.std()),
         "aesthetic": float(np.mean(acc.aesthetic)) if acc.aesthetic else None, "fid": fid,
-        "grid": f"{out_dir.name}/grid.png", "samples_file": f"{out_dir.name}/samples.jsonl",
+        "kid": kid, "kid_std": kid_std, "grid": f"{out_dir.name}/grid.png", "samples_file": f"{out_dir.name}/samples.jsonl",
     }  # fmt: skip
 
 
@@ -265,7 +267,7 @@ def evaluate_checkpoints(target: str | Path, cfg: EvalConfig | None = None, **op
     """Sample and score every checkpoint at `target`; write `<out>/eval.json` and `<out>/eval.html`.
     Settings: an EvalConfig, or its fields as keywords (`prompts=[...], clip="dir", out="eval"`).
     Returns the JSON's dict: {"checkpoints": [one result per checkpoint, oldest first: name, step,
-    samples, clip_score, clip_score_std, aesthetic, fid, grid], "settings", "reference", "files"}.
+    samples, clip_score, clip_score_std, aesthetic, fid, kid, kid_std, grid], "settings", "reference", "files"}.
     A rerun with the same settings skips the checkpoints already scored; one with other identity
     settings into the same `out` is refused."""
     from shards.lock import output_lock
@@ -346,3 +348,7 @@ def _progress(enabled: bool):
 
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
+
+
+# public names for the suite evals (evals.suite) that sample the same checkpoints the same way
+load_pipeline, safe_name = _load_pipeline, _safe_name

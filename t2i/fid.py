@@ -1,4 +1,5 @@
-"""Fréchet distance between generated images and a reference folder, through torchmetrics.
+"""Fréchet distance (FID) and kernel distance (KID) between generated images and a reference
+folder, through torchmetrics.
 
 `--fid-features inception` (the standard FID): torchmetrics' `FrechetInceptionDistance` on the
 2048-d pool features of torch-fidelity's TF-ported Inception v3 (the network of the original FID
@@ -13,6 +14,13 @@ CLIP mode), with the CLIP model that CLIPScore uses, so it also works with a tin
 Only running sums are kept (mean and covariance sums of each side), so a reference of millions of
 images costs O(features^2) memory, never O(images). The reference side is computed once and kept
 while the generated side is reset for every checkpoint.
+
+KID (Binkowski et al. 2018; torchmetrics' `KernelInceptionDistance`) is computed beside FID on the
+same features, extracted once per batch (`SharedFeatures`): the squared MMD with a cubic
+polynomial kernel, averaged over `KID_SUBSETS` random subsets of min(`KID_SUBSET_SIZE`, images on
+either side) images, drawn from a fixed seed so a rerun gives the same number. Unlike FID it is
+unbiased, so it is the one to read with few samples (near 0 for two draws of one distribution).
+It keeps every feature vector (O(images x features) memory: 2048 floats per image).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from shards.errors import UserError
 FID_FEATURES = ("inception", "clip")
 INCEPTION_DIMS = (64, 192, 768, 2048)  # the Inception layers torchmetrics offers; 2048 (pool3) is the standard FID
 INCEPTION_SIZE = 299
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0  # torchmetrics' defaults; the subsets drawn from a fixed seed
 INSTALL_HINT = "pip install 't2i-data[eval]' (torchmetrics + torch-fidelity)"
 
 
@@ -44,6 +53,22 @@ class ClipImageFeatures(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images = [Image.fromarray(im.permute(1, 2, 0).cpu().numpy()) for im in x]
         return torch.from_numpy(self.clip.embed_images(images)).to(x.device)
+
+
+class SharedFeatures(torch.nn.Module):
+    """A feature extractor two metrics share: the second call with the same batch tensor returns
+    the first call's features instead of running the network again."""
+
+    def __init__(self, extractor: torch.nn.Module, num_features: int) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.num_features = num_features
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, self.extractor(x))
+        return self._last[1]
 
 
 def check_options(features: str, inception: str | Path | None, dims: int) -> None:
@@ -76,6 +101,15 @@ def _metric(features: str, inception: str | Path | None, clip, dims: int):
                         "pass pt_inception-2015-12-05-6726825d.pth") from None  # fmt: skip
 
 
+def _kid_metric(features: torch.nn.Module):
+    from torchmetrics.image.kid import KernelInceptionDistance
+    import warnings
+
+    with warnings.catch_warnings():  # "will save all extracted features": known, documented above
+        warnings.simplefilter("ignore", UserWarning)
+        return KernelInceptionDistance(feature=features, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, reset_real_features=False)
+
+
 def to_uint8_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """(n, 3, size, size) uint8; every image resized with PIL bicubic (clean-fid's advice: PIL's
     resize is the antialiased one), so references of any size batch together."""
@@ -84,28 +118,49 @@ def to_uint8_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 
 
 class FidMeter:
-    """FID of generated batches against a fixed reference set."""
+    """FID and KID of generated batches against a fixed reference set (one feature pass per batch)."""
 
     def __init__(self, features: str = "inception", inception: str | Path | None = None, clip=None, device: str = "cpu",
                  dims: int = 2048) -> None:
-        self.metric = _metric(features, inception, clip, dims).to(device)
+        metric = _metric(features, inception, clip, dims)
+        shared = SharedFeatures(metric.inception, dims if features == "inception" else int(clip.dim))
+        metric.inception = shared  # FID and KID read the same features, computed once
+        self.metric, self.kid_metric = metric.to(device), _kid_metric(shared).to(device)
         self.features = features
         self.size = INCEPTION_SIZE if features == "inception" else int(clip.input_size)
         self.device = device
-        self.reference_count = 0
+        self.reference_count = self.generated_count = 0
+        self.kid: tuple[float, float] | None = None  # (mean, std over subsets) of the last `compute`
 
     @torch.no_grad()  # not inference_mode: the metric's state tensors are updated in place across calls
     def add(self, images: Sequence[Image.Image], real: bool) -> None:
         if images:
-            self.metric.update(to_uint8_batch(images, self.size).to(self.device), real=real)
+            batch = to_uint8_batch(images, self.size).to(self.device)
+            self.metric.update(batch, real=real)
+            self.kid_metric.update(batch, real=real)
             if real:
                 self.reference_count += len(images)
+            else:
+                self.generated_count += len(images)
 
     def compute(self) -> float:
-        """FID of the generated images added since the last call; then forgets them (keeps the reference)."""
+        """FID of the generated images added since the last call (their KID, mean and std, in
+        `self.kid`); then forgets them (keeps the reference)."""
         value = float(self.metric.compute())
+        self.kid = self.compute_kid()
         self.metric.reset()
+        self.kid_metric.reset()
+        self.generated_count = 0
         return value
+
+    def compute_kid(self) -> tuple[float, float]:
+        """(KID mean, std over subsets) of the generated images added since the last `compute`;
+        subsets of min(KID_SUBSET_SIZE, either side's count) images, drawn from KID_SEED."""
+        self.kid_metric.subset_size = max(2, min(KID_SUBSET_SIZE, self.reference_count, self.generated_count))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(KID_SEED)
+            mean, std = self.kid_metric.compute()
+        return float(mean), float(std)
 
 
 def reference_files(folder: str | Path) -> list:

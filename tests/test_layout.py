@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCT = ("shards", "autolabel", "dataset_stats", "curate", "t2i", "costs")
+PRODUCT = ("shards", "autolabel", "dataset_stats", "curate", "t2i", "costs", "evals")
 PACKAGES = (*PRODUCT, "tiny", "demo", "cli")  # the graph's nodes, by top-level name
 ABOVE_PRODUCT = ("demo", "tests", "tiny", "benchmarks")
 SIZED = (*PRODUCT, "tiny", "demo", "cli")  # what the size limits cover: every installed package

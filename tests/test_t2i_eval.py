@@ -187,3 +187,29 @@ def test_fid_with_inception_weights_from_a_file(tmp_path):
     with pytest.raises(Exception, match="--inception .* is not torch-fidelity's Inception v3 weights"):
         torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
         FidMeter("inception", tmp_path / "wrong.pth", dims=64)
+
+
+def test_kid_beside_fid_near_zero_for_the_reference_itself(tmp_path):
+    """KID (torchmetrics) from the same features as FID: KID(ref, ref) is near 0 (the unbiased
+    estimate of one set against itself sits a little below 0: -2 (mean k(x, x) - mean k(x, y)) / m),
+    as is KID against another draw of the same world, and both are far below KID(ref, other); a
+    second compute gives the same number (subsets drawn from a fixed seed)."""
+    from t2i.fid import FidMeter
+
+    torch.set_num_threads(1)
+    weights = _random_inception_weights(tmp_path / "inception.pth")
+    ref = [W.render(s, 32) for s in W.sample_scenes(24, seed=3)]
+    again = [W.render(s, 32) for s in W.sample_scenes(24, seed=5)]
+    other = [W.render(dataclasses.replace(s, quality="low"), 32) for s in W.sample_scenes(24, seed=4)]
+    meter = FidMeter("inception", weights, dims=2048)
+    meter.add(ref, real=True)
+    kids = {}
+    for name, images in (("same", ref), ("again", again), ("other", other)):
+        meter.add(images, real=False)
+        assert meter.compute_kid() == meter.compute_kid(), "reproducible"
+        meter.compute()
+        kids[name] = meter.kid[0]
+        assert math.isfinite(meter.kid[1])
+    assert kids["other"] > 0 and abs(kids["same"]) < 0.25 * kids["other"], kids
+    assert kids["same"] < kids["other"] and kids["again"] < kids["other"], kids
+    assert meter.generated_count == 0 and meter.reference_count == 24

@@ -184,3 +184,11 @@ def score_captions(samples: Sequence[tuple[Scene, str]], attributes: Sequence[st
     """
     pairs = [(scene.to_dict(), parse_caption(text)) for scene, text in samples]
     return _accuracy(pairs, attributes)
+
+
+def answer_question(question: str, judged: dict) -> bool:
+    """The world's exact answer to a yes/no question about an image whose reading is `judged`
+    (`judge_image`'s): yes when every colour, shape, position and size the question names is the
+    one the image shows (a question naming none is never yes)."""
+    named = {k: v for k, v in parse_caption(question).items() if v is not None}
+    return bool(named) and all(judged.get(k) == v for k, v in named.items())

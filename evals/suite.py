@@ -1,0 +1,164 @@
+"""`t2i-data eval TARGET --suite own --shards CAPTIONS --judge MODEL`: sample a suite's prompts
+from every checkpoint and let a VLM judge answer each prompt's questions (evals.judge_job).
+
+Per checkpoint: `<out>/<checkpoint>/suite-own/<prompt id>.png` (a batch whose PNGs all exist is
+not sampled again), then the judge's shards in `<out>/<checkpoint>/judged/` (a rerun judges only
+what is missing). `<out>/suite.jsonl` holds the prompts with their questions (built once from the
+captions; a rerun reads it). `<out>/suite_own.json` and `<out>/eval.html`: per checkpoint, the
+yes-rate of each question category, and the share of prompts fully drawn (every question yes)
+per split (heldout / seen) and wording (caption / order / synonym / keywords).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from shards.checks import Range, check_output_dir, check_ranges
+from shards.errors import UserError
+from t2i.sample import SampleConfig
+
+SUITES = ("own",)
+NOT_YET = ("geneval", "t2i-compbench", "dpg")  # named in the issue, not built yet
+
+
+@dataclass
+class SuiteConfig:
+    """The suite eval's settings (the eval command's --suite flags and its sampling flags)."""
+
+    suite: str = "own"
+    shards: str | Path | None = None  # caption shards the own suite is drawn from
+    out: str | Path = "eval"
+    judge: str = "llava-hf/llava-1.5-7b-hf"
+    judge_backend: str = "transformers"
+    suite_prompts: int = 40  # combinations per split (each asked in 4 wordings)
+    min_count: int = 3
+    steps: int = SampleConfig.steps
+    guidance: float = SampleConfig.guidance
+    seed: int = SampleConfig.seed
+    batch_size: int = 16
+    which: str = SampleConfig.which
+    vae: str | None = None
+    text_encoder: str | None = None
+    device: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.suite in NOT_YET:
+            raise UserError(f"--suite {self.suite} is not built yet: use --suite own")
+        if self.suite not in SUITES:
+            raise UserError(f"unknown --suite {self.suite!r}: use own")
+        if self.shards is None or not Path(self.shards).is_dir():
+            raise UserError(f"--shards {self.shards or '(not given)'} is not a directory: pass the caption shards the suite is drawn from")
+        check_ranges(self, {"suite_prompts": Range(1, 100_000), "min_count": Range(1, 10**9), "batch_size": Range(1, 4096),
+                            "steps": Range(1, 10_000), "guidance": Range(0, 100), "seed": Range(0, 2**32 - 1)})  # fmt: skip
+
+
+def _captions(shards: str | Path) -> list[str]:
+    from shards.reader import iter_rows
+
+    caps = [r["caption"] for r in iter_rows(shards, columns=["caption"]) if r.get("caption")]
+    if not caps:
+        raise UserError(f"--shards {shards} holds no captions: pass the output of `t2i-data caption`")
+    return caps
+
+
+def load_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
+    """The suite's prompts: `<out>/suite.jsonl` when it exists, else built from the captions and written there."""
+    from evals.own import build_suite
+    from shards.fs import write_text
+
+    path = Path(cfg.out) / "suite.jsonl"
+    if path.is_file():
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    prompts = [p.to_dict() for p in build_suite(_captions(cfg.shards), cfg.suite_prompts, cfg.seed, cfg.min_count)]
+    write_text(path, "".join(json.dumps(p) + "\n" for p in prompts))
+    return prompts
+
+
+def sample_suite(target, prompts: list[dict], cfg: SuiteConfig, folder: Path, device: str) -> None:
+    """Every prompt's PNG in `folder` (batch b sampled with seed + b; batches already saved skipped)."""
+    from t2i.evaluate import EvalConfig, load_pipeline
+    from t2i.sample import generate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = null = None
+    for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
+        batch = prompts[start : start + cfg.batch_size]
+        if all((folder / f"{p['id']}.png").is_file() for p in batch):
+            continue
+        if pipe is None:
+            ecfg = EvalConfig(prompts=["-"], vae=cfg.vae, text_encoder=cfg.text_encoder, which=cfg.which)
+            pipe, null = load_pipeline(target, ecfg, device)
+        images = generate(pipe, null, [p["prompt"] for p in batch], steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed + b)
+        for p, im in zip(batch, images):
+            im.save(folder / f"{p['id']}.png")
+
+
+def question_records(prompts: list[dict], folder: Path) -> list[dict[str, Any]]:
+    """One judge record per (prompt, question): category '<split>/<wording>/<question category>'."""
+    return [{"key": f"{p['id']}-{i}", "image": str(folder / f"{p['id']}.png"), "prompt": p["prompt"], "question": q,
+             "category": f"{p['split']}/{p['variant']}/{cat}"} for p in prompts for i, (cat, q) in enumerate(p["questions"])]  # fmt: skip
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Yes-rate per question category, and per split x wording the share of prompts whose every
+    question was answered yes ("drawn")."""
+    by_cat: dict[str, list[bool]] = {}
+    prompts: dict[str, list[bool]] = {}
+    for r in rows:
+        if r["error"] is not None:
+            continue
+        split, variant, cat = r["category"].split("/")
+        yes = r["answer"] == "yes"
+        by_cat.setdefault(f"{split}/{cat}", []).append(yes)
+        prompts.setdefault(f"{split}/{variant}|{r['key'].rsplit('-', 1)[0]}", []).append(yes)
+    drawn: dict[str, list[bool]] = {}
+    for k, answers in prompts.items():
+        drawn.setdefault(k.split("|")[0], []).append(all(answers))
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"questions": {k: mean(v) for k, v in sorted(by_cat.items())},
+            "drawn": {k: mean(v) for k, v in sorted(drawn.items())}, "judged": sum(len(v) for v in by_cat.values())}  # fmt: skip
+
+
+def run_suite(target: str | Path, cfg: SuiteConfig) -> dict[str, Any]:
+    """Sample and judge the suite on every checkpoint at `target`; returns (and writes) the report."""
+    import torch
+
+    from evals.judge_job import JudgeConfig, load_scorer, read_judged, run_judge
+    from evals.report import write_suite_report
+    from shards.hub import check_model
+    from t2i.evaluate import find_targets, safe_name
+
+    cfg.validate()
+    check_output_dir(cfg.out)
+    check_model(cfg.judge, "judge model", "--judge")  # one line within 15 s, before any sampling
+    targets = find_targets(target, cfg.which)
+    prompts = load_suite(cfg)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    jcfg = JudgeConfig(model=cfg.judge, backend=cfg.judge_backend, batch_size=cfg.batch_size, progress=False)
+    jcfg.validate()
+    scorer, results = load_scorer(jcfg), []
+    for t in targets:
+        ck = Path(cfg.out) / safe_name(t.name)
+        sample_suite(t, prompts, cfg, ck / f"suite-{cfg.suite}", device)
+        jcfg.out = ck / "judged"
+        summary = run_judge(question_records(prompts, ck / f"suite-{cfg.suite}"), jcfg, scorer=scorer)
+        results.append({"name": t.name, "step": t.step, **summarize(read_judged(jcfg.out)), "newly_judged": summary.judged,
+                        "ledger": summary.ledger})
+    report = {"target": str(target), "suite": cfg.suite, "prompts": len(prompts), "judge": cfg.judge,
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "checkpoints": results}  # fmt: skip
+    report["files"] = [str(p) for p in write_suite_report(Path(cfg.out), report)]
+    return report
+
+
+def suite_command(target: str | Path, cfg: SuiteConfig) -> str:
+    """`t2i-data eval --suite`: the run, then one line per checkpoint."""
+    report = run_suite(target, cfg)
+    lines = []
+    for r in report["checkpoints"]:
+        drawn = ", ".join(f"{k} {v:.0%}" for k, v in r["drawn"].items() if k.endswith("/caption"))
+        lines.append(f"{r['name']}: prompts drawn {drawn} ({r['judged']} questions judged)")
+    return "\n".join([*lines, f"wrote {', '.join(report['files'])}"])
