@@ -361,8 +361,11 @@ def render(result: dict, trials: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def chaos_main(section: str, doc: str, run: Callable[..., dict], render_result: Callable[[dict, int], str],
+               jobs_of: Callable[[dict], dict]) -> None:
+    """The command line of a chaos bench: run the trials, write the `section` of BENCHMARKS.md
+    after every round (a stopped run still leaves its figures) and at the end, print the table."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20, help="random kills per job")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=None, help="start no new round of trials after this long")
@@ -370,17 +373,23 @@ def main() -> None:
     args = ap.parse_args()
     deadline = time.time() + 60 * args.minutes if args.minutes else None
 
-    def record(result: dict) -> None:  # after every round: a stopped run still leaves its figures
-        body = render(result, min(r.trials for r in result["jobs"].values()))
+    def body(result: dict) -> str:
+        return render_result(result, min(r.trials for r in jobs_of(result).values()))
+
+    def record(result: dict) -> None:
         if not args.no_write:
             from benchmarks._report import write_section
 
-            write_section("chaos_bench", body)
+            write_section(section, body(result))
 
-    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        result = run_chaos(args.trials, Path(tmp), args.seed, deadline=deadline, on_round=record)
+    with tempfile.TemporaryDirectory(prefix=f"{section}-") as tmp:
+        result = run(args.trials, Path(tmp), args.seed, deadline=deadline, on_round=record)
     record(result)
-    print(render(result, min(r.trials for r in result["jobs"].values())))
+    print(body(result))
+
+
+def main() -> None:
+    chaos_main("chaos_bench", __doc__, run_chaos, render, lambda result: result["jobs"])
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ was. Then the original command runs to the end and is compared with an uninterru
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.chaos_bench import CLI, Job, JobResult, clean_run, kill_during, run_to_end  # noqa: E402
+from benchmarks.chaos_bench import CLI, Job, JobResult, chaos_main, clean_run, kill_during, run_to_end  # noqa: E402
 
 N_CAPTIONS = 96
 EVAL_PROMPTS = ("a red circle on the left", "a blue square on the right", "a green triangle", "a yellow star in the middle")
@@ -262,24 +260,7 @@ def render(results: dict, trials: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=20, help="random kills per job")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, default=None, help="start no new round of trials after this long")
-    ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
-    args = ap.parse_args()
-    deadline = time.time() + 60 * args.minutes if args.minutes else None
-
-    def record(results: dict) -> None:  # after every round: a stopped run still leaves its figures
-        if not args.no_write:
-            from benchmarks._report import write_section
-
-            write_section("chaos_curate_bench", render(results, min(r.trials for r in results.values())))
-
-    with tempfile.TemporaryDirectory(prefix="chaos-curate-") as tmp:
-        results = run_chaos(args.trials, Path(tmp), args.seed, deadline=deadline, on_round=record)
-    record(results)
-    print(render(results, min(r.trials for r in results.values())))
+    chaos_main("chaos_curate_bench", __doc__, run_chaos, render, lambda results: results)
 
 
 if __name__ == "__main__":
