@@ -11,6 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+pytestmark = pytest.mark.slow  # fits tiny models in its fixtures (about a minute): the full suite runs it
+
 from shards import ShardWriter, complete_shards
 
 

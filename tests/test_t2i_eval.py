@@ -189,6 +189,7 @@ def test_fid_with_inception_weights_from_a_file(tmp_path):
         FidMeter("inception", tmp_path / "wrong.pth", dims=64)
 
 
+@pytest.mark.slow  # about 35 s of Inception features on CPU
 def test_kid_beside_fid_near_zero_for_the_reference_itself(tmp_path):
     """KID (torchmetrics) from the same features as FID: KID(ref, ref) is near 0 (the unbiased
     estimate of one set against itself sits a little below 0: -2 (mean k(x, x) - mean k(x, y)) / m),
