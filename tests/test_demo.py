@@ -112,6 +112,27 @@ def test_report_warns_when_an_attribute_is_at_chance():
     assert chance_caveat(arms(0.36, 0.9), {"prompts": 48}) and not chance_caveat(arms(0.38, 0.9), {"prompts": 48})
 
 
+def test_claim_headings_follow_their_figures():
+    """A claim's heading says 'not shown' when its figures do not carry it: claim 1 whenever an
+    attribute is at chance (its all-three figures are then noise), even if (c) met the step target."""
+    from demo.report import claim_verdicts
+
+    def results(shape, frac=0.5, a=0.02, b=0.6, margin=0.3, se=0.1, d_change=0.0):
+        final = {"color": 1.0, "position": 1.0, "shape": shape}
+        arms = {"a": {"final": {"color": 0.7, "position": 0.2, "shape": 0.25}}, "b": {"final": final}, "c": {"final": final}}
+        claims = {"c_steps_fraction": frac, "a_final_all": a, "b_final_all": b, "d_all_change": d_change}
+        return {"t2i": {"arms": arms, "prompts": 48, "claims": claims, "aesthetic": {"samples": {"margin": margin, "margin_se": se}}}}
+
+    assert claim_verdicts(results(0.9)) == ("shown", "shown", "shown")
+    assert claim_verdicts(results(0.25))[0].startswith("not shown (an attribute is at chance")
+    assert claim_verdicts(results(0.9, frac=0.8))[0].startswith("not shown")
+    assert claim_verdicts(results(0.9, frac=None))[0].startswith("not shown")
+    assert claim_verdicts(results(0.9, a=0.1, b=0.2))[1].startswith("not shown")  # 2x, not 3x
+    assert claim_verdicts(results(0.9, a=0.0, b=0.06))[1].startswith("not shown")  # 3 of 48: within noise
+    assert claim_verdicts(results(0.9, margin=0.15))[2].startswith("not shown")
+    assert claim_verdicts(results(0.9, d_change=-0.1))[2].startswith("not shown")
+
+
 def test_full_demo_is_a_larger_model_and_refuses_quick_with_it(tmp_path):
     """`--full` trains PixArt-mini/2 (a real preset, several times tiny's parameters) for longer;
     `--quick --full` is refused with the one-line error before any work."""
