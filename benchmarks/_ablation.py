@@ -132,6 +132,33 @@ def curves(results: dict[int, dict]) -> list[str]:
     return lines
 
 
+def plot_curves(results: dict[int, dict], path: Path) -> Path:
+    """One panel per seed and metric (shape, all three): each arm's held-out accuracy against its
+    steps, with chance dotted, so a lever's curve is seen against (c)'s and the judge's floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tiny.world import OPTIONS
+
+    chance = {"shape": 1 / len(OPTIONS["shape"]),
+              "all": 1 / (len(OPTIONS["color"]) * len(OPTIONS["position"]) * len(OPTIONS["shape"]))}
+    fig, axes = plt.subplots(len(results), 2, figsize=(10, 3.2 * len(results)), squeeze=False)
+    for row, (seed, r) in zip(axes, results.items()):
+        for ax, metric in zip(row, ("shape", "all")):
+            for name, arm in r["arms"].items():
+                ax.plot([p["step"] for p in arm["curve"]], [p[metric] for p in arm["curve"]], marker="o",
+                        lw=2.5 if name == "c" else 1.2, label=name)
+            ax.axhline(chance[metric], color="grey", ls=":", lw=1)
+            ax.set(title=f"seed {seed}: {WORDS[metric]}", xlabel="training steps", ylabel="held-out accuracy", ylim=(0, 1))
+        row[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def scale(results: dict[int, dict], mode: str) -> str:
     """The run's scale in words, each setting that differs from the named demo's beside its value there."""
     from demo.run import DemoConfig
@@ -181,5 +208,6 @@ def write_ablation_section(results: dict[int, dict], mode: str) -> Path:
             teacher_line(),
             "- The best combination is chosen on the same seed's single-lever finals, which favours it (selection on "
             "noise)" + ("; the demo's default arms are unchanged, since no lever was shown to help." if not shown else "."),
-            *curves(results)]
+            "", "![levers ablation curves](benchmarks/ablation_curves.png)", *curves(results)]
+    plot_curves(results, Path(__file__).with_name("ablation_curves.png"))
     return write_section("levers ablation", "\n".join(body))
