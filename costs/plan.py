@@ -136,7 +136,7 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
     lever += f"; REPA lambda {cfg.repa_weight:g}" if cfg.repa_weight else ""
     if cfg.lora_rank:
         lora = lora_stage_price(cfg.preset, cfg.resolution, cfg.lora_rank, cfg.lora_targets, cfg.lora_variant, cfg.max_tokens,
-                                caption_channels(cfg.text_encoder), cfg.token_drop, routed)
+                                caption_channels(cfg.text_encoder), cfg.token_drop, routed, repa_macs(cfg))
         flops = images * lora["step_flops_per_image"]
         lever += (f"; LoRA r{cfg.lora_rank}: {lora['trainable_params'] / 1e6:.1f}M trainable, AdamW state "
                   f"{lora['optimizer_bytes'] / 2**20:.0f} MiB, step FLOPs {lora['step_flops_per_image'] / lora['full_step_flops_per_image']:.0%} of full")
@@ -146,12 +146,14 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
 
 def lora_stage_price(preset: str, resolution: int, lora_rank: int, lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
                      lora_variant: str = "lora", max_tokens: int = 120, channels: int = 4096, token_drop: float = 0.0,
-                     routed_blocks: int = 0) -> dict[str, float]:
+                     routed_blocks: int = 0, token_macs: int = 0) -> dict[str, float]:
     """What a stage trains and computes, with LoRA of `lora_rank` (0: a full fine-tune): trainable
     parameters (counted on the preset's model, built on the meta device), AdamW state bytes (two
     fp32 moments each: 8 bytes a parameter) and training FLOPs per image. A LoRA step runs the
     forward (1x) and the input gradients (1x) of every matmul but no frozen weight gradient (the
-    third 1x), plus the adapter's own matmuls x3: about 2/3 of a full step."""
+    third 1x), plus the adapter's own matmuls x3: about 2/3 of a full step. `token_macs`: a
+    module outside the blocks that trains in full on every token (REPA's projector): its weights
+    (biases left out) train, and its matmuls cost the full 3x."""
     import torch
     from torch import nn
 
@@ -160,19 +162,21 @@ def lora_stage_price(preset: str, resolution: int, lora_rank: int, lora_targets=
     p, latent = get_preset(preset), resolution // VAE_FACTOR
     with torch.device("meta"):
         tr = build_transformer(Preset(p.depth, p.hidden, p.heads, p.patch), latent, channels, use_additional_conditions=False)
-    full = flops_per_image(preset, (latent, latent), max_tokens, channels, token_drop=token_drop, routed_blocks=routed_blocks)
+    full = flops_per_image(preset, (latent, latent), max_tokens, channels, token_drop=token_drop, routed_blocks=routed_blocks,
+                           token_macs=token_macs)
     if not lora_rank:
         n = sum(x.numel() for x in tr.parameters())
         return {"trainable_params": n, "optimizer_bytes": 8 * n, "step_flops_per_image": full, "full_step_flops_per_image": full}
     tokens = (latent // p.patch) ** 2
-    params = macs = 0
+    side = 3 * 2 * tokens * token_macs  # the fully trained side module, already in `full`
+    params, macs = token_macs, 0
     for name, m in tr.named_modules():
         if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in lora_targets):
             n = lora_rank * (m.in_features + m.out_features) + (m.out_features if lora_variant == "dora" else 0)
             params += n
             caption_side = ".attn2.to_k" in name or ".attn2.to_v" in name  # cross-attention keys/values: caption tokens
             macs += lora_rank * (m.in_features + m.out_features) * (max_tokens if caption_side else tokens)
-    return {"trainable_params": params, "optimizer_bytes": 8 * params, "step_flops_per_image": full * 2 / 3 + 3 * 2 * macs,
+    return {"trainable_params": params, "optimizer_bytes": 8 * params, "step_flops_per_image": (full - side) * 2 / 3 + side + 3 * 2 * macs,
             "full_step_flops_per_image": full}
 
 

@@ -209,6 +209,12 @@ def test_plan_prices_a_lora_stage(tmp_path):
         rows.append(next(r for r in plan(tmp_path / "m.toml", PlanOptions(gpu="H100", mfu=MfuRule.parse("0.5")))["rows"] if r["step"] == "train"))
     assert rows[1]["flops"] / rows[0]["flops"] == pytest.approx(lora["step_flops_per_image"] / full["step_flops_per_image"])
     assert "LoRA r16: 8.3M trainable, AdamW state 63 MiB, step FLOPs 68% of full" in rows[1]["basis"]
+    # with REPA too, the projector trains in full: its weights are trainable and its matmuls cost 3x on every token
+    macs = 1000
+    both = lora_stage_price("PixArt-XL/2", 256, lora_rank=16, token_macs=macs)
+    tokens = (256 // 8 // 2) ** 2
+    assert both["trainable_params"] == lora["trainable_params"] + macs
+    assert both["step_flops_per_image"] == pytest.approx(lora["step_flops_per_image"] + 3 * 2 * tokens * macs)
 
 
 def test_manifest_lora_settings_are_checked_when_read():
