@@ -11,9 +11,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-pytestmark = pytest.mark.slow  # fits tiny models in its fixtures (about a minute): the full suite runs it
-
 from shards import ShardWriter, complete_shards
+
+pytestmark = pytest.mark.slow  # fits tiny models in its fixtures (about a minute): the full suite runs it
 
 
 @pytest.fixture(scope="module")
