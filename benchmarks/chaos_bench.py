@@ -308,6 +308,24 @@ def specific_faults(world: dict, jobs: dict[str, Job], ref_run: Path, root: Path
 
 # ---- the whole suite ------------------------------------------------------------------------------
 
+def run_rounds(trials: int, trial_of: dict[str, Callable[[Path, JobResult], None]], results: dict[str, JobResult], root: Path,
+               status: Callable[[JobResult], str], log: Callable[[str], None], deadline: float | None,
+               on_round: Callable[[], None] | None) -> None:
+    """Rounds of one trial per job (so all jobs have as many when time runs out), each in
+    ROOT/<job>-<round>, removed after; no round starts after `deadline` (time.time()). After each
+    round: one log line of every job's `status`, then `on_round`."""
+    for i in range(trials):
+        if deadline is not None and time.time() > deadline:
+            log(f"deadline reached after {i} trials per job")
+            return
+        for name, trial_one in trial_of.items():
+            trial_one(root / f"{name}-{i}", results[name])
+            shutil.rmtree(root / f"{name}-{i}", ignore_errors=True)
+        log(f"round {i + 1}: " + "; ".join(f"{n}: {status(r)}" for n, r in results.items()))
+        if on_round:
+            on_round()
+
+
 def run_chaos(trials: int, root: Path, seed: int = 0, faults: bool = True, log: Callable[[str], None] = print,
               deadline: float | None = None, on_round: Callable[[dict], None] | None = None) -> dict:
     """{"jobs": {name: JobResult}, "faults": [(fault, ok, seen)]}. Trials go round-robin over the
@@ -322,17 +340,9 @@ def run_chaos(trials: int, root: Path, seed: int = 0, faults: bool = True, log: 
         clean_run(job, root / f"clean-{job.name}", result["jobs"][job.name])
     run = root / "clean-train" / "s"
     reference.update(ema=_ema(run), losses=[r["loss"] for r in _log(run)])
-    for i in range(trials):
-        if deadline is not None and time.time() > deadline:
-            log(f"deadline reached after {i} trials per job")
-            break
-        for job in jobs:
-            trial(job, root / f"{job.name}-{i}", rng, result["jobs"][job.name])
-            shutil.rmtree(root / f"{job.name}-{i}", ignore_errors=True)
-        log(f"round {i + 1}: " + "; ".join(f"{n}: lost {r.lost} dup {r.duplicated} unequal {r.unequal} failed {len(r.failed_reruns)}"
-                                           for n, r in result["jobs"].items()))
-        if on_round:
-            on_round(result)
+    run_rounds(trials, {j.name: (lambda out, res, j=j: trial(j, out, rng, res)) for j in jobs}, result["jobs"], root,
+               lambda r: f"lost {r.lost} dup {r.duplicated} unequal {r.unequal} failed {len(r.failed_reruns)}", log, deadline,
+               (lambda: on_round(result)) if on_round else None)
     if faults:
         result["faults"] = specific_faults(world, {j.name: j for j in jobs}, root / "clean-train", root)
     return result

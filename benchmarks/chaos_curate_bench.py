@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.chaos_bench import CLI, Job, JobResult, chaos_main, clean_run, kill_during, run_to_end  # noqa: E402
+from benchmarks.chaos_bench import CLI, Job, JobResult, chaos_main, clean_run, kill_during, run_rounds, run_to_end  # noqa: E402
 
 N_CAPTIONS = 96
 EVAL_PROMPTS = ("a red circle on the left", "a blue square on the right", "a green triangle", "a yellow star in the middle")
@@ -39,6 +37,7 @@ class ChaosJob:
 
     job: Job
     changed: Callable[[Path], list[str]]  # must be refused once anything is committed
+    remember: Callable[[Path], None]  # keeps what the uninterrupted run wrote: the yardstick of job.check
 
 
 @dataclass
@@ -116,8 +115,7 @@ def score_job(world: dict) -> ChaosJob:
                 "mixed": len(_columns(out) - clean["columns"])}
 
     job = Job("score", command, lambda out: bool(_shards(out)), check, lambda out: len(_shards(out)))
-    job.clean = clean  # filled with the clean run's shard columns
-    return ChaosJob(job, lambda out: command(out, "lang"))
+    return ChaosJob(job, lambda out: command(out, "lang"), lambda out: clean.update(columns=_columns(out)))
 
 
 def select_job(world: dict, scores: Path) -> ChaosJob:
@@ -137,8 +135,7 @@ def select_job(world: dict, scores: Path) -> ChaosJob:
         return {"lost": len(want - set(keys)), "duplicated": len(keys) - len(set(keys)), "mixed": len(set(keys) - want)}
 
     job = Job("select", command, lambda out: bool(_shards(out)), check, lambda out: len(_shards(out)))
-    job.clean = clean
-    return ChaosJob(job, lambda out: command(out, "<="))
+    return ChaosJob(job, lambda out: command(out, "<="), lambda out: clean.update(keys=set(_keys(out))))
 
 
 def eval_job(world: dict) -> ChaosJob:
@@ -157,18 +154,7 @@ def eval_job(world: dict) -> ChaosJob:
                 "mixed": differ + len(set(rows) - set(want))}
 
     job = Job("eval", command, lambda out: _results(out) > 0, check, _results)
-    job.clean = clean
-    return ChaosJob(job, lambda out: command(out, "4"))
-
-
-def _remember_clean(job: Job, out: Path) -> None:
-    """What the uninterrupted run wrote: the yardstick of `check`."""
-    if job.name == "score":
-        job.clean["columns"] = _columns(out)
-    elif job.name == "select":
-        job.clean["keys"] = set(_keys(out))
-    else:
-        job.clean["rows"] = _eval_rows(out)
+    return ChaosJob(job, lambda out: command(out, "4"), lambda out: clean.update(rows=_eval_rows(out)))
 
 
 def _try_change(cj: ChaosJob, out: Path, res: CurateResult) -> None:
@@ -219,20 +205,11 @@ def run_chaos(trials: int, root: Path, seed: int = 0, log: Callable[[str], None]
     for cj in jobs:
         if cj.job.name != "score":
             clean_run(cj.job, root / f"clean-{cj.job.name}", results[cj.job.name])
-        _remember_clean(cj.job, root / f"clean-{cj.job.name}")
+        cj.remember(root / f"clean-{cj.job.name}")
     rng = random.Random(seed)
-    for i in range(trials):
-        if deadline is not None and time.time() > deadline:
-            log(f"deadline reached after {i} trials per job")
-            break
-        for cj in jobs:
-            trial(cj, root / f"{cj.job.name}-{i}", rng, results[cj.job.name])
-            shutil.rmtree(root / f"{cj.job.name}-{i}", ignore_errors=True)
-        log(f"round {i + 1}: " + "; ".join(f"{n}: lost {r.lost} dup {r.duplicated} mixed {r.mixed} refused "
-                                           f"{r.changes_refused}/{r.changes_tried} failed {len(r.failed_reruns)}"
-                                           for n, r in results.items()))
-        if on_round:
-            on_round(results)
+    run_rounds(trials, {cj.job.name: (lambda out, res, cj=cj: trial(cj, out, rng, res)) for cj in jobs}, results, root,
+               lambda r: (f"lost {r.lost} dup {r.duplicated} mixed {r.mixed} refused {r.changes_refused}/{r.changes_tried} "
+                          f"failed {len(r.failed_reruns)}"), log, deadline, (lambda: on_round(results)) if on_round else None)
     return results
 
 
