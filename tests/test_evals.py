@@ -148,7 +148,9 @@ def test_unreachable_judge_and_bad_suites_are_one_line_errors(tmp_path):
              HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="0")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: ") and "no-such-judge" in r.stderr and time.monotonic() - t0 < 60
-    for args, words in ((["--suite", "geneval"], "not built yet"), (["--suite", "nope"], "unknown --suite"),
+    for args, words in ((["--suite", "dpg", "--suite-file", str(tmp_path / "none.csv")], "--suite-file"),
+                        (["--suite", "t2i-compbench", "--suite-file", str(tmp_path)], "color_val.txt is missing"),
+                        (["--suite", "nope"], "unknown --suite"),
                         (["--suite", "own", "--shards", str(tmp_path / "none")], "--shards"),
                         (["--prompts", str(tmp_path / "none.txt"), "--judge", "x"], "--judge is not a flag")):  # fmt: skip
         r = _cli(["eval", str(tmp_path), *args])
