@@ -179,7 +179,8 @@ def test_eval_suite_own_samples_judges_reports_and_resumes(judge_dir, world_mode
     assert set(ck["drawn"]) == {f"{s}/{v}" for s in ("heldout", "seen") for v in ("caption", "order", "synonym", "keywords")}
     assert all(0 <= x <= 1 for x in [*ck["drawn"].values(), *ck["questions"].values()])
     assert (tmp_path / "eval" / "eval.html").read_text().count("class='bar'") >= 8
-    pngs = sorted((tmp_path / "eval").rglob("*.png"))
+    pngs = sorted((tmp_path / "eval").rglob("suite-own/*.png"))  # the samples (quality_cost.png is redrawn)
+    assert len(pngs) == report["prompts"]
     stamps = [p.stat().st_mtime_ns for p in pngs]
     again = run_suite(tmp_path / "run", scfg)
     assert again["checkpoints"][0]["newly_judged"] == 0 and ck["newly_judged"] == ck["judged"]
