@@ -72,7 +72,7 @@ def series(checkpoints: list[dict[str, Any]]) -> dict[str, list[tuple[float, flo
             continue
         hours = r["cost"]["device_hours"]
         values = {"overall": r.get("overall"), **{f"drawn {k}": v for k, v in (r.get("drawn") or {}).items()},
-                  **{f"preference {k}": v for k, v in (r.get("preference") or {}).items()}}  # fmt: skip
+                  **{f"preference {Path(k).name}": v for k, v in (r.get("preference") or {}).items()}}  # fmt: skip
         for name, v in values.items():
             if v is not None:
                 out.setdefault(name, []).append((hours, float(v)))

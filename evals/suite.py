@@ -7,6 +7,12 @@ what is missing). `<out>/suite.jsonl` holds the prompts with their questions (bu
 captions; a rerun reads it). `<out>/suite_own.json` and `<out>/eval.html`: per checkpoint, the
 yes-rate of each question category, and the share of prompts fully drawn (every question yes)
 per split (heldout / seen) and wording (caption / order / synonym / keywords).
+
+`--suite geneval | t2i-compbench | dpg` (evals.public): the benchmark's prompts (`--limit` per
+category), samples in `<checkpoint>/suite-<suite>/`, judge shards in `<checkpoint>/judged-<suite>/`,
+`suite_<suite>.json` with per category the share drawn, the score and the VQAScore. Every suite:
+`--preference` models' mean score per checkpoint (evals.preference), each checkpoint's cost up to its
+step from the run's ledger and `quality_cost.png` (evals.cost), the worst-judged questions per category.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ class SuiteConfig:
             raise UserError(f"unknown --suite {self.suite!r}: use one of {', '.join(SUITES)}")
         if self.suite == "own" and (self.shards is None or not Path(self.shards).is_dir()):
             raise UserError(f"--shards {self.shards or '(not given)'} is not a directory: pass the caption shards the suite is drawn from")
+        if self.suite == "own" and (self.limit is not None or self.suite_file is not None):
+            raise UserError(f"--{'limit' if self.limit is not None else 'suite-file'} is for the public suites: drop it "
+                            "(--suite own is sized by --suite-prompts and drawn from --shards)")  # fmt: skip
         if self.suite != "own" and self.shards is not None:
             raise UserError(f"--shards is for --suite own only: drop it (--suite {self.suite} has its own prompts)")
         if self.suite_file is not None and not Path(self.suite_file).exists():

@@ -82,6 +82,7 @@ def test_missing_prompt_files_are_one_line_errors(tmp_path):
     for cfg, words in ((SuiteConfig(suite="dpg", suite_file=tmp_path / "none.csv"), "does not exist"),
                        (SuiteConfig(suite="t2i-compbench", suite_file=tmp_path), "color_val.txt is missing"),
                        (SuiteConfig(suite="geneval", shards=tmp_path), "--shards is for --suite own"),
+                       (SuiteConfig(suite="own", shards=tmp_path, limit=3), "--limit is for the public suites"),
                        (SuiteConfig(suite="nope"), "unknown --suite")):  # fmt: skip
         with pytest.raises(UserError, match=words) as e:
             cfg.validate()
