@@ -563,8 +563,8 @@ def eval_cmd(
     suite: Optional[str] = typer.Option(None, "--suite", help=(
         "own (prompts drawn from --shards: held-out combinations, paraphrases) | geneval | t2i-compbench | dpg;"
         " judged by --judge")),
-    suite_file: Optional[Path] = typer.Option(SuiteConfig.suite_file, "--suite-file", help=(
-        "public --suite: its prompt file instead of the shipped one (dpg: dpg_bench.csv)")),
+    suite_file: Optional[Path] = typer.Option(SuiteConfig.suite_file, "--suite-file", help="public suite's file"),
+    detector: Optional[str] = typer.Option(SuiteConfig.detector, "--detector", help="geneval: OWLv2/Grounding DINO"),
     limit: Optional[int] = typer.Option(SuiteConfig.limit, "--limit", help="public --suite: N prompts per category"),
     preference: Optional[List[str]] = typer.Option(SuiteConfig.preference, "--preference", help=(
         "--suite: CLIP-architecture preference model (PickScore, HPSv2 as CLIPModel): id or dir; repeatable")),

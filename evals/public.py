@@ -39,6 +39,7 @@ COMPBENCH_CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "
 DPG_CSV_URL = ("https://raw.githubusercontent.com/TencentQQGYLab/ELLA/1cf31cea8230376ea51012b61352e61c402f64ed/"
                "dpg_bench/dpg_bench.csv")  # fmt: skip
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+DETECTED_KINDS = ("object", "count", "position")  # GenEval questions a --detector answers (evals.detect)
 RELATION = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 
 
@@ -88,7 +89,8 @@ def load_geneval(path: Path | None = None) -> list[dict[str, Any]]:
         if line.strip():
             meta = json.loads(line)
             prompts.append({"id": f"geneval-{n:05d}", "prompt": meta["prompt"], "category": meta["tag"],
-                            "questions": geneval_questions(meta), "parents": []})  # fmt: skip
+                            "questions": geneval_questions(meta), "parents": [],
+                            "meta": {k: meta[k] for k in ("include", "exclude") if k in meta}})  # fmt: skip
     return prompts
 
 
@@ -178,10 +180,18 @@ def load_public(suite: str, suite_file: str | Path | None = None, limit: int | N
     return out
 
 
-def public_records(prompts: list[dict], folder: Path) -> list[dict[str, Any]]:
-    """One judge record per (prompt, question): category '<suite category>/<question kind>'."""
+def public_records(prompts: list[dict], folder: Path, skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One judge record per (prompt, question) whose kind is not in `skip`: category '<suite category>/<question kind>'."""
     return [{"key": f"{p['id']}-{i}", "image": str(folder / f"{p['id']}.png"), "prompt": p["prompt"], "question": q,
-             "category": f"{p['category']}/{kind}"} for p in prompts for i, (kind, q) in enumerate(p["questions"])]  # fmt: skip
+             "category": f"{p['category']}/{kind}"}
+            for p in prompts for i, (kind, q) in enumerate(p["questions"]) if kind not in skip]  # fmt: skip
+
+
+def detector_records(prompts: list[dict], folder: Path) -> list[dict[str, Any]]:
+    """GenEval's presence, count and position questions for evals.detect (each with the prompt's metadata)."""
+    return [{"key": f"{p['id']}-{i}", "image": str(folder / f"{p['id']}.png"), "prompt": p["prompt"], "question": q,
+             "category": f"{p['category']}/{kind}", "detect": {"meta": p["meta"], "index": i}}
+            for p in prompts for i, (kind, q) in enumerate(p["questions"]) if kind in DETECTED_KINDS]  # fmt: skip
 
 
 def prompt_score(answers: list[bool], parents: list[list[int]]) -> float:

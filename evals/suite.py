@@ -42,6 +42,8 @@ class SuiteConfig:
     suite_file: str | Path | None = None  # public suites: the prompt/question file instead of the vendored one
     limit: int | None = None  # public suites: at most this many prompts per category (default: all)
     preference: list[str] | None = None  # CLIP-architecture preference models (PickScore, HPSv2): ids or dirs
+    detector: str | None = None  # geneval: an open-vocabulary detector (OWLv2, Grounding DINO) for presence, count, position
+    detector_threshold: float = 0.2  # its box confidence threshold
     min_count: int = 3
     steps: int = SampleConfig.steps
     guidance: float = SampleConfig.guidance
@@ -61,6 +63,8 @@ class SuiteConfig:
         if self.suite == "own" and (self.limit is not None or self.suite_file is not None):
             raise UserError(f"--{'limit' if self.limit is not None else 'suite-file'} is for the public suites: drop it "
                             "(--suite own is sized by --suite-prompts and drawn from --shards)")  # fmt: skip
+        if self.detector is not None and self.suite != "geneval":
+            raise UserError(f"--detector is for --suite geneval only: drop it (--suite {self.suite} has no detector checks)")
         if self.suite != "own" and self.shards is not None:
             raise UserError(f"--shards is for --suite own only: drop it (--suite {self.suite} has its own prompts)")
         if self.suite_file is not None and not Path(self.suite_file).exists():
@@ -71,7 +75,7 @@ class SuiteConfig:
             check_files(self.suite, self.suite_file)
         check_ranges(self, {"suite_prompts": Range(1, 100_000), "min_count": Range(1, 10**9), "batch_size": Range(1, 4096),
                             "steps": Range(1, 10_000), "guidance": Range(0, 100), "seed": Range(0, 2**32 - 1),
-                            "limit": Range(1, 10**6)})  # fmt: skip
+                            "limit": Range(1, 10**6), "detector_threshold": Range(0, 1)})  # fmt: skip
 
 
 def _captions(shards: str | Path) -> list[str]:
@@ -147,20 +151,27 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "drawn": {k: mean(v) for k, v in sorted(drawn.items())}, "judged": sum(len(v) for v in by_cat.values())}  # fmt: skip
 
 
-def judge_checkpoint(t, prompts: list[dict], cfg: SuiteConfig, jcfg, scorer, device: str) -> dict[str, Any]:
+def judge_checkpoint(t, prompts: list[dict], cfg: SuiteConfig, jcfg, scorers: dict, device: str) -> dict[str, Any]:
     """Sample, judge and summarize one checkpoint (judge shards in `<ck>/judged` for own,
-    `<ck>/judged-<suite>` for a public suite)."""
+    `<ck>/judged-<suite>` for a public suite, the detector's in `<ck>/detected-geneval`)."""
+    from dataclasses import replace
+
     from evals.judge_job import read_judged, run_judge
-    from evals.public import public_records, summarize_public
+    from evals.public import DETECTED_KINDS, detector_records, public_records, summarize_public
     from t2i.evaluate import safe_name
 
     ck = Path(cfg.out) / safe_name(t.name)
     folder = ck / f"suite-{cfg.suite}"
     sample_suite(t, prompts, cfg, folder, device)
-    own = cfg.suite == "own"
+    own, detector = cfg.suite == "own", scorers.get("detector")
     jcfg.out = ck / ("judged" if own else f"judged-{cfg.suite}")
-    summary = run_judge((question_records if own else public_records)(prompts, folder), jcfg, scorer=scorer)
+    records = question_records(prompts, folder) if own else public_records(prompts, folder, DETECTED_KINDS if detector else ())
+    summary = run_judge(records, jcfg, scorer=scorers["judge"])
     rows = read_judged(jcfg.out)
+    if detector is not None:
+        dcfg = replace(jcfg, out=ck / "detected-geneval", model=cfg.detector)
+        summary.judged += run_judge(detector_records(prompts, folder), dcfg, scorer=detector).judged
+        rows += read_judged(dcfg.out)
     result = summarize(rows) if own else summarize_public(cfg.suite, prompts, rows)
     return {"name": t.name, "step": t.step, **result, "newly_judged": summary.judged, "ledger": summary.ledger,
             "images": str(folder), "worst": worst_prompts(rows)}  # fmt: skip
@@ -201,16 +212,21 @@ def run_suite(target: str | Path, cfg: SuiteConfig) -> dict[str, Any]:
     cfg.validate()
     check_output_dir(cfg.out)
     check_model(cfg.judge, "judge model", "--judge")  # one line within 15 s, before any sampling
-    for model in cfg.preference or []:
-        check_model(model, "preference model", "--preference")
+    for model, what, flag in [*((m, "preference model", "--preference") for m in cfg.preference or []),
+                              *([(cfg.detector, "detector", "--detector")] if cfg.detector else [])]:  # fmt: skip
+        check_model(model, what, flag)
     targets = find_targets(target, cfg.which)
     prompts = load_suite(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     jcfg = JudgeConfig(model=cfg.judge, backend=cfg.judge_backend, batch_size=cfg.batch_size, progress=False)
     jcfg.validate()
-    scorer = load_scorer(jcfg)
-    results = [judge_checkpoint(t, prompts, cfg, jcfg, scorer, device) for t in targets]
-    del scorer
+    scorers = {"judge": load_scorer(jcfg)}
+    if cfg.detector:
+        from evals.detect import DetectorScorer
+
+        scorers["detector"] = DetectorScorer(cfg.detector, device, cfg.detector_threshold)
+    results = [judge_checkpoint(t, prompts, cfg, jcfg, scorers, device) for t in targets]
+    del scorers
     add_preferences(results, prompts, cfg, device)
     report = {"target": str(target), "suite": cfg.suite, "prompts": len(prompts), "judge": cfg.judge,
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "checkpoints": results}  # fmt: skip

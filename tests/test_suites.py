@@ -145,9 +145,9 @@ def test_unreachable_preference_model_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_eval_suite_geneval_end_to_end_with_preference_and_cost(world_models, tmp_path):
-    """`eval --suite geneval --limit 1` on a 2-checkpoint tiny PixArt run: samples, judge shards,
-    per-category results, preference scores, costs from the run's ledger, the figure; a rerun
-    samples and judges nothing new."""
+    """`eval --suite geneval --limit 1` on a 2-checkpoint tiny PixArt run: samples, judge shards (the
+    VLM's for colour, a tiny OWLv2's for presence, count and position), per-category results,
+    preference scores, costs from the run's ledger, the figure; a rerun samples and judges nothing new."""
     from demo.judge_vlm import IMAGE_SIZE, VISION_HIDDEN, corpus
     from evals.cost import cost_at, read_ledger
     from evals.suite import SuiteConfig, run_suite
@@ -156,16 +156,18 @@ def test_eval_suite_geneval_end_to_end_with_preference_and_cost(world_models, tm
     from tiny.alignment import write_world_shards
     from tiny.clip import build_tiny_clip, save_clip
     from tiny.llava import build_tiny_llava
+    from tiny.owl import build_tiny_owlv2
 
     torch.set_num_threads(1)
     judge = build_tiny_llava(tmp_path / "judge", corpus=corpus(), image_size=IMAGE_SIZE, seed=0, vision_hidden=VISION_HIDDEN)
     pref = save_clip(*build_tiny_clip(["a photo of a bench"]), tmp_path / "pref")
+    owl = build_tiny_owlv2(tmp_path / "owl", [p["prompt"] for p in P.load_public("geneval", limit=1)])
     write_world_shards(tmp_path / "captions", 200)
     cfg = TrainConfig(preset="PixArt-tiny/2", resolution=16, vae=world_models["vae"], text_encoder=world_models["text_encoder"],
                       max_tokens=40, text_dtype="float32", batch_size=8, steps=2, checkpoint_every=1, loader_workers=0)  # fmt: skip
     run_stage(cfg, tmp_path / "run", shards=tmp_path / "captions", progress=False)
     scfg = SuiteConfig(suite="geneval", limit=1, out=tmp_path / "eval", judge=str(judge), steps=2,
-                       batch_size=8, preference=[str(pref)], progress=False)  # fmt: skip
+                       batch_size=8, preference=[str(pref)], detector=str(owl), progress=False)  # fmt: skip
     report = run_suite(tmp_path / "run", scfg)
     cks = report["checkpoints"]
     assert len(cks) == 2 and report["prompts"] == 6
@@ -173,6 +175,11 @@ def test_eval_suite_geneval_end_to_end_with_preference_and_cost(world_models, tm
         assert set(ck["drawn"]) == set(GENEVAL_COUNTS) and 0 <= ck["overall"] <= 1
         assert ck["judged"] == sum(len(p["questions"]) for p in P.load_public("geneval", limit=1))
         assert isinstance(ck["preference"][str(pref)], float)
+    from evals.judge_job import read_judged
+
+    vlm, det = (read_judged(tmp_path / "eval" / "step-0000002" / d) for d in ("judged-geneval", "detected-geneval"))
+    assert {r["category"].split("/")[1] for r in vlm} == {"color"} and {r["backend"] for r in det} == {"detector"}
+    assert {r["category"].split("/")[1] for r in det} == {"object", "count", "position"} and len(vlm) + len(det) == cks[1]["judged"]
     ledger = read_ledger(Path(report["cost_ledger"]))
     assert [c["cost"] for c in cks] == [cost_at(ledger, c["step"]) for c in cks] and cks[1]["cost"]["device_hours"] > 0
     html = (tmp_path / "eval" / "eval.html").read_text()
@@ -180,3 +187,43 @@ def test_eval_suite_geneval_end_to_end_with_preference_and_cost(world_models, tm
     again = run_suite(tmp_path / "run", scfg)
     assert [c["newly_judged"] for c in again["checkpoints"]] == [0, 0]
     assert [c["drawn"] for c in again["checkpoints"]] == [c["drawn"] for c in cks]
+
+
+def test_geneval_detector_rules_on_boxes():
+    """GenEval's checks on given boxes: counts against include/exclude, relative position with its margin."""
+    from evals.detect import geneval_answers, relative_position
+
+    assert relative_position([0, 0, 10, 10], [20, 0, 30, 10]) == {"left of"}
+    assert relative_position([0, 30, 10, 40], [0, 0, 10, 10]) == {"below"}
+    assert relative_position([0, 0, 10, 10], [1, 1, 11, 11]) == set(), "within the margin: no relation"
+    two = {"prompt": "a photo of two clocks", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}]}
+    box = lambda x: [x, 0, x + 5, 5]  # noqa: E731
+    assert geneval_answers(two, {"clock": [(0.9, box(0)), (0.5, box(10))]}) == [(True, 0.5)]
+    assert geneval_answers(two, {"clock": [(0.9, box(0)), (0.5, box(10)), (0.4, box(20))]})[0][0] is False
+    assert geneval_answers(two, {"clock": [(0.9, box(0))]}) == [(False, 0.0)]
+    pos = {"prompt": "a photo of a dog right of a teddy bear", "include": [
+        {"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0], "color": "red"}]}
+    right = geneval_answers(pos, {"teddy bear": [(0.8, box(0))], "dog": [(0.7, box(30))]})
+    assert right == [(True, 0.8), (True, 0.7), None, (True, 1.0)]  # colour: the VLM's
+    assert geneval_answers(pos, {"teddy bear": [(0.8, box(30))], "dog": [(0.7, box(0))]})[3] == (False, 0.0)
+    assert geneval_answers(pos, {"dog": [(0.7, box(30))]})[3] == (False, 0.0), "no target"
+
+
+def test_tiny_owlv2_directory_loads_and_answers_judge_records(tmp_path):
+    from PIL import Image
+
+    from evals.detect import DetectorScorer
+    from evals.public import detector_records
+    from tiny.owl import build_tiny_owlv2
+
+    prompts = [p for p in P.load_public("geneval") if p["category"] in ("position", "counting")][:1]
+    prompts += [p for p in P.load_public("geneval") if p["category"] == "counting"][:1]
+    det = DetectorScorer(str(build_tiny_owlv2(tmp_path / "owl", [p["prompt"] for p in prompts])), "cpu", threshold=0.0)
+    image = Image.new("RGB", (40, 30), "red")
+    found = det.detect(image, ["dog", "teddy bear"])
+    assert found and set(found) <= {"dog", "teddy bear"} and all(0 <= s <= 1 and len(b) == 4 for v in found.values() for s, b in v)
+    records = detector_records(prompts, tmp_path)
+    assert {r["category"].split("/")[1] for r in records} <= {"object", "count", "position"} and records
+    verdicts = det.score_records([image] * len(records), records)
+    assert len(verdicts) == len(records) and all(v.answer in ("yes", "no") and 0 <= v.p_yes <= 1 for v in verdicts)
+    assert [v.answer for v in det.score_records([image] * len(records), records)] == [v.answer for v in verdicts]
