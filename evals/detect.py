@@ -69,6 +69,15 @@ def geneval_answers(meta: dict[str, Any], found: dict[str, list[tuple[float, lis
     return out
 
 
+def class_of(label: str, classes: Sequence[str]) -> str | None:
+    """The class a detector's label names: itself (OWLv2 returns the class given), else the longest
+    class inside it (Grounding DINO decodes the matched words of its query: "a photo of a dog")."""
+    if label in classes:
+        return label
+    inside = [c for c in classes if c in str(label)]
+    return max(inside, key=len) if inside else None
+
+
 class DetectorScorer:
     """An open-vocabulary detector answering GenEval's presence, count and position questions."""
 
@@ -99,7 +108,10 @@ class DetectorScorer:
         res = post(outputs, threshold=self.threshold, target_sizes=[image.size[::-1]], text_labels=[list(classes)], **kwargs)[0]
         found: dict[str, list[tuple[float, list[float]]]] = {}
         for score, box, label in sorted(zip(res["scores"].tolist(), res["boxes"].tolist(), res["text_labels"]), key=lambda x: -x[0]):
-            same = found.setdefault(label, [])
+            cls = class_of(label, classes)
+            if cls is None:
+                continue
+            same = found.setdefault(cls, [])
             if all(iou(box, b) <= NMS_IOU for _, b in same):
                 same.append((score, box))
         return found

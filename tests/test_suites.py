@@ -191,7 +191,10 @@ def test_eval_suite_geneval_end_to_end_with_preference_and_cost(world_models, tm
 
 def test_geneval_detector_rules_on_boxes():
     """GenEval's checks on given boxes: counts against include/exclude, relative position with its margin."""
-    from evals.detect import geneval_answers, relative_position
+    from evals.detect import class_of, geneval_answers, relative_position
+
+    assert class_of("dog", ["dog", "hot dog"]) == "dog" and class_of("a photo of a hot dog", ["dog", "hot dog"]) == "hot dog"
+    assert class_of("a photo", ["dog"]) is None
 
     assert relative_position([0, 0, 10, 10], [20, 0, 30, 10]) == {"left of"}
     assert relative_position([0, 30, 10, 40], [0, 0, 10, 10]) == {"below"}
