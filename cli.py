@@ -561,7 +561,13 @@ def eval_cmd(
     out: Path = typer.Option(EvalConfig.out, "--out", help=(
         "eval.json, eval.html and each checkpoint's samples (rerun to resume)")),
     suite: Optional[str] = typer.Option(None, "--suite", help=(
-        "own: prompts drawn from --shards, held-out combinations, paraphrases, judged by --judge")),
+        "own (prompts drawn from --shards: held-out combinations, paraphrases) | geneval | t2i-compbench | dpg;"
+        " judged by --judge")),
+    suite_file: Optional[Path] = typer.Option(SuiteConfig.suite_file, "--suite-file", help="public suite's file"),
+    detector: Optional[str] = typer.Option(SuiteConfig.detector, "--detector", help="geneval: OWLv2/Grounding DINO"),
+    limit: Optional[int] = typer.Option(SuiteConfig.limit, "--limit", help="public --suite: N prompts per category"),
+    preference: Optional[List[str]] = typer.Option(SuiteConfig.preference, "--preference", help=(
+        "--suite: CLIP-architecture preference model (PickScore, HPSv2 as CLIPModel): id or dir; repeatable")),
     shards: Optional[Path] = typer.Option(SuiteConfig.shards, "--shards", help="--suite own: the caption shards"),
     judge: str = typer.Option(SuiteConfig.judge, "--judge", help="--suite: the judge VLM (HF id or local directory)"),
     judge_backend: str = typer.Option(SuiteConfig.judge_backend, "--judge-backend", help="transformers | vllm"),
@@ -588,7 +594,8 @@ def eval_cmd(
     progress: bool = _progress(EvalConfig.progress),
 ) -> None:
     """Sample checkpoints and score them side by side: CLIPScore, aesthetic score, FID, KID; eval.json + eval.html.
-    With --suite own: the own-captions benchmark judged by a VLM (VQAScore), per category.
+    With --suite own|geneval|t2i-compbench|dpg: a benchmark judged by a VLM (VQAScore), per category, with
+    --preference scores and each score against the run's GPU-hours (its ledger).
 
     Example: t2i-data eval runs/x --prompts prompts.txt --reference ref_images/ --inception
     pt_inception-2015-12-05-6726825d.pth --out eval/

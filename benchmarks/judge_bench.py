@@ -3,6 +3,8 @@ whether they make the same decisions, on the world with the tiny judge VLM the p
 (demo.judge_vlm), plus each backend's agreement with the world's exact judge.
 
     python benchmarks/judge_bench.py [--judge DIR] [--pairs 60]     # writes its BENCHMARKS.md section
+    python benchmarks/judge_bench.py --untrained                    # the same, on an untrained tiny judge built
+                                                                    # in seconds (speed and backend agreement only)
 """
 
 from __future__ import annotations
@@ -55,16 +57,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--judge", type=Path, default=Path("/tmp/t2i-judge-vlm"))
     ap.add_argument("--pairs", type=int, default=60, help="scenes; 4 questions each")
+    ap.add_argument("--untrained", action="store_true", help=(
+        "an untrained tiny judge (the trained one's architecture and vocabulary) instead of training one (over an hour)"))
     args = ap.parse_args()
-    if not (args.judge / "config.json").is_file():
+    if args.untrained:
+        from demo.judge_vlm import IMAGE_SIZE, VISION_HIDDEN, corpus
+        from tiny.llava import build_tiny_llava
+
+        args.judge = build_tiny_llava(Path("/tmp/t2i-judge-vlm-untrained"), corpus=corpus(), image_size=IMAGE_SIZE, seed=0,
+                                      vision_hidden=VISION_HIDDEN)  # fmt: skip
+    elif not (args.judge / "config.json").is_file():
         from demo.judge_vlm import train_judge_vlm
 
         train_judge_vlm(args.judge)
     load = os.getloadavg()[0]
     r = run(args.judge, args.pairs)
+    kind = ("untrained: its agreement with the exact judge is chance; the run measures speed and whether both backends "
+            "decide alike") if args.untrained else "trained"  # fmt: skip
     t, v = r["transformers"], r["vllm"]
     body = (f"{r['n']} (image, question) pairs of the world (suite questions, half of them about another scene), judged by "
-            f"the tiny judge VLM (`demo.judge_vlm`) at batch 32 on 2 threads.\n\n"
+            f"the tiny judge VLM (`demo.judge_vlm`, {kind}) at batch 32 on 2 threads.\n\n"
             f"| backend | images/s | agreement with the exact judge |\n|---|---|---|\n"
             f"| transformers | {t['rate']:.1f} | {t['agreement']:.1%} |\n| vLLM (CPU) | {v['rate']:.1f} | {v['agreement']:.1%} |\n\n"
             f"vLLM / transformers images/s: **{v['rate'] / t['rate']:.2f}x** (higher: vLLM faster). Same yes/no decision on "

@@ -142,7 +142,7 @@ def _open(path: str):
 
 def judge_batch(scorer, records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The per-batch function: judge rows for `records` (one scorer call for the readable images)."""
-    rows, images, questions = [], [], []
+    rows, images, questions, kept = [], [], [], []
     for rec in records:
         image, error = _open(str(rec["image"]))
         rows.append({"key": record_key(rec), "image": str(rec["image"]), "prompt": rec.get("prompt"), "question": rec["question"],
@@ -151,7 +151,9 @@ def judge_batch(scorer, records: Iterable[Mapping[str, Any]]) -> list[dict[str, 
         if image is not None:
             images.append(image)
             questions.append(rec["question"])
-    verdicts = iter(scorer.score(images, questions))
+            kept.append(rec)
+    by_record = getattr(scorer, "score_records", None)  # a scorer that needs more than the question (evals.detect)
+    verdicts = iter(by_record(images, kept) if by_record else scorer.score(images, questions))
     for row in rows:
         if row["error"] is None:
             v = next(verdicts)

@@ -7,6 +7,12 @@ what is missing). `<out>/suite.jsonl` holds the prompts with their questions (bu
 captions; a rerun reads it). `<out>/suite_own.json` and `<out>/eval.html`: per checkpoint, the
 yes-rate of each question category, and the share of prompts fully drawn (every question yes)
 per split (heldout / seen) and wording (caption / order / synonym / keywords).
+
+`--suite geneval | t2i-compbench | dpg` (evals.public): the benchmark's prompts (`--limit` per
+category), samples in `<checkpoint>/suite-<suite>/`, judge shards in `<checkpoint>/judged-<suite>/`,
+`suite_<suite>.json` with per category the share drawn, the score and the VQAScore. Every suite:
+`--preference` models' mean score per checkpoint (evals.preference), each checkpoint's cost up to its
+step from the run's ledger and `quality_cost.png` (evals.cost), the worst-judged questions per category.
 """
 
 from __future__ import annotations
@@ -20,8 +26,7 @@ from shards.checks import Range, check_output_dir, check_ranges
 from shards.errors import UserError
 from t2i.sample import SampleConfig
 
-SUITES = ("own",)
-NOT_YET = ("geneval", "t2i-compbench", "dpg")  # named in the issue, not built yet
+SUITES = ("own", "geneval", "t2i-compbench", "dpg")
 
 
 @dataclass
@@ -33,7 +38,12 @@ class SuiteConfig:
     out: str | Path = "eval"
     judge: str = "llava-hf/llava-1.5-7b-hf"
     judge_backend: str = "transformers"
-    suite_prompts: int = 40  # combinations per split (each asked in 4 wordings)
+    suite_prompts: int = 40  # own: combinations per split (each asked in 4 wordings)
+    suite_file: str | Path | None = None  # public suites: the prompt/question file instead of the vendored one
+    limit: int | None = None  # public suites: at most this many prompts per category (default: all)
+    preference: list[str] | None = None  # CLIP-architecture preference models (PickScore, HPSv2): ids or dirs
+    detector: str | None = None  # geneval: an open-vocabulary detector (OWLv2, Grounding DINO) for presence, count, position
+    detector_threshold: float = 0.2  # its box confidence threshold
     min_count: int = 3
     steps: int = SampleConfig.steps
     guidance: float = SampleConfig.guidance
@@ -46,14 +56,26 @@ class SuiteConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.suite in NOT_YET:
-            raise UserError(f"--suite {self.suite} is not built yet: use --suite own")
         if self.suite not in SUITES:
-            raise UserError(f"unknown --suite {self.suite!r}: use own")
-        if self.shards is None or not Path(self.shards).is_dir():
+            raise UserError(f"unknown --suite {self.suite!r}: use one of {', '.join(SUITES)}")
+        if self.suite == "own" and (self.shards is None or not Path(self.shards).is_dir()):
             raise UserError(f"--shards {self.shards or '(not given)'} is not a directory: pass the caption shards the suite is drawn from")
+        if self.suite == "own" and (self.limit is not None or self.suite_file is not None):
+            raise UserError(f"--{'limit' if self.limit is not None else 'suite-file'} is for the public suites: drop it "
+                            "(--suite own is sized by --suite-prompts and drawn from --shards)")  # fmt: skip
+        if self.detector is not None and self.suite != "geneval":
+            raise UserError(f"--detector is for --suite geneval only: drop it (--suite {self.suite} has no detector checks)")
+        if self.suite != "own" and self.shards is not None:
+            raise UserError(f"--shards is for --suite own only: drop it (--suite {self.suite} has its own prompts)")
+        if self.suite_file is not None and not Path(self.suite_file).exists():
+            raise UserError(f"--suite-file {self.suite_file} does not exist: pass the suite's prompt file")
+        if self.suite != "own":
+            from evals.public import check_files
+
+            check_files(self.suite, self.suite_file)
         check_ranges(self, {"suite_prompts": Range(1, 100_000), "min_count": Range(1, 10**9), "batch_size": Range(1, 4096),
-                            "steps": Range(1, 10_000), "guidance": Range(0, 100), "seed": Range(0, 2**32 - 1)})  # fmt: skip
+                            "steps": Range(1, 10_000), "guidance": Range(0, 100), "seed": Range(0, 2**32 - 1),
+                            "limit": Range(1, 10**6), "detector_threshold": Range(0, 1)})  # fmt: skip
 
 
 def _captions(shards: str | Path) -> list[str]:
@@ -66,10 +88,16 @@ def _captions(shards: str | Path) -> list[str]:
 
 
 def load_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
-    """The suite's prompts: `<out>/suite.jsonl` when it exists, else built from the captions and written there."""
+    """The suite's prompts. Own: `<out>/suite.jsonl` when it exists, else built from the captions and
+    written there. Public: the vendored files (or --suite-file), written to `<out>/suite-<suite>.jsonl`."""
     from evals.own import build_suite
+    from evals.public import load_public
     from shards.fs import write_text
 
+    if cfg.suite != "own":
+        prompts = load_public(cfg.suite, cfg.suite_file, cfg.limit)
+        write_text(Path(cfg.out) / f"suite-{cfg.suite}.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
+        return prompts
     path = Path(cfg.out) / "suite.jsonl"
     if path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -123,33 +151,86 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "drawn": {k: mean(v) for k, v in sorted(drawn.items())}, "judged": sum(len(v) for v in by_cat.values())}  # fmt: skip
 
 
+def judge_checkpoint(t, prompts: list[dict], cfg: SuiteConfig, jcfg, scorers: dict, device: str) -> dict[str, Any]:
+    """Sample, judge and summarize one checkpoint (judge shards in `<ck>/judged` for own,
+    `<ck>/judged-<suite>` for a public suite, the detector's in `<ck>/detected-geneval`)."""
+    from dataclasses import replace
+
+    from evals.judge_job import read_judged, run_judge
+    from evals.public import DETECTED_KINDS, detector_records, public_records, summarize_public
+    from t2i.evaluate import safe_name
+
+    ck = Path(cfg.out) / safe_name(t.name)
+    folder = ck / f"suite-{cfg.suite}"
+    sample_suite(t, prompts, cfg, folder, device)
+    own, detector = cfg.suite == "own", scorers.get("detector")
+    jcfg.out = ck / ("judged" if own else f"judged-{cfg.suite}")
+    records = question_records(prompts, folder) if own else public_records(prompts, folder, DETECTED_KINDS if detector else ())
+    summary = run_judge(records, jcfg, scorer=scorers["judge"])
+    rows = read_judged(jcfg.out)
+    if detector is not None:
+        dcfg = replace(jcfg, out=ck / "detected-geneval", model=cfg.detector)
+        summary.judged += run_judge(detector_records(prompts, folder), dcfg, scorer=detector).judged
+        rows += read_judged(dcfg.out)
+    result = summarize(rows) if own else summarize_public(cfg.suite, prompts, rows)
+    return {"name": t.name, "step": t.step, **result, "newly_judged": summary.judged, "ledger": summary.ledger,
+            "images": str(folder), "worst": worst_prompts(rows)}  # fmt: skip
+
+
+def worst_prompts(rows: list[dict[str, Any]], n: int = 3) -> dict[str, list[dict[str, Any]]]:
+    """Per category (its first part), the `n` questions with the lowest P(Yes), with their images."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted((r for r in rows if r["error"] is None), key=lambda r: (r["score"], r["key"])):
+        cat = (r["category"] or "").split("/")[0]
+        if len(out.setdefault(cat, [])) < n:
+            out[cat].append({k: r[k] for k in ("image", "prompt", "question", "answer", "score")})
+    return dict(sorted(out.items()))
+
+
+def add_preferences(results: list[dict[str, Any]], prompts: list[dict], cfg: SuiteConfig, device: str) -> None:
+    """Each --preference model's mean score over every checkpoint's suite images (one model loaded at a time)."""
+    from evals.preference import PreferenceScorer, score_folder
+
+    for model in cfg.preference or []:
+        scorer = PreferenceScorer(model, device)
+        for r in results:
+            r.setdefault("preference", {})[model] = score_folder(scorer, prompts, Path(r["images"]))
+        del scorer
+
+
 def run_suite(target: str | Path, cfg: SuiteConfig) -> dict[str, Any]:
-    """Sample and judge the suite on every checkpoint at `target`; returns (and writes) the report."""
+    """Sample and judge the suite on every checkpoint at `target`, score the preference models, join
+    each checkpoint with the run's ledger; returns (and writes) the report."""
     import torch
 
-    from evals.judge_job import JudgeConfig, load_scorer, read_judged, run_judge
+    from evals.cost import join_costs
+    from evals.judge_job import JudgeConfig, load_scorer
     from evals.report import write_suite_report
     from shards.hub import check_model
-    from t2i.evaluate import find_targets, safe_name
+    from t2i.evaluate import find_targets
 
     cfg.validate()
     check_output_dir(cfg.out)
     check_model(cfg.judge, "judge model", "--judge")  # one line within 15 s, before any sampling
+    for model, what, flag in [*((m, "preference model", "--preference") for m in cfg.preference or []),
+                              *([(cfg.detector, "detector", "--detector")] if cfg.detector else [])]:  # fmt: skip
+        check_model(model, what, flag)
     targets = find_targets(target, cfg.which)
     prompts = load_suite(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     jcfg = JudgeConfig(model=cfg.judge, backend=cfg.judge_backend, batch_size=cfg.batch_size, progress=False)
     jcfg.validate()
-    scorer, results = load_scorer(jcfg), []
-    for t in targets:
-        ck = Path(cfg.out) / safe_name(t.name)
-        sample_suite(t, prompts, cfg, ck / f"suite-{cfg.suite}", device)
-        jcfg.out = ck / "judged"
-        summary = run_judge(question_records(prompts, ck / f"suite-{cfg.suite}"), jcfg, scorer=scorer)
-        results.append({"name": t.name, "step": t.step, **summarize(read_judged(jcfg.out)), "newly_judged": summary.judged,
-                        "ledger": summary.ledger})
+    scorers = {"judge": load_scorer(jcfg)}
+    if cfg.detector:
+        from evals.detect import DetectorScorer
+
+        scorers["detector"] = DetectorScorer(cfg.detector, device, cfg.detector_threshold)
+    results = [judge_checkpoint(t, prompts, cfg, jcfg, scorers, device) for t in targets]
+    del scorers
+    add_preferences(results, prompts, cfg, device)
     report = {"target": str(target), "suite": cfg.suite, "prompts": len(prompts), "judge": cfg.judge,
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "checkpoints": results}  # fmt: skip
+    report["cost_ledger"] = join_costs(target, results)
     report["files"] = [str(p) for p in write_suite_report(Path(cfg.out), report)]
     return report
 
@@ -159,6 +240,13 @@ def suite_command(target: str | Path, cfg: SuiteConfig) -> str:
     report = run_suite(target, cfg)
     lines = []
     for r in report["checkpoints"]:
-        drawn = ", ".join(f"{k} {v:.0%}" for k, v in r["drawn"].items() if k.endswith("/caption"))
-        lines.append(f"{r['name']}: prompts drawn {drawn} ({r['judged']} questions judged)")
+        if report["suite"] == "own":
+            drawn = ", ".join(f"{k} {v:.0%}" for k, v in r["drawn"].items() if k.endswith("/caption"))
+            line = f"{r['name']}: prompts drawn {drawn} ({r['judged']} questions judged)"
+        else:
+            overall = "n/a" if r["overall"] is None else f"{r['overall']:.3f}"
+            line = f"{r['name']}: {report['suite']} overall {overall} ({r['judged']} questions judged)"
+        pref = ", ".join(f"{m} {v:.3f}" for m, v in (r.get("preference") or {}).items() if v is not None)
+        cost = f", {r['cost']['device_hours']:.3g} GPU-hours" if r.get("cost") else ""
+        lines.append(line + (f"; preference {pref}" if pref else "") + cost)
     return "\n".join([*lines, f"wrote {', '.join(report['files'])}"])

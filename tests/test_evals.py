@@ -148,7 +148,9 @@ def test_unreachable_judge_and_bad_suites_are_one_line_errors(tmp_path):
              HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="0")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: ") and "no-such-judge" in r.stderr and time.monotonic() - t0 < 60
-    for args, words in ((["--suite", "geneval"], "not built yet"), (["--suite", "nope"], "unknown --suite"),
+    for args, words in ((["--suite", "dpg", "--suite-file", str(tmp_path / "none.csv")], "--suite-file"),
+                        (["--suite", "t2i-compbench", "--suite-file", str(tmp_path)], "color_val.txt is missing"),
+                        (["--suite", "nope"], "unknown --suite"),
                         (["--suite", "own", "--shards", str(tmp_path / "none")], "--shards"),
                         (["--prompts", str(tmp_path / "none.txt"), "--judge", "x"], "--judge is not a flag")):  # fmt: skip
         r = _cli(["eval", str(tmp_path), *args])
@@ -177,7 +179,8 @@ def test_eval_suite_own_samples_judges_reports_and_resumes(judge_dir, world_mode
     assert set(ck["drawn"]) == {f"{s}/{v}" for s in ("heldout", "seen") for v in ("caption", "order", "synonym", "keywords")}
     assert all(0 <= x <= 1 for x in [*ck["drawn"].values(), *ck["questions"].values()])
     assert (tmp_path / "eval" / "eval.html").read_text().count("class='bar'") >= 8
-    pngs = sorted((tmp_path / "eval").rglob("*.png"))
+    pngs = sorted((tmp_path / "eval").rglob("suite-own/*.png"))  # the samples (quality_cost.png is redrawn)
+    assert len(pngs) == report["prompts"]
     stamps = [p.stat().st_mtime_ns for p in pngs]
     again = run_suite(tmp_path / "run", scfg)
     assert again["checkpoints"][0]["newly_judged"] == 0 and ck["newly_judged"] == ck["judged"]
