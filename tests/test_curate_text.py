@@ -133,3 +133,36 @@ def test_bad_text_settings_are_one_line(tmp_path, args, message):
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and message in lines[0], res.output
     assert not (tmp_path / "scores").exists() or not list((tmp_path / "scores").glob("*.parquet"))
+
+
+def test_recogniser_reads_the_detected_regions(tmp_path):
+    """--text-recognizer: a transformers OCR folder (a tiny TrOCR layout, random weights: the
+    mechanics) reads each image's text regions; no region, empty text; no recogniser, null."""
+    from curate.api import ScoreConfig, run_score
+    from tiny.ocr import build_tiny_trocr
+
+    captions, _ = _text_world(tmp_path, 6, seed=4, fraction=0.5)
+    detector, ocr = str(_untrained(tmp_path / "d.safetensors")), str(build_tiny_trocr(tmp_path / "trocr"))
+    for out, threshold in (("all", 0.01), ("none", 0.99)):  # an untrained detector: every cell near 0.5
+        run_score(ScoreConfig(shards=captions, out=tmp_path / out, scorers="text", text_detector=detector, text_recognizer=ocr,
+                              text_threshold=threshold, progress=False))  # fmt: skip
+    every, no = _scores(tmp_path / "all"), _scores(tmp_path / "none")
+    assert every["text_coverage"].to_list() == [1.0] * 6 and every["has_text"].all()
+    assert all(isinstance(t, str) and t for t in every["text"].to_list()), every["text"].to_list()
+    assert no["text_coverage"].to_list() == [0.0] * 6 and not no["has_text"].any() and no["text"].to_list() == [""] * 6
+
+
+@pytest.mark.slow
+def test_ray_engine_scores_text_as_the_local_engine(tmp_path):
+    pytest.importorskip("ray")
+    from curate.api import ScoreConfig, run_score
+
+    captions, truth = _text_world(tmp_path, 16, seed=6, fraction=0.5)
+    base = dict(shards=captions, scorers="text", text_detector=str(_untrained(tmp_path / "d.safetensors")), text_min_coverage=0.4,
+                progress=False, shard_size=10)  # fmt: skip
+    local = run_score(ScoreConfig(out=tmp_path / "local", **base))
+    ray = run_score(ScoreConfig(out=tmp_path / "ray", engine="ray", replicas=2, batch_size=4, **base))
+    assert (ray.scored, ray.failed) == (local.scored, local.failed) == (16, 2) and "text" in ray.ledger["scorer_seconds"]
+    a, b = _scores(tmp_path / "local").sort("key"), _scores(tmp_path / "ray").sort("key")
+    assert a["key"].to_list() == b["key"].to_list() and a["has_text"].to_list() == b["has_text"].to_list()
+    np.testing.assert_allclose(a["text_coverage"].to_numpy(), b["text_coverage"].to_numpy(), atol=1e-6)
