@@ -1,13 +1,18 @@
 """The `text` scorer: how much of an image is covered by text, whether it has text, and (with a
 recogniser) what the text says.
 
-- Detector: a small fully-convolutional net (`TextNet`) that predicts, for every 4x4-pixel cell
-  of the image resized to its square input (`input_size`, recorded in the weights), whether the
-  cell lies in text. `text_coverage` is the share of cells whose probability passes
-  `--text-threshold`; `has_text` is coverage >= `--text-min-coverage`. It is loaded from a
-  `.safetensors` file, a directory holding `text-detector.safetensors`, or an HF id (that file
-  in the repository), and fitted by `fit_text_detector` on images with known text masks (the
-  project's tiny one: tiny.text_detector, on the world's photos with rendered text overlays).
+- Detector: a text probability map per image. `text_coverage` is the share of the map whose
+  probability passes `--text-threshold`; `has_text` is coverage >= `--text-min-coverage`. Two kinds:
+  - `TextNet`, a small fully-convolutional net predicting, for every 4x4-pixel cell of the image
+    resized to its square input (`input_size`, recorded in the weights), whether the cell lies in
+    text: a `.safetensors` file, a directory holding `text-detector.safetensors`, or an HF id with
+    that file; fitted by `fit_text_detector` on images with known text masks (the project's tiny
+    one: tiny.text_detector, on the world's photos with rendered text overlays);
+  - a transformers DBNet-style detector whose output is a text probability map (`HFTextMap`,
+    `AutoModelForObjectDetection` + its image processor, e.g. PP-OCRv5's
+    `PaddlePaddle/PP-OCRv5_mobile_det_safetensors`): a folder with a config.json or an HF id
+    without the TextNet file. Each image is processed at its own size; images of one processed
+    size share a forward pass.
 - Recogniser (optional, `--text-recognizer`): a transformers image-to-text OCR model by HF id or
   directory (TrOCR's `VisionEncoderDecoderModel` with its processor, e.g.
   `microsoft/trocr-small-printed`); it reads the bounding box of each connected text region the
@@ -120,7 +125,8 @@ def _detector_file(ref: str) -> Path:
     kwargs = check_model(ref, "text detector", "--text-detector")
     if path.is_dir():
         if not (path / DETECTOR_FILE).is_file():
-            raise UserError(f"--text-detector {ref} holds no {DETECTOR_FILE}: pass the detector file, its folder or HF id")
+            raise UserError(f"--text-detector {ref} holds no {DETECTOR_FILE} and no config.json: pass a text detector file, "
+                            "its folder, a transformers text detector folder or an HF id")
         return path / DETECTOR_FILE
     from huggingface_hub import hf_hub_download
 
@@ -130,8 +136,28 @@ def _detector_file(ref: str) -> Path:
         raise UserError(f"--text-detector {ref}: no {DETECTOR_FILE} there ({type(e).__name__}): pass a text detector file, folder or HF id") from None
 
 
+def load_detector(ref: str) -> "TextNet | HFTextMap":
+    """A TextNet (its file, a folder holding it, an HF id with it) or a transformers detector
+    (a folder with a config.json, an HF id without the TextNet file)."""
+    path = Path(ref).expanduser()
+    if path.is_dir() and not (path / DETECTOR_FILE).is_file() and (path / "config.json").is_file():
+        return HFTextMap(ref)
+    if not path.exists() and not ref.endswith(".safetensors"):
+        from shards.hub import check_model
+
+        kwargs = check_model(ref, "text detector", "--text-detector")
+        if not path.is_dir():
+            try:
+                from huggingface_hub import hf_hub_download
+
+                hf_hub_download(ref, DETECTOR_FILE, **kwargs)
+            except Exception:  # noqa: BLE001 - no TextNet file there: a transformers detector (or one line from its loader)
+                return HFTextMap(ref)
+    return load_text_detector(ref)
+
+
 def load_text_detector(ref: str) -> TextNet:
-    """The detector from a file, directory or HF id; one line when it is not one."""
+    """The TextNet from a file, directory or HF id; one line when it is not one."""
     from safetensors import safe_open
 
     path = _detector_file(ref)
@@ -160,19 +186,56 @@ class TextReader:
     """A loaded detector (and recogniser), batched."""
 
     def __init__(self, detector: str, recognizer: str | None = None, threshold: float = 0.5, min_coverage: float = 0.01) -> None:
-        self.net = load_text_detector(detector)
+        self.net = load_detector(detector)
         self.threshold, self.min_coverage = threshold, min_coverage
         self.recognizer = Recognizer(recognizer) if recognizer else None
 
     def read(self, images: Sequence[Image.Image]) -> list[TextFound]:
         if not images:
             return []
-        cells = self.net.cell_probs(images) >= self.threshold
-        coverage = cells.mean(axis=(1, 2))
+        cells = [m >= self.threshold for m in self.net.cell_probs(images)]
+        coverage = [float(c.mean()) for c in cells]
         texts: list[str | None] = [None] * len(images)
         if self.recognizer is not None:
-            texts = self.recognizer.read(images, [text_regions(c) if cov >= self.min_coverage else [] for c, cov in zip(cells, coverage)])
-        return [TextFound(float(c), bool(c >= self.min_coverage), t) for c, t in zip(coverage, texts)]
+            texts = self.recognizer.read(images, [text_regions(_coarse(c)) if cov >= self.min_coverage else [] for c, cov in zip(cells, coverage)])
+        return [TextFound(c, c >= self.min_coverage, t) for c, t in zip(coverage, texts)]
+
+
+class HFTextMap:
+    """A transformers text detector whose output (`last_hidden_state`, (n, 1, h, w)) is a text
+    probability map over its processed input (DBNet-style: PP-OCRv5's detectors)."""
+
+    def __init__(self, ref: str) -> None:
+        from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+        from shards.hub import load_pretrained
+
+        self.model = load_pretrained(AutoModelForObjectDetection.from_pretrained, ref, "text detector", "--text-detector").eval()
+        self.processor = load_pretrained(AutoImageProcessor.from_pretrained, ref, "text detector", "--text-detector")
+
+    @torch.inference_mode()
+    def cell_probs(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        """Each image's probability map: one forward pass per processed shape (images processed
+        to the same size are batched; no padding, so a map does not depend on its batch)."""
+        pixels = [self.processor(images=im.convert("RGB"), return_tensors="pt")["pixel_values"][0] for im in images]
+        maps: list[np.ndarray] = [np.zeros(0)] * len(images)
+        for shape in dict.fromkeys(tuple(p.shape) for p in pixels):
+            idx = [i for i, p in enumerate(pixels) if tuple(p.shape) == shape]
+            out = self.model(pixel_values=torch.stack([pixels[i] for i in idx])).last_hidden_state.float()[:, 0]
+            for j, i in enumerate(idx):
+                maps[i] = out[j].numpy()
+        return maps
+
+
+def _coarse(cells: np.ndarray, most: int = 64) -> np.ndarray:
+    """A boolean map with at most `most` cells a side (any cell of a block set: the block set)."""
+    f = max(1, -(-max(cells.shape) // most))
+    if f == 1:
+        return cells
+    h, w = -(-cells.shape[0] // f) * f, -(-cells.shape[1] // f) * f
+    padded = np.zeros((h, w), bool)
+    padded[: cells.shape[0], : cells.shape[1]] = cells
+    return padded.reshape(h // f, f, w // f, f).any(axis=(1, 3))
 
 
 def text_regions(cells: np.ndarray) -> list[tuple[float, float, float, float]]:

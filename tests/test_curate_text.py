@@ -116,6 +116,7 @@ def test_text_regions_in_reading_order():
     ([], "error: the text scorer needs --text-detector FILE_DIR_OR_HF_ID"),
     (["--text-detector", "/nonexistent/det.safetensors"], "error: --text-detector /nonexistent/det.safetensors does not exist"),
     (["--text-detector", "BAD"], "error: --text-detector BAD is not a text detector file"),
+    (["--text-detector", "JUNKDIR"], "holds no text-detector.safetensors and no config.json"),
 ])  # fmt: skip
 def test_bad_text_settings_are_one_line(tmp_path, args, message):
     from typer.testing import CliRunner
@@ -127,7 +128,9 @@ def test_bad_text_settings_are_one_line(tmp_path, args, message):
     (tmp_path / "bad.safetensors").write_bytes(b"not weights")
     if "--text-detector" not in args and args:
         args = [*args, "--text-detector", str(detector)]
-    args = [str(tmp_path / "bad.safetensors") if a == "BAD" else a for a in args]
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("no model")
+    args = [{"BAD": str(tmp_path / "bad.safetensors"), "JUNKDIR": str(tmp_path / "junk")}.get(a, a) for a in args]
     message = message.replace("BAD", str(tmp_path / "bad.safetensors"))
     res = CliRunner().invoke(app, ["score", "--shards", str(captions), "--out", str(tmp_path / "scores"), "--scorers", "text", *args])
     lines = res.output.strip().splitlines()
@@ -166,3 +169,23 @@ def test_ray_engine_scores_text_as_the_local_engine(tmp_path):
     a, b = _scores(tmp_path / "local").sort("key"), _scores(tmp_path / "ray").sort("key")
     assert a["key"].to_list() == b["key"].to_list() and a["has_text"].to_list() == b["has_text"].to_list()
     np.testing.assert_allclose(a["text_coverage"].to_numpy(), b["text_coverage"].to_numpy(), atol=1e-6)
+
+
+def test_transformers_detector_folder_scores_through_its_probability_map(tmp_path):
+    """--text-detector a transformers folder (a tiny PP-OCRv5 mobile detector, random weights:
+    the mechanics): each image's map at its own size, the same in a batch as alone."""
+    from curate.text import HFTextMap, TextReader
+    from tiny.ocr import build_tiny_ppocr_detector
+    from tiny.text_detector import text_samples
+
+    folder = str(build_tiny_ppocr_detector(tmp_path / "det"))
+    reader = TextReader(folder, threshold=0.5, min_coverage=0.05)
+    assert isinstance(reader.net, HFTextMap)
+    images, _ = text_samples(3, seed=1)
+    images = [images[0], images[1].resize((96, 48)), images[2]]
+    maps = reader.net.cell_probs(images)
+    assert maps[1].shape != maps[0].shape and all(((m >= 0) & (m <= 1)).all() and m.std() > 0 for m in maps)
+    for im, m in zip(images, maps):
+        np.testing.assert_allclose(reader.net.cell_probs([im])[0], m, atol=1e-4)  # float sums in another order
+    found = reader.read(images)
+    assert [f.coverage for f in found] == [float((m >= 0.5).mean()) for m in maps] and all(f.text is None for f in found)
