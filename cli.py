@@ -305,7 +305,7 @@ def score_cmd(
     out: str = typer.Option(ScoreConfig.out, "--out", help="score shard directory (rerun the same command to resume)"),
     scorers: str = typer.Option(
         ScoreConfig.scorers, "--scorers", help=(
-            "comma-separated: clip,aesthetic,dedup,nsfw,lang,image,watermark,phash,captions")),
+            "comma-separated: clip,aesthetic,dedup,nsfw,lang,image,watermark,text,phash,captions")),
     clip_model: str = typer.Option(ScoreConfig.clip_model, "--clip-model", help="CLIPModel: HF id or local directory"),
     aesthetic_weights: Optional[str] = typer.Option(ScoreConfig.aesthetic_weights, "--aesthetic-weights", help=(
         "LAION aesthetic v2 head: .pth/.safetensors file or HF id")),
@@ -317,6 +317,14 @@ def score_cmd(
         "watermark head on CLIP image embeddings: .safetensors file or HF id")),
     fit_watermark: Optional[Path] = typer.Option(ScoreConfig.fit_watermark, "--fit-watermark", help=(
         "labels.parquet (key, label: 1 watermarked, 0 clean): fit the watermark head on them first")),
+    text_detector: Optional[str] = typer.Option(ScoreConfig.text_detector, "--text-detector", help=(
+        "text scorer's detector (curate.text): .safetensors file, its folder or HF id")),
+    text_recognizer: Optional[str] = typer.Option(ScoreConfig.text_recognizer, "--text-recognizer", help=(
+        "OCR model to read the text (TrOCR-style, e.g. microsoft/trocr-small-printed): HF id or folder")),
+    text_threshold: float = typer.Option(ScoreConfig.text_threshold, "--text-threshold", help=(
+        "text probability from which a detector cell counts as text, in (0, 1)")),
+    text_min_coverage: float = typer.Option(ScoreConfig.text_min_coverage, "--text-min-coverage", help=(
+        "share of the image in text from which it has text (has_text), in (0, 1]")),
     phash_distance: int = typer.Option(ScoreConfig.phash_distance, "--phash-distance", help=(
         "pHash bits (of 64) within which images share a perceptual-duplicate group")),
     batch_size: int = typer.Option(ScoreConfig.batch_size, "--batch-size"),
@@ -330,7 +338,7 @@ def score_cmd(
         "--engine ray: concurrent scoring tasks, each with its own models")),
 ) -> None:
     """Score caption shards: CLIPScore + embeddings, aesthetic, duplicates, NSFW, language, image stats,
-    watermarks, pHash copies, per-field caption scores.
+    watermarks, text in images, pHash copies, per-field caption scores.
 
     Example: t2i-data score --shards out/ --out scores/ --scorers clip,aesthetic,dedup,nsfw,lang,image
     --aesthetic-weights head.pth

@@ -179,13 +179,7 @@ def select_part(sizes: list[int]) -> str:
         o, v = (g[w]["peak_mb"] - g[w]["before_mb"] for w in ("ours", "naive"))
         table.append(f"| {n:,} | {g['ours']['peak_mb']:.0f} ({o:.0f}) | {g['naive']['peak_mb']:.0f} ({v:.0f}) | **{v / max(o, 1):.1f}x** | "
                      f"{g['ours']['seconds']:.1f} | {g['naive']['seconds']:.1f} |")  # fmt: skip
-    (n1, g1), (n2, g2) = rows[-2], rows[-1]
-    slope = {w: (g2[w]["peak_mb"] - g1[w]["peak_mb"]) / (n2 - n1) * 1e6 for w in ("ours", "naive")}
-    at10m = {w: g2[w]["peak_mb"] + slope[w] * (10_000_000 - n2) / 1e6 for w in ("ours", "naive")}
-    table.append("")
-    table.append(f"Extrapolated linearly from the last two sizes to 10M rows (peak grows {slope['ours']:.0f} MB per 1M rows for ours, "
-                 f"{slope['naive']:.0f} MB for the naive way): ours ~{at10m['ours']:.0f} MB, naive ~{at10m['naive']:.0f} MB "
-                 f"(**{at10m['naive'] / at10m['ours']:.1f}x** less for ours); not measured at 10M on this shared 2-core machine.")
+    table += ["", _at_10m(rows)]
     return ("`select --top clip_score:30%` over synthetic score shards (key, clip_score rounded to 4 decimals: many ties, lang), "
             "1M rows a shard. Ours: `curate.rank.Ranker` (the streamed radix selection `select --top` runs: a count pass, "
             "16-bit refinement passes, a collect pass; memory: one batch, the per-group histograms and the kept keys' "
@@ -193,6 +187,20 @@ def select_part(sizes: list[int]) -> str:
             "process; peak RSS (VmHWM), and in brackets above the process's resident size after the imports of both ways. Both keep exactly "
             "ceil(0.3 N) rows. Ratio > 1: ours needs less memory.\n\n" + "\n".join(table) + "\n\n" + load_note(load)
             + f" Command: `nice python benchmarks/curate_bench.py select --sizes {','.join(map(str, sizes))}`.")  # fmt: skip
+
+
+def _at_10m(rows: list[tuple[int, dict]]) -> str:
+    """The sentence on 10M rows: measured when the sizes reach it, else extrapolated from the last two."""
+    (n1, g1), (n2, g2) = rows[-2], rows[-1]
+    slope = {w: (g2[w]["peak_mb"] - g1[w]["peak_mb"]) / (n2 - n1) * 1e6 for w in ("ours", "naive")}
+    if n2 >= 10_000_000:
+        return (f"Measured at {n2:,} rows: peak RSS ours {g2['ours']['peak_mb']:.0f} MB, naive {g2['naive']['peak_mb']:.0f} MB "
+                f"(**{g2['naive']['peak_mb'] / g2['ours']['peak_mb']:.1f}x** less for ours, whole process); between the last two sizes "
+                f"the peak grew {slope['ours']:.0f} MB per 1M rows for ours, {slope['naive']:.0f} MB for the naive way.")  # fmt: skip
+    at10m = {w: g2[w]["peak_mb"] + slope[w] * (10_000_000 - n2) / 1e6 for w in ("ours", "naive")}
+    return (f"Extrapolated linearly from the last two sizes to 10M rows (peak grows {slope['ours']:.0f} MB per 1M rows for ours, "
+            f"{slope['naive']:.0f} MB for the naive way): ours ~{at10m['ours']:.0f} MB, naive ~{at10m['naive']:.0f} MB "
+            f"(**{at10m['naive'] / at10m['ours']:.1f}x** less for ours); not measured at 10M on this shared 2-core machine.")  # fmt: skip
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ curate.scorers.score_batch, decoding included).
   architecture, random weights, as score_bench's `clip`);
 - `captions`: the CLIP score of every caption field, long captions in 77-token windows (each row
   has a ~150-token dense caption: 3 windows, a short caption and an alt-text), with its CLIP;
+- `text`: the text detector (curate.text), random weights: a TextNet at a 256 px input, and the
+  transformers path with a tiny PP-OCRv5 mobile detector (tiny.ocr; images at their own size);
 
     nice python benchmarks/curate_scorers_bench.py [--images N] [--size PX] [--batch-size B]
 """
@@ -34,12 +36,14 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--only-text", action="store_true", help="time only the text scorer (print; BENCHMARKS.md left alone)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: on an oversubscribed machine, no thread waits on a descheduled one)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     load = os.getloadavg()[0]
     from curate.watermark import WatermarkHead, save_watermark_head
     from tiny.clip import long_caption
+    from tiny.ocr import build_tiny_ppocr_detector
     from tiny.world import sample_scenes
 
     import numpy as np
@@ -53,8 +57,12 @@ def main() -> None:
         clip = vit_b32_clip(tmp, [r["caption"] for r in rows])
         save_watermark_head(WatermarkHead(512), tmp / "wm.safetensors")
         refs = ModelRefs(watermark=str(tmp / "wm.safetensors"))
+        text = {"text (TextNet 256 px)": _textnet(tmp / "text.safetensors"), "text (tiny PP-OCRv5 det)": str(build_tiny_ppocr_detector(tmp / "ppocr"))}
         table = ["| scorer | batched (images/s) | one at a time (images/s) | batched / one at a time |", "|---|---|---|---|"]
-        for label, names in (("phash", ["phash"]), ("watermark (+clip)", ["clip", "watermark"]), ("captions (+clip)", ["clip", "captions"])):
+        ways = [("phash", ["phash"]), ("watermark (+clip)", ["clip", "watermark"]), ("captions (+clip)", ["clip", "captions"])]
+        ways = [w for w in ways if not a.only_text] + [(label, ["text"]) for label in text]
+        for label, names in ways:
+            refs = ModelRefs(watermark=refs.watermark, text_detector=text.get(label))
             scorers = Scorers.load(names, clip, None, refs=refs, workers=2)
             one_by_one(rows[:4], scorers)  # warm-up
             b, o = batched(rows, scorers, a.batch_size), one_by_one(rows, scorers)
@@ -63,9 +71,22 @@ def main() -> None:
     body = (f"{a.images} demo-world JPEGs of {a.size}x{a.size} px, batch {a.batch_size}, {a.threads} torch thread(s), 2 decoding threads; both "
             "columns run `curate.scorers.score_batch` (decode included). Ratio > 1: batching is faster. CLIP = ViT-B/32 "
             "architecture, random weights; each row has a ~150-token caption (3 windows of 77), a short caption and an "
-            "alt-text. `watermark` costs its CLIP's image embedding (the head is one small MLP a batch).\n\n"
+            "alt-text. `watermark` costs its CLIP's image embedding (the head is one small MLP a batch). `text`: the detector "
+            "alone (no recogniser), random weights: a TextNet (curate.text) at a 256 px input, and a tiny PP-OCRv5 mobile "
+            "detector through transformers (images of one processed size share a forward pass).\n\n"
             + "\n".join(table) + "\n\n" + load_note(load) + f" Command: `nice python benchmarks/curate_scorers_bench.py --images {a.images} --threads {a.threads}`.")
-    print(write_section("curate_scorers_bench", body))
+    if not a.only_text:
+        print(write_section("curate_scorers_bench", body))
+
+
+def _textnet(path: Path) -> str:
+    """A TextNet at a 256 px input, random weights (its cost is its architecture's)."""
+    import torch
+
+    from curate.text import TextNet, save_text_detector
+
+    torch.manual_seed(0)
+    return str(save_text_detector(TextNet(256), path))
 
 
 if __name__ == "__main__":

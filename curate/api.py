@@ -23,17 +23,19 @@ from shards.reader import Shard, open_shards
 from shards.writer import ROWS_PER_SHARD
 from shards.models import DEFAULT_CLIP
 from curate.fit import INPUT_COLUMNS, input_batches
-from curate.scorers import NEEDS_CLIP, ModelRefs, Scorers, decode_ahead, parse_scorers, score_batch, score_schema
+from curate.scorers import NEEDS_CLIP, TEXT_DETECTOR_NEEDED, ModelRefs, Scorers, decode_ahead, parse_scorers, score_batch, score_schema
 
 DEDUP_DIR = "dedup"  # scores/dedup/: the whole-dataset duplicate pass, rebuilt after new rows
 PHASH_DIR = "phash"  # scores/phash/: the perceptual-duplicate groups, rebuilt after new rows
 # identity settings of the scorers added later: recorded only when their scorer runs, so a score
 # directory made before them resumes as it was
-SCORER_IDENTITY = {"watermark": ("watermark_weights", "fit_watermark"), "phash": ("phash_distance",)}
+SCORER_IDENTITY = {"watermark": ("watermark_weights", "fit_watermark"), "phash": ("phash_distance",),
+                   "text": ("text_detector", "text_recognizer", "text_threshold", "text_min_coverage")}  # fmt: skip
 
 SCORE_RANGES = {"dedup_threshold": Range(0, 1, lo_open=True), "batch_size": Range(1, 65536),
                 "shard_size": Range(1, 10_000_000), "decode_short": Range(16, 8192), "workers": WORKERS,
-                "replicas": Range(1, 4096), "phash_distance": Range(0, 12)}  # dedup_threshold: a CLIP image cosine
+                "replicas": Range(1, 4096), "phash_distance": Range(0, 12), "text_threshold": Range(0, 1, lo_open=True, hi_open=True),
+                "text_min_coverage": Range(0, 1, lo_open=True)}  # fmt: skip  # dedup_threshold: a CLIP image cosine
 
 
 @dataclass
@@ -53,6 +55,10 @@ class ScoreConfig:
     dedup_threshold: float = 0.95
     watermark_weights: str | None = None  # file or HF id of a watermark head (curate.watermark)
     fit_watermark: str | Path | None = None  # labels.parquet (key, label 0/1): fit a watermark head first
+    text_detector: str | None = None  # curate.text detector: .safetensors file, its folder or HF id
+    text_recognizer: str | None = None  # transformers OCR model (TrOCR-style), HF id or folder: text itself
+    text_threshold: float = 0.5  # a detector cell's text probability from which it counts as text
+    text_min_coverage: float = 0.01  # the share of an image in text from which it has text
     phash_distance: int = 4  # Hamming distance (bits of 64) within which pHashes share a group
     batch_size: int = 32
     shard_size: int = ROWS_PER_SHARD
@@ -77,8 +83,9 @@ class ScoreConfig:
         return ScoreConfig.IDENTITY + tuple(n for scorer in names for n in SCORER_IDENTITY.get(scorer, ()))
 
     def refs(self, weights: str | None = None) -> ModelRefs:
-        """The watermark head (`weights`: a fitted head's file, over --watermark-weights)."""
-        return ModelRefs(weights or self.watermark_weights)
+        """The watermark head (`weights`: a fitted head's file, over --watermark-weights) and the text models."""
+        return ModelRefs(weights or self.watermark_weights, self.text_detector, self.text_recognizer or None,
+                         self.text_threshold, self.text_min_coverage)  # fmt: skip
 
     def validate(self) -> list[str]:
         """The scorers' names, after a one-line UserError for anything out of range or unknown,
@@ -90,7 +97,19 @@ class ScoreConfig:
         check_output_dir(self.out)
         if any(n in NEEDS_CLIP for n in names):
             check_model(self.clip_model, "CLIP model", "--clip-model")  # in seconds, before the model code loads
+        if "text" in names:
+            _check_text_models(self.text_detector, self.text_recognizer)
         return names
+
+
+def _check_text_models(detector: str | None, recognizer: str | None) -> None:
+    """The text scorer's models exist (a file, a folder, a cached or reachable hub id): one line otherwise."""
+    if not detector:
+        raise UserError(TEXT_DETECTOR_NEEDED)
+    if not Path(detector).expanduser().is_file():
+        check_model(detector, "text detector", "--text-detector")
+    if recognizer:
+        check_model(recognizer, "text recogniser", "--text-recognizer")
 
 
 def score_command(cfg: ScoreConfig) -> str:

@@ -23,11 +23,13 @@ from shards.errors import UserError
 from shards.schema import CAPTION_SCHEMA
 from curate.images import LoadedImage, read_image
 
-SCORERS = ("clip", "aesthetic", "dedup", "nsfw", "lang", "image", "watermark", "phash", "captions")
+SCORERS = ("clip", "aesthetic", "dedup", "nsfw", "lang", "image", "watermark", "text", "phash", "captions")
 NEEDS_CLIP = ("clip", "aesthetic", "dedup", "watermark", "captions")  # they reuse the CLIP image embedding
-NEEDS_PIXELS = ("image", "clip", "nsfw", "dedup", "phash")
+NEEDS_PIXELS = ("image", "clip", "nsfw", "dedup", "text", "phash")
 # every caption-shard text field: `captions` scores each (caption, caption_<prompt>, alt_text)
 CAPTION_TEXT_FIELDS = tuple(n for n in CAPTION_SCHEMA.names if n == "caption" or n.startswith("caption_")) + ("alt_text",)
+TEXT_DETECTOR_NEEDED = ("the text scorer needs --text-detector FILE_DIR_OR_HF_ID (a curate.text detector; "
+                        "the demo world's: python -m tiny.text_detector OUT.safetensors)")
 
 _COLUMNS: dict[str, list[pa.Field]] = {
     "image": [pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("aspect", pa.float32()),
@@ -39,6 +41,7 @@ _COLUMNS: dict[str, list[pa.Field]] = {
     "nsfw": [pa.field("nsfw", pa.float32()), pa.field("nsfw_labels", pa.string())],
     "lang": [pa.field("lang", pa.string()), pa.field("lang_prob", pa.float32())],
     "watermark": [pa.field("watermark", pa.float32())],
+    "text": [pa.field("text_coverage", pa.float32()), pa.field("has_text", pa.bool_()), pa.field("text", pa.string())],
     "phash": [pa.field("phash", pa.uint64())],
     "captions": [pa.field(f"clip_score_{f}", pa.float32()) for f in CAPTION_TEXT_FIELDS],
 }  # fmt: skip
@@ -47,9 +50,15 @@ _COLUMNS: dict[str, list[pa.Field]] = {
 @dataclass(frozen=True)
 class ModelRefs:
     """Where the later scorers' models come from (hashable: the Ray engine keeps loaded scorers
-    per process by it). watermark: the watermark head's file or HF id."""
+    per process by it). watermark: the watermark head's file or HF id; text_*: the text
+    detector (file, folder or HF id), the optional recogniser (HF id or folder), the cell
+    probability threshold and the coverage from which an image has text (curate.text)."""
 
     watermark: str | None = None
+    text_detector: str | None = None
+    text_recognizer: str | None = None
+    text_threshold: float = 0.5
+    text_min_coverage: float = 0.01
 
 
 def parse_scorers(spec: str | list[str]) -> list[str]:
@@ -79,6 +88,7 @@ class Scorers:
     nsfw: object | None = None  # curate.safety.NsfwDetector
     lang: object | None = None  # shards.models.language.LanguageId
     watermark: object | None = None  # curate.watermark.WatermarkHead
+    text: object | None = None  # curate.text.TextReader
     decode_short: int = 448  # images are decoded within this short side (and twice it, long)
     workers: int = 2  # decoding threads
     schema: pa.Schema = field(init=False)
@@ -115,13 +125,19 @@ class Scorers:
         return s
 
     def _load_new(self, refs: ModelRefs, watermark_head) -> None:
-        """The watermark head, when chosen."""
+        """The watermark head and the text detector, when chosen."""
         if "watermark" in self.names:
             from curate.watermark import load_watermark_head
 
             if watermark_head is None and not refs.watermark:
                 raise UserError("the watermark scorer needs --watermark-weights FILE_OR_HF_ID or --fit-watermark labels.parquet")
             self.watermark = watermark_head if watermark_head is not None else load_watermark_head(refs.watermark, self.clip.dim)
+        if "text" in self.names:
+            from curate.text import TextReader
+
+            if not refs.text_detector:
+                raise UserError(TEXT_DETECTOR_NEEDED)
+            self.text = TextReader(refs.text_detector, refs.text_recognizer, refs.text_threshold, refs.text_min_coverage)
 
     @property
     def needs_image(self) -> bool:
@@ -152,7 +168,7 @@ def decode_ahead(pool, rows: list[dict], scorers: Scorers) -> Callable[[], list[
     decoded inline, when the images are asked for."""
     if not scorers.needs_image:
         return lambda: ["" for _ in rows]
-    if scorers.clip is None and scorers.nsfw is None:
+    if scorers.clip is None and scorers.nsfw is None and scorers.text is None:
         return lambda: [decode_row(r, scorers) for r in rows]
     step = -(-len(rows) // max(1, scorers.workers))
     futures = [pool.submit(lambda chunk: [decode_row(r, scorers) for r in chunk], rows[i : i + step]) for i in range(0, len(rows), step)]
@@ -188,6 +204,10 @@ def score_batch(rows: list[dict], scorers: Scorers, loaded: list[LoadedImage | s
         for i, (s, labels) in zip(ok, scorers.nsfw.score([im.image for im in images])):
             out[i].update(nsfw=s, nsfw_labels=labels)
         t = scorers.timed("nsfw", t)
+    if scorers.text is not None:
+        for i, found in zip(ok, scorers.text.read([im.image for im in images])):
+            out[i].update(text_coverage=found.coverage, has_text=found.has_text, text=found.text)
+        t = scorers.timed("text", t)
     if scorers.lang is not None:
         for o, (lang, prob) in zip(out, scorers.lang.classify([caption_text(r) for r in rows])):
             o.update(lang=lang, lang_prob=prob)

@@ -150,7 +150,7 @@ def test_grouping_compares_far_fewer_pairs_than_all_pairs(monkeypatch):
     (["--scorers", "phash", "--phash-distance", "13"], "error: --phash-distance 13 is out of range: pass a whole number from 0 to 12"),
     (["--scorers", "phash", "--phash-distance", "-1"], "error: --phash-distance -1 is out of range"),
     (["--scorers", "phsh"], "error: unknown scorer phsh: use some of"),
-    (["--scorers", "text"], "error: unknown scorer text: use some of clip,aesthetic,dedup,nsfw,lang,image,watermark,phash,captions"),
+    (["--scorers", "txt"], "error: unknown scorer txt: use some of clip,aesthetic,dedup,nsfw,lang,image,watermark,text,phash,captions"),
 ])  # fmt: skip
 def test_bad_score_settings_are_one_line_before_any_work(tmp_path, args, message):
     from typer.testing import CliRunner
