@@ -12,11 +12,11 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-pytestmark = pytest.mark.slow  # fits a watermark head on rendered photos (about 45 s): the full suite runs it
-
 from shards.reader import complete_shards
 from tiny.curate_world import write_caption_shards
 from tiny.overlays import overlay_world
+
+pytestmark = pytest.mark.slow  # fits a watermark head on rendered photos (about 45 s): the full suite runs it
 
 
 def _overlay_captions(root: Path, n: int, kind: str, seed: int) -> tuple[Path, dict[str, bool]]:
