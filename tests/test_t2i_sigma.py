@@ -223,3 +223,23 @@ def test_models_that_are_not_sigma_are_one_line(world, tmp_path):
                          (dict(kv_compress=2, token_drop=0.5), "kv_compress with token_drop")]:
         with pytest.raises(UserError, match=message):
             cfg_of(world, "scratch", preset="PixArt-mini/2", **bad).validate()
+
+
+@torch.no_grad()
+def test_a_sigma_model_moved_to_another_resolution_keeps_its_positions_range(world, tmp_path):
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from t2i.text_cond import TextConditioning, init_overrides
+
+    model = TextConditioning().build_model(cfg_of(world, f"pixart:{world['root'] / 'sig_root'}", resolution=32), 16, 32)
+    tr = model.transformer
+    assert tr.config.sample_size == 16 and tr.config.interpolation_scale == pytest.approx(0.25)
+    # what the released model (4 x 4 patches, interpolation 0.125) computes on the fly for an 8 x 8 grid: the same span
+    want = get_2d_sincos_pos_embed(64, (8, 8), base_size=4, interpolation_scale=0.125, output_type="pt")
+    assert torch.allclose(tr.pos_embed.pos_embed[0], want.float(), atol=1e-6)
+    # a Sigma checkpoint starting the next stage at twice the side: the same rule (alpha's keeps its overrides)
+    (tmp_path / "ck" / "transformer").mkdir(parents=True)
+    tr.save_config(tmp_path / "ck" / "transformer")
+    assert init_overrides(tmp_path / "ck", 32, False, True) == {"sample_size": 32, "interpolation_scale": pytest.approx(0.5)}
+    assert init_overrides(tmp_path / "ck", 16, False, True) == {}
+    assert init_overrides(tmp_path / "ck", 128, True, False) == {"sample_size": 128, "use_additional_conditions": True}
