@@ -549,7 +549,8 @@ def export_cmd(
     merge: bool = typer.Option(ExportConfig.merge, "--merge", help=(
         "LoRA checkpoint: the adapter merged into the weights")),
 ) -> None:
-    """Export a checkpoint as a PixArtAlphaPipeline folder (+ its learned null caption).
+    """Export a checkpoint as a PixArtAlphaPipeline folder (+ its learned null caption); a family = sigma stage as a
+    PixArtSigmaPipeline folder. A kv_compress model cannot be exported (diffusers' PixArt has no such layer).
 
     Example: t2i-data export runs/tiny --out pipe/ && python -c "from diffusers import PixArtAlphaPipeline as P;
     P.from_pretrained('pipe')"

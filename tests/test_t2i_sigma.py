@@ -207,9 +207,11 @@ def test_models_that_are_not_sigma_are_one_line(world, tmp_path):
     DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
                           sample_size=4, patch_size=2, num_embeds_ada_norm=3).save_pretrained(tmp_path / "dit")
     for init, message in [(f"pixart:{tmp_path / 'dit'}", "holds a DiTTransformer2DModel, not a PixArtTransformer2DModel"),
-                          (f"pixart:{world['root'] / 'alpha_pipe'}", 'is a PixArtAlphaPipeline, this stage is family = "sigma"')]:
+                          (f"pixart:{world['root'] / 'alpha_pipe'}", 'is a PixArtAlphaPipeline, this stage is family = "sigma"'),
+                          (f"pixart:{world['root'] / 'sig_pipe'}", 'is a PixArtSigmaPipeline, this stage is family = "alpha"')]:
+        family = "alpha" if "sig_pipe" in init else "sigma"
         r = CliRunner().invoke(cli.app, ["train", "--shards", str(world["captions"]), "--out", str(tmp_path / "o"), "--init", init,
-                                         "--family", "sigma", "--vae", world["vae"], "--text-encoder", world["text_encoder"],
+                                         "--family", family, "--vae", world["vae"], "--text-encoder", world["text_encoder"],
                                          "--resolution", "16"])
         assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert "Traceback" not in r.output and not (tmp_path / "o" / "features").exists()
