@@ -38,6 +38,9 @@ def check_family(cfg) -> None:
         raise UserError("kv_compress_layers without kv_compress: set kv_compress = 2 (the stride), or drop kv_compress_layers")
     if any(not isinstance(i, int) or i < 0 for i in cfg.kv_compress_layers):
         raise UserError(f"kv_compress_layers {list(cfg.kv_compress_layers)} must be block indices >= 0: fix the stage settings")
+    if cfg.kv_compress > 1 and cfg.lora_rank and cfg.init.partition(":")[0] not in ("checkpoint", "previous"):
+        raise UserError(f"kv_compress with LoRA from init {cfg.init}: the new compression layers would stay untrained: "
+                        "train a kv-compressed stage in full first (then LoRA from its checkpoint), or drop kv_compress")
     if cfg.kv_compress > 1 and cfg.token_drop:
         raise UserError("kv_compress with token_drop: compression needs the whole patch grid, routing drops tokens: use one of them")
 
@@ -104,7 +107,8 @@ class KVCompress(nn.Module):
             raise ValueError("KVCompress is a self-attention processor without a mask")
         b = hidden_states.shape[0]
         q = attn.to_q(hidden_states)
-        k, v = self.compress(attn.to_k(hidden_states)), self.compress(attn.to_v(hidden_states))
+        # in q's dtype: under autocast the LayerNorm answers in float32
+        k, v = (self.compress(proj(hidden_states)).to(q.dtype) for proj in (attn.to_k, attn.to_v))
         d = q.shape[-1] // attn.heads
         q, k, v = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, attn.heads * d).to(q.dtype)
@@ -126,11 +130,12 @@ def _set_grid(module, args, kwargs) -> None:
             block.attn1.processor.grid = (x.shape[-2] // p, x.shape[-1] // p)
 
 
-def attach_kv_compress(transformer, ratio: int, layers=()) -> None:
+def attach_kv_compress(transformer, ratio: int, layers=()) -> list[int]:
     """KV compression with stride `ratio` on blocks `layers` (all when empty), recorded in the
-    transformer's config. Blocks already compressed keep their weights; another stride is one line."""
+    transformer's config. Blocks already compressed keep their weights; another stride is one line.
+    Returns the blocks that gained a (fresh) compression."""
     if ratio <= 1:
-        return
+        return []
     depth = len(transformer.transformer_blocks)
     wanted = sorted(set(layers)) if layers else list(range(depth))
     if wanted and wanted[-1] >= depth:
@@ -141,11 +146,12 @@ def attach_kv_compress(transformer, ratio: int, layers=()) -> None:
         raise UserError(f"kv_compress {ratio}, but the init model compresses blocks {sorted(clash)} with stride "
                         f"{sorted(set(clash.values()))}: keep the init model's kv_compress")
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    for i in wanted:
-        if i not in have:
-            block = transformer.transformer_blocks[i]
-            block.attn1.set_processor(KVCompress(dim, ratio).to(block.attn1.to_k.weight.device, block.attn1.to_k.weight.dtype))
+    added = [i for i in wanted if i not in have]
+    for i in added:
+        block = transformer.transformer_blocks[i]
+        block.attn1.set_processor(KVCompress(dim, ratio).to(block.attn1.to_k.weight.device, block.attn1.to_k.weight.dtype))
     _record(transformer)
+    return added
 
 
 def _record(transformer) -> None:

@@ -45,7 +45,10 @@ class TextConditioning(Conditioning):
             tr.register_to_config(sample_size=latent_size)
         if getattr(cfg, "family", "alpha") == "sigma":
             sigma.check_sigma_model(tr, f"init {cfg.init}")
-        sigma.attach_kv_compress(tr, getattr(cfg, "kv_compress", 1), getattr(cfg, "kv_compress_layers", ()))
+        added = sigma.attach_kv_compress(tr, getattr(cfg, "kv_compress", 1), getattr(cfg, "kv_compress_layers", ()))
+        if added and getattr(cfg, "lora_rank", 0):
+            raise UserError(f"kv_compress adds new layers to blocks {added} of init {cfg.init}, which a LoRA stage would leave "
+                            "untrained: train a kv-compressed stage in full first (then LoRA from it), or drop kv_compress")
         model = PixArtWithNull(tr.float(), cfg.max_tokens)
         if null is not None and null.shape == model.null_caption.shape:
             with torch.no_grad():

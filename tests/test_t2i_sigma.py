@@ -152,7 +152,7 @@ def test_kv_compressed_stage_trains_samples_and_its_export_is_one_line(world, tm
     from t2i.stage import run_stage
 
     cfg = cfg_of(world, f"pixart:{world['root'] / 'sig_root'}", kv_compress=2, kv_compress_layers=(1,), steps=3, checkpoint_every=3)
-    run = run_stage(cfg, tmp_path / "kv", features=world["feats"], progress=False)
+    run = run_stage(cfg, tmp_path / "kv", shards=world["captions"], features=world["feats"], progress=False)
     ck = Path(run["checkpoint"])
     assert json.loads((ck / "transformer" / "config.json").read_text())["kv_compress_layers"] == [1]
     w = load_weights(ck, "model")["transformer.transformer_blocks.1.attn1.processor.sr.weight"]
@@ -164,6 +164,14 @@ def test_kv_compressed_stage_trains_samples_and_its_export_is_one_line(world, tm
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "kv_compress 2 on blocks [1]" in r.output and "PixArtTransformer2DModel cannot represent" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "pipe").exists()
+    # LoRA on the kv-compressed checkpoint: its compression comes with it (frozen, trained); on a model without: one line
+    lora = run_stage(cfg_of(world, f"checkpoint:{ck}", kv_compress=2, kv_compress_layers=(1,), lora_rank=2), tmp_path / "lora",
+                     features=world["feats"], progress=False)
+    pipe, null = pipeline_from_checkpoint(lora["checkpoint"], device="cpu")
+    assert compressed_layers(pipe.transformer) == {1: 2}
+    assert torch.equal(pipe.transformer.transformer_blocks[1].attn1.processor.sr.weight, w)  # the init's, frozen under LoRA
+    with pytest.raises(UserError, match="kv_compress with LoRA from init pixart:"):
+        cfg_of(world, cfg.init, kv_compress=2, lora_rank=2).validate()
     # a resume with other KV settings: one line
     with pytest.raises(UserError, match=r"kv_compress 2 kv_compress_layers \[1\], this run has sigma 2 \[0, 1\]"):
         run_stage(cfg_of(world, cfg.init, kv_compress=2, kv_compress_layers=(0, 1), steps=4), tmp_path / "kv",
