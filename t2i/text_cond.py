@@ -1,7 +1,8 @@
 """The conditioning of a text-to-image (PixArt) stage: each image's caption as its T5 features
 (stored by t2i.features), cross-attended by the model, and a learned null caption that stands in
 for a caption dropped with probability `caption_dropout` (t2i.models.PixArtWithNull). Samples come
-from diffusers' PixArtAlphaPipeline with the null caption as the unconditional branch (t2i.pipeline).
+from diffusers' PixArtAlphaPipeline (PixArtSigmaPipeline for a Sigma stage, t2i.sigma) with the null
+caption as the unconditional branch (t2i.pipeline).
 """
 
 from __future__ import annotations
