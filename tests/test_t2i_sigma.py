@@ -253,3 +253,23 @@ def test_a_sigma_model_moved_to_another_resolution_keeps_its_positions_range(wor
     assert init_overrides(tmp_path / "ck", 32, False, True) == {"sample_size": 32, "interpolation_scale": pytest.approx(0.5)}
     assert init_overrides(tmp_path / "ck", 16, False, True) == {}
     assert init_overrides(tmp_path / "ck", 128, True, False) == {"sample_size": 128, "use_additional_conditions": True}
+
+
+def test_the_sigma_manifest_validates_and_plans_its_kv_stage_cheaper(tmp_path):
+    from costs.plan import MfuRule, PlanOptions, plan
+    from t2i.manifest import load_manifest
+
+    path = Path(__file__).resolve().parent.parent / "manifests" / "pixart-sigma.toml"
+    stage = load_manifest(path).stages[0].config
+    stage.validate()
+    assert (stage.family, stage.max_tokens, stage.vae, stage.kv_compress) == ("sigma", 300, "stabilityai/sdxl-vae", 1)
+    # the commented 2K stage, uncommented: priced with and without its KV compression
+    lines = path.read_text().splitlines()
+    two_k = [line.removeprefix("# ") for line in lines[lines.index("# [[stages]]"):]]
+    (tmp_path / "kv.toml").write_text("\n".join(lines + two_k))
+    (tmp_path / "no-kv.toml").write_text("\n".join(lines + [line for line in two_k if not line.startswith("kv_compress")]))
+    opts = lambda: PlanOptions(gpu="H100", mfu=MfuRule.parse("0.3"))  # noqa: E731
+    kv, plain = ({r["name"]: r for r in plan(tmp_path / f, opts())["rows"] if r["step"] == "train"} for f in ("kv.toml", "no-kv.toml"))
+    assert set(kv) == {"finetune-1024", "finetune-2k-kv"} and kv["finetune-1024"]["flops"] == plain["finetune-1024"]["flops"]
+    assert kv["finetune-2k-kv"]["flops"] / plain["finetune-2k-kv"]["flops"] == pytest.approx(0.752, abs=0.002)
+    assert "KV compression r2 on 14 blocks" in kv["finetune-2k-kv"]["basis"]
