@@ -155,7 +155,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, which: str = ExportConfi
         adapters.unload(pipe.transformer)  # the pipeline itself: the frozen base
     pipe.save_pretrained(tmp)
     save_file({"null_caption": null.float().contiguous().cpu()}, tmp / NULL_FILE)
-    (tmp / "T2I_EXPORT.md").write_text(NOTE.replace("PixArtAlphaPipeline", type(pipe).__name__) + (LORA_NOTE if lora == "adapter" else ""))
+    (tmp / "T2I_EXPORT.md").write_text(note_for(pipe) + (LORA_NOTE if lora == "adapter" else ""))
     recorded = export_settings(checkpoint, which, pipe, null)
     if settings:
         recorded["lora"] = {**settings, "adapter": adapters.ADAPTER_DIR if lora == "adapter" else None,
@@ -165,6 +165,14 @@ def export(checkpoint: str | Path, out_dir: str | Path, which: str = ExportConfi
         out_dir.rmdir()
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def note_for(pipe) -> str:
+    """T2I_EXPORT.md for this pipeline's class and its own default prompt length (alpha 120, Sigma 300)."""
+    import inspect
+
+    default = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+    return NOTE.replace("PixArtAlphaPipeline", type(pipe).__name__).replace('T5("") at 120', f'T5("") at {default}')
 
 
 def check_exportable(checkpoint: str | Path, which: str) -> None:

@@ -9,6 +9,7 @@ Classifier-free guidance uses the LEARNED null caption as the unconditional bran
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Sequence
@@ -78,7 +79,8 @@ def generate(pipe, null_caption: torch.Tensor | None, prompts: Sequence[str], st
     prompts = list(prompts)
     cfg = pipe.transformer.config
     size = cfg.sample_size * pipe.vae_scale_factor
-    max_tokens = max_tokens or (null_caption.shape[0] if null_caption is not None else 120)
+    stock_tokens = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default  # alpha 120, Sigma 300
+    max_tokens = max_tokens or (null_caption.shape[0] if null_caption is not None else stock_tokens)
     kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=height or size, width=width or size,
               use_resolution_binning=False, generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type,
               max_sequence_length=max_tokens, clean_caption=False)

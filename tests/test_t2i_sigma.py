@@ -6,6 +6,9 @@ compression trains and its export is refused in one line, a DiT imports into Sig
 that are not Sigma's are one line."""
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +75,8 @@ def test_null_caption_is_the_empty_prompt_at_300_tokens_and_step_0_guides_as_the
     kw = dict(num_inference_steps=4, guidance_scale=4.5, height=16, width=16, use_resolution_binning=False, output_type="np")
     # the stock pipeline at its own default length (300 tokens): prompt and empty negative both padded to it
     theirs = stock(PROMPTS, negative_prompt="", clean_caption=False, generator=torch.Generator("cpu").manual_seed(7), **kw).images
+    # generate without a null caption is the stock call, at the stock pipeline's own length
+    assert float(np.abs(generate(stock, None, PROMPTS, steps=4, seed=7, output_type="np") - theirs).max()) < 1e-6
     for folder in ("sig_root", "sig_pipe"):
         model = TextConditioning().build_model(cfg_of(world, f"pixart:{world['root'] / folder}"), 8, 32)
         assert model.null_caption.shape == (300, 32) and torch.equal(model.null_caption, emb[0])
@@ -102,13 +107,24 @@ def test_trains_from_both_layouts_and_exports_a_sigma_pipeline_that_draws_our_sa
     ours = generate(pipe, null, PROMPTS, steps=3, seed=1, output_type="np")
     folder = export(run["checkpoint"], tmp_path / "pipe")
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "PixArtSigmaPipeline"
-    assert "PixArtSigmaPipeline.from_pretrained" in (folder / "T2I_EXPORT.md").read_text()
+    note = (folder / "T2I_EXPORT.md").read_text()
+    assert "PixArtSigmaPipeline.from_pretrained" in note and 'T5("") at 300' in note and "PixArtAlphaPipeline" not in note
     assert json.loads((folder / "t2i_export.json").read_text())["max_sequence_length"] == 300
     stock = PixArtSigmaPipeline.from_pretrained(folder)  # diffusers alone loads it
     assert stock.transformer.config.interpolation_scale == 0.125 and not stock.transformer.use_additional_conditions
     epipe, enull = load_exported(folder, device="cpu")
     assert type(epipe) is PixArtSigmaPipeline
     assert float(np.abs(generate(epipe, enull, PROMPTS, steps=3, seed=1, output_type="np") - ours).max()) < 1e-5
+    # T2I_EXPORT.md's recipe, run as written by a client with diffusers alone, draws our sampler's images
+    (block,) = re.findall(r"```python\n(.*?)```", note, flags=re.S)
+    client = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in ("t2i", "shards", "tiny", "cli")) + block
+    client += f"\nimport numpy as np\nnp.save({str(tmp_path / 'client.npy')!r}, sample({PROMPTS!r}, seed=3, output_type='np'))\n"
+    r = subprocess.run([sys.executable, "-c", client], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    settings = json.loads((folder / "t2i_export.json").read_text())
+    ours = generate(epipe, enull, PROMPTS, steps=settings["num_inference_steps"], guidance=settings["guidance_scale"], seed=3,
+                    output_type="np")
+    assert float(np.abs(np.load(tmp_path / "client.npy") - ours).max()) <= 1e-5
 
 
 @torch.no_grad()
