@@ -114,13 +114,14 @@ def init_overrides(ck: Path, latent_size: int, micro: bool, is_sigma: bool) -> d
 
 
 def check_pipeline_family(arg: str, family: str) -> None:
-    """One line when a local pipeline folder is the other PixArt than the stage's family."""
+    """One line when a local PixArtSigmaPipeline folder starts an alpha stage (its model wants 300
+    tokens and the SDXL VAE: likely a missed family = "sigma"). An alpha model starting a Sigma
+    stage is Sigma's own weak-to-strong start, allowed (without micro-conditions: check_sigma_model)."""
     index = Path(arg) / "model_index.json"
     kind = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    theirs = {"PixArtAlphaPipeline": "alpha", "PixArtSigmaPipeline": "sigma"}.get(kind)
-    if theirs and theirs != family:
-        raise UserError(f"init pixart:{arg} is a {kind}, this stage is family = \"{family}\": set family = \"{theirs}\" "
-                        f"({'manifests/pixart-sigma.toml' if theirs == 'sigma' else 'the default'}), or start from another model")
+    if kind == "PixArtSigmaPipeline" and family != "sigma":
+        raise UserError(f"init pixart:{arg} is a {kind}, this stage is family = \"{family}\": set family = \"sigma\" "
+                        "(manifests/pixart-sigma.toml: 300 tokens, the SDXL VAE), or start from another model")
 
 
 def load_pixart(arg: str, sub: str | None):
