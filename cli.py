@@ -440,6 +440,12 @@ TRAIN_OPTIONS: dict[str, tuple[Any, ...]] = {
     "kind": (str, C.kind, "text-to-image (PixArt) | class-cond (a class-conditional DiT for import-dit)"),
     "class_column": (str, C.class_column, "class-cond: the caption-shard column holding each image's label"),
     "init": (str, C.init, "scratch | dit:PATH | pixart:DIR | checkpoint:DIR"),
+    "family": (str, C.family, "alpha (PixArt-alpha) | sigma (PixArt-Sigma: PixArtSigmaPipeline, no micro-conditions; "
+               "manifests/pixart-sigma.toml)"),
+    "kv_compress": (int, C.kv_compress, "key/value token compression in self-attention: the stride (1: off; "
+                    "PixArt-Sigma's 2); such a model does not export to diffusers"),
+    "kv_compress_layers": (str, ",".join(map(str, C.kv_compress_layers)), "the blocks that compress, comma-separated "
+                           "(default: all)"),
     "resolution": (int, C.resolution, None),
     "vae": (str, C.vae, None),
     "text_encoder": (str, C.text_encoder, None),
@@ -551,7 +557,8 @@ def export_cmd(
     merge: bool = typer.Option(ExportConfig.merge, "--merge", help=(
         "LoRA checkpoint: the adapter merged into the weights")),
 ) -> None:
-    """Export a checkpoint as a PixArtAlphaPipeline folder (+ its learned null caption).
+    """Export a checkpoint as a PixArtAlphaPipeline folder (+ its learned null caption); a family = sigma stage as a
+    PixArtSigmaPipeline folder. A kv_compress model cannot be exported (diffusers' PixArt has no such layer).
 
     Example: t2i-data export runs/tiny --out pipe/ && python -c "from diffusers import PixArtAlphaPipeline as P;
     P.from_pretrained('pipe')"

@@ -132,11 +132,13 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
     routed, lever = routed_of(cfg)
     flops = images * flops_per_image(cfg.preset, (latent, latent), cfg.max_tokens, caption_channels(cfg.text_encoder),
                                      cross_attention=conditioning_class(cfg.kind).cross_attention,  # a class-conditional DiT has none
-                                     token_drop=cfg.token_drop, routed_blocks=routed, token_macs=repa_macs(cfg))
+                                     token_drop=cfg.token_drop, routed_blocks=routed, token_macs=repa_macs(cfg), **kv_of(cfg))
     lever += f"; REPA lambda {cfg.repa_weight:g}" if cfg.repa_weight else ""
+    if cfg.kv_compress > 1:
+        lever += f"; KV compression r{cfg.kv_compress} on {kv_of(cfg)['kv_blocks']} blocks"
     if cfg.lora_rank:
         lora = lora_stage_price(cfg.preset, cfg.resolution, cfg.lora_rank, cfg.lora_targets, cfg.lora_variant, cfg.max_tokens,
-                                caption_channels(cfg.text_encoder), cfg.token_drop, routed, repa_macs(cfg))
+                                caption_channels(cfg.text_encoder), cfg.token_drop, routed, repa_macs(cfg), **kv_of(cfg))
         flops = images * lora["step_flops_per_image"]
         lever += (f"; LoRA r{cfg.lora_rank}: {lora['trainable_params'] / 1e6:.1f}M trainable, AdamW state "
                   f"{lora['optimizer_bytes'] / 2**20:.0f} MiB, step FLOPs {lora['step_flops_per_image'] / lora['full_step_flops_per_image']:.0%} of full")
@@ -146,7 +148,7 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
 
 def lora_stage_price(preset: str, resolution: int, lora_rank: int, lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
                      lora_variant: str = "lora", max_tokens: int = 120, channels: int = 4096, token_drop: float = 0.0,
-                     routed_blocks: int = 0, token_macs: int = 0) -> dict[str, float]:
+                     routed_blocks: int = 0, token_macs: int = 0, kv_compress: int = 1, kv_blocks: int = 0) -> dict[str, float]:
     """What a stage trains and computes, with LoRA of `lora_rank` (0: a full fine-tune): trainable
     parameters (counted on the preset's model, built on the meta device), AdamW state bytes (two
     fp32 moments each: 8 bytes a parameter) and training FLOPs per image. A LoRA step runs the
@@ -163,7 +165,7 @@ def lora_stage_price(preset: str, resolution: int, lora_rank: int, lora_targets=
     with torch.device("meta"):
         tr = build_transformer(Preset(p.depth, p.hidden, p.heads, p.patch), latent, channels, use_additional_conditions=False)
     full = flops_per_image(preset, (latent, latent), max_tokens, channels, token_drop=token_drop, routed_blocks=routed_blocks,
-                           token_macs=token_macs)
+                           token_macs=token_macs, kv_compress=kv_compress, kv_blocks=kv_blocks)
     if not lora_rank:
         n = sum(x.numel() for x in tr.parameters())
         return {"trainable_params": n, "optimizer_bytes": 8 * n, "step_flops_per_image": full, "full_step_flops_per_image": full}
@@ -178,6 +180,15 @@ def lora_stage_price(preset: str, resolution: int, lora_rank: int, lora_targets=
             macs += lora_rank * (m.in_features + m.out_features) * (max_tokens if caption_side else tokens)
     return {"trainable_params": params, "optimizer_bytes": 8 * params, "step_flops_per_image": (full - side) * 2 / 3 + side + 3 * 2 * macs,
             "full_step_flops_per_image": full}
+
+
+def kv_of(cfg) -> dict[str, int]:
+    """flops_per_image's KV-compression arguments of a stage (t2i.sigma): the stride and how many blocks."""
+    from t2i.models import get_preset
+
+    if cfg.kv_compress <= 1:
+        return {}
+    return {"kv_compress": cfg.kv_compress, "kv_blocks": len(set(cfg.kv_compress_layers)) or get_preset(cfg.preset).depth}
 
 
 def routed_of(cfg) -> tuple[int, str]:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from shards import fs
 from shards.errors import UserError
+from t2i.sigma import attach_kv_compress, pop_kv_config
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -220,7 +221,9 @@ def _load_transformer(ck: Path, which: str, **config_overrides):
         raise UserError(f"{ck} is a class-conditional DiT (a class-cond stage), not a PixArt model: "
                         "import it into PixArt (`t2i-data import-dit`, or init = \"previous\" / \"dit:PATH\" in the next stage)")
     cfg.update(config_overrides)
+    kv_ratio, kv_layers = pop_kv_config(cfg)
     model = PixArtTransformer2DModel.from_config(cfg)
+    attach_kv_compress(model, kv_ratio, kv_layers)  # t2i.sigma: the blocks' compression, before their weights load
     sd = load_weights(ck, which)
     inner = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
     # a stage moving to 1024 px gains size/aspect embedders that the checkpoint lacks

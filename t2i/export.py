@@ -1,6 +1,6 @@
 """Export a training checkpoint as a diffusers pipeline folder that carries its own settings.
 
-`PixArtAlphaPipeline.from_pretrained(dir)` loads it and samples from it with no t2i code at all.
+`PixArtAlphaPipeline.from_pretrained(dir)` (`PixArtSigmaPipeline` for a PixArt-Sigma stage) loads it and samples from it with no t2i code at all.
 The folder holds what reproducing our sampler needs, read from it alone:
 - the scheduler of the objective the model was trained with (`scheduler/`: DPM-Solver++ on the
   DDPM schedule with its prediction type, or its flow-matching form with the training shift);
@@ -143,6 +143,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, which: str = ExportConfi
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} exists and is not empty: pass a new --out directory")
+    check_exportable(checkpoint, which)
     settings = lora_settings(checkpoint, which, lora)
     pipe, null = pipeline_from_checkpoint(checkpoint, vae, text_encoder, which, device="cpu",
                                           adapter="keep" if lora == "adapter" else "merge")
@@ -154,7 +155,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, which: str = ExportConfi
         adapters.unload(pipe.transformer)  # the pipeline itself: the frozen base
     pipe.save_pretrained(tmp)
     save_file({"null_caption": null.float().contiguous().cpu()}, tmp / NULL_FILE)
-    (tmp / "T2I_EXPORT.md").write_text(NOTE + (LORA_NOTE if lora == "adapter" else ""))
+    (tmp / "T2I_EXPORT.md").write_text(note_for(pipe) + (LORA_NOTE if lora == "adapter" else ""))
     recorded = export_settings(checkpoint, which, pipe, null)
     if settings:
         recorded["lora"] = {**settings, "adapter": adapters.ADAPTER_DIR if lora == "adapter" else None,
@@ -164,6 +165,24 @@ def export(checkpoint: str | Path, out_dir: str | Path, which: str = ExportConfi
         out_dir.rmdir()
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def note_for(pipe) -> str:
+    """T2I_EXPORT.md for this pipeline's class and its own default prompt length (alpha 120, Sigma 300)."""
+    import inspect
+
+    default = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+    return NOTE.replace("PixArtAlphaPipeline", type(pipe).__name__).replace('T5("") at 120', f'T5("") at {default}')
+
+
+def check_exportable(checkpoint: str | Path, which: str) -> None:
+    """One line, before any model loads, for a checkpoint whose model a diffusers pipeline cannot
+    hold (KV compression, t2i.sigma)."""
+    from t2i.recovery import usable_checkpoint
+    from t2i.sigma import check_exportable as check_config
+
+    ck = usable_checkpoint(checkpoint, which)
+    check_config(json.loads((ck / "transformer" / "config.json").read_text()), f"checkpoint {ck}")
 
 
 def lora_settings(checkpoint: str | Path, which: str, lora: str | None) -> dict[str, Any]:
@@ -199,11 +218,12 @@ def export_settings(checkpoint: str | Path, which: str, pipe, null) -> dict[str,
 
 
 def load_exported(path: str | Path, device: str | None = None, dtype=None):
-    """(PixArtAlphaPipeline, null_caption or None) from an exported folder; `dtype` default float32."""
+    """(its PixArtAlphaPipeline or PixArtSigmaPipeline, null_caption or None) from an exported
+    folder; `dtype` default float32."""
     import torch
-    from diffusers import PixArtAlphaPipeline
 
     from shards.hub import load_pretrained, load_weights_file
+    from t2i.sigma import pipeline_class
 
     dtype = dtype or torch.float32
 
@@ -211,7 +231,8 @@ def load_exported(path: str | Path, device: str | None = None, dtype=None):
     if not (path / "model_index.json").exists():
         raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json): run `t2i-data export` first")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pretrained(PixArtAlphaPipeline.from_pretrained, str(path), "exported pipeline", "export folder", dtype=dtype)
+    family = "sigma" if json.loads((path / "model_index.json").read_text()).get("_class_name") == "PixArtSigmaPipeline" else "alpha"
+    pipe = load_pretrained(pipeline_class(family).from_pretrained, str(path), "exported pipeline", "export folder", dtype=dtype)
     pipe.to(device).set_progress_bar_config(disable=True)
     null = None
     if (path / NULL_FILE).exists():

@@ -53,11 +53,13 @@ def build_transformer(
     learned_sigma: bool = True,
     use_additional_conditions: bool | None = None,
     norm_eps: float = 1e-6,
+    interpolation_scale: float | None = None,
 ):
     """A fresh `PixArtTransformer2DModel` for `preset` on `latent_size`^2 latents.
 
     out_channels is always explicit (4, or 8 for learned sigma): `None` breaks the pipeline.
-    The cross-attention output projections start at zero, as in the paper.
+    The cross-attention output projections start at zero, as in the paper. `interpolation_scale`:
+    the positions' (None: diffusers' default for the side; PixArt-Sigma's, t2i.sigma).
     """
     from diffusers import PixArtTransformer2DModel
 
@@ -79,6 +81,7 @@ def build_transformer(
         num_embeds_ada_norm=1000,
         norm_elementwise_affine=False,
         norm_eps=norm_eps,  # PixArt's; an imported DiT's own (t2i.import_dit)
+        interpolation_scale=interpolation_scale,
         activation_fn="gelu-approximate",
         attention_bias=True,
     )
@@ -189,7 +192,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
 
 
 def flops_per_image(preset: str | Preset, latent_hw: tuple[int, int], caption_tokens: int = 120, caption_channels: int = 4096,
-                    cross_attention: bool = True, token_drop: float = 0.0, routed_blocks: int = 0, token_macs: int = 0) -> float:
+                    cross_attention: bool = True, token_drop: float = 0.0, routed_blocks: int = 0, token_macs: int = 0,
+                    kv_compress: int = 1, kv_blocks: int = 0) -> float:
     """Training FLOPs for one image (forward + backward = 3x forward), counting matmuls only.
 
     Per block: self-attention qkv/out (4 h^2 per token), cross-attention q/out (2 h^2 per token)
@@ -199,6 +203,8 @@ def flops_per_image(preset: str | Preset, latent_hw: tuple[int, int], caption_to
     `token_drop`: `routed_blocks` of the blocks see only the tokens kept by routing
     (t2i.routing: T - floor(token_drop T) of them). `token_macs`: multiply-adds per token of
     modules outside the blocks that train with the model (REPA's projector, t2i.repa), on every token.
+    `kv_compress`: in `kv_blocks` blocks self-attention attends to T / r^2 key/value tokens
+    (t2i.sigma), plus the depthwise r x r convolution over the keys and values (h per token each).
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
     h = p.hidden
@@ -206,11 +212,14 @@ def flops_per_image(preset: str | Preset, latent_hw: tuple[int, int], caption_to
     if not cross_attention:
         caption_tokens = 0
 
-    def per_block(t: int) -> int:
-        return t * (4 + 2 * cross_attention + 8) * h * h + caption_tokens * 2 * h * h + 2 * t * t * h + 2 * t * caption_tokens * h
+    def per_block(t: int, kv: int) -> int:
+        return t * (4 + 2 * cross_attention + 8) * h * h + caption_tokens * 2 * h * h + 2 * t * kv * h + 2 * t * caption_tokens * h
 
     routed = routed_blocks if token_drop else 0
-    blocks = (p.depth - routed) * per_block(t) + routed * per_block(t - int(token_drop * t))
+    kv_blocks = kv_blocks if kv_compress > 1 else 0
+    kv = (latent_hw[0] // p.patch // kv_compress) * (latent_hw[1] // p.patch // kv_compress)
+    blocks = (p.depth - routed - kv_blocks) * per_block(t, t) + routed * per_block(t - int(token_drop * t), t - int(token_drop * t))
+    blocks += kv_blocks * (per_block(t, kv) + 2 * t * h)
     caption_proj = caption_tokens * (caption_channels * h + h * h)
     patch = t * (LATENT_CHANNELS * p.patch**2) * h * 3  # patch embed in, 8 channels out
     forward_macs = blocks + caption_proj + patch + t * token_macs

@@ -1,4 +1,5 @@
-"""A text-to-image checkpoint as diffusers' PixArtAlphaPipeline, with the scheduler of the objective
+"""A text-to-image checkpoint as diffusers' PixArtAlphaPipeline (PixArtSigmaPipeline for a Sigma
+stage, t2i.sigma), with the scheduler of the objective
 it was trained with (DPM-Solver++ for DDPM, its flow form for flow), and sampling from it (20 steps, guidance 4.5 by
 default); `image_grid` for a grid of samples. t2i.sample is the entry point.
 
@@ -8,6 +9,7 @@ Classifier-free guidance uses the LEARNED null caption as the unconditional bran
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Sequence
@@ -24,12 +26,11 @@ from t2i.objective import objective_of_state
 
 def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, text_encoder: str | None = None,
                              which: str = "ema", device: str | None = None, dtype=torch.float32, adapter: str = "merge"):
-    """(PixArtAlphaPipeline, null_caption) assembled from a training checkpoint. The VAE and text
-    encoder default to the ones the checkpoint's features were computed with. A LoRA checkpoint's
+    """(PixArtAlphaPipeline, or PixArtSigmaPipeline for a Sigma stage; null_caption) assembled from
+    a training checkpoint. The VAE and text encoder default to the ones the checkpoint's features were computed with. A LoRA checkpoint's
     adapter is merged into the transformer, or kept as peft layers (`adapter="keep"`)."""
-    from diffusers import PixArtAlphaPipeline
-
     from t2i.encoders import load_text_encoder, load_vae
+    from t2i.sigma import pipeline_class
 
     ck = usable_checkpoint(checkpoint, which)  # verified: a damaged file is one line (or a warning and an older one)
     state = json.loads((ck / "trainer_state.json").read_text())
@@ -40,8 +41,8 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, tex
         raise UserError(f"checkpoint {ck} does not record its VAE/text encoder: pass --vae and --text-encoder")
     transformer, null = ckpt.load_transformer(ck, which, adapter=adapter)
     tok, enc = load_text_encoder(te_spec)
-    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=enc, vae=load_vae(vae_spec), transformer=transformer,
-                               scheduler=objective_of_state(state).sampler())
+    pipe = pipeline_class(state.get("config", {}).get("family"))(
+        tokenizer=tok, text_encoder=enc, vae=load_vae(vae_spec), transformer=transformer, scheduler=objective_of_state(state).sampler())
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
     if dtype != torch.float32:
@@ -78,7 +79,8 @@ def generate(pipe, null_caption: torch.Tensor | None, prompts: Sequence[str], st
     prompts = list(prompts)
     cfg = pipe.transformer.config
     size = cfg.sample_size * pipe.vae_scale_factor
-    max_tokens = max_tokens or (null_caption.shape[0] if null_caption is not None else 120)
+    stock_tokens = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default  # alpha 120, Sigma 300
+    max_tokens = max_tokens or (null_caption.shape[0] if null_caption is not None else stock_tokens)
     kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=height or size, width=width or size,
               use_resolution_binning=False, generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type,
               max_sequence_length=max_tokens, clean_caption=False)

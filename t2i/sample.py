@@ -1,7 +1,8 @@
 """Sampling: checkpoint (or exported folder) + prompts -> images / PNG grid, through the conditioning
 the checkpoint was trained with (t2i.conditioning): a text-to-image checkpoint through diffusers'
-PixArtAlphaPipeline with DPM-Solver++ (20 steps, guidance 4.5 by default; t2i.pipeline), a
-class-cond one through its DiT, the prompts naming classes (t2i.class_cond).
+PixArtAlphaPipeline (PixArtSigmaPipeline for a Sigma stage, t2i.sigma) with DPM-Solver++ (20
+steps, guidance 4.5 by default; t2i.pipeline), a class-cond one through its DiT, the prompts
+naming classes (t2i.class_cond).
 
 Classifier-free guidance uses the LEARNED null caption as the unconditional branch (passed as
 `negative_prompt_embeds`), exactly as in training; the stock pipeline would encode "" with T5.

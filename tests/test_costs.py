@@ -292,3 +292,16 @@ def test_a_crashed_job_is_still_recorded(tmp_path):
     assert p.returncode == 1 and "crash" in p.stderr
     (rec,) = read_ledger(tmp_path)
     assert rec["job"] == "train" and rec["status"] == "interrupted" and rec["device_hours"] > 0
+
+
+def test_plan_prices_kv_compression_at_the_kept_keys(tmp_path):
+    """A stage with kv_compress = 2 on 6 of PixArt-S/2's 12 blocks: their self-attention attends
+    to a quarter of the tokens (plus the compressing convolution), as flops_per_image counts."""
+    from t2i.models import flops_per_image
+
+    opts = lambda: PlanOptions(gpu="H100", mfu=MfuRule.parse("0.5"))  # noqa: E731
+    kv = SMALL.replace("steps = 10", "steps = 10\nkv_compress = 2\nkv_compress_layers = [6, 7, 8, 9, 10, 11]")
+    plain, less = (next(r for r in plan(write_manifest(tmp_path, m), opts())["rows"] if r["step"] == "train") for m in (SMALL, kv))
+    want = flops_per_image("PixArt-S/2", (32, 32), kv_compress=2, kv_blocks=6) / flops_per_image("PixArt-S/2", (32, 32))
+    assert less["flops"] / plain["flops"] == pytest.approx(want) and want < 1
+    assert "KV compression r2 on 6 blocks" in less["basis"]

@@ -43,6 +43,11 @@ class TrainConfig:
     class_column: str = ""  # class-cond: the caption-shard column holding each image's label
     preset: str = "PixArt-XL/2"
     init: str = "scratch"  # scratch | dit:PATH | pixart:DIR | checkpoint:DIR
+    # t2i.sigma: alpha (PixArt-alpha) | sigma (PixArt-Sigma: no micro-conditions, positions at resolution / 512,
+    # PixArtSigmaPipeline); its 300 tokens and SDXL VAE are the features' settings (manifests/pixart-sigma.toml)
+    family: str = "alpha"
+    kv_compress: int = 1  # key/value token compression in self-attention: the stride (1: off; Sigma's 2)
+    kv_compress_layers: tuple = ()  # the blocks that compress (empty: all)
     # the features' settings (t2i.feature_config.FeatureConfig), with its defaults
     resolution: int = FeatureConfig.resolution
     buckets: bool = FeatureConfig.buckets
@@ -130,6 +135,7 @@ class TrainConfig:
         # a TOML list, a comma-separated CLI string or a tuple; bad names fail here, before any work
         self.caption_fields = parse_fields(self.caption_fields)
         self.caption_weights = parse_weights(self.caption_weights, self.caption_fields)
+        self.kv_compress_layers = parse_layers(self.kv_compress_layers)
         if isinstance(self.lora_targets, (str, list)):
             self.lora_targets = tuple(t.strip() for t in (self.lora_targets.split(",") if isinstance(self.lora_targets, str) else self.lora_targets))
 
@@ -171,6 +177,9 @@ class TrainConfig:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         self._validate_levers()
         check_ranges(self, TRAIN_RANGES, dashes=False)
+        from t2i.sigma import check_family
+
+        check_family(self)
         from t2i.lora import check_settings, check_targets_early
 
         check_settings(self)
@@ -218,6 +227,16 @@ class TrainConfig:
         return Holdout(self.val_fraction, self.val_keys)
 
 
+def parse_layers(value) -> tuple[int, ...]:
+    """kv_compress_layers from a TOML list, a comma-separated CLI string or a tuple."""
+    if isinstance(value, str):
+        try:
+            return tuple(int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise UserError(f"kv_compress_layers {value!r} is not a comma-separated list of block indices: e.g. 14,15,16") from None
+    return tuple(value)
+
+
 def per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
     """(per-process micro-batch, global micro-batch) for `world` processes.
 
@@ -256,9 +275,10 @@ def check_models(cfg: TrainConfig) -> None:
         check_model(cfg.text_encoder, "the text encoder", "text_encoder")
     if kind == "pixart":
         check_model(arg, "PixArt model", "init pixart:")
-        from t2i.text_cond import check_pixart_folder
+        from t2i.text_cond import check_pipeline_family, check_pixart_folder
 
         check_pixart_folder(arg)
+        check_pipeline_family(arg, cfg.family)
         check_model(cfg.vae, "the VAE", "vae")
         check_model(cfg.text_encoder, "the text encoder", "text_encoder")
     check_teacher(cfg.teacher)

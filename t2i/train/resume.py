@@ -16,6 +16,7 @@ from t2i import checkpoint as ckpt
 from t2i import lora
 from t2i import recovery
 from t2i import sharding
+from t2i import sigma
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
 from t2i.features import FeatureConfig, features_dir
 from t2i.objective import check_resume_objective
@@ -83,6 +84,7 @@ def load_resume_weights(out: Path, model, global_batch: int, world: int, local_b
         check_resume_repa(ck, st.get("config", {}), vars(cfg))
         check_holdout(ck, st.get("config", {}), cfg)
         check_lora(ck, st.get("config", {}), cfg)
+        sigma.check_resume(ck, st.get("config", {}), cfg)
     weights = ckpt.load_weights(ck, "model")
     if cfg is not None and cfg.lora_rank:  # the adapter alone: into the adapter's parameters
         lora.attach_weights(model, weights, f"checkpoint {ck}")
