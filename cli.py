@@ -717,6 +717,8 @@ def demo_cmd(
         DemoOptions.quick, "--quick", help="A much smaller world and fewer steps (a smoke run, ~2 min)."),
     full: bool = typer.Option(DemoOptions.full, "--full", help=(
         "A larger model trained long enough to learn shape (~1.8 h on 2 cores).")),
+    text_dtype: str = typer.Option(DemoOptions.text_dtype, "--text-dtype", help=(
+        "how the arms store T5 features (default: the manifest's float32; int8 | fp8: compact)")),
     progress: bool = _progress(DemoOptions.progress, "Show progress bars (--no-progress: hide them)."),
 ) -> None:
     """The whole recipe on a synthetic miniature world, on CPU, in about 10 minutes.
