@@ -88,6 +88,33 @@ def test_compact_features_decode_within_the_bound_of_float16(world):
         assert len(f16.column("text_emb")[0].as_py()) == 2 * n * channels and "text_scale" not in f16.column_names
 
 
+def test_compact_features_of_several_caption_fields(tmp_path):
+    """Each caption field keeps its own scales (text_scale_<field>); the loader decodes the field
+    a sample trains on, within the bound of the float32 features."""
+    from test_t2i_caption_fields import FIELDS, NO_SHORT, write_two_field_world
+
+    from t2i.data import StreamingFeatureDataset
+    from t2i.features import FeatureConfig, compute_features
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus
+
+    models = build_tiny_models(tmp_path / "models", simple_corpus(), vae_fit_steps=0)
+    write_two_field_world(tmp_path / "captions")
+    dirs = {}
+    for d in ("float32", "fp8"):
+        cfg = FeatureConfig(vae=models["vae"], text_encoder=models["text_encoder"], resolution=16, max_tokens=16, text_dtype=d,
+                            caption_fields=FIELDS, batch_size=8)
+        dirs[d] = compute_features(tmp_path / "captions", tmp_path / "feats", cfg, progress=False)["dir"]
+    assert {"text_scale", "text_scale_caption_short"} <= set(pq.read_schema(next(Path(dirs["fp8"]).glob("*.parquet"))).names)
+    idx = np.array([i for i in range(20) if i not in NO_SHORT])
+    for field in (0, 1):
+        ids = np.full(len(idx), field, np.uint8)
+        ref, b = (StreamingFeatureDataset(dirs[d], 16, FIELDS).get(idx, ids) for d in ("float32", "fp8"))
+        assert b.caption_fields == ref.caption_fields == [FIELDS[field]] * len(idx) and torch.equal(b.mask, ref.mask)
+        x = ref.text.numpy()
+        assert (np.abs(b.text.float().numpy() - x) <= bound(x, "fp8")).all()
+
+
 def tiny_cfg(world, **kw):
     from t2i.train import TrainConfig
 
