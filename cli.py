@@ -389,7 +389,9 @@ def features_cmd(
     resolution: int = typer.Option(FeatureConfig.resolution),
     buckets: bool = typer.Option(FeatureConfig.buckets, help="multi-aspect: PixArt's aspect-ratio bins (256/512/1024)"),
     max_tokens: int = typer.Option(FeatureConfig.max_tokens, "--max-tokens"),
-    text_dtype: str = typer.Option(FeatureConfig.text_dtype, "--text-dtype", help="float32 | float16 | bfloat16"),
+    text_dtype: str = typer.Option(FeatureConfig.text_dtype, "--text-dtype", help=(
+        "stored T5 features: float32 | float16 | bfloat16 | int8 | fp8 (int8/fp8: one byte a value + a scale per "
+        "token, half float16's bytes, decoded by the loader)")),
     latent_dtype: str = typer.Option(
         FeatureConfig.latent_dtype, "--latent-dtype", help="stored latents: float32 | float16 | bfloat16"),
     caption_fields: str = typer.Option(FeatureConfig.caption_fields, "--caption-fields", help=(
@@ -449,6 +451,8 @@ TRAIN_OPTIONS: dict[str, tuple[Any, ...]] = {
     "resolution": (int, C.resolution, None),
     "vae": (str, C.vae, None),
     "text_encoder": (str, C.text_encoder, None),
+    "text_dtype": (str, C.text_dtype, "stored T5 features: float16 | float32 | bfloat16 | int8 | fp8 (one byte a value "
+                   "+ a scale per token; a --resume keeps its checkpoint's)"),
     "steps": (int, C.steps, None),
     "batch_size": (int, C.batch_size, "per process (ignored when --global-batch is set)"),
     "global_batch": (int, C.global_batch, "samples per micro-batch over all processes; keeps data order and noise "
@@ -735,6 +739,8 @@ def demo_cmd(
         DemoOptions.quick, "--quick", help="A much smaller world and fewer steps (a smoke run, ~2 min)."),
     full: bool = typer.Option(DemoOptions.full, "--full", help=(
         "A larger model trained long enough to learn shape (~1.8 h on 2 cores).")),
+    text_dtype: str = typer.Option(DemoOptions.text_dtype, "--text-dtype", help=(
+        "how the arms store T5 features (default: the manifest's float32; int8 | fp8: compact)")),
     progress: bool = _progress(DemoOptions.progress, "Show progress bars (--no-progress: hide them)."),
 ) -> None:
     """The whole recipe on a synthetic miniature world, on CPU, in about 10 minutes.

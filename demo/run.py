@@ -25,6 +25,7 @@ from demo.teacher import SHIPPED_TEACHER  # noqa: F401  (what `teacher` may name
 from demo.vae import SHIPPED_VAE
 from shards.checks import SEED, check_output_dir
 from shards.errors import UserError
+from t2i.feature_config import TEXT_DTYPES
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 
@@ -47,6 +48,7 @@ class DemoConfig:
     prediction_type: str = "v_prediction"  # v, not epsilon: single-coloured objects, no stray blobs, at these steps
     timestep_power: float = 1.0  # uniform training timesteps (TrainConfig.timestep_power)
     max_tokens: int = 0  # caption tokens the T5 keeps (0: the manifest's 16, which cuts the ~28-token dense captions)
+    text_dtype: str = ""  # how the arms' T5 features are stored ("": the manifest's float32; int8 | fp8: compact, t2i.text_codec)
     lr: float = 3e-3  # with epsilon (2026-11-26), colour/position 35/27% at step 400 against 10/12% at 1e-3
     vae: str = str(SHIPPED_VAE)  # frozen, fitted offline by `python -m demo.vae` (as PixArt uses SD's VAE)
     teacher: str = ""  # REPA's teacher (t2i.repa), e.g. str(SHIPPED_TEACHER) (`python -m demo.teacher`); "": no REPA, as today
@@ -93,6 +95,7 @@ class DemoOptions:
     backend: str = DemoConfig.caption_backend
     quick: bool = False
     full: bool = False
+    text_dtype: str = DemoConfig.text_dtype
     progress: bool = True
 
     def validate(self) -> None:
@@ -103,6 +106,8 @@ class DemoOptions:
         if self.quick and self.full:
             raise UserError("--quick and --full contradict each other: pass one of them")
         SEED.check("seed", self.seed)
+        if self.text_dtype and self.text_dtype not in TEXT_DTYPES:
+            raise UserError(f"--text-dtype {self.text_dtype!r} is not one of {', '.join(TEXT_DTYPES)}: pick one")
         check_output_dir(self.out)
 
     def config(self) -> DemoConfig:
@@ -110,7 +115,7 @@ class DemoOptions:
         self.validate()
         mode = "quick" if self.quick else "full" if self.full else "default"
         cfg = DemoConfig.for_mode(mode, str(self.out), self.seed)
-        cfg.caption_backend = self.backend
+        cfg.caption_backend, cfg.text_dtype = self.backend, self.text_dtype
         return cfg
 
 
@@ -334,6 +339,7 @@ def _arm_settings(cfg: DemoConfig, text_encoder: Path, progress: bool):
     base.vae, base.text_encoder, base.resolution, base.seed = cfg.vae, str(text_encoder), cfg.t2i_resolution, cfg.seed
     base.preset, base.lr, base.threads, base.prediction_type = cfg.preset, cfg.lr, cfg.threads, cfg.prediction_type
     base.timestep_power, base.max_tokens = cfg.timestep_power, cfg.max_tokens or base.max_tokens
+    base.text_dtype = cfg.text_dtype or base.text_dtype
     return ArmSettings(base=base, steps=cfg.arm_steps, curve_every=max(cfg.arm_steps // cfg.curve_points, 1),
                        sampler_steps=cfg.sampler_steps, guidance=4.5, progress=progress, dit_classes=cfg.dit_classes)
 

@@ -34,12 +34,13 @@ class TextColumns(NamedTuple):
     text: str  # the caption text
     emb: str  # T5 features (text_len, channels) in text_dtype; null when the image lacks the field
     len: str  # tokens kept by the attention mask; null when the image lacks the field
+    scale: str  # compact text_dtype (int8, fp8; t2i.text_codec): a float32 scale per token; absent otherwise
 
 
 def text_columns(field: str) -> TextColumns:
     if field == "caption":
-        return TextColumns("caption", "text_emb", "text_len")
-    return TextColumns(field, f"text_emb_{field}", f"text_len_{field}")
+        return TextColumns("caption", "text_emb", "text_len", "text_scale")
+    return TextColumns(field, f"text_emb_{field}", f"text_len_{field}", f"text_scale_{field}")
 
 
 def _items(value: str | Iterable) -> list:

@@ -17,6 +17,7 @@ sample's own weights: t2i.caption_scores): only that field's text columns are re
 
 With `teacher` (REPA, t2i.repa) each sample's stored teacher patch tokens are read with its
 latents (one more binary column of the same row group, copied the same way): `Batch.teacher`.
+Compact text features (text_dtype int8 | fp8) are decoded to float16 as they are copied (t2i.text_codec).
 
 A `Holdout` (the validation loss's keys, chosen by key hash) is taken out of the buckets, so no
 batch of global_batches ever holds one; `val_indices` lists them, `val_hashes` their key hashes.
@@ -42,6 +43,7 @@ from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_w
 from t2i.caption_scores import CaptionScoring, field_probabilities
 from t2i.feature_index import BIG_ROW_GROUP, open_index
 from t2i.noise import uniforms as word_uniforms
+from t2i.text_codec import copy_compact, decoded_dtype, is_compact
 
 ROW_COLUMNS = ["key", "latent_mean", "latent_std"]  # read per sample (each column costs a read), + the text of its field
 LAYOUT_COLUMNS = ["latent_shape", "text_channels", "text_dtype", "height", "width"]  # read once per bucket
@@ -54,7 +56,7 @@ class Batch:
     keys: list[str]
     latent_mean: torch.Tensor  # (B, C, h, w) in the stored latent dtype (float32 unless --latent-dtype)
     latent_std: torch.Tensor
-    text: torch.Tensor  # (B, max_tokens, C) in the stored text dtype, zero-padded
+    text: torch.Tensor  # (B, max_tokens, C) in the stored text dtype (compact: float16), zero-padded
     mask: torch.Tensor  # (B, max_tokens) long
     height: int  # pixel size of this bucket
     width: int
@@ -107,6 +109,7 @@ class RowLayout(NamedTuple):
     latent_dtype: torch.dtype = torch.float32  # features --latent-dtype; shards without the column: float32
     teacher: tuple[int, ...] = ()  # (rows, columns, channels) of the teacher patch tokens; (): not read
     teacher_dtype: torch.dtype = torch.float16
+    text_codec: str = ""  # text stored compact (int8, fp8: t2i.text_codec), decoded to text_dtype (float16); "": as is
 
     @property
     def teacher_bytes(self) -> int:
@@ -122,6 +125,7 @@ class GroupRead(NamedTuple):
     table: pa.Table
     rows: np.ndarray
     field_ids: np.ndarray
+    codec: str = ""  # RowLayout.text_codec
 
 
 class StreamingFeatureDataset(torch.utils.data.Dataset):
@@ -251,7 +255,8 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         if not len(indices):
             raise ValueError("an empty batch has no bucket")
         field_ids = self.first_fields(indices) if field_ids is None else np.asarray(field_ids, np.uint8)
-        return self._read_groups(indices, field_ids), self._layout(int(indices[0]))
+        layout = self._layout(int(indices[0]))
+        return self._read_groups(indices, field_ids, layout.text_codec), layout
 
     def _layout(self, i: int) -> RowLayout:
         """The layout of sample i's bucket, read from sample i once per bucket and process."""
@@ -266,8 +271,10 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
             teacher = {}
             if self.teacher:
                 teacher = {"teacher": tuple(row["teacher_shape"]), "teacher_dtype": getattr(torch, row["teacher_dtype"])}
-            self._layouts[b] = RowLayout(tuple(row["latent_shape"]), row["text_channels"], getattr(torch, row["text_dtype"]),
-                                         row["height"], row["width"], getattr(torch, row.get("latent_dtype") or "float32"), **teacher)
+            codec = row["text_dtype"] if is_compact(row["text_dtype"]) else ""
+            self._layouts[b] = RowLayout(tuple(row["latent_shape"]), row["text_channels"], decoded_dtype(row["text_dtype"]),
+                                         row["height"], row["width"], getattr(torch, row.get("latent_dtype") or "float32"),
+                                         **teacher, text_codec=codec)
         return self._layouts[b]
 
     def fill(self, reads: list[GroupRead], text: np.ndarray, means: np.ndarray, stds: np.ndarray,
@@ -280,7 +287,7 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
         lens = np.zeros(n, np.int64)
         keys: list[str] = [""] * n
         names: list[str] = [""] * n
-        for positions, table, rows, field_ids in reads:
+        for positions, table, rows, field_ids, codec in reads:
             _copy_rows(table.column("latent_mean"), rows, means, positions)
             _copy_rows(table.column("latent_std"), rows, stds, positions)
             if teacher is not None:
@@ -288,22 +295,26 @@ class StreamingFeatureDataset(torch.utils.data.Dataset):
             for f in np.unique(field_ids):
                 at, cols = field_ids == f, self.text_columns[f]
                 lens[positions[at]] = np.minimum(table.column(cols.len).fill_null(0).to_numpy()[rows[at]], self.max_tokens)
-                _copy_text(table.column(cols.emb), rows[at], lens[positions[at]], text, positions[at])
+                if codec:  # decoded on the fly (t2i.text_codec)
+                    copy_compact(_binary_views(table.column(cols.emb)), _binary_views(table.column(cols.scale)), rows[at],
+                                 lens[positions[at]], text, positions[at], codec)
+                else:
+                    _copy_text(table.column(cols.emb), rows[at], lens[positions[at]], text, positions[at])
             for p, k, f in zip(positions, table.column("key").take(pa.array(rows)).to_pylist(), field_ids):
                 keys[p], names[p] = k, self.caption_fields[f]
         return keys, lens, names
 
-    def _read_groups(self, indices: np.ndarray, field_ids: np.ndarray) -> list[GroupRead]:
-        """A GroupRead for each distinct (shard, row group) of `indices`."""
+    def _read_groups(self, indices: np.ndarray, field_ids: np.ndarray, codec: str = "") -> list[GroupRead]:
+        """A GroupRead for each distinct (shard, row group) of `indices` (with `codec`, the text scales too)."""
         shard, group, row = self.shard[indices], self.group[indices], self.row[indices]
         unit = shard.astype(np.int64) << 32 | group
         reads = []
         for u in np.unique(unit):
             positions = np.flatnonzero(unit == u)
-            texts = [c for f in np.unique(field_ids[positions]) for c in (self.text_columns[f].emb, self.text_columns[f].len)]
+            texts = [c for f in np.unique(field_ids[positions]) for c in self.text_columns[f][1 : 4 if codec else 3]]
             columns = ROW_COLUMNS + (["teacher_emb"] if self.teacher else []) + texts
             table = self._read_group(int(u >> 32), int(u & 0xFFFFFFFF), columns)
-            reads.append(GroupRead(positions, table.combine_chunks(), row[positions], field_ids[positions]))
+            reads.append(GroupRead(positions, table.combine_chunks(), row[positions], field_ids[positions], codec))
         return reads
 
     def _read_group(self, s: int, group: int, columns: list[str]) -> pa.Table:

@@ -17,6 +17,7 @@ from t2i.caption_fields import DEFAULT_FIELDS, parse_fields
 
 FEATURE_VERSION = 2  # 2: shared decode policy (EXIF, draft), latent_dtype
 DTYPES = ("float32", "float16", "bfloat16")
+TEXT_DTYPES = DTYPES + ("int8", "fp8")  # int8, fp8: one byte a value + a scale per token (t2i.text_codec)
 ENGINES = ("local", "ray")
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_TEXT_ENCODER = "google/t5-v1_1-xxl"
@@ -42,7 +43,7 @@ class FeatureConfig:
     resolution: int = 256
     buckets: bool = False  # multi-aspect: the 256/512/1024 aspect-ratio bins of PixArt
     max_tokens: int = 120
-    text_dtype: str = "float16"
+    text_dtype: str = "float16"  # int8 | fp8: half float16's bytes, decoded by the loader (t2i.text_codec)
     latent_dtype: str = "float32"  # how latents are stored; float16/bfloat16 halve the disk
     draft: bool = True  # JPEG DCT-scaled decoding down to what the resize needs
     batch_size: int = 16
@@ -80,9 +81,7 @@ class FeatureConfig:
 
     def validate(self) -> None:
         """UserError (one line) for a setting out of range."""
-        for name in ("text_dtype", "latent_dtype", "teacher_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(DTYPES)}: pick one")
+        check_dtypes(self)
         if self.engine not in ENGINES:
             raise UserError(f"unknown --engine {self.engine!r}: use local or ray")
         check_ranges(self, FEATURE_RANGES)
@@ -95,6 +94,20 @@ class FeatureConfig:
         check_model(self.vae, "the VAE", "--vae")
         check_model(self.text_encoder, "the text encoder", "--text-encoder")
         check_teacher(self.teacher)
+
+
+def check_dtypes(cfg: Any, dashes: bool = True) -> None:
+    """A UserError (one line) for a stored dtype of `cfg` (FeatureConfig, TrainConfig) that is not known."""
+    for name in ("text_dtype", "latent_dtype", "teacher_dtype"):
+        allowed, value = TEXT_DTYPES if name == "text_dtype" else DTYPES, getattr(cfg, name)
+        flag = f"--{name.replace('_', '-')}" if dashes else name
+        if value not in allowed:
+            raise UserError(f"{flag} {value!r} is not one of {', '.join(allowed)}: pick one")
+    if cfg.text_dtype == "fp8":
+        from t2i.text_codec import fp8_supported  # torch: only when fp8 is asked for
+
+        if not fp8_supported():
+            raise UserError("text_dtype fp8 needs torch >= 2.1 (float8_e4m3fn): use int8, or upgrade torch")
 
 
 def check_teacher(teacher: str) -> None:

@@ -16,6 +16,7 @@ from shards.prefetch import prefetch
 from shards.writer import ShardWriter
 from t2i.caption_fields import text_columns
 from t2i.encoders import encode_text, load_text_encoder, load_vae
+from t2i.text_codec import encode, is_compact
 
 if TYPE_CHECKING:
     from t2i.feature_images import RowImages
@@ -132,11 +133,22 @@ class FeatureEncoder:
             if not has:
                 continue
             emb, mask = encode_text(tok, enc, [rows[i][field] for i in has], self.cfg.max_tokens)
-            emb, lens, channels = emb.to(getattr(torch, self.cfg.text_dtype)).cpu(), mask.sum(1).cpu(), emb.shape[-1]
+            lens, channels = mask.sum(1).cpu(), emb.shape[-1]
+            emb, scales = self._store_text(emb)
             for j, i in enumerate(has):
                 n = int(lens[j])
                 cols[i].update({names.text: rows[i][field], names.emb: _raw(emb[j, :n]), names.len: n})
+                if scales is not None:
+                    cols[i][names.scale] = _raw(scales[j, :n])
         return cols, channels
+
+    def _store_text(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """T5 features as stored, on the CPU: in text_dtype, or compact (int8, fp8: byte codes and
+        a float32 scale per token, quantised on the encoder's device; t2i.text_codec)."""
+        if not is_compact(self.cfg.text_dtype):
+            return emb.to(getattr(torch, self.cfg.text_dtype)).cpu(), None
+        codes, scales = encode(emb, self.cfg.text_dtype)
+        return codes.cpu(), scales.cpu()
 
 
 def _raw(t: torch.Tensor) -> bytes:

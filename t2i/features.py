@@ -31,7 +31,8 @@ rows' pixels come from t2i.feature_images, their sizes from t2i.geometry, the ra
   features of each field an image has, each in its own columns; a field an image lacks is
   skipped for that image (counted per field in the summary's `missing_fields`).
 - Latents are stored in `latent_dtype` (float32 | float16 | bfloat16, column `latent_dtype`;
-  shards without the column hold float32), text features in `text_dtype`.
+  shards without the column hold float32), text features in `text_dtype` (int8 | fp8: one byte
+  a value and a float32 scale per token, in `text_scale`; t2i.text_codec).
 - With a `teacher` (REPA's, t2i.teacher: a ViT-family vision model by HF id or directory), its
   patch tokens of the same clean image the VAE encodes, in `teacher_dtype`: columns `teacher_emb`
   (rows x columns x channels values, row-major over the patch grid), `teacher_shape` and
@@ -60,6 +61,7 @@ from t2i.feature_encoder import FeatureEncoder, encode_rows
 from t2i.feature_images import RowImages
 from t2i.feature_index import open_index
 from t2i.ranks import Ranks, default_device, ranks_from_env, set_threads
+from t2i.text_codec import is_compact
 
 
 FEATURE_SCHEMA = pa.schema(
@@ -89,17 +91,19 @@ TEACHER_COLUMNS = [
 ]
 
 
-def feature_schema(fields: tuple[str, ...], teacher: bool = False) -> pa.Schema:
+def feature_schema(fields: tuple[str, ...], teacher: bool = False, compact: bool = False) -> pa.Schema:
     """FEATURE_SCHEMA for the default `caption` field; with other caption fields, the text
     columns of each (t2i.caption_fields.text_columns) in place of caption/text_emb/text_len;
-    with a `teacher`, its columns (TEACHER_COLUMNS) at the end."""
+    with a `teacher`, its columns (TEACHER_COLUMNS) at the end; with `compact` text features
+    (text_dtype int8 or fp8, t2i.text_codec), each field's per-token scales last."""
     schema = FEATURE_SCHEMA
     if tuple(fields) != DEFAULT_FIELDS:
         base = [f for f in FEATURE_SCHEMA if f.name not in ("caption", "text_emb", "text_len")]
         per_field = [pa.field(name, kind) for c in map(text_columns, fields)
                      for name, kind in ((c.text, pa.string()), (c.emb, pa.binary()), (c.len, pa.int32()))]  # fmt: skip
         schema = pa.schema(base[:1] + per_field + base[1:], metadata=FEATURE_SCHEMA.metadata)
-    return pa.schema(list(schema) + TEACHER_COLUMNS, metadata=schema.metadata) if teacher else schema
+    scales = [pa.field(text_columns(f).scale, pa.binary()) for f in fields] if compact else []  # (text_len,) float32
+    return pa.schema(list(schema) + (TEACHER_COLUMNS if teacher else []) + scales, metadata=schema.metadata)
 
 
 def features_dir(root: str | Path, cfg: FeatureConfig) -> Path:
@@ -147,7 +151,7 @@ def feature_spec(cfg: FeatureConfig, out: Path, device: str | None = None, prefi
     """The features job for the run skeleton; with `prefix`, this process writes feature shards
     (its own: each rank's prefix differs), without, its encoders do (Ray actors)."""
     return JobSpec("features", out, settings={**asdict(cfg), "cache_key": cfg.cache_key()}, identity=cfg.identity(),
-                   schema=feature_schema(cfg.caption_fields, bool(cfg.teacher)) if prefix else None, rows_per_shard=cfg.rows_per_shard,
+                   schema=feature_schema(cfg.caption_fields, bool(cfg.teacher), is_compact(cfg.text_dtype)) if prefix else None, rows_per_shard=cfg.rows_per_shard,
                    prefix=prefix or "features", device=device, describe=features_line,
                    summary={"dir": str(out), "new": 0, "skipped_invalid": 0, "failed": 0, "failures": [], "valid": 0,
                             "missing_fields": {}})  # fmt: skip

@@ -34,6 +34,7 @@ from shards.writer import ShardWriter
 from t2i.caption_fields import DEFAULT_FIELDS
 from t2i.feature_encoder import FeatureEncoder, encode_rows
 from t2i.feature_images import RowImages
+from t2i.text_codec import is_compact
 from t2i.features import (
     FeatureConfig,
     caption_shards,
@@ -81,8 +82,8 @@ class FeatureActor:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows a GPU actor its GPU only
-        writer = ShardWriter(Path(out), cfg.rows_per_shard, feature_schema(cfg.caption_fields, bool(cfg.teacher)),
-                             prefix="features-ray")
+        schema = feature_schema(cfg.caption_fields, bool(cfg.teacher), is_compact(cfg.text_dtype))
+        writer = ShardWriter(Path(out), cfg.rows_per_shard, schema, prefix="features-ray")
         self.encoder = FeatureEncoder(writer, cfg, device)
         self.images = RowImages(cfg)
 

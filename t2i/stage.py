@@ -19,7 +19,7 @@ from t2i import recovery
 from t2i.kinds import conditioning_class
 from t2i.features import compute_features
 from t2i.ranks import Ranks
-from t2i.train import TrainConfig, preflight, train
+from t2i.train import TrainConfig, check_resume_features, preflight, train
 
 
 def launched_ranks() -> Ranks:
@@ -51,6 +51,8 @@ def run_stage(cfg: TrainConfig, out: str | Path, shards: str | Path | None = Non
     if shards is not None:
         preflight(cfg)  # bad settings or a finished run fail before hours of features, not after
         recovery.refuse_fresh_run_into_old(out, resume)
+        if resume:
+            check_resume_features(out, cfg)  # a changed feature dtype: before features are made for it
         conditioning_class(cfg.kind).check_shards(cfg, shards)  # so do shards it cannot read (a label column)
         step = features_step(cfg, shards, root, progress)
     summary = train(cfg, out, features=root, resume=resume, stop_after=stop_after, progress=progress, label_shards=shards)

@@ -149,6 +149,20 @@ def test_full_demo_is_a_larger_model_and_refuses_quick_with_it(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_demo_text_dtype_reaches_every_arm_and_a_bad_one_is_one_line(tmp_path):
+    """`--text-dtype int8` stores the arms' T5 features compact (issue 31; the default keeps the
+    manifest's float32); an unknown dtype is refused in one line before any work."""
+    from demo.run import DemoOptions, _arm_settings
+
+    cfg = DemoOptions(out=str(tmp_path / "a"), quick=True, text_dtype="int8").config()
+    assert _arm_settings(cfg, tmp_path / "t5", progress=False).base.text_dtype == "int8"
+    default = DemoOptions(out=str(tmp_path / "b"), quick=True).config()
+    assert _arm_settings(default, tmp_path / "t5", progress=False).base.text_dtype == "float32"
+    res = CliRunner().invoke(app, ["demo", "--quick", "--text-dtype", "int4", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--text-dtype 'int4' is not one of" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_full_demo_keeps_the_whole_dense_caption(tmp_path):
     """The T5 of `--full` keeps every token of the world's dense captions (the manifest's 16
     would cut their second sentence, which names colour and shape again)."""

@@ -25,8 +25,8 @@ from typing import Any
 _MODULE_OF = {
     **dict.fromkeys(("TrainConfig", "TrainRun", "check_resolution", "per_process_batch", "preflight"), "config"),
     **dict.fromkeys(("Run", "TrainingDiverged", "log_step", "train", "train_loop", "train_step"), "loop"),
-    **dict.fromkeys(("check_caption_settings", "find_features", "load_resume_weights", "restore_training_state"),
-                    "resume"),
+    **dict.fromkeys(("check_caption_settings", "check_resume_features", "find_features", "load_resume_weights",
+                     "restore_training_state"), "resume"),
     **dict.fromkeys(("TrainStep", "make_accelerator", "make_inputs", "setup_optimization"), "step"),
 }
 __all__ = list(_MODULE_OF)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from shards.checks import SEED, WORKERS, Range, check_ranges
 from shards.errors import UserError
 from t2i.caption_fields import parse_fields, parse_weights
-from t2i.feature_config import DTYPES, FeatureConfig
+from t2i.feature_config import FeatureConfig, check_dtypes
 
 if TYPE_CHECKING:
     from t2i.data import Holdout
@@ -54,7 +54,7 @@ class TrainConfig:
     vae: str = FeatureConfig.vae
     text_encoder: str = FeatureConfig.text_encoder
     max_tokens: int = FeatureConfig.max_tokens
-    text_dtype: str = FeatureConfig.text_dtype
+    text_dtype: str = FeatureConfig.text_dtype  # int8 | fp8: compact text features (t2i.text_codec)
     latent_dtype: str = FeatureConfig.latent_dtype  # how features store latents
     batch_size: int = 64  # per process, per micro-batch (ignored when global_batch is set)
     global_batch: int = 0  # samples per micro-batch over all processes; 0: batch_size x processes
@@ -208,8 +208,7 @@ class TrainConfig:
         if self.token_drop and self.init == "scratch":
             routed_blocks(get_preset(self.preset).depth, self.token_drop_start, self.token_drop_end)
         check_ranges(self, REPA_RANGES, dashes=False)
-        if self.teacher_dtype not in DTYPES:
-            raise UserError(f"teacher_dtype {self.teacher_dtype!r} is not one of {', '.join(DTYPES)}: pick one")
+        check_dtypes(self, dashes=False)  # text_dtype, latent_dtype, teacher_dtype
         check_repa(vars(self), get_preset(self.preset).depth if self.init == "scratch" else None)
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must be in [0, 1) (the share of keys held out for the validation loss), got {self.val_fraction}")

@@ -31,7 +31,8 @@ from t2i.repa import check_teacher_grids, repa_terms
 from t2i.routing import RoutedBlocks, attach_routing
 from t2i.trackers import Trackers
 from t2i.train.config import TrainConfig, check_resolution, per_process_batch, preflight
-from t2i.train.resume import failed_images, find_features, load_resume_weights, restore_training_state
+from t2i.train.resume import (check_resume_features, failed_images, find_features, load_resume_weights,
+                             restore_training_state)
 from t2i.train.step import TrainStep, make_accelerator, make_inputs, setup_optimization
 from t2i.train.validate import Validation
 
@@ -287,6 +288,8 @@ def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None,
     local_batch, global_batch = per_process_batch(cfg, accel.num_processes)
     # what the model is conditioned on (a class-cond stage's labels: read before any work)
     conditioning = conditioning_class(cfg.kind).open(cfg, out, label_shards, resume, accel)
+    if resume:
+        check_resume_features(out, cfg)  # a changed feature dtype: named before the features are looked for
     fdir = find_features(Path(features) if features is not None else out / "features", cfg)  # made beforehand: only opened
     with accel.main_process_first():  # rank 0 builds and caches the index (t2i.feature_index); the others load it
         data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights, cfg.holdout(),

@@ -25,6 +25,7 @@ from t2i.train.config import TrainConfig
 
 
 FEATURE_IDENTITY = FeatureConfig.IDENTITY
+FEATURE_DTYPES = ("text_dtype", "latent_dtype")  # how features store what trains: fixed for a run's life
 
 
 def _made_with(made: dict[str, Any], key: str) -> Any:
@@ -85,6 +86,7 @@ def load_resume_weights(out: Path, model, global_batch: int, world: int, local_b
         check_holdout(ck, st.get("config", {}), cfg)
         check_lora(ck, st.get("config", {}), cfg)
         sigma.check_resume(ck, st.get("config", {}), cfg)
+        check_feature_dtypes(ck, st.get("config", {}), cfg)
     weights = ckpt.load_weights(ck, "model")
     if cfg is not None and cfg.lora_rank:  # the adapter alone: into the adapter's parameters
         lora.attach_weights(model, weights, f"checkpoint {ck}")
@@ -136,6 +138,28 @@ def check_lora(ck: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
         show = lambda s: " ".join(f"{k} {s[k]}" for k in lora.SETTINGS if k in s) if s["lora_rank"] else "lora_rank 0 (no LoRA)"  # noqa: E731
         raise UserError(f"checkpoint {ck} was trained with {show(theirs)}, this run has {show(mine)}: resume with the "
                         "checkpoint's LoRA settings, or train into a new --out (init = checkpoint:... to start from it)")
+
+
+def check_feature_dtypes(ck: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to resume on features stored in another dtype (text_dtype, e.g. float16 -> int8, or
+    latent_dtype) than checkpoint `ck` trained on: every batch would differ from then on."""
+    for name in FEATURE_DTYPES:
+        theirs, ours = saved.get(name, getattr(FeatureConfig, name)), getattr(cfg, name)
+        if theirs != ours:
+            raise UserError(f"checkpoint {ck} was trained on features with {name} {theirs}, this run has {ours}: resume "
+                            f"with {name} = {theirs!r}, or train into a new --out (init = checkpoint:... to start from it)")
+
+
+def check_resume_features(out: Path, cfg: TrainConfig) -> None:
+    """Before any work (features included): a --resume's feature dtypes against the newest
+    checkpoint in `out` (none, or unreadable: left to load_resume_weights)."""
+    found = ckpt.checkpoint_dirs(out)
+    try:
+        saved = json.loads((found[0] / "trainer_state.json").read_text()).get("config", {}) if found else None
+    except (OSError, ValueError):
+        return
+    if saved is not None:
+        check_feature_dtypes(found[0], saved, cfg)
 
 
 def _caption_settings(fields: tuple[str, ...], weights: tuple[float, ...]) -> str:
