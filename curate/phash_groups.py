@@ -2,13 +2,19 @@
 distance (recompressed, resized, lightly edited copies), without comparing every pair.
 
 Multi-index hashing (Norouzi, Punjani & Fleet, "Fast search in Hamming space with multi-index
-hashing", 2012): the 64 bits are cut into m chunks; two hashes within distance d agree to within
-floor(d / m) bits on at least one chunk (pigeonhole). Per chunk, the hashes are sorted by the
-chunk's value into a dense table (2^bits buckets), and each hash looks up the buckets of its own
-value with up to floor(d / m) bits flipped; only the hashes found there are compared in full.
-m is picked by a cost model (bucket look-ups + expected candidates), and no chunk is wider than
-24 bits, so a table stays within 128 MB. At 10M hashes and d = 4: three 21-22-bit chunks, 23
-look-ups each per hash, ~5 candidates per look-up.
+hashing", 2012), two ways, the cheaper for the data's size by a cost model (sorts or look-ups per
+hash, plus expected candidates, each in ~20 ns units measured on this code):
+- exact keys: the 64 bits are cut into m > d chunks; two hashes within distance d differ in at
+  most d chunks, so they agree exactly on some m - d of them (pigeonhole). Per set of m - d
+  chunks, the hashes are sorted by those chunks' bits (key and index packed in one uint64: a plain
+  sort), and only the hashes in a run of equal keys are compared in full. A pair is kept for the
+  first set it agrees on alone, so each near pair comes once. At 10M hashes and d = 4: 7 chunks of
+  9-10 bits, 35 sorts by 27-28-bit keys, ~0.04 candidates per hash and sort.
+- flipped look-ups: m chunks, each hash looks up its own value of each chunk, in a dense table,
+  with up to floor(d / m) bits flipped (no chunk wider than 24 bits: a table within 128 MB).
+  Cheaper at large distances (d = 12 from ~3M hashes).
+The flipped look-ups alone, at d = 4, made ~5 candidates per look-up at 10M hashes (n / 2^21,
+growing with n): 4x the work per hash of 1M, and past 15 minutes on a loaded 2-core machine.
 
 Streaming and memory: the pass reads the score shards' `phash` column alone (8 bytes a row), works
 on the distinct hashes (one node per value: 100k identical blank images are one node, not 5e9
@@ -21,6 +27,7 @@ A group's representative is its first row in shard order.
 from __future__ import annotations
 
 from itertools import combinations
+from math import comb
 from pathlib import Path
 from typing import Iterator
 
@@ -33,6 +40,7 @@ from curate.phash import hamming
 
 MAX_CHUNK_BITS = 24
 BLOCK_PAIRS = 1 << 22  # candidate pairs checked at once (bounds the pass's working memory)
+MAX_KEY_SETS = 5000  # the exact-key way's sorts, at most
 PHASH_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("phash_duplicate", pa.bool_()),  # in a group, and not its representative
@@ -41,27 +49,50 @@ PHASH_SCHEMA = pa.schema([
 ])  # fmt: skip
 
 
-def chunk_plan(n: int, distance: int) -> list[tuple[int, int]]:
-    """(shift, bits) of each chunk: the split of 64 bits with the least expected work for `n`
-    hashes within `distance` (per chunk: look-ups of every flip pattern, then candidates)."""
-    best, plan = None, []
+SORT_COST, LOOKUP_COST, CANDIDATE_COST = 2.0, 1.0, 2.0  # per hash and table, per look-up, per candidate (~20 ns units)
+
+
+def _chunks(m: int) -> list[tuple[int, int]]:
+    """(shift, bits) of m contiguous chunks covering 64 bits, the wider ones first."""
+    widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
+    return list(zip(np.cumsum([0] + widths[:-1]).tolist(), widths))
+
+
+def flip_plan(n: int, distance: int) -> tuple[float, list[tuple[int, int]]]:
+    """(expected work, chunks) of the flip-probe way: m chunks, each hash looks up its own value
+    of each chunk with up to floor(distance / m) bits flipped (look-ups, then candidates)."""
+    best = (float("inf"), [])
     for m in range(3, 17):
-        widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
-        if max(widths) > MAX_CHUNK_BITS:
+        chunks = _chunks(m)
+        if max(w for _, w in chunks) > MAX_CHUNK_BITS:
             continue
-        radius = distance // m
-        probes = [sum(_comb(w, r) for r in range(radius + 1)) for w in widths]
-        cost = sum(p * (n + n * n / 2.0**w) for p, w in zip(probes, widths))
-        if best is None or cost < best:
-            shifts = np.cumsum([0] + widths[:-1]).tolist()
-            best, plan = cost, list(zip(shifts, widths))
-    return plan
+        probes = [sum(comb(w, r) for r in range(distance // m + 1)) for _, w in chunks]
+        cost = sum(p * (n * LOOKUP_COST + n * n / 2.0**w * CANDIDATE_COST) for p, (_, w) in zip(probes, chunks))
+        best = min(best, (cost, chunks), key=lambda c: c[0])
+    return best
 
 
-def _comb(n: int, r: int) -> int:
-    from math import comb
+def exact_plan(n: int, distance: int) -> tuple[float, list[tuple[int, int]]]:
+    """(expected work, chunks) of the exact-key way: two hashes within `distance` differ in at
+    most `distance` of m > distance chunks, so they agree exactly on some m - distance of them;
+    each such set of chunks is a sort key (a sort per set, then the pairs within equal keys)."""
+    best = (float("inf"), [])
+    for m in range(distance + 1, 65):
+        sets = comb(m, distance)
+        if sets > MAX_KEY_SETS:
+            break
+        bits = (m - distance) * 64 / m  # a key's width, on average
+        sort = SORT_COST * (1 if bits + max(1, (n - 1).bit_length()) <= 64 else 2.5)  # packed sort, else argsort
+        cost = sets * (n * sort + n * n / 2.0 ** (bits + 1) * CANDIDATE_COST)
+        best = min(best, (cost, _chunks(m)), key=lambda c: c[0])
+    return best
 
-    return comb(n, r)
+
+def chunk_plan(n: int, distance: int) -> tuple[str, list[tuple[int, int]]]:
+    """("flip" or "exact", its chunks as (shift, bits)): the way with the least expected work for
+    `n` distinct hashes within `distance` bits."""
+    flip, exact = flip_plan(n, distance), exact_plan(n, distance)
+    return ("flip", flip[1]) if flip[0] < exact[0] else ("exact", exact[1])
 
 
 def flip_masks(bits: int, radius: int) -> np.ndarray:
@@ -70,41 +101,86 @@ def flip_masks(bits: int, radius: int) -> np.ndarray:
     return np.array(masks, np.int64)
 
 
-def near_pairs(codes: np.ndarray, distance: int, block_pairs: int = BLOCK_PAIRS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Blocks of index pairs (a, b), a < b, of distinct uint64 `codes` within `distance` bits.
-    A pair may come more than once (from several chunks)."""
+def near_pairs(codes: np.ndarray, distance: int, way: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Blocks of index pairs (a, b) of distinct uint64 `codes` within `distance` bits (`way`:
+    "flip" or "exact", default the cheaper by the cost model). A pair may come more than once."""
     n = len(codes)
     if n < 2 or distance < 1:
         return
-    plan = chunk_plan(n, distance)
-    for shift, bits in plan:
+    kind, chunks = chunk_plan(n, distance)
+    if way is not None and way != kind:
+        kind, chunks = way, (flip_plan if way == "flip" else exact_plan)(n, distance)[1]
+    yield from (_flip_pairs if kind == "flip" else _exact_pairs)(codes, chunks, distance)
+
+
+def _flip_pairs(codes: np.ndarray, chunks: list[tuple[int, int]], distance: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per chunk, a dense table of the hashes by the chunk's value; each hash looks up its value
+    with up to floor(distance / m) bits flipped. A pair is kept once per look-up (a < b)."""
+    for shift, bits in chunks:
         values = ((codes >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
         order = np.argsort(values, kind="stable")
         starts = np.concatenate([[0], np.cumsum(np.bincount(values, minlength=1 << bits))])
-        for mask in flip_masks(bits, distance // len(plan)):
+        for mask in flip_masks(bits, distance // len(chunks)):
             target = values ^ mask
-            lo, hi = starts[target], starts[target + 1]
-            yield from _check(codes, order, lo, hi - lo, distance, block_pairs)
+            lo, count = starts[target], starts[target + 1] - starts[target]
+            q = np.flatnonzero(count)
+            yield from _check(codes, order, q, lo[q], count[q], distance, ordered=True)
 
 
-def _check(codes: np.ndarray, order: np.ndarray, lo: np.ndarray, count: np.ndarray, distance: int,
-           block_pairs: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The pairs (query i, each of the `count[i]` hashes at order[lo[i]:]) within `distance`,
-    a < b, expanded a block of queries at a time."""
-    queries = np.flatnonzero(count)
-    if not len(queries):
+def _exact_pairs(codes: np.ndarray, chunks: list[tuple[int, int]], distance: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per set of m - distance chunks, the hashes sorted by those chunks' bits; each pair within
+    a run of equal keys is checked once, and kept only for the first set (in combinations'
+    order) of chunks the pair agrees on: every near pair comes exactly once."""
+    n, idx_bits = len(codes), max(1, (len(codes) - 1).bit_length())
+    masks = [np.uint64(((1 << w) - 1) << s) for s, w in chunks]
+    for chosen in combinations(range(len(chunks)), len(chunks) - distance):
+        packed = sum(chunks[c][1] for c in chosen) + idx_bits <= 64  # key over index in one word: a plain sort, ~5x faster than argsort
+        key, bits = (np.arange(n, dtype=np.uint64), idx_bits) if packed else (np.zeros(n, np.uint64), 0)
+        for c in chosen:
+            key |= ((codes >> np.uint64(chunks[c][0])) & np.uint64((1 << chunks[c][1]) - 1)) << np.uint64(bits)
+            bits += chunks[c][1]
+        if packed:
+            key.sort()
+            order, key = (key & np.uint64((1 << idx_bits) - 1)).astype(np.int64), key >> np.uint64(idx_bits)
+        else:
+            order = np.argsort(key)
+            key = key[order]
+        starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+        del key
+        lens = np.diff(np.append(starts, n))
+        starts, lens = starts[lens > 1], lens[lens > 1]
+        pos = np.repeat(starts, lens) + _ranks(lens)  # every position in a run of two or more
+        count = np.repeat(starts + lens, lens) - pos - 1
+        q = pos[count > 0]
+        earlier = [masks[k] for k in range(chosen[-1]) if k not in chosen]
+        for a, b in _check(codes, order, q, q + 1, count[count > 0], distance, owner=order):
+            x = codes[a] ^ codes[b]
+            keep = np.ones(len(a), bool)
+            for mk in earlier:  # agreeing on an earlier chunk: an earlier set found this pair
+                keep &= (x & mk) != 0
+            yield a[keep], b[keep]
+
+
+def _ranks(lens: np.ndarray) -> np.ndarray:
+    """0, 1, ..., lens[i] - 1 for each i, concatenated."""
+    return np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+
+
+def _check(codes: np.ndarray, order: np.ndarray, q: np.ndarray, lo: np.ndarray, count: np.ndarray, distance: int,
+           owner: np.ndarray | None = None, ordered: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The pairs (query q[i] (or owner[q[i]]), each of the `count[i]` hashes at order[lo[i]:])
+    within `distance` (and a < b if `ordered`), expanded a block of about BLOCK_PAIRS pairs at a time."""
+    if not len(q):
         return
-    ends = np.cumsum(count[queries])
-    first = 0
-    while first < len(queries):
-        last = int(np.searchsorted(ends, (ends[first - 1] if first else 0) + block_pairs, "right"))
-        last = max(last, first + 1)
-        q = queries[first:last]
-        reps = count[q]
-        a = np.repeat(q, reps)
-        offsets = np.arange(len(a)) - np.repeat(np.cumsum(reps) - reps, reps)
-        b = order[np.repeat(lo[q], reps) + offsets]
-        keep = (a < b) & (hamming(codes[a], codes[b]) <= distance)
+    ends, first = np.cumsum(count), 0
+    while first < len(q):
+        last = max(int(np.searchsorted(ends, (ends[first - 1] if first else 0) + BLOCK_PAIRS, "right")), first + 1)
+        reps = count[first:last]
+        a = np.repeat(q[first:last] if owner is None else owner[q[first:last]], reps)
+        b = order[np.repeat(lo[first:last], reps) + _ranks(reps)]
+        keep = hamming(codes[a], codes[b]) <= distance
+        if ordered:
+            keep &= a < b
         if keep.any():
             yield a[keep], b[keep]
         first = last

@@ -32,8 +32,9 @@ def brute_force_roots(codes: np.ndarray, distance: int) -> np.ndarray:
     return parent
 
 
+@pytest.mark.parametrize("way", [None, "flip", "exact"])
 @pytest.mark.parametrize("distance", [1, 4, 6])
-def test_multi_index_hashing_finds_the_all_pairs_groups(distance, monkeypatch):
+def test_multi_index_hashing_finds_the_all_pairs_groups(distance, way, monkeypatch):
     import curate.phash_groups as G
 
     monkeypatch.setattr(G, "BLOCK_PAIRS", 64)  # many small candidate blocks
@@ -43,21 +44,43 @@ def test_multi_index_hashing_finds_the_all_pairs_groups(distance, monkeypatch):
     for _ in range(distance + 1):  # copies within and just beyond the distance, chains too
         near ^= np.uint64(1) << rng.integers(0, 64, len(near)).astype(np.uint64)
     codes = np.concatenate([base, near, base[:50]])  # and exact repeats
+    if way is not None:
+        monkeypatch.setattr(G, "chunk_plan", lambda n, d: (way, (G.flip_plan if way == "flip" else G.exact_plan)(n, d)[1]))
     rep = G.group_rows(codes, np.ones(len(codes), bool), distance)
     truth = brute_force_roots(codes, distance)
     assert np.array_equal(rep, truth), (rep != truth).sum()
     assert (rep != np.arange(len(codes))).sum() >= 50
 
 
-def test_chunk_plans_cover_64_bits_in_tables_of_at_most_24_bits():
-    from curate.phash_groups import chunk_plan
+def test_the_exact_key_way_finds_each_near_pair_once_even_in_crowded_keys(monkeypatch):
+    """Hashes that share most bits (one crowded run per key set, beyond a block), every pair
+    within the distance found exactly once, and the far ones never."""
+    import curate.phash_groups as G
+
+    monkeypatch.setattr(G, "BLOCK_PAIRS", 50)
+    rng = np.random.default_rng(7)
+    codes = np.unique(np.uint64(0xF0F0_1234_5678_9ABC) ^ (rng.integers(0, 1 << 12, 400, dtype=np.uint64) << np.uint64(20)))
+    for distance in (2, 4, 7):
+        found = [np.stack([np.minimum(a, b), np.maximum(a, b)], 1) for a, b in G.near_pairs(codes, distance, way="exact")]
+        got = np.concatenate(found) if found else np.zeros((0, 2), np.int64)
+        d = np.bitwise_count(codes[:, None] ^ codes[None, :]) <= distance
+        truth = np.argwhere(np.triu(d, 1))
+        assert len(got) == len(truth) and len(np.unique(got, axis=0)) == len(truth), (distance, len(got), len(truth))
+        assert np.array_equal(np.unique(got, axis=0), truth)
+
+
+def test_chunk_plans_cover_64_bits_and_the_cheaper_way_wins():
+    from curate.phash_groups import chunk_plan, exact_plan, flip_plan
 
     for n in (10, 20_000, 1_000_000, 10_000_000):
         for d in (1, 4, 8, 12):
-            plan = chunk_plan(n, d)
+            cost, plan = flip_plan(n, d)
             assert sum(b for _, b in plan) == 64 and max(b for _, b in plan) <= 24 and len(plan) >= 3
             assert [s for s, _ in plan] == list(np.cumsum([0] + [b for _, b in plan][:-1]))
-    assert len(chunk_plan(10_000_000, 4)) == 3  # 21-22-bit chunks, one flipped bit each
+            exact_cost, chunks = exact_plan(n, d)
+            assert sum(b for _, b in chunks) == 64 and len(chunks) > d
+            assert chunk_plan(n, d) == (("flip", plan) if cost < exact_cost else ("exact", chunks))
+    assert chunk_plan(10_000_000, 4)[0] == "exact"  # sorts by 3 of 7 chunks beat ~5 candidates a flipped look-up
 
 
 def test_phash_matches_the_dct_definition_and_is_robust_to_copies():
