@@ -156,3 +156,19 @@ def test_bad_settings_for_ids_are_one_line(world, tmp_path):
                                      "--vae", world["vae"], "--text-encoder", str(tmp_path / "nothing"), "--text-dtype", "ids"])
     assert r.exit_code == 2 and "nothing" in r.output and "Traceback" not in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_repa_and_token_drop_on_ids_match_float16(world, tmp_path):
+    """REPA (stored teacher tokens) and token routing run on ids as on stored features."""
+    from demo.teacher import SHIPPED_TEACHER
+    from t2i.stage import run_stage
+
+    levers = dict(teacher=str(SHIPPED_TEACHER), repa_weight=0.5, token_drop=0.5, token_drop_start=1, token_drop_end=2, steps=3,
+                  val_keys=0)
+    for d in ("float16", "ids"):
+        run_stage(tiny_cfg(world, text_dtype=d, **levers), tmp_path / d, shards=world["captions"], features=world["feats"],
+                  progress=False)
+    a, r = log(tmp_path / "ids"), log(tmp_path / "float16")
+    for k in ("loss", "repa"):
+        x, y = np.array([e[k] for e in a]), np.array([e[k] for e in r])
+        assert len(x) == 3 and np.isfinite(x).all() and (np.abs(x - y) <= LOSS_RTOL * np.abs(y)).all(), (k, x, y)
