@@ -156,6 +156,14 @@ def test_bad_settings_for_ids_are_one_line(world, tmp_path):
                                      "--vae", world["vae"], "--text-encoder", str(tmp_path / "nothing"), "--text-dtype", "ids"])
     assert r.exit_code == 2 and "nothing" in r.output and "Traceback" not in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+    # the training step's own load (through t2i.encoders, as the features job's): one line
+    from t2i.text_ondemand import OnDemandText
+
+    (tmp_path / "empty").mkdir()
+    for where in (tmp_path / "nothing", tmp_path / "empty", world["vae"]):
+        with pytest.raises(UserError) as e:
+            OnDemandText(str(where), "cpu")
+        assert "\n" not in str(e.value) and "text encoder" in str(e.value), str(e.value)
 
 
 def test_repa_and_token_drop_on_ids_match_float16(world, tmp_path):
