@@ -47,10 +47,10 @@ class OnDemandText:
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, max_tokens, channels) float32 features of (B, max_tokens[, 1]) token ids and their
         mask, zero where the mask is 0 (encoded up to the longest kept caption)."""
+        n = int(mask.sum(1).max()) if mask.numel() else 0  # on the loader's (CPU) mask: no device sync
         ids = ids.reshape(mask.shape).to(self.device, torch.long, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
         out = torch.zeros(*mask.shape, self.channels, device=self.device)
-        n = int(mask.sum(1).max()) if mask.numel() else 0
         if n:
             emb = self.encoder(ids[:, :n], attention_mask=mask[:, :n])[0].float()
             out[:, :n] = emb * mask[:, :n, None]
