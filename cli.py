@@ -390,8 +390,9 @@ def features_cmd(
     buckets: bool = typer.Option(FeatureConfig.buckets, help="multi-aspect: PixArt's aspect-ratio bins (256/512/1024)"),
     max_tokens: int = typer.Option(FeatureConfig.max_tokens, "--max-tokens"),
     text_dtype: str = typer.Option(FeatureConfig.text_dtype, "--text-dtype", help=(
-        "stored T5 features: float32 | float16 | bfloat16 | int8 | fp8 (int8/fp8: one byte a value + a scale per "
-        "token, half float16's bytes, decoded by the loader)")),
+        "stored T5 features: float32 | float16 | bfloat16 | int8 | fp8 | ids (int8/fp8: one byte a value + a scale per "
+        "token, half float16's bytes, decoded by the loader; ids: token ids only, 0.05% of float16's bytes, encoded "
+        "by the training step on its device)")),
     latent_dtype: str = typer.Option(
         FeatureConfig.latent_dtype, "--latent-dtype", help="stored latents: float32 | float16 | bfloat16"),
     caption_fields: str = typer.Option(FeatureConfig.caption_fields, "--caption-fields", help=(
@@ -452,7 +453,8 @@ TRAIN_OPTIONS: dict[str, tuple[Any, ...]] = {
     "vae": (str, C.vae, None),
     "text_encoder": (str, C.text_encoder, None),
     "text_dtype": (str, C.text_dtype, "stored T5 features: float16 | float32 | bfloat16 | int8 | fp8 (one byte a value "
-                   "+ a scale per token; a --resume keeps its checkpoint's)"),
+                   "+ a scale per token) | ids (token ids, encoded by each step with the frozen T5 on the training "
+                   "device); a --resume keeps its checkpoint's"),
     "steps": (int, C.steps, None),
     "batch_size": (int, C.batch_size, "per process (ignored when --global-batch is set)"),
     "global_batch": (int, C.global_batch, "samples per micro-batch over all processes; keeps data order and noise "
@@ -740,7 +742,8 @@ def demo_cmd(
     full: bool = typer.Option(DemoOptions.full, "--full", help=(
         "A larger model trained long enough to learn shape (~1.8 h on 2 cores).")),
     text_dtype: str = typer.Option(DemoOptions.text_dtype, "--text-dtype", help=(
-        "how the arms store T5 features (default: the manifest's float32; int8 | fp8: compact)")),
+        "how the arms store T5 features (default: the manifest's float32; int8 | fp8: compact; ids: encoded on "
+        "demand)")),
     progress: bool = _progress(DemoOptions.progress, "Show progress bars (--no-progress: hide them)."),
 ) -> None:
     """The whole recipe on a synthetic miniature world, on CPU, in about 10 minutes.

@@ -1,4 +1,5 @@
-"""Compact text features (text_dtype int8 | fp8, t2i.text_codec) against float16, in one run:
+"""Compact text features (text_dtype int8 | fp8, t2i.text_codec; ids: token ids encoded on demand by
+the training step, t2i.text_ondemand) against float16, in one run:
 
 1. bytes per sample at T5-XXL's shape (120 tokens x 4096 channels; synthetic values: normals with
    per-token scales and an outlier channel), raw and on disk (zstd Parquet through the real
@@ -8,7 +9,10 @@
 3. the training loader's samples/s (t2i.loader.make_loader over t2i.data.StreamingFeatureDataset:
    one epoch of global batches of 32, in process and with 2 workers), float16 against compact, at
    the T5-XXL shape, from files in the page cache (so it measures the decode's CPU cost, not the
-   disk: at scale the disk or network reads half the bytes).
+   disk: at scale the disk or network reads half the bytes);
+4. for ids, the compute it moves into the training step: a T5-XXL encoder forward per caption
+   (2 x 4.7 B parameters x tokens FLOPs) against PixArt-XL/2's training FLOPs a sample
+   (t2i.models.flops_per_image), stated, not timed (no T5-XXL on this machine).
 
     .venv/bin/python benchmarks/compact_text_bench.py            # writes "compact_text_bench" in BENCHMARKS.md
     .venv/bin/python benchmarks/compact_text_bench.py --quick    # small, prints only
@@ -31,10 +35,12 @@ import torch  # noqa: E402
 
 from shards import ShardWriter, complete_shards  # noqa: E402
 from t2i.features import feature_schema  # noqa: E402
-from t2i.text_codec import decode, encode, is_compact  # noqa: E402
+from t2i.text_codec import IDS, decode, encode, is_compact  # noqa: E402
 
 TOKENS, CHANNELS, LATENT = 120, 4096, (4, 32, 32)
-DTYPES = ("float32", "float16", "int8", "fp8")
+DTYPES = ("float32", "float16", "int8", "fp8", IDS)
+LOADED = ("float16", "int8", "fp8", IDS)  # the loader's rows
+T5_XXL_PARAMS, T5_VOCAB = 4.7e9, 32128  # the encoder of google/t5-v1_1-xxl; its vocabulary
 
 
 def t5_like(rng: np.random.Generator) -> torch.Tensor:
@@ -47,6 +53,9 @@ def t5_like(rng: np.random.Generator) -> torch.Tensor:
 
 def stored(x: torch.Tensor, dtype: str) -> dict:
     """The text columns of one row as the features job writes them (t2i.feature_encoder)."""
+    if dtype == IDS:  # a caption's token ids (synthetic: drawn from x's bits, fixed per caption)
+        ids = (x[:, 0].view(torch.int32).numpy().astype(np.int64) % T5_VOCAB).astype(np.int32)
+        return {"text_emb": ids.tobytes()}
     if is_compact(dtype):
         codes, scales = encode(x, dtype)
         return {"text_emb": codes.numpy().tobytes(), "text_scale": scales.numpy().tobytes()}
@@ -60,7 +69,7 @@ def write_set(d: Path, n: int, dtype: str, seed: int = 0) -> Path:
     for i in range(n):
         w.add({"key": f"k{i:06d}", "caption": "synthetic", "height": 256, "width": 256, "latent_shape": list(LATENT),
                "latent_mean": rng.standard_normal(LATENT, np.float32).tobytes(), "latent_std": rng.random(LATENT, np.float32).tobytes(),
-               "text_len": TOKENS, "text_channels": CHANNELS, "text_dtype": dtype, "latent_dtype": "float32",
+               "text_len": TOKENS, "text_channels": 1 if dtype == IDS else CHANNELS, "text_dtype": dtype, "latent_dtype": "float32",
                **stored(t5_like(rng), dtype)})  # fmt: skip
     w.flush()
     return d
@@ -103,7 +112,7 @@ def tiny_path(work: Path, images: int) -> list[dict]:
     models = build_tiny_models(work / "models", simple_corpus(), vae_fit_steps=10)
     write_simple_world(work / "captions", images, rows_per_shard=images)
     rows = []
-    for dtype in ("float16", "int8", "fp8"):
+    for dtype in LOADED:
         cfg = FeatureConfig(vae=models["vae"], text_encoder=models["text_encoder"], resolution=16, max_tokens=16, text_dtype=dtype)
         d = Path(compute_features(work / "captions", work / "feats", cfg, progress=False)["dir"])
         t = pq.read_table(complete_shards(d), columns=[c for c in ("text_emb", "text_scale", "text_len")
@@ -122,7 +131,7 @@ def loader_rate(d: Path, workers: int, epoch: int) -> float:
 
     t0, n = None, 0
     for b in make_loader(StreamingFeatureDataset(d, TOKENS), epoch, 0, 32, workers=workers, pin_memory=False):
-        assert b.text.dtype == torch.float16
+        assert b.text.dtype == (torch.int32 if b.text.shape[-1] == 1 else torch.float16)
         if t0 is None:
             t0 = time.perf_counter()
         else:
@@ -131,7 +140,7 @@ def loader_rate(d: Path, workers: int, epoch: int) -> float:
 
 
 def loader_rates(work: Path, n: int, repeats: int) -> dict:
-    sets = {dtype: write_set(work / f"load-{dtype}", n, dtype) for dtype in ("float16", "int8", "fp8")}
+    sets = {dtype: write_set(work / f"load-{dtype}", n, dtype) for dtype in LOADED}
     rates: dict = {}
     for epoch in range(repeats):  # the ways interleaved, so a busy spell of the machine hits them alike
         for workers in (0, 2):
@@ -140,6 +149,28 @@ def loader_rates(work: Path, n: int, repeats: int) -> dict:
     for d in sets.values():
         shutil.rmtree(d)
     return rates
+
+
+def _x(ratio: float) -> str:
+    """A bytes ratio against float16 (ids' ~0.0005 with enough digits to show)."""
+    return f"{ratio:.3f}x" if ratio >= 0.01 else f"{ratio:.5f}x"
+
+
+def ondemand_cost(t5: list[dict]) -> list[str]:
+    """What ids move into the training step: a T5-XXL forward per caption, against PixArt-XL/2's
+    training FLOPs a sample (t2i.models.flops_per_image), stated from parameter counts."""
+    from t2i.models import flops_per_image
+
+    raw = {r["dtype"]: r["raw"] for r in t5}
+    t5_flops = 2 * T5_XXL_PARAMS * TOKENS
+    steps = {px: flops_per_image("PixArt-XL/2", (px // 8, px // 8), TOKENS, CHANNELS) for px in (256, 512, 1024)}
+    cost = ", ".join(f"{steps[px] / 1e12:.2f} TFLOP at {px} px (+{t5_flops / steps[px]:.0%})" for px in steps)
+    return [f"ids store {raw[IDS]:,} bytes a sample at {TOKENS} tokens against float16's {raw['float16']:,} "
+            f"({raw[IDS] / raw['float16']:.4%}; int8/fp8: {raw['int8'] / raw['float16']:.1%}): the only option here within "
+            "issue 31's quarter of float16's bytes. The price is compute in the training step: a T5-XXL encoder forward per "
+            f"caption, 2 x {T5_XXL_PARAMS / 1e9:.1f} B parameters x {TOKENS} tokens = {t5_flops / 1e12:.2f} TFLOP (fewer with "
+            f"shorter captions: only tokens up to a batch's longest are encoded), against a PixArt-XL/2 training step's {cost}, "
+            "and T5-XXL's weights (9.5 GB in bfloat16) on every training device. Not timed here (no T5-XXL, no GPU)."]
 
 
 def report(t5: list[dict], tiny: list[dict], rates: dict, n_load: int, repeats: int, load0: float) -> str:
@@ -153,24 +184,27 @@ def report(t5: list[dict], tiny: list[dict], rates: dict, n_load: int, repeats: 
              "|---|---|---|---|---|---|---|"]
     for r in t5:
         e = r["err"]
-        lines.append(f"| {r['dtype']} | {r['raw']:,} | {r['raw'] / f16['raw']:.3f}x | {r['disk']:,.0f} | {r['disk'] / f16['disk']:.3f}x | "
-                     f"{e['max_over_absmax']:.5f} | {e['rel_rms']:.4f} |" if e else
-                     f"| {r['dtype']} | {r['raw']:,} | {r['raw'] / f16['raw']:.3f}x | {r['disk']:,.0f} | {r['disk'] / f16['disk']:.3f}x | - | - |")
+        lines.append(f"| {r['dtype']} | {r['raw']:,} | {_x(r['raw'] / f16['raw'])} | {r['disk']:,.0f} | {_x(r['disk'] / f16['disk'])} | "
+                     + (f"{e['max_over_absmax']:.5f} | {e['rel_rms']:.4f} |" if e else "- | - |"))
     t16 = next(r for r in tiny if r["dtype"] == "float16")
     lines += ["", f"The real tiny path (the features job, tiny T5 of 32 channels, max_tokens 16, mean {t16['tokens']:.1f} tokens kept "
               "a caption: padding is never stored):", "", "| text_dtype | text bytes / sample | vs float16 | shard bytes / sample |",
               "|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['text']:.0f} | {r['text'] / t16['text']:.3f}x | {r['shards']:.0f} |" for r in tiny]
+    lines += [f"| {r['dtype']} | {r['text']:.0f} | {_x(r['text'] / t16['text'])} | {r['shards']:.0f} |" for r in tiny]
     lines += ["", f"The training loader (make_loader, global batch 32, one epoch of {n_load} T5-XXL-shaped samples + 256 px float32 "
               "latents, from the page cache), samples/s after the first batch (the workers' start not counted), best of "
-              f"{repeats} epochs; the ratio > 1 means compact features load faster:", "",
-              "| loader | float16 | int8 | fp8 | int8 / float16 | fp8 / float16 |", "|---|---|---|---|---|---|"]
+              f"{repeats} epochs; a ratio > 1 means the stored form loads faster than float16 (ids: the batch holds "
+              "token ids, encoded afterwards by the training step):", "",
+              "| loader | " + " | ".join(LOADED) + " | " + " | ".join(f"{d} / float16" for d in LOADED[1:]) + " |",
+              "|---|" + "---|" * (2 * len(LOADED) - 1)]
     for w in (0, 2):
-        a, b, c = rates[("float16", w)], rates[("int8", w)], rates[("fp8", w)]
-        lines.append(f"| {'in process' if w == 0 else f'{w} workers'} | {a:.0f} | {b:.0f} | {c:.0f} | {b / a:.2f}x | {c / a:.2f}x |")
+        r = [rates[(d, w)] for d in LOADED]
+        lines.append(f"| {'in process' if w == 0 else f'{w} workers'} | " + " | ".join(f"{v:.0f}" for v in r) + " | "
+                     + " | ".join(f"{v / r[0]:.2f}x" for v in r[1:]) + " |")
     lines += ["", "Compact features read half float16's bytes and decode them (a table lookup and a multiply per value, in the "
               "loader's process or workers) into the same float16 batch; from the page cache the decode's CPU cost is what "
-              "shows, while at scale (10M samples, cache on disk or object store) the reads halve.", "", load_note(load0)]
+              "shows, while at scale (10M samples, cache on disk or object store) the reads halve.", "", *ondemand_cost(t5)]
+    lines += ["", load_note(load0)]
     return "\n".join(lines)
 
 

@@ -143,7 +143,18 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
         lever += (f"; LoRA r{cfg.lora_rank}: {lora['trainable_params'] / 1e6:.1f}M trainable, AdamW state "
                   f"{lora['optimizer_bytes'] / 2**20:.0f} MiB, step FLOPs {lora['step_flops_per_image'] / lora['full_step_flops_per_image']:.0%} of full")
     mfu, basis = stage_mfu(stage, gpu, opts)
-    return Row("train", cfg.name, images, flops, flops / (gpu.peak_flops * mfu) / 3600, gpus, f"MFU {mfu:.1%} {basis}{lever}")
+    hours = flops / (gpu.peak_flops * mfu) / 3600
+    if cfg.text_dtype == "ids" and conditioning_class(cfg.kind).cross_attention:  # T5 encodes each step's captions
+        t5, t5_mfu = t5_per_caption(cfg, opts)
+        lever += f"; T5 on demand (text_dtype ids): +{t5 * images / flops:.0%} FLOPs at T5 MFU {t5_mfu:.1%}"
+        flops, hours = flops + images * t5, hours + images * t5 / (gpu.peak_flops * t5_mfu) / 3600
+    return Row("train", cfg.name, images, flops, hours, gpus, f"MFU {mfu:.1%} {basis}{lever}")
+
+
+def t5_per_caption(cfg, opts: PlanOptions) -> tuple[float, float]:
+    """(T5 encoder FLOPs of one caption at the stage's max_tokens, T5's MFU): FEATURES, or a --gpu-bench's."""
+    f = {**FEATURES, **((opts.gpu_bench or {}).get("features") or {})}
+    return f["t5_gflop_per_caption"] * 1e9 * cfg.max_tokens / f["tokens"], f["t5_mfu"]
 
 
 def lora_stage_price(preset: str, resolution: int, lora_rank: int, lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
@@ -243,17 +254,19 @@ def feature_rows(manifest, gpu: GPU, opts: PlanOptions, gpus: int) -> list[Row]:
     seen, rows = set(), []
     for stage in manifest.stages:
         cfg, ds = stage.config, dataset_of(stage, list(opts.images))
-        key = (ds, cfg.resolution, cfg.max_tokens, cfg.caption_fields, cfg.teacher, cfg.teacher_dtype)
+        key = (ds, cfg.resolution, cfg.max_tokens, cfg.caption_fields, cfg.teacher, cfg.teacher_dtype, cfg.text_dtype == "ids")
         if ds is None or key in seen:
             continue
         seen.add(key)
         vae = f["vae_gflop_per_image"] * 1e9 * (cfg.resolution / f["resolution"]) ** 2
-        t5 = f["t5_gflop_per_caption"] * 1e9 * cfg.max_tokens / f["tokens"] * len(cfg.caption_fields)
+        ids = cfg.text_dtype == "ids"  # token ids only: T5 runs in training instead (train_row)
+        t5 = 0.0 if ids else t5_per_caption(cfg, opts)[0] * len(cfg.caption_fields)
         teacher, size, note = teacher_cost(cfg)  # a ViT encoder, priced at T5's MFU
         seconds = vae / (gpu.peak_flops * f["vae_mfu"]) + (t5 + teacher) / (gpu.peak_flops * f["t5_mfu"])
         n = opts.images[ds]
         rows.append(Row("features", f"{ds} @ {cfg.resolution} px", n, n * (vae + t5 + teacher), n * seconds / 3600, gpus,
-                        f"VAE MFU {f['vae_mfu']:.1%}, T5 MFU {f['t5_mfu']:.1%} ({src}){note}", teacher_bytes_per_image=size))
+                        f"VAE MFU {f['vae_mfu']:.1%}, " + ("T5 in training (text_dtype ids)" if ids else f"T5 MFU {f['t5_mfu']:.1%}")
+                        + f" ({src}){note}", teacher_bytes_per_image=size))
     return rows
 
 
@@ -331,7 +344,8 @@ def assumptions(gpu: GPU, opts: PlanOptions, unused: list[str]) -> list[str]:
         f"image side / latent side = {VAE_FACTOR} (SD VAE); multi-aspect buckets priced as square images of the stage resolution",
         f"captioning: every image of {', '.join(opts.captioned if opts.captioned is not None else opts.images) or 'no dataset'}; "
         f"FLOPs ~ 2 x 7.06e9 parameters x 900 tokens per image (LLaVA-1.5-7B)",
-        "features: VAE encoder at each stage resolution + T5 per caption, once per dataset and resolution (the features cache key)",
+        "features: VAE encoder at each stage resolution + T5 per caption, once per dataset and resolution (the features cache key); "
+        "with text_dtype ids, T5 runs in training instead, once per sample per step, at T5's MFU",
         "token dropping (token_drop): the routed blocks counted at the tokens they keep, the others at all of them; the MFU "
         "is taken as without it (measured on CPU: BENCHMARKS.md levers_bench)",
         "REPA: the teacher's forward in features (its patch grid at its own input size, at T5's MFU) and its stored patch "

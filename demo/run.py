@@ -48,7 +48,7 @@ class DemoConfig:
     prediction_type: str = "v_prediction"  # v, not epsilon: single-coloured objects, no stray blobs, at these steps
     timestep_power: float = 1.0  # uniform training timesteps (TrainConfig.timestep_power)
     max_tokens: int = 0  # caption tokens the T5 keeps (0: the manifest's 16, which cuts the ~28-token dense captions)
-    text_dtype: str = ""  # how the arms' T5 features are stored ("": the manifest's float32; int8 | fp8: compact, t2i.text_codec)
+    text_dtype: str = ""  # how the arms store T5 ("": the manifest's float32; int8 | fp8: t2i.text_codec; ids: t2i.text_ondemand)
     lr: float = 3e-3  # with epsilon (2026-11-26), colour/position 35/27% at step 400 against 10/12% at 1e-3
     vae: str = str(SHIPPED_VAE)  # frozen, fitted offline by `python -m demo.vae` (as PixArt uses SD's VAE)
     teacher: str = ""  # REPA's teacher (t2i.repa), e.g. str(SHIPPED_TEACHER) (`python -m demo.teacher`); "": no REPA, as today

@@ -43,8 +43,9 @@ def load_vae(spec: str, device="cpu", dtype=torch.float32):
     return vae.to(device, dtype).eval().requires_grad_(False)
 
 
-def load_text_encoder(spec: str, device="cpu", dtype=torch.float32):
-    """(tokenizer, T5 encoder) from a pipeline-layout or plain T5 directory / HF id."""
+def load_text_encoder(spec: str, device="cpu", dtype=torch.float32, weights: bool = True):
+    """(tokenizer, T5 encoder) from a pipeline-layout or plain T5 directory / HF id; `weights`
+    False: (tokenizer, None), the encoder not loaded (text_dtype ids: only token ids are stored)."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     hub = check_model(spec, "the text encoder", "--text-encoder")  # an unreachable hub id or an empty folder fails here in seconds
@@ -52,25 +53,31 @@ def load_text_encoder(spec: str, device="cpu", dtype=torch.float32):
         tsub, msub = _subfolder(spec, "tokenizer"), _subfolder(spec, "text_encoder")
         try:
             tok = AutoTokenizer.from_pretrained(spec, subfolder=tsub or "", **hub)
-            enc = T5EncoderModel.from_pretrained(spec, subfolder=msub or "", **hub)
+            enc = T5EncoderModel.from_pretrained(spec, subfolder=msub or "", **hub) if weights else None
         except (OSError, EnvironmentError):
             if tsub is None and msub is None:
                 raise
             tok = AutoTokenizer.from_pretrained(spec, **hub)
-            enc = T5EncoderModel.from_pretrained(spec, **hub)
+            enc = T5EncoderModel.from_pretrained(spec, **hub) if weights else None
     except Exception as e:  # noqa: BLE001 - no such model, random weights, a damaged file: one line
         raise UserError(f"cannot load the text encoder {spec!r} ({e.__class__.__name__}): pass a local T5 directory or a reachable HF id") from None
-    return tok, enc.to(device, dtype).eval().requires_grad_(False)
+    return tok, enc.to(device, dtype).eval().requires_grad_(False) if weights else None
 
 
 @torch.no_grad()
 def encode_text(tokenizer, encoder, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """T5 features (B, max_tokens, C) and attention mask (B, max_tokens), tokenised exactly as
     PixArtAlphaPipeline does (padding to max_length, truncation, special tokens)."""
-    t = tokenizer(captions, max_length=max_tokens, padding="max_length", truncation=True, add_special_tokens=True, return_tensors="pt")
+    ids, mask = tokenize(tokenizer, captions, max_tokens)
     dev = next(encoder.parameters()).device
-    ids, mask = t.input_ids.to(dev), t.attention_mask.to(dev)
+    ids, mask = ids.to(dev), mask.to(dev)
     return encoder(ids, attention_mask=mask)[0], mask
+
+
+def tokenize(tokenizer, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 token ids and attention mask (B, max_tokens), as PixArtAlphaPipeline tokenises prompts."""
+    t = tokenizer(captions, max_length=max_tokens, padding="max_length", truncation=True, add_special_tokens=True, return_tensors="pt")
+    return t.input_ids, t.attention_mask
 
 
 class VaeFactors(NamedTuple):

@@ -17,7 +17,8 @@ from t2i.caption_fields import DEFAULT_FIELDS, parse_fields
 
 FEATURE_VERSION = 2  # 2: shared decode policy (EXIF, draft), latent_dtype
 DTYPES = ("float32", "float16", "bfloat16")
-TEXT_DTYPES = DTYPES + ("int8", "fp8")  # int8, fp8: one byte a value + a scale per token (t2i.text_codec)
+# int8, fp8: one byte a value + a scale per token (t2i.text_codec); ids: token ids, encoded on demand (t2i.text_ondemand)
+TEXT_DTYPES = DTYPES + ("int8", "fp8", "ids")
 ENGINES = ("local", "ray")
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_TEXT_ENCODER = "google/t5-v1_1-xxl"
@@ -43,7 +44,7 @@ class FeatureConfig:
     resolution: int = 256
     buckets: bool = False  # multi-aspect: the 256/512/1024 aspect-ratio bins of PixArt
     max_tokens: int = 120
-    text_dtype: str = "float16"  # int8 | fp8: half float16's bytes, decoded by the loader (t2i.text_codec)
+    text_dtype: str = "float16"  # int8 | fp8: half float16's bytes (t2i.text_codec); ids: token ids (t2i.text_ondemand)
     latent_dtype: str = "float32"  # how latents are stored; float16/bfloat16 halve the disk
     draft: bool = True  # JPEG DCT-scaled decoding down to what the resize needs
     batch_size: int = 16

@@ -15,8 +15,8 @@ from shards import fs as shard_fs
 from shards.prefetch import prefetch
 from shards.writer import ShardWriter
 from t2i.caption_fields import text_columns
-from t2i.encoders import encode_text, load_text_encoder, load_vae
-from t2i.text_codec import encode, is_compact
+from t2i.encoders import encode_text, load_text_encoder, load_vae, tokenize
+from t2i.text_codec import IDS, encode, is_compact
 
 if TYPE_CHECKING:
     from t2i.feature_images import RowImages
@@ -103,7 +103,8 @@ class FeatureEncoder:
 
     def _load_models(self) -> None:
         self.models = (load_vae(self.cfg.vae, self.device, self.compute_dtype),
-                       *load_text_encoder(self.cfg.text_encoder, self.device, self.compute_dtype))  # fmt: skip
+                       *load_text_encoder(self.cfg.text_encoder, self.device, self.compute_dtype,
+                                          weights=self.cfg.text_dtype != IDS))  # ids: the tokenizer alone  # fmt: skip
         if self.cfg.teacher:
             from t2i.teacher import Teacher
 
@@ -132,9 +133,8 @@ class FeatureEncoder:
                 c.update({names.text: None, names.emb: None, names.len: None})
             if not has:
                 continue
-            emb, mask = encode_text(tok, enc, [rows[i][field] for i in has], self.cfg.max_tokens)
+            emb, mask, scales = self._store_text(tok, enc, [rows[i][field] for i in has])
             lens, channels = mask.sum(1).cpu(), emb.shape[-1]
-            emb, scales = self._store_text(emb)
             for j, i in enumerate(has):
                 n = int(lens[j])
                 cols[i].update({names.text: rows[i][field], names.emb: _raw(emb[j, :n]), names.len: n})
@@ -142,13 +142,18 @@ class FeatureEncoder:
                     cols[i][names.scale] = _raw(scales[j, :n])
         return cols, channels
 
-    def _store_text(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """T5 features as stored, on the CPU: in text_dtype, or compact (int8, fp8: byte codes and
-        a float32 scale per token, quantised on the encoder's device; t2i.text_codec)."""
+    def _store_text(self, tok, enc, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(T5 features as stored, on the CPU, the attention mask, the scales or None): in
+        text_dtype, or compact (int8, fp8: byte codes and a float32 scale per token, quantised on
+        the encoder's device; t2i.text_codec), or for ids the token ids (int32, one "channel")."""
+        if self.cfg.text_dtype == IDS:  # encoded on demand by the training step (t2i.text_ondemand)
+            ids, mask = tokenize(tok, captions, self.cfg.max_tokens)
+            return ids.to(torch.int32)[..., None], mask, None
+        emb, mask = encode_text(tok, enc, captions, self.cfg.max_tokens)
         if not is_compact(self.cfg.text_dtype):
-            return emb.to(getattr(torch, self.cfg.text_dtype)).cpu(), None
+            return emb.to(getattr(torch, self.cfg.text_dtype)).cpu(), mask, None
         codes, scales = encode(emb, self.cfg.text_dtype)
-        return codes.cpu(), scales.cpu()
+        return codes.cpu(), mask, scales.cpu()
 
 
 def _raw(t: torch.Tensor) -> bytes:

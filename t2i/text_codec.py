@@ -12,6 +12,10 @@ and the loader decodes them to float16 on the fly (t2i.data): training sees floa
 - Bytes per token: channels + 4 (int8, fp8) against 2 x channels (float16): at T5-XXL's 4096
   channels, 50.05 % of float16, 25.02 % of float32. Padded tokens (past the attention mask) are
   never stored, in any dtype.
+- ids (t2i.text_ondemand): no features at all, each kept token's T5 id (int32, 4 bytes a token:
+  at T5-XXL's 4096 channels 0.05 % of float16's 8192 bytes a token); the training step encodes
+  them with the frozen text encoder on its device. The loader's text tensor holds the ids
+  (int32, one "channel").
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 COMPACT = {"int8": 127.0, "fp8": 448.0}  # stored one byte a value -> the largest code magnitude
 DECODED = torch.float16  # what compact features decode to (the loader's text tensors)
+IDS = "ids"  # text_dtype storing token ids, encoded on demand by the training step (t2i.text_ondemand)
 
 
 def is_compact(text_dtype: str) -> bool:
@@ -33,7 +38,9 @@ def fp8_supported() -> bool:
 
 
 def decoded_dtype(text_dtype: str) -> torch.dtype:
-    """The dtype the loader's text tensors have for features stored in `text_dtype`."""
+    """The dtype the loader's text tensors have for features stored in `text_dtype` (ids: int32)."""
+    if text_dtype == IDS:
+        return torch.int32
     return DECODED if is_compact(text_dtype) else getattr(torch, text_dtype)
 
 

@@ -305,3 +305,16 @@ def test_plan_prices_kv_compression_at_the_kept_keys(tmp_path):
     want = flops_per_image("PixArt-S/2", (32, 32), kv_compress=2, kv_blocks=6) / flops_per_image("PixArt-S/2", (32, 32))
     assert less["flops"] / plain["flops"] == pytest.approx(want) and want < 1
     assert "KV compression r2 on 6 blocks" in less["basis"]
+
+
+def test_plan_prices_t5_in_training_with_text_dtype_ids(tmp_path):
+    """text_dtype ids: features run no T5; training runs it once per sample per step (at T5's MFU)."""
+    opts = lambda: PlanOptions(gpu="H100", mfu=MfuRule.parse("0.5"), images=parse_images("sam=7.2k"), caption_rate=2.0)  # noqa: E731
+    ids = SMALL.replace("steps = 10", 'steps = 10\ntext_dtype = "ids"')
+    rows = [{r["step"]: r for r in plan(write_manifest(tmp_path, m), opts())["rows"]} for m in (SMALL, ids)]
+    t5 = 1116.99e9 / (989e12 * 0.333) / 3600
+    assert rows[1]["features"]["gpu_hours"] == pytest.approx(rows[0]["features"]["gpu_hours"] - 7200 * t5)
+    images = 10 * 4 * 2  # steps x batch_size x gpus
+    assert rows[1]["train"]["gpu_hours"] == pytest.approx(rows[0]["train"]["gpu_hours"] + images * t5)
+    assert rows[1]["train"]["flops"] == pytest.approx(rows[0]["train"]["flops"] + images * 1116.99e9)
+    assert "T5 on demand (text_dtype ids)" in rows[1]["train"]["basis"] and "T5 in training" in rows[1]["features"]["basis"]

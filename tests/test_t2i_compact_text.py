@@ -167,5 +167,5 @@ def test_bad_text_dtype_is_one_line_before_any_work(tmp_path, command):
     import cli
 
     r = CliRunner().invoke(cli.app, [command, "--shards", str(tmp_path), "--out", str(tmp_path / "o"), "--text-dtype", "int4"])
-    assert r.exit_code == 2 and "'int4' is not one of float32, float16, bfloat16, int8, fp8" in r.output, r.output
+    assert r.exit_code == 2 and "'int4' is not one of float32, float16, bfloat16, int8, fp8, ids" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output and not (tmp_path / "o").exists(), r.output

@@ -277,3 +277,14 @@ def test_levers_give_the_same_run_on_two_processes(world, tmp_path):
     every = [k for f in sorted((world["root"] / "captions").glob("*.parquet")) for k in pq.read_table(f, columns=["key"])["key"].to_pylist()]
     held = {k for k, h in zip(every, Holdout(0.25).select(hash_strings(every))) if h}
     assert 8 <= len(held) <= 24 and keys == set(every) - held  # every other key trained, no held-out one
+
+
+@pytest.mark.slow
+def test_two_ranks_encode_ids_on_demand_as_one_process_reads_features(world, reference, tmp_path):
+    """text_dtype ids on 2 gloo ranks: each rank encodes its own slice with its own frozen T5
+    (t2i.text_ondemand); the losses are the 1-process float32-features run's (float32 on both sides)."""
+    torchrun(cli_args(world, tmp_path / "ids", 4, "--text-dtype", "ids"))
+    a, b = np.array([x["loss"] for x in log(reference)][:4]), np.array([x["loss"] for x in log(tmp_path / "ids")])
+    assert len(b) == 4 and np.isfinite(b).all()
+    print("max relative loss difference, ids on 2 ranks vs float32 features on 1:", float(np.max(np.abs(b - a) / np.abs(a))))
+    np.testing.assert_allclose(b, a, rtol=RTOL)

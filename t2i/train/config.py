@@ -54,7 +54,7 @@ class TrainConfig:
     vae: str = FeatureConfig.vae
     text_encoder: str = FeatureConfig.text_encoder
     max_tokens: int = FeatureConfig.max_tokens
-    text_dtype: str = FeatureConfig.text_dtype  # int8 | fp8: compact text features (t2i.text_codec)
+    text_dtype: str = FeatureConfig.text_dtype  # int8 | fp8: compact (t2i.text_codec); ids: encoded on demand (t2i.text_ondemand)
     latent_dtype: str = FeatureConfig.latent_dtype  # how features store latents
     batch_size: int = 64  # per process, per micro-batch (ignored when global_batch is set)
     global_batch: int = 0  # samples per micro-batch over all processes; 0: batch_size x processes

@@ -29,6 +29,7 @@ from t2i.noise import sample_keys
 from t2i.objective import build_objective
 from t2i.repa import check_teacher_grids, repa_terms
 from t2i.routing import RoutedBlocks, attach_routing
+from t2i.text_ondemand import OnDemandText, same_batch
 from t2i.trackers import Trackers
 from t2i.train.config import TrainConfig, check_resolution, per_process_batch, preflight
 from t2i.train.resume import (check_resume_features, failed_images, find_features, load_resume_weights,
@@ -55,6 +56,7 @@ class Run:
         self.saved = set(names) if cfg.lora_rank else set(model.state_dict())
         self.stepper: TrainStep | None = None
         self.validation: Validation | None = None  # set by train() once the data is open
+        self.text = same_batch  # a loader Batch as the step sees it (text_dtype ids: encoded, t2i.text_ondemand)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.log_path = out / "log.jsonl"
         self.last_ck: Path | None = ckpt.latest_checkpoint(out)
@@ -181,7 +183,7 @@ def train_step(run: Run, batches) -> StepResult:
     cfg, stepper = run.cfg, run.stepper
     micro_losses, samples = [], 0
     for micro in range(cfg.grad_accum):
-        b = next(batches)
+        b = run.text(next(batches))
         share = len(b.keys)
         keys = sample_keys(cfg.seed, b.epoch, b.batch_pos, run.rank * share + np.arange(share))
         if run.trace is not None:
@@ -291,13 +293,15 @@ def train(cfg: TrainConfig, out: str | Path, features: str | Path | None = None,
     if resume:
         check_resume_features(out, cfg)  # a changed feature dtype: named before the features are looked for
     fdir = find_features(Path(features) if features is not None else out / "features", cfg)  # made beforehand: only opened
+    text = OnDemandText.for_config(cfg, accel.device, conditioning.cross_attention)  # ids: the frozen T5 on this device
     with accel.main_process_first():  # rank 0 builds and caches the index (t2i.feature_index); the others load it
         data = StreamingFeatureDataset(fdir, cfg.max_tokens, cfg.caption_fields, cfg.caption_weights, cfg.holdout(),
                                        teacher=bool(cfg.repa_weight),  # REPA reads the stored teacher tokens too
                                        scoring=cfg.caption_scoring())
     ledger = Ledger(out, "train", accel.device)
-    probe = data.get(np.array([0]))
+    probe = text(data.get(np.array([0])))
     run = start_run(cfg, accel, out, fdir, probe, vae, conditioning, resume, global_batch, local_batch)
+    run.text = text
     if run.stepper.terms:  # REPA: every bucket's teacher grid fits the model's token grid, before any step
         check_teacher_grids(data, run.model.transformer.config.patch_size)
     run.validation = Validation(data, cfg, run)

@@ -79,7 +79,7 @@ class Validation:
         share = len(chunk) // run.world
         mine = chunk[run.rank * share : (run.rank + 1) * share]
         idx = np.where(mine >= 0, mine, chunk[0])  # padding re-reads the chunk's first sample, masked out
-        b = self.data.get(idx)
+        b = run.text(self.data.get(idx))  # text_dtype ids: encoded on the device (t2i.text_ondemand)
         keys = derive_keys(self.data.val_hashes[np.searchsorted(self.data.val_indices, idx)], VAL_STREAM)
         total = 0
         for j in range(self.timesteps):
