@@ -46,3 +46,17 @@ def world_models(tmp_path_factory) -> dict[str, str]:
 
     torch.set_num_threads(1)
     return build_tiny_models(tmp_path_factory.mktemp("world-models"), corpus(), vae_fit_steps=300)
+
+
+@pytest.fixture(scope="session")
+def simple_world(tmp_path_factory) -> dict:
+    """Tiny T5 + VAE (10 VAE steps) on the simple corpus and 96 simple-world captions in shards of
+    48: what the text-feature storage tests (compact, on demand) encode. Read-only: each test
+    module writes its features into its own folder."""
+    from tiny.pixart import build_tiny_models
+    from tiny.world import simple_corpus, write_simple_world
+
+    root = tmp_path_factory.mktemp("simple-world")
+    models = build_tiny_models(root / "models", simple_corpus(), vae_fit_steps=10)
+    write_simple_world(root / "captions", 96, rows_per_shard=48)
+    return {"captions": root / "captions", **models}

@@ -48,14 +48,9 @@ def test_codec_is_within_its_bound_at_t5_xxl_width(dtype):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tiny.pixart import build_tiny_models
-    from tiny.world import simple_corpus, write_simple_world
-
+def world(simple_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("compact")
-    models = build_tiny_models(root / "models", simple_corpus(), vae_fit_steps=10)
-    write_simple_world(root / "captions", 96, rows_per_shard=48)
-    return {"root": root, "captions": root / "captions", "feats": root / "feats", **models}
+    return {**simple_world, "root": root, "feats": root / "feats"}
 
 
 def fcfg(world, **kw):
