@@ -111,13 +111,9 @@ def fit_text_detector(images: torch.Tensor, masks: np.ndarray, steps: int = 600,
 
 def save_text_detector(net: TextNet, path: str | Path) -> str | Path:
     """Write the detector as safetensors, its sizes in the metadata (a local path or an object-store URI)."""
-    from safetensors.torch import save
+    from curate.weights import save_module
 
-    from shards import fs
-
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    fs.write_bytes(path, save(state, metadata={"input_size": str(net.input_size), "width": str(net.width), "kind": "text-detector"}))
-    return path
+    return save_module(net, path, {"input_size": str(net.input_size), "width": str(net.width), "kind": "text-detector"})
 
 
 def _detector_file(ref: str) -> Path:

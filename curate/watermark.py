@@ -66,13 +66,9 @@ def fit_watermark_head(embeddings: np.ndarray, labels: np.ndarray, epochs: int =
 
 def save_watermark_head(head: WatermarkHead, path: str | Path) -> str | Path:
     """Write the head as safetensors, its sizes in the metadata (a local path or an object-store URI)."""
-    from safetensors.torch import save
+    from curate.weights import save_module
 
-    from shards import fs
-
-    state = {k: v.contiguous() for k, v in head.state_dict().items()}
-    fs.write_bytes(path, save(state, metadata={"dim": str(head.dim), "hidden": str(head.hidden), "kind": "watermark"}))
-    return path
+    return save_module(head, path, {"dim": str(head.dim), "hidden": str(head.hidden), "kind": "watermark"})
 
 
 def _resolve(weights: str) -> Path:
