@@ -7,12 +7,12 @@ standard errors of the difference (the judge's noise on this many prompts) on ev
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
 
 from benchmarks._report import load_note, write_section
+from demo.report import beyond_noise
 
 WORDS = {"shape": "shape", "all": "all three"}
 TARGET = "the best combination reaches (c)'s final all-three accuracy in <= 25% of (c)'s steps on both seeds and ends >= 80% all three"
@@ -47,12 +47,6 @@ def run_seeds(root: Path, seeds: list[int], mode: str, threads: int, report_only
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
-
-
-def beyond_noise(arm: float, base: float, n: int) -> bool:
-    """Whether `arm` beats `base` (two accuracies on the same n prompts) by more than 2 standard errors."""
-    se = math.sqrt((arm * (1 - arm) + base * (1 - base)) / n) or 1 / n
-    return arm - base > 2 * se
 
 
 def reach(curve: list[dict], target: float) -> int | None:

@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,6 @@ def claim_verdicts(results: dict[str, Any]) -> tuple[str, str, str]:
     never reads as a claim its measurement does not carry."""
     t2i = results["t2i"]
     c, sm = t2i["claims"], t2i["aesthetic"]["samples"]
-    prompts = t2i.get("prompts", 48)
-    n = len(prompts) if isinstance(prompts, list) else int(prompts)
     frac = c["c_steps_fraction"]
     if chance_caveat(t2i["arms"], t2i):
         v1 = "not shown (an attribute is at chance, so the all-three figures it rests on are noise)"
@@ -114,8 +113,7 @@ def claim_verdicts(results: dict[str, Any]) -> tuple[str, str, str]:
     else:
         v1 = "shown"
     a, b = c["a_final_all"], c["b_final_all"]
-    diff_se = ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
-    v2 = ("shown" if b >= 3 * a and b - a > 2 * diff_se else
+    v2 = ("shown" if b >= 3 * a and beyond_noise(b, a, prompt_count(t2i)) else
           "not shown ((b) is not 3x (a) on all three, or the gap is within 2 standard errors)")
     v3 = ("shown" if sm["margin"] > 2 * sm["margin_se"] and c["d_all_change"] >= -0.05 else
           "not shown (the aesthetic gain is within 2 standard errors, or all three fell more than 5 points)")
@@ -131,14 +129,25 @@ def prior_sentence(prior: dict[str, Any] | None) -> str:
             f"the DiT (step {prior['step']}) drew {judged}.")
 
 
+def prompt_count(t2i: dict[str, Any]) -> int:
+    """How many held-out prompts each judged checkpoint drew (results record the list or its length)."""
+    prompts = t2i.get("prompts", 48)
+    return len(prompts) if isinstance(prompts, list) else int(prompts)
+
+
+def beyond_noise(arm: float, base: float, n: int) -> bool:
+    """Whether `arm` beats `base` (two accuracies on the same n prompts) by more than 2 standard errors."""
+    se = math.sqrt((arm * (1 - arm) + base * (1 - base)) / n) or 1 / n
+    return arm - base > 2 * se
+
+
 def chance_caveat(arms: dict[str, Any], t2i: dict[str, Any]) -> str:
     """A warning when (b)'s or (c)'s final accuracy on some attribute is within 2 standard errors
     of chance: their all-three accuracy is then the other attributes times a coin flip, and
     comparing arms on it shows noise. ((a) at chance is the alt-texts' effect, not a caveat.)"""
     from tiny.world import OPTIONS
 
-    prompts = t2i.get("prompts", 48)
-    n = len(prompts) if isinstance(prompts, list) else int(prompts)
+    n = prompt_count(t2i)
     at_chance = []
     for attr in ("color", "position", "shape"):
         chance = 1 / len(OPTIONS[attr])
