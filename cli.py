@@ -588,7 +588,7 @@ def eval_cmd(
     detector: Optional[str] = typer.Option(SuiteConfig.detector, "--detector", help="geneval: OWLv2/Grounding DINO"),
     limit: Optional[int] = typer.Option(SuiteConfig.limit, "--limit", help="public --suite: N prompts per category"),
     preference: Optional[List[str]] = typer.Option(SuiteConfig.preference, "--preference", help=(
-        "--suite: CLIP-architecture preference model (PickScore, HPSv2 as CLIPModel): id or dir; repeatable")),
+        "--suite: preference model (id or dir): CLIPModel (PickScore, HPSv2) or ImageReward; repeatable")),
     shards: Optional[Path] = typer.Option(SuiteConfig.shards, "--shards", help="--suite own: the caption shards"),
     judge: str = typer.Option(SuiteConfig.judge, "--judge", help="--suite: the judge VLM (HF id or local directory)"),
     judge_backend: str = typer.Option(SuiteConfig.judge_backend, "--judge-backend", help="transformers | vllm"),

@@ -1,25 +1,32 @@
-"""Preference scores by CLIP-architecture reward models: PickScore (yuvalkirstain/PickScore_v1)
-and HPSv2 converted to a transformers `CLIPModel`, given by HF id or local directory (`--preference`).
+"""Preference scores (`--preference`, HF id or local directory): CLIP-architecture reward models,
+PickScore (yuvalkirstain/PickScore_v1) and HPSv2 converted to a transformers `CLIPModel`, and
+ImageReward (THUDM/ImageReward: BLIP with an MLP head, evals.imagereward). `load_preference` tells
+them apart: a directory holding ImageReward.pt or med_config.json, or a hub repository with
+med_config.json, is ImageReward; anything else loads as a CLIPModel.
 
-A preference model's score of an image for its prompt is the model's own logit: exp(logit_scale)
+A CLIP preference model's score of an image for its prompt is the model's own logit: exp(logit_scale)
 x the cosine of the image and text embeddings (PickScore's definition; HPSv2's score is the same
-with its scale of 100). Per checkpoint, the report gives the mean over the suite's prompts.
+with its scale of 100). ImageReward's is its normalised reward (evals.imagereward). Per checkpoint,
+the report gives each model's mean over the suite's prompts.
 
-Loaded through shards.models.clip.ClipEmbedder (shards.hub.load_pretrained: a hub id that cannot be
-reached, or a folder that holds no CLIPModel, is one line within seconds). HPSv2's official weights
-are an open_clip checkpoint, not a transformers folder: they load here only once converted to a
-CLIPModel. ImageReward (a BLIP with its own head) does not load through transformers: not supported.
+CLIP models load through shards.models.clip.ClipEmbedder (shards.hub.load_pretrained: a hub id that
+cannot be reached, or a folder that holds no CLIPModel, is one line within seconds). HPSv2's official
+weights are an open_clip checkpoint, not a transformers folder: they load here only once converted to
+a CLIPModel.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from shards.fs import write_text
+
+if TYPE_CHECKING:
+    from evals.imagereward import ImageRewardScorer
 
 
 class PreferenceScorer:
@@ -38,7 +45,34 @@ class PreferenceScorer:
         return self.scale * cos
 
 
-def score_folder(scorer: PreferenceScorer, prompts: list[dict], folder: Path, batch: int = 16) -> float | None:
+def load_preference(model: str, device: str | None = None) -> "PreferenceScorer | ImageRewardScorer":
+    """The preference model `model` (id or directory), ImageReward or a CLIPModel; one line when it is neither."""
+    from evals.imagereward import FIX, ImageRewardScorer, is_imagereward
+    from shards.errors import UserError
+
+    if is_imagereward(model):
+        return ImageRewardScorer(model, device)
+    try:
+        return PreferenceScorer(model, device)
+    except UserError:
+        folder = Path(model).expanduser()
+        if not folder.is_dir() or (folder / "config.json").is_file():
+            raise  # a hub id, or a CLIPModel folder that does not load: the CLIP loader's own line
+        raise UserError(f"--preference {model} is not a preference model (no CLIPModel config.json, no ImageReward.pt): {FIX}") from None
+
+
+def check_preference(model: str) -> None:
+    """The check before any work (one line within seconds): the model, and ImageReward's tokenizer."""
+    from evals.imagereward import check, is_imagereward
+    from shards.hub import check_model
+
+    if is_imagereward(model):
+        check(model)
+    else:
+        check_model(model, "preference model", "--preference")
+
+
+def score_folder(scorer: "PreferenceScorer | ImageRewardScorer", prompts: list[dict], folder: Path, batch: int = 16) -> float | None:
     """Mean score of the suite's images in `folder` (`<id>.png`) for their prompts; cached in
     `folder/preference.json` per model (a rerun reads it)."""
     from shards.images import decode_image

@@ -61,7 +61,8 @@ def _checkpoint(out: Path, r: dict[str, Any], own: bool) -> list[str]:
     if own:
         parts.append(_bars("prompts drawn, per split / wording", r["drawn"]))
     if r.get("preference"):
-        parts.append(_numbers("preference score (mean exp(logit_scale) x cosine)", r["preference"]))
+        parts.append(_numbers("preference score (mean; CLIP models: exp(logit_scale) x cosine; ImageReward: its normalised reward)",
+                              r["preference"]))
     return parts + [_worst(out, r.get("worst") or {})]
 
 

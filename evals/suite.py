@@ -41,7 +41,7 @@ class SuiteConfig:
     suite_prompts: int = 40  # own: combinations per split (each asked in 4 wordings)
     suite_file: str | Path | None = None  # public suites: the prompt/question file instead of the vendored one
     limit: int | None = None  # public suites: at most this many prompts per category (default: all)
-    preference: list[str] | None = None  # CLIP-architecture preference models (PickScore, HPSv2): ids or dirs
+    preference: list[str] | None = None  # preference models (PickScore, HPSv2 as CLIPModel; ImageReward): ids or dirs
     detector: str | None = None  # geneval: an open-vocabulary detector (OWLv2, Grounding DINO) for presence, count, position
     detector_threshold: float = 0.2  # its box confidence threshold
     min_count: int = 3
@@ -189,10 +189,10 @@ def worst_prompts(rows: list[dict[str, Any]], n: int = 3) -> dict[str, list[dict
 
 def add_preferences(results: list[dict[str, Any]], prompts: list[dict], cfg: SuiteConfig, device: str) -> None:
     """Each --preference model's mean score over every checkpoint's suite images (one model loaded at a time)."""
-    from evals.preference import PreferenceScorer, score_folder
+    from evals.preference import load_preference, score_folder
 
     for model in cfg.preference or []:
-        scorer = PreferenceScorer(model, device)
+        scorer = load_preference(model, device)
         for r in results:
             r.setdefault("preference", {})[model] = score_folder(scorer, prompts, Path(r["images"]))
         del scorer
@@ -205,6 +205,7 @@ def run_suite(target: str | Path, cfg: SuiteConfig) -> dict[str, Any]:
 
     from evals.cost import join_costs
     from evals.judge_job import JudgeConfig, load_scorer
+    from evals.preference import check_preference
     from evals.report import write_suite_report
     from shards.hub import check_model
     from t2i.evaluate import find_targets
@@ -212,9 +213,10 @@ def run_suite(target: str | Path, cfg: SuiteConfig) -> dict[str, Any]:
     cfg.validate()
     check_output_dir(cfg.out)
     check_model(cfg.judge, "judge model", "--judge")  # one line within 15 s, before any sampling
-    for model, what, flag in [*((m, "preference model", "--preference") for m in cfg.preference or []),
-                              *([(cfg.detector, "detector", "--detector")] if cfg.detector else [])]:  # fmt: skip
-        check_model(model, what, flag)
+    for model in cfg.preference or []:
+        check_preference(model)
+    if cfg.detector:
+        check_model(cfg.detector, "detector", "--detector")
     targets = find_targets(target, cfg.which)
     prompts = load_suite(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")

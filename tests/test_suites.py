@@ -117,11 +117,12 @@ def test_cost_up_to_a_step_comes_from_the_ledger(tmp_path):
 def test_preference_model_given_as_a_directory_loads_and_scores(tmp_path):
     from PIL import Image
 
-    from evals.preference import PreferenceScorer, score_folder
+    from evals.preference import PreferenceScorer, load_preference, score_folder
     from tiny.clip import build_tiny_clip, save_clip
 
     model = save_clip(*build_tiny_clip(["a red circle", "a blue square"]), tmp_path / "pref")
-    scorer = PreferenceScorer(str(model), "cpu")
+    scorer = load_preference(str(model), "cpu")  # a CLIPModel folder: not ImageReward (tests/test_imagereward.py)
+    assert isinstance(scorer, PreferenceScorer)
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
     scores = scorer.score(images, ["a red circle", "a blue square"])
     assert scores.shape == (2,) and abs(scores).max() <= scorer.scale + 1e-4
@@ -147,7 +148,7 @@ def test_unreachable_preference_model_is_one_line(tmp_path, monkeypatch):
 def test_eval_suite_geneval_end_to_end_with_preference_and_cost(world_models, tmp_path):
     """`eval --suite geneval --limit 1` on a 2-checkpoint tiny PixArt run: samples, judge shards (the
     VLM's for colour, a tiny OWLv2's for presence, count and position), per-category results,
-    preference scores, costs from the run's ledger, the figure; a rerun samples and judges nothing new."""
+    preference scores (a tiny CLIP and a tiny ImageReward), costs from the run's ledger, the figure; a rerun samples and judges nothing new."""
     from demo.judge_vlm import IMAGE_SIZE, VISION_HIDDEN, corpus
     from evals.cost import cost_at, read_ledger
     from evals.suite import SuiteConfig, run_suite
@@ -155,26 +156,28 @@ def test_eval_suite_geneval_end_to_end_with_preference_and_cost(world_models, tm
     from t2i.train import TrainConfig
     from tiny.alignment import write_world_shards
     from tiny.clip import build_tiny_clip, save_clip
+    from tiny.imagereward import build_tiny_imagereward
     from tiny.llava import build_tiny_llava
     from tiny.owl import build_tiny_owlv2
 
     torch.set_num_threads(1)
     judge = build_tiny_llava(tmp_path / "judge", corpus=corpus(), image_size=IMAGE_SIZE, seed=0, vision_hidden=VISION_HIDDEN)
     pref = save_clip(*build_tiny_clip(["a photo of a bench"]), tmp_path / "pref")
+    reward = build_tiny_imagereward(tmp_path / "imagereward", [p["prompt"] for p in P.load_public("geneval", limit=1)])
     owl = build_tiny_owlv2(tmp_path / "owl", [p["prompt"] for p in P.load_public("geneval", limit=1)])
     write_world_shards(tmp_path / "captions", 200)
     cfg = TrainConfig(preset="PixArt-tiny/2", resolution=16, vae=world_models["vae"], text_encoder=world_models["text_encoder"],
                       max_tokens=40, text_dtype="float32", batch_size=8, steps=2, checkpoint_every=1, loader_workers=0)  # fmt: skip
     run_stage(cfg, tmp_path / "run", shards=tmp_path / "captions", progress=False)
     scfg = SuiteConfig(suite="geneval", limit=1, out=tmp_path / "eval", judge=str(judge), steps=2,
-                       batch_size=8, preference=[str(pref)], detector=str(owl), progress=False)  # fmt: skip
+                       batch_size=8, preference=[str(pref), str(reward)], detector=str(owl), progress=False)  # fmt: skip
     report = run_suite(tmp_path / "run", scfg)
     cks = report["checkpoints"]
     assert len(cks) == 2 and report["prompts"] == 6
     for ck in cks:
         assert set(ck["drawn"]) == set(GENEVAL_COUNTS) and 0 <= ck["overall"] <= 1
         assert ck["judged"] == sum(len(p["questions"]) for p in P.load_public("geneval", limit=1))
-        assert isinstance(ck["preference"][str(pref)], float)
+        assert isinstance(ck["preference"][str(pref)], float) and isinstance(ck["preference"][str(reward)], float)
     from evals.judge_job import read_judged
 
     vlm, det = (read_judged(tmp_path / "eval" / "step-0000002" / d) for d in ("judged-geneval", "detected-geneval"))
