@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from shards.errors import UserError
 from shards.fs import write_text
+
+_NEITHER = "--preference {model} is not a preference model (no CLIPModel config.json, no ImageReward.pt): {fix}"
 
 if TYPE_CHECKING:
     from evals.imagereward import ImageRewardScorer
@@ -48,7 +51,6 @@ class PreferenceScorer:
 def load_preference(model: str, device: str | None = None) -> "PreferenceScorer | ImageRewardScorer":
     """The preference model `model` (id or directory), ImageReward or a CLIPModel; one line when it is neither."""
     from evals.imagereward import FIX, ImageRewardScorer, is_imagereward
-    from shards.errors import UserError
 
     if is_imagereward(model):
         return ImageRewardScorer(model, device)
@@ -58,18 +60,19 @@ def load_preference(model: str, device: str | None = None) -> "PreferenceScorer 
         folder = Path(model).expanduser()
         if not folder.is_dir() or (folder / "config.json").is_file():
             raise  # a hub id, or a CLIPModel folder that does not load: the CLIP loader's own line
-        raise UserError(f"--preference {model} is not a preference model (no CLIPModel config.json, no ImageReward.pt): {FIX}") from None
+        raise UserError(_NEITHER.format(model=model, fix=FIX)) from None
 
 
 def check_preference(model: str) -> None:
     """The check before any work (one line within seconds): the model, and ImageReward's tokenizer."""
-    from evals.imagereward import check, is_imagereward
+    from evals.imagereward import FIX, check, is_imagereward
     from shards.hub import check_model
 
     if is_imagereward(model):
-        check(model)
-    else:
-        check_model(model, "preference model", "--preference")
+        return check(model)
+    check_model(model, "preference model", "--preference")
+    if Path(model).expanduser().is_dir() and not (Path(model).expanduser() / "config.json").is_file():
+        raise UserError(_NEITHER.format(model=model, fix=FIX))
 
 
 def score_folder(scorer: "PreferenceScorer | ImageRewardScorer", prompts: list[dict], folder: Path, batch: int = 16) -> float | None:

@@ -225,3 +225,22 @@ def test_unreachable_hub_is_one_line_within_15_s(tmp_path, monkeypatch):
     start = time.monotonic()
     line = _one_line(lambda: load_preference("THUDM/ImageReward", "cpu"))
     assert "not reachable" in line and "THUDM/ImageReward" in line and time.monotonic() - start < 15
+
+
+def test_eval_with_a_directory_that_is_not_a_preference_model_stops_before_any_work(tmp_path):
+    """`eval --suite geneval --preference DIR` on a folder that is neither: exit 2, one line, before sampling."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "config.json").write_text("{}")  # only checked to exist before the preference check
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "notes.txt").write_text("not a model")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "cli.py", "eval", str(tmp_path), "--suite", "geneval", "--limit", "1", "--judge",
+                        str(tmp_path / "judge"), "--preference", str(tmp_path / "bad"), "--out", str(tmp_path / "out")],
+                       cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "ImageReward.pt" in r.stderr and "CLIPModel" in r.stderr and not list(tmp_path.rglob("*.png"))  # nothing sampled
