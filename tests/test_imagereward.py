@@ -130,7 +130,7 @@ def test_score_equals_a_forward_written_from_imagereward_source(tiny_ir):
 
 def test_preprocess_is_imagereward_transform():
     """preprocess == ImageReward's torchvision _transform: Resize(n, bicubic), CenterCrop(n), RGB, ToTensor, Normalize."""
-    tv = pytest.importorskip("torchvision.transforms")
+    import torchvision.transforms as tv  # installed with torch_fidelity (a dependency)
     from evals.imagereward import IMAGE_MEAN, IMAGE_STD, preprocess
 
     transform = tv.Compose([tv.Resize(32, interpolation=tv.InterpolationMode.BICUBIC), tv.CenterCrop(32),
