@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--judge", type=Path, default=Path("/tmp/t2i-judge-vlm"))
     ap.add_argument("--pairs", type=int, default=60, help="scenes; 4 questions each")
     ap.add_argument("--untrained", action="store_true", help=(
-        "an untrained tiny judge (the trained one's architecture and vocabulary) instead of training one (over an hour)"))
+        "an untrained tiny judge (the trained one's architecture and vocabulary) instead of training one (about 6 minutes)"))
     args = ap.parse_args()
     if args.untrained:
         from demo.judge_vlm import IMAGE_SIZE, VISION_HIDDEN, corpus
