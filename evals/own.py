@@ -120,7 +120,7 @@ def build_suite(captions: Sequence[str], n_prompts: int = 40, seed: int = 0, min
     heldout, seen = split_combos(count_combos(captions), min_count)
     if not heldout:
         raise UserError(f"the captions hold every combination of their parts ({len(seen)} seen at least {min_count} times): "
-                        "pass more caption shards, or a lower --min-count, for a held-out split")  # fmt: skip
+                        "pass the training images' caption shards only (held-out images' captions fill the gaps)")  # fmt: skip
     rng = np.random.default_rng(seed)
     pick = lambda xs: [xs[i] for i in sorted(rng.choice(len(xs), size=min(n_prompts, len(xs)), replace=False))]  # noqa: E731
     out = []
