@@ -91,6 +91,11 @@ def write_report(results: dict, base_dtype: str) -> None:
             for arm, run_ in runs[seed]["t2i"]["arms"].items():
                 body.append(arm_row(seed, dtype, arm, run_["final"], None if dtype == base_dtype else base[arm]["final"]))
     body += [""] + verdict(results, base_dtype)
+    se = 100 * (0.25 * 0.75 / n) ** 0.5
+    body += [f"- Noise: on {n} prompts one accuracy near chance (25%) has a standard error of {se:.1f} points, so the other "
+             "arms' changes of one to three prompts are within it. The default demo's arm (c) draws shape near chance with "
+             "either storage; what the comparison shows is colour and position (near 100% both ways) and the same shape and "
+             "all-three counts."]
     body += ["", "Time is not the claim here (the runs shared the machine, and a resumed run times only its last part); "
              "what ids cost in the training step is in `compact_text_bench`."]
     write_section("demo: compact text features", "\n".join(body))
