@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,16 +26,12 @@ TOLERANCE = 0.02  # issue 31: within 2 points of float16
 
 
 def run(root: Path, dtype: str, seed: int, quick: bool) -> dict:
-    """One demo run (resumed when it is there); its results. The bench's wall time goes to bench.json."""
+    """One demo run (resumed when it is there); its results."""
     from demo.run import DemoConfig, run_demo
 
-    out = root / dtype / f"seed-{seed}"
-    cfg = DemoConfig.for_mode("quick" if quick else "default", str(out), seed)
+    cfg = DemoConfig.for_mode("quick" if quick else "default", str(root / dtype / f"seed-{seed}"), seed)
     cfg.text_dtype = dtype
-    t0 = time.perf_counter()
-    results = run_demo(cfg, progress=False)
-    (out / "bench.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0, "load_avg": list(os.getloadavg())}))
-    return results
+    return run_demo(cfg, progress=False)
 
 
 def load(root: Path, dtype: str, seed: int) -> dict:

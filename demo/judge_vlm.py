@@ -133,12 +133,13 @@ def deep_labels(data: dict, readings: Sequence[dict], tokenizer, image_token_id:
     """Add the in-prompt targets (the module docstring) to `data["labels"]` (encode_examples'), in place.
     labels[j + 1] is the target of the logits at j."""
     words = _attribute_tokens(tokenizer)
+    word_ids = {word: i for i, (_, word) in words.items()}
     yes, no = (tokenizer(" " + a, add_special_tokens=False)["input_ids"][0] for a in ("Yes", "No"))
     for ids, labels, reading in zip(data["input_ids"].tolist(), data["labels"], readings):
         prompt_end = int((labels != -100).nonzero()[0])  # the first answer token
         last_image = max(j for j in range(prompt_end) if ids[j] == image_token_id)
         for offset, attribute in enumerate(SUMMARY):
-            labels[last_image + offset + 1] = tokenizer(" " + reading[attribute], add_special_tokens=False)["input_ids"][0]
+            labels[last_image + offset + 1] = word_ids[reading[attribute]]
         ok = None
         for j in range(last_image + 1, prompt_end - 1):
             if ids[j] in words:

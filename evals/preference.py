@@ -54,13 +54,8 @@ def load_preference(model: str, device: str | None = None) -> "PreferenceScorer 
 
     if is_imagereward(model):
         return ImageRewardScorer(model, device)
-    try:
-        return PreferenceScorer(model, device)
-    except UserError:
-        folder = Path(model).expanduser()
-        if not folder.is_dir() or (folder / "config.json").is_file():
-            raise  # a hub id, or a CLIPModel folder that does not load: the CLIP loader's own line
-        raise UserError(_NEITHER.format(model=model, fix=FIX)) from None
+    _refuse_folder_without_config(model, FIX)  # a hub id, or a CLIPModel folder that does not load: the CLIP loader's own line
+    return PreferenceScorer(model, device)
 
 
 def check_preference(model: str) -> None:
@@ -71,8 +66,14 @@ def check_preference(model: str) -> None:
     if is_imagereward(model):
         return check(model)
     check_model(model, "preference model", "--preference")
-    if Path(model).expanduser().is_dir() and not (Path(model).expanduser() / "config.json").is_file():
-        raise UserError(_NEITHER.format(model=model, fix=FIX))
+    _refuse_folder_without_config(model, FIX)
+
+
+def _refuse_folder_without_config(model: str, fix: str) -> None:
+    """One line for a directory that is neither ImageReward (asked first) nor a CLIPModel (no config.json)."""
+    folder = Path(model).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise UserError(_NEITHER.format(model=model, fix=fix))
 
 
 def score_folder(scorer: "PreferenceScorer | ImageRewardScorer", prompts: list[dict], folder: Path, batch: int = 16) -> float | None:
