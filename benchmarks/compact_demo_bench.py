@@ -37,7 +37,8 @@ def run(root: Path, dtype: str, seed: int, quick: bool) -> dict:
 def load(root: Path, dtype: str, seed: int) -> dict:
     path = root / dtype / f"seed-{seed}" / "results.json"
     if not path.exists():
-        sys.exit(f"{path} is missing: run without --report-only first")
+        print(f"{path} is missing: run without --report-only first", file=sys.stderr)
+        sys.exit(2)
     return json.loads(path.read_text())
 
 

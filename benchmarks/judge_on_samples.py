@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--label", default="", help="what the checkpoint is, for the section")
     args = ap.parse_args()
     if not (args.checkpoint_out / "judged").is_dir():
-        sys.exit(f"{args.checkpoint_out} holds no judged/ folder: pass a step-* folder of an `eval --suite own` output")
+        print(f"{args.checkpoint_out} holds no judged/ folder: pass a step-* folder of an `eval --suite own` output", file=sys.stderr)
+        sys.exit(2)
     by_image, by_category, exact_yes, vlm_yes = agreement(args.checkpoint_out)
     questions = [x for v in by_image.values() for x in v]
     share = float(np.mean(questions))
