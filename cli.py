@@ -590,10 +590,10 @@ def eval_cmd(
     preference: Optional[List[str]] = typer.Option(SuiteConfig.preference, "--preference", help=(
         "--suite: preference model (id or dir): CLIPModel (PickScore, HPSv2) or ImageReward; repeatable")),
     shards: Optional[Path] = typer.Option(SuiteConfig.shards, "--shards", help="--suite own: the caption shards"),
+    caption_column: str = typer.Option(SuiteConfig.caption_column, "--caption-column", help="--suite own: text field"),
     judge: str = typer.Option(SuiteConfig.judge, "--judge", help="--suite: the judge VLM (HF id or local directory)"),
     judge_backend: str = typer.Option(SuiteConfig.judge_backend, "--judge-backend", help="transformers | vllm"),
-    suite_prompts: int = typer.Option(SuiteConfig.suite_prompts, "--suite-prompts", help=(
-        "--suite own: combinations per split (each in 4 wordings)")),
+    suite_prompts: int = typer.Option(SuiteConfig.suite_prompts, "--suite-prompts", help="own: combinations per split"),
     clip: str = typer.Option(EvalConfig.clip, "--clip", help="CLIPModel for CLIPScore: HF id or local directory"),
     aesthetic: Optional[str] = typer.Option(EvalConfig.aesthetic, "--aesthetic", help=(
         "LAION aesthetic v2 head on that CLIP: .pth/.safetensors file or HF id")),

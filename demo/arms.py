@@ -45,7 +45,8 @@ class ArmSettings:
 def write_arm_shards(captions_dir: Path, records: dict, out_dir: Path, text: str) -> int:
     """The train split as caption shards whose `caption` is the VLM caption (`text="vlm"`) or the
     image's alt-text (`text="alt"`), with the class-cond stage's label columns: `shape`, and
-    `layout` ("<shape> <position>", e.g. "circle left"). Held-out combinations are left out.
+    `layout` ("<shape> <position>", e.g. "circle left"), and `caption_truth`: the world's dense
+    caption of the scene (what a perfect captioner writes). Held-out combinations are left out.
     Written once; a complete set with this schema is reused (one written before a column was
     added is rewritten)."""
     import pyarrow as pa
@@ -53,8 +54,11 @@ def write_arm_shards(captions_dir: Path, records: dict, out_dir: Path, text: str
 
     from shards import ShardWriter, clean_incomplete, complete_shards, iter_batches
     from shards.schema import CAPTION_SCHEMA
+    from tiny import world as W
 
-    schema = CAPTION_SCHEMA.append(pa.field("shape", pa.string())).append(pa.field("layout", pa.string()))
+    schema = CAPTION_SCHEMA
+    for column in ("shape", "layout", "caption_truth"):
+        schema = schema.append(pa.field(column, pa.string()))
     done = complete_shards(out_dir)
     if done and (out_dir / "manifest.json").exists() and pq.read_schema(str(done[0])).names == schema.names:
         return json.loads((out_dir / "manifest.json").read_text())["rows"]
@@ -70,7 +74,7 @@ def write_arm_shards(captions_dir: Path, records: dict, out_dir: Path, text: str
             if text == "alt":
                 row["caption"] = rec[0]["alt_text"]
             scene = rec[1]
-            w.add({**row, "shape": scene.shape, "layout": prior_label(scene, "layout")})
+            w.add({**row, "shape": scene.shape, "layout": prior_label(scene, "layout"), "caption_truth": W.dense_caption(scene)})
     return w.close()["rows"]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image
 
+from demo.eval_report import HEADER, eval_headline, eval_intro, eval_rows
 from shards.fs import write_text
 
 
@@ -201,6 +202,9 @@ def _summary_html(results: dict[str, Any], claims: list[tuple[str, str, str]], p
          f"accuracy is judged automatically on {len(t2i['prompts'])} prompts of held-out colour-shape-position combinations.</p>"]
     for title, text, _ in claims:
         h.append(f"<div class='claim'><b>{html.escape(title)}</b><br>{html.escape(text)}</div>")
+    if results.get("eval"):
+        title, text = eval_headline(results["eval"])
+        h.append(f"<div class='claim'><b>{html.escape(title)}</b><br>{html.escape(text)}</div>")
     if "curves" in plots:
         h.append(_img_tag(plots["curves"], 1000))
     if "prior" in plots:
@@ -219,6 +223,7 @@ def _details_html(results: dict[str, Any], examples: list[dict[str, Any]], plots
     sub = t2i["aesthetic"]["subset"]
     h = ["<h2>Details: accuracy against steps</h2>",
          _table(["arm", "step", "colour", "shape", "position", "all three"], _curve_rows(t2i["arms"])),
+         *_eval_html(results.get("eval")),
          "<h2>Details: the aesthetic stage (score + select)</h2>",
          f"<p>A tiny CLIP fitted on the world; an aesthetic head fitted (<code>score --fit-aesthetic</code>) on "
          f"{sub['rated']} images rated from the world's ground truth; <code>score</code> rated all {sub['rows']} "
@@ -245,6 +250,21 @@ def _details_html(results: dict[str, Any], examples: list[dict[str, Any]], plots
     return h
 
 
+def _eval_html(ev: dict[str, Any] | None) -> list[str]:
+    if not ev:
+        return []
+    title, text = eval_headline(ev)
+    return [f"<h2>Details: {html.escape(title)}</h2>", f"<p>{eval_intro(ev)}</p>", f"<p><b>{html.escape(text)}</b></p>",
+            _table(HEADER, eval_rows(ev))]
+
+
+def _eval_markdown(ev: dict[str, Any] | None) -> list[str]:
+    if not ev:
+        return []
+    title, text = eval_headline(ev)
+    return [f"## {title}", "", text, "", _md_table(HEADER, eval_rows(ev)), ""]
+
+
 def _markdown(results: dict[str, Any], claims: list[tuple[str, str, str]], out_dir: Path) -> list[str]:
     """The report's Markdown twin (no images)."""
     cap, stats, t2i = results["captioner"], results["stats"], results["t2i"]
@@ -255,6 +275,7 @@ def _markdown(results: dict[str, Any], claims: list[tuple[str, str, str]], out_d
         md += [f"**{title}.** {text}", ""]
     md += ["## Accuracy against steps (held-out combinations)", "",
            _md_table(["arm", "step", "colour", "shape", "position", "all three"], _curve_rows(t2i["arms"])), "",
+           *_eval_markdown(results.get("eval")),
            "## Captioner accuracy (VLM captions, parsed)", "",
            _md_table(["split", "attribute", "accuracy", "chance", ""], [(split, *r) for split in cap["accuracy"] for r in score_rows(cap["accuracy"][split])]),
            "", "## Caption statistics", "", _md_table(stats["header"], stats["rows"]), ""]

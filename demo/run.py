@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from demo.judge_vlm import SHIPPED_JUDGE
 from demo.teacher import SHIPPED_TEACHER  # noqa: F401  (what `teacher` may name: the shipped REPA teacher)
 from demo.vae import SHIPPED_VAE
 from shards.checks import SEED, check_output_dir
@@ -59,6 +60,10 @@ class DemoConfig:
     finetune_lr: float = 0.0  # arm d's learning rate (0: the arms' lr)
     curve_points: int = 5  # checkpoints judged per arm
     curve_prompts: int = 48  # held-out prompts judged per checkpoint
+    judge: str = str(SHIPPED_JUDGE)  # the eval stage's VLM judge (`python -m demo.judge_vlm`); "": no eval stage
+    eval_prompts: int = 6  # the eval stage's own-captions suite: combinations per split, each in 4 wordings
+    eval_min_count: int = 3  # captions a combination needs to count as seen
+    eval_captions: str = "caption"  # the arm shards' field the suite is drawn from: the VLM captions ("caption_truth": the world's)
     sampler_steps: int = 14  # DPM-Solver++ steps per sample
     rated: int = 300  # images "rated" by hand (ground truth) to fit the aesthetic head
     clip_steps: int = 300  # the tiny CLIP's contrastive fit
@@ -68,7 +73,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, out: str, seed: int = 0) -> "DemoConfig":
         return cls(out=out, seed=seed, world_train=160, world_heldout=24, captioner_steps=60, dit_steps=10,
-                   arm_steps=20, finetune_steps=10, curve_points=2, curve_prompts=8, sampler_steps=6, rated=80,
+                   arm_steps=20, finetune_steps=10, curve_points=2, curve_prompts=8, eval_prompts=1, eval_min_count=1, eval_captions="caption_truth", sampler_steps=6, rated=80,
                    clip_steps=30, examples=4)
 
     @classmethod
@@ -125,7 +130,7 @@ def demo_command(options: DemoOptions, log: Callable[[str], None] = print) -> No
 
 
 def _stage(log: Callable[[str], None], n: int, title: str) -> float:
-    log(f"[{n}/6] {title}")
+    log(f"[{n}/7] {title}")
     return time.perf_counter()
 
 
@@ -167,8 +172,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     t2i = _t2i(cfg, out, captions_dir, records, log, progress)
     timing.update({f"t2i_{k}": v for k, v in t2i.pop("timing").items()})
 
-    # 6. report
-    _stage(log, 6, "writing the report")
+    t0 = _stage(log, 6, "judging the arms on a suite drawn from their own captions (eval --suite own)")
+    evaluation = _eval_arms(cfg, out) if cfg.judge else None
+    timing["eval_s"] = time.perf_counter() - t0
+
+    _stage(log, 7, "writing the report")
     timing["total_s"] = time.perf_counter() - t_start
     results = {
         "config": asdict(cfg),
@@ -179,6 +187,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
                       "summary": dict(summary)},
         "stats": {"header": header, "rows": data_rows, "datasets": report.get("datasets")},
         "t2i": t2i,
+        "eval": evaluation,
     }
     html_path = _write_outputs(out, results, _examples(records, captions, sam.parent, cfg.examples))
     log(f"report: {html_path.resolve()}")
@@ -327,6 +336,16 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
             "vae_ceiling": json.loads(ceiling.read_text()) if ceiling.exists() else None,
             "resolution": cfg.t2i_resolution, "steps": cfg.arm_steps, "dit_steps": cfg.dit_steps,
             "dit_classes": cfg.dit_classes, "prompts": prompts, "scenes": scenes}
+
+
+def _eval_arms(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    """Arms a-d's final checkpoints on the own-captions suite, judged by `cfg.judge` (demo.eval_stage)."""
+    from demo.eval_stage import EvalStageSettings, eval_arms
+
+    settings = EvalStageSettings(judge=cfg.judge, prompts=cfg.eval_prompts, min_count=cfg.eval_min_count,
+                                 captions=cfg.eval_captions, sampler_steps=cfg.sampler_steps, seed=cfg.seed)
+    arm_dirs = {arm: out / "t2i" / f"arm-{arm}" for arm in "abcd"}
+    return eval_arms(arm_dirs, out / "t2i_shards_vlm", out / "eval", settings)
 
 
 def _arm_settings(cfg: DemoConfig, text_encoder: Path, progress: bool):

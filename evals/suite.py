@@ -35,6 +35,7 @@ class SuiteConfig:
 
     suite: str = "own"
     shards: str | Path | None = None  # caption shards the own suite is drawn from
+    caption_column: str = "caption"  # own: the shards' text field it reads (e.g. caption_dense, caption_short)
     out: str | Path = "eval"
     judge: str = "llava-hf/llava-1.5-7b-hf"
     judge_backend: str = "transformers"
@@ -60,6 +61,8 @@ class SuiteConfig:
             raise UserError(f"unknown --suite {self.suite!r}: use one of {', '.join(SUITES)}")
         if self.suite == "own" and (self.shards is None or not Path(self.shards).is_dir()):
             raise UserError(f"--shards {self.shards or '(not given)'} is not a directory: pass the caption shards the suite is drawn from")
+        if self.suite != "own" and self.caption_column != "caption":
+            raise UserError(f"--caption-column is for --suite own only: drop it (--suite {self.suite} has its own prompts)")
         if self.suite == "own" and (self.limit is not None or self.suite_file is not None):
             raise UserError(f"--{'limit' if self.limit is not None else 'suite-file'} is for the public suites: drop it "
                             "(--suite own is sized by --suite-prompts and drawn from --shards)")  # fmt: skip
@@ -78,12 +81,13 @@ class SuiteConfig:
                             "limit": Range(1, 10**6), "detector_threshold": Range(0, 1)})  # fmt: skip
 
 
-def _captions(shards: str | Path) -> list[str]:
+def _captions(shards: str | Path, column: str = "caption") -> list[str]:
     from shards.reader import iter_rows
 
-    caps = [r["caption"] for r in iter_rows(shards, columns=["caption"]) if r.get("caption")]
+    caps = [r[column] for r in iter_rows(shards, columns=[column]) if r.get(column)]
     if not caps:
-        raise UserError(f"--shards {shards} holds no captions: pass the output of `t2i-data caption`")
+        raise UserError(f"--shards {shards} holds no {column!r} text: pass the output of `t2i-data caption`, "
+                        "or name the field that holds the captions with --caption-column")  # fmt: skip
     return caps
 
 
@@ -101,7 +105,7 @@ def load_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
     path = Path(cfg.out) / "suite.jsonl"
     if path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    prompts = [p.to_dict() for p in build_suite(_captions(cfg.shards), cfg.suite_prompts, cfg.seed, cfg.min_count)]
+    prompts = [p.to_dict() for p in build_suite(_captions(cfg.shards, cfg.caption_column), cfg.suite_prompts, cfg.seed, cfg.min_count)]
     write_text(path, "".join(json.dumps(p) + "\n" for p in prompts))
     return prompts
 

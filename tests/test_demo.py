@@ -59,7 +59,15 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert 0 < sub["selected"] <= sub["rows"] and sub["rows"] == cfg["world_train"]
     assert pl.read_parquet(str(out / "curate" / "selected" / "*.parquet")).height == sub["selected"]
     assert t2i["aesthetic"]["samples"]["n"] == cfg["curve_prompts"]
-    # 6. the report opens with the three claims, then the curves and the side-by-side samples
+    # 6. eval: each arm's last checkpoint on one suite drawn from the VLM captions, answered by the shipped judge VLM
+    # and checked against the world's exact judge on the same images
+    ev = results["eval"]
+    assert set(ev) == {"a", "b", "c", "d"} and len({r["prompts"] for r in ev.values()}) == 1
+    for arm, r in ev.items():
+        assert r["agreement"]["images"] == r["prompts"] and r["agreement"]["questions"] == 4 * r["prompts"]
+        assert 0 <= r["agreement"]["agree"] <= 1 and (out / "eval" / f"arm-{arm}" / "eval.html").exists()
+    assert ev["d"]["checkpoint"].endswith(f"step-{cfg['finetune_steps']:07d}")
+    # 7. the report opens with the three claims, then the curves and the side-by-side samples
     html = (out / "report.html").read_text()
     first = html.index("1. A pixel prior")
     assert first < html.index("2. Dense VLM captions") < html.index("3. A short aesthetic fine-tune") < html.index("Captioner")
@@ -68,8 +76,9 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert html.count("data:image/png;base64") >= cfg["examples"] + 2
     assert (out / "report.md").exists() and (out / "figures" / "curves.png").exists() and (out / "figures" / "samples.png").exists()
     assert (out / "figures" / "prior.png").exists() and "The pixel prior (c) starts from" in html
-    # 7. what it cost: the ledgers of its writing jobs (caption, score, select, features, train), and the full-size plan
-    assert {r["job"] for r in results["cost"]["run"]["rows"]} == {"caption", "score", "select", "features", "train"}
+    assert html.count("A VLM judge on your own captions&#x27; suite: ") == 2 and "eval/arm-c/eval.html" in html
+    # 8. what it cost: the ledgers of its writing jobs (caption, score, select, features, train, judge), and the full-size plan
+    assert {r["job"] for r in results["cost"]["run"]["rows"]} == {"caption", "score", "select", "features", "train", "judge"}
     assert "What it cost" in html and [f["gpu"] for f in results["cost"]["full_size"]][:3] == ["V100", "A100-80GB", "H100"]
 
     # A rerun resumes: captions and the T2I stage are done, so nothing is redone.
@@ -81,7 +90,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert arm_shards and {p: p.stat().st_mtime_ns for p in (out / "t2i_shards_vlm").glob("*.parquet")} == arm_shards
     # ... and the same seed gives the same numbers (the arms are finished, their judgements cached or redone alike)
     assert again["t2i"]["arms"] == results["t2i"]["arms"] and again["t2i"]["claims"] == results["t2i"]["claims"]
-    assert again["t2i"]["prior"] == results["t2i"]["prior"]
+    assert again["t2i"]["prior"] == results["t2i"]["prior"] and again["eval"] == results["eval"]
 
 
 def test_the_shipped_vae_keeps_the_world_legible():

@@ -215,3 +215,20 @@ def test_eval_suite_own_samples_judges_reports_and_resumes(judge_dir, world_mode
     again = run_suite(tmp_path / "run", scfg)
     assert again["checkpoints"][0]["newly_judged"] == 0 and ck["newly_judged"] == ck["judged"]
     assert again["checkpoints"][0]["drawn"] == ck["drawn"] and [p.stat().st_mtime_ns for p in pngs] == stamps
+
+
+def test_own_suite_reads_the_caption_column_it_is_given(tmp_path):
+    """--caption-column picks the shards' text field the own suite is drawn from; a field with no
+    text is one line naming the flag, and the flag is refused with a public suite."""
+    from evals.suite import SuiteConfig, load_suite
+    from shards.errors import UserError
+    from tiny.alignment import write_world_shards
+
+    write_world_shards(tmp_path / "captions", 200)
+    (tmp_path / "a").mkdir()
+    prompts = load_suite(SuiteConfig(shards=tmp_path / "captions", out=tmp_path / "a", suite_prompts=3))
+    assert prompts and {p["split"] for p in prompts} == {"heldout", "seen"}
+    with pytest.raises(UserError, match="holds no 'caption_dense' text.*--caption-column"):
+        load_suite(SuiteConfig(shards=tmp_path / "captions", out=tmp_path / "b", caption_column="caption_dense"))
+    with pytest.raises(UserError, match="--caption-column is for --suite own only"):
+        SuiteConfig(suite="geneval", caption_column="caption_dense").validate()

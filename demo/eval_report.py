@@ -1,0 +1,54 @@
+"""The demo report's eval section: arms (a)-(d) on the suite drawn from their own captions, as the
+shipped judge VLM answered it, beside the world's exact judge on the same images (demo.eval_stage).
+
+The headline is computed from arm (c)'s agreement: below the target the section says the judge's
+figures are not shown to stand in for the truth, and the exact judge's figures are the ones to read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from demo.eval_stage import AGREEMENT_TARGET
+
+CATEGORIES = ("object", "attribute", "relation", "combination")
+HEADER = ["arm", *(f"held-out {c}: VLM (exact)" for c in CATEGORIES), "held-out prompts drawn (VLM)", "judges agree"]
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def eval_headline(ev: dict[str, Any]) -> tuple[str, str]:
+    """(title, sentence) of the section, from arm (c)'s agreement with the exact judge."""
+    c = ev["c"]["agreement"]
+    figure = (f"on arm (c)'s samples the judge VLM agrees with the world's exact judge on {_pct(c['agree'])} of "
+              f"{c['questions']} questions about {c['images']} images (target {_pct(AGREEMENT_TARGET)}; "
+              f"it says yes to {_pct(c['vlm_yes'])}, the exact judge to {_pct(c['exact_yes'])})")
+    if c["agree"] is not None and c["agree"] >= AGREEMENT_TARGET:
+        return "A VLM judge on your own captions' suite: shown", f"Shown: {figure}, so its figures stand in for the truth here."
+    return ("A VLM judge on your own captions' suite: not shown",
+            f"Not shown: {figure}, so its per-arm figures do not stand in for the truth; read the exact judge's beside them.")
+
+
+def eval_rows(ev: dict[str, Any]) -> list[tuple]:
+    """Per arm: the held-out yes-rate per question category, the VLM's with the exact judge's in
+    brackets, the share of held-out prompts (caption wording) the VLM judged fully drawn, and the agreement."""
+    rows = []
+    for arm, r in ev.items():
+        q, exact = r["questions"], r["agreement"]["exact_questions"]
+        cells = [f"{_pct(q.get(f'heldout/{c}'))} ({_pct(exact.get(f'heldout/{c}'))})" for c in CATEGORIES]
+        rows.append((f"({arm})", *cells, _pct(r["drawn"].get("heldout/caption")), _pct(r["agreement"]["agree"])))
+    return rows
+
+
+def eval_intro(ev: dict[str, Any]) -> str:
+    """What was run, in one paragraph."""
+    first = next(iter(ev.values()))
+    source = {"caption": "the world's VLM captions", "caption_truth": "the world's ground-truth captions (--quick: its "
+              "captioner is too short to name combinations)"}.get(first["captions"], f"the arm shards' {first['captions']!r} field")  # fmt: skip
+    return (f"Each arm's final checkpoint was sampled on the same {first['prompts']} prompts that <code>eval --suite own</code> "
+            f"drew from {source} (combinations the captions never pair are the held-out split; each is asked "
+            "in four wordings), and the shipped judge VLM (<code>python -m demo.judge_vlm</code>) answered their questions. "
+            "The world's exact judge read the same images. Per arm, the full eval report: "
+            + ", ".join(f"<a href='eval/arm-{arm}/eval.html'>({arm})</a>" for arm in ev) + ".")

@@ -1,0 +1,102 @@
+"""The demo's eval stage: every arm's final checkpoint judged on a suite drawn from the world's own
+VLM captions (`t2i-data eval --suite own`, evals.suite) by the judge VLM the demo ships
+(demo/assets/tiny_judge, fitted offline by `python -m demo.judge_vlm`), and that judge checked
+against the world's exact judge (tiny.judge) on the very images it judged.
+
+On the demo world the truth is known, so the report can say whether the VLM judge's figures may
+stand in for it: `agreement` is the share of questions on which the two judges give the same answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from tiny import judge as J
+
+AGREEMENT_TARGET = 0.90  # issue 32: the own suite's judgement of arm (c) agrees with the exact judge on >= 90%
+
+
+@dataclass
+class EvalStageSettings:
+    """What the stage runs with: the judge, the suite's size (combinations per split, each asked in
+    four wordings), the shards' field it is drawn from and how often a combination must occur
+    there to count as seen, and the arms' sampler."""
+
+    judge: str
+    prompts: int
+    min_count: int
+    captions: str  # the shards' field the suite is drawn from
+    sampler_steps: int
+    seed: int
+    batch_size: int = 32
+
+
+def agreement(rows: Iterable[Mapping[str, Any]], root: Path | None = None) -> dict[str, Any]:
+    """The VLM judge's answers (judge shards' rows) against the exact judge's reading of the same
+    images: the share that agree (per '<split>/<question category>' too, and the share of images on
+    which every question agrees), and both judges' yes-rates.
+    A relative image path is read from `root` when it is not found as it is."""
+    from PIL import Image
+
+    readings: dict[str, dict] = {}
+    same: dict[str, list[bool]] = {}
+    exact_yes: dict[str, list[bool]] = {}
+    vlm_yes: list[bool] = []
+    by_image: dict[str, list[bool]] = {}
+    for row in rows:
+        if row.get("error") is not None:
+            continue
+        image = row["image"]
+        if image not in readings:
+            path = Path(image)
+            path = path if path.exists() or root is None else root / path
+            readings[image] = J.judge_image(Image.open(path).convert("RGB"))
+        exact = J.answer_question(row["question"], readings[image])
+        split, *_, cat = row["category"].split("/")
+        same.setdefault(f"{split}/{cat}", []).append((row["answer"] == "yes") == exact)
+        by_image.setdefault(image, []).append((row["answer"] == "yes") == exact)
+        exact_yes.setdefault(f"{split}/{cat}", []).append(exact)
+        vlm_yes.append(row["answer"] == "yes")
+    flat = [x for v in same.values() for x in v]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"questions": len(flat), "images": len(readings), "agree": mean(flat),
+            "images_all_agree": mean([all(v) for v in by_image.values()]),
+            "by_category": {k: mean(v) for k, v in sorted(same.items())},
+            "exact_questions": {k: mean(v) for k, v in sorted(exact_yes.items())},
+            "exact_yes": mean([x for v in exact_yes.values() for x in v]), "vlm_yes": mean(vlm_yes)}  # fmt: skip
+
+
+def eval_arm(checkpoint: Path, shards: Path, out: Path, s: EvalStageSettings) -> dict[str, Any]:
+    """One arm: `eval --suite own` on its checkpoint into `out` (resumable: sampled PNGs and judged
+    questions are kept), then the judge's agreement with the exact judge on those images."""
+    from evals.judge_job import read_judged
+    from evals.suite import SuiteConfig, run_suite
+    from t2i.evaluate import safe_name
+
+    cfg = SuiteConfig(suite="own", shards=shards, out=out, judge=s.judge, suite_prompts=s.prompts, min_count=s.min_count, caption_column=s.captions, steps=s.sampler_steps,
+                      seed=s.seed, batch_size=s.batch_size, progress=False)  # fmt: skip
+    report = run_suite(checkpoint, cfg)
+    result = report["checkpoints"][-1]
+    rows = read_judged(out / safe_name(result["name"]) / "judged")
+    return {"checkpoint": str(checkpoint), "captions": s.captions, "prompts": report["prompts"], "questions": result["questions"],
+            "drawn": result["drawn"], "agreement": agreement(rows), "html": str(out / "eval.html")}  # fmt: skip
+
+
+def eval_arms(arm_dirs: Mapping[str, Path], shards: Path, out: Path, s: EvalStageSettings) -> dict[str, Any]:
+    """Every arm's last checkpoint on the same suite (built once from `shards`, then copied to each
+    arm's folder so all four answer the same prompts); {arm: eval_arm(...)}."""
+    from demo.arms import checkpoints
+    from shards.fs import write_text
+
+    results: dict[str, Any] = {}
+    suite = None
+    for arm, stage_dir in arm_dirs.items():
+        arm_out = out / f"arm-{arm}"
+        if suite is not None and not (arm_out / "suite.jsonl").is_file():
+            arm_out.mkdir(parents=True, exist_ok=True)
+            write_text(arm_out / "suite.jsonl", suite)
+        results[arm] = eval_arm(checkpoints(stage_dir)[-1][1], shards, arm_out, s)
+        suite = (arm_out / "suite.jsonl").read_text()
+    return results
