@@ -6,6 +6,7 @@ section of BENCHMARKS.md (issue 32: >= 90% on the demo's arm (c)).
     t2i-data eval DEMO/t2i/arm-c/checkpoints/step-0000800 --suite own --shards DEMO/t2i_shards_vlm \\
         --judge JUDGE --suite-prompts 20 --out EV
     python benchmarks/judge_on_samples.py EV/step-0000800 --label "default demo, arm (c), seed 0"
+    python benchmarks/judge_on_samples.py DEMO/eval/arm-c/step-0000800 ...   # the demo's eval stage; several folders: one block each
 """
 
 from __future__ import annotations
@@ -21,23 +22,30 @@ from demo.eval_stage import AGREEMENT_TARGET, agreement  # noqa: E402
 from evals.judge_job import read_judged  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("checkpoint_out", type=Path, help="an eval --suite own output's step-* folder")
-    ap.add_argument("--label", default="", help="what the checkpoint is, for the section")
-    args = ap.parse_args()
-    if not (args.checkpoint_out / "judged").is_dir():
-        print(f"{args.checkpoint_out} holds no judged/ folder: pass a step-* folder of an `eval --suite own` output", file=sys.stderr)
-        sys.exit(2)
-    a = agreement(read_judged(args.checkpoint_out / "judged"), root=args.checkpoint_out)
+def block(checkpoint_out: Path, label: str) -> list[str]:
+    """The section's lines for one `eval --suite own` checkpoint folder."""
+    a = agreement(read_judged(checkpoint_out / "judged"), root=checkpoint_out)
     verdict = "reaches" if a["agree"] >= AGREEMENT_TARGET else "does NOT reach"
-    body = [f"{args.label or args.checkpoint_out}: {a['questions']} questions about {a['images']} sampled images "
+    return [f"{label or checkpoint_out}: {a['questions']} questions about {a['images']} sampled images "
             f"(`eval --suite own`), each image read again by the world's exact judge.", "",
             f"- **The judge {verdict} {AGREEMENT_TARGET:.0%}: {a['agree']:.1%} of the questions agree** "
             f"({a['images_all_agree']:.1%} of the images on every question).",
             "- By category: " + ", ".join(f"{c} {v:.1%}" for c, v in a["by_category"].items()) + ".",
-            f"- Yes: the exact judge {a['exact_yes']:.1%}, the VLM judge {a['vlm_yes']:.1%}."]
-    write_section("judge on samples", "\n".join(body))
+            f"- Yes: the exact judge {a['exact_yes']:.1%}, the VLM judge {a['vlm_yes']:.1%}.", ""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint_out", type=Path, nargs="+", help="eval --suite own outputs' step-* folders")
+    ap.add_argument("--label", action="append", default=[], help="what each checkpoint is, in order (repeat)")
+    args = ap.parse_args()
+    for folder in args.checkpoint_out:
+        if not (folder / "judged").is_dir():
+            print(f"{folder} holds no judged/ folder: pass a step-* folder of an `eval --suite own` output", file=sys.stderr)
+            sys.exit(2)
+    labels = args.label + [""] * (len(args.checkpoint_out) - len(args.label))
+    body = [line for folder, label in zip(args.checkpoint_out, labels) for line in block(folder, label)]
+    write_section("judge on samples", "\n".join(body).rstrip())
 
 
 if __name__ == "__main__":

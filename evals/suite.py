@@ -165,7 +165,7 @@ def judge_checkpoint(t, prompts: list[dict], cfg: SuiteConfig, jcfg, scorers: di
     from t2i.evaluate import safe_name
 
     ck = Path(cfg.out) / safe_name(t.name)
-    folder = ck / f"suite-{cfg.suite}"
+    folder = (ck / f"suite-{cfg.suite}").resolve()  # absolute in the judge shards: readable from any working directory
     sample_suite(t, prompts, cfg, folder, device)
     own, detector = cfg.suite == "own", scorers.get("detector")
     jcfg.out = ck / ("judged" if own else f"judged-{cfg.suite}")

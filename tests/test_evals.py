@@ -188,9 +188,11 @@ def test_unreachable_judge_and_bad_suites_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_suite_own_samples_judges_reports_and_resumes(judge_dir, world_models, tmp_path):
+def test_eval_suite_own_samples_judges_reports_and_resumes(judge_dir, world_models, tmp_path, monkeypatch):
     """`eval --suite own` end to end on a 1-step tiny PixArt: prompts from world caption shards,
-    samples, judge shards, suite_own.json and eval.html; a rerun samples and judges nothing new."""
+    samples, judge shards, suite_own.json and eval.html; a rerun samples and judges nothing new.
+    A relative --out still writes absolute image paths into the judge shards."""
+    from evals.judge_job import read_judged
     from evals.suite import SuiteConfig, run_suite
     from t2i.stage import run_stage
     from t2i.train import TrainConfig
@@ -201,10 +203,13 @@ def test_eval_suite_own_samples_judges_reports_and_resumes(judge_dir, world_mode
     cfg = TrainConfig(preset="PixArt-tiny/2", resolution=16, vae=world_models["vae"], text_encoder=world_models["text_encoder"],
                       max_tokens=40, text_dtype="float32", batch_size=8, steps=1, checkpoint_every=1000, loader_workers=0)  # fmt: skip
     run_stage(cfg, tmp_path / "run", shards=tmp_path / "captions", progress=False)
-    scfg = SuiteConfig(shards=tmp_path / "captions", out=tmp_path / "eval", judge=str(judge_dir), suite_prompts=2, steps=2,
+    monkeypatch.chdir(tmp_path)
+    scfg = SuiteConfig(shards=tmp_path / "captions", out="eval", judge=str(judge_dir), suite_prompts=2, steps=2,
                        batch_size=8, progress=False)  # fmt: skip
     report = run_suite(tmp_path / "run", scfg)
     (ck,) = report["checkpoints"]
+    rows = read_judged(tmp_path / "eval" / ck["name"] / "judged")
+    assert len(rows) == ck["judged"] and all(Path(r["image"]).is_absolute() and Path(r["image"]).is_file() for r in rows)
     assert report["prompts"] == 2 * 2 * 4 and ck["judged"] == 2 * 2 * 4 * 4
     assert set(ck["drawn"]) == {f"{s}/{v}" for s in ("heldout", "seen") for v in ("caption", "order", "synonym", "keywords")}
     assert all(0 <= x <= 1 for x in [*ck["drawn"].values(), *ck["questions"].values()])
