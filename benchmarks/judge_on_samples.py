@@ -25,13 +25,15 @@ from evals.judge_job import read_judged  # noqa: E402
 def block(checkpoint_out: Path, label: str) -> list[str]:
     """The section's lines for one `eval --suite own` checkpoint folder."""
     a = agreement(read_judged(checkpoint_out / "judged"), root=checkpoint_out)
-    verdict = "reaches" if a["agree"] >= AGREEMENT_TARGET else "does NOT reach"
+    verdict = "reaches" if a["agree"] >= AGREEMENT_TARGET and a["agree"] > a["constant"] else "does NOT reach"
     return [f"{label or checkpoint_out}: {a['questions']} questions about {a['images']} sampled images "
             f"(`eval --suite own`), each image read again by the world's exact judge.", "",
             f"- **The judge {verdict} {AGREEMENT_TARGET:.0%}: {a['agree']:.1%} of the questions agree** "
             f"({a['images_all_agree']:.1%} of the images on every question).",
             "- By category: " + ", ".join(f"{c} {v:.1%}" for c, v in a["by_category"].items()) + ".",
-            f"- Yes: the exact judge {a['exact_yes']:.1%}, the VLM judge {a['vlm_yes']:.1%}.", ""]
+            f"- Yes: the exact judge {a['exact_yes']:.1%}, the VLM judge {a['vlm_yes']:.1%}. A judge always giving the "
+            f"commoner answer would agree {a['constant']:.1%}; balanced accuracy (the mean of the shares of true yes and "
+            f"true no it gets) {a['balanced']:.1%}.", ""]
 
 
 def main() -> None:
@@ -44,7 +46,9 @@ def main() -> None:
             print(f"{folder} holds no judged/ folder: pass a step-* folder of an `eval --suite own` output", file=sys.stderr)
             sys.exit(2)
     labels = args.label + [""] * (len(args.checkpoint_out) - len(args.label))
-    body = [line for folder, label in zip(args.checkpoint_out, labels) for line in block(folder, label)]
+    body = [f"'Reaches' needs {AGREEMENT_TARGET:.0%} agreement AND more than a judge that always gives the commoner answer "
+            "would agree: on blobs the truth is mostly no, so saying no to everything can pass the bar alone.", ""]
+    body += [line for folder, label in zip(args.checkpoint_out, labels) for line in block(folder, label)]
     write_section("judge on samples", "\n".join(body).rstrip())
 
 

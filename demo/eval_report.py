@@ -12,7 +12,8 @@ from typing import Any
 from demo.eval_stage import AGREEMENT_TARGET
 
 CATEGORIES = ("object", "attribute", "relation", "combination")
-HEADER = ["arm", *(f"held-out {c}: VLM (exact)" for c in CATEGORIES), "held-out prompts drawn (VLM)", "judges agree"]
+HEADER = ["arm", *(f"held-out {c}: VLM (exact)" for c in CATEGORIES), "held-out prompts drawn (VLM)", "judges agree",
+          "always the commoner answer", "balanced accuracy"]  # fmt: skip
 
 
 def _pct(x: float | None) -> str:
@@ -20,12 +21,16 @@ def _pct(x: float | None) -> str:
 
 
 def eval_headline(ev: dict[str, Any]) -> tuple[str, str]:
-    """(title, sentence) of the section, from arm (c)'s agreement with the exact judge."""
+    """(title, sentence) of the section, from arm (c)'s agreement with the exact judge: shown when it
+    reaches the target AND beats a judge that always gives the commoner answer (on blobs the truth
+    is mostly no, so saying no to everything agrees often)."""
     c = ev["c"]["agreement"]
     figure = (f"on arm (c)'s samples the judge VLM agrees with the world's exact judge on {_pct(c['agree'])} of "
               f"{c['questions']} questions about {c['images']} images (target {_pct(AGREEMENT_TARGET)}; "
-              f"it says yes to {_pct(c['vlm_yes'])}, the exact judge to {_pct(c['exact_yes'])})")
-    if c["agree"] is not None and c["agree"] >= AGREEMENT_TARGET:
+              f"always giving the commoner answer would agree {_pct(c.get('constant'))}; balanced accuracy "
+              f"{_pct(c.get('balanced'))}; it says yes to {_pct(c['vlm_yes'])}, the exact judge to {_pct(c['exact_yes'])})")
+    agree, constant = c["agree"], c.get("constant")
+    if agree is not None and constant is not None and agree >= AGREEMENT_TARGET and agree > constant:
         return "A VLM judge on your own captions' suite: shown", f"Shown: {figure}, so its figures stand in for the truth here."
     return ("A VLM judge on your own captions' suite: not shown",
             f"Not shown: {figure}, so its per-arm figures do not stand in for the truth; read the exact judge's beside them.")
@@ -33,12 +38,15 @@ def eval_headline(ev: dict[str, Any]) -> tuple[str, str]:
 
 def eval_rows(ev: dict[str, Any]) -> list[tuple]:
     """Per arm: the held-out yes-rate per question category, the VLM's with the exact judge's in
-    brackets, the share of held-out prompts (caption wording) the VLM judged fully drawn, and the agreement."""
+    brackets, the share of held-out prompts (caption wording) the VLM judged fully drawn, the agreement,
+    what always giving the commoner answer would agree, and the balanced accuracy."""
     rows = []
     for arm, r in ev.items():
         q, exact = r["questions"], r["agreement"]["exact_questions"]
         cells = [f"{_pct(q.get(f'heldout/{c}'))} ({_pct(exact.get(f'heldout/{c}'))})" for c in CATEGORIES]
-        rows.append((f"({arm})", *cells, _pct(r["drawn"].get("heldout/caption")), _pct(r["agreement"]["agree"])))
+        a = r["agreement"]
+        rows.append((f"({arm})", *cells, _pct(r["drawn"].get("heldout/caption")), _pct(a["agree"]), _pct(a.get("constant")),
+                     _pct(a.get("balanced"))))  # fmt: skip
     return rows
 
 

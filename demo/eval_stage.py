@@ -36,7 +36,9 @@ class EvalStageSettings:
 def agreement(rows: Iterable[Mapping[str, Any]], root: Path | None = None) -> dict[str, Any]:
     """The VLM judge's answers (judge shards' rows) against the exact judge's reading of the same
     images: the share that agree (per '<split>/<question category>' too, and the share of images on
-    which every question agrees), and both judges' yes-rates.
+    which every question agrees), both judges' yes-rates, the balanced accuracy (the mean of the
+    share of true yes and of true no it gets) and what a judge always giving the commoner answer
+    would agree (when the truth is mostly no, a judge saying no to everything agrees that often).
     A relative image path is read from `root` when it is not found as it is."""
     from PIL import Image
 
@@ -60,12 +62,17 @@ def agreement(rows: Iterable[Mapping[str, Any]], root: Path | None = None) -> di
         exact_yes.setdefault(f"{split}/{cat}", []).append(exact)
         vlm_yes.append(row["answer"] == "yes")
     flat = [x for v in same.values() for x in v]
+    truth = [x for v in exact_yes.values() for x in v]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    recall = [mean([ok for ok, t in zip(flat, truth) if t == side]) for side in (True, False)]
+    yes_share = mean(truth)
     return {"questions": len(flat), "images": len(readings), "agree": mean(flat),
+            "balanced": None if None in recall else sum(recall) / 2,  # the mean of the yes- and no-recall
+            "constant": None if yes_share is None else max(yes_share, 1 - yes_share),  # always the commoner answer
             "images_all_agree": mean([all(v) for v in by_image.values()]),
             "by_category": {k: mean(v) for k, v in sorted(same.items())},
             "exact_questions": {k: mean(v) for k, v in sorted(exact_yes.items())},
-            "exact_yes": mean([x for v in exact_yes.values() for x in v]), "vlm_yes": mean(vlm_yes)}  # fmt: skip
+            "exact_yes": yes_share, "vlm_yes": mean(vlm_yes)}  # fmt: skip
 
 
 def eval_arm(checkpoint: Path, shards: Path, out: Path, s: EvalStageSettings) -> dict[str, Any]:

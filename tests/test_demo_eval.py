@@ -37,15 +37,22 @@ def test_agreement_compares_each_answer_with_the_exact_reading(tmp_path):
     assert got["agree"] == pytest.approx(0.5)
     assert set(got["by_category"]) == {f"{s}/{c}" for s in ("seen", "heldout") for c in ("object", "attribute", "relation", "combination")}
     assert got["exact_yes"] == pytest.approx(sum(truth) / len(truth)) and 0 < got["exact_yes"] < 1
+    assert got["constant"] == pytest.approx(max(got["exact_yes"], 1 - got["exact_yes"]))
     for r in rows[:-1]:
         r["answer"] = "yes"
-    assert agreement(rows, root=tmp_path)["agree"] == pytest.approx(got["exact_yes"])  # always-yes agrees exactly on the true ones
+    always_yes = agreement(rows, root=tmp_path)
+    assert always_yes["agree"] == pytest.approx(got["exact_yes"])  # always-yes agrees exactly on the true ones
+    assert always_yes["balanced"] == pytest.approx(0.5)  # all of the true yes, none of the true no
+    for r, t in zip(rows, truth):
+        r["answer"] = "yes" if t else "no"
+    assert agreement(rows, root=tmp_path)["balanced"] == pytest.approx(1.0)
 
 
 def test_the_eval_headline_follows_the_agreement():
-    def ev(agree):
-        a = {"agree": agree, "questions": 192, "images": 48, "vlm_yes": 0.3, "exact_yes": 0.2,
-             "exact_questions": {"heldout/object": 0.25}}
+    """Shown only at >= 90% agreement that also beats always giving the commoner answer."""
+    def ev(agree, constant=0.8):
+        a = {"agree": agree, "constant": constant, "balanced": 0.75, "questions": 192, "images": 48, "vlm_yes": 0.3,
+             "exact_yes": 0.2, "exact_questions": {"heldout/object": 0.25}}
         return {"c": {"prompts": 48, "questions": {"heldout/object": 0.5}, "drawn": {"heldout/caption": 0.125}, "agreement": a}}
 
     title, text = eval_headline(ev(0.93))
@@ -53,8 +60,11 @@ def test_the_eval_headline_follows_the_agreement():
     title, text = eval_headline(ev(0.70))
     assert title.endswith(": not shown") and text.startswith("Not shown:") and "70%" in text and "target 90%" in text
     assert eval_headline(ev(None))[0].endswith("not shown")
+    # a judge saying no to everything on mostly-no truth reaches 90% without judging anything
+    title, text = eval_headline(ev(0.91, constant=0.91))
+    assert title.endswith(": not shown") and "commoner answer would agree 91%" in text
     row = eval_rows(ev(0.7))[0]
-    assert row[0] == "(c)" and row[1] == "50% (25%)" and row[-2:] == ("12%", "70%")
+    assert row[0] == "(c)" and row[1] == "50% (25%)" and row[-4:] == ("12%", "70%", "80%", "75%")
 
 
 @pytest.mark.slow
