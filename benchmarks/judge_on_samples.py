@@ -20,11 +20,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._report import write_section  # noqa: E402
 from demo.eval_stage import AGREEMENT_TARGET, agreement  # noqa: E402
 from evals.judge_job import read_judged  # noqa: E402
+from shards.reader import ShardError  # noqa: E402
 
 
 def block(checkpoint_out: Path, label: str) -> list[str]:
     """The section's lines for one `eval --suite own` checkpoint folder."""
-    a = agreement(read_judged(checkpoint_out / "judged"), root=checkpoint_out)
+    try:
+        a = agreement(read_judged(checkpoint_out / "judged"), root=checkpoint_out)
+    except ShardError:  # the reader's own line names `caption`; these shards are the judge's
+        a = {"questions": 0}
+    if not a["questions"]:
+        print(f"{checkpoint_out}/judged holds no complete judge shards with an answer: rerun its `eval --suite own`", file=sys.stderr)
+        sys.exit(2)
     verdict = "reaches" if a["agree"] >= AGREEMENT_TARGET and a["agree"] > a["constant"] else "does NOT reach"
     return [f"{label or checkpoint_out}: {a['questions']} questions about {a['images']} sampled images "
             f"(`eval --suite own`), each image read again by the world's exact judge.", "",

@@ -43,10 +43,7 @@ def agreement(rows: Iterable[Mapping[str, Any]], root: Path | None = None) -> di
     from PIL import Image
 
     readings: dict[str, dict] = {}
-    same: dict[str, list[bool]] = {}
-    exact_yes: dict[str, list[bool]] = {}
-    vlm_yes: list[bool] = []
-    by_image: dict[str, list[bool]] = {}
+    judged = []  # (category, image, the VLM said yes, the exact judge says yes), one per answered question
     for row in rows:
         if row.get("error") is not None:
             continue
@@ -55,24 +52,31 @@ def agreement(rows: Iterable[Mapping[str, Any]], root: Path | None = None) -> di
             path = Path(image)
             path = path if path.exists() or root is None else root / path
             readings[image] = J.judge_image(Image.open(path).convert("RGB"))
-        exact = J.answer_question(row["question"], readings[image])
         split, *_, cat = row["category"].split("/")
-        same.setdefault(f"{split}/{cat}", []).append((row["answer"] == "yes") == exact)
-        by_image.setdefault(image, []).append((row["answer"] == "yes") == exact)
-        exact_yes.setdefault(f"{split}/{cat}", []).append(exact)
-        vlm_yes.append(row["answer"] == "yes")
-    flat = [x for v in same.values() for x in v]
-    truth = [x for v in exact_yes.values() for x in v]
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    recall = [mean([ok for ok, t in zip(flat, truth) if t == side]) for side in (True, False)]
-    yes_share = mean(truth)
-    return {"questions": len(flat), "images": len(readings), "agree": mean(flat),
+        judged.append((f"{split}/{cat}", image, row["answer"] == "yes", J.answer_question(row["question"], readings[image])))
+    agree = [said == exact for _, _, said, exact in judged]
+    recall = [_mean([a for a, j in zip(agree, judged) if j[3] == side]) for side in (True, False)]
+    yes_share = _mean([exact for *_, exact in judged])
+    by_category = _grouped(judged, agree, lambda j: j[0])
+    return {"questions": len(judged), "images": len(readings), "agree": _mean(agree),
             "balanced": None if None in recall else sum(recall) / 2,  # the mean of the yes- and no-recall
             "constant": None if yes_share is None else max(yes_share, 1 - yes_share),  # always the commoner answer
-            "images_all_agree": mean([all(v) for v in by_image.values()]),
-            "by_category": {k: mean(v) for k, v in sorted(same.items())},
-            "exact_questions": {k: mean(v) for k, v in sorted(exact_yes.items())},
-            "exact_yes": yes_share, "vlm_yes": mean(vlm_yes)}  # fmt: skip
+            "images_all_agree": _mean([all(v) for v in _grouped(judged, agree, lambda j: j[1]).values()]),
+            "by_category": {k: _mean(v) for k, v in by_category.items()},
+            "exact_questions": {k: _mean(v) for k, v in _grouped(judged, [j[3] for j in judged], lambda j: j[0]).items()},
+            "exact_yes": yes_share, "vlm_yes": _mean([j[2] for j in judged])}  # fmt: skip
+
+
+def _mean(xs: list) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _grouped(items: list, values: list, key) -> dict[str, list]:
+    """`values` (one per item) grouped by `key(item)`, keys sorted."""
+    out: dict[str, list] = {}
+    for item, value in zip(items, values):
+        out.setdefault(key(item), []).append(value)
+    return dict(sorted(out.items()))
 
 
 def eval_arm(checkpoint: Path, shards: Path, out: Path, s: EvalStageSettings) -> dict[str, Any]:

@@ -73,8 +73,8 @@ class DemoConfig:
     @classmethod
     def quick(cls, out: str, seed: int = 0) -> "DemoConfig":
         return cls(out=out, seed=seed, world_train=160, world_heldout=24, captioner_steps=60, dit_steps=10,
-                   arm_steps=20, finetune_steps=10, curve_points=2, curve_prompts=8, eval_prompts=1, eval_min_count=1, eval_captions="caption_truth", sampler_steps=6, rated=80,
-                   clip_steps=30, examples=4)
+                   arm_steps=20, finetune_steps=10, curve_points=2, curve_prompts=8, sampler_steps=6, rated=80,
+                   clip_steps=30, examples=4, eval_prompts=1, eval_min_count=1, eval_captions="caption_truth")
 
     @classmethod
     def full(cls, out: str, seed: int = 0) -> "DemoConfig":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -114,7 +114,7 @@ def paraphrases(combo: Combo) -> dict[str, str]:
     return {"caption": caption, "order": order, "synonym": synonym, "keywords": keywords}
 
 
-def build_suite(captions: Sequence[str], n_prompts: int = 40, seed: int = 0, min_count: int = 3) -> list[SuitePrompt]:
+def build_suite(captions: Iterable[str], n_prompts: int = 40, seed: int = 0, min_count: int = 3) -> list[SuitePrompt]:
     """Up to `n_prompts` held-out and as many seen combinations (drawn by `seed`), each in every
     wording of VARIANTS with its questions."""
     heldout, seen = split_combos(count_combos(captions), min_count)

@@ -17,10 +17,11 @@ step from the run's ledger and `quality_cost.png` (evals.cost), the worst-judged
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from shards.checks import Range, check_output_dir, check_ranges
 from shards.errors import UserError
@@ -81,14 +82,16 @@ class SuiteConfig:
                             "limit": Range(1, 10**6), "detector_threshold": Range(0, 1)})  # fmt: skip
 
 
-def _captions(shards: str | Path, column: str = "caption") -> list[str]:
+def _captions(shards: str | Path, column: str = "caption") -> Iterator[str]:
+    """The shards' `column` texts, streamed (a 10M-row caption set is not held in memory)."""
     from shards.reader import iter_rows
 
-    caps = [r[column] for r in iter_rows(shards, columns=[column]) if r.get(column)]
-    if not caps:
+    texts = (r[column] for r in iter_rows(shards, columns=[column]) if r.get(column))
+    first = next(texts, None)
+    if first is None:
         raise UserError(f"--shards {shards} holds no {column!r} text: pass the output of `t2i-data caption`, "
                         "or name the field that holds the captions with --caption-column")  # fmt: skip
-    return caps
+    return itertools.chain([first], texts)
 
 
 def load_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
