@@ -99,15 +99,17 @@ def eval_arms(arm_dirs: Mapping[str, Path], shards: Path, out: Path, s: EvalStag
     """Every arm's last checkpoint on the same suite (built once from `shards`, then copied to each
     arm's folder so all four answer the same prompts); {arm: eval_arm(...)}."""
     from demo.arms import checkpoints
+    from evals.suite import SUITE_SETTINGS
     from shards.fs import write_text
 
     results: dict[str, Any] = {}
-    suite = None
+    first = None
     for arm, stage_dir in arm_dirs.items():
         arm_out = out / f"arm-{arm}"
-        if suite is not None and not (arm_out / "suite.jsonl").is_file():
+        if first is not None and not (arm_out / "suite.jsonl").is_file():
             arm_out.mkdir(parents=True, exist_ok=True)
-            write_text(arm_out / "suite.jsonl", suite)
+            for name in (SUITE_SETTINGS, "suite.jsonl"):  # the settings first, as evals.suite writes them
+                write_text(arm_out / name, (first / name).read_text())
         results[arm] = eval_arm(checkpoints(stage_dir)[-1][1], shards, arm_out, s)
-        suite = (arm_out / "suite.jsonl").read_text()
+        first = first or arm_out
     return results

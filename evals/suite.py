@@ -4,7 +4,8 @@ from every checkpoint and let a VLM judge answer each prompt's questions (evals.
 Per checkpoint: `<out>/<checkpoint>/suite-own/<prompt id>.png` (a batch whose PNGs all exist is
 not sampled again), then the judge's shards in `<out>/<checkpoint>/judged/` (a rerun judges only
 what is missing). `<out>/suite.jsonl` holds the prompts with their questions (built once from the
-captions; a rerun reads it). `<out>/suite_own.json` and `<out>/eval.html`: per checkpoint, the
+captions; a rerun reads it, and refuses it in one line when `suite_settings.json` says it was built
+with other shards, caption field, size, seed or minimum count). `<out>/suite_own.json` and `<out>/eval.html`: per checkpoint, the
 yes-rate of each question category, and the share of prompts fully drawn (every question yes)
 per split (heldout / seen) and wording (caption / order / synonym / keywords).
 
@@ -28,6 +29,7 @@ from shards.errors import UserError
 from t2i.sample import SampleConfig
 
 SUITES = ("own", "geneval", "t2i-compbench", "dpg")
+SUITE_SETTINGS = "suite_settings.json"  # beside suite.jsonl: what the own suite was built from
 
 
 @dataclass
@@ -105,12 +107,32 @@ def load_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
         prompts = load_public(cfg.suite, cfg.suite_file, cfg.limit)
         write_text(Path(cfg.out) / f"suite-{cfg.suite}.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
         return prompts
-    path = Path(cfg.out) / "suite.jsonl"
+    path, recorded = Path(cfg.out) / "suite.jsonl", Path(cfg.out) / SUITE_SETTINGS
     if path.is_file():
+        check_suite_settings(recorded, suite_settings(cfg))
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     prompts = [p.to_dict() for p in build_suite(_captions(cfg.shards, cfg.caption_column), cfg.suite_prompts, cfg.seed, cfg.min_count)]
+    write_text(recorded, json.dumps(suite_settings(cfg), indent=1))  # before the suite: a suite never lacks its settings
     write_text(path, "".join(json.dumps(p) + "\n" for p in prompts))
     return prompts
+
+
+def suite_settings(cfg: SuiteConfig) -> dict[str, Any]:
+    """What the own suite is built from: a rerun into the same --out must ask for the same."""
+    return {"shards": str(Path(cfg.shards).resolve()), "caption_column": cfg.caption_column, "suite_prompts": cfg.suite_prompts,
+            "seed": cfg.seed, "min_count": cfg.min_count}  # fmt: skip
+
+
+def check_suite_settings(recorded: Path, wanted: dict[str, Any]) -> None:
+    """A UserError when the suite kept in `recorded`'s folder was built with other settings than
+    `wanted` (reusing it would judge another suite than the flags ask for)."""
+    if not recorded.is_file():
+        return  # a suite written before its settings were recorded: kept as it is
+    built = json.loads(recorded.read_text())
+    changed = [f"{k} {built.get(k)!r} (now {v!r})" for k, v in wanted.items() if built.get(k) != v]
+    if changed:
+        raise UserError(f"{recorded.parent / 'suite.jsonl'} was built with other settings: {', '.join(changed)}: "
+                        "pass a new --out, or delete that suite.jsonl to build it again")  # fmt: skip
 
 
 def sample_suite(target, prompts: list[dict], cfg: SuiteConfig, folder: Path, device: str) -> None:

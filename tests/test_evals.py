@@ -237,3 +237,22 @@ def test_own_suite_reads_the_caption_column_it_is_given(tmp_path):
         load_suite(SuiteConfig(shards=tmp_path / "captions", out=tmp_path / "b", caption_column="caption_dense"))
     with pytest.raises(UserError, match="--caption-column is for --suite own only"):
         SuiteConfig(suite="geneval", caption_column="caption_dense").validate()
+
+
+def test_own_suite_kept_in_out_is_refused_when_built_with_other_settings(tmp_path):
+    """A rerun into the same --out reads the suite it built; asking there for another size, seed,
+    caption field or shards is one line naming what changed, not a silently reused old suite."""
+    from evals.suite import SuiteConfig, load_suite
+    from shards.errors import UserError
+    from tiny.alignment import write_world_shards
+
+    write_world_shards(tmp_path / "captions", 200)
+    (tmp_path / "a").mkdir()
+    cfg = SuiteConfig(shards=tmp_path / "captions", out=tmp_path / "a", suite_prompts=3)
+    first = load_suite(cfg)
+    assert load_suite(cfg) == first
+    for changed, named in [({"suite_prompts": 4}, "suite_prompts 3 .now 4."), ({"seed": 7}, "seed"),
+                           ({"caption_column": "alt_text"}, "caption_column 'caption' .now 'alt_text'.")]:
+        with pytest.raises(UserError, match=f"built with other settings: {named}.*pass a new --out"):
+            load_suite(SuiteConfig(**{**cfg.__dict__, **changed}))
+    assert load_suite(cfg) == first  # the refusals changed nothing
