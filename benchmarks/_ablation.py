@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from benchmarks._report import load_note, write_section
+from demo.fmt import pct
 from demo.report import beyond_noise
 
 WORDS = {"shape": "shape", "all": "all three"}
@@ -45,10 +46,6 @@ def run_seeds(root: Path, seeds: list[int], mode: str, threads: int, report_only
     return results
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.0f}%"
-
-
 def reach(curve: list[dict], target: float) -> int | None:
     from demo.arms import steps_to_reach
 
@@ -70,8 +67,8 @@ def table(results: dict[int, dict]) -> list[str]:
                 continue
             a, c = arms[name], arms["c"]
             steps, got = results[s]["config"]["arm_steps"], reach(a["curve"], c["final"]["all"])
-            cells += [f"{_pct(a['final']['shape'])} / {_pct(a['final']['all'])}",
-                      "never" if got is None else f"{got} of {steps} ({_pct(got / steps)})"]
+            cells += [f"{pct(a['final']['shape'])} / {pct(a['final']['all'])}",
+                      "never" if got is None else f"{got} of {steps} ({pct(got / steps)})"]
             flops = a["flops"]["total"] / c["flops"]["total"]
         levers = " + ".join(next(r["arms"][name]["levers"] for r in results.values() if name in r["arms"])) or "none"
         lines.append(f"| {name} | {levers} | " + " | ".join(cells) + f" | {flops:.2f} |")
@@ -120,7 +117,7 @@ def curves(results: dict[int, dict]) -> list[str]:
         lines += ["", f"Seed {s}, held-out accuracy (colour / shape / position / all three) per judged step; "
                   f"best combination chosen: {' + '.join(r['best'])}:", ""]
         for name, a in r["arms"].items():
-            pts = "; ".join(f"{p['step']}: {_pct(p['color'])}/{_pct(p['shape'])}/{_pct(p['position'])}/{_pct(p['all'])}"
+            pts = "; ".join(f"{p['step']}: {pct(p['color'])}/{pct(p['shape'])}/{pct(p['position'])}/{pct(p['all'])}"
                             for p in a["curve"])
             lines.append(f"- {name}: {pts} (trained in {a['train_s']:.0f} s)")
     return lines
@@ -176,8 +173,8 @@ def teacher_line() -> str:
     h = fit["held_out"]
     return (f"- REPA's teacher: the demo's shipped one (demo/assets/tiny_teacher, `python -m demo.teacher`, {fit['steps']} "
             f"steps in {fit['seconds']:.0f} s): on held-out generic graphics it tells shape from background for "
-            f"{_pct(h['shape_vs_background'])} of pixels but the kind of a shape it found for only "
-            f"{_pct(h['kind_of_found_shapes'])} (chance 25%): a teacher that barely knows shape kinds, so REPA had little "
+            f"{pct(h['shape_vs_background'])} of pixels but the kind of a shape it found for only "
+            f"{pct(h['kind_of_found_shapes'])} (chance 25%): a teacher that barely knows shape kinds, so REPA had little "
             "shape knowledge to pass on here.")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import write_section  # noqa: E402
+from demo.fmt import pct  # noqa: E402
 
 ATTRIBUTES = ("color", "shape", "position", "all")
 TOLERANCE = 0.02  # issue 31: within 2 points of float16
@@ -42,12 +43,8 @@ def load(root: Path, dtype: str, seed: int) -> dict:
     return json.loads(path.read_text())
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
-
-
 def arm_row(seed: int, dtype: str, arm: str, final: dict, base: dict | None) -> str:
-    cells = " / ".join(_pct(final[a]) for a in ATTRIBUTES)
+    cells = " / ".join(pct(final[a]) for a in ATTRIBUTES)
     delta = "-" if base is None else " / ".join(f"{100 * (final[a] - base[a]):+.0f}" for a in ATTRIBUTES)
     return f"| {seed} | {dtype} | ({arm}) | {cells} | {delta} |"
 

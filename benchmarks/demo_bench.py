@@ -28,16 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import write_section  # noqa: E402
+from demo.fmt import pct  # noqa: E402
 
 TARGETS = "arm (c) colour >= 90%, position >= 90%, shape >= 70%, all three >= 55%; (b)/(a) all-three >= 3x; " \
           "(c) reaches (b)'s final all-three in <= 60% of the steps; (d) raises the aesthetic score, all-three drops <= 5 points"
 
 
 TIME_TARGET_S = 600
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
 def _cpu_s() -> float:
@@ -81,8 +78,8 @@ def row(seed: int, r: dict) -> str:
     cf = arms["c"]["final"]
     ratio = f"{c['captions_ratio']:.1f}x" if c["captions_ratio"] is not None else "a = 0"
     bench = r.get("bench", {})
-    return (f"| {seed} | {_pct(cf['color'])} / {_pct(cf['position'])} / {_pct(cf['shape'])} / {_pct(cf['all'])} | "
-            f"{_pct(c['b_final_all'])} vs {_pct(c['a_final_all'])} ({ratio}) | {_reach(c)} | "
+    return (f"| {seed} | {pct(cf['color'])} / {pct(cf['position'])} / {pct(cf['shape'])} / {pct(cf['all'])} | "
+            f"{pct(c['b_final_all'])} vs {pct(c['a_final_all'])} ({ratio}) | {_reach(c)} | "
             f"{aes['before_mean']:.2f} → {aes['after_mean']:.2f} ({aes['margin']:+.2f} ± {aes['margin_se']:.2f}); "
             f"{100 * c['d_all_change']:+.0f} pts | {_wall(r):.0f} s wall"
             + (f", {bench['cpu_s']:.0f} s CPU" if bench else "") + _load(r) + " |")
@@ -107,7 +104,7 @@ def _load(r: dict) -> str:
 def _reach(claims: dict) -> str:
     if claims["c_steps_to_b_final"] is None:
         return "never"
-    return f"{claims['c_steps_to_b_final']} ({_pct(claims['c_steps_fraction'])})"
+    return f"{claims['c_steps_to_b_final']} ({pct(claims['c_steps_fraction'])})"
 
 
 def curves(seed: int, r: dict) -> str:
@@ -120,7 +117,7 @@ def curves(seed: int, r: dict) -> str:
              + prior_sentence(r["t2i"].get("prior")),
              "", f"Seed {seed}, held-out accuracy (colour / shape / position / all three) per judged step:", ""]
     for arm, run in r["t2i"]["arms"].items():
-        pts = "; ".join(f"{p['step']}: {_pct(p['color'])}/{_pct(p['shape'])}/{_pct(p['position'])}/{_pct(p['all'])}" for p in run["curve"])
+        pts = "; ".join(f"{p['step']}: {pct(p['color'])}/{pct(p['shape'])}/{pct(p['position'])}/{pct(p['all'])}" for p in run["curve"])
         lines.append(f"- ({arm}) {run['label']}: {pts}")
     return "\n".join(lines) + "\n"
 

@@ -10,14 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from demo.eval_stage import AGREEMENT_TARGET
+from demo.fmt import pct
 
 CATEGORIES = ("object", "attribute", "relation", "combination")
 HEADER = ["arm", *(f"held-out {c}: VLM (exact)" for c in CATEGORIES), "held-out prompts drawn (VLM)", "judges agree",
           "always the commoner answer", "balanced accuracy"]  # fmt: skip
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
 def eval_headline(ev: dict[str, Any]) -> tuple[str, str]:
@@ -25,10 +22,10 @@ def eval_headline(ev: dict[str, Any]) -> tuple[str, str]:
     reaches the target AND beats a judge that always gives the commoner answer (on blobs the truth
     is mostly no, so saying no to everything agrees often)."""
     c = ev["c"]["agreement"]
-    figure = (f"on arm (c)'s samples the judge VLM agrees with the world's exact judge on {_pct(c['agree'])} of "
-              f"{c['questions']} questions about {c['images']} images (target {_pct(AGREEMENT_TARGET)}; "
-              f"always giving the commoner answer would agree {_pct(c.get('constant'))}; balanced accuracy "
-              f"{_pct(c.get('balanced'))}; it says yes to {_pct(c['vlm_yes'])}, the exact judge to {_pct(c['exact_yes'])})")
+    figure = (f"on arm (c)'s samples the judge VLM agrees with the world's exact judge on {pct(c['agree'])} of "
+              f"{c['questions']} questions about {c['images']} images (target {pct(AGREEMENT_TARGET)}; "
+              f"always giving the commoner answer would agree {pct(c.get('constant'))}; balanced accuracy "
+              f"{pct(c.get('balanced'))}; it says yes to {pct(c['vlm_yes'])}, the exact judge to {pct(c['exact_yes'])})")
     agree, constant = c["agree"], c.get("constant")
     if agree is not None and constant is not None and agree >= AGREEMENT_TARGET and agree > constant:
         return "A VLM judge on your own captions' suite: shown", f"Shown: {figure}, so its figures stand in for the truth here."
@@ -43,10 +40,10 @@ def eval_rows(ev: dict[str, Any]) -> list[tuple]:
     rows = []
     for arm, r in ev.items():
         q, exact = r["questions"], r["agreement"]["exact_questions"]
-        cells = [f"{_pct(q.get(f'heldout/{c}'))} ({_pct(exact.get(f'heldout/{c}'))})" for c in CATEGORIES]
+        cells = [f"{pct(q.get(f'heldout/{c}'))} ({pct(exact.get(f'heldout/{c}'))})" for c in CATEGORIES]
         a = r["agreement"]
-        rows.append((f"({arm})", *cells, _pct(r["drawn"].get("heldout/caption")), _pct(a["agree"]), _pct(a.get("constant")),
-                     _pct(a.get("balanced"))))  # fmt: skip
+        rows.append((f"({arm})", *cells, pct(r["drawn"].get("heldout/caption")), pct(a["agree"]), pct(a.get("constant")),
+                     pct(a.get("balanced"))))  # fmt: skip
     return rows
 
 

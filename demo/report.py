@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from demo.eval_report import HEADER, eval_headline, eval_intro, eval_rows
+from demo.fmt import pct
 from shards.fs import write_text
 
 
@@ -32,10 +33,6 @@ def _img_tag(img: Image.Image | Path, width: int | None = None, title: str = "")
     return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}"{w}{t} style="image-rendering:pixelated">'
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None or x != x else f"{100 * x:.0f}%"
-
-
 def score_rows(score: dict[str, Any], attributes=("color", "position", "shape")) -> list[tuple[str, str, str, str]]:
     """(attribute, accuracy, chance, verdict) rows of a tiny.world score dict."""
     rows = []
@@ -44,7 +41,7 @@ def score_rows(score: dict[str, Any], attributes=("color", "position", "shape"))
             continue
         acc, chance = score[a]["accuracy"], score[a]["chance"]
         verdict = "above chance" if acc >= 2 * chance and acc - chance >= 0.15 else "near chance"
-        rows.append((a, _pct(acc), _pct(chance), verdict))
+        rows.append((a, pct(acc), pct(chance), verdict))
     return rows
 
 
@@ -66,9 +63,9 @@ def _claims(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     arms, c, aes = t2i["arms"], t2i["claims"], t2i["aesthetic"]
     steps = t2i["steps"]
     frac = c["c_steps_fraction"]
-    prior = (f"(c) reached (b)'s final all-three accuracy ({_pct(c['b_final_all'])}) at step {c['c_steps_to_b_final']}, "
-             f"{_pct(frac)} of (b)'s {steps} steps (target: at most 60%)." if frac is not None else
-             f"(c) did not reach (b)'s final all-three accuracy ({_pct(c['b_final_all'])}) within {steps} steps.")
+    prior = (f"(c) reached (b)'s final all-three accuracy ({pct(c['b_final_all'])}) at step {c['c_steps_to_b_final']}, "
+             f"{pct(frac)} of (b)'s {steps} steps (target: at most 60%)." if frac is not None else
+             f"(c) did not reach (b)'s final all-three accuracy ({pct(c['b_final_all'])}) within {steps} steps.")
     prior += f" (c)'s class-conditional DiT stage trained {t2i.get('dit_steps', '?')} steps before, on the {t2i.get('dit_classes', 'shape')} labels."
     prior += prior_sentence(t2i.get("prior"))
     from demo.arms import reach_by_attribute
@@ -77,19 +74,19 @@ def _claims(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     prior += " Per attribute, (c) matched (b)'s final accuracy at step: " + ", ".join(
         f"{a} {by_attr[a] if by_attr[a] is not None else 'never'}" for a in ("color", "position", "shape")) + "."
     cf = arms["c"]["final"]
-    prior += (f" Held-out accuracy of (c): colour {_pct(cf['color'])}, position {_pct(cf['position'])}, "
-              f"shape {_pct(cf['shape'])}, all three {_pct(cf['all'])} (targets 90/90/70/55%).")
+    prior += (f" Held-out accuracy of (c): colour {pct(cf['color'])}, position {pct(cf['position'])}, "
+              f"shape {pct(cf['shape'])}, all three {pct(cf['all'])} (targets 90/90/70/55%).")
     if t2i.get("vae_ceiling"):
         v = t2i["vae_ceiling"]
-        prior += (f" Ceiling set by the frozen VAE (the judge on its round trips of real images): colour {_pct(v['color'])}, "
-                  f"position {_pct(v['position'])}, shape {_pct(v['shape'])}, all three {_pct(v['all'])}.")
+        prior += (f" Ceiling set by the frozen VAE (the judge on its round trips of real images): colour {pct(v['color'])}, "
+                  f"position {pct(v['position'])}, shape {pct(v['shape'])}, all three {pct(v['all'])}.")
     ratio = c["captions_ratio"]
-    caps = (f"At step {steps}, all three right on held-out prompts: (b) VLM captions {_pct(c['b_final_all'])} against "
-            f"(a) alt-texts {_pct(c['a_final_all'])}: " + (f"{ratio:.1f}x." if ratio is not None else "(a) got none right."))
+    caps = (f"At step {steps}, all three right on held-out prompts: (b) VLM captions {pct(c['b_final_all'])} against "
+            f"(a) alt-texts {pct(c['a_final_all'])}: " + (f"{ratio:.1f}x." if ratio is not None else "(a) got none right."))
     sm, gt = aes["samples"], aes["real_heldout"]
     aest = (f"Aesthetic score of the same {sm['n']} held-out prompts' samples: {sm['before_mean']:.2f} before, "
             f"{sm['after_mean']:.2f} after stage 3 (margin {sm['margin']:+.2f} ± {sm['margin_se']:.2f} s.e.; "
-            f"rated below {aes['where'].split('>=')[1].strip()}: {_pct(sm['before_low_share'])} → {_pct(sm['after_low_share'])}). "
+            f"rated below {aes['where'].split('>=')[1].strip()}: {pct(sm['before_low_share'])} → {pct(sm['after_low_share'])}). "
             f"Ground truth: the same head rates real clean held-out images {gt['clean_mean']:.2f} and real degraded ones "
             f"{gt['degraded_mean']:.2f}. All-three accuracy changed by {100 * c['d_all_change']:+.0f} points (allowed: -5).")
     caveat = chance_caveat(arms, t2i)
@@ -125,7 +122,7 @@ def prior_sentence(prior: dict[str, Any] | None) -> str:
     """What the DiT draws on its own, asked only for its class (before any text)."""
     if not prior:
         return ""
-    judged = ", ".join(f"the asked {a} {_pct(prior[a])} (chance {_pct(prior['chance'][a])})" for a in ("shape", "position") if a in prior)
+    judged = ", ".join(f"the asked {a} {pct(prior[a])} (chance {pct(prior['chance'][a])})" for a in ("shape", "position") if a in prior)
     return (f" The pixel prior (c) starts from, on its own: asked only for its class on {prior['n']} held-out scenes, "
             f"the DiT (step {prior['step']}) drew {judged}.")
 
@@ -155,7 +152,7 @@ def chance_caveat(arms: dict[str, Any], t2i: dict[str, Any]) -> str:
         bar = chance + 2 * (chance * (1 - chance) / n) ** 0.5
         finals = {arm: arms[arm]["final"][attr] for arm in ("b", "c") if arms.get(arm, {}).get("final")}
         if any(v < bar for v in finals.values()):
-            at_chance.append(f"{attr} ({', '.join(f'({a}) {_pct(v)}' for a, v in finals.items())}; chance {_pct(chance)})")
+            at_chance.append(f"{attr} ({', '.join(f'({a}) {pct(v)}' for a, v in finals.items())}; chance {pct(chance)})")
     if not at_chance:
         return ""
     return (f" Caution: within 2 standard errors of chance at the last step: {'; '.join(at_chance)}. All-three accuracy "
@@ -164,7 +161,7 @@ def chance_caveat(arms: dict[str, Any], t2i: dict[str, Any]) -> str:
 
 
 def _curve_rows(arms: dict[str, Any]) -> list[tuple]:
-    return [(f"({arm}) {run['label']}", p["step"], _pct(p["color"]), _pct(p["shape"]), _pct(p["position"]), _pct(p["all"]))
+    return [(f"({arm}) {run['label']}", p["step"], pct(p["color"]), pct(p["shape"]), pct(p["position"]), pct(p["all"]))
             for arm, run in arms.items() for p in run["curve"]]
 
 
@@ -227,8 +224,8 @@ def _details_html(results: dict[str, Any], examples: list[dict[str, Any]], plots
          "<h2>Details: the aesthetic stage (score + select)</h2>",
          f"<p>A tiny CLIP fitted on the world; an aesthetic head fitted (<code>score --fit-aesthetic</code>) on "
          f"{sub['rated']} images rated from the world's ground truth; <code>score</code> rated all {sub['rows']} "
-         f"training images ({_pct(sub['low_in_training'])} degraded) and <code>select --where \"{html.escape(sub['where'])}\"</code> "
-         f"kept {sub['selected']}: precision {_pct(sub['precision'])}, recall {_pct(sub['recall'])} of the clean ones.</p>",
+         f"training images ({pct(sub['low_in_training'])} degraded) and <code>select --where \"{html.escape(sub['where'])}\"</code> "
+         f"kept {sub['selected']}: precision {pct(sub['precision'])}, recall {pct(sub['recall'])} of the clean ones.</p>",
          "<h2>1. Captioner: a tiny LLaVA trained by the project on the world</h2>",
          f"<p>Trained for {cap['train']['steps']} steps in {cap['train']['train_seconds']:.0f} s. Captioned with the "
          f"<code>{html.escape(cap['backend'])}</code> backend of <code>t2i-data caption</code>. Accuracy of the VLM "
