@@ -120,8 +120,6 @@ def run_arm(p: dict[str, Any], out: Path, name: str, levers: list[str], dit_step
             log: Callable[[str], None]) -> dict[str, Any]:
     """Train arm `name` ((c) with `levers`) after its DiT stage (shared by arms of one objective)
     and judge its curve; returns its curve, final scores, levers and plan-priced FLOPs."""
-    import time
-
     from demo.arms import arm_config, curve, train_stage
 
     s, settings = p["settings"], lever_settings(levers)
@@ -130,13 +128,20 @@ def run_arm(p: dict[str, Any], out: Path, name: str, levers: list[str], dit_step
     dit_cfg = arm_config(s, "dit", "scratch", dit_steps, kind="class-cond", class_column=s.dit_classes, **obj)
     train_stage(dit_cfg, dit_dir, p["shards"], out / "features", s.progress)
     log(f"      arm {name}: (c) + {' + '.join(levers) or 'nothing'}, {s.steps} steps")
-    t0 = time.perf_counter()
     arm_cfg = arm_config(s, f"arm-{name}", f"dit:{dit_dir}", s.steps, **settings)
     train_stage(arm_cfg, out / f"arm-{name}", p["shards"], out / "features", s.progress)
-    train_s = time.perf_counter() - t0
     points, _ = curve(out / f"arm-{name}", p["scenes"], p["prompts"], s, seed)
-    return {"levers": levers, "settings": settings, "curve": points, "final": points[-1], "train_s": train_s,
-            "flops": arm_flops(arm_cfg, dit_cfg, p["train_images"])}
+    return {"levers": levers, "settings": settings, "curve": points, "final": points[-1],
+            "train_s": train_seconds(out / f"arm-{name}"), "flops": arm_flops(arm_cfg, dit_cfg, p["train_images"])}
+
+
+def train_seconds(stage_dir: Path) -> float:
+    """The wall seconds of every training run of a stage, from its ledger: a finished arm that a
+    rerun reuses keeps the time it took, and a resumed one counts each of its runs."""
+    from costs.cost import ledger_records
+    from shards.ledger import LEDGER
+
+    return sum(r.get("wall_s", 0.0) for r in ledger_records(stage_dir / LEDGER) if r.get("job") == "train")
 
 
 def arm_flops(cfg, dit_cfg, train_images: int) -> dict[str, float]:

@@ -54,3 +54,25 @@ def test_the_headline_follows_the_measurement():
     assert headline.startswith("No lever shown")
     rows = table({0: _results(0.3, 0.3)})
     assert rows[-1] == "| repa | repa | 30% / 30% | 100 of 100 (100%) | 1.10 |"
+
+
+def test_the_scale_caveat_follows_arm_c_against_chance():
+    """The section says shape differences are the judge's noise only when arm (c) itself is at
+    chance on shape (within 2 standard errors of 25%) on every seed."""
+    from benchmarks._ablation import shape_of_c
+
+    assert shape_of_c({0: _results(0.21, 0.3), 1: _results(0.17, 0.3)}).endswith("mostly the judge's noise.")
+    said = shape_of_c({0: _results(0.60, 0.3), 1: _results(0.20, 0.3)})
+    assert "60% on seed 0, 20% on seed 1" in said and "noise" not in said
+
+
+def test_an_arm_keeps_the_training_time_its_ledger_records(tmp_path):
+    """A finished arm a rerun reuses reports the time it trained (every train run of its ledger:
+    a resumed arm counts each), not the instant the rerun took to skip it."""
+    from demo.ablation import train_seconds
+    from shards.ledger import append_record
+
+    for job, wall in (("train", 100.0), ("features", 7.0), ("train", 40.5)):
+        append_record(tmp_path, {"job": job, "status": "done", "wall_s": wall, "device_hours": wall / 3600, "energy_kwh": 0.0,
+                                 "kg_co2e": 0.0, "energy_source": "estimate", "device_name": "cpu"})
+    assert train_seconds(tmp_path) == pytest.approx(140.5)
