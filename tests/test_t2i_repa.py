@@ -64,7 +64,8 @@ def test_shipped_teacher_loads_through_the_generic_path_and_gives_the_8x8_grid()
     tokens, grid = teacher.encode(pixels)
     assert grid == (8, 8) and tokens.shape == (3, 64, 64) and not tokens.requires_grad  # the demo's 8x8 token grid
     fit = json.loads((SHIPPED_TEACHER / "fit.json").read_text())
-    assert fit["grid"] == [8, 8] and fit["steps"] >= 400 and fit["held_out"]["shape_vs_background"] > 0.9
+    assert fit["grid"] == [8, 8] and fit["held_out"]["shape_vs_background"] > 0.9
+    assert fit["held_out"]["kind_of_found_shapes"] >= 0.8  # it knows shape kinds (chance 0.25): REPA has them to pass on
     assert sum(f.stat().st_size for f in SHIPPED_TEACHER.iterdir()) < 1 << 20  # small enough to ship
     assert DemoConfig().teacher == "" and DemoConfig.full("x").teacher == ""  # the demo does not use it yet
 
