@@ -121,7 +121,8 @@ def curves(results: dict[int, dict]) -> list[str]:
         for name, a in r["arms"].items():
             pts = "; ".join(f"{p['step']}: {pct(p['color'])}/{pct(p['shape'])}/{pct(p['position'])}/{pct(p['all'])}"
                             for p in a["curve"])
-            lines.append(f"- {name}: {pts} (trained in {a['train_s']:.0f} s)")
+            when = f", from {a['trained_at'][:16].replace('T', ' ')} UTC" if a.get("trained_at") else ""
+            lines.append(f"- {name}: {pts} (trained in {a['train_s']:.0f} s{when})")
     return lines
 
 
@@ -204,7 +205,8 @@ def write_ablation_section(results: dict[int, dict], mode: str) -> Path:
     shown = not headline.startswith("No lever")
     cpu = {s: f" ({r['bench']['cpu_s_main']:.0f} s CPU in the main process)" if "bench" in r else "" for s, r in results.items()}
     walls = ", ".join(f"seed {s} {r['wall_s']:.0f} s{cpu[s]}, its arms trained {sum(a['train_s'] for a in r['arms'].values()):.0f} s "
-                      "in all (from their ledgers: an arm an earlier run finished keeps its time)" for s, r in results.items())
+                      "in all (from their ledgers: an arm an earlier run in the same root finished keeps its time, measured "
+                      "under that run's load, so compare arms' cost by FLOPs)" for s, r in results.items())
     load = next((r["bench"] for r in results.values() if "bench" in r), None)
     body = [f"**{headline}**", "",
             f"Scale: {scale(results, mode)}. Issue 29 asks for this ablation at --full scale (PixArt-mini/2, 2400 steps "

@@ -132,16 +132,18 @@ def run_arm(p: dict[str, Any], out: Path, name: str, levers: list[str], dit_step
     train_stage(arm_cfg, out / f"arm-{name}", p["shards"], out / "features", s.progress)
     points, _ = curve(out / f"arm-{name}", p["scenes"], p["prompts"], s, seed)
     return {"levers": levers, "settings": settings, "curve": points, "final": points[-1],
-            "train_s": train_seconds(out / f"arm-{name}"), "flops": arm_flops(arm_cfg, dit_cfg, p["train_images"])}
+            **training_time(out / f"arm-{name}"), "flops": arm_flops(arm_cfg, dit_cfg, p["train_images"])}
 
 
-def train_seconds(stage_dir: Path) -> float:
-    """The wall seconds of every training run of a stage, from its ledger: a finished arm that a
-    rerun reuses keeps the time it took, and a resumed one counts each of its runs."""
+def training_time(stage_dir: Path) -> dict[str, Any]:
+    """{"train_s": the wall seconds of every training run of a stage, "trained_at": when its first
+    began}, from its ledger: a finished arm that a rerun reuses keeps the time it took (measured
+    under its own run's load), and a resumed one counts each of its runs."""
     from costs.cost import ledger_records
     from shards.ledger import LEDGER
 
-    return sum(r.get("wall_s", 0.0) for r in ledger_records(stage_dir / LEDGER) if r.get("job") == "train")
+    runs = [r for r in ledger_records(stage_dir / LEDGER) if r.get("job") == "train"]
+    return {"train_s": sum(r.get("wall_s", 0.0) for r in runs), "trained_at": min((r.get("started", "") for r in runs), default="")}
 
 
 def arm_flops(cfg, dit_cfg, train_images: int) -> dict[str, float]:

@@ -69,10 +69,10 @@ def test_the_scale_caveat_follows_arm_c_against_chance():
 def test_an_arm_keeps_the_training_time_its_ledger_records(tmp_path):
     """A finished arm a rerun reuses reports the time it trained (every train run of its ledger:
     a resumed arm counts each), not the instant the rerun took to skip it."""
-    from demo.ablation import train_seconds
+    from demo.ablation import training_time
     from shards.ledger import append_record
 
-    for job, wall in (("train", 100.0), ("features", 7.0), ("train", 40.5)):
+    for job, wall, day in (("train", 100.0, 3), ("features", 7.0, 1), ("train", 40.5, 4)):
         append_record(tmp_path, {"job": job, "status": "done", "wall_s": wall, "device_hours": wall / 3600, "energy_kwh": 0.0,
-                                 "kg_co2e": 0.0, "energy_source": "estimate", "device_name": "cpu"})
-    assert train_seconds(tmp_path) == pytest.approx(140.5)
+                                 "kg_co2e": 0.0, "energy_source": "estimate", "device_name": "cpu", "started": f"2026-12-0{day}T01:00:00+00:00"})
+    assert training_time(tmp_path) == {"train_s": pytest.approx(140.5), "trained_at": "2026-12-03T01:00:00+00:00"}
