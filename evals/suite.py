@@ -5,9 +5,10 @@ Per checkpoint: `<out>/<checkpoint>/suite-own/<prompt id>.png` (a batch whose PN
 not sampled again), then the judge's shards in `<out>/<checkpoint>/judged/` (a rerun judges only
 what is missing). `<out>/suite.jsonl` holds the prompts with their questions (built once from the
 captions; a rerun reads it, and refuses it in one line when `suite_settings.json` says it was built
-with other shards, caption field, size, seed or minimum count). `<out>/suite_own.json` and `<out>/eval.html`: per checkpoint, the
-yes-rate of each question category, and the share of prompts fully drawn (every question yes)
-per split (heldout / seen) and wording (caption / order / synonym / keywords).
+with other shards, caption field, size, seed or minimum count). `<out>/suite_own.json` and
+`<out>/eval.html`: per checkpoint, the yes-rate of each question category, and the share of
+prompts fully drawn (every question yes) per split (heldout / seen) and wording (caption / order /
+synonym / keywords).
 
 `--suite geneval | t2i-compbench | dpg` (evals.public): the benchmark's prompts (`--limit` per
 category), samples in `<checkpoint>/suite-<suite>/`, judge shards in `<checkpoint>/judged-<suite>/`,
