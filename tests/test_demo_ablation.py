@@ -76,3 +76,13 @@ def test_an_arm_keeps_the_training_time_its_ledger_records(tmp_path):
         append_record(tmp_path, {"job": job, "status": "done", "wall_s": wall, "device_hours": wall / 3600, "energy_kwh": 0.0,
                                  "kg_co2e": 0.0, "energy_source": "estimate", "device_name": "cpu", "started": f"2026-12-0{day}T01:00:00+00:00"})
     assert training_time(tmp_path) == {"train_s": pytest.approx(140.5), "trained_at": "2026-12-03T01:00:00+00:00"}
+
+
+def test_a_full_scale_run_says_what_it_left_out_and_keeps_the_small_scale_section():
+    """A --full run with some levers names the levers it did not run and goes to its own section
+    ("levers ablation (--full)"), beside the smaller scale's."""
+    from benchmarks._ablation import scope
+
+    said = scope({0: _results(0.6, 0.7)}, "full")
+    assert said.startswith("This is --full's model") and "without the levers flow, token_drop, min_snr" in said
+    assert "that was not run" in scope({0: _results(0.2, 0.2)}, "default")
