@@ -14,7 +14,7 @@ from pathlib import Path
 from benchmarks._report import load_note, write_section
 from demo.ablation import LEVERS
 from demo.fmt import pct
-from demo.report import beyond_noise
+from demo.report import at_chance, beyond_noise
 
 KNOWS_KINDS = 0.8  # a teacher that finds the kind of 80% of the shapes it finds (chance 25%) knows shape kinds
 
@@ -188,16 +188,17 @@ def teacher_line() -> str:
 
 
 def shape_of_c(results: dict[int, dict]) -> str:
-    """Arm (c)'s final held-out shape accuracy per seed, and whether it is beyond chance (how far
-    this scale can show a lever's effect on shape)."""
+    """Arm (c)'s final held-out shape accuracy per seed, and whether it is at chance on every seed
+    (demo.report.at_chance, as the demo report's caveat judges it): how far this scale can show a
+    lever's effect on shape."""
     from tiny.world import OPTIONS
 
     finals = {s: r["arms"]["c"]["final"] for s, r in results.items()}
     chance = 1 / len(OPTIONS["shape"])
-    at_chance = all(not beyond_noise(finals[s]["shape"], chance, r["prompts"]) for s, r in results.items())
+    everywhere = all(at_chance(finals[s]["shape"], chance, r["prompts"]) for s, r in results.items())
     said = ", ".join(f"{pct(f['shape'])} on seed {s}" for s, f in finals.items())
     return (f"Arm (c) itself ends at {said} on shape (chance {pct(chance)})"
-            + (", so shape and all-three differences at this scale are mostly the judge's noise." if at_chance else "."))
+            + (", so shape and all-three differences at this scale are mostly the judge's noise." if everywhere else "."))
 
 
 def scope(results: dict[int, dict], mode: str) -> str:

@@ -139,6 +139,11 @@ def beyond_noise(arm: float, base: float, n: int) -> bool:
     return arm - base > 2 * se
 
 
+def at_chance(accuracy: float, chance: float, n: int) -> bool:
+    """Whether `accuracy` on n prompts is within 2 standard errors (of a guess at `chance`) of chance."""
+    return accuracy < chance + 2 * (chance * (1 - chance) / n) ** 0.5
+
+
 def chance_caveat(arms: dict[str, Any], t2i: dict[str, Any]) -> str:
     """A warning when (b)'s or (c)'s final accuracy on some attribute is within 2 standard errors
     of chance: their all-three accuracy is then the other attributes times a coin flip, and
@@ -146,16 +151,15 @@ def chance_caveat(arms: dict[str, Any], t2i: dict[str, Any]) -> str:
     from tiny.world import OPTIONS
 
     n = prompt_count(t2i)
-    at_chance = []
+    near_chance = []
     for attr in ("color", "position", "shape"):
         chance = 1 / len(OPTIONS[attr])
-        bar = chance + 2 * (chance * (1 - chance) / n) ** 0.5
         finals = {arm: arms[arm]["final"][attr] for arm in ("b", "c") if arms.get(arm, {}).get("final")}
-        if any(v < bar for v in finals.values()):
-            at_chance.append(f"{attr} ({', '.join(f'({a}) {pct(v)}' for a, v in finals.items())}; chance {pct(chance)})")
-    if not at_chance:
+        if any(at_chance(v, chance, n) for v in finals.values()):
+            near_chance.append(f"{attr} ({', '.join(f'({a}) {pct(v)}' for a, v in finals.items())}; chance {pct(chance)})")
+    if not near_chance:
         return ""
-    return (f" Caution: within 2 standard errors of chance at the last step: {'; '.join(at_chance)}. All-three accuracy "
+    return (f" Caution: within 2 standard errors of chance at the last step: {'; '.join(near_chance)}. All-three accuracy "
             "is then the other attributes times a coin flip, so the all-three comparisons here show noise, not evidence; "
             "the per-attribute figures are what to read.")
 
