@@ -14,6 +14,7 @@ into one line; `load_weights_file` does the same for single weight files (the ae
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import zipfile
@@ -208,3 +209,33 @@ def absolute_model(ref: str | None) -> str | None:
         return f"{kind}:{absolute_model(arg)}"
     path = Path(str(ref)).expanduser()
     return str(path.resolve()) if "://" not in str(ref) and path.exists() else str(ref)
+
+
+WHOLE_FILE_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones by sampled blocks
+SAMPLED_BLOCKS = 16  # 1 MiB blocks read from a larger file, first and last included
+
+
+def local_model_digest(ref: str) -> str | None:
+    """A digest of a local model folder's contents, so outputs made with it can tell when its
+    weights were changed in place (a refit into the same folder); None for a hub id or URI.
+
+    Files up to 64 MiB are hashed whole. A larger one (T5-XXL's shards) is hashed by its size and
+    16 evenly spaced 1 MiB blocks: a refit rewrites every tensor, so this catches it while reading
+    megabytes, not gigabytes. Names and contents count, times do not: a copied folder keeps its digest."""
+    root = Path(str(ref)).expanduser()
+    if "://" in str(ref) or not root.exists():
+        return None
+    h = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(root).as_posix() if path != root else path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= WHOLE_FILE_BYTES:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                continue
+            for i in range(SAMPLED_BLOCKS):
+                f.seek((size - (1 << 20)) * i // (SAMPLED_BLOCKS - 1))
+                h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]

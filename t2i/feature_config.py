@@ -22,6 +22,7 @@ TEXT_DTYPES = DTYPES + ("int8", "fp8", "ids")
 ENGINES = ("local", "ray")
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_TEXT_ENCODER = "google/t5-v1_1-xxl"
+MODEL_ROLES = {"vae": ("VAE", "--vae"), "text_encoder": ("text encoder", "--text-encoder"), "teacher": ("REPA teacher", "--teacher")}
 
 
 # the range of every numeric setting (shards.checks); a resolution past 4096 px would only
@@ -72,6 +73,14 @@ class FeatureConfig:
             del ident["teacher"], ident["teacher_dtype"]
         return ident
 
+    def model_digests(self) -> dict[str, str]:
+        """The content digest of each model given as a local folder (shards.hub.local_model_digest),
+        recorded beside the features: a folder's path names the features, its weights may change."""
+        from shards.hub import local_model_digest
+
+        digests = {k: local_model_digest(getattr(self, k)) for k in MODEL_ROLES if getattr(self, k)}
+        return {k: d for k, d in digests.items() if d is not None}
+
     def cache_key(self) -> str:
         """A digest of the identity settings (and the feature version): the directory's name."""
         ident = self.identity()
@@ -95,6 +104,19 @@ class FeatureConfig:
         check_model(self.vae, "the VAE", "--vae")
         check_model(self.text_encoder, "the text encoder", "--text-encoder")
         check_teacher(self.teacher)
+
+
+def check_model_digests(fdir: Path, made: dict[str, Any], now: dict[str, str]) -> None:
+    """UserError (one line) when a local model folder that made the features in `fdir` (their
+    config.json, `made`) holds other weights now (`now`: FeatureConfig.model_digests). Features
+    recorded before digests were kept are accepted."""
+    for role, digest in now.items():
+        before = made.get("model_digests", {}).get(role)
+        if before is not None and before != digest:
+            name, flag = MODEL_ROLES[role]
+            raise UserError(f"{fdir} holds features made with the {name} at {made.get(role)} before its weights changed "
+                            f"(content digest {before}, now {digest}): delete {fdir} and make the features again, "
+                            f"or restore that {name}'s weights, or pass another {flag}")
 
 
 def check_dtypes(cfg: Any, dashes: bool = True) -> None:

@@ -17,7 +17,9 @@ rows' pixels come from t2i.feature_images, their sizes from t2i.geometry, the ra
 - The cache key hashes everything that changes the features (VAE, text encoder, resolution,
   buckets, token count, dtypes, draft decode: FeatureConfig.IDENTITY), so a different setting
   never reuses stale features, and a rerun skips keys already encoded (resume; `kill -9` loses at
-  most the rows not yet in a complete shard).
+  most the rows not yet in a complete shard). A model given as a local folder enters the key by
+  its path; `config.json` also records the folder's content digest (shards.hub.local_model_digest),
+  so a folder refitted in place is refused, by this job and by training, instead of mixing weights.
 - Data-parallel: under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each rank reads only
   its share of the caption shards' row groups (round robin over all row groups in shard name
   order: no rank reads another's rows or image bytes) and writes its own shards
@@ -56,7 +58,7 @@ from shards.checks import WORKERS, check_output_dir
 from shards.job import JobSpec, Run, Summary, job_run
 from shards.reader import Shard, complete_shards, iter_rows, open_shards
 from t2i.caption_fields import DEFAULT_FIELDS, parse_fields, text_columns
-from t2i.feature_config import FEATURE_VERSION, FeatureConfig, FeaturesRun
+from t2i.feature_config import FEATURE_VERSION, FeatureConfig, FeaturesRun, check_model_digests
 from t2i.feature_encoder import FeatureEncoder, encode_rows
 from t2i.feature_images import RowImages
 from t2i.feature_index import open_index
@@ -247,10 +249,11 @@ def compute_features(
     shards_dir = shard_fs.as_location(shards_dir)  # caption shards may be on an object store (s3://, gs://, ...)
     shards = caption_shards(shards_dir, cfg.caption_fields)  # bad shards or fields: before the output is touched
     out, device = features_dir(root, cfg), device or default_device(ranks)
+    digests = unchanged_models(out, cfg)  # every rank: one that refused alone would leave the others waiting
 
     def start() -> None:  # every rank: the leader has locked, checked and cleaned
         if ranks.rank == 0:
-            start_output(out, cfg)
+            start_output(out, cfg, digests)
             _write_plan(out, shards)
         ranks.barrier()  # nobody reads what is done, or writes, before the leftovers of a crash are gone
         _check_plan(out, shards, shards_dir)  # every rank shares out the same row groups
@@ -304,9 +307,21 @@ def _check_plan(out: Path, shards: list[Shard], shards_dir) -> None:
                          "than rank 0): rerun once the caption job has finished")
 
 
-def start_output(out: Path, cfg: FeatureConfig) -> None:
-    """Before any rank writes: the settings as the training loader reads them (`config.json`)."""
-    shard_fs.write_text(out / "config.json", json.dumps({**asdict(cfg), "cache_key": cfg.cache_key()}, indent=2))
+def unchanged_models(out: Path, cfg: FeatureConfig) -> dict[str, str]:
+    """The digest of each local model folder of `cfg` (FeatureConfig.model_digests), after
+    checking that features already committed in `out` were made with the same weights: a folder
+    refitted in place keeps its path, so its features' key, and must not add rows of new weights."""
+    digests, made = cfg.model_digests(), out / "config.json"
+    if made.is_file() and complete_shards(out):
+        check_model_digests(out, json.loads(made.read_text()), digests)
+    return digests
+
+
+def start_output(out: Path, cfg: FeatureConfig, digests: dict[str, str]) -> None:
+    """Before any rank writes: the settings as the training loader reads them (`config.json`),
+    with the model folders' digests (`unchanged_models`)."""
+    record = {**asdict(cfg), "cache_key": cfg.cache_key(), "model_digests": digests}
+    shard_fs.write_text(out / "config.json", json.dumps(record, indent=2))
 
 
 def finish_output(run: Run, cfg: FeatureConfig, shards_dir, write: bool = True) -> Summary:

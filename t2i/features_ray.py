@@ -46,6 +46,7 @@ from t2i.features import (
     read_failures,
     row_columns,
     start_output,
+    unchanged_models,
     usable,
 )
 
@@ -118,8 +119,9 @@ def compute_features_ray(shards_dir: str | Path, root: str | Path, cfg: FeatureC
     shards_dir = shard_fs.as_location(shards_dir)
     shards = caption_shards(shards_dir, cfg.caption_fields)
     out = features_dir(root, cfg)
+    digests = unchanged_models(out, cfg)
     with job_run(feature_spec(cfg, out)) as run:  # the driver's device in the ledger; the actors' are not metered
-        start_output(out, cfg)
+        start_output(out, cfg, digests)
         skip = run.done | frozenset(read_failures(out))
         todo = _count(shards, skip, run.summary, cfg.caption_fields)
         if todo and run.summary.valid:  # a finished run starts no Ray

@@ -436,3 +436,40 @@ def test_ranks_that_see_other_caption_shards_refuse_to_start(tmp_path, models, m
     _check_plan(tmp_path, shards, tmp_path / "caps")
     with pytest.raises(ShardError, match="changed while features started"):
         _check_plan(tmp_path, shards[:1], tmp_path / "caps")
+
+
+def test_features_of_a_model_folder_refitted_in_place_are_refused_not_extended(tmp_path, models):
+    """A local folder's path names the features; its content digest, recorded beside them, tells
+    that its weights changed: the features job and training refuse in one line, a copy of the
+    folder elsewhere keeps its digest, and features recorded before digests are accepted."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from shards.hub import local_model_digest
+    from t2i.train.config import TrainConfig
+    from t2i.train.resume import find_features
+
+    vae = tmp_path / "vae"
+    shutil.copytree(models["vae"], vae)
+    assert local_model_digest(str(vae)) == local_model_digest(models["vae"])  # names and contents, not times
+    caps = many_images(tmp_path, 6)
+    cfg = fcfg({**models, "vae": str(vae)}, rows_per_shard=4)
+    r, _ = features(caps, tmp_path / "feats", cfg)
+    made = json.loads((Path(r["dir"]) / "config.json").read_text())
+    assert made["model_digests"] == {"vae": local_model_digest(str(vae)), "text_encoder": local_model_digest(models["text_encoder"])}
+    train = TrainConfig(vae=str(vae), text_encoder=models["text_encoder"], resolution=16, max_tokens=16, text_dtype="float32")
+    assert find_features(tmp_path / "feats", train) == Path(r["dir"])
+
+    (weights,) = vae.glob("*.safetensors")
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights)  # a refit into the same folder
+    for attempt in (lambda: features(caps, tmp_path / "feats", cfg), lambda: find_features(tmp_path / "feats", train)):
+        with pytest.raises(UserError, match=r"made with the VAE at .*vae before its weights changed .*: delete .* and make the features again") as e:
+            attempt()
+        assert "\n" not in str(e.value)
+
+    del made["model_digests"]  # features made before digests were recorded
+    (Path(r["dir"]) / "config.json").write_text(json.dumps(made))
+    assert find_features(tmp_path / "feats", train) == Path(r["dir"])
+    again, _ = features(caps, tmp_path / "feats", cfg)
+    assert again["new"] == 0 and json.loads((Path(r["dir"]) / "config.json").read_text())["model_digests"]["vae"] == local_model_digest(str(vae))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -131,3 +132,29 @@ def test_cached_id_loads_from_cache_when_the_hub_is_unreachable(tmp_path, monkey
     assert hub.hub_kwargs(str(tmp_path), "model") == {}  # a local directory: no hub at all
     with pytest.raises(UserError, match="not reachable .no route."):
         hub.hub_kwargs("t2i-data-tests/other", "model")
+
+
+def test_local_model_digest_follows_contents_not_times_and_samples_large_files(tmp_path, monkeypatch):
+    """A folder's digest changes with a file's bytes (whole for small files, sampled blocks for
+    large ones, their first and last blocks included) and its names, not with times; a hub id has none."""
+    monkeypatch.setattr(hub, "WHOLE_FILE_BYTES", 2 << 20)  # so a 5 MiB file takes the sampled path
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    big = bytearray(np.random.default_rng(0).bytes(5 << 20))
+    (model / "weights.bin").write_bytes(big)
+    first = hub.local_model_digest(str(model))
+    os.utime(model / "weights.bin", (0, 0))
+    assert hub.local_model_digest(str(model)) == first
+    for at in (0, len(big) - 1):  # the first and the last block are always read
+        changed = bytearray(big)
+        changed[at] ^= 0xFF
+        (model / "weights.bin").write_bytes(changed)
+        assert hub.local_model_digest(str(model)) != first
+    (model / "weights.bin").write_bytes(big)
+    (model / "config.json").write_text('{"a": 1}')  # a small file: hashed whole
+    assert hub.local_model_digest(str(model)) != first
+    (model / "config.json").write_text("{}")
+    (model / "config.json").rename(model / "other.json")
+    assert hub.local_model_digest(str(model)) != first
+    assert hub.local_model_digest("org/model") is None

@@ -18,6 +18,7 @@ from t2i import recovery
 from t2i import sharding
 from t2i import sigma
 from t2i.caption_fields import DEFAULT_FIELDS, normalised, parse_fields, parse_weights
+from t2i.feature_config import check_model_digests
 from t2i.features import FeatureConfig, features_dir
 from t2i.objective import check_resume_objective
 from t2i.repa import check_resume_repa
@@ -50,11 +51,13 @@ def find_features(path: Path, cfg: TrainConfig) -> Path:
                       if _made_with(made, k) != getattr(want, k)]
             raise UserError(f"{path} holds features made with other settings ({'; '.join(differ) or 'another version'}): "
                             f"train with the settings they were made with, or pass --shards to make features for these")
+        check_model_digests(path, made, want.model_digests())
         return path
     fdir = features_dir(path, want)
     if not (fdir / "config.json").is_file():
         raise UserError(f"no features for this stage's settings in {path} (looked for {fdir.name}/): run `t2i-data features "
                         f"--out {path}` with the same --vae/--text-encoder/--resolution/--max-tokens/dtypes, or pass --shards")
+    check_model_digests(fdir, json.loads((fdir / "config.json").read_text()), want.model_digests())
     return fdir
 
 
