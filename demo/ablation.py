@@ -128,11 +128,18 @@ def run_arm(p: dict[str, Any], out: Path, name: str, levers: list[str], dit_step
     dit_cfg = arm_config(s, "dit", "scratch", dit_steps, kind="class-cond", class_column=s.dit_classes, **obj)
     train_stage(dit_cfg, dit_dir, p["shards"], out / "features", s.progress)
     log(f"      arm {name}: (c) + {' + '.join(levers) or 'nothing'}, {s.steps} steps")
-    arm_cfg = arm_config(s, f"arm-{name}", f"dit:{dit_dir}", s.steps, **settings)
-    train_stage(arm_cfg, out / f"arm-{name}", p["shards"], out / "features", s.progress)
-    points, _ = curve(out / f"arm-{name}", p["scenes"], p["prompts"], s, seed)
+    arm_dir = out / arm_dir_name(name, levers)
+    arm_cfg = arm_config(s, arm_dir.name, f"dit:{dit_dir}", s.steps, **settings)
+    train_stage(arm_cfg, arm_dir, p["shards"], out / "features", s.progress)
+    points, _ = curve(arm_dir, p["scenes"], p["prompts"], s, seed)
     return {"levers": levers, "settings": settings, "curve": points, "final": points[-1],
-            **training_time(out / f"arm-{name}"), "flops": arm_flops(arm_cfg, dit_cfg, p["train_images"])}
+            **training_time(arm_dir), "flops": arm_flops(arm_cfg, dit_cfg, p["train_images"])}
+
+
+def arm_dir_name(name: str, levers: list[str]) -> str:
+    """An arm's stage directory. The best combination's names its levers: a rerun whose new arms
+    change the choice must train the new combination, not resume (or reuse) the old one's stage."""
+    return f"arm-{name}" if name != "best" else "arm-best-" + "+".join(sorted(levers))
 
 
 def training_time(stage_dir: Path) -> dict[str, Any]:

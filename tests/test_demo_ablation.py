@@ -36,6 +36,16 @@ def test_the_best_combination_follows_the_measurements():
     assert best_combination({"c": f(.3, .3), "flow": f(.1, .1), "repa": f(.2, .25)}) == ["repa"]  # none above: the best
 
 
+def test_the_best_combination_trains_in_a_directory_of_its_own_levers():
+    """A rerun that adds arms may change the best combination: its stage must not resume the old one's."""
+    from demo.ablation import arm_dir_name
+
+    assert arm_dir_name("repa", ["repa"]) == "arm-repa" and arm_dir_name("c", []) == "arm-c"
+    old, new = arm_dir_name("best", ["min_snr", "repa", "token_drop"]), arm_dir_name("best", ["flow", "repa", "token_drop"])
+    assert old != new and old.startswith("arm-best") and new.startswith("arm-best")
+    assert arm_dir_name("best", ["repa", "flow"]) == arm_dir_name("best", ["flow", "repa"])
+
+
 def _results(c, arm, n=48):
     point = lambda x: {"step": 100, "color": 1.0, "shape": x, "position": 1.0, "all": x}  # noqa: E731
     arms = {"c": {"final": point(c), "curve": [point(c)], "levers": [], "train_s": 1.0, "flops": {"total": 1.0}},
