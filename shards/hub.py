@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
+from shards import fs
 from shards.errors import UserError
 
 PROBE_TIMEOUT_S = 5.0
@@ -230,11 +231,10 @@ def local_model_digest(ref: str) -> str | None:
     for path in files:
         size = path.stat().st_size
         h.update(f"{path.relative_to(root).as_posix() if path != root else path.name}\0{size}\0".encode())
+        if size <= WHOLE_FILE_BYTES:
+            h.update(fs.sha256(path).encode())
+            continue
         with open(path, "rb") as f:
-            if size <= WHOLE_FILE_BYTES:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-                continue
             for i in range(SAMPLED_BLOCKS):
                 f.seek((size - (1 << 20)) * i // (SAMPLED_BLOCKS - 1))
                 h.update(f.read(1 << 20))
