@@ -85,9 +85,12 @@ def row(seed: int, r: dict) -> str:
             + (f", {bench['cpu_s']:.0f} s CPU" if bench else "") + _load(r) + " |")
 
 
-def _timesteps(cfg: dict) -> str:
+def _objective(cfg: dict) -> str:
+    """The arms' objective as the section names it (a results.json from before the objective field: DDPM)."""
+    if cfg.get("objective", "ddpm") == "flow":
+        return f"rectified flow, {cfg['timestep_density'].replace('_', '-')} timesteps"
     power = cfg.get("timestep_power", 1.0)
-    return "" if power == 1.0 else f", training timesteps T·u^{power:g}"
+    return cfg.get("prediction_type", "epsilon") + ("" if power == 1.0 else f", training timesteps T·u^{power:g}")
 
 
 def _wall(r: dict) -> float:
@@ -160,7 +163,7 @@ def main() -> None:
     if args.report_only:
         mode = mode_of(cfg)
     body = [f"`t2i-data demo` ({'default' if mode == 'default' else '--' + mode}): world {cfg['world_train']} + {cfg['world_heldout']} images, "
-            f"{cfg['t2i_resolution']} px, {cfg['preset']} ({cfg.get('prediction_type', 'epsilon')}{_timesteps(cfg)}), arms a-c {cfg['arm_steps']} steps each (DiT stage {cfg['dit_steps']} on {cfg.get('dit_classes', 'shape')} labels), "
+            f"{cfg['t2i_resolution']} px, {cfg['preset']} ({_objective(cfg)}), arms a-c {cfg['arm_steps']} steps each (DiT stage {cfg['dit_steps']} on {cfg.get('dit_classes', 'shape')} labels), "
             f"fine-tune {cfg['finetune_steps']}; {cfg['curve_prompts']} held-out prompts judged per checkpoint. Targets: {TARGETS}.",
             "", "| seed | (c) colour / position / shape / all | all-three (b) vs (a) | (c) steps to (b)'s final | aesthetic before → after (margin); (d) all-three change | time |",
             "|---|---|---|---|---|---|"]

@@ -4,7 +4,8 @@ the same world, captions, seed, batch, schedule, held-out prompts and judged che
 
 | arm        | what changes against (c)                                                         |
 |------------|----------------------------------------------------------------------------------|
-| c          | nothing: the demo's arm (c) as the demo trains it                                |
+| c          | nothing: PixArt-alpha's recipe, DDPM (the demo's v-prediction), whatever the     |
+|            | demo's own objective                                                             |
 | flow       | rectified flow, logit-normal timesteps (SD3 / Sana); its DiT stage trains with   |
 |            | flow too (no weight conversion maps a DDPM model onto a flow one)                |
 | repa       | REPA, lambda 0.5, block round(depth / 3), with the demo's teacher (demo.teacher) |
@@ -177,7 +178,8 @@ def arm_flops(cfg, dit_cfg, train_images: int) -> dict[str, float]:
 def run_ablation(cfg, out: Path, log: Callable[[str], None] = print, progress: bool = False,
                  levers: tuple[str, ...] = tuple(LEVERS), captions: str = "vlm", batch_size: int = 0) -> dict[str, Any]:
     """Arm (c), (c) + each of `levers`, and (c) + the best combination of them, for one seed,
-    into `out` (every stage resumes or is reused); writes and returns `out/ablation.json`."""
+    into `out` (every stage resumes or is reused); writes and returns `out/ablation.json`. Arm (c)
+    is PixArt-alpha's recipe, DDPM, whatever objective `cfg` (the demo's: flow) names: flow is a lever."""
     import time
 
     import torch
@@ -188,6 +190,7 @@ def run_ablation(cfg, out: Path, log: Callable[[str], None] = print, progress: b
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    cfg = replace(cfg, objective="ddpm")
     p = prepare(cfg, out, log, progress, captions)
     if batch_size:  # the arms' and DiT's batch (default: the demo's manifest's)
         p["settings"].base.batch_size = batch_size

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from demo.judge_vlm import SHIPPED_JUDGE
-from demo.teacher import SHIPPED_TEACHER  # noqa: F401  (what `teacher` may name: the shipped REPA teacher)
 from demo.vae import SHIPPED_VAE
 from shards.checks import SEED, check_output_dir
 from shards.errors import UserError
@@ -46,13 +45,14 @@ class DemoConfig:
     t2i_manifest: str = str(MANIFESTS / "tiny-cpu.toml")
     t2i_resolution: int = 32
     preset: str = "PixArt-tiny/2"  # patch 2 on the VAE's 16x16 latents: 64 tokens
-    prediction_type: str = "v_prediction"  # v, not epsilon: single-coloured objects, no stray blobs, at these steps
-    timestep_power: float = 1.0  # uniform training timesteps (TrainConfig.timestep_power)
+    objective: str = "flow"  # rectified flow, logit-normal timesteps: the one lever the --full ablation showed
+    timestep_density: str = "logit_normal"  # flow's training timesteps (TrainConfig.timestep_density)
+    prediction_type: str = "v_prediction"  # "ddpm" only: v, not epsilon (single-coloured objects, no stray blobs)
+    timestep_power: float = 1.0  # "ddpm" only: uniform training timesteps (TrainConfig.timestep_power)
     max_tokens: int = 0  # caption tokens the T5 keeps (0: the manifest's 16, which cuts the ~28-token dense captions)
     text_dtype: str = ""  # how the arms store T5 ("": the manifest's float32; int8 | fp8: t2i.text_codec; ids: t2i.text_ondemand)
     lr: float = 3e-3  # with epsilon (2026-11-26), colour/position 35/27% at step 400 against 10/12% at 1e-3
     vae: str = str(SHIPPED_VAE)  # frozen, fitted offline by `python -m demo.vae` (as PixArt uses SD's VAE)
-    teacher: str = ""  # REPA's teacher (t2i.repa), e.g. str(SHIPPED_TEACHER) (`python -m demo.teacher`); "": no REPA, as today
     dit_steps: int = 400  # stage 1: the class-conditional DiT
     dit_classes: str = "shape"  # its labels: "shape", or "layout" (shape x position: it learns where to draw, then what)
     arm_steps: int = 800  # arms a, b, c each (equal compute, same seed); 1000 took the demo to 614-631 s (quiet)
@@ -80,7 +80,7 @@ class DemoConfig:
     def full(cls, out: str, seed: int = 0) -> "DemoConfig":
         """The longer run whose curves go to BENCHMARKS.md: a 2x wider and 2x deeper model
         (PixArt-mini/2, ~1.2M) trained long enough to draw shapes, not only colour and position."""
-        return cls(out=out, seed=seed, preset="PixArt-mini/2", lr=1e-3, timestep_power=0.6, max_tokens=32, dit_steps=5000,
+        return cls(out=out, seed=seed, preset="PixArt-mini/2", lr=1e-3, objective="ddpm", timestep_power=0.6, max_tokens=32, dit_steps=5000,
                    dit_classes="layout",
                    arm_steps=2400, finetune_steps=800, finetune_lr=3e-3, curve_points=12, curve_prompts=96)
 
@@ -356,8 +356,12 @@ def _arm_settings(cfg: DemoConfig, text_encoder: Path, progress: bool):
 
     base = load_manifest(cfg.t2i_manifest).stages[0].config
     base.vae, base.text_encoder, base.resolution, base.seed = cfg.vae, str(text_encoder), cfg.t2i_resolution, cfg.seed
-    base.preset, base.lr, base.threads, base.prediction_type = cfg.preset, cfg.lr, cfg.threads, cfg.prediction_type
-    base.timestep_power, base.max_tokens = cfg.timestep_power, cfg.max_tokens or base.max_tokens
+    base.preset, base.lr, base.threads, base.max_tokens = cfg.preset, cfg.lr, cfg.threads, cfg.max_tokens or base.max_tokens
+    base.objective = cfg.objective
+    if cfg.objective == "flow":
+        base.timestep_density = cfg.timestep_density
+    else:
+        base.prediction_type, base.timestep_power = cfg.prediction_type, cfg.timestep_power
     base.text_dtype = cfg.text_dtype or base.text_dtype
     return ArmSettings(base=base, steps=cfg.arm_steps, curve_every=max(cfg.arm_steps // cfg.curve_points, 1),
                        sampler_steps=cfg.sampler_steps, guidance=4.5, progress=progress, dit_classes=cfg.dit_classes)
