@@ -179,7 +179,7 @@ def run_ablation(cfg, out: Path, log: Callable[[str], None] = print, progress: b
                  levers: tuple[str, ...] = tuple(LEVERS), captions: str = "vlm", batch_size: int = 0) -> dict[str, Any]:
     """Arm (c), (c) + each of `levers`, and (c) + the best combination of them, for one seed,
     into `out` (every stage resumes or is reused); writes and returns `out/ablation.json`. Arm (c)
-    is PixArt-alpha's recipe, DDPM, whatever objective `cfg` (the demo's: flow) names: flow is a lever."""
+    is PixArt-alpha's recipe, DDPM, whatever objective `cfg` names: flow is a lever."""
     import time
 
     import torch
