@@ -172,6 +172,22 @@ def test_demo_text_dtype_reaches_every_arm_and_a_bad_one_is_one_line(tmp_path):
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
+def test_demo_objective_reaches_every_arm_and_flow_drops_the_ddpm_settings(tmp_path):
+    """The demo trains with DDPM (v-prediction) by default; `objective = "flow"` makes every arm
+    rectified flow with its timestep density, and leaves the DDPM-only settings at their defaults
+    (flow refuses them otherwise), so the stage validates."""
+    from dataclasses import replace
+
+    from demo.run import DemoConfig, _arm_settings
+
+    ddpm = _arm_settings(DemoConfig(out=str(tmp_path)), tmp_path / "t5", progress=False).base
+    assert (ddpm.objective, ddpm.prediction_type) == ("ddpm", "v_prediction")
+    flow_cfg = replace(DemoConfig(out=str(tmp_path)), objective="flow", prediction_type="v_prediction", timestep_power=0.6)
+    flow = _arm_settings(flow_cfg, tmp_path / "t5", progress=False).base
+    assert (flow.objective, flow.timestep_density, flow.prediction_type, flow.timestep_power) == ("flow", "logit_normal", "epsilon", 1.0)
+    flow.validate()
+
+
 def test_full_demo_keeps_the_whole_dense_caption(tmp_path):
     """The T5 of `--full` keeps every token of the world's dense captions (the manifest's 16
     would cut their second sentence, which names colour and shape again)."""
