@@ -78,16 +78,52 @@ def write_arm_shards(captions_dir: Path, records: dict, out_dir: Path, text: str
     return w.close()["rows"]
 
 
+# settings that change how a stage runs or reports, not what it learns: a finished stage trained
+# with other values of these is still the stage asked for
+RUN_ONLY = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every", "threads", "loader_workers",
+            "report_to", "sample_prompts", "trace_keys")
+MODEL_FIELDS = ("vae", "text_encoder", "teacher")  # paths compared by contents
+
+
 def train_stage(cfg, out: Path, shards: Path, features: Path, progress: bool) -> dict[str, Any]:
-    """One training stage into `out` (resumed when it has checkpoints, skipped when finished)."""
+    """One training stage into `out` (resumed when it has checkpoints, skipped when finished with
+    the same settings; finished with others, refused in one line)."""
     from t2i.checkpoint import latest_checkpoint
     from t2i.recovery import checkpoint_step, has_checkpoints
     from t2i.stage import run_stage
 
     done = checkpoint_step(latest_checkpoint(out)) if has_checkpoints(out) else None
     if done is not None and done >= cfg.steps:
+        check_same_settings(cfg, out, latest_checkpoint(out))
         return {"skipped": "finished", "step": done}
     return run_stage(cfg, out, shards=shards, features=features, resume=done is not None, progress=progress)
+
+
+def check_same_settings(cfg, out: Path, ck: Path) -> None:
+    """A UserError when finished stage `out` (its checkpoint `ck`) was trained with other settings
+    than `cfg`: a rerun into the same --out with other flags would report the old stage's samples
+    as the new settings' (settings its checkpoint does not record, from an older version, pass)."""
+    from shards.errors import UserError
+    from t2i.checkpoint import TRAINER_STATE
+    from t2i.train.loop import recorded_config
+
+    theirs = json.loads((ck / TRAINER_STATE).read_text()).get("config", {})
+    ours = json.loads(json.dumps(recorded_config(cfg), default=str))  # as the checkpoint wrote it
+    differ = [f"{k} {theirs[k]!r} (now {ours[k]!r})" for k in ours
+              if k in theirs and k not in RUN_ONLY and theirs[k] != ours[k] and not same_model(k, theirs[k], ours[k])]
+    if differ:
+        raise UserError(f"{out} holds a finished stage trained with other settings: {', '.join(differ)}: "
+                        "pass another --out, or delete that directory to train it again")
+
+
+def same_model(field: str, theirs: Any, ours: Any) -> bool:
+    """Two paths of `field` name the same model: local folders with the same contents (the shipped
+    VAE of another clone of the repository, say)."""
+    from shards.hub import local_model_digest
+
+    if field not in MODEL_FIELDS or not (theirs and ours and Path(theirs).is_dir() and Path(ours).is_dir()):
+        return False
+    return local_model_digest(theirs) == local_model_digest(ours)
 
 
 def checkpoints(stage_dir: Path) -> list[tuple[int, Path]]:

@@ -96,3 +96,36 @@ def test_a_full_scale_run_says_what_it_left_out_and_keeps_the_small_scale_sectio
     said = scope({0: _results(0.6, 0.7)}, "full")
     assert said.startswith("This is --full's model") and "without the levers flow, token_drop, min_snr" in said
     assert "that was not run" in scope({0: _results(0.2, 0.2)}, "default")
+
+
+def test_a_finished_stage_is_reused_only_with_the_settings_it_was_trained_with(tmp_path):
+    """A rerun into the same --out reuses a finished stage when only how it ran changes (threads,
+    steps it passed), and refuses in one line when what it learned would differ (here the lr): it
+    would otherwise report the old stage's samples as the new settings' (issue 29, arm-best)."""
+    from dataclasses import replace
+
+    import torch
+
+    from demo.arms import train_stage
+    from shards.errors import UserError
+    from t2i.checkpoint import save_checkpoint
+    from t2i.train import TrainConfig
+    from t2i.train.loop import recorded_config
+
+    for model in ("vae", "t5"):
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "config.json").write_text('{"block_out_channels": [8], "d_model": 8}')
+    cfg = TrainConfig(preset="PixArt-tiny/2", resolution=32, steps=12, lr=1e-3, threads=1, vae=str(tmp_path / "vae"),
+                      text_encoder=str(tmp_path / "t5"))
+    class Transformer:  # what save_checkpoint needs of the model: its config
+        def save_config(self, where):
+            where.mkdir(parents=True, exist_ok=True)
+            (where / "config.json").write_text("{}")
+
+    weights = {"w": torch.zeros(2)}
+    save_checkpoint(tmp_path / "stage", 12, Transformer(), weights, weights, {"state": {}, "param_groups": []},
+                    {"step": 12, "config": recorded_config(cfg)})
+    never = tmp_path / "no-shards"  # reaching training would fail on it
+    assert train_stage(replace(cfg, threads=2, steps=10), tmp_path / "stage", never, never, False)["skipped"] == "finished"
+    with pytest.raises(UserError, match=r"stage holds a finished stage trained with other settings: lr 0.001 \(now 0.003\)"):
+        train_stage(replace(cfg, lr=3e-3), tmp_path / "stage", never, never, False)
