@@ -54,7 +54,7 @@ def tiny_vision_models(root: Path) -> dict[str, str]:
 # ---- the teacher --------------------------------------------------------------------------------
 
 def test_shipped_teacher_loads_through_the_generic_path_and_gives_the_8x8_grid():
-    from demo.run import DemoConfig
+    from demo.run import DemoConfig, _arm_settings
     from t2i.teacher import Teacher
 
     teacher = Teacher.load(str(SHIPPED_TEACHER))
@@ -67,7 +67,9 @@ def test_shipped_teacher_loads_through_the_generic_path_and_gives_the_8x8_grid()
     assert fit["grid"] == [8, 8] and fit["held_out"]["shape_vs_background"] > 0.9
     assert fit["held_out"]["kind_of_found_shapes"] >= 0.8  # it knows shape kinds (chance 0.25): REPA has them to pass on
     assert sum(f.stat().st_size for f in SHIPPED_TEACHER.iterdir()) < 1 << 20  # small enough to ship
-    assert DemoConfig().teacher == "" and DemoConfig.full("x").teacher == ""  # the demo does not use it yet
+    for cfg in (DemoConfig(), DemoConfig.full("x")):  # the demo's own arms do not use it (the ablation's REPA arm does)
+        base = _arm_settings(cfg, Path("t5"), progress=False).base
+        assert base.teacher == "" and base.repa_weight == 0
 
 
 def test_the_demo_teacher_fit_is_deterministic():
