@@ -92,9 +92,10 @@ def train_stage(cfg, out: Path, shards: Path, features: Path, progress: bool) ->
     from t2i.recovery import checkpoint_step, has_checkpoints
     from t2i.stage import run_stage
 
-    done = checkpoint_step(latest_checkpoint(out)) if has_checkpoints(out) else None
+    ck = latest_checkpoint(out) if has_checkpoints(out) else None
+    done = checkpoint_step(ck)
     if done is not None and done >= cfg.steps:
-        check_same_settings(cfg, out, latest_checkpoint(out))
+        check_same_settings(cfg, out, ck)
         return {"skipped": "finished", "step": done}
     return run_stage(cfg, out, shards=shards, features=features, resume=done is not None, progress=progress)
 
