@@ -463,6 +463,9 @@ TRAIN_OPTIONS: dict[str, tuple[Any, ...]] = {
     "fsdp": (bool, C.fsdp, "shard weights, grads, AdamW state and EMA over the processes"),
     "lr": (float, C.lr, None),
     "mixed_precision": (str, C.mixed_precision, "no | bf16 | fp16"),
+    "param_dtype": (str, C.param_dtype, "float32 | bfloat16 (bf16 weights and residual stream, fp32 master weights in "
+                    "AdamW and the EMA, through FSDP2; needs --mixed-precision bf16)"),
+    "float8": (bool, C.float8, "the blocks' linear layers multiply in float8 (torchao; the fp8 extra; H100-class GPUs)"),
     "prediction_type": (str, C.prediction_type, "what the model predicts: epsilon (the paper's) | v_prediction"),
     "timestep_power": (float, C.timestep_power, "training timesteps floor(T*u**p): 1 uniform (the paper's); < 1 "
                        "trains the noisy steps, where shapes form, more often"),

@@ -24,14 +24,18 @@ def _dtensor():
     return DTensor
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
     """Shard `model` (a PixArtWithNull) in place: one FSDP unit per transformer block (gathered
-    just before it runs, freed after), then the root for the embedders, final layer and null caption."""
-    from torch.distributed.fsdp import fully_shard
+    just before it runs, freed after), then the root for the embedders, final layer and null caption.
+    `mp_policy`: FSDP2's MixedPrecisionPolicy (t2i.precision), or None for the params' own dtype.
+    On one process nothing is freed after the forward (there is nothing to gather it back from)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = {"mp_policy": mp_policy or MixedPrecisionPolicy(), "reshard_after_forward": dist.get_world_size() > 1}
     for block in model.transformer.transformer_blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
     return model
 
 

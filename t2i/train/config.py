@@ -111,6 +111,10 @@ class TrainConfig:
     val_every: int = 0  # optimizer steps between validations (0: at every checkpoint)
     val_timesteps: int = 4  # timesteps per held-out sample, averaged (stratified over the objective's density)
     mixed_precision: str = "no"  # no | bf16 | fp16
+    # t2i.precision: bfloat16 runs forward/backward on bf16 copies of fp32 master weights (FSDP2's
+    # mixed precision, a bf16 residual stream; needs mixed_precision bf16); float32: autocast only
+    param_dtype: str = "float32"
+    float8: bool = False  # the blocks' linear layers multiply in float8 (torchao Float8Linear; the fp8 extra)
     grad_checkpointing: bool = False
     compile: bool = False
     attention: str = "auto"  # SDPA kernel order (t2i.models.ATTENTION_ORDERS): auto | flash | efficient | cudnn
@@ -177,6 +181,9 @@ class TrainConfig:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         self._validate_levers()
         check_ranges(self, TRAIN_RANGES, dashes=False)
+        from t2i.precision import check_precision
+
+        check_precision(self)
         from t2i.sigma import check_family
 
         check_family(self)

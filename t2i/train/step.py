@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from t2i import sharding
+from t2i import precision, sharding
 from t2i.lora import trainable
 from t2i.models import attention_kernels, compile_blocks
 from t2i.noise import normal_pairs, random_words, uniforms
@@ -149,8 +149,8 @@ class _null:
 
 
 def setup_optimization(cfg: TrainConfig, model, device):
-    """Move `model` to `device` (gradient checkpointing on when asked; sharded with FSDP when
-    cfg.fsdp) and build AdamW (fused on CUDA), the constant-with-warmup schedule and the EMA
+    """Move `model` to `device` (gradient checkpointing on when asked; float8 linears when
+    cfg.float8; sharded with FSDP, in cfg.param_dtype's mixed precision, when cfg.fsdp) and build AdamW (fused on CUDA), the constant-with-warmup schedule and the EMA
     (foreach: one kernel per tensor group), over the parameters that train (a LoRA stage's: the
     adapter alone). Under FSDP the optimizer and EMA see the shards."""
     from diffusers.optimization import get_constant_schedule_with_warmup
@@ -158,9 +158,11 @@ def setup_optimization(cfg: TrainConfig, model, device):
 
     if cfg.grad_checkpointing:
         model.transformer.enable_gradient_checkpointing()
+    if cfg.float8:
+        precision.convert_float8(model.transformer)
     model.to(device)
     if cfg.fsdp:
-        sharding.shard_model(model)
+        sharding.shard_model(model, precision.mp_policy(cfg))
     fused = torch.device(device).type == "cuda"
     params = [p for _, p in trainable(model)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
@@ -181,6 +183,10 @@ def make_accelerator(cfg: TrainConfig):
     # cpu=True on a machine without CUDA: only then does accelerate turn torchrun's
     # LOCAL_RANK/WORLD_SIZE into gloo ranks (MULTI_CPU); otherwise each rank would run alone
     accel = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    if accel.num_processes == 1:
+    if precision.bf16_params(cfg):
+        cfg.fsdp = True  # FSDP2's mixed precision holds the fp32 master weights
+        if accel.num_processes == 1:
+            precision.one_process_group()
+    elif accel.num_processes == 1:
         cfg.fsdp = False  # nothing to shard over: one process trains as usual
     return accel
