@@ -462,6 +462,8 @@ TRAIN_OPTIONS: dict[str, tuple[Any, ...]] = {
     "grad_accum": (int, C.grad_accum, None),
     "fsdp": (bool, C.fsdp, "shard weights, grads, AdamW state and EMA over the processes"),
     "lr": (float, C.lr, None),
+    "ema_every": (int, C.ema_every, "average the EMA on every N-th optimizer step only, with the decay of N steps "
+                  "(1: every step)"),
     "mixed_precision": (str, C.mixed_precision, "no | bf16 | fp16"),
     "prediction_type": (str, C.prediction_type, "what the model predicts: epsilon (the paper's) | v_prediction"),
     "timestep_power": (float, C.timestep_power, "training timesteps floor(T*u**p): 1 uniform (the paper's); < 1 "
