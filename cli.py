@@ -462,6 +462,8 @@ TRAIN_OPTIONS: dict[str, tuple[Any, ...]] = {
     "grad_accum": (int, C.grad_accum, None),
     "fsdp": (bool, C.fsdp, "shard weights, grads, AdamW state and EMA over the processes"),
     "lr": (float, C.lr, None),
+    "ema_every": (int, C.ema_every, "average the EMA on every N-th optimizer step only, with the decay of N steps "
+                  "(1: every step)"),
     "mixed_precision": (str, C.mixed_precision, "no | bf16 | fp16"),
     "param_dtype": (str, C.param_dtype, "float32 | bfloat16 (bf16 weights and residual stream, fp32 master weights in "
                     "AdamW and the EMA, through FSDP2; needs --mixed-precision bf16)"),

@@ -7,6 +7,7 @@ estimate; the JSON is rewritten after every part, so a run cut short keeps what 
   ceilings            bf16 matmul rate and copy bandwidth measured on this device
   ours-compile        t2i.train.TrainStep, PixArt-XL/2 at 256 px, 120 T5 tokens: bf16 autocast,
                       SDPA, fused AdamW, EMA, regional torch.compile of the blocks
+  ours-compile-ema4   ours-compile with the EMA averaged on every 4th step only (ema_every = 4)
   profile             torch.profiler over that step: the kernels that dominate
   datapath            feature shards -> batches -> device, alone and feeding the step: does the GPU wait?
   ours-eager          the same step without compile
@@ -70,14 +71,20 @@ PREDICTIONS = {
     "ours-compile-flash": "flash first for self-attention, cuDNN/efficient for the masked cross-attention: -5 to -10 ms/step",
     "ours-compile-flash-b128": "batch 128 halves the per-image cost of the optimizer + EMA + clipping passes (~12 ms/step): "
                                "+3-5% images/s",
+    # written for issue 33, before the run: the last H100 run had the optimizer + EMA + clipping passes at 14.6 ms of
+    # 169 ms; each is memory-bound over the ~0.61 G fp32 parameters (2.4 GB a tensor): fused AdamW reads p, g, m, v and
+    # writes p, m, v (~17 GB), clipping reads the grads twice (~5 GB), the foreach EMA reads shadow + params twice and
+    # writes twice ((s - p), then s -= a(s - p): ~15 GB), so the EMA is about a third, ~5 ms
+    "ours-compile-ema4": "the EMA pass on one step in 4: ~3/4 of ~5 ms saved, ~3.5-4 ms/step on the mean (mean_ms; the "
+                         "median is a step without the EMA, ~5 ms below ours-compile), ~2% images/s; no change in memory",
     "captioner-diagnose": "decode launches ~1,000 kernels per token with tens of microseconds of Python each: the GPU is "
                           "busy a small fraction of each token at batch 1; a static KV cache (compiled, CUDA graphs) "
                           "should cut the per-token time severalfold",
 }
 
 # (part, estimated seconds on an H100) in priority order
-PARTS = [("ceilings", 10), ("ours-compile", 60), ("profile", 15), ("datapath", 30), ("sdpa", 10), ("ours-eager", 20),
-         ("reference", 30), ("ours-compile-ckpt", 50), ("ours-compile-flash", 50), ("ours-compile-flash-b128", 50),
+PARTS = [("ceilings", 10), ("ours-compile", 60), ("ours-compile-ema4", 50), ("profile", 15), ("datapath", 30),
+         ("sdpa", 10), ("ours-eager", 20), ("reference", 30), ("ours-compile-ckpt", 50), ("ours-compile-flash", 50), ("ours-compile-flash-b128", 50),
          ("max-batch", 60), ("features", 30), ("captioner", 100), ("captioner-diagnose", 40), ("ours-compile-full", 120),
          ("ours-compile-512", 50)]
 

@@ -9,6 +9,7 @@ checked before any GPU time is spent.
 from __future__ import annotations
 
 import gc
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -168,9 +169,10 @@ def reference_step(st: Setting, latent: int):
     return step, {"model": model, "opt": opt}
 
 
-def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attention: str = "auto"):
+def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attention: str = "auto", ema_every: int = 1):
     """t2i.train.TrainStep exactly as train() builds it (model, fused AdamW, EMA, autocast).
-    compile: None (eager), "blocks" (the trainer's regional compile) or "full" (whole model)."""
+    compile: None (eager), "blocks" (the trainer's regional compile) or "full" (whole model);
+    ema_every: the EMA averaged on every k-th step only (TrainConfig.ema_every)."""
     from t2i.objective import build_objective
     from t2i.text_cond import TextConditioning
     from t2i.train import TrainConfig, TrainStep, make_accelerator, setup_optimization
@@ -178,7 +180,7 @@ def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attenti
     mp = "bf16" if st.device == "cuda" else "no"
     cfg = TrainConfig(preset=st.preset, resolution=latent * 8, max_tokens=st.tokens, mixed_precision=mp,
                       grad_checkpointing=ckpt, compile=compile == "blocks", lr=2e-5, warmup_steps=10, grad_clip=0.01,
-                      attention=attention)
+                      attention=attention, ema_every=ema_every)
     accel = make_accelerator(cfg)
     torch.manual_seed(0)
     objective = build_objective(vars(cfg))
@@ -198,12 +200,15 @@ def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attenti
 
 
 def build_step(name: str, st: Setting, latent: int):
-    """The step a variant name describes: reference | ours-[eager|compile|compile-full][-ckpt][-flash|-cudnn|-efficient]."""
+    """The step a variant name describes: reference | ours-[eager|compile|compile-full][-ckpt][-flash|-cudnn|-efficient]
+    [-ema<k>] (-ema4: the EMA averaged on every 4th step only)."""
     if name.startswith("reference"):
         return reference_step(st, latent)
     compile = "full" if "compile-full" in name else ("blocks" if "compile" in name else None)
     attention = next((a for a in ("flash", "cudnn", "efficient") if f"-{a}" in name), "auto")
-    return ours_step(st, latent, compile=compile, ckpt="ckpt" in name, attention=attention)
+    ema = re.search(r"-ema(\d+)", name)
+    return ours_step(st, latent, compile=compile, ckpt="ckpt" in name, attention=attention,
+                     ema_every=int(ema.group(1)) if ema else 1)
 
 
 def run_variant(name: str, st: Setting, latent: int, batch: int, peak: float | None, measured: float | None,
@@ -229,7 +234,9 @@ def run_variant(name: str, st: Setting, latent: int, batch: int, peak: float | N
         res.step_ms, res.images_per_s, res.peak_mem_gib = med * 1e3, batch / med, mem
         res.mfu = flops / med / peak if peak else None
         res.mfu_measured = flops / med / measured if measured else None
-        res.extra.update(spread_ms=(min(times) * 1e3, max(times) * 1e3), wall_s=time.perf_counter() - t0)
+        # mean_ms: what a run pays per step when steps differ (-ema<k>: one step in k averages the EMA)
+        res.extra.update(spread_ms=(min(times) * 1e3, max(times) * 1e3), mean_ms=statistics.fmean(times) * 1e3,
+                         wall_s=time.perf_counter() - t0)
         if keep:
             held = (fn, state, inputs)
     except torch.cuda.OutOfMemoryError:

@@ -26,7 +26,8 @@ TRAIN_RANGES: dict[str, Range] = {
     "global_batch": Range(0, 10_000_000), "grad_accum": Range(1, 4096), "steps": Range(1, 10**9),
     "lr": Range(0, 10),  # 0: the weights stay as they are (an import check)
     "warmup_steps": Range(0, 10**9), "weight_decay": Range(0, 10),
-    "grad_clip": Range(0, 10**6), "ema_decay": Range(0, 1), "caption_dropout": Range(0, 1, hi_open=True),
+    "grad_clip": Range(0, 10**6), "ema_decay": Range(0, 1), "ema_every": Range(1, 10**6),
+    "caption_dropout": Range(0, 1, hi_open=True),
     "logit_mean": Range(-10, 10), "val_keys": Range(0, 10**9), "val_every": Range(0, 10**9),
     "checkpoint_every": Range(1, 10**9), "keep_checkpoints": Range(0, 10**6), "log_every": Range(1, 10**9),
     "seed": SEED, "threads": WORKERS, "loader_workers": WORKERS,
@@ -65,6 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.03
     grad_clip: float = 0.01
     ema_decay: float = 0.9999
+    ema_every: int = 1  # average the EMA on every k-th optimizer step only, with the decay of k steps (t2i.train.ema)
     caption_dropout: float = 0.1
     # several captions per image (Sana-style): each sample trains on one of these caption-shard
     # fields per epoch, drawn with caption_weights (default equal); t2i.caption_fields

@@ -150,11 +150,13 @@ class _null:
 
 def setup_optimization(cfg: TrainConfig, model, device):
     """Move `model` to `device` (gradient checkpointing on when asked; float8 linears when
-    cfg.float8; sharded with FSDP, in cfg.param_dtype's mixed precision, when cfg.fsdp) and build AdamW (fused on CUDA), the constant-with-warmup schedule and the EMA
-    (foreach: one kernel per tensor group), over the parameters that train (a LoRA stage's: the
-    adapter alone). Under FSDP the optimizer and EMA see the shards."""
+    cfg.float8; sharded with FSDP, in cfg.param_dtype's mixed precision, when cfg.fsdp) and build
+    AdamW (fused on CUDA), the constant-with-warmup schedule and the EMA (foreach: one kernel per
+    tensor group; averaged every cfg.ema_every steps, t2i.train.ema), over the parameters that
+    train (a LoRA stage's: the adapter alone). Under FSDP the optimizer and EMA see the shards."""
     from diffusers.optimization import get_constant_schedule_with_warmup
-    from diffusers.training_utils import EMAModel
+
+    from t2i.train.ema import StridedEMA
 
     if cfg.grad_checkpointing:
         model.transformer.enable_gradient_checkpointing()
@@ -167,7 +169,7 @@ def setup_optimization(cfg: TrainConfig, model, device):
     params = [p for _, p in trainable(model)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
-    ema = EMAModel(params, decay=cfg.ema_decay, foreach=True)
+    ema = StridedEMA(params, every=cfg.ema_every, decay=cfg.ema_decay, foreach=True)
     return opt, sched, ema
 
 
