@@ -7,7 +7,12 @@ estimate; the JSON is rewritten after every part, so a run cut short keeps what 
   ceilings            bf16 matmul rate and copy bandwidth measured on this device
   ours-compile        t2i.train.TrainStep, PixArt-XL/2 at 256 px, 120 T5 tokens: bf16 autocast,
                       SDPA, fused AdamW, EMA, regional torch.compile of the blocks
+  ours-compile-bf16p  ours-compile on bf16 weights with fp32 masters (param_dtype = bfloat16)
   ours-compile-ema4   ours-compile with the EMA averaged on every 4th step only (ema_every = 4)
+  ours-compile-fp8    ours-compile with float8 matmuls in the blocks (float8 = true, torchao)
+  ours-compile-bf16p-ema4-fp8  the three together
+  ours-compile-flow / -repa / -drop50   the training levers on that step: flow matching, REPA on
+                      stored teacher tokens, token dropping at 50% (MFU from the FLOPs they do)
   profile             torch.profiler over that step: the kernels that dominate
   datapath            feature shards -> batches -> device, alone and feeding the step: does the GPU wait?
   ours-eager          the same step without compile
@@ -77,13 +82,33 @@ PREDICTIONS = {
     # writes twice ((s - p), then s -= a(s - p): ~15 GB), so the EMA is about a third, ~5 ms
     "ours-compile-ema4": "the EMA pass on one step in 4: ~3/4 of ~5 ms saved, ~3.5-4 ms/step on the mean (mean_ms; the "
                          "median is a step without the EMA, ~5 ms below ours-compile), ~2% images/s; no change in memory",
+    "ours-compile-bf16p": "bf16 weights on fp32 masters (FSDP2 mixed precision, one rank): the fused LayerNorm/GELU/"
+                          "modulate kernels (38.8 ms) read and write a bf16 residual stream instead of fp32, and the "
+                          "per-forward fp32->bf16 weight casts become one gather-cast per step; FSDP's fp32 grad "
+                          "cast adds ~1 ms: -8 to -12 ms, ~158 ms/step, ~36-37% MFU, less activation memory",
+    "ours-compile-fp8": "float8 GEMMs (torchao, dynamic per-tensor scales): the 80.6 ms of bf16 matmuls at 91% of their "
+                        "ceiling fall to ~55 ms, but at hidden 1152 each linear adds amax + cast passes over its input, "
+                        "weight and output grad (~10-15 ms, partly fused by compile): -10 to -15 ms, ~37-38% MFU "
+                        "(counted at the bf16 peak)",
+    "ours-compile-bf16p-ema4-fp8": "the three together, roughly additive: ~140 ms/step, ~41% MFU; the 45% target "
+                                   "(127 ms) needs the attention (21 ms) and the remaining elementwise traffic cut too",
+    "ours-compile-flow": "flow matching: the same FLOPs; the model outputs 4 channels instead of 8 and the loss drops the "
+                         "IDDPM variance term: within 1-2 ms of ours-compile",
+    "ours-compile-repa": "REPA (teacher tokens read as float16 inputs, as features stores them): the 3-layer projector "
+                         "on the block-9 tokens adds ~10% FLOPs (counted), a cosine loss and a 16 MB/sample input: "
+                         "+8-12% step time, MFU within 1 point",
+    "ours-compile-drop50": "token dropping at 50% over blocks 1-26: FLOPs x0.54; the gather/scatter and the fixed "
+                           "optimizer + EMA + clipping pass (14.6 ms) do not shrink: ~100-110 ms/step (1.6x images/s), "
+                           "MFU (FLOPs as done) ~30%",
     "captioner-diagnose": "decode launches ~1,000 kernels per token with tens of microseconds of Python each: the GPU is "
                           "busy a small fraction of each token at batch 1; a static KV cache (compiled, CUDA graphs) "
                           "should cut the per-token time severalfold",
 }
 
 # (part, estimated seconds on an H100) in priority order
-PARTS = [("ceilings", 10), ("ours-compile", 60), ("ours-compile-ema4", 50), ("profile", 15), ("datapath", 30),
+PARTS = [("ceilings", 10), ("ours-compile", 60), ("ours-compile-bf16p", 40), ("ours-compile-ema4", 20),
+         ("ours-compile-fp8", 45), ("ours-compile-bf16p-ema4-fp8", 45), ("ours-compile-flow", 20),
+         ("ours-compile-repa", 25), ("ours-compile-drop50", 30), ("profile", 15), ("datapath", 30),
          ("sdpa", 10), ("ours-eager", 20), ("reference", 30), ("ours-compile-ckpt", 50), ("ours-compile-flash", 50), ("ours-compile-flash-b128", 50),
          ("max-batch", 60), ("features", 30), ("captioner", 100), ("captioner-diagnose", 40), ("ours-compile-full", 120),
          ("ours-compile-512", 50)]

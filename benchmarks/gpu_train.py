@@ -169,28 +169,49 @@ def reference_step(st: Setting, latent: int):
     return step, {"model": model, "opt": opt}
 
 
-def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attention: str = "auto", ema_every: int = 1):
-    """t2i.train.TrainStep exactly as train() builds it (model, fused AdamW, EMA, autocast).
+TEACHER_DIM = 768  # REPA's teacher tokens: DINOv2-B/14 (768 wide) on the model's token grid, as features stores them
+
+# the TrainConfig settings a variant-name suffix turns on (issue 33's step levers and the new training levers)
+SUFFIXES = {"-bf16p": {"param_dtype": "bfloat16"}, "-fp8": {"float8": True},
+            "-flow": {"objective": "flow", "timestep_density": "logit_normal"},
+            "-repa": {"repa_weight": 0.5}, "-drop50": {"token_drop": 0.5}}
+
+
+def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attention: str = "auto", **settings: Any):
+    """t2i.train.TrainStep exactly as train() builds it (model, fused AdamW, EMA, autocast, and the
+    stage's levers: routing for token dropping, REPA's projector and loss term).
     compile: None (eager), "blocks" (the trainer's regional compile) or "full" (whole model);
-    ema_every: the EMA averaged on every k-th step only (TrainConfig.ema_every)."""
+    settings: other TrainConfig settings (ema_every, param_dtype, float8, objective, repa_weight, token_drop)."""
     from t2i.objective import build_objective
+    from t2i.repa import repa_terms
+    from t2i.routing import attach_routing
     from t2i.text_cond import TextConditioning
     from t2i.train import TrainConfig, TrainStep, make_accelerator, setup_optimization
 
-    mp = "bf16" if st.device == "cuda" else "no"
-    cfg = TrainConfig(preset=st.preset, resolution=latent * 8, max_tokens=st.tokens, mixed_precision=mp,
+    # bf16 autocast on CPU too: one process keeps one accelerate state, and param_dtype needs it
+    cfg = TrainConfig(preset=st.preset, resolution=latent * 8, max_tokens=st.tokens, mixed_precision="bf16",
                       grad_checkpointing=ckpt, compile=compile == "blocks", lr=2e-5, warmup_steps=10, grad_clip=0.01,
-                      attention=attention, ema_every=ema_every)
+                      attention=attention, **settings)
     accel = make_accelerator(cfg)
     torch.manual_seed(0)
     objective = build_objective(vars(cfg))
     model = TextConditioning().build_model(cfg, latent, st.channels, objective.learned_sigma)
+    depth = len(model.transformer.transformer_blocks)
+    route = (cfg.token_drop_start, cfg.token_drop_end) if depth > 2 else (0, depth)  # the smoke run's 2 blocks: both
+    token_drop = attach_routing(model, cfg.token_drop, *route)
+    terms = repa_terms(vars(cfg), model, TEACHER_DIM)
     opt, sched, ema = setup_optimization(cfg, model, accel.device)
-    stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, objective, compile_backend=st.compile_backend)
+    stepper = TrainStep.prepare(cfg, accel, model, opt, sched, ema, objective, compile_backend=st.compile_backend,
+                                terms=terms, token_drop=token_drop)
     if compile == "full":
         stepper.run_model = torch.compile(stepper.run_model, backend=st.compile_backend)
     model.train()
-    state: dict[str, Any] = {"model": model, "stepper": stepper}
+    blocks = model.transformer.transformer_blocks
+    flops_kw = {"token_drop": cfg.token_drop, "routed_blocks": getattr(blocks, "end", 0) - getattr(blocks, "start", 0),
+                "token_macs": sum(t.macs for t in terms)}  # FLOPs as the model does them (t2i.models.flops_per_image)
+    state: dict[str, Any] = {"model": model, "stepper": stepper, "flops_kw": flops_kw,
+                             "lever_inputs": {"token_drop": token_drop.ratio, "patch": token_drop.patch, "repa": bool(terms),
+                                              "objective": objective}}
 
     def step(inp):
         state["loss"] = stepper.micro(inp)
@@ -201,14 +222,39 @@ def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attenti
 
 def build_step(name: str, st: Setting, latent: int):
     """The step a variant name describes: reference | ours-[eager|compile|compile-full][-ckpt][-flash|-cudnn|-efficient]
-    [-ema<k>] (-ema4: the EMA averaged on every 4th step only)."""
+    [-ema<k>] (-ema4: the EMA averaged on every 4th step only) and any of SUFFIXES (-bf16p: bf16 weights on
+    fp32 masters; -fp8: float8 matmuls; -flow: flow matching; -repa: REPA on stored teacher tokens;
+    -drop50: token dropping at 50%)."""
     if name.startswith("reference"):
         return reference_step(st, latent)
     compile = "full" if "compile-full" in name else ("blocks" if "compile" in name else None)
     attention = next((a for a in ("flash", "cudnn", "efficient") if f"-{a}" in name), "auto")
     ema = re.search(r"-ema(\d+)", name)
+    settings = {k: v for suffix, kv in SUFFIXES.items() if suffix in name for k, v in kv.items()}
     return ours_step(st, latent, compile=compile, ckpt="ckpt" in name, attention=attention,
-                     ema_every=int(ema.group(1)) if ema else 1)
+                     ema_every=int(ema.group(1)) if ema else 1, **settings)
+
+
+def lever_inputs(inputs: list[dict[str, Any]], st: Setting, latent: int, levers: dict[str, Any]) -> list[dict[str, Any]]:
+    """`inputs` with the timesteps the stage's objective draws, and what the levers read: the
+    tokens each sample keeps (token dropping, drawn as make_inputs draws them) and the teacher's
+    patch tokens as features stores them (float16)."""
+    from t2i.noise import random_words
+    from t2i.routing import keep_tokens
+
+    out = []
+    for i, inp in enumerate(inputs):
+        batch, grid = inp["x0"].shape[0], latent // levers["patch"]
+        keys = torch.arange(batch, dtype=torch.int64).numpy() + 1000 * i
+        extra: dict[str, Any] = {"t": levers["objective"].draw_timesteps(random_words(keys, 1)[:, 0]).to(st.device)}
+        if levers["token_drop"]:
+            extra["keep"] = keep_tokens(keys, grid * grid, levers["token_drop"], first=1).to(st.device)
+        if levers["repa"]:
+            g = torch.Generator(st.device).manual_seed(i)
+            target = torch.randn(batch, grid * grid, TEACHER_DIM, generator=g, device=st.device).half()
+            extra["repa"] = {"target": target, "grid": (grid, grid)}
+        out.append({**inp, **extra})
+    return out
 
 
 def run_variant(name: str, st: Setting, latent: int, batch: int, peak: float | None, measured: float | None,
@@ -221,6 +267,8 @@ def run_variant(name: str, st: Setting, latent: int, batch: int, peak: float | N
         t0 = time.perf_counter()
         fn, state = build_step(name, st, latent)
         inputs = synthetic_inputs(st, latent, batch)
+        if "lever_inputs" in state:
+            inputs = lever_inputs(inputs, st, latent, state["lever_inputs"])
         warm = 2 if name.startswith("reference") else None
         steps = max(3, st.steps // 4) if name.startswith("reference") else None
         times, mem = time_steps(fn, inputs, st, warmup=warm, steps=steps)
@@ -230,7 +278,7 @@ def run_variant(name: str, st: Setting, latent: int, batch: int, peak: float | N
                 raise RuntimeError(f"non-finite loss {loss.tolist()}")
             res.extra["loss"] = loss.tolist()
         med = statistics.median(times)
-        flops = flops_per_image(st.preset, (latent, latent), st.tokens, st.channels) * batch
+        flops = flops_per_image(st.preset, (latent, latent), st.tokens, st.channels, **state.get("flops_kw", {})) * batch
         res.step_ms, res.images_per_s, res.peak_mem_gib = med * 1e3, batch / med, mem
         res.mfu = flops / med / peak if peak else None
         res.mfu_measured = flops / med / measured if measured else None
