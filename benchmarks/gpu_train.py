@@ -283,6 +283,7 @@ def run_variant(name: str, st: Setting, latent: int, batch: int, peak: float | N
         res.mfu = flops / med / peak if peak else None
         res.mfu_measured = flops / med / measured if measured else None
         # mean_ms: what a run pays per step when steps differ (-ema<k>: one step in k averages the EMA)
+        res.extra["flops_per_step"] = flops
         res.extra.update(spread_ms=(min(times) * 1e3, max(times) * 1e3), mean_ms=statistics.fmean(times) * 1e3,
                          wall_s=time.perf_counter() - t0)
         if keep:
