@@ -51,7 +51,7 @@ def caption_spec(cfg: CaptionConfig, model: str, backend: str) -> JobSpec:
     those that run), identity, shard size and summary."""
     return JobSpec("caption", cfg.out, settings=cfg.recorded(model, backend), identity=CaptionConfig.IDENTITY,
                    rows_per_shard=cfg.shard_size, summary=dict(captioned=0, failed=0, skipped=0, retried=0),
-                   describe=caption_line)  # fmt: skip
+                   describe=caption_line, models=("model",))  # fmt: skip
 
 
 def _prepare(item: ImageItem, opts: PrepareOptions) -> tuple[ImageItem, Prepared | None, str | None, bytes | None]:

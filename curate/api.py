@@ -32,6 +32,8 @@ PHASH_DIR = "phash"  # scores/phash/: the perceptual-duplicate groups, rebuilt a
 SCORER_IDENTITY = {"watermark": ("watermark_weights", "fit_watermark"), "phash": ("phash_distance",),
                    "text": ("text_detector", "text_recognizer", "text_threshold", "text_min_coverage")}  # fmt: skip
 
+# the settings that name models (a local folder or file is also recorded by its contents: shards.job)
+SCORE_MODELS = ("clip_model", "aesthetic_weights", "watermark_weights", "text_detector", "text_recognizer")
 SCORE_RANGES = {"dedup_threshold": Range(0, 1, lo_open=True), "batch_size": Range(1, 65536),
                 "shard_size": Range(1, 10_000_000), "decode_short": Range(16, 8192), "workers": WORKERS,
                 "replicas": Range(1, 4096), "phash_distance": Range(0, 12), "text_threshold": Range(0, 1, lo_open=True, hi_open=True),
@@ -130,7 +132,7 @@ def run_score(cfg: ScoreConfig) -> Summary:
     names = cfg.validate()
     spec = JobSpec("score", cfg.out, settings=cfg.recorded(names), identity=cfg.identity(names), schema=score_schema(names),
                    rows_per_shard=cfg.shard_size, summary=dict(scored=0, failed=0, skipped=0, duplicates=None, scorer_seconds={}),
-                   describe=score_line)  # fmt: skip
+                   describe=score_line, models=SCORE_MODELS)  # fmt: skip
     with job_run(spec) as run:  # one writer per scores directory, taken before any clean-up
         shards = open_shards(cfg.shards, "caption")  # no caption shards: say so before any model loads
         heads = _fit_heads(cfg, shards)

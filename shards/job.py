@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from shards import fs
 from shards.errors import UserError
+from shards.hub import local_model_digest
 from shards.layout import RUN_RECORD
 from shards.ledger import Ledger
 from shards.lock import output_lock
@@ -41,6 +42,8 @@ from shards.reader import clean_incomplete, complete_shards, done_keys, read_man
 from shards.retry import finish_interrupted_retry
 from shards.schema import CAPTION_SCHEMA
 from shards.writer import ROWS_PER_SHARD, ShardWriter, write_manifest
+
+MODEL_DIGESTS = "model_digests"  # the run record's identity key for the local model folders' digests
 
 
 class Summary(dict):
@@ -78,7 +81,10 @@ class JobSpec:
     identity: the settings a resume must keep (they shape the rows): their names in `settings`,
     or their values by name (e.g. paths resolved, so two spellings of one model are one);
     schema: the rows' schema (None: the job writes its shards itself, as features' encoders do);
-    summary: the summary's values at start; describe: the summary's line."""
+    summary: the summary's values at start; describe: the summary's line;
+    models: the identity settings that name models: a local model folder is also recorded by
+    its contents' digest (shards.hub.local_model_digest), so a resume refuses a folder whose
+    weights were changed in place (a refit into the same path)."""
 
     job: str
     out: fs.Location  # a local directory or an object-store / fsspec URI
@@ -90,10 +96,14 @@ class JobSpec:
     device: str | None = None  # the ledger's (None: CUDA when there is one)
     summary: dict[str, Any] = field(default_factory=dict)
     describe: Callable[[Mapping[str, Any]], str] | None = None
+    models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.identity, dict):
             self.identity = {name: self.settings.get(name) for name in self.identity}
+        digests = {name: local_model_digest(str(self.identity[name])) for name in self.models if self.identity.get(name)}
+        if digests := {name: d for name, d in digests.items() if d is not None}:
+            self.identity[MODEL_DIGESTS] = digests
 
 
 class Run:
@@ -167,6 +177,8 @@ def check_settings(out: fs.Location, spec: JobSpec, committed: bool | None = Non
         raise UserError(f"{out} holds the output of a {record.get('job')} run, not {spec.job}: pass another --out")
     before = read_manifest(out).get("config", {}) if legacy else record.get("identity", {})
     for name, value in spec.identity.items():
+        if name == MODEL_DIGESTS:
+            continue
         if legacy and name not in before:
             continue
         old, new = _plain(before.get(name)), _plain(spec.settings.get(name) if legacy else value)
@@ -174,6 +186,17 @@ def check_settings(out: fs.Location, spec: JobSpec, committed: bool | None = Non
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{out} holds {spec.job} output made with {flag} {_show(old)} (this run: {_show(new)}): "
                             f"pass the same {flag} to resume, or another --out")
+    _check_model_digests(out, spec, before.get(MODEL_DIGESTS, {}))
+
+
+def _check_model_digests(out: fs.Location, spec: JobSpec, before: Mapping[str, str]) -> None:
+    """UserError (one line) when a local model folder named as before (the identity check ran
+    first) holds other files now. Output recorded before digests were kept is not checked."""
+    for name, digest in spec.identity.get(MODEL_DIGESTS, {}).items():
+        if before.get(name) not in (None, digest):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{out} holds {spec.job} output made with {flag} {spec.identity[name]}, whose files have changed "
+                            f"since (another model in the same folder): pass another --out, or put that model's files back")
 
 
 def record_settings(out: fs.Location, spec: JobSpec) -> None:

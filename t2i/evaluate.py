@@ -288,7 +288,8 @@ def _record_settings(out: Path, cfg: EvalConfig) -> None:
     from shards.job import JobSpec, check_settings, record_settings
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "prompts"}
-    spec = JobSpec("eval", out, settings=settings, identity=cfg.identity(), schema=None)
+    spec = JobSpec("eval", out, settings=settings, identity=cfg.identity(), schema=None,
+                   models=("clip", "aesthetic", "inception", "vae", "text_encoder"))
     check_settings(out, spec, committed=any(out.glob("*/result.json")))
     record_settings(out, spec)
 

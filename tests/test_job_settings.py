@@ -176,3 +176,62 @@ def test_an_earlier_versions_output_is_checked_against_its_manifest(tmp_path):
         assert run.done == {"a"}
         run.finish()
     assert json.loads((out / RUN_RECORD).read_text())["identity"] == {"shards": "caps", "scores": "scores", "where": "x > 1"}
+
+
+def test_caption_rerun_after_its_model_folder_was_refitted_in_place_is_refused(tmp_path, monkeypatch):
+    """A local model is recorded by its contents too (shards.hub.local_model_digest): the same
+    --model path holding other weights (a refit into the same folder) is refused in one line;
+    the files put back resume."""
+    import shutil
+
+    from tiny.llava import build_tiny_llava
+
+    model = build_tiny_llava(tmp_path / "llava", seed=0)
+    shutil.copytree(model, tmp_path / "llava-seed0")
+    (tmp_path / "src").mkdir()
+    for i in range(4):
+        (tmp_path / "src" / f"sa_{i}.jpg").write_bytes(_jpeg(i))
+    out = tmp_path / "out"
+    args = ["caption", "--src", str(tmp_path / "src"), "--out", str(out), "--model", str(model), "--backend", "transformers",
+            "--max-new-tokens", "4", "--temperature", "0", "--batch-size", "2", "--shard-size", "2", "--no-progress"]
+    run_killed_after_first_shard(monkeypatch, args)
+    assert json.loads((out / RUN_RECORD).read_text())["identity"]["model_digests"]["model"]
+    shutil.rmtree(model)
+    build_tiny_llava(model, seed=1)  # another model, same path
+    r = CliRunner().invoke(cli.app, args)
+    lines = [l for l in r.output.strip().splitlines() if l.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "whose files have changed since" in lines[0], r.output
+    shutil.rmtree(model)
+    shutil.copytree(tmp_path / "llava-seed0", model)
+    assert_resumes(args, out, {f"src/sa_{i}.jpg" for i in range(4)})
+
+
+def test_model_digests_skip_hub_ids_and_older_records(tmp_path):
+    from shards.errors import UserError
+    from shards.job import JobSpec, check_settings, record_settings
+
+    head = tmp_path / "head.safetensors"
+    head.write_bytes(b"weights v1")
+    spec = lambda model: JobSpec("score", tmp_path, settings={"m": model}, identity=("m",), models=("m",))  # noqa: E731
+    assert "model_digests" not in spec("org/clip").identity  # a hub id: its revision is the hub's business
+    record_settings(tmp_path, spec(str(head)))
+    ShardWriter(tmp_path, rows_per_shard=1, schema=pa.schema([("key", pa.string())])).add({"key": "a"})  # one committed shard
+    check_settings(tmp_path, spec(str(head)))  # unchanged: resumes
+    head.write_bytes(b"weights v2")
+    with pytest.raises(UserError, match="made with --m .*head.safetensors, whose files have changed since"):
+        check_settings(tmp_path, spec(str(head)))
+    record = json.loads((tmp_path / RUN_RECORD).read_text())
+    del record["identity"]["model_digests"]  # a run recorded before digests were kept
+    (tmp_path / RUN_RECORD).write_text(json.dumps(record))
+    check_settings(tmp_path, spec(str(head)))
+
+
+def _jpeg(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(seed).random((32, 48, 3)) * 255).astype("uint8")).save(buf, "JPEG")
+    return buf.getvalue()
