@@ -79,9 +79,11 @@ def compile_text_encoder(encoder) -> None:
     t2i.models.compile_blocks compiles the transformer's). The blocks share one forward, so dynamo
     traces the first (it holds the relative position bias) and one other, and reuses that graph
     for the rest: T5-XXL compiles in the time of two blocks, not 24. The embedding and the final
-    norm stay eager. A second batch size recompiles once, with a dynamic batch dimension."""
+    norm stay eager. A second batch size recompiles once, with a dynamic batch dimension. Blocks
+    compiled already are left as they are (compiling again would recompile them)."""
     for block in encoder.encoder.block:
-        block.compile()
+        if block._compiled_call_impl is None:
+            block.compile()
 
 
 def tokenize(tokenizer, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,11 @@ def test_speed_settings_keep_the_cache_key_and_set_up_the_models(world):
     assert all(w.is_contiguous() for w in convs(off))
     assert all(b._compiled_call_impl is not None for b in on.models[2].encoder.block)
     assert all(b._compiled_call_impl is None for b in off.models[2].encoder.block)
+    from t2i.encoders import compile_text_encoder
+
+    impls = [b._compiled_call_impl for b in on.models[2].encoder.block]
+    compile_text_encoder(on.models[2])  # compiled already: kept as it is (a new wrapper would recompile)
+    assert [b._compiled_call_impl for b in on.models[2].encoder.block] == impls
 
 
 def test_channels_last_latents_equal_nchw_in_nchw_order(world):
