@@ -86,8 +86,8 @@ PREDICTIONS = {
                            "fp32, gated GELU, softmax, residuals) per batch of 64; compiled blocks fuse those to ~35 ms: "
                            "~1.45x, ~400 captions/s through the job's store path (tokenise, encode, to the host), ~45% MFU; "
                            "compile ~40 s; int8 within 2% of float16 either way",
-    "features-compact": "the job already quantises on the encoder's device: int8 on device within 2% of float16 (one fused-"
-                        "size pass of ~0.5 ms, and half the 63 MB device-to-host copy); the host way (copy bf16, quantise 31M "
+    "features-compact": "the job already quantises on the encoder's device: int8 on device within 2% of float16 (a few elementwise "
+                        "passes, ~1 ms, and half the 63 MB device-to-host copy); the host way (copy bf16, quantise 31M "
                         "values on the CPU) ~0.8x of on-device; codes identical. The job's whole batch: zstd Parquet writes "
                         "of ~34 MB float16 text per batch cost ~25% of its time, int8 halves them: ~1.1x images/s. Best "
                         "combination (channels_last only if it helps, compiled T5, int8): ~11 GPU-hours per 10M images, "
