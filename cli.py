@@ -405,6 +405,11 @@ def features_cmd(
     batch_size: int = typer.Option(FeatureConfig.batch_size, "--batch-size"),
     rows_per_shard: int = typer.Option(FeatureConfig.rows_per_shard, "--shard-size", help="rows per feature shard"),
     workers: int = typer.Option(FeatureConfig.workers, "--workers", help="image decode threads (0: cores, at most 8)"),
+    channels_last: bool = typer.Option(FeatureConfig.channels_last, help=(
+        "the VAE encodes in channels_last (NHWC) memory format: a GPU speed setting, same features to rounding")),
+    compile_text: bool = typer.Option(FeatureConfig.compile_text, help=(
+        "torch.compile the T5 encoder's blocks (compiles for a minute on the first batch): a GPU speed setting, "
+        "same features to rounding")),
     threads: int = typer.Option(FeaturesRun.threads, help="torch CPU threads (0: default)"),
     engine: str = typer.Option(FeatureConfig.engine, "--engine", help=(
         "local (this process; torchrun ranks) | ray (encoder actors on a Ray cluster)")),

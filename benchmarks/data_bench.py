@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import write_section  # noqa: E402
 from shards import ShardWriter, read_manifest  # noqa: E402
-from t2i.features import FEATURE_SCHEMA  # noqa: E402
+from t2i.features import feature_schema  # noqa: E402
 
 TOKENS, CHANNELS, LATENT = 120, 4096, (4, 32, 32)
 GLOBAL_BATCH = 64
@@ -41,26 +41,39 @@ ROW_BYTES = TOKENS * CHANNELS * 2 + 2 * 4 * int(np.prod(LATENT))  # ~1.02 MB of 
 
 
 def write_synthetic_features(dir: str | Path, n_samples: int, seed: int = 0, rows_per_shard: int = 1000,
-                             tokens: int = TOKENS, channels: int = CHANNELS, latent: tuple[int, int, int] = LATENT) -> Path:
+                             tokens: int = TOKENS, channels: int = CHANNELS, latent: tuple[int, int, int] = LATENT,
+                             text_dtype: str = "float16") -> Path:
     """`n_samples` rows of random T5-XXL-shaped features (120 x 4096 fp16, no inf/NaN) and
-    256 px latents (other shapes through `tokens`, `channels`, `latent`) in FEATURE_SCHEMA,
-    through shards.ShardWriter, into `dir`. Reuses a complete set already there."""
+    256 px latents (other shapes through `tokens`, `channels`, `latent`) in the real feature
+    schema, through shards.ShardWriter, into `dir`; text in `text_dtype` (float16, or int8:
+    compact codes + a scale per token, t2i.text_codec). Reuses a complete set already there."""
     d = Path(dir)
     if read_manifest(d).get("rows") == n_samples:
         return d
     if d.exists():
         raise SystemExit(f"error: {d} holds another feature set: pass an empty --workdir")
     rng = np.random.default_rng(seed)
-    w = ShardWriter(d, rows_per_shard=rows_per_shard, schema=FEATURE_SCHEMA, prefix="features")
+    schema = feature_schema(("caption",), compact=text_dtype == "int8")
+    w = ShardWriter(d, rows_per_shard=rows_per_shard, schema=schema, prefix="features")
     for i in range(n_samples):
-        # random bits with fp16 exponent bit 14 cleared: finite values, as incompressible as noise
-        text = rng.integers(0, 1 << 16, tokens * channels, dtype=np.uint16) & 0xBFFF
         w.add({"key": f"sa_{i:08d}", "caption": "synthetic", "height": latent[1] * 8, "width": latent[2] * 8,
                "latent_shape": list(latent), "latent_mean": rng.standard_normal(latent, np.float32).tobytes(),
-               "latent_std": rng.random(latent, np.float32).tobytes(),
-               "text_emb": text.tobytes(), "text_len": tokens, "text_channels": channels, "text_dtype": "float16"})
+               "latent_std": rng.random(latent, np.float32).tobytes(), "text_len": tokens, "text_channels": channels,
+               **synthetic_text(rng, tokens, channels, text_dtype)})
     w.close()
     return d
+
+
+def synthetic_text(rng: np.random.Generator, tokens: int, channels: int, text_dtype: str) -> dict:
+    """One row's random, incompressible text columns in `text_dtype` (float16 | int8)."""
+    if text_dtype == "float16":  # random bits with fp16 exponent bit 14 cleared: finite values
+        text = rng.integers(0, 1 << 16, tokens * channels, dtype=np.uint16) & 0xBFFF
+        return {"text_emb": text.tobytes(), "text_dtype": "float16"}
+    if text_dtype == "int8":  # codes in [-127, 127] (t2i.text_codec), scales as T5's absmax / 127
+        codes = rng.integers(-127, 128, tokens * channels, dtype=np.int8)
+        scales = rng.uniform(0.002, 0.02, tokens).astype(np.float32)
+        return {"text_emb": codes.tobytes(), "text_scale": scales.tobytes(), "text_dtype": "int8"}
+    raise ValueError(f"synthetic text in {text_dtype!r}: float16 or int8")
 
 
 # ---- the two ways, each run in a fresh child process ------------------------------------------

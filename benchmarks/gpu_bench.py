@@ -7,14 +7,18 @@ estimate; the JSON is rewritten after every part, so a run cut short keeps what 
   ceilings            bf16 matmul rate and copy bandwidth measured on this device
   ours-compile        t2i.train.TrainStep, PixArt-XL/2 at 256 px, 120 T5 tokens: bf16 autocast,
                       SDPA, fused AdamW, EMA, regional torch.compile of the blocks
+  profile             torch.profiler over that step: the kernels that dominate
   ours-compile-bf16p  ours-compile on bf16 weights with fp32 masters (param_dtype = bfloat16)
   ours-compile-ema4   ours-compile with the EMA averaged on every 4th step only (ema_every = 4)
   ours-compile-fp8    ours-compile with float8 matmuls in the blocks (float8 = true, torchao)
   ours-compile-bf16p-ema4-fp8  the three together
   ours-compile-flow / -repa / -drop50   the training levers on that step: flow matching, REPA on
                       stored teacher tokens, token dropping at 50% (MFU from the FLOPs they do)
-  profile             torch.profiler over that step: the kernels that dominate
   datapath            feature shards -> batches -> device, alone and feeding the step: does the GPU wait?
+  datapath-compact    the streaming loader on float16 vs int8 text features feeding the step: does the GPU wait?
+  features-layout     the features job's VAE path (FeatureEncoder) in NCHW vs channels_last
+  features-t5-compile the features job's T5 path eager vs compile_text, storing float16 and int8
+  features-compact    int8 text quantised on the device (the job) vs on the host; the job's whole batch, float16 vs int8
   ours-eager          the same step without compile
   reference           the plain loop: fp32 eager, MSE only, unfused AdamW
   ours-compile-ckpt   ours-compile with gradient checkpointing
@@ -103,14 +107,34 @@ PREDICTIONS = {
     "captioner-diagnose": "decode launches ~1,000 kernels per token with tens of microseconds of Python each: the GPU is "
                           "busy a small fraction of each token at batch 1; a static KV cache (compiled, CUDA graphs) "
                           "should cut the per-token time severalfold",
+    # written before run 3 (issue 33), from run 2's features profiles and the compact_text_bench loader figures
+    "features-layout": "run 2's NCHW VAE spent 17 of 93 ms per batch in cuDNN's NCHW<->NHWC transposes around the convs, but "
+                       "GroupNorm on CUDA makes its input NCHW-contiguous (only the CPU kernel keeps channels_last), and every "
+                       "conv of the encoder follows a GroupNorm: the transposes move, they do not go. channels_last 0.95-1.05x "
+                       "NCHW (~690 img/s, ~19% MFU)",
+    "features-t5-compile": "eager T5-XXL: 106 ms of matmuls and 112 ms of unfused elementwise work and copies (RMSNorm in "
+                           "fp32, gated GELU, softmax, residuals) per batch of 64; compiled blocks fuse those to ~35 ms: "
+                           "~1.45x, ~400 captions/s through the job's store path (tokenise, encode, to the host), ~45% MFU; "
+                           "compile ~40 s; int8 within 2% of float16 either way",
+    "features-compact": "the job already quantises on the encoder's device: int8 on device within 2% of float16 (a few elementwise "
+                        "passes, ~1 ms, and half the 63 MB device-to-host copy); the host way (copy bf16, quantise 31M "
+                        "values on the CPU) ~0.8x of on-device; codes identical. The job's whole batch: zstd Parquet writes "
+                        "of ~34 MB float16 text per batch cost ~25% of its time, int8 halves them: ~1.1x images/s. Best "
+                        "combination (channels_last only if it helps, compiled T5, int8): ~11 GPU-hours per 10M images, "
+                        "short of 8 (the VAE's eager GroupNorm/SiLU passes are the next lever)",
+    "datapath-compact": "int8 rows are half float16's bytes; the workers decode them (a lookup and a multiply a value) into "
+                        "the same float16 batch: loader samples/s 1.0-1.1x float16's (~2,500 with 2 workers, ~2,900 with "
+                        "4), GPU wait as float16's: ~10% with 2 workers, ~3% with 4",
 }
 
 # (part, estimated seconds on an H100) in priority order
-PARTS = [("ceilings", 10), ("ours-compile", 60), ("ours-compile-bf16p", 40), ("ours-compile-ema4", 20),
+PARTS = [("ceilings", 10), ("ours-compile", 60), ("profile", 15), ("ours-compile-bf16p", 40), ("ours-compile-ema4", 20),
          ("ours-compile-fp8", 45), ("ours-compile-bf16p-ema4-fp8", 45), ("ours-compile-flow", 20),
-         ("ours-compile-repa", 25), ("ours-compile-drop50", 30), ("profile", 15), ("datapath", 30),
-         ("sdpa", 10), ("ours-eager", 20), ("reference", 30), ("ours-compile-ckpt", 50), ("ours-compile-flash", 50), ("ours-compile-flash-b128", 50),
-         ("max-batch", 60), ("features", 30), ("captioner", 100), ("captioner-diagnose", 40), ("ours-compile-full", 120),
+         ("ours-compile-repa", 25), ("ours-compile-drop50", 30), ("datapath", 30), ("datapath-compact", 35),
+         ("features-layout", 15), ("features-t5-compile", 75), ("features-compact", 40), ("sdpa", 10),
+         ("ours-eager", 20), ("reference", 30), ("ours-compile-ckpt", 50), ("ours-compile-flash", 50),
+         ("ours-compile-flash-b128", 50), ("max-batch", 60), ("features", 30), ("captioner", 100), ("captioner-diagnose", 40),
+         ("ours-compile-full", 120),
          ("ours-compile-512", 50)]
 
 
@@ -282,14 +306,17 @@ def part_captioner_diagnose(run: Run) -> None:
 
 
 def run_part(run: Run, name: str) -> None:
+    from benchmarks import gpu_datapath, gpu_features
+
     parts = {"ceilings": part_ceilings, "profile": part_profile, "datapath": part_datapath, "max-batch": part_max_batch,
              "features": part_features, "captioner": part_captioner, "sdpa": part_sdpa,
-             "captioner-diagnose": part_captioner_diagnose}
+             "captioner-diagnose": part_captioner_diagnose, "datapath-compact": gpu_datapath.part_datapath_compact,
+             **gpu_features.PARTS}
     if name in parts:
         parts[name](run)
     else:  # a training-step variant
         part_variant(run, name)
-    users = [p for p in ("profile", "datapath") if p in run.wanted]
+    users = [p for p in ("profile", "datapath", "datapath-compact") if p in run.wanted]
     if run.kept is not None and (not users or name == users[-1]):
         run.kept = None  # the kept compiled step is not needed any more
         gt.free(run.st.device)

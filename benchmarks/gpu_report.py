@@ -75,6 +75,51 @@ def features_md(f: dict) -> list[str]:
             for name, key in (("VAE encoder (batch)", "vae_profile"), ("T5 encoder (batch)", "t5_profile")) if key in f]
 
 
+def datapath_compact_md(d: dict) -> list[str]:
+    """The datapath-compact part: the streaming loader on float16 vs int8 text features."""
+    sets = d.get("sets", {})
+    lines = [f"{d['rows']} synthetic rows per text dtype (T5-XXL-shaped, random), "
+             + ", ".join(f"{k} {v['bytes_per_row'] / 1e3:,.0f} kB a row on disk" for k, v in sets.items())
+             + "; int8 is decoded to float16 in the loader's workers.", "",
+             "| loader | samples/s delivered to the GPU (alone) | ms/step fed by it | ms/step alone | GPU waits |", "|---|---|---|---|---|"]
+    for name, v in d.items():
+        if isinstance(v, dict) and "loader_samples_per_s" in v:
+            lines.append(f"| {name} | {v['loader_samples_per_s']:.0f} | {v['loop_step_ms']:.1f} | {_f(v['pure_step_ms'], '.1f')} | "
+                         f"{_f(v.get('gpu_wait_fraction'), '.0%')} |")
+    return lines
+
+
+def _rate_rows(part: dict, label: str, unit: str, keys: list[str]) -> list[str]:
+    return [f"| {label}, {k} | {part[k][unit]:.0f} | {_f(part[k].get('mfu'), '.0%')} |" for k in keys if k in part]
+
+
+def features_tuned_md(r: dict) -> list[str]:
+    """The features-layout / -t5-compile / -compact parts (the features job's own path:
+    t2i.feature_encoder.FeatureEncoder) and the best combination's GPU-hours."""
+    lay, t5c, cmp_ = (r.get(k) or {} for k in ("features-layout", "features-t5-compile", "features-compact"))
+    lines = ["| features job path | items/s | MFU |", "|---|---|---|"]
+    lines += _rate_rows(lay, "VAE encoder (posterior to the host)", "images_per_s", ["nchw", "channels_last"])
+    lines += _rate_rows(t5c, "T5 encoder (tokenise, encode, store, to the host)", "captions_per_s",
+                        ["eager float16", "eager int8", "compiled float16", "compiled int8"])
+    lines += _rate_rows(cmp_, "T5 encoder eager, stored", "captions_per_s", ["float16", "int8 on device", "int8 on host"])
+    lines += [f"| the job's whole batch (VAE, T5, rows, Parquet shards), {k} | {v:.0f} | - |" for k, v in cmp_.get("job_images_per_s", {}).items()]
+    if lay:
+        lines.append(f"\nchannels_last / NCHW: **{lay['speedup']:.2f}x** (batch {lay['batch']}, {lay['resolution']} px, {lay['dtype']}).")
+    if t5c:
+        lines.append(f"Compiled / eager T5 (float16): **{t5c['speedup']:.2f}x**; first compiled call {_f(t5c.get('compile_s'), '.0f')} s.")
+    if cmp_:
+        lines.append(f"int8 quantised on the device / on the host: **{cmp_['speedup_vs_host']:.2f}x**; device-to-host bytes per caption "
+                     + ", ".join(f"{k} {cmp_[k]['d2h_bytes']:,}" for k in ("float16", "int8 on device", "int8 on host"))
+                     + f"; device codes differ from the host's in {cmp_['codes_mismatch_fraction']:.2%} of values, "
+                     f"scales {'equal' if cmp_['scales_equal'] else 'differ'}.")
+    best = r.get("features-best")
+    if best:
+        lines.append(f"Best combination (VAE {best['vae']}, T5 {best['text']}): **{best['gpu_hours_per_10m']:.1f} GPU-hours per 10M "
+                     f"images** at {lay.get('resolution', 256)} px" + (f", against {best['default_gpu_hours_per_10m']:.1f} with the defaults (NCHW, eager, "
+                                                 "float16) on the same path" if "default_gpu_hours_per_10m" in best else "") + ".")
+    return lines
+
+
 def captioner_md(report: dict) -> list[str]:
     from benchmarks.gpu_captioner import markdown
 
@@ -132,6 +177,10 @@ def build(reports: list[dict], analysis: dict[str, str]) -> str:
             out += ["", f"### Data path (run {i})", ""] + datapath_md(r["datapath"])
         if r.get("features"):
             out += ["", f"### Features encoders (run {i})", ""] + features_md(r["features"])
+        if any(r.get(k) for k in ("features-layout", "features-t5-compile", "features-compact")):
+            out += ["", f"### Features job speed settings (run {i})", ""] + features_tuned_md(r)
+        if r.get("datapath-compact"):
+            out += ["", f"### Data path, compact text features (run {i})", ""] + datapath_compact_md(r["datapath-compact"])
         if r.get("captioner") or r.get("captioner-decode") or r.get("captioner-static"):
             out += ["", f"### Captioner (run {i})", ""] + captioner_md(r)
         if r.get("errors"):

@@ -428,7 +428,8 @@ def datapath(step_fn, batches, st: Setting, n_batches: int, pure_step_ms: float 
     def device_inputs(b):
         inp = make_inputs(b, 0.18215, objective, 0.1, list(range(len(b.keys))))
         cond = {k: v.to(st.device, non_blocking=True) for k, v in conditioning.inputs(b).items()}
-        return {**{k: v.to(st.device, non_blocking=True) for k, v in inp.items()}, "cond": cond}
+        moved = {k: v if v is None else v.to(st.device, non_blocking=True) for k, v in inp.items()}  # keep: None without token dropping
+        return {**moved, "cond": cond}
 
     device_inputs(next(batches))  # worker processes start on the first batch: not part of the rate
     sync(st.device)

@@ -52,6 +52,9 @@ class FeatureConfig:
     rows_per_shard: int = ROWS_PER_SHARD
     workers: int = 0  # decode threads (0: cores, at most 8)
     max_pixels: int = DEFAULT_MAX_PIXELS  # bomb guard: larger images are recorded as failures
+    # speed settings (not in the cache key: the features are the same to float rounding)
+    channels_last: bool = False  # the VAE encodes in channels_last (NHWC) memory format
+    compile_text: bool = False  # the T5 encoder's blocks torch.compiled (t2i.encoders.compile_text_encoder)
     caption_fields: tuple[str, ...] = DEFAULT_FIELDS  # caption-shard fields to encode, each its own T5 features
     teacher: str = ""  # REPA's teacher (t2i.teacher): a vision model by HF id or directory whose patch tokens are stored
     teacher_dtype: str = "float16"  # how its patch tokens are stored

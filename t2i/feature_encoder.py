@@ -15,7 +15,7 @@ from shards import fs as shard_fs
 from shards.prefetch import prefetch
 from shards.writer import ShardWriter
 from t2i.caption_fields import text_columns
-from t2i.encoders import encode_text, load_text_encoder, load_vae, tokenize
+from t2i.encoders import compile_text_encoder, encode_text, load_text_encoder, load_vae, tokenize
 from t2i.text_codec import IDS, encode, is_compact
 
 if TYPE_CHECKING:
@@ -82,11 +82,8 @@ class FeatureEncoder:
     def _encode(self, group: list) -> int:
         if self.models is None:
             self._load_models()
-        vae = self.models[0]
-        x = torch.stack([t for _, t in group]).to(self.device, vae.dtype)
-        post = vae.encode(x).latent_dist
-        latent_dtype = getattr(torch, self.cfg.latent_dtype)
-        mean, std = post.mean.to(latent_dtype).cpu(), post.std.to(latent_dtype).cpu()
+        x = torch.stack([t for _, t in group]).to(self.device, self.models[0].dtype)
+        mean, std = self._encode_latents(x)
         texts, channels = self._encode_texts([r for r, _ in group])
         patches = self._encode_teacher(x)
         for i, (r, img) in enumerate(group):
@@ -102,13 +99,32 @@ class FeatureEncoder:
         return len(group)
 
     def _load_models(self) -> None:
-        self.models = (load_vae(self.cfg.vae, self.device, self.compute_dtype),
-                       *load_text_encoder(self.cfg.text_encoder, self.device, self.compute_dtype,
-                                          weights=self.cfg.text_dtype != IDS))  # ids: the tokenizer alone  # fmt: skip
+        self.use_models(load_vae(self.cfg.vae, self.device, self.compute_dtype),
+                        *load_text_encoder(self.cfg.text_encoder, self.device, self.compute_dtype,
+                                           weights=self.cfg.text_dtype != IDS))  # ids: the tokenizer alone  # fmt: skip
         if self.cfg.teacher:
             from t2i.teacher import Teacher
 
             self.teacher = Teacher.load(self.cfg.teacher, self.device, self.compute_dtype)
+
+    def use_models(self, vae, tokenizer, text_encoder) -> None:
+        """Encode with these frozen models (on this encoder's device, in its compute dtype; the
+        text encoder None for text_dtype ids), set up as the config asks: the VAE in channels_last
+        memory format (`channels_last`), the T5 encoder's blocks compiled in place (`compile_text`)."""
+        if self.cfg.channels_last:
+            vae = vae.to(memory_format=torch.channels_last)
+        if self.cfg.compile_text and text_encoder is not None:
+            compile_text_encoder(text_encoder)
+        self.models = (vae, tokenizer, text_encoder)
+
+    def _encode_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and std of the pixels `x` (on the device), in latent_dtype, on
+        the CPU, in NCHW order (also when the VAE runs channels_last)."""
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        post = self.models[0].encode(x).latent_dist
+        dtype, nchw = getattr(torch, self.cfg.latent_dtype), torch.contiguous_format
+        return post.mean.to(dtype, memory_format=nchw).cpu(), post.std.to(dtype, memory_format=nchw).cpu()
 
     def _encode_teacher(self, x: torch.Tensor) -> list[dict[str, Any]]:
         """Each image's teacher columns (t2i.features.TEACHER_COLUMNS; none without a teacher):
