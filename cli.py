@@ -407,6 +407,8 @@ def features_cmd(
     workers: int = typer.Option(FeatureConfig.workers, "--workers", help="image decode threads (0: cores, at most 8)"),
     channels_last: bool = typer.Option(FeatureConfig.channels_last, help=(
         "the VAE encodes in channels_last (NHWC) memory format: a GPU speed setting, same features to rounding")),
+    compile_vae: bool = typer.Option(FeatureConfig.compile_vae, help=(
+        "torch.compile the VAE's encoder (compiles on the first batch): a GPU speed setting, same features to rounding")),
     compile_text: bool = typer.Option(FeatureConfig.compile_text, help=(
         "torch.compile the T5 encoder's blocks (compiles for a minute on the first batch): a GPU speed setting, "
         "same features to rounding")),

@@ -98,13 +98,14 @@ def features_tuned_md(r: dict) -> list[str]:
     t2i.feature_encoder.FeatureEncoder) and the best combination's GPU-hours."""
     lay, t5c, cmp_ = (r.get(k) or {} for k in ("features-layout", "features-t5-compile", "features-compact"))
     lines = ["| features job path | items/s | MFU |", "|---|---|---|"]
-    lines += _rate_rows(lay, "VAE encoder (posterior to the host)", "images_per_s", ["nchw", "channels_last"])
+    lines += _rate_rows(lay, "VAE encoder (posterior to the host)", "images_per_s", ["nchw", "channels_last", "compiled", "compiled channels_last"])
     lines += _rate_rows(t5c, "T5 encoder (tokenise, encode, store, to the host)", "captions_per_s",
                         ["eager float16", "eager int8", "compiled float16", "compiled int8"])
     lines += _rate_rows(cmp_, "T5 encoder eager, stored", "captions_per_s", ["float16", "int8 on device", "int8 on host"])
     lines += [f"| the job's whole batch (VAE, T5, rows, Parquet shards), {k} | {v:.0f} | - |" for k, v in cmp_.get("job_images_per_s", {}).items()]
     if lay:
-        lines.append(f"\nchannels_last / NCHW: **{lay['speedup']:.2f}x** (batch {lay['batch']}, {lay['resolution']} px, {lay['dtype']}).")
+        lines.append(f"\nchannels_last / NCHW: **{lay['speedup']:.2f}x**; compiled / NCHW eager: "
+                     f"**{lay.get('speedup_compiled', float('nan')):.2f}x** (batch {lay['batch']}, {lay['resolution']} px, {lay['dtype']}).")
     if t5c:
         lines.append(f"Compiled / eager T5 (float16): **{t5c['speedup']:.2f}x**; first compiled call {_f(t5c.get('compile_s'), '.0f')} s.")
     if cmp_:
@@ -190,6 +191,11 @@ def build(reports: list[dict], analysis: dict[str, str]) -> str:
 
 
 def write_report(*reports: dict[str, Any]) -> None:
+    """BENCHMARKS.md's gpu_bench section from GPU runs' JSON (a CPU smoke run's is refused: its
+    figures would stand in the GPU table)."""
+    if smoke := [i + 1 for i, r in enumerate(reports) if r.get("smoke")]:
+        print(f"error: run(s) {smoke} of --report are CPU smoke runs: pass only GPU runs' JSON", file=sys.stderr)
+        sys.exit(2)
     analysis = json.loads(ANALYSIS.read_text()) if ANALYSIS.exists() else {}
     where = f"{reports[0]['device']} (the lent GPU machine: 16 CPU cores); report rendered from the runs' JSON"
     write_section("gpu_bench", build(list(reports), analysis), where=where)

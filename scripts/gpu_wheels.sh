@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir -p .whl
 .venv/bin/python -m pip download -q --no-deps -d .whl "diffusers>=0.42,<0.43" "peft>=0.21,<0.22" \
-    "torchao>=0.18,<0.19" "nvidia-ml-py>=12" "psutil>=5.9"
+    "torchao>=0.18,<0.19" "nvidia-ml-py>=12" "psutil>=5.9" "sentencepiece>=0.2"
 du -sh .whl && ls .whl

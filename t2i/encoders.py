@@ -86,6 +86,13 @@ def compile_text_encoder(encoder) -> None:
             block.compile()
 
 
+def compile_vae_encoder(vae) -> None:
+    """torch.compile of a VAE's encoder in place (its GroupNorm + SiLU chains fuse around the
+    convolutions; quant_conv and the posterior stay eager); compiled already: left as it is."""
+    if vae.encoder._compiled_call_impl is None:
+        vae.encoder.compile()
+
+
 def tokenize(tokenizer, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """T5 token ids and attention mask (B, max_tokens), as PixArtAlphaPipeline tokenises prompts."""
     t = tokenizer(captions, max_length=max_tokens, padding="max_length", truncation=True, add_special_tokens=True, return_tensors="pt")

@@ -55,6 +55,7 @@ class FeatureConfig:
     # speed settings (not in the cache key: the features are the same to float rounding)
     channels_last: bool = False  # the VAE encodes in channels_last (NHWC) memory format
     compile_text: bool = False  # the T5 encoder's blocks torch.compiled (t2i.encoders.compile_text_encoder)
+    compile_vae: bool = False  # the VAE's encoder torch.compiled (t2i.encoders.compile_vae_encoder)
     caption_fields: tuple[str, ...] = DEFAULT_FIELDS  # caption-shard fields to encode, each its own T5 features
     teacher: str = ""  # REPA's teacher (t2i.teacher): a vision model by HF id or directory whose patch tokens are stored
     teacher_dtype: str = "float16"  # how its patch tokens are stored

@@ -15,7 +15,7 @@ from shards import fs as shard_fs
 from shards.prefetch import prefetch
 from shards.writer import ShardWriter
 from t2i.caption_fields import text_columns
-from t2i.encoders import compile_text_encoder, encode_text, load_text_encoder, load_vae, tokenize
+from t2i.encoders import compile_text_encoder, compile_vae_encoder, encode_text, load_text_encoder, load_vae, tokenize
 from t2i.text_codec import IDS, encode, is_compact
 
 if TYPE_CHECKING:
@@ -110,9 +110,12 @@ class FeatureEncoder:
     def use_models(self, vae, tokenizer, text_encoder) -> None:
         """Encode with these frozen models (on this encoder's device, in its compute dtype; the
         text encoder None for text_dtype ids), set up as the config asks: the VAE in channels_last
-        memory format (`channels_last`), the T5 encoder's blocks compiled in place (`compile_text`)."""
+        memory format (`channels_last`), its encoder compiled (`compile_vae`), the T5 encoder's
+        blocks compiled in place (`compile_text`)."""
         if self.cfg.channels_last:
             vae = vae.to(memory_format=torch.channels_last)
+        if self.cfg.compile_vae:
+            compile_vae_encoder(vae)
         if self.cfg.compile_text and text_encoder is not None:
             compile_text_encoder(text_encoder)
         self.models = (vae, tokenizer, text_encoder)

@@ -17,15 +17,18 @@ STEP_PARTS = ["ours-compile", "ours-compile-bf16p", "ours-compile-ema4", "ours-c
 
 
 @pytest.mark.slow
-def test_cpu_smoke_runs_issue_33s_step_parts_with_the_flops_each_does(tmp_path, monkeypatch):
+def test_cpu_smoke_runs_every_part_of_issue_33s_run_with_the_flops_each_step_does(tmp_path, monkeypatch):
     from benchmarks import gpu_bench
     from t2i.models import flops_per_image
 
     monkeypatch.delenv("OUT", raising=False)
     out = tmp_path / "smoke.json"
-    report = gpu_bench.main(["--cpu-smoke", "--only", ",".join(["ceilings", *STEP_PARTS]), "--json", str(out)])
+    report = gpu_bench.main(["--cpu-smoke", "--only", "issue33", "--json", str(out)])
     assert report["errors"] == {} and report["skipped"] == []
-    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(report["part_seconds"]) == set(gpu_bench.RUNS["issue33"])
+    saved = json.loads(out.read_text())
+    assert {"profile", "datapath-compact", "features-layout", "features-t5-compile", "features-compact"} <= saved.keys()
+    rows = {r["name"]: r for r in saved["results"]}
     assert list(rows) == STEP_PARTS
     assert all(r["step_ms"] > 0 and all(map(lambda v: abs(v) < 1e3, r["extra"]["loss"])) for r in rows.values())
     assert all(name in report["predictions"] for name in STEP_PARTS)  # written before the run

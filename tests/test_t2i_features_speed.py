@@ -38,8 +38,9 @@ def encoder(world, **kw):
 
 
 def test_speed_settings_keep_the_cache_key_and_set_up_the_models(world):
-    assert fcfg(world).cache_key() == fcfg(world, channels_last=True, compile_text=True).cache_key()
-    on, off = encoder(world, channels_last=True, compile_text=True), encoder(world)
+    assert fcfg(world).cache_key() == fcfg(world, channels_last=True, compile_text=True, compile_vae=True).cache_key()
+    on, off = encoder(world, channels_last=True, compile_text=True, compile_vae=True), encoder(world)
+    assert on.models[0].encoder._compiled_call_impl is not None and off.models[0].encoder._compiled_call_impl is None
     convs = lambda e: [m.weight for m in e.models[0].modules() if isinstance(m, torch.nn.Conv2d)]  # noqa: E731
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs(on))
     assert all(not w.is_contiguous() for w in convs(on) if w.shape[-1] > 1)  # a 1x1 kernel is both
@@ -53,11 +54,13 @@ def test_speed_settings_keep_the_cache_key_and_set_up_the_models(world):
     assert [b._compiled_call_impl for b in on.models[2].encoder.block] == impls
 
 
-def test_channels_last_latents_equal_nchw_in_nchw_order(world):
+@pytest.mark.parametrize("way", [{"channels_last": True}, {"compile_vae": True}, {"channels_last": True, "compile_vae": True}])
+def test_channels_last_and_compiled_vae_latents_equal_nchw_eager_in_nchw_order(world, way):
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        (m0, s0), (m1, s1) = (encoder(world, channels_last=cl)._encode_latents(x) for cl in (False, True))
+        (m0, s0), (m1, s1) = (encoder(world, **kw)._encode_latents(x) for kw in ({}, way))
     assert m1.is_contiguous() and s1.is_contiguous() and m1.shape == m0.shape and m1.shape[:2] == (3, 4)
+    assert not torch.equal(m1, torch.zeros_like(m1))
     torch.testing.assert_close(m1, m0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(s1, s0, rtol=1e-4, atol=1e-5)
 
