@@ -40,3 +40,13 @@ def test_cpu_smoke_runs_every_part_of_issue_33s_run_with_the_flops_each_step_doe
     assert flops["ours-compile-repa"] > flops["ours-compile"] == flops["ours-compile-flow"]  # + REPA's projector
     repa_terms = len(rows["ours-compile-repa"]["extra"]["loss"])
     assert repa_terms == len(rows["ours-compile"]["extra"]["loss"]) + 1  # the REPA term is logged beside the objective's
+
+
+def test_report_refuses_a_cpu_smoke_runs_json(tmp_path, capsys):
+    from benchmarks.gpu_report import write_report
+
+    before = (ROOT / "BENCHMARKS.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        write_report({"device": "NVIDIA H100 80GB HBM3", "smoke": False, "results": []}, {"device": "CPU (smoke run)", "smoke": True})
+    assert e.value.code == 2 and "run(s) [2] of --report are CPU smoke runs" in capsys.readouterr().err
+    assert (ROOT / "BENCHMARKS.md").read_text() == before
