@@ -99,9 +99,23 @@ def test_float8_swaps_the_block_linears_and_keeps_the_checkpoint_format(world, t
 
     calls, forward = [], Float8Linear.forward
     monkeypatch.setattr(Float8Linear, "forward", lambda self, x: calls.append(1) or forward(self, x))
-    run = run_stage(tiny_cfg(world, float8=True, mixed_precision="bf16", steps=12, checkpoint_every=12), tmp_path / "fp8",
+    # mixed_precision "no" after the stages above trained in bf16 in this process: each stage has its own
+    run = run_stage(tiny_cfg(world, float8=True, mixed_precision="no", steps=12, checkpoint_every=12), tmp_path / "fp8",
                     shards=world["captions"], features=tmp_path / "features", progress=False)
     assert len(calls) >= 12 * 20  # every step ran its blocks' linears in float8 (tiny: 2 blocks x 10)
     loss = losses(tmp_path / "fp8")
     assert sum(loss[-3:]) < 0.95 * sum(loss[:3])
     assert json.loads((Path(run["checkpoint"]) / "trainer_state.json").read_text())["config"]["float8"] is True
+
+
+def test_stages_of_one_process_each_train_in_their_own_mixed_precision(world, tmp_path):
+    """A manifest's stages run in one process, and accelerate keeps one state per process: a
+    stage in bf16 after one without mixed precision (and back) gets its own."""
+    from accelerate.state import AcceleratorState
+
+    from t2i.stage import run_stage
+
+    for i, mp in enumerate(("no", "bf16", "no")):
+        run_stage(tiny_cfg(world, mixed_precision=mp, steps=2, checkpoint_every=2), tmp_path / f"s{i}",
+                  shards=world["captions"], features=tmp_path / "features", progress=False)
+        assert AcceleratorState().mixed_precision == mp

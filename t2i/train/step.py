@@ -173,6 +173,17 @@ def setup_optimization(cfg: TrainConfig, model, device):
     return opt, sched, ema
 
 
+def _own_mixed_precision(mixed_precision: str) -> None:
+    """Let this stage's Accelerator take its own mixed precision when an earlier stage of the same
+    process (a manifest's stages, the demo's) set another: accelerate keeps one shared state per
+    process and refuses a change. Only that state is dropped; the process group stays."""
+    from accelerate.state import AcceleratorState
+
+    before = AcceleratorState._shared_state.get("_mixed_precision")
+    if before is not None and before != mixed_precision:
+        AcceleratorState._reset_state()
+
+
 def make_accelerator(cfg: TrainConfig):
     """accelerate's Accelerator: DDP when launched on several processes (torchrun / accelerate
     launch); with cfg.fsdp the model is sharded by t2i.sharding instead and not wrapped in DDP."""
@@ -182,6 +193,7 @@ def make_accelerator(cfg: TrainConfig):
         # `accelerate launch --use_fsdp`: shard with t2i.sharding (which keeps EMA and checkpoints
         # right) rather than accelerate's plugin, which would wrap the model behind our back
         cfg.fsdp = True
+    _own_mixed_precision(cfg.mixed_precision)
     # cpu=True on a machine without CUDA: only then does accelerate turn torchrun's
     # LOCAL_RANK/WORLD_SIZE into gloo ranks (MULTI_CPU); otherwise each rank would run alone
     accel = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
