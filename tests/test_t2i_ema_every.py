@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from shards.errors import UserError
+from test_t2i_recovery import tiny_cfg as recovery_cfg
+from test_t2i_recovery import world  # noqa: F401 - the fixture
 
 torch.set_num_threads(1)
 
@@ -99,25 +101,9 @@ def test_ema_every_zero_is_one_line():
     assert r.exit_code == 2 and r.output.strip() == "error: ema_every 0 is out of range: pass a whole number from 1 to 1000000"
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tiny.pixart import build_tiny_models
-    from tiny.world import simple_corpus, write_simple_world
-
-    root = tmp_path_factory.mktemp("ema-every")
-    models = build_tiny_models(root / "models", simple_corpus(), vae_fit_steps=10)
-    write_simple_world(root / "captions", 128, rows_per_shard=64)
-    return {"root": root, "captions": root / "captions", "features": root / "features", **models}
-
-
 def tiny_cfg(world, **kw):
-    from t2i.train import TrainConfig
-
-    base = dict(preset="PixArt-tiny/2", resolution=16, vae=world["vae"], text_encoder=world["text_encoder"], max_tokens=16,
-                text_dtype="float32", batch_size=32, steps=8, lr=1e-3, warmup_steps=2, grad_clip=1.0, ema_decay=0.9,
-                checkpoint_every=4, log_every=1, seed=3, ema_every=2)
-    base.update(kw)
-    return TrainConfig(**base)
+    """test_t2i_recovery's tiny stage (its world: 128 rows), 8 steps, the EMA every 2nd of them."""
+    return recovery_cfg(world, **{"steps": 8, "warmup_steps": 2, "ema_decay": 0.9, "ema_every": 2, **kw})
 
 
 def ema_of(ck: Path) -> dict[str, torch.Tensor]:
