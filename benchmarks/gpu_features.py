@@ -315,6 +315,13 @@ def best_combination(report: dict[str, Any], images_total: float = 10e6) -> dict
     best_vae, best_text = max(vae, key=vae.get), max(text, key=text.get)
     out = {"vae": best_vae, "vae_images_per_s": vae[best_vae], "text": best_text, "text_captions_per_s": text[best_text],
            "gpu_hours_per_10m": hours(vae[best_vae], text[best_text])}
+    if report.get("datasheet_peak") and "vae_gflop_per_image" in layout and "t5_gflop_per_caption" in t5c:
+        # in plan's terms (costs.plan.FEATURES): `plan --gpu-bench` prices the features job with these
+        peak = report["datasheet_peak"]
+        out.update(resolution=layout["resolution"], tokens=t5c["tokens"], vae_gflop_per_image=layout["vae_gflop_per_image"],
+                   t5_gflop_per_caption=t5c["t5_gflop_per_caption"],
+                   vae_mfu=vae[best_vae] * layout["vae_gflop_per_image"] * 1e9 / peak,
+                   t5_mfu=text[best_text] * t5c["t5_gflop_per_caption"] * 1e9 / peak)
     if "nchw" in vae and "eager float16" in text:
         out["default_gpu_hours_per_10m"] = hours(vae["nchw"], text["eager float16"])
     return out

@@ -151,9 +151,19 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
     return Row("train", cfg.name, images, flops, hours, gpus, f"MFU {mfu:.1%} {basis}{lever}")
 
 
+def feature_rates(opts: PlanOptions) -> tuple[dict[str, Any], str]:
+    """The encoders' FLOPs and MFU (FEATURES' keys) and where they come from: FEATURES ("assumed"),
+    or a --gpu-bench's ("measured"): the features job's best measured path (its "features-best":
+    layout, compile, text dtype; issue 33) over the bare encoders (its "features")."""
+    bench = opts.gpu_bench or {}
+    best = bench.get("features-best") or {}
+    measured = {**(bench.get("features") or {}), **(best if "vae_mfu" in best else {})}
+    return {**FEATURES, **measured}, ("measured" if measured else "assumed")
+
+
 def t5_per_caption(cfg, opts: PlanOptions) -> tuple[float, float]:
     """(T5 encoder FLOPs of one caption at the stage's max_tokens, T5's MFU): FEATURES, or a --gpu-bench's."""
-    f = {**FEATURES, **((opts.gpu_bench or {}).get("features") or {})}
+    f = feature_rates(opts)[0]
     return f["t5_gflop_per_caption"] * 1e9 * cfg.max_tokens / f["tokens"], f["t5_mfu"]
 
 
@@ -249,8 +259,7 @@ def dataset_of(stage, names: list[str]) -> str | None:
 def feature_rows(manifest, gpu: GPU, opts: PlanOptions, gpus: int) -> list[Row]:
     """One row per (dataset, feature resolution) the stages need: VAE at that size + T5 per caption
     field (`caption_fields`: each field of each image is encoded once)."""
-    f = {**FEATURES, **((opts.gpu_bench or {}).get("features") or {})}
-    src = "measured" if (opts.gpu_bench or {}).get("features") else "assumed"
+    f, src = feature_rates(opts)
     seen, rows = set(), []
     for stage in manifest.stages:
         cfg, ds = stage.config, dataset_of(stage, list(opts.images))

@@ -86,6 +86,22 @@ def test_plan_prices_t5_once_per_caption_field(tmp_path):
     assert hours[1] == pytest.approx(hours[0] + t5)
 
 
+def test_plan_prices_features_at_the_best_measured_job_path(tmp_path):
+    """A gpu_bench JSON with issue 33's features parts ("features-best": the fastest VAE layout /
+    compile and text path of the features job) prices the features row at those MFUs; without it,
+    at the bare encoders' ("features"); with neither, at FEATURES (assumed)."""
+    opts = lambda bench: PlanOptions(gpu="H100", mfu=MfuRule.parse("0.5"), images=parse_images("sam=7.2k"),  # noqa: E731
+                                     caption_rate=2.0, gpu_bench=bench)
+    bare = {"device": "NVIDIA H100 80GB HBM3", "results": [], "features": {"vae_mfu": 0.2, "t5_mfu": 0.3}}
+    best = {**bare, "features-best": {"vae": "compiled", "text": "compiled int8", "resolution": 256, "tokens": 120,
+                                      "vae_gflop_per_image": 272.72, "t5_gflop_per_caption": 1116.99, "vae_mfu": 0.4, "t5_mfu": 0.6}}
+    rows = [next(r for r in plan(write_manifest(tmp_path, SMALL), opts(b))["rows"] if r["step"] == "features") for b in (None, bare, best)]
+    assert "(assumed)" in rows[0]["basis"] and "(measured)" in rows[1]["basis"] and "VAE MFU 40.0%, T5 MFU 60.0%" in rows[2]["basis"]
+    per_image = [r["gpu_hours"] * 3600 / 7200 for r in rows]
+    assert per_image[1] == pytest.approx(272.72e9 * 1.0 / (989e12 * 0.2) + 1116.99e9 / (989e12 * 0.3), rel=1e-4)
+    assert per_image[2] == pytest.approx(per_image[1] / 2, rel=1e-4)
+
+
 def test_plan_prices_token_dropping_at_the_kept_tokens(tmp_path):
     """A stage with token_drop = 0.5 (routed blocks 1..10 of PixArt-S/2's 12): those blocks at 128
     of the 256 tokens, the same as t2i.models.flops_per_image counts, in FLOPs and GPU-hours."""
