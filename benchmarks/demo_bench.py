@@ -1,14 +1,15 @@
 """The demo's three claims for several seeds, against the issue's targets: writes the "demo
 claims" section of BENCHMARKS.md from the results.json of `t2i-data demo` runs.
 
-    python benchmarks/demo_bench.py --seeds 0,1 --root demo_bench_out [--quick | --full] [--threads N]
+    python benchmarks/demo_bench.py --seeds 0,1 --root demo_bench_out [--quick | --mid | --full] [--threads N]
 
 `--ablate` runs the levers' ablation instead (demo.ablation: arm (c) alone, with each lever of issue
 29 and with the best combination; benchmarks/_ablation.py) and writes the "levers ablation"
 section; `--set arm_steps=100,...` changes its scale, `--captions truth` trains on the ground-truth
 captions instead of training the captioner, `--batch-size` sets the arms' batch.
 
-`--full` (the larger model, ~1.5 h a seed) writes its own section, "demo claims (--full)". Seeds
+`--full` (the larger model, ~1.5 h a seed) writes its own section, "demo claims (--full)"; `--mid`
+(~20 min a seed) likewise, "demo claims (--mid)". Seeds
 may run as separate processes (`--seeds 0 --threads 1` beside `--seeds 1 --threads 1`), then one
 `--report-only --seeds 0,1` writes the section. Each seed runs the demo into ROOT/seed-<n> (a
 finished run is reused: the demo resumes), so the section can be rewritten from runs made earlier with `--report-only`. Wall time and CPU
@@ -64,11 +65,11 @@ def mode_of(cfg: dict) -> str:
 
     # paths name where the repository was when the run was made, not what it was
     mine = {k: v for k, v in cfg.items() if k not in ("out", "seed", "threads", "vae", "t2i_manifest")}
-    for mode in ("default", "quick", "full"):
+    for mode in ("default", "quick", "mid", "full"):
         named = asdict(DemoConfig.for_mode(mode, cfg["out"], cfg["seed"]))
         if all(named.get(k) == v for k, v in mine.items()):
             return mode
-    sys.exit(f"the runs in {Path(cfg['out']).parent} match no configuration of this version (default, quick, full): "
+    sys.exit(f"the runs in {Path(cfg['out']).parent} match no configuration of this version (default, quick, mid, full): "
              "rerun them without --report-only")
 
 
@@ -130,6 +131,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--root", default="demo_bench_out")
     ap.add_argument("--quick", action="store_true", help="the --quick demo (a smoke run of this script)")
+    ap.add_argument("--mid", action="store_true", help="the --mid demo (its own section)")
     ap.add_argument("--full", action="store_true", help="the --full demo (its own section)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per seed (1 when seeds run side by side)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the section from ROOT/seed-*/results.json")
@@ -139,7 +141,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=0, help="--ablate: the arms' batch (0: the demo manifest's)")
     ap.add_argument("--levers", default="", help="--ablate: these levers only, e.g. flow,repa (default: all)")
     args = ap.parse_args()
-    mode = "quick" if args.quick else "full" if args.full else "default"
+    mode = "quick" if args.quick else "mid" if args.mid else "full" if args.full else "default"
     root = Path(args.root)
     if args.ablate:
         from benchmarks._ablation import run_seeds, write_ablation_section
@@ -176,15 +178,15 @@ def main() -> None:
         verdict = "within" if max(walls.values()) <= TIME_TARGET_S else "over"
         body += [f"- Time: {verdict} the {TIME_TARGET_S} s target for the default demo on 2 cores ("
                  + ", ".join(f"seed {s} {w:.0f} s" for s, w in walls.items()) + "); a load near 2 means the run had the machine to itself."]
-    if mode == "full":
-        body += [f"- Time is not a target for --full (the default demo's is): {cfg['threads']} torch thread(s) per seed; "
+    if mode in ("mid", "full"):
+        body += [f"- Time is not a target for --{mode} (the default demo's is): {cfg['threads']} torch thread(s) per seed; "
                  "the seeds may have run side by side on the same cores."]
     body += [""] + [curves(seed, r) for seed, r in results.items()]
     body += ["", "Aesthetic score: the LAION-v2-architecture head fitted by `score --fit-aesthetic` on the tiny world CLIP; "
              "ground truth per seed (real held-out images, clean / degraded): "
              + "; ".join(f"seed {s}: {r['t2i']['aesthetic']['real_heldout']['clean_mean']:.2f} / {r['t2i']['aesthetic']['real_heldout']['degraded_mean']:.2f}"
                          for s, r in results.items()) + "."]
-    write_section("demo claims (--full)" if mode == "full" else "demo claims", "\n".join(body))
+    write_section(f"demo claims (--{mode})" if mode in ("mid", "full") else "demo claims", "\n".join(body))
 
 
 if __name__ == "__main__":

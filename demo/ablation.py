@@ -121,13 +121,12 @@ def run_arm(p: dict[str, Any], out: Path, name: str, levers: list[str], dit_step
             log: Callable[[str], None]) -> dict[str, Any]:
     """Train arm `name` ((c) with `levers`) after its DiT stage (shared by arms of one objective)
     and judge its curve; returns its curve, final scores, levers and plan-priced FLOPs."""
-    from demo.arms import arm_config, curve, train_stage
+    from demo.arms import arm_config, curve, dit_config, train_stage
 
     s, settings = p["settings"], lever_settings(levers)
     obj = objective_only(settings)
     dit_dir = out / ("dit" if not obj else "dit-" + "-".join(f"{k}={v}" for k, v in sorted(obj.items())))
-    dit_cfg = arm_config(s, "dit", "scratch", dit_steps, kind="class-cond", class_column=s.dit_classes, **obj)
-    train_stage(dit_cfg, dit_dir, p["shards"], out / "features", s.progress)
+    train_stage(dit_config(s, dit_steps, **obj), dit_dir, p["shards"], out / "features", s.progress)
     log(f"      arm {name}: (c) + {' + '.join(levers) or 'nothing'}, {s.steps} steps")
     arm_dir = out / arm_dir_name(name, levers)
     arm_cfg = arm_config(s, arm_dir.name, f"dit:{dit_dir}", s.steps, **settings)

@@ -40,6 +40,7 @@ class ArmSettings:
     guidance: float
     progress: bool
     dit_classes: str  # the class-cond DiT's label column: "shape" or "layout" (shape x position)
+    dit_lr: float = 0.0  # the class-cond DiT stage's learning rate (0: the arms')
 
 
 def write_arm_shards(captions_dir: Path, records: dict, out_dir: Path, text: str) -> int:
@@ -220,6 +221,12 @@ def arm_config(s: ArmSettings, name: str, init: str, steps: int, **extra):
                    keep_checkpoints=steps // max(s.curve_every, 1) + 2, **extra)
 
 
+def dit_config(s: ArmSettings, steps: int, **extra):
+    """Arm (c)'s first stage: the class-conditional DiT on `s.dit_classes`, at its own lr when set."""
+    lr = {"lr": s.dit_lr} if s.dit_lr else {}
+    return arm_config(s, "dit", "scratch", steps, kind="class-cond", class_column=s.dit_classes, **lr, **extra)
+
+
 def run_arms(s: ArmSettings, out: Path, shards: dict[str, Path], dit_steps: int, scenes: list, prompts: list[str],
              seed: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Train arms a, b, c (and c's class-cond DiT first, whose own samples are judged too) and judge
@@ -230,8 +237,7 @@ def run_arms(s: ArmSettings, out: Path, shards: dict[str, Path], dit_steps: int,
     feats = {"alt": out / "features_alt", "vlm": out / "features_vlm"}
     t0 = time.perf_counter()
     dit_dir = out / "dit"
-    dit_cfg = arm_config(s, "dit", "scratch", dit_steps, kind="class-cond", class_column=s.dit_classes)
-    train_stage(dit_cfg, dit_dir, shards["vlm"], feats["vlm"], s.progress)
+    train_stage(dit_config(s, dit_steps), dit_dir, shards["vlm"], feats["vlm"], s.progress)
     timing["dit_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     prior, prior_images = judge_prior(dit_dir, scenes, s, seed)

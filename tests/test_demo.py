@@ -154,8 +154,24 @@ def test_full_demo_is_a_larger_model_and_refuses_quick_with_it(tmp_path):
     assert full.arm_steps > default.arm_steps and full.dit_steps > default.dit_steps
     assert full.arm_steps // full.curve_points <= 200  # judged every 200 steps or finer: "reached at 60%" is measurable
     res = CliRunner().invoke(app, ["demo", "--quick", "--full", "--out", str(tmp_path / "o")])
-    assert res.exit_code != 0 and "--quick and --full" in res.output and "Traceback" not in res.output
+    assert res.exit_code != 0 and "--quick, --mid and --full contradict" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_mid_demo_trains_its_dit_stage_at_its_own_lr(tmp_path):
+    """`--mid`: PixArt-mini/2 with flow matching, its DiT stage on the layout labels at dit_lr
+    (the arms at lr): the settings each stage trains with, as demo.arms builds them."""
+    from demo.arms import arm_config, dit_config
+    from demo.run import DemoConfig, DemoOptions, _arm_settings
+
+    cfg = DemoOptions(out=str(tmp_path / "o"), mid=True).config()
+    assert cfg == DemoConfig.mid(str(tmp_path / "o")) and cfg.preset == "PixArt-mini/2" and cfg.objective == "flow"
+    s = _arm_settings(cfg, tmp_path / "t5", progress=False)
+    dit, arm = dit_config(s, cfg.dit_steps), arm_config(s, "arm-c", "dit:x", cfg.arm_steps)
+    assert (dit.lr, dit.class_column, dit.kind, dit.objective) == (6e-3, "layout", "class-cond", "flow")
+    assert (arm.lr, arm.objective, arm.preset, arm.max_tokens) == (3e-3, "flow", "PixArt-mini/2", 32)
+    default = _arm_settings(DemoConfig(out=str(tmp_path)), tmp_path / "t5", progress=False)
+    assert dit_config(default, 10).lr == default.base.lr  # dit_lr 0: the arms' lr
 
 
 def test_demo_text_dtype_reaches_every_arm_and_a_bad_one_is_one_line(tmp_path):
