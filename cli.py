@@ -408,7 +408,8 @@ def features_cmd(
     channels_last: bool = typer.Option(FeatureConfig.channels_last, help=(
         "the VAE encodes in channels_last (NHWC) memory format: a GPU speed setting, same features to rounding")),
     compile_vae: bool = typer.Option(FeatureConfig.compile_vae, help=(
-        "torch.compile the VAE's encoder (compiles on the first batch): a GPU speed setting, same features to rounding")),
+        "torch.compile the VAE's encoder (compiles on the first batch): a GPU speed setting, same features to "
+        "rounding")),
     compile_text: bool = typer.Option(FeatureConfig.compile_text, help=(
         "torch.compile the T5 encoder's blocks (compiles for a minute on the first batch): a GPU speed setting, "
         "same features to rounding")),
@@ -474,7 +475,8 @@ TRAIN_OPTIONS: dict[str, tuple[Any, ...]] = {
     "mixed_precision": (str, C.mixed_precision, "no | bf16 | fp16"),
     "param_dtype": (str, C.param_dtype, "float32 | bfloat16 (bf16 weights and residual stream, fp32 master weights in "
                     "AdamW and the EMA, through FSDP2; needs --mixed-precision bf16)"),
-    "float8": (bool, C.float8, "the blocks' linear layers multiply in float8 (torchao; the fp8 extra; H100-class GPUs)"),
+    "float8": (bool, C.float8, "the blocks' linear layers multiply in float8 (torchao; the fp8 extra; H100-class "
+               "GPUs)"),
     "prediction_type": (str, C.prediction_type, "what the model predicts: epsilon (the paper's) | v_prediction"),
     "timestep_power": (float, C.timestep_power, "training timesteps floor(T*u**p): 1 uniform (the paper's); < 1 "
                        "trains the noisy steps, where shapes form, more often"),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from costs.plan_options import MfuRule, PlanOptions, load_gpu_bench, parse_count, parse_images  # noqa: F401 - this module's API too
+from costs.plan_options import FEATURES, MfuRule, PlanOptions, feature_rates, load_gpu_bench, parse_count, parse_images  # noqa: F401 - API
 from shards.gpus import GPU, get_gpu, match_device_name
 from shards.errors import UserError
 from shards.ledger import GRID_GCO2_KWH
@@ -32,11 +32,6 @@ from shards.ledger import GRID_GCO2_KWH
 # benchmarks/results/gpu_bench_run1.json), assumed to carry over. Volta (no bf16, no FlashAttention):
 # 21%, the PixArt-alpha paper's own aggregate over its stages (BENCHMARKS.md "plan").
 DEFAULT_MFU = {"volta": 0.21, "ampere": 0.34, "ada": 0.34, "hopper": 0.34}
-
-# Feature encoders (H100 gpu_bench run 1, bf16): SD-VAE encoder 272.7 GFLOP per 256 px image at 19.1% MFU,
-# T5-XXL encoder 1,117 GFLOP per 120-token caption at 33.3% MFU.
-FEATURES = {"resolution": 256, "tokens": 120, "vae_gflop_per_image": 272.72, "vae_mfu": 0.191,
-            "t5_gflop_per_caption": 1116.99, "t5_mfu": 0.333}
 
 # Captioning anchor: the paper captioned ~10M SAM images with LLaVA-7B in ~24 h on 64 V100s
 # (RECIPE.md): 1.81 img/s per V100. Decoding is memory-bound, so other GPUs scale by bandwidth.
@@ -149,16 +144,6 @@ def train_row(stage, gpu: GPU, opts: PlanOptions, source: str) -> Row:
         lever += f"; T5 on demand (text_dtype ids): +{t5 * images / flops:.0%} FLOPs at T5 MFU {t5_mfu:.1%}"
         flops, hours = flops + images * t5, hours + images * t5 / (gpu.peak_flops * t5_mfu) / 3600
     return Row("train", cfg.name, images, flops, hours, gpus, f"MFU {mfu:.1%} {basis}{lever}")
-
-
-def feature_rates(opts: PlanOptions) -> tuple[dict[str, Any], str]:
-    """The encoders' FLOPs and MFU (FEATURES' keys) and where they come from: FEATURES ("assumed"),
-    or a --gpu-bench's ("measured"): the features job's best measured path (its "features-best":
-    layout, compile, text dtype; issue 33) over the bare encoders (its "features")."""
-    bench = opts.gpu_bench or {}
-    best = bench.get("features-best") or {}
-    measured = {**(bench.get("features") or {}), **(best if "vae_mfu" in best else {})}
-    return {**FEATURES, **measured}, ("measured" if measured else "assumed")
 
 
 def t5_per_caption(cfg, opts: PlanOptions) -> tuple[float, float]:

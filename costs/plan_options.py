@@ -12,6 +12,11 @@ from shards.checks import Range, check_output_dir, check_ranges, read_text_input
 from shards.errors import UserError
 from shards.ledger import GRID_GCO2_KWH, PUE  # the defaults every run's ledger uses
 
+# Feature encoders (H100 gpu_bench run 1, bf16): SD-VAE encoder 272.7 GFLOP per 256 px image at 19.1% MFU,
+# T5-XXL encoder 1,117 GFLOP per 120-token caption at 33.3% MFU.
+FEATURES = {"resolution": 256, "tokens": 120, "vae_gflop_per_image": 272.72, "vae_mfu": 0.191,
+            "t5_gflop_per_caption": 1116.99, "t5_mfu": 0.333}
+
 
 @dataclass
 class MfuRule:
@@ -124,3 +129,13 @@ def load_gpu_bench(path: str | Path) -> dict[str, Any]:
     if not isinstance(report, dict) or not isinstance(report.get("results", []), list):
         raise UserError(f"--gpu-bench {p} has no results list: pass a benchmarks/gpu_bench.py report")
     return report
+
+
+def feature_rates(opts: PlanOptions) -> tuple[dict[str, Any], str]:
+    """The encoders' FLOPs and MFU (FEATURES' keys) and where they come from: FEATURES ("assumed"),
+    or a --gpu-bench's ("measured"): the features job's best measured path (its "features-best":
+    layout, compile, text dtype; issue 33) over the bare encoders (its "features")."""
+    bench = opts.gpu_bench or {}
+    best = bench.get("features-best") or {}
+    measured = {**(bench.get("features") or {}), **(best if "vae_mfu" in best else {})}
+    return {**FEATURES, **measured}, ("measured" if measured else "assumed")

@@ -253,3 +253,16 @@ def run_arms(s: ArmSettings, out: Path, shards: dict[str, Path], dit_steps: int,
         timing[f"judge_{arm}_s"] = time.perf_counter() - t0
         runs[arm] = {"label": ARMS[arm], "curve": points, "final": points[-1] if points else None, "images": images}
     return {"arms": runs, "timing": timing, "prior": prior, "prior_images": prior_images}
+
+
+def arm_claims(arms: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The figures behind the report's claims: (b) over (a) on all three, when (c) reached (b)'s
+    final all-three accuracy, and what the aesthetic fine-tune (d) did to it."""
+    b_final = arms["b"]["final"]["all"]
+    reach = steps_to_reach(arms["c"]["curve"], b_final)
+    return {
+        "captions_ratio": b_final / max(arms["a"]["final"]["all"], 1e-9) if arms["a"]["final"]["all"] else None,
+        "b_final_all": b_final, "a_final_all": arms["a"]["final"]["all"],
+        "c_steps_to_b_final": reach, "c_steps_fraction": (reach / steps) if reach is not None else None,
+        "d_all_change": arms["d"]["final"]["all"] - arms["c"]["final"]["all"],
+    }

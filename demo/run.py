@@ -305,7 +305,7 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     import time
 
     from demo.aesthetic_stage import WHERE, AestheticJudge, compare, ground_truth, run_finetune, select_subset
-    from demo.arms import run_arms, write_arm_shards
+    from demo.arms import arm_claims, run_arms, write_arm_shards
     from tiny import world as W
     from tiny.pixart import build_tiny_text_encoder
 
@@ -341,7 +341,7 @@ def _t2i(cfg: DemoConfig, out: Path, captions_dir: Path, records: dict, log: Cal
     threshold = float(WHERE.split(">=")[1])
     aesthetic = {"where": WHERE, "samples": compare(judge, arms["c"]["images"], arms["d"]["images"], threshold),
                  "real_heldout": ground_truth(judge, records, cfg.t2i_resolution, out / "world"), "subset": subset}
-    claims = _claims(arms, cfg.arm_steps)
+    claims = arm_claims(arms, cfg.arm_steps)
     ceiling = Path(cfg.vae) / "round_trip.json"  # the judge on the VAE's round trips (demo.vae)
     return {"arms": arms, "prior": res["prior"], "prior_images": res["prior_images"], "aesthetic": aesthetic,
             "claims": claims, "timing": timing, "rows": rows,
@@ -378,21 +378,6 @@ def _arm_settings(cfg: DemoConfig, text_encoder: Path, progress: bool):
     return ArmSettings(base=base, steps=cfg.arm_steps, curve_every=max(cfg.arm_steps // cfg.curve_points, 1),
                        sampler_steps=cfg.sampler_steps, guidance=4.5, progress=progress, dit_classes=cfg.dit_classes,
                        dit_lr=cfg.dit_lr)
-
-
-def _claims(arms: dict[str, Any], steps: int) -> dict[str, Any]:
-    """The figures behind the report's claims: (b) over (a) on all three, when (c) reached (b)'s
-    final all-three accuracy, and what the aesthetic fine-tune (d) did to it."""
-    from demo.arms import steps_to_reach
-
-    b_final = arms["b"]["final"]["all"]
-    reach = steps_to_reach(arms["c"]["curve"], b_final)
-    return {
-        "captions_ratio": b_final / max(arms["a"]["final"]["all"], 1e-9) if arms["a"]["final"]["all"] else None,
-        "b_final_all": b_final, "a_final_all": arms["a"]["final"]["all"],
-        "c_steps_to_b_final": reach, "c_steps_fraction": (reach / steps) if reach is not None else None,
-        "d_all_change": arms["d"]["final"]["all"] - arms["c"]["final"]["all"],
-    }
 
 
 def _examples(records: dict, captions: dict, world_root: Path, n: int) -> list[dict[str, Any]]:

@@ -28,14 +28,16 @@ def shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
     """Shard `model` (a PixArtWithNull) in place: one FSDP unit per transformer block (gathered
     just before it runs, freed after), then the root for the embedders, final layer and null caption.
     `mp_policy`: FSDP2's MixedPrecisionPolicy (t2i.precision), or None for the params' own dtype.
-    On one process nothing is freed after the forward (there is nothing to gather it back from)."""
+    On one process a block is not freed after its forward (there is nothing to gather it back
+    from); the root keeps FSDP's default (kept until the backward: REPA's projector runs in the
+    root's forward hook)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kw = {"mp_policy": mp_policy or MixedPrecisionPolicy(), "reshard_after_forward": dist.get_world_size() > 1}
+    policy = mp_policy or MixedPrecisionPolicy()
     for block in model.transformer.transformer_blocks:
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=dist.get_world_size() > 1)
+    fully_shard(model, mp_policy=policy)
     return model
 
 
