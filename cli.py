@@ -754,7 +754,7 @@ def demo_cmd(
     quick: bool = typer.Option(
         DemoOptions.quick, "--quick", help="A much smaller world and fewer steps (a smoke run, ~2 min)."),
     mid: bool = typer.Option(DemoOptions.mid, "--mid", help=(
-        "A 1.2M model, flow matching, for arm (c) to draw shapes (~20 min on 2 cores).")),
+        "A 1.2M model, flow matching, for arm (c) to draw shapes (~35 min on 2 cores).")),
     full: bool = typer.Option(DemoOptions.full, "--full", help=(
         "A larger model trained long enough to learn shape (~1.8 h on 2 cores).")),
     text_dtype: str = typer.Option(DemoOptions.text_dtype, "--text-dtype", help=(

@@ -179,8 +179,9 @@ def main() -> None:
         body += [f"- Time: {verdict} the {TIME_TARGET_S} s target for the default demo on 2 cores ("
                  + ", ".join(f"seed {s} {w:.0f} s" for s, w in walls.items()) + "); a load near 2 means the run had the machine to itself."]
     if mode in ("mid", "full"):
-        body += [f"- Time is not a target for --{mode} (the default demo's is): {cfg['threads']} torch thread(s) per seed; "
-                 "the seeds may have run side by side on the same cores."]
+        threads = ", ".join(f"seed {s}: {r['config']['threads']}" for s, r in results.items())
+        body += [f"- Time is not a target for --{mode} (the default demo's is): torch threads {threads}; "
+                 "the seeds may have run side by side, or beside other work, on the same cores (the load column)."]
     body += [""] + [curves(seed, r) for seed, r in results.items()]
     body += ["", "Aesthetic score: the LAION-v2-architecture head fitted by `score --fit-aesthetic` on the tiny world CLIP; "
              "ground truth per seed (real held-out images, clean / degraded): "
