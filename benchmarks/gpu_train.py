@@ -210,7 +210,7 @@ def ours_step(st: Setting, latent: int, compile: str | None, ckpt: bool, attenti
     flops_kw = {"token_drop": cfg.token_drop, "routed_blocks": getattr(blocks, "end", 0) - getattr(blocks, "start", 0),
                 "token_macs": sum(t.macs for t in terms)}  # FLOPs as the model does them (t2i.models.flops_per_image)
     state: dict[str, Any] = {"model": model, "stepper": stepper, "flops_kw": flops_kw,
-                             "lever_inputs": {"token_drop": token_drop.ratio, "patch": token_drop.patch, "repa": bool(terms),
+                             "lever_inputs": {"token_drop": token_drop, "repa": bool(terms),
                                               "objective": objective}}
 
     def step(inp):
@@ -240,15 +240,14 @@ def lever_inputs(inputs: list[dict[str, Any]], st: Setting, latent: int, levers:
     tokens each sample keeps (token dropping, drawn as make_inputs draws them) and the teacher's
     patch tokens as features stores them (float16)."""
     from t2i.noise import random_words
-    from t2i.routing import keep_tokens
 
     out = []
     for i, inp in enumerate(inputs):
-        batch, grid = inp["x0"].shape[0], latent // levers["patch"]
+        batch, grid = inp["x0"].shape[0], latent // levers["token_drop"].patch
         keys = torch.arange(batch, dtype=torch.int64).numpy() + 1000 * i
         extra: dict[str, Any] = {"t": levers["objective"].draw_timesteps(random_words(keys, 1)[:, 0]).to(st.device)}
-        if levers["token_drop"]:
-            extra["keep"] = keep_tokens(keys, grid * grid, levers["token_drop"], first=1).to(st.device)
+        if levers["token_drop"].ratio:  # the stage's TokenDrop, as make_inputs draws it
+            extra["keep"] = levers["token_drop"].keep(keys, (latent, latent), first=1).to(st.device)
         if levers["repa"]:
             g = torch.Generator(st.device).manual_seed(i)
             target = torch.randn(batch, grid * grid, TEACHER_DIM, generator=g, device=st.device).half()

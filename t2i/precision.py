@@ -39,7 +39,7 @@ def check_precision(settings: Any) -> None:
 
 def bf16_params(settings: Any) -> bool:
     """Whether the stage computes on bf16 copies of fp32 master weights (FSDP2's mixed precision)."""
-    return getattr(settings, "param_dtype", "float32") == "bfloat16"
+    return settings.param_dtype == "bfloat16"
 
 
 def mp_policy(settings: Any):
